@@ -1,0 +1,93 @@
+"""
+What casd knows about a client connection, carried through the whole session.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+from typing import Iterable
+
+import attr
+from attrs import frozen
+
+from twisted.internet.address import IPv4Address, IPv6Address
+
+
+def newSessionId() -> str:
+    """
+    A short random session identifier, shown in logs and passed to the backend (C{x-session-id}).
+    """
+    return base64.urlsafe_b64encode(os.urandom(9)).decode("ascii")
+
+
+def _hostPort(address) -> tuple[str, int]:
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, address.port
+    return str(getattr(address, "name", "") or address), 0
+
+
+def isTrusted(host: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
+    """
+    @return: whether C{host} lies in one of C{networks}.
+    """
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+@frozen
+class ClientInfo:
+    """
+    One client connection.
+
+    @ivar peerHost: the client's address; behind a C{haproxy:} listener, the real client's address
+        read from the PROXY protocol header, not the load balancer's.
+    @ivar localHost: the address the client connected to.
+    @ivar tls: whether the connection is encrypted now (implicit TLS or after STARTTLS).
+    @ivar trusted: whether the client is trusted (its listener or its network).
+    """
+
+    sessionId: str
+    protocol: str
+    listener: str
+    peerHost: str
+    peerPort: int
+    localHost: str
+    localPort: int
+    tls: bool
+    trusted: bool
+
+    @classmethod
+    def fromTransport(cls, transport, protocol, listener, trustedNetworks, tls=False) -> ClientInfo:
+        """
+        @param listener: the L{casd.config.ListenerConfig} the client came in through.
+        """
+        peerHost, peerPort = _hostPort(transport.getPeer())
+        localHost, localPort = _hostPort(transport.getHost())
+        return cls(
+            sessionId=newSessionId(),
+            protocol=protocol,
+            listener=listener.name,
+            peerHost=peerHost,
+            peerPort=peerPort,
+            localHost=localHost,
+            localPort=localPort,
+            tls=tls,
+            trusted=listener.trusted or isTrusted(peerHost, trustedNetworks),
+        )
+
+    def withTLS(self) -> ClientInfo:
+        return attr.evolve(self, tls=True)
+
+    @property
+    def plaintextAllowed(self) -> bool:
+        """
+        Whether a password may be sent on this connection now.
+        """
+        return self.tls or self.trusted

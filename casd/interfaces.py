@@ -1,0 +1,78 @@
+"""
+The seams of casd: every interface between the core and its plugins lives here.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class ICASProtocol(Interface):
+    """
+    The descriptor of one client protocol (IMAP, POP3, ...), found with
+    L{twisted.plugin.getPlugins}.  It is what nginx's C{ngx_mail_protocol_t} is to nginx: a name, a
+    configuration schema, default listeners, a factory builder and the protocol's wording of the
+    shared failures.  The built-in protocols are registered exactly as a third-party one is.
+    """
+
+    name = Attribute(
+        "C{str}: the protocol's short name; also its configuration section C{[NAME]}."
+    )
+    description = Attribute("C{str}: one line for humans.")
+    defaultListeners = Attribute(
+        "C{tuple} of L{casd.config.ListenerConfig}-shaped C{dict}s used when the section lists none."
+    )
+    defaultBackendPort = Attribute(
+        "C{int}: the port of this protocol on a backend server when its configuration names none."
+    )
+    defaultBackendTLS = Attribute(
+        "C{str}: C{'none'}, C{'starttls'} or C{'implicit'}: the backend TLS mode when none is named."
+    )
+    settings = Attribute(
+        "C{tuple} of L{casd.config.Setting}: the protocol's own keys in its section, beside the"
+        " keys every protocol has (C{enabled}, C{listen}, limits and timeouts)."
+    )
+
+    def buildFactory(context, section, listener):
+        """
+        Build the server factory for one listener.
+
+        @param context: the shared L{casd.context.CASContext} (portal, router, pool, TLS, log).
+        @param section: the validated L{casd.config.ProtocolSection} of this protocol.
+        @param listener: the L{casd.config.ListenerConfig} this factory serves.
+        @return: an L{twisted.internet.interfaces.IProtocolFactory}.
+        """
+
+
+class IMailboxUser(Interface):
+    """
+    The avatar of an authenticated user: what the rest of the session needs to know about them.
+    """
+
+    login = Attribute("C{str}: the name the user logged in with, as the directory canonicalised it.")
+    address = Attribute("C{str}: the canonical e-mail address, or C{''} when unknown.")
+    backendLogin = Attribute("C{str}: the login name to present to the mailbox server.")
+    mailHost = Attribute("C{str}: the mailbox server or group named by the directory, or C{''}.")
+    site = Attribute("C{str}: the user's site, or C{''}.")
+    policy = Attribute("C{Mapping[str, str]}: per-user policy attributes.")
+
+
+class IUserRecordChecker(Interface):
+    """
+    A L{twisted.cred.checkers.ICredentialsChecker} whose avatar IDs are L{casd.auth.UserRecord}
+    values rather than bare names, so that the directory attributes read while verifying the
+    password travel to the realm without a second look-up.
+    """
+
+
+class ILocator(Interface):
+    """
+    One link of the routing chain: finds where a user's mailbox lives.
+    """
+
+    def locate(user, protocol):
+        """
+        @param user: the L{IMailboxUser}.
+        @param protocol: the protocol name, e.g. C{'imap'}.
+        @return: a L{casd.routing.Route}, or C{None} for "not mine" (the next locator is asked), or a
+            L{Deferred} of either.  Raise or fail with L{casd.failures.BackendUnavailable} for
+            "mine, but unavailable".
+        """

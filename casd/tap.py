@@ -1,0 +1,179 @@
+"""
+The composition root: C{twistd cas} options and the service tree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.cred.portal import Portal
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+import casd
+from casd.auth.authenticator import Authenticator, MailboxRealm
+from casd.auth.usersfile import UsersFileChecker, UsersFileError
+from casd.backend import BackendConnector
+from casd.config import ConfigError, loadConfig
+from casd.context import CASContext
+from casd.plugin import discoverProtocols
+from casd.protolog import SessionLog
+from casd.routing import defaultRouter
+from casd.tls import ClientTLS, ServerTLS
+
+log = Logger()
+
+DEMO_CONFIG = os.path.join(os.path.dirname(casd.__file__), "demodata", "casd.toml")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run casd, the Client Access Server.  Give --config FILE (a TOML file, see"
+        " docs/configuration.md), or --demo for the embedded demo defaults."
+    )
+    optParameters = [["config", "c", None, "The TOML configuration file."]]
+    optFlags = [
+        [
+            "demo",
+            None,
+            "Run on the embedded defaults: demo users and an in-process demo mailbox backend"
+            " (demo only; mail is kept in memory).",
+        ]
+    ]
+
+    def postOptions(self) -> None:
+        if self["demo"] and self["config"]:
+            raise usage.UsageError("give --config or --demo, not both")
+        path = DEMO_CONFIG if self["demo"] else self["config"]
+        if not path:
+            raise usage.UsageError("--config FILE is required (or --demo)")
+        try:
+            self.protocols = discoverProtocols()
+            self.config = loadConfig(path, self.protocols.values())
+        except ConfigError as e:
+            # One line, no traceback, non-zero exit.
+            raise SystemExit(f"casd: configuration error: {e}")
+
+
+class _ThreadPoolService(service.Service):
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+def buildContext(config, protocols, reactor, runInThread):
+    """
+    Assemble the shared context from a validated configuration.
+
+    @param runInThread: C{callable(f, *args) -> Deferred}: where password hashes are verified.
+    @raise ConfigError: when a file the configuration names is unusable.
+    """
+    checkers = []
+    if config.auth.users_file:
+        try:
+            checkers.append(UsersFileChecker(config.auth.users_file, runInThread, reactor))
+        except UsersFileError as e:
+            raise ConfigError(config.path, "auth.users_file", str(e)) from None
+    if not checkers:
+        raise ConfigError(config.path, "auth", "expected a checker: set auth.users_file")
+    portal = Portal(MailboxRealm(), checkers)
+    authenticator = Authenticator(portal, reactor, config.auth.failure_delay)
+    try:
+        clientTLS = ClientTLS(config.backend.ca_file)
+    except (OSError, ValueError) as e:
+        raise ConfigError(config.path, "backend.ca_file", f"expected PEM certificates ({e})") from None
+    return CASContext(
+        reactor=reactor,
+        config=config,
+        authenticator=authenticator,
+        router=defaultRouter(config),
+        connector=BackendConnector(reactor, config.backend, clientTLS),
+        serverTLS=ServerTLS(config.tls, config.path),
+        clientTLS=clientTLS,
+        sessionLog=SessionLog(),
+        protocols=dict(protocols),
+        directory=checkers[0],
+    ), checkers
+
+
+def makeService(options, reactor=None) -> service.MultiService:
+    """
+    Build the service tree: one listening service per listener of each enabled protocol, the
+    hashing thread pool and, in demo mode, the demo mailbox backend.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    config = options.config
+    top = service.MultiService()
+    pool = ThreadPool(minthreads=1, maxthreads=config.auth.hash_threads, name="casd-auth")
+    _ThreadPoolService(pool).setServiceParent(top)
+
+    def runInThread(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    try:
+        context, checkers = buildContext(config, options.protocols, reactor, runInThread)
+    except ConfigError as e:
+        raise SystemExit(f"casd: configuration error: {e}")
+
+    if config.demo.enabled:
+        _addDemo(top, config, checkers[0], reactor)
+
+    for name, section in config.protocols.items():
+        if not section.enabled:
+            continue
+        descriptor = options.protocols[name]
+        for listener in section.listeners:
+            factory = descriptor.buildFactory(context, section, listener)
+            if listener.wrapTLS:
+                factory = TLSMemoryBIOFactory(context.serverTLS.options, False, factory)
+            endpoint = serverFromString(reactor, listener.endpoint)
+            svc = StreamServerEndpointService(endpoint, factory)
+            svc._raiseSynchronously = True
+            svc.setName(listener.name)
+            svc.setServiceParent(top)
+            log.info(
+                "{protocol} listener {name} on {endpoint} (tls={tls}, trusted={trusted})",
+                protocol=name,
+                name=listener.name,
+                endpoint=listener.endpoint,
+                tls=listener.tls,
+                trusted=listener.trusted,
+            )
+    return top
+
+
+def _addDemo(top, config, checker, reactor) -> None:
+    from casd import demo
+
+    store = demo.DemoMailStore()
+    for kind, port, build in (
+        ("imap", config.demo.imap_port, demo.demoIMAPFactory),
+        ("pop3", config.demo.pop3_port, demo.demoPOP3Factory),
+    ):
+        endpoint = serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1")
+        svc = StreamServerEndpointService(endpoint, build(checker, store, reactor))
+        svc._raiseSynchronously = True
+        svc.setName(f"demo-{kind}")
+        svc.setServiceParent(top)
+    log.warn(
+        "DEMO backend running in-process on 127.0.0.1 (imap {imap}, pop3 {pop3}): mail is kept in"
+        " memory and lost on exit; not for production",
+        imap=config.demo.imap_port,
+        pop3=config.demo.pop3_port,
+    )

@@ -1,0 +1,191 @@
+"""
+Public fakes for testing casd and protocol plugins without a network, a directory or a mailbox
+server (in the spirit of C{treq.testing} and C{ldaptor.testutil}).
+
+    reactor = MemoryReactorClock()
+    context = makeContext(reactor, users={"alice": "secret"}, config=CONFIG)
+    server, transport = connectFrontend(descriptor, context)
+    server.dataReceived(b"a LOGIN alice secret\\r\\n")
+    backend, backendTransport = acceptBackend(reactor)
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from casd.auth import UserRecord
+from casd.auth.authenticator import Authenticator, MailboxRealm
+from casd.backend import BackendConnector
+from casd.config import parseConfig
+from casd.context import CASContext
+from casd.interfaces import IUserRecordChecker
+from casd.protolog import SessionLog
+from casd.routing import defaultRouter
+from casd.tls import ClientTLS, ServerTLS
+
+#: A minimal configuration: one backend at 127.0.0.1 reached without TLS.
+DEFAULT_CONFIG = """
+[routing]
+default_backend = "mbx"
+
+[backends.mbx]
+host = "127.0.0.1"
+"""
+
+
+@implementer(ICredentialsChecker, IUserRecordChecker)
+class MemoryDirectory:
+    """
+    An in-memory directory: login -> (password, L{UserRecord}).  Answers synchronously unless
+    C{error} is set, in which case every check fails with it (a directory that is down).
+
+    @ivar checks: how many checks were made (for cache and storm tests).
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, users=None) -> None:
+        self.users: dict[str, tuple[bytes, UserRecord]] = {}
+        self.error: Exception | None = None
+        self.checks = 0
+        for login, value in (users or {}).items():
+            if isinstance(value, tuple):
+                password, record = value
+            else:
+                password, record = value, UserRecord(login=login)
+            self.add(login, password, record)
+
+    def add(self, login: str, password, record: UserRecord | None = None) -> None:
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        self.users[login.lower()] = (password, record or UserRecord(login=login))
+
+    def requestAvatarId(self, credentials):
+        self.checks += 1
+        if self.error is not None:
+            return defer.fail(self.error)
+        entry = self.users.get(credentials.username.lower())
+        if entry is None or not credentials.checkPassword(entry[0]):
+            return defer.fail(UnauthorizedLogin("wrong credentials"))
+        return defer.succeed(entry[1])
+
+
+class TLSStringTransport(StringTransport):
+    """
+    A L{StringTransport} that records C{startTLS()} instead of doing a handshake.
+
+    @ivar tlsStarted: the context factory passed to C{startTLS}, or C{None}.
+    @ivar writtenBeforeTLS: what was written before C{startTLS}.
+    """
+
+    tlsStarted = None
+    writtenBeforeTLS = b""
+    readClosed = False
+    writeClosed = False
+
+    def startTLS(self, contextFactory) -> None:
+        self.tlsStarted = contextFactory
+        self.writtenBeforeTLS = self.value()
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+def makeContext(reactor, users=None, config: str = DEFAULT_CONFIG, protocols=None, directory=None):
+    """
+    Build a L{CASContext} on a fake reactor with an in-memory directory.
+
+    @param protocols: the descriptors the configuration may use; by default casd's own.
+    @return: the context; its directory is at C{context.directory}.
+    """
+    if protocols is None:
+        from casd.plugin import discoverProtocols
+
+        protocols = discoverProtocols()
+    elif not isinstance(protocols, dict):
+        protocols = {p.name: p for p in protocols}
+    cfg = parseConfig(config, "test.toml", protocols.values())
+    directory = directory if directory is not None else MemoryDirectory(users)
+    portal = Portal(MailboxRealm(), [directory])
+    clientTLS = ClientTLS(cfg.backend.ca_file) if cfg.backend.ca_file else _NoClientTLS()
+    context = CASContext(
+        reactor=reactor,
+        config=cfg,
+        authenticator=Authenticator(portal, reactor, cfg.auth.failure_delay),
+        router=defaultRouter(cfg),
+        connector=BackendConnector(reactor, cfg.backend, clientTLS),
+        serverTLS=ServerTLS(cfg.tls, cfg.path),
+        clientTLS=clientTLS,
+        sessionLog=SessionLog(),
+        protocols=protocols,
+        directory=directory,
+    )
+    return context
+
+
+class _NoClientTLS:
+    """
+    Client TLS options for tests that never verify a real certificate.
+    """
+
+    def optionsFor(self, name):
+        return ("client-tls", name)
+
+
+def connectFrontend(descriptor, context, listener=0, peer=("127.0.0.1", 50000), section=None):
+    """
+    Connect a new client-side protocol to a L{TLSStringTransport}.
+
+    @param listener: index of the listener in the protocol's section, or a
+        L{casd.config.ListenerConfig}.
+    @return: C{(protocol, transport)}.
+    """
+    section = section or context.config.protocols[descriptor.name]
+    if isinstance(listener, int):
+        listener = section.listeners[listener]
+    factory = descriptor.buildFactory(context, section, listener)
+    protocol = factory.buildProtocol(IPv4Address("TCP", *peer))
+    transport = TLSStringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 143), peerAddress=IPv4Address("TCP", *peer)
+    )
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def acceptBackend(reactor, index: int = -1):
+    """
+    Complete the backend connection the connector asked a L{MemoryReactor} for.
+
+    @return: C{(protocol, transport)}: the backend dialogue and its L{TLSStringTransport}.
+    """
+    host, port, factory = reactor.tcpClients[index][:3]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    # Endpoints wrap the protocol; hand back the dialogue itself.
+    return getattr(protocol, "_wrappedProtocol", protocol), transport
+
+
+def failBackend(reactor, reason=None, index: int = -1) -> None:
+    """
+    Make the connector's pending connection attempt fail (connection refused by default).
+    """
+    from twisted.internet.error import ConnectionRefusedError
+
+    connector = reactor.connectors[index] if reactor.connectors else None
+    factory = reactor.tcpClients[index][2]
+    factory.clientConnectionFailed(connector, _failure(reason or ConnectionRefusedError()))
+
+
+def _failure(exc):
+    from twisted.python.failure import Failure
+
+    return Failure(exc)

@@ -1,0 +1,4 @@
+"""
+casd's built-in client protocols, one module each; registered through
+C{twisted/plugins/cas_plugin.py} exactly as a third-party protocol would be.
+"""

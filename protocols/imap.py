@@ -1,0 +1,415 @@
+"""
+IMAP4rev1 (RFC 3501): the pre-login grammar, the wording of the shared failures and the backend
+login dialogue.  After login casd only relays bytes.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted.internet import defer
+from twisted.plugin import IPlugin
+
+from casd.config import Setting
+from casd.failures import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    CASFailure,
+    DirectoryUnavailable,
+    PolicyRefused,
+    ProtocolViolation,
+    Throttled,
+)
+from casd.backend import BackendDialogue
+from casd.frontend import FrontendFactory, FrontendProtocol, _ClientGone
+from casd.interfaces import ICASProtocol
+from casd.sasl import MECHANISMS, SASLCancelled, SASLExchange, encodeBase64, encodePlain, makeCredentials
+from protocols.imapgrammar import (
+    LITERAL_MARKER,
+    IMAPSyntaxError,
+    Literal,
+    capabilitiesIn,
+    parseList,
+    quote,
+    splitTag,
+    tokenizeParts,
+)
+
+#: Most literals one command may carry.
+MAX_LITERALS = 8
+
+#: How each failure of the shared vocabulary reads in IMAP (RFC 5530 response codes).
+FAILURES = (
+    (AuthenticationFailed, b"NO [AUTHENTICATIONFAILED] Authentication failed."),
+    (DirectoryUnavailable, b"NO [UNAVAILABLE] Temporary authentication failure, try again later."),
+    (BackendUnavailable, b"NO [UNAVAILABLE] Mailbox server unavailable, try again later."),
+    (Throttled, b"NO [LIMIT] Too many connections or logins, try again later."),
+    (PolicyRefused, b"NO [CONTACTADMIN] Access not allowed."),
+)
+
+
+def renderFailure(exc: BaseException) -> bytes:
+    for kind, words in FAILURES:
+        if isinstance(exc, kind):
+            return words
+    return b"NO [UNAVAILABLE] Internal error, try again later."
+
+
+class IMAPServer(FrontendProtocol):
+    """
+    The client side of an IMAP session before login.
+    """
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.maxLiteral = self.section.max_literal_size
+        self._parts: list = []
+        self._tag = b""
+        self._literals = 0
+        self._sasl: SASLExchange | None = None
+        self.clientID: list | None = None
+
+    # -- capabilities -----------------------------------------------------------------------
+
+    def capabilities(self) -> bytes:
+        caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
+        if self.tlsAvailable:
+            caps.append(b"STARTTLS")
+        if self.client.plaintextAllowed:
+            caps.extend(b"AUTH=" + m.encode() for m in MECHANISMS)
+        else:
+            caps.append(b"LOGINDISABLED")
+        return b" ".join(caps)
+
+    def greet(self) -> None:
+        self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] casd ready.\r\n")
+
+    # -- reading commands -------------------------------------------------------------------
+
+    def reply(self, tag: bytes, text: bytes) -> None:
+        self.send(tag + b" " + text + b"\r\n")
+
+    def bad(self, tag: bytes, text: bytes) -> None:
+        if self.badCommand():
+            self.send(b"* BYE Too many invalid IMAP commands.\r\n")
+            self.close("too many errors")
+            return
+        self.reply(tag, b"BAD " + text)
+
+    def lineTooLong(self) -> None:
+        self.send(b"* BYE Too long argument.\r\n")
+        self.close()
+
+    def timedOut(self) -> None:
+        self.send(b"* BYE Disconnected for inactivity.\r\n")
+        self.close()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._sasl is not None:
+            self._saslLine(line)
+            return
+        if not self._parts:
+            try:
+                self._tag = splitTag(line)[0]
+            except IMAPSyntaxError as e:
+                tag = line.split(b" ", 1)[0] if line.strip() else b"*"
+                if not tag or any(c in b"\x00+{" for c in tag):
+                    tag = b"*"
+                self.bad(tag, str(e).encode())
+                return
+        m = LITERAL_MARKER.search(line)
+        if m is None:
+            self._parts.append(line)
+            parts, self._parts, self._literals = self._parts, [], 0
+            self._dispatch(parts)
+            return
+        size, nonSync = int(m.group(1)), bool(m.group(2))
+        self._literals += 1
+        if size > self.maxLiteral or self._literals > MAX_LITERALS:
+            self._parts, self._literals = [], 0
+            if nonSync:
+                # The client sends the data regardless: resynchronising is not worth it.
+                self.send(b"* BYE [TOOBIG] Literal too large.\r\n")
+                self.close("literal too large")
+            else:
+                self.bad(self._tag, b"[TOOBIG] Literal too large.")
+            return
+        self._parts.append(line[: m.start()])
+        if size == 0:
+            self._parts.append(Literal(b""))
+            return
+        if not nonSync:
+            self.send(b"+ OK\r\n")
+        self.setRawMode(size)
+
+    def rawReceived(self, data: bytes) -> None:
+        self._parts.append(Literal(data))
+
+    def _dispatch(self, parts: list) -> None:
+        try:
+            tag, command, rest = splitTag(parts[0])
+            parts = [rest] + parts[1:]
+            handler = getattr(self, "do_" + command.decode("ascii"), None)
+            if handler is None:
+                self.bad(tag, b"Unknown command or not allowed before login.")
+                return
+            handler(tag, tokenizeParts(parts))
+        except IMAPSyntaxError as e:
+            self.bad(self._tag, b"Error in IMAP command: " + str(e).encode())
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _noArguments(self, tag: bytes, args: list) -> bool:
+        if args:
+            self.bad(tag, b"Unexpected arguments.")
+            return False
+        return True
+
+    def do_CAPABILITY(self, tag, args):
+        if self._noArguments(tag, args):
+            self.send(b"* CAPABILITY " + self.capabilities() + b"\r\n")
+            self.reply(tag, b"OK Pre-login capabilities listed, post-login capabilities have more.")
+
+    def do_NOOP(self, tag, args):
+        if self._noArguments(tag, args):
+            self.reply(tag, b"OK NOOP completed.")
+
+    def do_LOGOUT(self, tag, args):
+        if self._noArguments(tag, args):
+            self.send(b"* BYE Logging out\r\n")
+            self.reply(tag, b"OK Logout completed.")
+            self.close("logout")
+
+    def do_ID(self, tag, args):
+        items = parseList(args)
+        if items is not None and (len(items) % 2 or any(k is None for k in items[::2])):
+            raise IMAPSyntaxError("Invalid ID parameters")
+        self.clientID = items
+        self.send(b'* ID ("name" "casd")\r\n')
+        self.reply(tag, b"OK ID completed.")
+
+    def do_STARTTLS(self, tag, args):
+        if not self._noArguments(tag, args):
+            return
+        if self.client.tls:
+            self.bad(tag, b"TLS is already active.")
+            return
+        if not self.tlsAvailable:
+            self.bad(tag, b"TLS support isn't enabled.")
+            return
+        self.reply(tag, b"OK Begin TLS negotiation now.")
+        self.startTLS()
+
+    def _privacyRequired(self, tag) -> bool:
+        if self.client.plaintextAllowed:
+            return False
+        self.reply(
+            tag,
+            b"NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS)"
+            b" connections.",
+        )
+        return True
+
+    def do_LOGIN(self, tag, args):
+        if len(args) != 2 or not all(isinstance(a, bytes) for a in args):
+            self.bad(tag, b"Invalid arguments: LOGIN username password")
+            return
+        if self._privacyRequired(tag):
+            return
+        try:
+            credentials = makeCredentials(args[0], args[1])
+        except ProtocolViolation:
+            self.reply(tag, renderFailure(AuthenticationFailed()))
+            return
+        self._login(tag, credentials)
+
+    def do_AUTHENTICATE(self, tag, args):
+        if not 1 <= len(args) <= 2 or not all(isinstance(a, bytes) for a in args):
+            self.bad(tag, b"Invalid arguments: AUTHENTICATE mechanism [initial-response]")
+            return
+        mechanism = args[0].decode("ascii", "replace").upper()
+        if mechanism not in MECHANISMS:
+            self.reply(tag, b"NO Unsupported authentication mechanism.")
+            return
+        if self._privacyRequired(tag):
+            return
+        exchange = SASLExchange(mechanism)
+        try:
+            initial = SASLExchange.decodeInitial(args[1]) if len(args) == 2 else None
+        except ProtocolViolation:
+            self.bad(tag, b"Invalid base64 data in initial response.")
+            return
+        try:
+            step = exchange.start(initial)
+        except ProtocolViolation:
+            self.reply(tag, renderFailure(AuthenticationFailed()))
+            return
+        self._saslStep(tag, exchange, step)
+
+    def _saslStep(self, tag, exchange, step) -> None:
+        if isinstance(step, bytes):
+            self._sasl = exchange
+            self._saslTag = tag
+            self.send(b"+ " + encodeBase64(step) + b"\r\n")
+        else:
+            self._login(tag, step)
+
+    def _saslLine(self, line: bytes) -> None:
+        exchange, tag, self._sasl = self._sasl, self._saslTag, None
+        try:
+            step = exchange.respond(exchange.decode(line))
+        except SASLCancelled:
+            self.reply(tag, b"BAD Authentication aborted by client.")
+            return
+        except ProtocolViolation as e:
+            if str(e) == "invalid base64":
+                self.bad(tag, b"Invalid base64 data in continued response.")
+            else:
+                self.reply(tag, renderFailure(AuthenticationFailed()))
+            return
+        self._saslStep(tag, exchange, step)
+
+    # -- login ------------------------------------------------------------------------------
+
+    def _login(self, tag: bytes, credentials) -> None:
+        d = self.proxyLogin(credentials)
+        d.addCallbacks(self._loggedIn, self._loginFailed, callbackArgs=(tag,), errbackArgs=(tag,))
+        self.wait(d)
+
+    def _loggedIn(self, dialogue, tag: bytes) -> None:
+        self.reply(tag, b"OK [CAPABILITY " + dialogue.capabilities + b"] Logged in")
+        self.startRelay(dialogue)
+
+    def _loginFailed(self, failure, tag: bytes) -> None:
+        if failure.check(_ClientGone) or self._closing:
+            return
+        if not failure.check(CASFailure):
+            self.log.failure("login failed unexpectedly", failure)
+        self.result = type(failure.value).__name__
+        self.reply(tag, renderFailure(failure.value))
+
+    def makeDialogue(self, target, user, credentials):
+        return IMAPBackend(target, self.client, user, credentials, self.context, self.clientID)
+
+
+class IMAPBackend(BackendDialogue):
+    """
+    The login dialogue with an IMAP mailbox server: greeting, STARTTLS, ID with the client's
+    address (Dovecot honours it from its C{login_trusted_networks}), AUTHENTICATE PLAIN with the
+    user's credentials or as a master user, then the post-login capabilities.
+
+    @ivar capabilities: the backend's post-login capability list, for the client's tagged OK.
+    """
+
+    capabilities = b""
+
+    def __init__(self, target, client, user, credentials, context, clientID=None) -> None:
+        super().__init__(target, client, user, credentials, context)
+        self.clientID = clientID
+
+    @defer.inlineCallbacks
+    def expectTagged(self, tag: bytes):
+        """
+        Read until the tagged reply to C{tag}.
+
+        @return: C{(status, line, untagged lines)} with C{status} C{b"OK"}, C{b"NO"} or C{b"BAD"}.
+        """
+        untagged = []
+        prefix = tag + b" "
+        while True:
+            line = yield self.readLine()
+            if line.startswith(prefix):
+                status = line[len(prefix) :].split(b" ", 1)[0].upper()
+                return status, line, untagged
+            if line.startswith(b"* BYE"):
+                raise self.fail("said BYE: " + line[:200].decode("utf-8", "replace"))
+            untagged.append(line)
+
+    def idCommand(self) -> bytes:
+        c = self.client
+        fields = [
+            (b"x-originating-ip", c.peerHost),
+            (b"x-originating-port", str(c.peerPort)),
+            (b"x-connected-ip", c.localHost),
+            (b"x-connected-port", str(c.localPort)),
+            (b"x-session-id", c.sessionId),
+        ]
+        return b"I ID (" + b" ".join(quote(k) + b" " + quote(v) for k, v in fields) + b")"
+
+    @defer.inlineCallbacks
+    def dialogue(self):
+        greeting = yield self.readLine()
+        if not greeting.upper().startswith(b"* OK"):
+            raise self.fail("unexpected greeting " + repr(greeting[:80]))
+        caps = capabilitiesIn(greeting)
+        if self.target.tls == "starttls":
+            self.sendLine(b"S STARTTLS")
+            status, line, _ = yield self.expectTagged(b"S")
+            if status != b"OK":
+                raise self.fail("refused STARTTLS")
+            yield self.startTLS()
+            caps = None  # capabilities seen before TLS are not to be trusted
+        if self.target.masterUser:
+            authc, password = self.target.masterUser, self.target.masterPassword
+            authz = self.user.loginForBackend
+        else:
+            authc, password, authz = self.user.loginForBackend, self.credentials.password, ""
+        initial = encodePlain(authc, password, authz)
+        if caps is None or b"SASL-IR" in caps.upper().split():
+            # One round trip: ID and the login pipelined.
+            self.send(self.idCommand() + b"\r\nA AUTHENTICATE PLAIN " + initial + b"\r\n")
+            yield self.expectTagged(b"I")
+        else:
+            self.sendLine(self.idCommand())
+            yield self.expectTagged(b"I")
+            self.sendLine(b"A AUTHENTICATE PLAIN")
+            line = yield self.readLine()
+            if not line.startswith(b"+"):
+                raise self.fail("refused AUTHENTICATE PLAIN")
+            self.sendLine(initial)
+        status, line, _ = yield self.expectTagged(b"A")
+        if status != b"OK":
+            temporary = b"[UNAVAILABLE]" in line.upper() or status == b"BAD"
+            raise self.fail(
+                "refused the login", authFailed=not temporary and not self.target.masterUser
+            )
+        caps = capabilitiesIn(line)
+        if caps is None:
+            self.sendLine(b"C CAPABILITY")
+            status, _, untagged = yield self.expectTagged(b"C")
+            for u in untagged:
+                if u.upper().startswith(b"* CAPABILITY "):
+                    caps = u[len(b"* CAPABILITY ") :]
+            if caps is None:
+                raise self.fail("sent no capabilities")
+        self.capabilities = caps
+
+
+@implementer(IPlugin, ICASProtocol)
+class IMAPProtocol:
+    """
+    The descriptor of casd's IMAP proxy.
+    """
+
+    name = "imap"
+    description = "IMAP4rev1 (RFC 3501) proxy: pre-login in casd, then relayed to the mailbox server"
+    defaultListeners = ({"endpoint": "tcp:143", "tls": "starttls"},)
+    defaultBackendPort = 143
+    defaultBackendTLS = "starttls"
+    settings = (
+        Setting(
+            "max_literal_size",
+            "int",
+            8192,
+            "Largest literal accepted before login (bytes).",
+            minimum=1,
+        ),
+    )
+
+    def buildFactory(self, context, section, listener):
+        return FrontendFactory(IMAPServer, context, section, listener, self)
+
+    renderFailure = staticmethod(renderFailure)
+
+
+imap = IMAPProtocol()

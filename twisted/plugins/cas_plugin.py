@@ -1,0 +1,17 @@
+"""
+casd's twistd plugin and its built-in protocols.  Nothing else lives here: a third-party protocol
+ships a module just like this one in its own C{twisted/plugins/}.
+"""
+
+from twisted.application.service import ServiceMaker
+
+from casd.plugin import LazyProtocol
+
+cas = ServiceMaker(
+    "casd",
+    "casd.tap",
+    "Client Access Server: the front door of a mail system (IMAP, POP3, SMTP, HTTP proxy)",
+    "cas",
+)
+
+imap = LazyProtocol("imap", "IMAP4rev1 proxy", "protocols.imap.imap")
