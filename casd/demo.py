@@ -20,7 +20,7 @@ the INBOX (STAT, LIST, UIDL, RETR, TOP, DELE, RSET, QUIT).
 
 Why not C{twisted.mail.imap4.MemoryAccount}: it upper-cases every mailbox name (C{Sent} would
 be listed as C{SENT}), treats any name sharing a prefix as a child (renaming C{Sent} also
-renames C{SentItems}) and ignores the LIST reference; and Twisted ships no in-memory mailbox
+renames C{SentItems}) and matches a LIST pattern without its reference; and Twisted ships no in-memory mailbox
 except C{SimpleMailbox} in its own test suite, whose C{fetch} and C{store} do nothing.  So this
 module has its own small account, mailbox and message classes.
 """
@@ -548,6 +548,9 @@ class DemoAccount:
         for old, new in moves:
             self.mailboxes[new] = self.mailboxes.pop(old)
             self.mailboxes[new].name = new
+            if old in self.subscriptions:
+                self.subscriptions.discard(old)
+                self.subscriptions.add(new)
         parents = newname.split(_DELIM)
         for depth in range(1, len(parents)):
             parent = _DELIM.join(parents[:depth])
@@ -666,6 +669,7 @@ class DemoMailStore:
         """
         The welcome message seeded in a new INBOX.
         """
+        owner = re.sub(r"[\x00-\x1f\x7f]", "", owner)  # it goes into a header
         to = owner if "@" in owner else f"{owner}@casd.invalid"
         now = self._clock()
         headers = [
@@ -807,10 +811,11 @@ def _reactorScheduler(reactor):
 
 class DemoIMAP4Server(imap4.IMAP4Server):
     """
-    Twisted's IMAP4 server with the demo's fixes: APPEND without a flag list works; SEARCH runs
-    without the global reactor and always answers C{* SEARCH}; fetching a body without C{.PEEK}
-    sets C{\\Seen}; a read-write SELECT clears C{\\Recent}; a closed connection stops listening
-    to its mailbox.
+    Twisted's IMAP4 server with the demo's fixes: APPEND without a flag list works, and an
+    oversized one is refused before it is read; SEARCH runs without the global reactor, always
+    answers C{* SEARCH}, and its header, date and keyword keys work (Twisted's raise TypeError
+    on Python 3 or always say no); fetching a body without C{.PEEK} sets C{\\Seen}; a
+    read-write SELECT clears C{\\Recent}; a closed connection stops listening to its mailbox.
     """
 
     IDENT = b"casd DEMO backend (in-memory, demo only) ready"
@@ -912,6 +917,28 @@ class DemoIMAP4Server(imap4.IMAP4Server):
     def search_SENTSINCE(self, query, id, msg):
         day, sent = _searchDay(query), _sentDay(msg)
         return sent is not None and sent >= day
+
+    def arg_literal(self, line):
+        # refuse an oversized APPEND before reading it (Twisted would spool it to a temporary
+        # file: blocking disk I/O)
+        try:
+            size = int(line.strip()[1:-1])
+        except ValueError:
+            size = 0
+        if size > DemoMailbox.maxMessageSize:
+            raise imap4.IllegalClientResponse(
+                f"message larger than the demo's {DemoMailbox.maxMessageSize} octets"
+            )
+        return super().arg_literal(line)
+
+    auth_APPEND = (
+        imap4.IMAP4Server.do_APPEND,
+        imap4.IMAP4Server.arg_astring,
+        imap4.IMAP4Server.opt_plist,
+        imap4.IMAP4Server.opt_datetime,
+        arg_literal,
+    )
+    select_APPEND = auth_APPEND
 
     def _cbAppendGotMailbox(self, mbox, tag, flags, date, message):
         # Twisted iterates the optional flag list even when APPEND has none (it is then None)

@@ -161,6 +161,17 @@ class _ServersMixin:
         return deferToThread(run)
 
 
+def _refused(client, command, *args):
+    """
+    Whether C{imaplib} raises its error for C{command} (the server said BAD or NO).
+    """
+    try:
+        getattr(client, command.lower())(*args)
+    except imaplib.IMAP4.error:
+        return True
+    return False
+
+
 class IMAPTests(_ServersMixin, unittest.TestCase):
     """
     The demo IMAP server, driven by C{imaplib}.
@@ -361,6 +372,65 @@ class IMAPTests(_ServersMixin, unittest.TestCase):
         self.assertEqual(r["replace"][0], "OK")
         self.assertIn(b"\\Answered $Label1", r["replace"][1][0])
         self.assertEqual(r["keyword"], ("OK", [b"2"]))
+
+    @defer.inlineCallbacks
+    def test_searchKeys(self):
+        """
+        SEARCH by dates, text, body, header and size works.
+        """
+
+        def session(client):
+            client.append(
+                "INBOX",
+                None,
+                imaplib.Time2Internaldate(1700000000),
+                b"Subject: old\r\nDate: Tue, 14 Nov 2023 22:13:20 +0000\r\nX-Tag: blue\r\n\r\nan old body\r\n",
+            )
+            client.select("INBOX")
+            criteria = {
+                "since": ("SINCE", "1-Jan-2024"),
+                "before": ("BEFORE", "1-Jan-2024"),
+                "on": ("ON", "14-Nov-2023"),
+                "senton": ("SENTON", "14-Nov-2023"),
+                "sentsince": ("SENTSINCE", "15-Nov-2023"),
+                "body": ("BODY", "old"),
+                "text": ("TEXT", '"X-Tag: blue"'),
+                "header": ("HEADER", "X-Tag", "blue"),
+                "larger": ("LARGER", "200"),
+                "not": ("NOT", "SUBJECT", "old"),
+            }
+            results = {key: client.search(None, *args)[1] for key, args in criteria.items()}
+            results["badDate"] = _refused(client, "SEARCH", None, "SINCE", "yesterday")
+            return results
+
+        r = yield self.imap(session)
+        self.assertEqual(r["since"], [b"1"])
+        self.assertEqual(r["before"], [b"2"])
+        self.assertEqual(r["on"], [b"2"])
+        self.assertEqual(r["senton"], [b"2"])
+        self.assertEqual(r["sentsince"], [b"1"])
+        self.assertEqual(r["body"], [b"2"])
+        self.assertEqual(r["text"], [b"2"])
+        self.assertEqual(r["header"], [b"2"])
+        self.assertEqual(r["larger"], [b"1"])
+        self.assertEqual(r["not"], [b"1"])
+        self.assertTrue(r["badDate"])
+
+    @defer.inlineCallbacks
+    def test_appendTooLarge(self):
+        """
+        An APPEND larger than the demo allows is refused before the client sends it.
+        """
+        self.store.accountFor("alice")  # the welcome message is larger than that
+        self.patch(demo.DemoMailbox, "maxMessageSize", 100)
+
+        def session(client):
+            refused = _refused(client, "APPEND", "INBOX", None, None, b"x" * 101)
+            return refused, client.select("INBOX")
+
+        refused, selected = yield self.imap(session)
+        self.assertTrue(refused)
+        self.assertEqual(selected, ("OK", [b"1"]))
 
     @defer.inlineCallbacks
     def test_foldersAndCopy(self):

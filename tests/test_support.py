@@ -261,6 +261,21 @@ class DovecotTests(unittest.TestCase):
         self.assertEqual([p for p in ports if not _portClosed(p)], [])
         self.dovecot.stop()
 
+    def test_restartKeepsPortsAndMail(self):
+        """
+        L{Dovecot.restart} comes back on the same ports with the same mail.
+        """
+        self.dovecot.deliver("alice", MESSAGE)
+        ports = self.dovecot.ports
+        self.dovecot.restart()
+        self.assertEqual(self.dovecot.ports, ports)
+        client = imaplib.IMAP4("127.0.0.1", self.dovecot.imapPort)
+        try:
+            client.login("alice", "alice-pw")
+            self.assertEqual(client.select("INBOX"), ("OK", [b"1"]))
+        finally:
+            client.logout()
+
     def test_twoInstances(self):
         """
         A second instance in another directory runs alongside the first.

@@ -12,6 +12,10 @@ Dovecot is started as root (it needs to in order to switch users):
 login processes run as C{dovenull}, internal ones as C{dovecot}, and the
 mail processes also run as the C{dovecot} uid/gid, which owns the
 maildirs (hence C{first_valid_uid} is lowered to that uid).
+
+The master runs in the foreground (C{dovecot -F}) as a child of the test
+process, in its own session; it still writes C{base_dir/master.pid}.
+L{Dovecot.stop} signals the whole process group.
 """
 
 import itertools

@@ -1,0 +1,191 @@
+"""
+The relay: bytes both ways, flow control, half-close, idle timeout, prompt close.
+"""
+
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from casd.relay import Relay
+from casd.testing import TLSStringTransport
+
+
+class Side(Protocol):
+    relay = None
+
+    def __init__(self, role="client"):
+        self.role = role
+
+    def dataReceived(self, data):
+        raise AssertionError("the relay should have taken over")
+
+    def connectionLost(self, reason):
+        if self.relay is not None:
+            getattr(self.relay, self.role + "Lost")(reason)
+
+
+def splice(idle=100.0):
+    clock = MemoryReactorClock()
+    front, back = Side("client"), Side("backend")
+    ft, bt = TLSStringTransport(), TLSStringTransport()
+    front.makeConnection(ft)
+    back.makeConnection(bt)
+    ended = []
+    relay = Relay(front, back, clock, idle, ended.append)
+    return clock, front, back, ft, bt, relay, ended
+
+
+class RelayTests(SynchronousTestCase):
+    def test_bothWaysWithLeftovers(self):
+        clock, front, back, ft, bt, relay, ended = splice()
+        relay.start(fromClient=b"pipelined\r\n", fromBackend=b"* 1 EXISTS\r\n")
+        front.dataReceived(b"abc")
+        back.dataReceived(b"xyz")
+        self.assertEqual(bt.value(), b"pipelined\r\nabc")
+        self.assertEqual(ft.value(), b"* 1 EXISTS\r\nxyz")
+        self.assertEqual((relay.bytesIn, relay.bytesOut), (14, 15))
+
+    def test_producersRegistered(self):
+        clock, front, back, ft, bt, relay, ended = splice()
+        relay.start()
+        self.assertIs(ft.producer, bt)
+        self.assertTrue(ft.streaming)
+        self.assertIs(bt.producer, ft)
+
+    def test_idleTimeout(self):
+        clock, front, back, ft, bt, relay, ended = splice(idle=100)
+        relay.start()
+        clock.pump([1] * 60)
+        front.dataReceived(b"x")
+        clock.pump([1] * 99)
+        self.assertEqual(ended, [])
+        clock.pump([1] * 30)
+        self.assertEqual(ended, ["idle timeout"])
+        self.assertTrue(ft.disconnecting)
+        self.assertTrue(bt.disconnecting)
+
+    def test_backendGoneClosesClient(self):
+        clock, front, back, ft, bt, relay, ended = splice()
+        relay.start()
+        relay.backendLost(Failure(ConnectionDone()))
+        self.assertTrue(ft.disconnecting)
+        self.assertEqual(ended, ["backend closed"])
+        # A client that never reads is aborted after the grace period: nothing hangs.
+        clock.advance(relay.closeGrace + 1)
+        self.assertTrue(ft.disconnected)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_abortTimerCancelledWhenGone(self):
+        clock, front, back, ft, bt, relay, ended = splice()
+        relay.start()
+        relay.clientLost(Failure(ConnectionDone()))
+        relay.backendLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_halfClose(self):
+        clock, front, back, ft, bt, relay, ended = splice()
+        relay.start()
+        relay.clientReadClosed()
+        self.assertTrue(bt.writeClosed)
+        self.assertFalse(bt.disconnecting)
+        back.dataReceived(b"still flowing")
+        self.assertEqual(ft.value(), b"still flowing")
+        relay.backendReadClosed()
+        self.assertTrue(ft.writeClosed)
+        self.assertEqual(ended, ["closed"])
+
+
+class Source(Protocol):
+    """
+    Writes a large amount as soon as it can, honouring pauses.
+    """
+
+    def __init__(self, total):
+        self.total = total
+        self.sent = 0
+        self.paused = False
+
+    def connectionMade(self):
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self):
+        self.paused = False
+        while not self.paused and self.sent < self.total:
+            self.transport.write(b"x" * 65536)
+            self.sent += 65536
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def stopProducing(self):
+        pass
+
+
+class Sink(Protocol):
+    def __init__(self):
+        self.received = 0
+
+    def dataReceived(self, data):
+        self.received += len(data)
+
+    def connectionLost(self, reason):
+        pass
+
+
+class FlowControlTests(TestCase):
+    """
+    Over real loopback sockets: a client that stops reading makes the relay stop reading the
+    backend, so casd holds a bounded amount, and everything arrives once the client reads again.
+    """
+
+    total = 48 * 1024 * 1024
+
+    @defer.inlineCallbacks
+    def test_slowReaderPausesWriter(self):
+        from twisted.internet import reactor
+
+        source = Source(self.total)
+        sourcePort = reactor.listenTCP(0, _OneShot(source), interface="127.0.0.1")
+        self.addCleanup(sourcePort.stopListening)
+        casdFront, casdBack = Side("client"), Side("backend")
+        frontPort = reactor.listenTCP(0, _OneShot(casdFront), interface="127.0.0.1")
+        self.addCleanup(frontPort.stopListening)
+        sink = Sink()
+        yield ClientCreator(reactor, lambda: sink).connectTCP("127.0.0.1", frontPort.getHost().port)
+        sink.transport.pauseProducing()
+        yield ClientCreator(reactor, lambda: casdBack).connectTCP("127.0.0.1", sourcePort.getHost().port)
+        while casdFront.transport is None:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        relay = Relay(casdFront, casdBack, reactor, 1000.0, lambda why: None)
+        relay.start()
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        front = casdFront.transport
+        held = len(front.dataBuffer) + front._tempDataLen
+        self.assertLess(source.sent, self.total)
+        self.assertTrue(source.paused)
+        # casd holds about one read, not what the backend wanted to send.
+        self.assertLess(held, 2 * 1024 * 1024)
+        sink.transport.resumeProducing()
+        for _ in range(600):
+            if sink.received >= self.total:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(sink.received, self.total)
+        sink.transport.loseConnection()
+        casdBack.transport.loseConnection()
+        source.transport.loseConnection()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class _OneShot(Factory):
+    noisy = False
+
+    def __init__(self, protocol):
+        self.protocol_ = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_
