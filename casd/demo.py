@@ -42,12 +42,16 @@ from typing import Callable, Iterable
 from zope.interface import implementer
 
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.mail import imap4, pop3
 from twisted.mail.interfaces import IMailboxPOP3
+
+from casd.interfaces import IUserRecordChecker
 
 __all__ = [
     "DEMO_FROM",
@@ -636,9 +640,13 @@ class DemoMailStore:
         """
         return sorted(self._accounts)
 
-    def accountFor(self, owner: str) -> DemoAccount:
+    def accountFor(self, owner: str, address: str | None = None) -> DemoAccount:
         """
         The account of C{owner}, made (and seeded) if this is their first login.
+
+        @param address: the owner's e-mail address, for the welcome message's C{To:} (when the
+            account is made); by default C{owner} if it holds an C{@}, else
+            C{owner@casd.invalid}.
         """
         account = self._accounts.get(owner)
         if account is None:
@@ -647,7 +655,7 @@ class DemoMailStore:
             account.addMailbox("Sent")
             account.mailboxes["Sent"].specialUse = "\\Sent"
             account.subscriptions.update({_INBOX, "Sent"})
-            account.inbox.deliver(self.welcomeMessage(owner))
+            account.inbox.deliver(self.welcomeMessage(owner, address))
             self._accounts[owner] = account
         return account
 
@@ -665,12 +673,13 @@ class DemoMailStore:
             raise imap4.NoSuchMailbox(mailbox)
         return mbox.deliver(message, list(flags))
 
-    def welcomeMessage(self, owner: str) -> bytes:
+    def welcomeMessage(self, owner: str, address: str | None = None) -> bytes:
         """
         The welcome message seeded in a new INBOX.
         """
-        owner = re.sub(r"[\x00-\x1f\x7f]", "", owner)  # it goes into a header
-        to = owner if "@" in owner else f"{owner}@casd.invalid"
+        owner = re.sub(r"[\x00-\x1f\x7f]", "", owner)  # these go into headers
+        address = re.sub(r"[\x00-\x1f\x7f]", "", address or "")
+        to = address or (owner if "@" in owner else f"{owner}@casd.invalid")
         now = self._clock()
         headers = [
             ("From", DEMO_FROM),
@@ -693,14 +702,16 @@ class DemoMailStore:
 @implementer(IRealm)
 class DemoRealm:
     """
-    Gives an authenticated user their demo account (IMAP) or INBOX (POP3).
+    Gives an authenticated user their demo account (IMAP) or INBOX (POP3).  The owner is
+    L{ownerOf} the avatar id; a record's C{address}, if any, addresses the welcome message.
     """
 
     def __init__(self, store: DemoMailStore):
         self.store = store
 
     def requestAvatar(self, avatarId, mind, *interfaces):
-        account = self.store.accountFor(ownerOf(avatarId))
+        address = getattr(avatarId, "address", None)
+        account = self.store.accountFor(ownerOf(avatarId), address if isinstance(address, str) else None)
         for iface in interfaces:
             if iface is imap4.IAccount:
                 return iface, account, lambda: None
@@ -988,7 +999,34 @@ class _DemoIMAPFactory(protocol.ServerFactory):
         return p
 
 
+@implementer(ICredentialsChecker)
+class _TextUsername:
+    """
+    Gives a casd checker the username as text: casd's checkers (L{IUserRecordChecker}) take the
+    C{str} username its frontends decode, while Twisted's IMAP4 and POP3 servers pass the raw
+    C{bytes}.  A username that is not UTF-8 is refused.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, checker: ICredentialsChecker):
+        self.checker = checker
+
+    def requestAvatarId(self, credentials):
+        username, password = credentials.username, credentials.password
+        if isinstance(username, bytes):
+            try:
+                username = username.decode("utf-8")
+            except UnicodeDecodeError:
+                return defer.fail(UnauthorizedLogin("username is not UTF-8"))
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        return defer.maybeDeferred(self.checker.requestAvatarId, UsernamePassword(username, password))
+
+
 def _portal(checker: ICredentialsChecker, store: DemoMailStore) -> Portal:
+    if IUserRecordChecker.providedBy(checker):
+        checker = _TextUsername(checker)
     return Portal(DemoRealm(store), [checker])
 
 
@@ -997,7 +1035,9 @@ def demoIMAPFactory(checker: ICredentialsChecker, store: DemoMailStore, reactor=
     A factory of demo IMAP4rev1 servers over C{store}, accepting the users C{checker} accepts
     (by C{LOGIN}, C{AUTHENTICATE PLAIN} or C{AUTHENTICATE LOGIN}, without TLS: loopback only).
 
-    @param checker: an C{ICredentialsChecker} for C{IUsernamePassword}.
+    @param checker: an C{ICredentialsChecker} for C{IUsernamePassword}.  Twisted's usual
+        checkers get the username as C{bytes}, as Twisted's servers give it; a casd checker
+        (L{IUserRecordChecker}) gets it as UTF-8-decoded C{str}, as casd's frontends give it.
     @param reactor: the reactor for timeouts and scheduling; the global one if L{None}.
     """
     if reactor is None:
@@ -1075,7 +1115,8 @@ def demoPOP3Factory(checker: ICredentialsChecker, store: DemoMailStore, reactor=
     A factory of demo POP3 servers (C{USER}/C{PASS}) serving each user's demo INBOX from
     C{store}, accepting the users C{checker} accepts.
 
-    @param checker: an C{ICredentialsChecker} for C{IUsernamePassword}.
+    @param checker: an C{ICredentialsChecker} for C{IUsernamePassword}, as for
+        L{demoIMAPFactory}.
     @param reactor: the reactor for timeouts and scheduling; the global one if L{None}.
     """
     if reactor is None:

@@ -89,6 +89,9 @@ class FrontendProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.startedAt = self.clock.seconds()
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.sessions.add(self)
         self.client = ClientInfo.fromTransport(
             self.transport,
             self.descriptor.name,
@@ -281,6 +284,9 @@ class FrontendProtocol(Protocol):
         if self.relay is not None:
             self.relay.clientLost(reason)
         self._logSession()
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.sessions.discard(self)
 
     def _logSession(self) -> None:
         if self._logged:
@@ -317,6 +323,8 @@ class FrontendFactory(Factory):
         self.section = section
         self.listener = listener
         self.descriptor = descriptor
+
+        self.sessions: set = set()
 
     def buildProtocol(self, addr):
         p = self.protocolClass(self.context, self.section, self.listener, self.descriptor)

@@ -31,7 +31,10 @@ from twisted.mail import imap4
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
 
+import casd
 from casd import demo
+from casd.auth.usersfile import UsersFileChecker
+from casd.interfaces import IUserRecordChecker
 from casd.demo import DemoMailStore, demoIMAPFactory, demoPOP3Factory
 
 TIMEOUT = 20  # seconds, for each client socket operation
@@ -74,22 +77,23 @@ class _Record:
     address: str = ""
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IUserRecordChecker)
 class _RecordChecker:
     """
-    A checker whose avatar ids are records with a C{login}, as casd's users-file checker's are.
+    A checker like casd's users-file checker: it takes the username as C{str} and its avatar
+    ids are records with a C{login}.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self, users: dict[str, bytes]):
-        self._users = users
+        self._users = {login.lower(): (login, password) for login, password in users.items()}
 
     def requestAvatarId(self, credentials):
-        for login, password in self._users.items():
-            if credentials.username.decode().lower() == login.lower():
-                if credentials.checkPassword(password):
-                    return defer.succeed(_Record(login=login))
+        assert isinstance(credentials.username, str), credentials.username
+        login, password = self._users.get(credentials.username.lower(), (None, None))
+        if login is not None and credentials.checkPassword(password):
+            return defer.succeed(_Record(login=login))
         return defer.fail(UnauthorizedLogin())
 
 
@@ -558,6 +562,42 @@ class RecordAvatarTests(_ServersMixin, unittest.TestCase):
         stat = yield self.pop3(lambda client: client.stat(), user="CAROL", password="pw")
         self.assertEqual(stat[0], 1)
         self.assertEqual(self.store.owners(), ["Carol"])
+
+
+class UsersFileTests(_ServersMixin, unittest.TestCase):
+    """
+    With casd's own users-file checker and its shipped demo users (what C{twistd -n cas --demo}
+    runs): the demo backend accepts exactly the users casd accepts.
+    """
+
+    def makeChecker(self):
+        path = os.path.join(os.path.dirname(casd.__file__), "demodata", "users")
+        return UsersFileChecker(path, lambda f, *args: deferToThread(f, *args), reactor)
+
+    @defer.inlineCallbacks
+    def test_demoUsers(self):
+        def session():
+            results = []
+            for user, password in (("alice", "alice"), ("demo", "demo"), ("alice", "wrong"), ("nobody", "x")):
+                client = imaplib.IMAP4("127.0.0.1", self.imapPort, timeout=TIMEOUT)
+                try:
+                    results.append(client.xatom("LOGIN", user, f'"{password}"')[0])
+                finally:
+                    client.logout()
+            client = imaplib.IMAP4("127.0.0.1", self.imapPort, timeout=TIMEOUT)
+            try:
+                results.append(client.authenticate("PLAIN", lambda _: b"\0demo\0demo")[0])
+            finally:
+                client.logout()
+            return results
+
+        results = yield deferToThread(session)
+        self.assertEqual(results, ["OK", "OK", "NO", "NO", "OK"])
+        self.assertEqual(self.store.owners(), ["alice", "demo"])
+        welcome = self.store.accountFor("alice").inbox.messages[0]
+        self.assertEqual(welcome.getHeaders(False, "to"), {"to": "alice@example.com"})
+        stat = yield self.pop3(lambda client: client.stat(), user="demo", password="demo")
+        self.assertEqual(stat[0], 1)
 
 
 class POP3Tests(_ServersMixin, unittest.TestCase):
