@@ -76,3 +76,17 @@ class ILocator(Interface):
             L{Deferred} of either.  Raise or fail with L{casd.failures.BackendUnavailable} for
             "mine, but unavailable".
         """
+
+
+class IUserDirectory(Interface):
+    """
+    Look-ups without a password: who is this address (SMTP recipients, C{casd locate}).
+    """
+
+    def lookup(name):
+        """
+        @param name: a login or an e-mail address.
+        @return: a L{Deferred} firing with the L{casd.auth.UserRecord}, or C{None} when the
+            directory does not know the name; failing with
+            L{casd.failures.DirectoryUnavailable} when it cannot answer.
+        """

@@ -55,10 +55,13 @@ class Route:
     Where a session goes: proxied to the first reachable of C{targets}.
 
     @ivar reason: which locator decided, for C{casd locate} and the logs.
+    @ivar group: the name of the backend group (or server) chosen: two recipients of one SMTP
+        transaction must share it.
     """
 
     targets: tuple[BackendTarget, ...]
     reason: str
+    group: str = ""
 
 
 def targetFor(server: BackendServer, protocol) -> BackendTarget:
@@ -95,8 +98,8 @@ class MailHostLocator:
         server = self.config.backends.get(user.mailHost)
         if server is None:
             server = BackendServer(user.mailHost, user.mailHost, user.mailHost)
-            return Route((targetFor(server, protocol),), "mailhost attribute (host)")
-        return Route((targetFor(server, protocol),), "mailhost attribute")
+            return Route((targetFor(server, protocol),), "mailhost attribute (host)", server.name)
+        return Route((targetFor(server, protocol),), "mailhost attribute", server.name)
 
 
 @implementer(ILocator)
@@ -112,7 +115,7 @@ class DefaultBackendLocator:
         name = self.config.routing.default_backend
         if not name:
             return None
-        return Route((targetFor(self.config.backends[name], protocol),), "default backend")
+        return Route((targetFor(self.config.backends[name], protocol),), "default backend", name)
 
 
 class Router:

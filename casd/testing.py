@@ -26,7 +26,7 @@ from casd.auth.authenticator import Authenticator, MailboxRealm
 from casd.backend import BackendConnector
 from casd.config import parseConfig
 from casd.context import CASContext
-from casd.interfaces import IUserRecordChecker
+from casd.interfaces import IUserDirectory, IUserRecordChecker
 from casd.protolog import SessionLog
 from casd.routing import defaultRouter
 from casd.tls import ClientTLS, ServerTLS
@@ -41,7 +41,7 @@ host = "127.0.0.1"
 """
 
 
-@implementer(ICredentialsChecker, IUserRecordChecker)
+@implementer(ICredentialsChecker, IUserRecordChecker, IUserDirectory)
 class MemoryDirectory:
     """
     An in-memory directory: login -> (password, L{UserRecord}).  Answers synchronously unless
@@ -67,6 +67,20 @@ class MemoryDirectory:
         if isinstance(password, str):
             password = password.encode("utf-8")
         self.users[login.lower()] = (password, record or UserRecord(login=login))
+
+    def lookup(self, name: str):
+        """
+        L{IUserDirectory}: by login or by address.
+        """
+        if self.error is not None:
+            return defer.fail(self.error)
+        entry = self.users.get(name.lower())
+        if entry is None:
+            for _, record in self.users.values():
+                if record.address and record.address.lower() == name.lower():
+                    return defer.succeed(record)
+            return defer.succeed(None)
+        return defer.succeed(entry[1])
 
     def requestAvatarId(self, credentials):
         self.checks += 1

@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from casd.auth import UserRecord, hashing
-from casd.interfaces import IUserRecordChecker
+from casd.interfaces import IUserDirectory, IUserRecordChecker
 
 _TRUE = ("yes", "true", "1", "y")
 _KNOWN = {"mailhost", "site", "address", "backend_login", "disabled"}
@@ -80,7 +80,7 @@ def parseUsers(text: str, path: str) -> dict[str, tuple[str, UserRecord]]:
     return users
 
 
-@implementer(ICredentialsChecker, IUserRecordChecker)
+@implementer(ICredentialsChecker, IUserRecordChecker, IUserDirectory)
 class UsersFileChecker:
     """
     Checks passwords against a users file, re-read when it changes.
@@ -101,6 +101,7 @@ class UsersFileChecker:
         self._stamp = None
         self._checked = float("-inf")
         self._users: dict[str, tuple[str, UserRecord]] = {}
+        self._byAddress: dict[str, tuple[str, UserRecord]] = {}
         self._dummy: str | None = None
         self.reload(initial=True)
 
@@ -125,6 +126,7 @@ class UsersFileChecker:
         if not initial:
             self.log.info("users file {path} reloaded: {count} users", path=self.path, count=len(users))
         self._users = users
+        self._byAddress = {r.address.lower(): (h, r) for h, r in users.values() if r.address}
         self._stamp = stamp
 
     def _maybeReload(self) -> None:
@@ -139,13 +141,17 @@ class UsersFileChecker:
         if stamp != self._stamp:
             self.reload()
 
-    def lookup(self, login: str) -> UserRecord | None:
+    def lookup(self, name: str):
         """
-        The record of C{login}, without checking a password (for routing tools).
+        The record of a login or address, without checking a password (L{IUserDirectory}).
+
+        @return: a L{Deferred} firing with the L{UserRecord} or C{None}.
         """
         self._maybeReload()
-        entry = self._users.get(login.lower())
-        return entry[1] if entry else None
+        entry = self._users.get(name.lower())
+        if entry is None:
+            entry = self._byAddress.get(name.lower())
+        return defer.succeed(entry[1] if entry else None)
 
     def _dummyHash(self) -> str:
         if self._dummy is None:
