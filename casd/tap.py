@@ -25,6 +25,7 @@ from casd.config import ConfigError, loadConfig
 from casd.context import CASContext
 from casd.plugin import discoverProtocols
 from casd.protolog import SessionLog
+from casd.proxyproto import listenerEndpoint
 from casd.routing import defaultRouter
 from casd.tls import ClientTLS, ServerTLS
 
@@ -142,7 +143,7 @@ def makeService(options, reactor=None) -> service.MultiService:
             factory = descriptor.buildFactory(context, section, listener)
             if listener.wrapTLS:
                 factory = TLSMemoryBIOFactory(context.serverTLS.options, False, factory)
-            endpoint = serverFromString(reactor, listener.endpoint)
+            endpoint, factory = listenerEndpoint(reactor, listener.endpoint, factory)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
             svc.setName(listener.name)

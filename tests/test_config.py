@@ -189,3 +189,15 @@ class TwistdTests(SynchronousTestCase):
         self.assertEqual(r.returncode, 0)
         self.assertIn("--demo", r.stdout)
         self.assertIn("--config", r.stdout)
+
+
+class ReferenceTests(SynchronousTestCase):
+    def test_configurationReferenceCurrent(self):
+        """
+        docs/configuration.md is what `casd config-reference` prints: regenerate it with
+        `python -m casd config-reference > docs/configuration.md` after changing a setting.
+        """
+        from casd.docgen import configurationReference
+
+        with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+            self.assertEqual(f.read(), configurationReference())
