@@ -331,3 +331,37 @@ tls = "implicit"
         info = yield client.select("INBOX")
         self.assertGreaterEqual(info["EXISTS"], 2)
         yield client.logout()
+
+    @defer.inlineCallbacks
+    def test_backendStopped(self):
+        """
+        Dovecot dies mid-session: the client is closed promptly; new logins get [UNAVAILABLE].
+        """
+        self.startCAS()
+
+        def session():
+            c = self.imapClient()
+            c.login("alice", "alice-pw")
+            c.select("INBOX")
+            self.dovecot.stop()
+            started = time.monotonic()
+            c.sock.settimeout(10)
+            try:
+                c.noop()
+                outcome = "answered?!"
+            except (imaplib.IMAP4.abort, OSError) as e:
+                outcome = type(e).__name__
+            closedAfter = time.monotonic() - started
+            c2 = self.imapClient()
+            try:
+                c2.login("alice", "alice-pw")
+                text = "logged in?!"
+            except imaplib.IMAP4.error as e:
+                text = str(e)
+            c2.logout()
+            return outcome, closedAfter, text
+
+        outcome, closedAfter, text = yield threads.deferToThread(session)
+        self.assertIn(outcome, ("abort", "ConnectionResetError", "BrokenPipeError"))
+        self.assertLess(closedAfter, 5)
+        self.assertIn("[UNAVAILABLE]", text)
