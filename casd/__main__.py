@@ -4,6 +4,7 @@ The C{casd} command: operator tools beside C{twistd cas}.
     casd hash-password [--scheme SCHEME]     print a users-file hash for a password read from stdin
     casd config-reference                    print the configuration reference (Markdown)
     casd check-config FILE                   validate a configuration file
+    casd locate -c FILE USER [--check]       print the route casd would take for USER, and why
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def buildParser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file")
     p.set_defaults(func=checkConfig)
+    from casd.locate import addLocateCommand
+
+    addLocateCommand(sub)
     # Further commands register here, one function each (see e.g. casd locate).
     return parser
 

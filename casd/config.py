@@ -197,19 +197,299 @@ SNI_SETTINGS = (
 AUTH_SETTINGS = (
     Setting("users_file", "path", "", "The users file (the embedded default checker)."),
     Setting(
-        "failure_delay", "float", 2.0, "Seconds before a failed login is answered.", minimum=0
+        "failure_delay",
+        "float",
+        2.0,
+        "Seconds before the first failed login from an address is answered; the delay doubles with"
+        " each further distinct failure, up to C{failure_delay_max} (trusted clients: none).",
+        minimum=0,
     ),
     Setting(
         "hash_threads", "int", 4, "Threads verifying password hashes off the reactor.", minimum=1
     ),
+    Setting(
+        "failure_delay_max", "float", 15.0, "Longest delay before a failed login is answered.", minimum=0
+    ),
+    Setting(
+        "penalty_ipv4_prefix",
+        "int",
+        32,
+        "IPv4 clients count for penalties and lockout by their network of this prefix length.",
+        minimum=8,
+    ),
+    Setting(
+        "penalty_ipv6_prefix",
+        "int",
+        64,
+        "IPv6 clients count for penalties and lockout by their network of this prefix length.",
+        minimum=16,
+    ),
+    Setting(
+        "penalty_expiry",
+        "float",
+        900.0,
+        "Seconds after its last failed login when an address's or user's failures are forgotten.",
+        minimum=1,
+    ),
+    Setting(
+        "user_lockout_threshold",
+        "int",
+        20,
+        "Distinct failed logins of one user name that lock it out for C{lockout_duration}"
+        " (refused before any directory is asked); 0 disables.",
+        minimum=0,
+    ),
+    Setting(
+        "address_lockout_threshold",
+        "int",
+        50,
+        "Distinct failed logins from one address (network) that lock it out; 0 disables.",
+        minimum=0,
+    ),
+    Setting("lockout_duration", "float", 600.0, "Seconds a lockout lasts.", minimum=1),
+    Setting(
+        "penalty_max_entries",
+        "int",
+        100000,
+        "Addresses and users whose failures are remembered (least recent forgotten first).",
+        minimum=1,
+    ),
+    Setting(
+        "cache_ttl",
+        "float",
+        300.0,
+        "Seconds a successful login is remembered, so the same user with the same password is not"
+        " checked again (an old password works that long after a change); 0 disables the cache.",
+        minimum=0,
+    ),
+    Setting(
+        "cache_negative_ttl",
+        "float",
+        20.0,
+        "Seconds a refused login (same user, same password) is remembered; 0 disables.",
+        minimum=0,
+    ),
+    Setting("cache_size", "int", 100000, "Most entries the credential cache holds.", minimum=1),
 )
+
+LDAP_SETTINGS = (
+    Setting(
+        "urls",
+        "strlist",
+        (),
+        "LDAP servers, tried in this order: ldap://HOST[:PORT]/ (with C{starttls}) or"
+        " ldaps://HOST[:PORT]/; empty disables the LDAP checker.",
+    ),
+    Setting(
+        "starttls",
+        "bool",
+        True,
+        "Upgrade ldap:// connections with StartTLS before anything else is sent.",
+    ),
+    Setting(
+        "ca_file",
+        "path",
+        "",
+        "PEM file of the CAs that sign the LDAP servers' certificates; empty means the system's"
+        " trust store.  Certificates are always verified.",
+    ),
+    Setting(
+        "bind_dn",
+        "str",
+        "",
+        "DN of the service account that searches for users; empty: search anonymously.",
+    ),
+    Setting("bind_password_file", "path", "", "File whose first line is the service account's password."),
+    Setting("base_dn", "str", "", "DN under which users are searched (required with C{urls})."),
+    Setting(
+        "scope", "choice", "sub", "Search scope under C{base_dn}.", choices=("base", "one", "sub")
+    ),
+    Setting(
+        "filter",
+        "str",
+        "(|(uid={login})(mail={login}))",
+        "Search filter template; the placeholders login (the name as typed), user (before the @)"
+        " and domain (after it), each in braces, stand for values and are always escaped.",
+    ),
+    Setting(
+        "lookup_filter",
+        "str",
+        "",
+        "Filter template for look-ups without a password (SMTP recipients, e.g. with alias"
+        " attributes); empty: C{filter}.",
+    ),
+    Setting(
+        "dn_template",
+        "str",
+        "",
+        "Direct bind: bind as this DN template (placeholders as in C{filter}, escaped as DN"
+        " values) instead of searching first; the user's entry is then read with the user's own"
+        " rights.",
+    ),
+    Setting(
+        "login_attribute",
+        "str",
+        "uid",
+        "Attribute holding the canonical login (AD: sAMAccountName); empty: the name as typed.",
+    ),
+    Setting("address_attribute", "str", "mail", "Attribute holding the canonical e-mail address."),
+    Setting(
+        "backend_login_attribute",
+        "str",
+        "",
+        "Attribute holding the login for the mailbox server; empty: the canonical login.",
+    ),
+    Setting("mailhost_attribute", "str", "mailHost", "Attribute naming the user's mailbox server."),
+    Setting("site_attribute", "str", "", "Attribute naming the user's site."),
+    Setting(
+        "status_attribute",
+        "str",
+        "",
+        "Attribute saying whether the account is enabled (e.g. accountStatus; AD:"
+        " userAccountControl); empty: every account is enabled.",
+    ),
+    Setting(
+        "disabled_values",
+        "strlist",
+        ("disabled",),
+        "Values of C{status_attribute} (any case) that disable the account.",
+    ),
+    Setting(
+        "enabled_values",
+        "strlist",
+        (),
+        "When not empty, a value of C{status_attribute} outside this list disables the account.",
+    ),
+    Setting(
+        "disabled_bitmask",
+        "int",
+        0,
+        "When not 0, C{status_attribute} is an integer and these bits disable the account (AD: 2).",
+        minimum=0,
+    ),
+    Setting(
+        "policy_attributes",
+        "strlist",
+        (),
+        "Per-user policy read from the directory: NAME=ATTRIBUTE (or ATTRIBUTE, NAME being it in"
+        " lower case).",
+    ),
+    Setting("connect_timeout", "float", 3.0, "Seconds to connect to an LDAP server.", minimum=0.001),
+    Setting(
+        "timeout",
+        "float",
+        5.0,
+        "Seconds for each LDAP operation (StartTLS, bind, search); then the connection is dropped"
+        " and the login fails temporarily.",
+        minimum=0.001,
+    ),
+    Setting(
+        "pool_size",
+        "int",
+        4,
+        "Connections for user binds (one bind in flight each), beside one shared search connection.",
+        minimum=1,
+    ),
+    Setting(
+        "retry_down_after",
+        "float",
+        30.0,
+        "Seconds a server that failed is tried only after the others.",
+        minimum=0,
+    ),
+)
+
+#: The locators C{[routing] locators} may name, in their default order.
+LOCATORS = ("mailhost", "map", "hash", "default")
 
 ROUTING_SETTINGS = (
     Setting(
         "default_backend",
         "str",
         "",
-        "Backend for users whose directory entry names no mailbox server.",
+        "Backend server or group for users whose directory entry names no mailbox server.",
+    ),
+    Setting(
+        "locators",
+        "strlist",
+        LOCATORS,
+        "The mailbox locators, asked in this order (see docs/routing.md): mailhost (the directory"
+        " attribute), map (C{map_file}), hash (C{hash_group}), default (C{default_backend}).",
+    ),
+    Setting(
+        "map_file",
+        "path",
+        "",
+        "Static map: lines of C{USER-OR-DOMAIN BACKEND-OR-GROUP}; re-read on reload (SIGHUP).",
+    ),
+    Setting(
+        "hash_group",
+        "str",
+        "",
+        "Group over which users with no explicit mailbox server are spread by rendezvous hashing.",
+    ),
+    Setting(
+        "proxy_ttl",
+        "int",
+        5,
+        "Proxy hops a session may take (sent to backends as IMAP ID x-proxy-ttl, taken from"
+        " trusted clients); a node whose TTL is down to 1 refuses the session as a loop.",
+        minimum=2,
+    ),
+)
+
+GROUP_SETTINGS = (
+    Setting("members", "strlist", (), "Names of [backends.NAME] servers, in preference order."),
+    Setting(
+        "balance",
+        "choice",
+        "order",
+        "order: the first healthy member in C{members} order; hash: each user's own order by"
+        " rendezvous hashing, so a user stays on one member while it is healthy.",
+        choices=("order", "hash"),
+    ),
+    Setting("site", "str", "", "The site the group is in; empty means its members' common site."),
+)
+
+SITE_SETTINGS = (
+    Setting(
+        "action",
+        "choice",
+        "proxy",
+        "What to do with a user whose mailbox is in this site: proxy (to its casd, C{cas}),"
+        " refuse (a temporary failure) or redirect (to C{redirect_url}).",
+        choices=("proxy", "refuse", "redirect"),
+    ),
+    Setting("cas", "str", "", "Backend server or group holding that site's casd nodes."),
+    Setting("redirect_url", "str", "", "Where C{action = \"redirect\"} sends clients that can follow."),
+)
+
+HEALTH_SETTINGS = (
+    Setting("enabled", "bool", True, "Actively check every [backends.NAME] for each enabled protocol."),
+    Setting("interval", "float", 5.0, "Seconds between two checks of one member.", minimum=0.01),
+    Setting(
+        "timeout",
+        "float",
+        3.0,
+        "Seconds a check may take: connect, TLS and the protocol's greeting.",
+        minimum=0.001,
+    ),
+    Setting("rise", "int", 2, "Consecutive good checks that bring a DOWN member UP.", minimum=1),
+    Setting("fall", "int", 3, "Consecutive failed checks that take an UP member DOWN.", minimum=1),
+    Setting(
+        "passive_fall",
+        "int",
+        3,
+        "Consecutive failed connections of real sessions that take a member DOWN at once.",
+        minimum=1,
+    ),
+    Setting(
+        "passive_recovery",
+        "float",
+        30.0,
+        "Seconds after which a member taken DOWN by sessions, and not actively checked, is"
+        " tried again.",
+        minimum=0.001,
     ),
 )
 
@@ -224,6 +504,35 @@ BACKEND_SETTINGS = (
         30.0,
         "Seconds to wait for each reply of a backend during the login dialogue.",
         minimum=0.001,
+    ),
+    Setting(
+        "banner_timeout",
+        "float",
+        0.0,
+        "Seconds to wait for a backend's greeting; 0 means C{reply_timeout}.",
+        minimum=0,
+    ),
+    Setting(
+        "max_tries",
+        "int",
+        3,
+        "Members of a route tried for one session before the client gets a temporary failure.",
+        minimum=1,
+    ),
+    Setting(
+        "failover_timeout",
+        "float",
+        30.0,
+        "Seconds all tries for one session may take together.",
+        minimum=0.001,
+    ),
+    Setting(
+        "drain_close_period",
+        "float",
+        0.0,
+        "When a member is put into drain, close its sessions spread over this many seconds;"
+        " 0 lets them end by themselves.",
+        minimum=0,
     ),
     Setting(
         "ca_file",
@@ -241,7 +550,23 @@ BACKEND_SERVER_SETTINGS = (
         "",
         "Name verified in the backend's certificate; empty means C{host}.",
     ),
+    Setting("site", "str", "", "The site the server is in."),
+    Setting(
+        "drain",
+        "bool",
+        False,
+        "Drain: no new sessions; existing ones go on (see C{[backend] drain_close_period}).",
+    ),
+    Setting("weight", "int", 1, "Share of a hashed group's users, relative to the others.", minimum=1),
+    Setting("health_check", "bool", True, "Check this server actively ([health])."),
+    Setting("connect_timeout", "float", 0.0, "Overrides [backend] connect_timeout when not 0.", minimum=0),
+    Setting("tls_timeout", "float", 0.0, "Overrides [backend] tls_timeout when not 0.", minimum=0),
+    Setting("banner_timeout", "float", 0.0, "Overrides [backend] banner_timeout when not 0.", minimum=0),
+    Setting("reply_timeout", "float", 0.0, "Overrides [backend] reply_timeout when not 0.", minimum=0),
 )
+
+#: The per-server keys that override a C{[backend]} timeout.
+TIMEOUT_KEYS = ("connect_timeout", "tls_timeout", "banner_timeout", "reply_timeout")
 
 BACKEND_PROTOCOL_SETTINGS = (
     Setting("port", "int", 0, "Port of this protocol; 0 means the protocol's default.", minimum=0),
@@ -368,13 +693,47 @@ class BackendProtocol:
 @frozen
 class BackendServer:
     """
-    A mailbox server.
+    A mailbox server (or another site's casd).
+
+    @ivar timeouts: the C{[backend]} timeouts this server overrides, key -> seconds.
     """
 
     name: str
     host: str
     tlsName: str
     protocols: Mapping[str, BackendProtocol] = field(factory=dict)
+    site: str = ""
+    drain: bool = False
+    weight: int = 1
+    healthCheck: bool = True
+    timeouts: Mapping[str, float] = field(factory=dict)
+
+
+@frozen
+class BackendGroup:
+    """
+    A named set of backend servers holding the same mailboxes (a database availability group).
+
+    @ivar members: server names in preference order.
+    @ivar balance: C{"order"} or C{"hash"}.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    balance: str = "order"
+    site: str = ""
+
+
+@frozen
+class SiteConfig:
+    """
+    What this node does with users whose mailbox is in another site.
+    """
+
+    name: str
+    action: str
+    cas: str = ""
+    redirectURL: str = ""
 
 
 @frozen
@@ -411,6 +770,13 @@ class CASConfig:
     backends: Mapping[str, BackendServer]
     protocols: Mapping[str, ProtocolSection]
     demo: Values
+    groups: Mapping[str, BackendGroup] = field(factory=dict)
+    sites: Mapping[str, SiteConfig] = field(factory=dict)
+    health: Values = field(factory=lambda: Values({s.key: s.default for s in HEALTH_SETTINGS}))
+    #: The static map file's entries: lower-cased user, address or domain -> server or group.
+    routeMap: Mapping[str, str] = field(factory=dict)
+    #: The C{[ldap]} section (C{urls} empty: no LDAP checker).
+    ldap: Values = field(factory=lambda: Values({s.key: s.default for s in LDAP_SETTINGS}))
 
     @property
     def hostname(self) -> str:
@@ -511,8 +877,110 @@ def _readBackends(path, data, protocols, base) -> dict[str, BackendServer]:
                 masterUser=p.master_user,
                 masterPassword=password,
             )
-        servers[name] = BackendServer(name, v.host, v.tls_name or v.host, perProtocol)
+        servers[name] = BackendServer(
+            name,
+            v.host,
+            v.tls_name or v.host,
+            perProtocol,
+            site=v.site,
+            drain=v.drain,
+            weight=v.weight,
+            healthCheck=v.health_check,
+            timeouts={k: getattr(v, k) for k in TIMEOUT_KEYS if getattr(v, k)},
+        )
     return servers
+
+
+def _readGroups(path, data, servers, base) -> dict[str, BackendGroup]:
+    table = data.get("groups", {})
+    if not isinstance(table, dict):
+        raise ConfigError(path, "groups", "expected a table of [groups.NAME] tables")
+    groups = {}
+    for name, item in table.items():
+        prefix = f"groups.{name}"
+        if name in servers:
+            raise ConfigError(path, prefix, f"expected a name no [backends.NAME] uses, {name!r} does")
+        v = readSection(path, prefix, item, GROUP_SETTINGS, base)
+        if not v.members:
+            raise ConfigError(path, f"{prefix}.members", "expected at least one [backends.NAME]")
+        for member in v.members:
+            if member not in servers:
+                raise ConfigError(
+                    path, f"{prefix}.members", f"expected names of [backends.NAME] tables, got {member!r}"
+                )
+        if len(set(v.members)) != len(v.members):
+            raise ConfigError(path, f"{prefix}.members", "expected each member once")
+        site = v.site
+        if not site:
+            memberSites = {servers[m].site for m in v.members}
+            site = memberSites.pop() if len(memberSites) == 1 else ""
+        groups[name] = BackendGroup(name, tuple(v.members), v.balance, site)
+    return groups
+
+
+def _readSites(path, data, localSite, known, base) -> dict[str, SiteConfig]:
+    table = data.get("sites", {})
+    if not isinstance(table, dict):
+        raise ConfigError(path, "sites", "expected a table of [sites.NAME] tables")
+    sites = {}
+    for name, item in table.items():
+        prefix = f"sites.{name}"
+        v = readSection(path, prefix, item, SITE_SETTINGS, base)
+        if name == localSite:
+            raise ConfigError(path, prefix, f"expected another site than this node's own ({name!r})")
+        if v.action == "proxy" and v.cas not in known:
+            raise ConfigError(
+                path, f"{prefix}.cas", f"expected a [backends.NAME] or [groups.NAME], got {v.cas!r}"
+            )
+        if v.action == "redirect" and not v.redirect_url:
+            raise ConfigError(path, f"{prefix}.redirect_url", "expected a URL, required by redirect")
+        sites[name] = SiteConfig(name, v.action, v.cas, v.redirect_url)
+    return sites
+
+
+def readRouteMap(path: str, mapFile: str, known) -> dict[str, str]:
+    """
+    Read a static map file: C{KEY TARGET} a line, where KEY is a login, an address or a domain and
+    TARGET a server or group name; C{#} starts a comment.
+
+    @param known: the server and group names a TARGET may be.
+    @raise ConfigError: naming the file and line of the first bad entry.
+    """
+    key = "routing.map_file"
+    try:
+        with open(mapFile, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, key, f"expected a readable UTF-8 file {mapFile!r} ({e})") from None
+    entries: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        where = f"{mapFile}:{number}"
+        if len(words) != 2:
+            raise ConfigError(path, key, f"{where}: expected USER-OR-DOMAIN BACKEND-OR-GROUP")
+        name, target = words[0].lower(), words[1]
+        if target not in known:
+            raise ConfigError(path, key, f"{where}: expected a [backends.NAME] or [groups.NAME], got {target!r}")
+        if name in entries:
+            raise ConfigError(path, key, f"{where}: {name!r} is mapped twice")
+        entries[name] = target
+    return entries
+
+
+def _readLDAP(path, data, base) -> Values:
+    ldap = readSection(path, "ldap", data.get("ldap", {}), LDAP_SETTINGS, base)
+    if ldap.urls:
+        from casd.auth.ldap import SettingProblem, checkSettings
+
+        _requireFile(path, "ldap.ca_file", ldap.ca_file, "CA file")
+        _requireFile(path, "ldap.bind_password_file", ldap.bind_password_file, "password file")
+        try:
+            checkSettings(ldap)
+        except SettingProblem as e:
+            raise ConfigError(path, f"ldap.{e.key}", e.message) from None
+    return ldap
 
 
 def _readTLS(path, data, base) -> TLSConfig:
@@ -541,7 +1009,9 @@ def _readTLS(path, data, base) -> TLSConfig:
     return TLSConfig(v.certificate, v.key, v.minimum_version, tuple(sni))
 
 
-TOP_LEVEL = ("server", "tls", "auth", "routing", "backend", "backends", "demo")
+TOP_LEVEL = (
+    "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo"
+)
 
 
 def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
@@ -568,18 +1038,34 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
     server = readSection(path, "server", data.get("server", {}), SERVER_SETTINGS, base)
     auth = readSection(path, "auth", data.get("auth", {}), AUTH_SETTINGS, base)
     _requireFile(path, "auth.users_file", auth.users_file, "users file")
+    ldap = _readLDAP(path, data, base)
     routing = readSection(path, "routing", data.get("routing", {}), ROUTING_SETTINGS, base)
     backend = readSection(path, "backend", data.get("backend", {}), BACKEND_SETTINGS, base)
     _requireFile(path, "backend.ca_file", backend.ca_file, "CA file")
     demo = readSection(path, "demo", data.get("demo", {}), DEMO_SETTINGS, base)
     tls = _readTLS(path, data, base)
     backends = _readBackends(path, data, protocols, base)
-    if routing.default_backend and routing.default_backend not in backends:
+    groups = _readGroups(path, data, backends, base)
+    targets = set(backends) | set(groups)
+    if routing.default_backend and routing.default_backend not in targets:
         raise ConfigError(
             path,
             "routing.default_backend",
-            f"expected the name of a [backends.NAME] table, got {routing.default_backend!r}",
+            f"expected the name of a [backends.NAME] or [groups.NAME] table, got"
+            f" {routing.default_backend!r}",
         )
+    if routing.hash_group and routing.hash_group not in groups:
+        raise ConfigError(
+            path, "routing.hash_group", f"expected a [groups.NAME], got {routing.hash_group!r}"
+        )
+    for name in routing.locators:
+        if name not in LOCATORS or routing.locators.count(name) > 1:
+            raise ConfigError(
+                path, "routing.locators", f"expected each of {', '.join(LOCATORS)} at most once, got {name!r}"
+            )
+    routeMap = readRouteMap(path, routing.map_file, targets) if routing.map_file else {}
+    sites = _readSites(path, data, server.site, targets, base)
+    health = readSection(path, "health", data.get("health", {}), HEALTH_SETTINGS, base)
     sections = _readProtocols(path, data, protocols, base)
     for section in sections.values():
         for listener in section.listeners:
@@ -600,6 +1086,11 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
         backends=backends,
         protocols=sections,
         demo=demo,
+        groups=groups,
+        sites=sites,
+        health=health,
+        routeMap=routeMap,
+        ldap=ldap,
     )
 
 
@@ -630,10 +1121,14 @@ def allSettings() -> dict[str, tuple[Setting, ...]]:
         "tls": TLS_SETTINGS,
         "tls.sni": SNI_SETTINGS,
         "auth": AUTH_SETTINGS,
+        "ldap": LDAP_SETTINGS,
         "routing": ROUTING_SETTINGS,
         "backend": BACKEND_SETTINGS,
         "backends.NAME": BACKEND_SERVER_SETTINGS,
         "backends.NAME.PROTOCOL": BACKEND_PROTOCOL_SETTINGS,
+        "groups.NAME": GROUP_SETTINGS,
+        "sites.NAME": SITE_SETTINGS,
+        "health": HEALTH_SETTINGS,
         "PROTOCOL": PROTOCOL_COMMON_SETTINGS,
         "PROTOCOL.listen": LISTENER_SETTINGS,
         "demo": DEMO_SETTINGS,

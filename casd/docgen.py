@@ -37,7 +37,8 @@ def _table(settings) -> str:
     for s in settings:
         kind = s.kind if s.kind != "choice" else " / ".join(f"`{c}`" for c in s.choices if c)
         doc = s.doc.replace("C{", "`").replace("}", "`").replace("|", "\\|")
-        rows.append(f"| `{s.key}` | {kind} | `{_default(s.default)}` | {doc} |")
+        default = _default(s.default).replace("|", "\\|")
+        rows.append(f"| `{s.key}` | {kind} | `{default}` | {doc} |")
     return "\n".join(rows) + "\n"
 
 

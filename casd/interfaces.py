@@ -11,6 +11,12 @@ class ICASProtocol(Interface):
     L{twisted.plugin.getPlugins}.  It is what nginx's C{ngx_mail_protocol_t} is to nginx: a name, a
     configuration schema, default listeners, a factory builder and the protocol's wording of the
     shared failures.  The built-in protocols are registered exactly as a third-party one is.
+
+    A descriptor should also have C{healthProbe}: a L{casd.health.HealthProbe} saying how the
+    health checker tells a healthy backend of this protocol (the start of its greeting, e.g.
+    C{b"* OK"}; a request to send first, for HTTP).  Without one (or with C{None}) backends are
+    checked only for accepting connections.  It is not declared as an L{Attribute} yet so that
+    L{zope.interface.verify.verifyObject} does not refuse descriptors written before it existed.
     """
 
     name = Attribute(
@@ -71,7 +77,8 @@ class ILocator(Interface):
     def locate(user, protocol):
         """
         @param user: the L{IMailboxUser}.
-        @param protocol: the protocol name, e.g. C{'imap'}.
+        @param protocol: the protocol's L{ICASProtocol} descriptor (its C{name}, default backend
+            port and TLS mode).
         @return: a L{casd.routing.Route}, or C{None} for "not mine" (the next locator is asked), or a
             L{Deferred} of either.  Raise or fail with L{casd.failures.BackendUnavailable} for
             "mine, but unavailable".

@@ -6,14 +6,79 @@ Each direction costs one Python call per chunk the kernel hands over (a counter 
 C{write()}); no parsing, no copies.  Flow control is Twisted's producer/consumer: each transport
 is registered as the streaming producer of the other, so a slow reader pauses reading from the
 fast writer instead of making casd buffer without bound.
+
+Writes go through L{writeThrough}: with nothing queued, a write is one C{send()} at once, as
+nginx does, instead of Twisted's queue-then-wait-for-writable (two C{epoll_ctl} calls and one
+more reactor iteration per write, which were a third of the cost of a proxied login).
 """
 
 from __future__ import annotations
 
+from twisted.internet import tcp
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+try:
+    from twisted.internet.endpoints import _WrappingProtocol
+except ImportError:  # pragma: no cover - a Twisted without it: the bypass is skipped
+    _WrappingProtocol = None
 
 #: Largest read from a socket in one call once relaying; bigger chunks, fewer Python calls.
 RELAY_READ_SIZE = 256 * 1024
+
+
+def _writeNow(self, data: bytes) -> None:
+    """
+    L{tcp.Connection.write}, but with nothing queued the bytes go to the socket at once; what
+    the kernel does not take is queued the usual way (and so is everything while a close is in
+    progress, and everything after C{startTLS()}, which must go through the TLS layer), so
+    ordering, flow control and error reporting stay Twisted's.
+    """
+    if (
+        not self.TLS
+        and self.offset == len(self.dataBuffer)
+        and not self._tempDataLen
+        and self.connected
+        and not self.disconnecting
+        and not self._writeDisconnecting
+        and type(data) is bytes
+    ):
+        try:
+            sent = self.socket.send(data)
+        except OSError:
+            # EAGAIN, or an error the queued write's doWrite reports as a lost connection.
+            sent = 0
+        if sent == len(data):
+            return
+        if sent:
+            data = data[sent:]
+    tcp.Connection.write(self, data)
+
+
+class _WriteThroughServer(tcp.Server):
+    write = _writeNow
+
+
+class _WriteThroughClient(tcp.Client):
+    write = _writeNow
+
+
+_WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
+
+
+def writeThrough(transport) -> None:
+    """
+    Make writes on C{transport} (a TCP transport, or TLS over one: then the TCP transport below,
+    which carries the TLS records) try the socket at once.  Anything else is left alone.
+
+    The class of the TCP transport is swapped for a subclass that only overrides C{write}: no
+    per-connection closure and no reference cycle, unlike an instance attribute.
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        transport = transport.transport
+    faster = _WRITE_THROUGH.get(type(transport))
+    if faster is not None:
+        transport.__class__ = faster
 
 
 def _closeWrite(transport) -> None:
@@ -66,7 +131,18 @@ class Relay:
         # Bind the hot path directly: no per-chunk dispatch through the protocols' state.
         self.frontend.dataReceived = self.fromClient
         self.backend.dataReceived = self.fromBackend
+        wrapper = getattr(self.server, "protocol", None)
+        if (
+            _WrappingProtocol is not None
+            and isinstance(wrapper, _WrappingProtocol)
+            and wrapper._wrappedProtocol is self.backend
+        ):
+            # The endpoint's wrapper only forwards: chunks reach the relay with one call less.
+            wrapper.dataReceived = self.fromBackend
         for transport in (self.client, self.server):
+            writeThrough(transport)
+            if isinstance(transport, TLSMemoryBIOProtocol):
+                transport = transport.transport  # the reads happen below the TLS layer
             if hasattr(transport, "bufferSize"):
                 transport.bufferSize = RELAY_READ_SIZE
         self.client.registerProducer(self.server, True)
@@ -109,12 +185,16 @@ class Relay:
     # -- ends -----------------------------------------------------------------------------
 
     def clientReadClosed(self) -> None:
+        if self._ended:
+            return  # the backend went first: both sides are closing already
         self._closedReads.add("client")
         _closeWrite(self.server)
         if len(self._closedReads) == 2:
             self._end("closed")
 
     def backendReadClosed(self) -> None:
+        if self._ended:
+            return
         self._closedReads.add("backend")
         _closeWrite(self.client)
         if len(self._closedReads) == 2:

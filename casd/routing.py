@@ -1,18 +1,34 @@
 """
 Mailbox location: a chain of small locators, each answering "here" (a L{Route}), "not mine"
 (C{None}) or "unavailable" (L{casd.failures.BackendUnavailable}), tried in order like
-L{twisted.names.resolve.ResolverChain}.
+L{twisted.names.resolve.ResolverChain}; then the site policy (another site's users are proxied to
+that site's casd, refused or redirected), the proxy TTL and the check that a route does not point
+back at this node.
+
+The locators, in their default order (C{[routing] locators}):
+    - C{mailhost}: the directory's mailbox attribute, naming a group, a server or a bare host;
+    - C{map}: the static map file, user or domain -> group or server;
+    - C{hash}: rendezvous hashing over C{[routing] hash_group};
+    - C{default}: C{[routing] default_backend}.
+
+A route lists its targets in preference order; the connector (L{casd.backend}) skips members that
+are DOWN or draining and fails over along the list.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Sequence
+import math
+import socket
+from hashlib import blake2b
+from typing import Iterable, Sequence
 
+import attr
 from attrs import field, frozen
 from zope.interface import implementer
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from casd.config import BackendProtocol, BackendServer, CASConfig
 from casd.failures import BackendUnavailable
@@ -26,6 +42,8 @@ class BackendTarget:
 
     @ivar tlsName: the name verified in its certificate.
     @ivar masterPassword: never logged, never in C{repr}.
+    @ivar site: the site the server is in, when configured.
+    @ivar timeouts: C{(key, seconds)} pairs overriding the C{[backend]} timeouts.
     """
 
     server: str
@@ -35,6 +53,8 @@ class BackendTarget:
     tlsName: str
     masterUser: str = ""
     masterPassword: bytes = field(default=b"", repr=False)
+    site: str = ""
+    timeouts: tuple[tuple[str, float], ...] = ()
 
     @property
     def isAddress(self) -> bool:
@@ -44,6 +64,14 @@ class BackendTarget:
             return False
         return True
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """
+        The identity of this member in the pool: one C{host:port} is one member, whatever
+        server name or group reached it.
+        """
+        return (self.host.lower(), self.port)
+
     def describe(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.server}({host}:{self.port})" if self.server != self.host else f"{host}:{self.port}"
@@ -52,16 +80,35 @@ class BackendTarget:
 @frozen
 class Route:
     """
-    Where a session goes: proxied to the first reachable of C{targets}.
+    Where a session goes: proxied to the first available of C{targets}.
 
-    @ivar reason: which locator decided, for C{casd locate} and the logs.
+    @ivar reason: which locator decided and why, for C{casd locate} and the logs.
     @ivar group: the name of the backend group (or server) chosen: two recipients of one SMTP
         transaction must share it.
+    @ivar site: the site of the mailbox, when known.
+    @ivar kind: C{"backend"} (mailbox servers) or C{"cas"} (another site's casd).
+    @ivar proxyTTL: the TTL to send with the session (IMAP ID C{x-proxy-ttl}); 0 when unset.
     """
 
     targets: tuple[BackendTarget, ...]
     reason: str
     group: str = ""
+    site: str = ""
+    kind: str = "backend"
+    proxyTTL: int = 0
+
+
+class Redirected(BackendUnavailable):
+    """
+    The user's site says "redirect": a protocol that can send the client elsewhere (IMAP
+    C{[REFERRAL]}, HTTP 302) renders C{url}; any other renders a temporary failure.
+
+    @ivar url: where to go.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(reason)
+        self.url = url
 
 
 def targetFor(server: BackendServer, protocol) -> BackendTarget:
@@ -79,33 +126,138 @@ def targetFor(server: BackendServer, protocol) -> BackendTarget:
         tlsName=server.tlsName,
         masterUser=spec.masterUser,
         masterPassword=spec.masterPassword,
+        site=server.site,
+        timeouts=tuple(sorted(server.timeouts.items())),
     )
+
+
+# -- rendezvous hashing -------------------------------------------------------------------
+
+
+def _score(member: str, weight: int, key: str) -> float:
+    digest = blake2b(f"{member}\0{key}".encode("utf-8"), digest_size=8).digest()
+    unit = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+    # Weighted rendezvous (the logarithmic method): a member of weight w wins a share w/sum(w).
+    return weight / -math.log(unit)
+
+
+def rendezvousOrder(key: str, members: Iterable[tuple[str, int]]) -> list[str]:
+    """
+    Highest-random-weight order of C{members} for C{key}.
+
+    Each member's score depends only on the member and the key, so adding or removing a member
+    moves only the keys that rank it first; every other key keeps its first choice.  And a
+    key's second choice is where it goes while its first is down, then it comes back.
+
+    @param members: C{(name, weight)} pairs.
+    @return: the names, best first.
+    """
+    return [name for _, name in sorted(((-_score(n, w, key), n) for n, w in members))]
+
+
+def hashKey(user) -> str:
+    """
+    What a user is hashed by: the mailbox's identity at the backend, so that every protocol
+    puts one mailbox on the same member.
+    """
+    return (getattr(user, "backendLogin", "") or user.login).lower()
+
+
+def routeTo(config: CASConfig, name: str, user, protocol, reason: str, hashed: bool = False) -> Route:
+    """
+    The route to a configured server or group called C{name}.
+
+    @param hashed: order a group by rendezvous hashing whatever its C{balance}.
+    """
+    group = config.groups.get(name)
+    if group is None:
+        server = config.backends[name]
+        return Route((targetFor(server, protocol),), f"{reason}: server {name}", name, server.site)
+    members = [config.backends[m] for m in group.members]
+    if hashed or group.balance == "hash":
+        order = rendezvousOrder(hashKey(user), [(s.name, s.weight) for s in members])
+        how = "rendezvous hashing"
+    else:
+        order = list(group.members)
+        how = "preference order"
+    targets = tuple(targetFor(config.backends[n], protocol) for n in order)
+    return Route(targets, f"{reason}: group {name} ({how})", name, group.site)
+
+
+# -- locators ------------------------------------------------------------------------------
 
 
 @implementer(ILocator)
 class MailHostLocator:
     """
-    The directory's mailbox server attribute: a configured C{[backends.NAME]}, or else a host name
-    reached with the protocol's default port and TLS mode.
+    The directory's mailbox attribute: a configured C{[groups.NAME]} or C{[backends.NAME]}, or
+    else a host name reached with the protocol's default port and TLS mode.
     """
 
     def __init__(self, config: CASConfig) -> None:
         self.config = config
 
     def locate(self, user, protocol):
-        if not user.mailHost:
+        name = user.mailHost
+        if not name:
             return None
-        server = self.config.backends.get(user.mailHost)
-        if server is None:
-            server = BackendServer(user.mailHost, user.mailHost, user.mailHost)
-            return Route((targetFor(server, protocol),), "mailhost attribute (host)", server.name)
-        return Route((targetFor(server, protocol),), "mailhost attribute", server.name)
+        if name in self.config.groups or name in self.config.backends:
+            return routeTo(self.config, name, user, protocol, "mailhost attribute")
+        server = BackendServer(name, name, name)
+        return Route((targetFor(server, protocol),), f"mailhost attribute: host {name}", name)
+
+
+@implementer(ILocator)
+class StaticMapLocator:
+    """
+    The static map file (C{[routing] map_file}): the user's login, then their address, then
+    the domain of either, mapped to a server or group.
+    """
+
+    def __init__(self, config: CASConfig) -> None:
+        self.config = config
+
+    def keysFor(self, user) -> list[str]:
+        names = [user.login.lower()]
+        address = (getattr(user, "address", "") or "").lower()
+        if address and address not in names:
+            names.append(address)
+        for name in list(names):
+            if "@" in name:
+                domain = name.rsplit("@", 1)[1]
+                if domain not in names:
+                    names.append(domain)
+        return names
+
+    def locate(self, user, protocol):
+        for key in self.keysFor(user):
+            name = self.config.routeMap.get(key)
+            if name is not None:
+                return routeTo(self.config, name, user, protocol, f"map file entry {key!r}")
+        return None
+
+
+@implementer(ILocator)
+class HashLocator:
+    """
+    Spreads users over C{[routing] hash_group} by rendezvous hashing, so each user stays on
+    one member while it is healthy (what Dovecot's director did, without its shared state).
+    """
+
+    def __init__(self, config: CASConfig) -> None:
+        self.config = config
+
+    def locate(self, user, protocol):
+        name = self.config.routing.hash_group
+        if not name:
+            return None
+        return routeTo(self.config, name, user, protocol, "hash_group", hashed=True)
 
 
 @implementer(ILocator)
 class DefaultBackendLocator:
     """
-    The configured default backend, for users the directory places nowhere.
+    The configured default server or group, for users nothing else placed.
     """
 
     def __init__(self, config: CASConfig) -> None:
@@ -115,28 +267,224 @@ class DefaultBackendLocator:
         name = self.config.routing.default_backend
         if not name:
             return None
-        return Route((targetFor(self.config.backends[name], protocol),), "default backend", name)
+        return routeTo(self.config, name, user, protocol, "default backend")
+
+
+LOCATORS = {
+    "mailhost": MailHostLocator,
+    "map": StaticMapLocator,
+    "hash": HashLocator,
+    "default": DefaultBackendLocator,
+}
+
+
+def locatorsFor(config: CASConfig) -> list:
+    return [LOCATORS[name](config) for name in config.routing.locators]
+
+
+# -- this node's own addresses --------------------------------------------------------------
+
+
+def _splitEndpoint(description: str) -> list[str]:
+    parts, current, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def listenerAddress(description: str) -> tuple[str, int] | None:
+    """
+    The C{(interface, port)} of a C{tcp:}, C{tcp6:}, C{ssl:} or C{haproxy:} listener endpoint
+    string; C{interface} is C{""} when it listens on every address.  C{None} for others.
+    """
+    parts = _splitEndpoint(description)
+    if parts[0] == "haproxy":
+        parts = parts[1:]
+    if not parts or parts[0] not in ("tcp", "tcp6", "ssl"):
+        return None
+    positional = [p for p in parts[1:] if "=" not in p]
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    try:
+        port = int(options.get("port") or positional[0])
+    except (IndexError, ValueError):
+        return None
+    interface = options.get("interface", "")
+    if interface in ("0.0.0.0", "::"):
+        interface = ""
+    return interface, port
+
+
+def isLocalAddress(host: str) -> bool:
+    """
+    Whether C{host} (an address, or C{localhost}) is one of this machine's: it is loopback or a
+    socket can be bound to it.  Never resolves a name.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+# -- the router ------------------------------------------------------------------------------
 
 
 class Router:
     """
-    Asks each locator in turn.
+    Asks each locator in turn, then applies the site policy, the proxy TTL and the self check.
+
+    @ivar config: the configuration the locators were built from; without one (a bare chain)
+        only the locators are asked.
     """
 
-    def __init__(self, locators: Sequence) -> None:
+    log = Logger()
+
+    def __init__(self, locators: Sequence, config: CASConfig | None = None) -> None:
         self.locators = tuple(locators)
+        self.config = config
+        self._localHosts: dict[str, bool] = {}
+        self._warned: set = set()
+
+    def reconfigure(self, config: CASConfig) -> None:
+        """
+        Route by C{config} from now on (the reload of C{[routing]}, C{[backends]}, C{[groups]},
+        C{[sites]} and the map file).
+        """
+        self.locators = tuple(locatorsFor(config))
+        self.config = config
+        self._warned.clear()
 
     @defer.inlineCallbacks
-    def locate(self, user, protocol):
+    def locate(self, user, protocol, ttl: int | None = None):
         """
-        @return: a L{Deferred} firing with a L{Route}, or failing with L{BackendUnavailable}.
+        @param protocol: the L{casd.interfaces.ICASProtocol}.
+        @param ttl: the proxy TTL a trusted client sent (IMAP ID C{x-proxy-ttl}), else C{None}.
+        @return: a L{Deferred} firing with a L{Route}, or failing with L{BackendUnavailable}
+            (L{Redirected} when the user's site redirects).
         """
-        for locator in self.locators:
-            route = yield locator.locate(user, protocol)
-            if route is not None:
-                return route
-        raise BackendUnavailable(f"no route for {user.login!r}")
+        config = self.config
+        outgoing = self.outgoingTTL(ttl)
+        route = None
+        local = config.server.site if config is not None else ""
+        if not (local and user.site and user.site != local):
+            # A user the directory places in another site is that site's business: its own
+            # locators (and servers this node may not even know) decide there.
+            for locator in self.locators:
+                route = yield locator.locate(user, protocol)
+                if route is not None:
+                    break
+        if config is None:
+            if route is None:
+                raise BackendUnavailable(f"no route for {user.login!r}")
+            return route
+        route = self._applySite(user, protocol, route)
+        route = self._notSelf(user, route, protocol)
+        return attr.evolve(route, proxyTTL=outgoing)
+
+    def outgoingTTL(self, incoming: int | None) -> int:
+        """
+        The TTL to pass on, as Dovecot's proxies count it.
+
+        @raise BackendUnavailable: when it is spent: proxies appear to be looping.
+        """
+        ttl = incoming if incoming is not None else (
+            self.config.routing.proxy_ttl if self.config is not None else 5
+        )
+        if ttl <= 1:
+            reason = f"proxy TTL {ttl} reached: proxies appear to be looping"
+            # A loop is a configuration problem between nodes: the operator must hear of it.
+            self.log.warn("session refused: {reason} (check the [sites] of every node)", reason=reason)
+            raise BackendUnavailable(reason)
+        return ttl - 1
+
+    def _applySite(self, user, protocol, route):
+        config = self.config
+        local = config.server.site
+        site = user.site or (route.site if route is not None else "")
+        if not local or not site or site == local:
+            if route is None:
+                raise BackendUnavailable(f"no route for {user.login!r}")
+            return route
+        why = f"directory site {site!r}" if user.site else f"{route.reason}, in site {site!r}"
+        policy = config.sites.get(site)
+        if policy is None:
+            raise BackendUnavailable(
+                f"{user.login!r}: {why}, for which this node (site {local!r}) has no [sites.{site}]"
+            )
+        if policy.action == "refuse":
+            raise BackendUnavailable(f"{user.login!r}: {why}, refused by [sites.{site}]")
+        if policy.action == "redirect":
+            raise Redirected(policy.redirectURL, f"{user.login!r}: {why}, redirected to {policy.redirectURL}")
+        cas = routeTo(config, policy.cas, user, protocol, f"{why}: proxied to that site's casd")
+        return attr.evolve(cas, site=site, kind="cas")
+
+    def _isSelf(self, target, own) -> bool:
+        host = target.host.lower()
+        if host == "localhost":
+            host = "127.0.0.1"
+        for interface, port in own:
+            if port != target.port:
+                continue
+            if interface:
+                try:
+                    if ipaddress.ip_address(interface) == ipaddress.ip_address(host):
+                        return True
+                except ValueError:
+                    if interface.lower() == host:
+                        return True
+                continue
+            if host == self.config.server.hostname.lower():
+                return True
+            if host not in self._localHosts:
+                self._localHosts[host] = isLocalAddress(host)
+            if self._localHosts[host]:
+                return True
+        return False
+
+    def _notSelf(self, user, route, protocol):
+        section = self.config.protocols.get(protocol.name)
+        own = [a for a in (listenerAddress(l.endpoint) for l in section.listeners) if a] if section else []
+        if not own:
+            return route
+        mine = [t for t in route.targets if self._isSelf(t, own)]
+        if not mine:
+            return route
+        kept = tuple(t for t in route.targets if t not in mine)
+        if not kept:
+            reason = f"route for {user.login!r} ({route.reason}) points back at this node"
+            self.log.warn("session refused: {reason}", reason=reason)
+            raise BackendUnavailable(reason)
+        warning = (route.group, tuple(t.key for t in mine))
+        if warning not in self._warned:
+            self._warned.add(warning)
+            self.log.warn(
+                "{group}: {members} point back at this node; skipped",
+                group=route.group,
+                members=", ".join(t.describe() for t in mine),
+            )
+        skipped = ", ".join(t.describe() for t in mine)
+        return attr.evolve(route, targets=kept, reason=f"{route.reason}; {skipped} skipped: this node")
 
 
 def defaultRouter(config: CASConfig) -> Router:
-    return Router([MailHostLocator(config), DefaultBackendLocator(config)])
+    return Router(locatorsFor(config), config)

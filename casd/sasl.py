@@ -6,6 +6,7 @@ protocol's own plaintext commands) into one L{Credentials} object.
 from __future__ import annotations
 
 import binascii
+import enum
 from base64 import b64decode, b64encode
 
 from attrs import field, frozen
@@ -26,6 +27,27 @@ class SASLCancelled(Exception):
     """
     The client cancelled the exchange (C{*}).
     """
+
+
+class SASLRefusal(enum.Enum):
+    """
+    Why a SASL exchange ended without credentials (see
+    L{casd.frontend.FrontendProtocol.saslFailed}); each protocol words these itself.
+    """
+
+    #: The mechanism is not one of L{MECHANISMS}.
+    UNSUPPORTED = "unsupported mechanism"
+    #: A password may not be sent on this connection yet (no TLS, not trusted).
+    PRIVACY_REQUIRED = "privacy required"
+    #: The initial response is not valid base64.
+    BAD_INITIAL = "invalid base64 in the initial response"
+    #: A response to a challenge is not valid base64.
+    BAD_RESPONSE = "invalid base64 in a response"
+    #: The client answered a challenge with C{*}.
+    CANCELLED = "cancelled by the client"
+    #: The decoded message is malformed (a PLAIN message without its NULs, a name that is not
+    #: UTF-8 or too long): protocols render it as failed authentication.
+    MALFORMED = "malformed message"
 
 
 @implementer(IUsernamePassword)

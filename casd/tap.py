@@ -9,7 +9,6 @@ import sys
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -18,8 +17,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 import casd
-from casd.auth.authenticator import Authenticator, MailboxRealm
-from casd.auth.usersfile import UsersFileChecker, UsersFileError
+from casd.auth.assembly import AuthResourcesService, buildAuthentication
 from casd.backend import BackendConnector
 from casd.config import ConfigError, loadConfig
 from casd.context import CASContext
@@ -40,7 +38,17 @@ class Options(usage.Options):
         "Run casd, the Client Access Server.  Give --config FILE (a TOML file, see"
         " docs/configuration.md), or --demo for the embedded demo defaults."
     )
-    optParameters = [["config", "c", None, "The TOML configuration file."]]
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file."],
+        [
+            "workers",
+            "w",
+            1,
+            "Worker processes sharing the listening sockets (use one per core; see"
+            " casd/workers.py).",
+            int,
+        ],
+    ]
     optFlags = [
         [
             "demo",
@@ -56,6 +64,11 @@ class Options(usage.Options):
         path = DEMO_CONFIG if self["demo"] else self["config"]
         if not path:
             raise usage.UsageError("--config FILE is required (or --demo)")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["workers"] > 1 and self["demo"]:
+            # The demo backend keeps mail in one process's memory.
+            raise usage.UsageError("--workers is not available with --demo")
         try:
             self.protocols = discoverProtocols()
             self.config = loadConfig(path, self.protocols.values())
@@ -84,16 +97,8 @@ def buildContext(config, protocols, reactor, runInThread):
     @param runInThread: C{callable(f, *args) -> Deferred}: where password hashes are verified.
     @raise ConfigError: when a file the configuration names is unusable.
     """
-    checkers = []
-    if config.auth.users_file:
-        try:
-            checkers.append(UsersFileChecker(config.auth.users_file, runInThread, reactor))
-        except UsersFileError as e:
-            raise ConfigError(config.path, "auth.users_file", str(e)) from None
-    if not checkers:
-        raise ConfigError(config.path, "auth", "expected a checker: set auth.users_file")
-    portal = Portal(MailboxRealm(), checkers)
-    authenticator = Authenticator(portal, reactor, config.auth.failure_delay)
+    # Users file, then LDAP, chained, cached, with the login penalty (casd/auth/assembly.py).
+    authenticator, directory, checkers = buildAuthentication(config, reactor, runInThread)
     try:
         clientTLS = ClientTLS(config.backend.ca_file)
     except (OSError, ValueError) as e:
@@ -103,22 +108,30 @@ def buildContext(config, protocols, reactor, runInThread):
         config=config,
         authenticator=authenticator,
         router=defaultRouter(config),
-        connector=BackendConnector(reactor, config.backend, clientTLS),
+        connector=BackendConnector.fromConfig(reactor, config, clientTLS),
         serverTLS=ServerTLS(config.tls, config.path),
         clientTLS=clientTLS,
         sessionLog=SessionLog(),
         protocols=dict(protocols),
-        directory=checkers[0],
+        directory=directory,
     ), checkers
 
 
-def makeService(options, reactor=None) -> service.MultiService:
+def makeService(options, reactor=None, adopted=None) -> service.MultiService:
     """
     Build the service tree: one listening service per listener of each enabled protocol, the
-    hashing thread pool and, in demo mode, the demo mailbox backend.
+    hashing thread pool and, in demo mode, the demo mailbox backend.  With C{--workers N}
+    (N > 1), the parent's tree instead: L{casd.workers.WorkerPool}.
+
+    @param adopted: in a worker process, listener name -> a reactor whose C{listen*} adopts the
+        socket the parent bound (L{casd.workers.adoptingReactors}).
     """
     if reactor is None:
         from twisted.internet import reactor
+    if adopted is None and options.get("workers", 1) > 1:
+        from casd.workers import makeParentService
+
+        return makeParentService(options, reactor)
     config = options.config
     top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=config.auth.hash_threads, name="casd-auth")
@@ -132,6 +145,8 @@ def makeService(options, reactor=None) -> service.MultiService:
     except ConfigError as e:
         raise SystemExit(f"casd: configuration error: {e}")
 
+    AuthResourcesService(checkers).setServiceParent(top)
+    _addRouting(top, context, reactor)
     if config.demo.enabled:
         _addDemo(top, config, checkers[0], reactor)
 
@@ -143,7 +158,8 @@ def makeService(options, reactor=None) -> service.MultiService:
             factory = descriptor.buildFactory(context, section, listener)
             if listener.wrapTLS:
                 factory = TLSMemoryBIOFactory(context.serverTLS.options, False, factory)
-            endpoint, factory = listenerEndpoint(reactor, listener.endpoint, factory)
+            listenReactor = adopted[listener.name] if adopted is not None else reactor
+            endpoint, factory = listenerEndpoint(listenReactor, listener.endpoint, factory)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
             svc.setName(listener.name)
@@ -157,6 +173,18 @@ def makeService(options, reactor=None) -> service.MultiService:
                 trusted=listener.trusted,
             )
     return top
+
+
+def _addRouting(top, context, reactor) -> None:
+    """
+    The backend health checker and the SIGHUP reload of the routing and backend sections.
+    """
+    from casd.admin import ReloadService
+    from casd.health import HealthChecker
+
+    checker = HealthChecker(reactor, context.connector, context.config, context.protocols)
+    checker.setServiceParent(top)
+    ReloadService(reactor, context, checker).setServiceParent(top)
 
 
 def _addDemo(top, config, checker, reactor) -> None:

@@ -6,10 +6,19 @@ server (in the spirit of C{treq.testing} and C{ldaptor.testutil}).
     context = makeContext(reactor, users={"alice": "secret"}, config=CONFIG)
     server, transport = connectFrontend(descriptor, context)
     server.dataReceived(b"a LOGIN alice secret\\r\\n")
-    backend, backendTransport = acceptBackend(reactor)
+    backend = ScriptedBackend(reactor, [
+        (b"", b"* OK ready\\r\\n"),
+        (re.compile(rb"I ID .*\\r\\nA AUTHENTICATE PLAIN .*\\r\\n"), b"I OK\\r\\nA OK [CAPABILITY IMAP4rev1] hi\\r\\n"),
+    ]).run()
+
+The stable API for protocol plugins: L{makeContext}, L{MemoryDirectory}, L{connectFrontend},
+L{acceptBackend}, L{failBackend}, L{ScriptedBackend} (with L{CLOSE} and L{ScriptMismatch}) and
+L{TLSStringTransport}.
 """
 
 from __future__ import annotations
+
+import re
 
 from zope.interface import implementer
 
@@ -23,6 +32,7 @@ from twisted.internet.testing import StringTransport
 
 from casd.auth import UserRecord
 from casd.auth.authenticator import Authenticator, MailboxRealm
+from casd.auth.penalty import LoginPenalty
 from casd.backend import BackendConnector
 from casd.config import parseConfig
 from casd.context import CASContext
@@ -133,9 +143,9 @@ def makeContext(reactor, users=None, config: str = DEFAULT_CONFIG, protocols=Non
     context = CASContext(
         reactor=reactor,
         config=cfg,
-        authenticator=Authenticator(portal, reactor, cfg.auth.failure_delay),
+        authenticator=Authenticator(portal, reactor, penalty=LoginPenalty.fromConfig(reactor, cfg.auth)),
         router=defaultRouter(cfg),
-        connector=BackendConnector(reactor, cfg.backend, clientTLS),
+        connector=BackendConnector.fromConfig(reactor, cfg, clientTLS),
         serverTLS=ServerTLS(cfg.tls, cfg.path),
         clientTLS=clientTLS,
         sessionLog=SessionLog(),
@@ -203,3 +213,95 @@ def _failure(exc):
     from twisted.python.failure import Failure
 
     return Failure(exc)
+
+
+#: A L{ScriptedBackend} reply that closes the connection instead of answering.
+CLOSE = object()
+
+
+class ScriptMismatch(AssertionError):
+    """
+    casd sent the backend something other than what the script expected.
+    """
+
+
+class ScriptedBackend:
+    """
+    A mailbox server speaking a scripted dialogue on the backend connection that a protocol asked
+    a L{MemoryReactor} for: a stub backend for testing a protocol's L{casd.backend.BackendDialogue}.
+
+    The script is a sequence of C{(expected, reply)} steps.  C{expected} is everything casd must
+    have sent since the previous step: C{bytes} (C{b""} for nothing, as before the greeting) or a
+    compiled C{re} pattern of bytes that must match it whole (for a random session id).
+    C{reply} is what the server then sends (C{bytes}), or L{CLOSE}.  When a reply makes the
+    dialogue start TLS, the handshake completes at once, so the next step sees what casd sends
+    over TLS.  Implicit TLS cannot be scripted (the bytes would be encrypted).
+
+        backend = ScriptedBackend(reactor, [
+            (b"", b"+OK ready\\r\\n"),
+            (b"USER alice\\r\\n", b"+OK\\r\\n"),
+            (b"PASS secret\\r\\n", b"+OK Logged in.\\r\\n"),
+        ]).run()
+        backend.received()  # what the relay passed on since
+
+    @ivar dialogue: the protocol's backend dialogue.
+    @ivar transport: its L{TLSStringTransport}.
+    @ivar steps: how many steps have run.
+    """
+
+    def __init__(self, reactor, script=(), index: int = -1) -> None:
+        self.dialogue, self.transport = acceptBackend(reactor, index)
+        self.script = list(script)
+        self.steps = 0
+        self._tls = None
+
+    def run(self) -> ScriptedBackend:
+        """
+        Play every step of the script.
+
+        @raise ScriptMismatch: when casd sent something unexpected.
+        """
+        for expected, reply in self.script[self.steps :]:
+            self.step(expected, reply)
+        return self
+
+    def step(self, expected, reply) -> None:
+        """
+        Check what casd sent since the previous step, then answer.
+        """
+        said = self.received()
+        if isinstance(expected, re.Pattern):
+            matched = expected.fullmatch(said) is not None
+        else:
+            matched = said == expected
+        if not matched:
+            pattern = expected.pattern if isinstance(expected, re.Pattern) else expected
+            raise ScriptMismatch(
+                f"step {self.steps + 1}: expected {pattern!r}, casd sent {said!r}"
+            )
+        self.steps += 1
+        if reply is CLOSE:
+            from twisted.internet.error import ConnectionDone
+
+            self.dialogue.connectionLost(_failure(ConnectionDone()))
+            return
+        if reply:
+            self.send(reply)
+
+    def send(self, data: bytes) -> None:
+        """
+        Send C{data} from the server, completing a TLS handshake it started.
+        """
+        self.dialogue.dataReceived(data)
+        started = self.transport.tlsStarted
+        if started is not None and started is not self._tls:
+            self._tls = started
+            self.dialogue.handshakeCompleted()
+
+    def received(self) -> bytes:
+        """
+        @return: what casd sent the server since the last call (and forget it).
+        """
+        said = self.transport.value()
+        self.transport.clear()
+        return said

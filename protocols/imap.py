@@ -14,26 +14,26 @@ from casd.config import Setting
 from casd.failures import (
     AuthenticationFailed,
     BackendUnavailable,
-    CASFailure,
     DirectoryUnavailable,
     PolicyRefused,
     ProtocolViolation,
     Throttled,
 )
 from casd.backend import BackendDialogue
-from casd.frontend import FrontendFactory, FrontendProtocol, _ClientGone
+from casd.frontend import FrontendFactory, FrontendProtocol
+from casd.frontend import renderFailure as _render
+from casd.health import HealthProbe
 from casd.interfaces import ICASProtocol
-from casd.sasl import MECHANISMS, SASLCancelled, SASLExchange, encodeBase64, encodePlain, makeCredentials
+from casd.sasl import MECHANISMS, SASLRefusal, encodePlain, makeCredentials
 from protocols.imapgrammar import (
-    LITERAL_MARKER,
     IMAPSyntaxError,
-    Literal,
     capabilitiesIn,
     parseList,
     quote,
     splitTag,
     tokenizeParts,
 )
+from protocols.stringgrammar import LiteralFraming
 
 #: Most literals one command may carry.
 MAX_LITERALS = 8
@@ -48,25 +48,26 @@ FAILURES = (
 )
 
 
+INTERNAL_FAILURE = b"NO [UNAVAILABLE] Internal error, try again later."
+
+
 def renderFailure(exc: BaseException) -> bytes:
-    for kind, words in FAILURES:
-        if isinstance(exc, kind):
-            return words
-    return b"NO [UNAVAILABLE] Internal error, try again later."
+    return _render(FAILURES, exc, INTERNAL_FAILURE)
 
 
-class IMAPServer(FrontendProtocol):
+class IMAPServer(LiteralFraming, FrontendProtocol):
     """
     The client side of an IMAP session before login.
     """
 
+    failures = FAILURES
+    internalFailure = INTERNAL_FAILURE
+    maxLiterals = MAX_LITERALS
+
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.maxLiteral = self.section.max_literal_size
-        self._parts: list = []
         self._tag = b""
-        self._literals = 0
-        self._sasl: SASLExchange | None = None
         self.clientID: list | None = None
 
     # -- capabilities -----------------------------------------------------------------------
@@ -105,10 +106,10 @@ class IMAPServer(FrontendProtocol):
         self.close()
 
     def lineReceived(self, line: bytes) -> None:
-        if self._sasl is not None:
-            self._saslLine(line)
+        if self.saslInProgress:
+            self.saslResponse(line)
             return
-        if not self._parts:
+        if not self.inCommand:
             try:
                 self._tag = splitTag(line)[0]
             except IMAPSyntaxError as e:
@@ -117,35 +118,20 @@ class IMAPServer(FrontendProtocol):
                     tag = b"*"
                 self.bad(tag, str(e).encode())
                 return
-        m = LITERAL_MARKER.search(line)
-        if m is None:
-            self._parts.append(line)
-            parts, self._parts, self._literals = self._parts, [], 0
-            self._dispatch(parts)
-            return
-        size, nonSync = int(m.group(1)), bool(m.group(2))
-        self._literals += 1
-        if size > self.maxLiteral or self._literals > MAX_LITERALS:
-            self._parts, self._literals = [], 0
-            if nonSync:
-                # The client sends the data regardless: resynchronising is not worth it.
-                self.send(b"* BYE [TOOBIG] Literal too large.\r\n")
-                self.close("literal too large")
-            else:
-                self.bad(self._tag, b"[TOOBIG] Literal too large.")
-            return
-        self._parts.append(line[: m.start()])
-        if size == 0:
-            self._parts.append(Literal(b""))
-            return
-        if not nonSync:
-            self.send(b"+ OK\r\n")
-        self.setRawMode(size)
+        self.collectLine(line)
 
-    def rawReceived(self, data: bytes) -> None:
-        self._parts.append(Literal(data))
+    def literalContinue(self) -> None:
+        self.send(b"+ OK\r\n")
 
-    def _dispatch(self, parts: list) -> None:
+    def literalTooLarge(self, nonSync: bool) -> None:
+        if nonSync:
+            # The client sends the data regardless: resynchronising is not worth it.
+            self.send(b"* BYE [TOOBIG] Literal too large.\r\n")
+            self.close("literal too large")
+        else:
+            self.bad(self._tag, b"[TOOBIG] Literal too large.")
+
+    def commandReceived(self, parts: list) -> None:
         try:
             tag, command, rest = splitTag(parts[0])
             parts = [rest] + parts[1:]
@@ -185,6 +171,11 @@ class IMAPServer(FrontendProtocol):
         if items is not None and (len(items) % 2 or any(k is None for k in items[::2])):
             raise IMAPSyntaxError("Invalid ID parameters")
         self.clientID = items
+        if items and self.client.trusted:
+            # A proxy in front (casd or Dovecot) counts hops; counting on stops proxy loops.
+            for key, value in zip(items[::2], items[1::2]):
+                if key.lower() == b"x-proxy-ttl" and value is not None and value.isdigit():
+                    self.proxyTTL = int(value[:6])
         self.send(b'* ID ("name" "casd")\r\n')
         self.reply(tag, b"OK ID completed.")
 
@@ -219,74 +210,40 @@ class IMAPServer(FrontendProtocol):
         try:
             credentials = makeCredentials(args[0], args[1])
         except ProtocolViolation:
-            self.reply(tag, renderFailure(AuthenticationFailed()))
+            self.reply(tag, self.renderFailure(AuthenticationFailed()))
             return
-        self._login(tag, credentials)
+        self.login(tag, credentials)
 
     def do_AUTHENTICATE(self, tag, args):
         if not 1 <= len(args) <= 2 or not all(isinstance(a, bytes) for a in args):
             self.bad(tag, b"Invalid arguments: AUTHENTICATE mechanism [initial-response]")
             return
-        mechanism = args[0].decode("ascii", "replace").upper()
-        if mechanism not in MECHANISMS:
+        self.startSASL(tag, args[0], args[1] if len(args) == 2 else None)
+
+    def saslChallenge(self, tag, challenge: bytes) -> None:
+        self.send(b"+ " + challenge + b"\r\n")
+
+    def saslFailed(self, tag, refusal: SASLRefusal) -> None:
+        if refusal is SASLRefusal.UNSUPPORTED:
             self.reply(tag, b"NO Unsupported authentication mechanism.")
-            return
-        if self._privacyRequired(tag):
-            return
-        exchange = SASLExchange(mechanism)
-        try:
-            initial = SASLExchange.decodeInitial(args[1]) if len(args) == 2 else None
-        except ProtocolViolation:
+        elif refusal is SASLRefusal.PRIVACY_REQUIRED:
+            self._privacyRequired(tag)
+        elif refusal is SASLRefusal.BAD_INITIAL:
             self.bad(tag, b"Invalid base64 data in initial response.")
-            return
-        try:
-            step = exchange.start(initial)
-        except ProtocolViolation:
-            self.reply(tag, renderFailure(AuthenticationFailed()))
-            return
-        self._saslStep(tag, exchange, step)
-
-    def _saslStep(self, tag, exchange, step) -> None:
-        if isinstance(step, bytes):
-            self._sasl = exchange
-            self._saslTag = tag
-            self.send(b"+ " + encodeBase64(step) + b"\r\n")
-        else:
-            self._login(tag, step)
-
-    def _saslLine(self, line: bytes) -> None:
-        exchange, tag, self._sasl = self._sasl, self._saslTag, None
-        try:
-            step = exchange.respond(exchange.decode(line))
-        except SASLCancelled:
+        elif refusal is SASLRefusal.BAD_RESPONSE:
+            self.bad(tag, b"Invalid base64 data in continued response.")
+        elif refusal is SASLRefusal.CANCELLED:
             self.reply(tag, b"BAD Authentication aborted by client.")
-            return
-        except ProtocolViolation as e:
-            if str(e) == "invalid base64":
-                self.bad(tag, b"Invalid base64 data in continued response.")
-            else:
-                self.reply(tag, renderFailure(AuthenticationFailed()))
-            return
-        self._saslStep(tag, exchange, step)
+        else:
+            self.reply(tag, self.renderFailure(AuthenticationFailed()))
 
     # -- login ------------------------------------------------------------------------------
 
-    def _login(self, tag: bytes, credentials) -> None:
-        d = self.proxyLogin(credentials)
-        d.addCallbacks(self._loggedIn, self._loginFailed, callbackArgs=(tag,), errbackArgs=(tag,))
-        self.wait(d)
-
-    def _loggedIn(self, dialogue, tag: bytes) -> None:
+    def loginSucceeded(self, tag: bytes, dialogue) -> None:
         self.reply(tag, b"OK [CAPABILITY " + dialogue.capabilities + b"] Logged in")
-        self.startRelay(dialogue)
 
-    def _loginFailed(self, failure, tag: bytes) -> None:
-        if failure.check(_ClientGone) or self._closing:
-            return
-        if not failure.check(CASFailure):
-            self.log.failure("login failed unexpectedly", failure)
-        self.result = type(failure.value).__name__
-        self.reply(tag, renderFailure(failure.value))
+    def loginFailed(self, tag: bytes, failure) -> None:
+        self.reply(tag, self.renderFailure(failure))
 
     def makeDialogue(self, target, user, credentials):
         return IMAPBackend(target, self.client, user, credentials, self.context, self.clientID)
@@ -332,8 +289,10 @@ class IMAPBackend(BackendDialogue):
             (b"x-originating-port", str(c.peerPort)),
             (b"x-connected-ip", c.localHost),
             (b"x-connected-port", str(c.localPort)),
-            (b"x-session-id", c.sessionId),
         ]
+        if self.proxyTTL:
+            fields.append((b"x-proxy-ttl", str(self.proxyTTL)))
+        fields.append((b"x-session-id", c.sessionId))
         return b"I ID (" + b" ".join(quote(k) + b" " + quote(v) for k, v in fields) + b")"
 
     @defer.inlineCallbacks
@@ -349,11 +308,7 @@ class IMAPBackend(BackendDialogue):
                 raise self.fail("refused STARTTLS")
             yield self.startTLS()
             caps = None  # capabilities seen before TLS are not to be trusted
-        if self.target.masterUser:
-            authc, password = self.target.masterUser, self.target.masterPassword
-            authz = self.user.loginForBackend
-        else:
-            authc, password, authz = self.user.loginForBackend, self.credentials.password, ""
+        authc, password, authz = self.loginIdentity()
         initial = encodePlain(authc, password, authz)
         if caps is None or b"SASL-IR" in caps.upper().split():
             # One round trip: ID and the login pipelined.
@@ -396,6 +351,7 @@ class IMAPProtocol:
     defaultListeners = ({"endpoint": "tcp:143", "tls": "starttls"},)
     defaultBackendPort = 143
     defaultBackendTLS = "starttls"
+    healthProbe = HealthProbe(expect=b"* OK", quit=b"h LOGOUT\r\n")
     settings = (
         Setting(
             "max_literal_size",

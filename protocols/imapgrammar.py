@@ -1,39 +1,46 @@
 """
-The slice of IMAP4rev1 (RFC 3501) grammar casd needs before login: tags, atoms, quoted strings
-with escapes, literals (RFC 7888 C{{n}} and C{{n+}}), parenthesised lists and NIL.
+The slice of IMAP4rev1 (RFC 3501) grammar casd needs before login: tags, C{NIL} and
+parenthesised lists, on top of the string grammar IMAP shares with ManageSieve (atoms, quoted
+strings, literals: L{protocols.stringgrammar}).
 """
 
 from __future__ import annotations
 
 import re
 
-from attrs import frozen
+from protocols.stringgrammar import (
+    ATOM_SPECIALS as _ATOM_SPECIALS,
+    LITERAL_MARKER,
+    LPAREN,
+    RPAREN,
+    Atom,
+    GrammarError,
+    Literal,
+    quote,
+    tokenize as _tokenize,
+)
 
-#: A literal announcement at the end of a line: C{{123}} or C{{123+}}.
-LITERAL_MARKER = re.compile(rb"\{(\d{1,10})(\+?)\}$")
+__all__ = [
+    "LITERAL_MARKER",
+    "IMAPSyntaxError",
+    "Literal",
+    "NIL",
+    "LPAREN",
+    "RPAREN",
+    "splitTag",
+    "tokenize",
+    "tokenizeParts",
+    "parseList",
+    "quote",
+    "capabilitiesIn",
+]
 
-_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0, 32)) | {127}
 _TAG_SPECIALS = _ATOM_SPECIALS | {ord("+")}
 
-
-class IMAPSyntaxError(ValueError):
-    """
-    The command does not parse; C{str()} is safe to send to the client.
-    """
-
-
-@frozen
-class Literal:
-    """
-    A literal's contents, as one token.
-    """
-
-    value: bytes
-
+#: The command does not parse; C{str()} is safe to send to the client.
+IMAPSyntaxError = GrammarError
 
 NIL = object()
-LPAREN = object()
-RPAREN = object()
 
 
 def splitTag(line: bytes) -> tuple[bytes, bytes, bytes]:
@@ -59,53 +66,9 @@ def tokenize(text: bytes) -> list:
     Tokenize arguments: atoms and quoted strings become C{bytes}, C{NIL} becomes L{NIL},
     parentheses L{LPAREN}/L{RPAREN}.
     """
-    tokens: list = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == 0x20:
-            i += 1
-        elif c == 0x28:
-            tokens.append(LPAREN)
-            i += 1
-        elif c == 0x29:
-            tokens.append(RPAREN)
-            i += 1
-        elif c == 0x22:
-            i += 1
-            out = bytearray()
-            while True:
-                if i >= n:
-                    raise IMAPSyntaxError("Missing '\"'")
-                c = text[i]
-                if c == 0x5C:
-                    if i + 1 >= n or text[i + 1] not in (0x22, 0x5C):
-                        raise IMAPSyntaxError("Invalid escape in quoted string")
-                    out.append(text[i + 1])
-                    i += 2
-                elif c == 0x22:
-                    i += 1
-                    break
-                elif c in (0, 0x0A, 0x0D):
-                    raise IMAPSyntaxError("Invalid character in quoted string")
-                else:
-                    out.append(c)
-                    i += 1
-            tokens.append(bytes(out))
-        else:
-            start = i
-            while i < n and text[i] not in _ATOM_SPECIALS:
-                i += 1
-            # "]" is allowed in an astring.
-            while i < n and text[i] == 0x5D:
-                i += 1
-                while i < n and text[i] not in _ATOM_SPECIALS:
-                    i += 1
-            if i == start:
-                raise IMAPSyntaxError(f"Unexpected character {chr(c)!r}")
-            atom = text[start:i]
-            tokens.append(NIL if atom.upper() == b"NIL" else atom)
-    return tokens
+    return [
+        NIL if isinstance(t, Atom) and t.upper() == b"NIL" else t for t in _tokenize(text)
+    ]
 
 
 def tokenizeParts(parts: list) -> list:
@@ -135,17 +98,6 @@ def parseList(tokens: list, maxItems: int = 64) -> list | None:
     if len(items) > maxItems or any(t is LPAREN or t is RPAREN for t in items):
         raise IMAPSyntaxError("Invalid parameters")
     return [None if t is NIL else t for t in items]
-
-
-def quote(value: bytes | str) -> bytes:
-    """
-    Render a quoted string; values with CR, LF or NUL are refused.
-    """
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    if any(c in value for c in b"\r\n\x00"):
-        raise ValueError("cannot quote CR, LF or NUL")
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)

@@ -2,14 +2,17 @@
 The relay: bytes both ways, flow control, half-close, idle timeout, prompt close.
 """
 
-from twisted.internet import defer, task
+import os
+
+from twisted.internet import defer, task, tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from casd.relay import Relay
+from casd.relay import Relay, writeThrough
 from casd.testing import TLSStringTransport
 
 
@@ -189,3 +192,114 @@ class _OneShot(Factory):
 
     def buildProtocol(self, addr):
         return self.protocol_
+
+
+class WriteThroughTests(TestCase):
+    """
+    L{writeThrough}: with nothing queued a write is sent at once; otherwise Twisted's queue keeps
+    the order.  And the relay skips the endpoint's forwarding wrapper.
+    """
+
+    @defer.inlineCallbacks
+    def connectedPair(self):
+        from twisted.internet import reactor
+
+        server = Sink()
+        port = reactor.listenTCP(0, _OneShot(server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = yield endpoint.connect(_OneShot(Side("backend")))
+        while server.transport is None:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        return client, server
+
+    @defer.inlineCallbacks
+    def closePair(self, client, server):
+        from twisted.internet import reactor
+
+        client.transport.loseConnection()
+        server.transport.loseConnection()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+    def test_otherTransportsUntouched(self):
+        transport = TLSStringTransport()
+        writeThrough(transport)
+        self.assertIs(type(transport), TLSStringTransport)
+
+    @defer.inlineCallbacks
+    def test_sentAtOnce(self):
+        client, server = yield self.connectedPair()
+        transport = client.transport
+        writeThrough(transport)
+        self.assertIsInstance(transport, tcp.Client)
+        transport.write(b"hello")
+        # Nothing was queued for the next reactor iteration: it is in the kernel already.
+        self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+        self.assertFalse(transport in transport.reactor.getWriters())
+        yield self.closePair(client, server)
+
+    @defer.inlineCallbacks
+    def test_orderKeptWhenQueued(self):
+        from twisted.internet import reactor
+
+        client, server = yield self.connectedPair()
+        transport = client.transport
+        writeThrough(transport)
+        server.transport.pauseProducing()
+        chunks = [bytes([65 + i % 26]) * 300000 for i in range(40)]
+        for chunk in chunks:
+            transport.write(chunk)
+        # The kernel took only part of it: the rest waits in Twisted's queue, in order.
+        self.assertGreater(len(transport.dataBuffer) + transport._tempDataLen, 0)
+        received = []
+        server.dataReceived = received.append
+        server.transport.resumeProducing()
+        for _ in range(400):
+            if sum(map(len, received)) >= 40 * 300000:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(b"".join(received), b"".join(chunks))
+        yield self.closePair(client, server)
+
+    @defer.inlineCallbacks
+    def test_wrapperBypassed(self):
+        client, server = yield self.connectedPair()
+        front, ft = Side("client"), TLSStringTransport()
+        front.makeConnection(ft)
+        relay = Relay(front, client, task.Clock(), 100.0, lambda why: None)
+        relay.start()
+        wrapper = client.transport.protocol
+        self.assertIsNot(wrapper, client)
+        self.assertEqual(wrapper.dataReceived, relay.fromBackend)
+        wrapper.dataReceived(b"from the backend")
+        self.assertEqual(ft.value(), b"from the backend")
+        self.assertEqual(relay.bytesOut, 16)
+        yield self.closePair(client, server)
+
+    @defer.inlineCallbacks
+    def test_startTLSAfterWriteThrough(self):
+        """
+        After C{startTLS()} on a write-through transport (IMAP STARTTLS towards a backend),
+        writes go through TLS, never straight to the socket.
+        """
+        from twisted.internet import reactor, ssl
+
+        from tests.support.certs import selfSigned
+
+        certPath, keyPath = selfSigned(os.path.abspath(self.mktemp()), ["127.0.0.1"], "relay")
+        with open(certPath, "rb") as c, open(keyPath, "rb") as k:
+            pem = c.read() + k.read()
+        serverOptions = ssl.PrivateCertificate.loadPEM(pem).options()
+        client, server = yield self.connectedPair()
+        received = []
+        server.dataReceived = received.append
+        server.transport.startTLS(serverOptions)
+        writeThrough(client.transport)
+        client.transport.startTLS(ssl.CertificateOptions(verify=False))
+        client.transport.write(b"a LOGIN alice secret\r\n")
+        for _ in range(250):
+            if b"".join(received) == b"a LOGIN alice secret\r\n":
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(b"".join(received), b"a LOGIN alice secret\r\n")
+        yield self.closePair(client, server)

@@ -8,7 +8,16 @@ from __future__ import annotations
 from attrs import field, frozen
 from zope.interface import implementer
 
+from twisted.cred.error import UnauthorizedLogin
+
 from casd.interfaces import IMailboxUser
+
+
+class UnknownUser(UnauthorizedLogin):
+    """
+    A checker does not know this login: the next checker of a L{casd.auth.chain.CheckerChain}
+    may.  Any other L{UnauthorizedLogin} (a wrong password) ends the chain.
+    """
 
 
 @implementer(IMailboxUser)

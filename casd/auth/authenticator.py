@@ -13,7 +13,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from casd.auth import UserRecord
-from casd.failures import AuthenticationFailed, CASFailure, DirectoryUnavailable
+from casd.auth.penalty import LoginPenalty
+from casd.failures import AuthenticationFailed, CASFailure, DirectoryUnavailable, Throttled
 from casd.interfaces import IMailboxUser
 
 
@@ -33,18 +34,35 @@ class MailboxRealm:
 
 class Authenticator:
     """
-    Logs users in through the portal and applies the shared rules: empty passwords and foreign
-    authorisation identities are refused before any checker runs, disabled accounts are refused,
-    a failed login is answered after C{failureDelay} seconds (trusted clients excepted), and any
-    error other than a refusal is a temporary L{DirectoryUnavailable}, never a bad password.
+    Logs users in through the portal and applies the shared rules: a locked-out user or address is
+    refused before any checker runs (L{Throttled}), empty passwords and foreign authorisation
+    identities are refused likewise, disabled accounts are refused with the ordinary wording (the
+    log says why), a failed login is answered after the L{LoginPenalty}'s growing delay (trusted
+    clients excepted), and any error other than a refusal is a temporary L{DirectoryUnavailable},
+    never a bad password.
+
+    @ivar penalty: the L{LoginPenalty}.
     """
 
     log = Logger()
 
-    def __init__(self, portal: Portal, clock, failureDelay: float = 2.0) -> None:
+    def __init__(self, portal: Portal, clock, failureDelay: float = 2.0, penalty=None) -> None:
+        """
+        @param failureDelay: the first delay of the default penalty, when C{penalty} is not given.
+        @param penalty: a L{LoginPenalty}.
+        """
         self.portal = portal
         self.clock = clock
-        self.failureDelay = failureDelay
+        if penalty is None:
+            penalty = LoginPenalty(clock, initialDelay=failureDelay)
+        self.penalty = penalty
+
+    @property
+    def failureDelay(self) -> float:
+        return self.penalty.initialDelay
+
+    def _wait(self, delay: float):
+        return task.deferLater(self.clock, delay, lambda: None) if delay > 0 else defer.succeed(None)
 
     @defer.inlineCallbacks
     def login(self, credentials, client):
@@ -54,18 +72,39 @@ class Authenticator:
         @return: a L{Deferred} firing with the L{IMailboxUser}, or failing with a
             L{casd.failures.CASFailure}.
         """
+        locked = self.penalty.locked(credentials.username, client)
+        if locked:
+            self.log.warn(
+                "login of {user!r} from {client} refused: {reason}",
+                user=credentials.username,
+                client=client.peerHost,
+                reason=locked,
+            )
+            yield self._wait(self.penalty.currentDelay(client))
+            raise Throttled(locked)
         try:
             avatar = yield self._login(credentials, client)
         except AuthenticationFailed as e:
+            delay = self.penalty.failed(credentials.username, credentials.password, client)
             self.log.info(
-                "authentication failed for {user!r} from {client}: {reason}",
+                "authentication failed for {user!r} from {client}: {reason} (answered after"
+                " {delay:g} s)",
+                user=credentials.username,
+                client=client.peerHost,
+                reason=str(e),
+                delay=delay,
+            )
+            yield self._wait(delay)
+            raise
+        except DirectoryUnavailable as e:
+            self.log.warn(
+                "authentication of {user!r} from {client} failed temporarily: {reason}",
                 user=credentials.username,
                 client=client.peerHost,
                 reason=str(e),
             )
-            if self.failureDelay and not client.trusted:
-                yield task.deferLater(self.clock, self.failureDelay, lambda: None)
             raise
+        self.penalty.succeeded(credentials.username, client)
         return avatar
 
     @defer.inlineCallbacks

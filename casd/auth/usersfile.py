@@ -24,7 +24,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from casd.auth import UserRecord, hashing
+from casd.auth import UnknownUser, UserRecord, hashing
 from casd.interfaces import IUserDirectory, IUserRecordChecker
 
 _TRUE = ("yes", "true", "1", "y")
@@ -125,6 +125,14 @@ class UsersFileChecker:
             return
         if not initial:
             self.log.info("users file {path} reloaded: {count} users", path=self.path, count=len(users))
+        clear = sum(1 for stored, _ in users.values() if hashing.splitScheme(stored)[0] in ("PLAIN", "CLEAR"))
+        if clear:
+            self.log.warn(
+                "users file {path}: {count} passwords stored in clear ({{PLAIN}}): for tests only;"
+                " hash them with casd hash-password",
+                path=self.path,
+                count=clear,
+            )
         self._users = users
         self._byAddress = {r.address.lower(): (h, r) for h, r in users.values() if r.address}
         self._stamp = stamp
@@ -165,7 +173,7 @@ class UsersFileChecker:
         if entry is None:
             # Spend the time a real check would, so unknown users cannot be told by timing.
             yield self.runInThread(hashing.verify, self._dummyHash(), credentials.password)
-            raise UnauthorizedLogin("unknown user")
+            raise UnknownUser("unknown user")
         stored, record = entry
         ok = yield self.runInThread(hashing.verify, stored, credentials.password)
         if not ok:

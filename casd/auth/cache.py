@@ -1,0 +1,220 @@
+"""
+The credential cache, shared by every checker: a login storm (thousands of logins a minute at
+Monday 9:00, clients reconnecting every few minutes) must not become as many LDAP binds or bcrypt
+verifications.
+
+A success is remembered for C{ttl} seconds under the user's name together with a keyed digest of
+the password (HMAC-SHA256 with a key drawn at random when the process starts and never written
+anywhere): a later login is answered from the cache only with the very same password, so a changed
+password can never ride on a stale success, and the cache holds nothing an attacker could test
+passwords against offline without the process's memory.  A refusal is remembered briefly
+(C{negativeTTL}) under name and digest, so a client repeating a wrong password does not hammer the
+directory.  Directory trouble is never cached.  Concurrent identical logins share one check.
+
+The cache is bounded (least recently used entries go first) and keeps hit and miss counters.
+
+Trade-off, documented for operators: after a password change the I{old} password keeps working
+until its cached success expires (at most C{ttl} seconds), as with Dovecot's auth cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections import OrderedDict
+
+from zope.interface import implementer
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from casd.interfaces import IUserDirectory, IUserRecordChecker
+
+
+def credentialDigest(key: bytes, username: str, password: bytes) -> bytes:
+    """
+    A keyed digest of a login and password: equal for equal inputs within one process, useless
+    without C{key}.
+    """
+    message = username.lower().encode("utf-8", "surrogatepass") + b"\x00" + password
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+class CredentialCache:
+    """
+    Remembers login results.
+
+    @ivar hits: logins answered from a cached success.
+    @ivar negativeHits: logins answered from a cached refusal.
+    @ivar misses: logins that went to the checker.
+    @ivar coalesced: logins that waited for an identical login already in progress.
+    @ivar evictions: entries dropped to stay within C{maxSize}.
+    """
+
+    def __init__(
+        self,
+        clock,
+        ttl: float = 300.0,
+        negativeTTL: float = 20.0,
+        maxSize: int = 100_000,
+        key: bytes | None = None,
+    ) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.negativeTTL = negativeTTL
+        self.maxSize = maxSize
+        self._key = key if key is not None else os.urandom(32)
+        # ("+", name) -> (digest, result, expiry); ("-", name, digest) -> (reason, expiry);
+        # ("?", name) -> (record or None, expiry) for look-ups without a password.
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = self.negativeHits = self.misses = self.coalesced = self.evictions = 0
+        self.lookupHits = self.lookupMisses = 0
+
+    def __repr__(self) -> str:
+        return f"<CredentialCache size={len(self._entries)} hits={self.hits} misses={self.misses}>"
+
+    def digest(self, username: str, password: bytes) -> bytes:
+        return credentialDigest(self._key, username, password)
+
+    def stats(self) -> dict[str, int]:
+        """
+        @return: the counters and the current size, for monitoring and tests.
+        """
+        return {
+            "size": len(self._entries),
+            "hits": self.hits,
+            "negativeHits": self.negativeHits,
+            "misses": self.misses,
+            "coalesced": self.coalesced,
+            "evictions": self.evictions,
+            "lookupHits": self.lookupHits,
+            "lookupMisses": self.lookupMisses,
+        }
+
+    def _get(self, key):
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[-1] <= self.clock.seconds():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def _put(self, key, *value) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.maxSize:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def get(self, username: str, password: bytes, digest: bytes | None = None):
+        """
+        @return: C{(True, avatarId)} for a cached success with this password, C{(False, reason)}
+            for a cached refusal, or C{None}.
+        """
+        name = username.lower()
+        digest = digest or self.digest(username, password)
+        positive = self._get(("+", name))
+        if positive is not None and hmac.compare_digest(positive[0], digest):
+            return True, positive[1]
+        negative = self._get(("-", name, digest))
+        if negative is not None:
+            return False, negative[0]
+        return None
+
+    def putSuccess(self, username: str, digest: bytes, avatarId) -> None:
+        if self.ttl > 0:
+            name = username.lower()
+            self._entries.pop(("-", name, digest), None)
+            self._put(("+", name), digest, avatarId, self.clock.seconds() + self.ttl)
+
+    def putFailure(self, username: str, digest: bytes, reason: str) -> None:
+        if self.negativeTTL > 0:
+            self._put(("-", username.lower(), digest), reason, self.clock.seconds() + self.negativeTTL)
+
+    def getLookup(self, name: str):
+        """
+        @return: C{(record or None,)} when cached, else C{None}.
+        """
+        entry = self._get(("?", name.lower()))
+        return None if entry is None else (entry[0],)
+
+    def putLookup(self, name: str, record) -> None:
+        ttl = self.ttl if record is not None else self.negativeTTL
+        if ttl > 0:
+            self._put(("?", name.lower()), record, self.clock.seconds() + ttl)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+@implementer(ICredentialsChecker, IUserRecordChecker, IUserDirectory)
+class CachingChecker:
+    """
+    Puts a L{CredentialCache} in front of a checker (and of its look-ups).
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, checker, cache: CredentialCache) -> None:
+        self.checker = checker
+        self.cache = cache
+        self._inFlight: dict[bytes, list[defer.Deferred]] = {}
+
+    def requestAvatarId(self, credentials):
+        cache = self.cache
+        username, password = credentials.username, credentials.password
+        digest = cache.digest(username, password)
+        cached = cache.get(username, password, digest)
+        if cached is not None:
+            ok, value = cached
+            if ok:
+                cache.hits += 1
+                return defer.succeed(value)
+            cache.negativeHits += 1
+            return defer.fail(UnauthorizedLogin(f"{value} (cached)"))
+        waiters = self._inFlight.get(digest)
+        if waiters is not None:
+            cache.coalesced += 1
+            waiter = defer.Deferred()
+            waiters.append(waiter)
+            return waiter
+        cache.misses += 1
+        self._inFlight[digest] = []
+
+        def done(result):
+            waiters = self._inFlight.pop(digest, [])
+            if isinstance(result, Failure):
+                if result.check(UnauthorizedLogin):
+                    cache.putFailure(username, digest, str(result.value) or "refused")
+                for waiter in waiters:
+                    waiter.errback(result)
+            else:
+                cache.putSuccess(username, digest, result)
+                for waiter in waiters:
+                    waiter.callback(result)
+            return result
+
+        return defer.maybeDeferred(self.checker.requestAvatarId, credentials).addBoth(done)
+
+    def lookup(self, name: str):
+        cached = self.cache.getLookup(name)
+        if cached is not None:
+            self.cache.lookupHits += 1
+            return defer.succeed(cached[0])
+        self.cache.lookupMisses += 1
+
+        def found(record):
+            self.cache.putLookup(name, record)
+            return record
+
+        return defer.maybeDeferred(self.checker.lookup, name).addCallback(found)
+
+    def close(self):
+        close = getattr(self.checker, "close", None)
+        return close() if close is not None else defer.succeed(None)

@@ -1,0 +1,331 @@
+"""
+SMTP through casd to two real Postfix instances standing for two mailbox servers' SMTP services,
+with real clients (Python's smtplib and swaks).  What each Postfix really received is read from
+its queue: every accepted message stays there on hold.
+"""
+
+import os
+import shutil
+import smtplib
+import socket
+import ssl
+
+from twisted.internet import reactor, threads
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from casd.auth.hashing import makeHash
+from tests.support.casdnode import CASNode
+from tests.support.certs import CertificateAuthority
+from tests.support.postfix import Postfix
+from tests.support.procs import freePort
+
+#: The client's own address: casd talks to Postfix from 127.0.0.1, so XCLIENT shows.
+CLIENT = "127.0.0.2"
+HELO = "client.example.org"
+
+
+def message(mid: str, body: str = "hello\r\n.a line with a leading dot\r\n") -> bytes:
+    return (
+        f"From: s@example.org\r\nTo: alice@example.com\r\nSubject: {mid}\r\nMessage-ID: <{mid}@example.org>\r\n"
+        f"\r\n{body}"
+    ).encode()
+
+
+class Client:
+    """
+    A raw SMTP client, for what smtplib will not do (bare line endings, dying backends).
+    """
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(CLIENT, 0))
+        self.file = self.sock.makefile("rb")
+
+    def reply(self) -> bytes:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise EOFError("connection closed")
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def command(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+class PostfixTests(TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.tmp = os.path.abspath(self.mktemp())
+        os.makedirs(self.tmp)
+        self.ca = CertificateAuthority.create(os.path.join(self.tmp, "ca"))
+        # mbx1 offers STARTTLS and XCLIENT; mbx2 neither, only XFORWARD.
+        self.mbx1 = Postfix(
+            os.path.join(self.tmp, "mbx1"), "mbx1", tls=self.ca.issue(["127.0.0.1"], "mbx1")
+        ).start()
+        self.addCleanup(self.mbx1.stop)
+        self.mbx2 = Postfix(os.path.join(self.tmp, "mbx2"), "mbx2", xclient=False).start()
+        self.addCleanup(self.mbx2.stop)
+        users = os.path.join(self.tmp, "users")
+        with open(users, "w") as f:
+            for name, host in (("alice", "mbx1"), ("carol", "mbx1"), ("bob", "mbx2")):
+                f.write(f"{name}:{makeHash('PLAIN', name.encode() + b'-pw')}:address={name}@example.com mailhost={host}\n")
+        cert, key = self.ca.issue(["localhost", "127.0.0.1"], "front")
+        self.port = freePort()
+        self.submissionPort = freePort()
+        config = f"""
+[server]
+hostname = "cas.example.net"
+
+[tls]
+certificate = "{cert}"
+key = "{key}"
+
+[auth]
+users_file = "{users}"
+failure_delay = 0
+
+[backend]
+ca_file = "{self.ca.caPath}"
+connect_timeout = 2.0
+reply_timeout = 5.0
+
+[backends.mbx1]
+host = "127.0.0.1"
+[backends.mbx1.smtp]
+port = {self.mbx1.port}
+tls = "starttls"
+[backends.mbx1.submission]
+port = {self.mbx1.port}
+tls = "starttls"
+
+[backends.mbx2]
+host = "127.0.0.1"
+[backends.mbx2.smtp]
+port = {self.mbx2.port}
+tls = "none"
+
+[smtp]
+enabled = true
+accepted_domains = ["example.com"]
+message_size_limit = 100000
+data_timeout = 10.0
+[[smtp.listen]]
+endpoint = "tcp:{self.port}:interface=127.0.0.1"
+
+[submission]
+enabled = true
+[[submission.listen]]
+endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
+"""
+        self.cas = CASNode(os.path.join(self.tmp, "cas"), config).start(reactor)
+        self.addCleanup(self.cas.stop)
+
+    def inThread(self, f, *args):
+        return threads.deferToThread(f, *args)
+
+    def smtp(self):
+        client = smtplib.SMTP("127.0.0.1", self.port, local_hostname=HELO, timeout=10, source_address=(CLIENT, 0))
+        return client
+
+    def messageIds(self, postfix):
+        return [m.header("Message-ID") for m in postfix.messages()]
+
+    @inlineCallbacks
+    def test_routingByRecipientWithSmtplib(self):
+        """
+        One transaction for alice, bob and carol: bob's mailbox server is another, so he gets
+        452 and smtplib's retry brings him to mbx2; alice and carol arrive at mbx1, once; each
+        Postfix sees the real client, through XCLIENT (mbx1) and XFORWARD (mbx2).
+        """
+
+        def session():
+            c = self.smtp()
+            refused = c.sendmail("s@example.org", ["alice@example.com", "bob@example.com", "carol@example.com"], message("split"))
+            again = c.sendmail("s@example.org", list(refused), message("split"))
+            c.quit()
+            return refused, again
+
+        refused, again = yield self.inThread(session)
+        self.assertEqual(list(refused), ["bob@example.com"])
+        code, text = refused["bob@example.com"]
+        self.assertEqual(code, 452)
+        self.assertTrue(text.startswith(b"4.5.3 "), text)
+        self.assertEqual(again, {})
+
+        [first] = self.mbx1.messages()
+        self.assertEqual(first.recipients, ("alice@example.com", "carol@example.com"))
+        self.assertEqual(first.sender, "s@example.org")
+        self.assertEqual(first.header("Message-ID"), "<split@example.org>")
+        self.assertEqual(first.body, ("hello", ".a line with a leading dot", ""))
+        self.assertEqual(first.attributes["client_address"], CLIENT)
+        self.assertEqual(first.attributes["helo_name"], HELO)
+        self.assertEqual(first.attributes["protocol_name"], "ESMTP")
+        self.assertIn("with ESMTPS", "\n".join(first.lines[:3]))  # casd to mbx1: STARTTLS
+
+        [second] = self.mbx2.messages()
+        self.assertEqual(second.recipients, ("bob@example.com",))
+        self.assertEqual(second.header("Message-ID"), "<split@example.org>")
+        # XFORWARD: Postfix logs the real client, while the connection came from casd.
+        self.assertEqual(second.attributes["log_client_address"], CLIENT)
+        self.assertEqual(second.attributes["log_helo_name"], HELO)
+
+    @inlineCallbacks
+    def test_swaks(self):
+        """
+        swaks with STARTTLS and pipelining delivers one message; the refused recipients (an
+        unknown user, another domain) store nothing anywhere.
+        """
+        swaks = shutil.which("swaks")
+        self.assertIsNotNone(swaks, "swaks is not installed: apt-get install swaks")
+        base = [
+            "--server", f"127.0.0.1:{self.port}", "--local-interface", CLIENT, "--helo", HELO,
+            "--from", "s@example.org", "--timeout", "10", "--tls", "--pipeline",
+        ]
+        out, err, code = yield getProcessOutputAndValue(
+            swaks,
+            base + ["--to", "carol@example.com", "--header", "Message-ID: <swaks-1@example.org>",
+                    "--body", "first line\n.dot line\n"],
+            env=os.environ,
+        )
+        self.assertEqual(code, 0, out + err)
+        self.assertIn(b"<~  250 2.0.0 Ok: queued as", out)
+        for rcpt, expected in (
+            ("nobody@example.com", b"550 5.1.1"),
+            ("someone@elsewhere.example", b"554 5.7.1"),
+        ):
+            out, err, code = yield getProcessOutputAndValue(swaks, base + ["--to", rcpt], env=os.environ)
+            self.assertNotEqual(code, 0)
+            self.assertIn(expected, out)
+        [stored] = self.mbx1.messages()
+        self.assertEqual(stored.header("Message-ID"), "<swaks-1@example.org>")
+        self.assertEqual(stored.recipients, ("carol@example.com",))
+        self.assertIn(".dot line", stored.body)
+        self.assertEqual(self.mbx2.messages(), [])
+
+    @inlineCallbacks
+    def test_backendKilledAfter354(self):
+        """
+        The mailbox server's smtpd dies in the middle of DATA: the client gets 451, nothing is
+        stored; the next message of the same session reaches a new smtpd and is stored once.
+        """
+
+        def session():
+            c = Client(self.port)
+            c.reply()
+            c.command(b"EHLO " + HELO.encode())
+            assert c.command(b"MAIL FROM:<s@example.org>").startswith(b"250")
+            assert c.command(b"RCPT TO:<alice@example.com>").startswith(b"250")
+            assert c.command(b"DATA").startswith(b"354")
+            c.send(message("killed", "part one\r\n"))
+            killed = self.mbx1.killSMTPD()
+            c.send(b"part two\r\n.\r\n")
+            failed = c.reply()
+            c.command(b"MAIL FROM:<s@example.org>")
+            c.command(b"RCPT TO:<alice@example.com>")
+            c.command(b"DATA")
+            c.send(message("after") + b".\r\n")
+            after = c.reply()
+            c.command(b"QUIT")
+            c.close()
+            return killed, failed, after
+
+        killed, failed, after = yield self.inThread(session)
+        self.assertGreaterEqual(killed, 1)
+        self.assertTrue(failed.startswith(b"451 4.4.2 "), failed)
+        self.assertTrue(after.startswith(b"250 2.0.0 Ok: queued as"), after)
+        self.assertEqual(self.messageIds(self.mbx1), ["<after@example.org>"])
+
+    @inlineCallbacks
+    def test_smuggling(self):
+        """
+        A second message hidden behind a bare-LF "end of data" is content of the first: Postfix
+        stores one message, and no message from the forged sender.
+        """
+
+        def session():
+            c = Client(self.port)
+            c.reply()
+            c.command(b"EHLO " + HELO.encode())
+            c.command(b"MAIL FROM:<s@example.org>")
+            c.command(b"RCPT TO:<alice@example.com>")
+            c.command(b"DATA")
+            c.send(
+                message("smuggler", "visible\r\n")
+                + b"\n.\nMAIL FROM:<forged@example.org>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n"
+                b"Subject: forged\r\n\r\nforged body\r\n\r.\r\nstill the first message\r\n.\r\n"
+            )
+            final = c.reply()
+            quit = c.command(b"QUIT")
+            c.close()
+            return final, quit
+
+        final, quit = yield self.inThread(session)
+        self.assertTrue(final.startswith(b"250 "), final)
+        self.assertTrue(quit.startswith(b"221"), quit)
+        [stored] = self.mbx1.messages()
+        self.assertEqual(stored.sender, "s@example.org")
+        self.assertEqual(stored.recipients, ("alice@example.com",))
+        self.assertIn("forged body", stored.body)
+        self.assertIn("still the first message", stored.body)
+        self.assertEqual(self.mbx2.messages(), [])
+
+    @inlineCallbacks
+    def test_sizeLimit(self):
+        def session():
+            c = self.smtp()
+            try:
+                c.sendmail("s@example.org", ["alice@example.com"], message("big", "x" * 998 + "\r\n") * 120)
+            except smtplib.SMTPDataError as e:
+                return e.smtp_code, e.smtp_error
+            finally:
+                c.close()
+
+        code, text = yield self.inThread(session)
+        self.assertEqual(code, 552)
+        self.assertTrue(text.startswith(b"5.3.4"), text)
+        self.assertEqual(self.mbx1.messages(), [])
+
+    @inlineCallbacks
+    def test_submission(self):
+        """
+        Submission: no AUTH before STARTTLS; after it, a wrong password gets 535, the right one
+        lets alice send anywhere, and mbx1 knows the message came from alice (XCLIENT LOGIN).
+        """
+
+        def session():
+            c = smtplib.SMTP("127.0.0.1", self.submissionPort, local_hostname=HELO, timeout=10)
+            c.ehlo()
+            before = c.has_extn("auth")
+            c.starttls(context=ssl.create_default_context(cafile=self.ca.caPath))
+            c.ehlo()
+            try:
+                c.login("alice", "wrong")
+                wrong = None
+            except smtplib.SMTPAuthenticationError as e:
+                wrong = e.smtp_code
+            c.login("alice", "alice-pw")
+            refused = c.sendmail("alice@example.com", ["friend@elsewhere.example"], message("submitted"))
+            c.quit()
+            return before, wrong, refused
+
+        before, wrong, refused = yield self.inThread(session)
+        self.assertFalse(before)
+        self.assertEqual(wrong, 535)
+        self.assertEqual(refused, {})
+        [stored] = self.mbx1.messages()
+        self.assertEqual(stored.recipients, ("friend@elsewhere.example",))
+        self.assertEqual(stored.attributes["sasl_username"], "alice")
+        self.assertEqual(stored.attributes["sasl_method"], "XCLIENT")

@@ -1,0 +1,352 @@
+"""
+Submission (ports 587/465): AUTH only after TLS, the user passed on to the backend (XCLIENT
+LOGIN or a master user), per-user limits; and the connection filters of port 25: allow and deny
+networks, per-address limits, the pregreet test, DNS block lists.
+"""
+
+import os
+from base64 import b64decode, b64encode
+
+from twisted.internet import defer
+from twisted.names import dns
+from twisted.names.error import DomainError
+from twisted.trial.unittest import SynchronousTestCase
+
+from casd.auth import UserRecord
+from casd.failures import DirectoryUnavailable
+from casd.testing import ScriptedBackend
+from protocols.smtp import smtp, submission
+from protocols.smtpfilters import dnsblName, senderBlocked
+from tests.support.certs import CertificateAuthority
+from tests.test_smtp_helpers import CONFIG, EHLO_PLAIN, HELO, SMTPTestMixin
+
+PLAIN = b64encode(b"\x00alice\x00alice-pw")
+UNTRUSTED, TRUSTED = 0, 1
+
+XCLIENT_LOGIN = (
+    b"XCLIENT ADDR=198.51.100.7 PORT=40000 NAME=[UNAVAILABLE] HELO=client.example.org PROTO=ESMTP"
+    b" LOGIN=alice\r\n"
+)
+
+
+def keywords(ehlo: bytes) -> list:
+    """
+    The keywords of an EHLO reply.
+    """
+    return [line[4:] for line in ehlo.split(b"\r\n")[1:] if line]
+
+
+class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
+    descriptor = submission
+
+    def loggedIn(self):
+        self.ready(TRUSTED)
+        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+
+    def test_noAuthBeforeTLS(self):
+        self.connect(UNTRUSTED)
+        ehlo = self.send(b"EHLO " + HELO + b"\r\n")
+        self.assertNotIn(b"AUTH", ehlo)
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+        )
+        self.assertEqual(self.send(b"MAIL FROM:<alice@example.com>\r\n"), b"530 5.7.0 Authentication required\r\n")
+        self.assertIsNone(self.server.user)
+
+    def test_authAdvertisedWhenAllowed(self):
+        self.connect(TRUSTED)
+        self.assertIn(b"AUTH PLAIN LOGIN", keywords(self.send(b"EHLO " + HELO + b"\r\n")))
+
+    def test_authPlainThenRoutedByUser(self):
+        """
+        Any recipient domain once authenticated; the backend is the user's mailbox server, told
+        who the user is with XCLIENT LOGIN.
+        """
+        self.loggedIn()
+        self.assertNotIn(b"AUTH", self.send(b"EHLO " + HELO + b"\r\n"))
+        self.send(b"MAIL FROM:<alice@example.com> AUTH=<>\r\nRCPT TO:<friend@elsewhere.example>\r\n")
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("192.0.2.10", 587))
+        backend = self.openBackend(xclient=XCLIENT_LOGIN)
+        backend.step(
+            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<friend@elsewhere.example>\r\n",
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
+        )
+        self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
+        self.startData(backend)
+        self.send(b"hi\r\n.\r\n")
+        backend.step(b"hi\r\n.\r\n", b"250 2.0.0 Ok: queued as S1\r\n")
+        self.assertEqual(self.out(), b"250 2.0.0 Ok: queued as S1\r\n")
+
+    def test_authLogin(self):
+        self.ready(TRUSTED)
+        self.assertEqual(self.send(b"AUTH LOGIN\r\n"), b"334 " + b64encode(b"Username:") + b"\r\n")
+        self.assertEqual(self.send(b64encode(b"alice") + b"\r\n"), b"334 " + b64encode(b"Password:") + b"\r\n")
+        self.assertEqual(self.send(b64encode(b"alice-pw") + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(self.server.user.login, "alice")
+
+    def test_authPlainWithoutInitialResponse(self):
+        self.ready(TRUSTED)
+        self.assertEqual(self.send(b"AUTH PLAIN\r\n"), b"334 \r\n")
+        self.assertEqual(self.send(PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+
+    def test_authErrors(self):
+        self.ready(TRUSTED)
+        self.assertEqual(self.send(b"AUTH CRAM-MD5\r\n"), b"504 5.5.4 Unrecognized authentication type\r\n")
+        self.assertEqual(self.send(b"AUTH PLAIN !!!\r\n"), b"501 5.5.2 Cannot decode response\r\n")
+        self.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(self.send(b"*\r\n"), b"501 5.7.0 Authentication aborted\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + b64encode(b"\x00alice\x00wrong") + b"\r\n"),
+            b"535 5.7.8 Authentication credentials invalid\r\n",
+        )
+        self.context.directory.error = DirectoryUnavailable("down")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"454 4.7.0 Temporary authentication failure, try again later\r\n",
+        )
+        self.assertIsNone(self.server.user)
+
+    def test_authSequence(self):
+        self.connect(TRUSTED)
+        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: send EHLO first\r\n")
+        self.send(b"EHLO " + HELO + b"\r\n")
+        self.send(b"AUTH PLAIN " + PLAIN + b"\r\n")
+        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: already authenticated\r\n")
+
+    def test_masterUserWithoutXclientLogin(self):
+        """
+        A backend that cannot take XCLIENT LOGIN learns the user from an AUTH as the master user
+        with the user as authorisation identity.
+        """
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("master-secret\n")
+        self.reconfigure(
+            CONFIG.replace(
+                '[backends.mbx1.submission]\ntls = "none"',
+                '[backends.mbx1.submission]\ntls = "none"\nmaster_user = "casd"\n'
+                f'master_password_file = "{os.path.abspath(secret)}"',
+            )
+        )
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        backend = ScriptedBackend(
+            self.reactor,
+            [
+                (b"", b"220 mbx ESMTP\r\n"),
+                (b"EHLO cas.example.net\r\n", b"250-mbx\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+            ],
+        ).run()
+        sent = backend.received()
+        self.assertTrue(sent.startswith(b"AUTH PLAIN "), sent)
+        self.assertEqual(b64decode(sent[len(b"AUTH PLAIN ") :].strip()), b"alice\x00casd\x00master-secret")
+        backend.send(b"235 2.7.0 Authentication successful\r\n")
+        backend.step(
+            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+        )
+        self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
+
+    def test_userCannotBePassedOn(self):
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        ScriptedBackend(
+            self.reactor, [(b"", b"220 mbx ESMTP\r\n"), (b"EHLO cas.example.net\r\n", EHLO_PLAIN)]
+        ).run()
+        self.assertEqual(
+            self.out(), b"451 4.4.1 <x@elsewhere.example>: Mailbox server unavailable, try again later\r\n"
+        )
+
+    def test_messagesPerHour(self):
+        self.reconfigure(CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\ncommand_timeout = 4000.0"))
+        self.loggedIn()
+        backend = None
+        for n in range(2):
+            self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+            if backend is None:
+                backend = self.openBackend(xclient=XCLIENT_LOGIN)
+                backend.step(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n", b"250 Ok\r\n250 Ok\r\n")
+            else:
+                backend.step(
+                    b"RSET\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n",
+                    b"250 Ok\r\n250 Ok\r\n250 Ok\r\n",
+                )
+            self.startData(backend)
+            self.send(b".\r\n")
+            backend.step(b".\r\n", b"250 2.0.0 Ok\r\n")
+        self.assertEqual(
+            self.send(b"MAIL FROM:<alice@example.com>\r\n"), b"450 4.7.1 Error: too many messages sent, try again later\r\n"
+        )
+        self.reactor.advance(3601)
+        self.assertEqual(self.send(b"MAIL FROM:<alice@example.com>\r\n"), b"250 2.1.0 Ok\r\n")
+
+    def test_recipientLimitPolicy(self):
+        self.context.directory.add(
+            "erin", "erin-pw", UserRecord(login="erin", mailHost="mbx1", policy=[("smtp_max_recipients", "1")])
+        )
+        self.ready(TRUSTED)
+        self.send(b"AUTH PLAIN " + b64encode(b"\x00erin\x00erin-pw") + b"\r\n")
+        self.send(b"MAIL FROM:<erin@example.com>\r\nRCPT TO:<a@elsewhere.example>\r\n")
+        backend = self.openBackend(xclient=XCLIENT_LOGIN.replace(b"alice", b"erin"))
+        backend.step(b"MAIL FROM:<erin@example.com>\r\nRCPT TO:<a@elsewhere.example>\r\n", b"250 Ok\r\n250 Ok\r\n")
+        self.assertEqual(self.send(b"RCPT TO:<b@elsewhere.example>\r\n"), b"452 4.5.3 Error: too many recipients\r\n")
+
+
+class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
+    descriptor = submission
+
+    def setUp(self):
+        super().setUp()
+        ca = CertificateAuthority.create(self.mktemp())
+        cert, key = ca.issue(["cas.example.net"], "cas")
+        self.reconfigure(CONFIG + f'\n[tls]\ncertificate = "{cert}"\nkey = "{key}"\n')
+
+    def test_starttls(self):
+        self.ready(UNTRUSTED)
+        self.connect(UNTRUSTED)
+        ehlo = keywords(self.send(b"EHLO " + HELO + b"\r\n"))
+        self.assertIn(b"STARTTLS", ehlo)
+        self.assertNotIn(b"AUTH PLAIN LOGIN", ehlo)
+        # Bytes pipelined behind STARTTLS are dropped, never run after the handshake.
+        self.assertEqual(
+            self.send(b"STARTTLS\r\nAUTH PLAIN " + PLAIN + b"\r\n"), b"220 2.0.0 Ready to start TLS\r\n"
+        )
+        self.assertIsNotNone(self.transport.tlsStarted)
+        self.assertIsNone(self.server.user)
+        # Everything learnt before TLS is forgotten: EHLO again.
+        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: send EHLO first\r\n")
+        ehlo = keywords(self.send(b"EHLO " + HELO + b"\r\n"))
+        self.assertIn(b"AUTH PLAIN LOGIN", ehlo)
+        self.assertNotIn(b"STARTTLS", ehlo)
+        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(self.send(b"STARTTLS\r\n"), b"503 5.5.1 Error: TLS already active\r\n")
+
+
+class FakeResolver:
+    """
+    Answers DNSBL queries from a table; C{None} means "never answers".
+    """
+
+    def __init__(self, listed=(), silent=()):
+        self.listed = set(listed)
+        self.silent = set(silent)
+        self.queries = []
+
+    def lookupAddress(self, name, timeout=None):
+        self.queries.append(name)
+        if name in self.silent:
+            return defer.Deferred()
+        if name in self.listed:
+            rr = dns.RRHeader(name, dns.A, payload=dns.Record_A("127.0.0.2"))
+            return defer.succeed(([rr], [], []))
+        return defer.fail(DomainError(name))
+
+
+class FilterTests(SMTPTestMixin, SynchronousTestCase):
+    def withFilters(self, settings: str):
+        self.reconfigure(CONFIG.replace("max_recipients = 3", "max_recipients = 3\n" + settings))
+
+    def test_denyNetworks(self):
+        self.withFilters('deny_networks = ["198.51.100.0/24"]')
+        self.assertEqual(self.connect(), b"554 5.7.1 Access denied\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n")
+
+    def test_connectionsPerAddress(self):
+        self.withFilters("max_connections_per_address = 2")
+        first = self.connect()
+        second = self.connect()
+        self.assertEqual(first, second)
+        keep = self.server
+        self.assertEqual(
+            self.connect(), b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n"
+        )
+        self.assertEqual(self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n")
+        keep.connectionLost(None)
+        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
+
+    def test_allowNetworksSkipLimits(self):
+        self.withFilters('max_connections_per_address = 1\nallow_networks = ["198.51.100.7/32"]')
+        self.connect()
+        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
+
+    def test_connectionRate(self):
+        self.withFilters("connection_rate_limit = 2\nmax_connections_per_address = 0")
+        self.connect()
+        self.connect()
+        self.assertTrue(self.connect().startswith(b"421 4.7.0"))
+        self.reactor.advance(61)
+        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
+
+    def test_pregreetTalker(self):
+        self.withFilters("pregreet_delay = 3.0")
+        self.assertEqual(self.connect(), b"220-cas.example.net ESMTP\r\n")
+        self.assertEqual(self.send(b"EHLO bot.example\r\nMAIL FROM:<x@y.example>\r\n"), b"")
+        self.reactor.advance(3)
+        self.assertEqual(self.out(), b"554 5.5.1 Error: SMTP protocol synchronization\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_pregreetPatientClient(self):
+        self.withFilters("pregreet_delay = 3.0")
+        self.connect()
+        self.reactor.advance(3)
+        self.assertEqual(self.out(), b"220 cas.example.net ESMTP ready\r\n")
+        self.assertTrue(self.send(b"EHLO ok.example\r\n").startswith(b"250-"))
+
+    def dnsbl(self, resolver):
+        self.withFilters('dnsbl_zones = ["bl.example", "other.example"]\ndnsbl_timeout = 2.0')
+        section = self.context.config.protocols["smtp"]
+        smtp.sharedState(section, self.context).filter.resolver = resolver
+
+    def test_dnsblListed(self):
+        resolver = FakeResolver(listed={"7.100.51.198.other.example"})
+        self.dnsbl(resolver)
+        self.assertEqual(
+            self.connect(), b"554 5.7.1 Service unavailable; client [198.51.100.7] blocked using other.example\r\n"
+        )
+        self.assertEqual(set(resolver.queries), {"7.100.51.198.bl.example", "7.100.51.198.other.example"})
+        # Cached: no second look-up.
+        self.connect()
+        self.assertEqual(len(resolver.queries), 2)
+
+    def test_dnsblNotListed(self):
+        resolver = FakeResolver()
+        self.dnsbl(resolver)
+        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
+
+    def test_dnsblBoundedTime(self):
+        resolver = FakeResolver(silent={"7.100.51.198.bl.example", "7.100.51.198.other.example"})
+        self.dnsbl(resolver)
+        self.assertEqual(self.connect(), b"")
+        self.reactor.advance(1.9)
+        self.assertEqual(self.out(), b"")
+        self.reactor.advance(0.2)
+        self.assertEqual(self.out(), b"220 cas.example.net ESMTP ready\r\n")
+        # A timeout is not remembered as an answer.
+        self.connect()
+        self.assertEqual(len(resolver.queries), 4)
+
+    def test_dnsblNames(self):
+        self.assertEqual(dnsblName("192.0.2.1", "zen.example."), "1.2.0.192.zen.example")
+        self.assertEqual(
+            dnsblName("2001:db8::1", "bl.example"),
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.example",
+        )
+        self.assertIsNone(dnsblName("not-an-ip", "bl.example"))
+
+    def test_senderBlocked(self):
+        blocked = ("bad@example.org", "@spam.example", "junk.example", ".bulk.example")
+        self.assertTrue(senderBlocked("Bad@Example.org", blocked))
+        self.assertTrue(senderBlocked("x@spam.example", blocked))
+        self.assertTrue(senderBlocked("x@junk.example", blocked))
+        self.assertTrue(senderBlocked("x@a.bulk.example", blocked))
+        self.assertFalse(senderBlocked("x@bulk.example", blocked))
+        self.assertFalse(senderBlocked("good@example.org", blocked))
+        self.assertFalse(senderBlocked("", blocked))
+
+    def test_submissionConnectionLimit(self):
+        self.reconfigure(CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nmax_connections_per_address = 1"))
+        self.descriptor = submission
+        self.connect()
+        self.assertEqual(
+            self.connect(), b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n"
+        )

@@ -1,0 +1,280 @@
+"""
+C{twistd cas --workers N} over real sockets: the workers share the parent's listening sockets and
+both serve sessions, stop with the parent, and never outlive it, even when it is killed.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.trial.unittest import TestCase
+
+from casd.auth.hashing import makeHash
+from casd.workers import _AdoptingReactor, adoptingReactors
+from tests.support.procs import freePort, pidAlive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Bound of every wait in these tests (seconds).
+WAIT = 30.0
+
+
+class FakeIMAPBackend(protocol.Protocol):
+    """
+    Just enough of an IMAP server for casd's backend dialogue, then C{NOOP}.
+    """
+
+    open = set()
+
+    def connectionMade(self):
+        self.open.add(self)
+        self.buffer = b""
+        self.transport.write(b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID] fake ready\r\n")
+
+    def connectionLost(self, reason):
+        self.open.discard(self)
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            tag, _, rest = line.partition(b" ")
+            command = rest.split(b" ", 1)[0].upper()
+            if command == b"ID":
+                self.transport.write(b'* ID ("name" "fake")\r\n' + tag + b" OK ID done\r\n")
+            elif command == b"AUTHENTICATE":
+                self.transport.write(tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+            elif command == b"LOGOUT":
+                self.transport.write(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+                self.transport.loseConnection()
+            else:
+                self.transport.write(tag + b" OK " + command + b" done\r\n")
+
+
+class Client(protocol.Protocol):
+    """
+    Logs in, waits for the tagged OK, then reports.
+    """
+
+    def __init__(self):
+        self.received = b""
+        self.loggedIn = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(b"a LOGIN alice alice-pw\r\n")
+
+    def dataReceived(self, data):
+        self.received += data
+        if b"\r\na OK" in self.received and not self.loggedIn.called:
+            self.loggedIn.callback(self)
+
+    def connectionLost(self, reason):
+        if not self.loggedIn.called:
+            self.loggedIn.errback(reason)
+
+
+class Twistd(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.reason = reason
+        self.ended.callback(None)
+
+
+def childrenOf(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class WorkersTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        backend = reactor.listenTCP(0, protocol.Factory.forProtocol(FakeIMAPBackend), interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        users = os.path.join(self.dir, "users")
+        with open(users, "w") as f:
+            f.write(f"alice:{makeHash('SSHA256', b'alice-pw')}\n")
+        self.port = freePort()
+        self.config = os.path.join(self.dir, "casd.toml")
+        with open(self.config, "w") as f:
+            f.write(
+                f"""
+[server]
+trusted_networks = ["127.0.0.0/8"]
+[auth]
+users_file = "{users}"
+failure_delay = 0.0
+[routing]
+default_backend = "fake"
+[backends.fake]
+host = "127.0.0.1"
+[backends.fake.imap]
+port = {backend.getHost().port}
+tls = "none"
+[imap]
+[[imap.listen]]
+name = "imap"
+endpoint = "tcp:{self.port}:interface=127.0.0.1"
+tls = "none"
+"""
+            )
+
+    @defer.inlineCallbacks
+    def startParent(self, workers=2):
+        proc = Twistd()
+        args = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"),
+            "cas", "--config", self.config, "--workers", str(workers),
+        ]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        transport = reactor.spawnProcess(proc, sys.executable, args, env=env, path=self.dir)
+        self.parentPid = transport.pid
+        self.proc = proc
+
+        def cleanup():
+            # Whatever a failed test left: the parent, then any worker.
+            for pid in [self.parentPid] + getattr(self, "workerPids", []):
+                if pidAlive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(cleanup)
+        deadline = time.monotonic() + WAIT
+        while len(childrenOf(self.parentPid)) < workers or b"FrontendFactory starting" not in proc.output:
+            if time.monotonic() > deadline or proc.ended.called:
+                self.fail(f"workers did not start:\n{proc.output.decode(errors='replace')}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.workerPids = childrenOf(self.parentPid)
+        # Both workers have adopted the socket once each logged its listener.
+        while proc.output.count(b"FrontendFactory starting") < workers:
+            if time.monotonic() > deadline:
+                self.fail(f"workers did not listen:\n{proc.output.decode(errors='replace')}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        return proc
+
+    @defer.inlineCallbacks
+    def login(self):
+        client = yield protocol.ClientCreator(reactor, Client).connectTCP("127.0.0.1", self.port)
+        yield client.loggedIn
+        return client
+
+    @defer.inlineCallbacks
+    def waitGone(self, pids):
+        deadline = time.monotonic() + WAIT
+        while any(pidAlive(p) for p in pids):
+            if time.monotonic() > deadline:
+                self.fail(f"processes still alive: {[p for p in pids if pidAlive(p)]}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def quiet(self):
+        """
+        Wait (bounded) until the fake backend's connections from the workers are closed.
+        """
+        deadline = time.monotonic() + WAIT
+        while FakeIMAPBackend.open and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_bothWorkersServeAndStopWithParent(self):
+        proc = yield self.startParent(2)
+        self.assertEqual(len(self.workerPids), 2)
+        served = set()
+        sessions = 0
+        # Bounded: a few rounds of concurrent logins until each worker has logged a session.
+        for _ in range(20):
+            clients = yield defer.gatherResults([self.login() for _ in range(5)])
+            sessions += len(clients)
+            for c in clients:
+                c.transport.loseConnection()
+            yield task.deferLater(reactor, 0.2, lambda: None)
+            served = {w for w in (1, 2) if f"[worker{w}:casd.session".encode() in proc.output}
+            if served == {1, 2}:
+                break
+        self.assertEqual(served, {1, 2}, proc.output.decode(errors="replace")[-3000:])
+        self.assertEqual(proc.output.count(b"casd.session"), sessions)
+
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        # twistd re-raises the signal it stopped on once it has shut down cleanly.
+        self.assertIsInstance(proc.reason.value, (ProcessDone, ProcessTerminated))
+        self.assertIn(getattr(proc.reason.value, "signal", None), (None, signal.SIGTERM))
+        yield self.waitGone(self.workerPids)
+        self.assertIn(b"Server Shut Down", proc.output)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
+    def test_workersDieWithKilledParent(self):
+        """
+        A parent killed with SIGKILL cannot stop its workers: they notice the end of their
+        standard input and stop by themselves.
+        """
+        proc = yield self.startParent(2)
+        client = yield self.login()
+        os.kill(self.parentPid, signal.SIGKILL)
+        yield proc.ended
+        self.assertIsInstance(proc.reason.value, ProcessTerminated)
+        yield self.waitGone(self.workerPids)
+        client.transport.loseConnection()
+        yield self.quiet()
+
+    @defer.inlineCallbacks
+    def test_deadWorkerRestarted(self):
+        proc = yield self.startParent(2)
+        victim = self.workerPids[0]
+        os.kill(victim, signal.SIGKILL)
+        yield self.waitGone([victim])
+        deadline = time.monotonic() + WAIT
+        while True:
+            pids = childrenOf(self.parentPid)
+            if len(pids) == 2 and victim not in pids:
+                break
+            if time.monotonic() > deadline:
+                self.fail(f"no replacement worker: {proc.output.decode(errors='replace')[-2000:]}")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.workerPids = pids
+        self.assertIn(b"exited unexpectedly", proc.output)
+        client = yield self.login()
+        client.transport.loseConnection()
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(pids)
+        yield self.quiet()
+
+
+class AdoptingReactorTests(TestCase):
+    """
+    The worker's listening goes through the inherited socket, for every endpoint kind.
+    """
+
+    def test_listenAdoptsTheSocket(self):
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(5)
+        self.addCleanup(s.close)
+        adopting = adoptingReactors(reactor, {"imap": s.fileno()})["imap"]
+        self.assertIsInstance(adopting, _AdoptingReactor)
+        port = adopting.listenTCP(12345, protocol.Factory.forProtocol(protocol.Protocol), interface="10.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost().port, s.getsockname()[1])
+        # Anything but listening is the real reactor's.
+        self.assertIs(adopting.callLater.__self__, reactor)
