@@ -148,7 +148,7 @@ def render(results, params, stamp, targets, protocols, casdProtocols) -> str:
     if "pop3" not in casdProtocols:
         out += [
             "",
-            "POP3: casd has no POP3 proxy in this checkout (`protocols/pop3.py` missing), so the"
+            "POP3: casd's `pop3` protocol was not discovered (no `protocols/pop3.py`, or a stale installed plugin module), so the"
             " POP3 rows are not measured; the harness runs them as soon as casd's `pop3` protocol"
             " is discovered (or with `--protocols imap,pop3` for nginx and HAProxy alone).",
         ]

@@ -552,8 +552,12 @@ class BackendConnector:
         )
         try:
             yield dialogue.loggedIn
-        except BackendUnavailable as e:
-            if not dialogue.greeted:
+        except CASFailure as e:
+            # Only a member that never spoke is unhealthy; a refusal after its greeting is
+            # about this user, not the member.
+            if dialogue.greeted:
+                member.connectSucceeded()
+            else:
                 member.connectFailed(str(e))
             raise
         finally:

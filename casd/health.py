@@ -20,6 +20,8 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from casd.routing import targetFor
+
 UP = "UP"
 DOWN = "DOWN"
 
@@ -198,11 +200,22 @@ def probeMember(clock, endpoint, probe: HealthProbe | None, timeout: float) -> d
 
     @param endpoint: how to reach it (TLS included for implicit-TLS members).
     @param probe: the protocol's L{HealthProbe}, or C{None} to check only that it accepts.
-    @return: a L{Deferred} firing with C{None} when healthy, else with a short reason; never
-        failing, and always within C{timeout} seconds.
+    @return: a L{Deferred} firing with C{None} when healthy, else with a short reason, always
+        within C{timeout} seconds; cancelling it abandons the check, connection included.
     """
-    result: defer.Deferred = defer.Deferred()
     state: dict = {"protocol": None, "connecting": None}
+
+    def abandon():
+        if timer.active():
+            timer.cancel()
+        protocol = state["protocol"]
+        if protocol is not None and protocol.transport is not None:
+            protocol.done = None
+            protocol.transport.abortConnection()
+        elif state["connecting"] is not None:
+            state["connecting"].cancel()
+
+    result: defer.Deferred = defer.Deferred(lambda d: abandon())
 
     def done(reason):
         if timer.active():
@@ -211,12 +224,7 @@ def probeMember(clock, endpoint, probe: HealthProbe | None, timeout: float) -> d
             result.callback(reason)
 
     def timedOut():
-        protocol = state["protocol"]
-        if protocol is not None and protocol.transport is not None:
-            protocol.done = None
-            protocol.transport.abortConnection()
-        elif state["connecting"] is not None:
-            state["connecting"].cancel()
+        abandon()
         if not result.called:
             result.callback(f"no answer within {timeout:g}s")
 
@@ -244,8 +252,8 @@ class HealthChecker(service.Service):
     descriptor), and feeds the results to the connector's L{Member}s.
 
     Each member has its own timer, re-armed when its check ends, so a slow member never makes
-    checks overlap; first checks are spread over one interval so a large pool does not probe
-    every member in the same instant.
+    checks overlap; first checks are spread over the first interval so a large pool does not
+    probe every member in the same instant.
     """
 
     name = "health"
@@ -268,8 +276,6 @@ class HealthChecker(service.Service):
         """
         @return: member key -> C{(target, probe)} for every member this configuration checks.
         """
-        from casd.routing import targetFor
-
         planned = {}
         if not config.health.enabled:
             return planned
@@ -311,13 +317,17 @@ class HealthChecker(service.Service):
             timer = self._timers.pop(key)
             if timer.active():
                 timer.cancel()
-        self._inflight.clear()
+        inflight, self._inflight = self._inflight, {}
+        for d in inflight.values():
+            d.cancel()  # no probe outlives the service: a stopped node leaves nothing behind
 
     def _forget(self, key) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None and timer.active():
             timer.cancel()
-        self._inflight.pop(key, None)
+        d = self._inflight.pop(key, None)
+        if d is not None:
+            d.cancel()
         target, _ = self._checks[key]
         self.connector.member(target).activelyChecked = False
 
@@ -326,7 +336,9 @@ class HealthChecker(service.Service):
         for i, key in enumerate(sorted(keys)):
             if key in self._timers or key in self._inflight:
                 continue
-            delay = interval * i / len(keys) if spread else interval
+            # Spread over the first interval, none at once: members start UP, sessions check
+            # them passively meanwhile, and a node starting does not probe everything at once.
+            delay = interval * (i + 1) / len(keys) if spread else interval
             self._timers[key] = self.reactor.callLater(delay, self._check, key)
 
     def _check(self, key) -> None:
@@ -337,7 +349,7 @@ class HealthChecker(service.Service):
         timeout = self.config.health.timeout
         d = probeMember(self.reactor, self.connector.endpointFor(target, timeout), probe, timeout)
         self._inflight[key] = d
-        d.addCallback(self._checked, key, d)
+        d.addCallbacks(self._checked, lambda f: f.trap(defer.CancelledError), callbackArgs=(key, d))
 
     def _checked(self, reason, key, d) -> None:
         if self._inflight.get(key) is not d:

@@ -11,12 +11,6 @@ class ICASProtocol(Interface):
     L{twisted.plugin.getPlugins}.  It is what nginx's C{ngx_mail_protocol_t} is to nginx: a name, a
     configuration schema, default listeners, a factory builder and the protocol's wording of the
     shared failures.  The built-in protocols are registered exactly as a third-party one is.
-
-    A descriptor should also have C{healthProbe}: a L{casd.health.HealthProbe} saying how the
-    health checker tells a healthy backend of this protocol (the start of its greeting, e.g.
-    C{b"* OK"}; a request to send first, for HTTP).  Without one (or with C{None}) backends are
-    checked only for accepting connections.  It is not declared as an L{Attribute} yet so that
-    L{zope.interface.verify.verifyObject} does not refuse descriptors written before it existed.
     """
 
     name = Attribute(
@@ -31,6 +25,11 @@ class ICASProtocol(Interface):
     )
     defaultBackendTLS = Attribute(
         "C{str}: C{'none'}, C{'starttls'} or C{'implicit'}: the backend TLS mode when none is named."
+    )
+    healthProbe = Attribute(
+        "A L{casd.health.HealthProbe}: how the health checker tells a healthy backend of this"
+        " protocol (the start of its greeting, e.g. C{b'* OK'}; a request to send first, for"
+        " HTTP), or C{None} to check only that backends accept connections."
     )
     settings = Attribute(
         "C{tuple} of L{casd.config.Setting}: the protocol's own keys in its section, beside the"

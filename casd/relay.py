@@ -141,8 +141,9 @@ class Relay:
             wrapper.dataReceived = self.fromBackend
         for transport in (self.client, self.server):
             writeThrough(transport)
-            if isinstance(transport, TLSMemoryBIOProtocol):
-                transport = transport.transport  # the reads happen below the TLS layer
+            # Under TLS the reads stay Twisted's default size: a larger read below the TLS layer
+            # stalled an IDLE session relayed between two TLS connections
+            # (tests.test_imap_dovecot test_idleSeesDelivery).
             if hasattr(transport, "bufferSize"):
                 transport.bufferSize = RELAY_READ_SIZE
         self.client.registerProducer(self.server, True)
@@ -221,6 +222,12 @@ class Relay:
         self._idle = None
         for side, transport in (("client", self.client), ("backend", self.server)):
             if side != lost:
+                # A TLS transport (a STARTTLS client) does not close while a producer is
+                # registered with it: the other side, gone or going, is one no longer.
+                try:
+                    transport.unregisterProducer()
+                except RuntimeError:
+                    pass  # none registered (a test transport says so)
                 # Flush what is pending, but never wait for a peer that stopped reading.
                 transport.loseConnection()
                 self._aborts[side] = self.clock.callLater(self.closeGrace, transport.abortConnection)

@@ -363,6 +363,7 @@ class Router:
         self.locators = tuple(locators)
         self.config = config
         self._localHosts: dict[str, bool] = {}
+        self._own: dict[str, list] = {}
         self._warned: set = set()
 
     def reconfigure(self, config: CASConfig) -> None:
@@ -372,6 +373,7 @@ class Router:
         """
         self.locators = tuple(locatorsFor(config))
         self.config = config
+        self._own.clear()
         self._warned.clear()
 
     @defer.inlineCallbacks
@@ -461,9 +463,21 @@ class Router:
                 return True
         return False
 
+    def ownAddresses(self, protocol) -> list:
+        """
+        The C{(interface, port)} pairs this node listens on for C{protocol}.
+        """
+        own = self._own.get(protocol.name)
+        if own is None:
+            section = self.config.protocols.get(protocol.name)
+            listeners = section.listeners if section is not None else ()
+            own = self._own[protocol.name] = [
+                a for a in (listenerAddress(l.endpoint) for l in listeners) if a is not None
+            ]
+        return own
+
     def _notSelf(self, user, route, protocol):
-        section = self.config.protocols.get(protocol.name)
-        own = [a for a in (listenerAddress(l.endpoint) for l in section.listeners) if a] if section else []
+        own = self.ownAddresses(protocol)
         if not own:
             return route
         mine = [t for t in route.targets if self._isSelf(t, own)]

@@ -21,7 +21,6 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.plugin import IPlugin
 
-from casd.config import Setting
 from casd.failures import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -45,6 +44,14 @@ from protocols.smtpgrammar import (
     renderParameters,
     splitCommand,
     validHeloName,
+)
+from protocols.smtpsettings import (
+    COMMON_SETTINGS,
+    MX_ONLY,
+    MX_SETTINGS,
+    SUBMISSION_ONLY,
+    SUBMISSION_SETTINGS,
+    SectionView,
 )
 
 #: How each failure of the shared vocabulary reads in SMTP (RFC 4954 for AUTH).
@@ -414,7 +421,14 @@ class SMTPServer(FrontendProtocol):
 
     def makeDialogue(self, target, user=None, credentials=None):
         return SMTPBackend(
-            target, self.client, self.user, self.context, self.helo, self.esmtp, self.submission
+            target,
+            self.client,
+            self.user,
+            self.context,
+            self.helo,
+            self.esmtp,
+            self.submission,
+            self.section.backend_login_required,
         )
 
     # -- MAIL -------------------------------------------------------------------------------------
@@ -442,6 +456,9 @@ class SMTPServer(FrontendProtocol):
             return
         if senderBlocked(sender.address, self.section.blocked_senders):
             self.error(b"550 5.7.1 " + sender.path() + b": Sender address rejected: Access denied")
+            return
+        if self.submission and self.section.enforce_sender and not _owns(self.user, sender):
+            self.error(b"553 5.7.1 " + sender.path() + b": Sender address rejected: not owned by user")
             return
         if self.submission and not self.shared.limits.mayStart(self.user):
             self.reply(b"450 4.7.1 Error: too many messages sent, try again later")
@@ -611,9 +628,24 @@ class SMTPServer(FrontendProtocol):
             raise BackendUnavailable(f"backend {session.target.describe()} sent unasked-for data")
         session.group = group
         session.whenLost(lambda: self._backendLost(session))
+        self._checkSize(session)
         self.session = session
         self.backend = session.target.describe()
         return session
+
+    def _checkSize(self, session) -> None:
+        size = session.extensions.get("SIZE", ())
+        limit = self.section.message_size_limit
+        if size and size[0].isdigit() and 0 < int(size[0]) < (limit or float("inf")):
+            # The client was promised more than this backend takes: its refusals will come
+            # after the data instead of at MAIL.
+            self.log.warn(
+                "backend {backend} takes messages up to {size} bytes, message_size_limit is"
+                " {limit}: set it to the backends' limit",
+                backend=session.target.describe(),
+                size=int(size[0]),
+                limit=limit,
+            )
 
     def _backendLost(self, session) -> None:
         if self.session is session:
@@ -649,12 +681,12 @@ class SMTPServer(FrontendProtocol):
             self.log.warn("SMTP backend failed: {reason}", reason=str(failure.value))
         else:
             self.log.failure("SMTP backend transaction failed unexpectedly", failure)
-        session = tx.session
+        session, group = tx.session, tx.group
         if session is not None:
             session.drop()
             self._backendLost(session)
-        if tx.group is not None and not tx.recipients:
-            tx.failedGroups.add(tx.group)
+        if group is not None and not tx.recipients:
+            tx.failedGroups.add(group)
         if tx.recipients and tx.failed is None:
             tx.failed = BACKEND_LOST
         tx.session = None
@@ -768,6 +800,14 @@ class SMTPServer(FrontendProtocol):
             self.reply(NOT_CONFIRMED)
 
 
+def _owns(user, sender) -> bool:
+    """
+    Whether C{sender} is C{user}'s own address (C{enforce_sender}).
+    """
+    own = user.address or (user.login if "@" in user.login else "")
+    return bool(own) and sender.address.lower() == own.lower()
+
+
 def _accepted(domain: str, domains) -> bool:
     """
     Whether C{domain} is one casd accepts mail for: listed, or below a listed C{.domain}.
@@ -812,175 +852,6 @@ def _hostPort(text: str) -> tuple[str, int]:
 
 # -- the descriptors ---------------------------------------------------------------------------
 
-COMMON_SETTINGS = (
-    Setting(
-        "message_size_limit",
-        "int",
-        10240000,
-        "Largest message accepted, in bytes, advertised as SIZE: set it to the backends' own"
-        " limit (Postfix C{message_size_limit}); 0 means no limit.",
-        minimum=0,
-    ),
-    Setting(
-        "max_recipients",
-        "int",
-        100,
-        "Recipients accepted in one transaction, more get C{452 4.5.3} (a user's"
-        " C{smtp_max_recipients} policy attribute overrides it on submission).",
-        minimum=1,
-    ),
-    Setting("smtputf8", "bool", False, "Advertise SMTPUTF8 (RFC 6531): only when every backend has it."),
-    Setting(
-        "bare_line_endings",
-        "choice",
-        "normalise",
-        "A bare CR or LF in DATA: normalise (made CRLF, dots stuffed: exactly one message"
-        " reaches the backend) or reject (C{554 5.6.0}, nothing reaches it).",
-        choices=("normalise", "reject"),
-    ),
-    Setting(
-        "command_timeout",
-        "float",
-        300.0,
-        "Seconds to wait for each command and each chunk of DATA (RFC 5321 4.5.3.2); this, not"
-        " C{preauth_timeout}, bounds an SMTP client's silence.",
-        minimum=0.001,
-    ),
-    Setting(
-        "data_timeout",
-        "float",
-        300.0,
-        "Seconds to wait for the backend's reply to the end of data; then the client gets"
-        " C{451} and will send the message again.",
-        minimum=0.001,
-    ),
-    Setting(
-        "blocked_senders",
-        "strlist",
-        (),
-        "Envelope senders refused at MAIL (C{550 5.7.1}): C{user@domain}, C{@domain} or"
-        " C{domain}, C{.domain} for its subdomains.",
-    ),
-    Setting(
-        "allow_networks",
-        "networks",
-        (),
-        "Clients exempt from the connection limits, the pregreet test and DNSBLs.",
-    ),
-    Setting("deny_networks", "networks", (), "Clients refused at connection (C{554 5.7.1})."),
-    Setting(
-        "max_connections_per_address",
-        "int",
-        20,
-        "Connections one address may hold at once on this node; 0 means no limit.",
-        minimum=0,
-    ),
-    Setting(
-        "connection_rate_limit",
-        "int",
-        0,
-        "New connections one address may open per minute on this node; 0 means no limit.",
-        minimum=0,
-    ),
-)
-
-MX_SETTINGS = (
-    Setting(
-        "enabled",
-        "bool",
-        False,
-        "Serve SMTP on port 25.  Off unless set, so that a configuration written before casd"
-        " spoke SMTP opens no new port.",
-    ),
-    Setting(
-        "accepted_domains",
-        "strlist",
-        (),
-        "Domains casd takes mail for (C{.domain} for its subdomains); a recipient elsewhere gets"
-        " C{554 5.7.1} (casd is never an open relay), an unknown one here C{550 5.1.1}.",
-    ),
-    Setting(
-        "recipient_delimiter",
-        "str",
-        "",
-        "Separates an address extension (C{user+tag@domain}): an unknown address is looked up"
-        " again without it.",
-    ),
-    Setting(
-        "pregreet_delay",
-        "float",
-        0.0,
-        "Seconds casd waits, after a partial greeting, before the real one; a client that"
-        " talks first is refused (Postfix postscreen's pregreet test); 0 turns it off.",
-        minimum=0,
-    ),
-    Setting(
-        "dnsbl_zones",
-        "strlist",
-        (),
-        "DNS block lists asked about each client (e.g. C{zen.spamhaus.org}); a listed client"
-        " is refused with C{554 5.7.1}.",
-    ),
-    Setting(
-        "dnsbl_timeout",
-        "float",
-        2.0,
-        "Seconds the DNSBL look-ups may take together; no answer in time means not listed.",
-        minimum=0.001,
-    ),
-    Setting("dnsbl_cache_ttl", "float", 300.0, "Seconds a DNSBL answer is remembered.", minimum=0),
-    Setting(
-        "dnsbl_servers",
-        "strlist",
-        (),
-        "DNS servers (C{address:port}) for the DNSBL look-ups; empty means C{/etc/resolv.conf}.",
-    ),
-)
-
-SUBMISSION_SETTINGS = (
-    Setting(
-        "enabled",
-        "bool",
-        False,
-        "Serve submission on ports 587 and 465.  Off unless set, so that a configuration"
-        " written before casd spoke SMTP opens no new port.",
-    ),
-    Setting(
-        "user_messages_per_hour",
-        "int",
-        0,
-        "Messages one user may send per hour through this node (a user's"
-        " C{smtp_messages_per_hour} policy attribute overrides it); 0 means no limit.",
-        minimum=0,
-    ),
-)
-
-# Keys the other mode has, fixed here so that one server class serves both.
-_MX_OFF = {
-    "accepted_domains": (),
-    "recipient_delimiter": "",
-    "pregreet_delay": 0.0,
-    "dnsbl_zones": (),
-    "dnsbl_timeout": 2.0,
-    "dnsbl_cache_ttl": 0.0,
-    "dnsbl_servers": (),
-}
-
-
-class _SectionView:
-    """
-    A protocol section with the other mode's keys at fixed values.
-    """
-
-    def __init__(self, section, fixed) -> None:
-        self._section = section
-        self._fixed = fixed
-
-    def __getattr__(self, name):
-        if name in self._fixed:
-            return self._fixed[name]
-        return getattr(self._section, name)
-
 
 @implementer(IPlugin, ICASProtocol)
 class SMTPProtocol:
@@ -1003,11 +874,11 @@ class SMTPProtocol:
         self.submission = submission
         self._shared: dict[int, tuple] = {}
 
-    def view(self, section) -> _SectionView:
+    def view(self, section) -> SectionView:
         """
         C{section} with the other service's keys at fixed values, for the one server class.
         """
-        return _SectionView(section, _MX_OFF if self.submission else {"user_messages_per_hour": 0})
+        return SectionView(section, MX_ONLY if self.submission else SUBMISSION_ONLY)
 
     def sharedState(self, section, context) -> _Shared:
         """

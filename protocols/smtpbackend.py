@@ -60,7 +60,8 @@ class SMTPBackend(BackendDialogue):
 
     @ivar helo: the client's EHLO/HELO name, passed on after XCLIENT and as XFORWARD HELO.
     @ivar esmtp: whether the client said EHLO (PROTO=ESMTP) rather than HELO.
-    @ivar submission: whether the authenticated user must be passed on (port 587/465).
+    @ivar submission: whether the authenticated user is passed on (port 587/465).
+    @ivar requireLogin: whether a backend that cannot be told who the user is, is unusable.
     @ivar extensions: the backend's EHLO keywords once the dialogue is done.
     @ivar passedLogin: how the user reached the backend: C{"xclient"}, C{"master"} or C{""}.
     @ivar lost: whether the connection is gone (L{whenLost} tells when).
@@ -70,11 +71,15 @@ class SMTPBackend(BackendDialogue):
     log = Logger()
     group = ""
 
-    def __init__(self, target, client, user, context, helo: bytes, esmtp: bool, submission: bool) -> None:
+    def __init__(
+        self, target, client, user, context, helo: bytes, esmtp: bool, submission: bool,
+        requireLogin: bool = True,
+    ) -> None:
         super().__init__(target, client, user, None, context)
         self.helo = helo
         self.esmtp = esmtp
         self.submission = submission
+        self.requireLogin = submission and requireLogin
         self.hostname = context.config.hostname.encode("idna")
         self.extensions: dict[str, tuple[bytes, ...]] = {}
         self.passedLogin = ""
@@ -173,7 +178,13 @@ class SMTPBackend(BackendDialogue):
             offered = {a.decode("ascii", "replace").upper() for a in extensions["XFORWARD"]}
             self.xforward = self.xforwardLine(offered)
         if self.submission and not self.passedLogin:
-            yield self._masterLogin(extensions)
+            if self.target.masterUser:
+                yield self._masterLogin(extensions)
+            elif self.requireLogin:
+                raise self.fail(
+                    "cannot be told who the user is: it offers no XCLIENT LOGIN and no master_user"
+                    " is configured"
+                )
         self.extensions = extensions
 
     def _attributes(self) -> list[tuple[str, str | bytes]]:
@@ -214,11 +225,6 @@ class SMTPBackend(BackendDialogue):
 
     @defer.inlineCallbacks
     def _masterLogin(self, extensions):
-        if not self.target.masterUser:
-            raise self.fail(
-                "cannot be told who the user is: it offers no XCLIENT LOGIN and no master_user is"
-                " configured"
-            )
         mechanisms = {m.upper() for m in extensions.get("AUTH", ())}
         if b"PLAIN" not in mechanisms:
             raise self.fail("offers no AUTH PLAIN for the master user")

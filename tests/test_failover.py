@@ -5,6 +5,7 @@ and started again, a blackholed backend, a drain by reload.
 
 import imaplib
 import os
+import signal
 import socket
 import time
 
@@ -217,7 +218,11 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1"
         yield threads.deferToThread(c.login, "alice", PASSWORD)
         with open(self.cas.path, "w") as f:
             f.write(self.configText(d1Extra="drain = true", backend="drain_close_period = 0.5"))
-        self.assertTrue(self.cas.service.getServiceNamed("reload").reload())
+        reload = self.cas.service.getServiceNamed("reload")
+        # A real SIGHUP, once it is certain the node handles it (else it would end the tests).
+        self.assertEqual(signal.getsignal(signal.SIGHUP), reload._onSignal)
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield self.waitFor(lambda: self.connector.draining == {"d1"})
         self.assertEqual((yield threads.deferToThread(backendOf, self.port, "alice")), "d2")
 
         def closed():
@@ -233,7 +238,7 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1"
         self.assertLess((yield threads.deferToThread(closed)), 2.0)
         with open(self.cas.path, "w") as f:
             f.write(self.configText())
-        self.assertTrue(self.cas.service.getServiceNamed("reload").reload())
+        self.assertTrue(reload.reload())
         self.assertEqual((yield threads.deferToThread(backendOf, self.port, "alice")), "d1")
 
 

@@ -219,8 +219,12 @@ class CheckerTests(SynchronousTestCase):
         self.assertEqual(self.checker.plannedChecks(disabled), {})
 
     def start(self):
+        """
+        Start checking; the first member's first check comes after half the interval.
+        """
         self.checker.startService()
-        self.reactor.advance(0)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.reactor.advance(5.0)
 
     def test_spreadAndInterval(self):
         self.start()
@@ -266,18 +270,29 @@ class CheckerTests(SynchronousTestCase):
         ).replace("[groups.dag]", '[backends.m3]\nhost = "192.0.2.14"\n[backends.m3.imap]\ntls = "none"\n[groups.dag]')
         self.checker.reconfigure(parseConfig(text, "t", discoverProtocols().values()))
         self.assertFalse(m2.activelyChecked)
-        self.reactor.advance(5.0)
+        self.reactor.advance(10.0)
         checked = {c[0] for c in self.reactor.tcpClients}
         self.assertNotIn("192.0.2.12", checked)
         self.assertIn("192.0.2.14", checked)
 
     def test_stopCancelsEverything(self):
+        """
+        Stopping leaves nothing behind: no timer, and checks in flight are abandoned with their
+        connections.
+        """
         self.start()
-        self.reactor.advance(5.0)
+        transport = self.respond(0, b"")  # m1: connected, no greeting yet
+        self.reactor.advance(1.0)
         self.checker.stopService()
-        self.reactor.advance(10.0)  # in-flight checks time out, nothing is re-armed
         self.assertEqual(self.reactor.getDelayedCalls(), [])
-        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.member("m1")._bad, 0)
+
+    def test_stopWhileConnecting(self):
+        self.start()
+        self.checker.stopService()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
 
     def test_implicitTLSProbedOverTLS(self):
         from casd.tls import ClientTLS

@@ -296,6 +296,15 @@ class WriteThroughTests(TestCase):
         server.transport.startTLS(serverOptions)
         writeThrough(client.transport)
         client.transport.startTLS(ssl.CertificateOptions(verify=False))
+        greeting = []
+        client.dataReceived = greeting.append
+        server.transport.write(b"* OK over TLS\r\n")
+        for _ in range(250):
+            if greeting:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        # The handshake is over and nothing is queued: a write-through send would go out now.
+        self.assertEqual((client.transport.dataBuffer, client.transport._tempDataLen), (b"", 0))
         client.transport.write(b"a LOGIN alice secret\r\n")
         for _ in range(250):
             if b"".join(received) == b"a LOGIN alice secret\r\n":

@@ -196,6 +196,15 @@ class LocatorChainTests(RoutingTestMixin, SynchronousTestCase):
         route = self.locate(self.router, UserRecord(login="x", mailHost="dag"))
         self.assertEqual(hosts(route), ["192.0.2.11", "192.0.2.12", "192.0.2.13"])
 
+    def test_mailhostHashedGroup(self):
+        """
+        A group with C{balance = "hash"} is ordered for each user, whoever names it.
+        """
+        for login in ("u1", "u2", "u3", "u4"):
+            route = self.locate(self.router, UserRecord(login=login, mailHost="pool"))
+            order = rendezvousOrder(login, [("m1", 1), ("m2", 1), ("m3", 1)])
+            self.assertEqual([t.server for t in route.targets], order)
+
     def test_mailhostBareHost(self):
         route = self.locate(self.router, UserRecord(login="x", mailHost="mbx9.example.net"))
         self.assertEqual(hosts(route), ["mbx9.example.net"])
@@ -373,7 +382,19 @@ class TTLAndSelfTests(RoutingTestMixin, SynchronousTestCase):
         for _ in range(2):
             route = self.locate(router, UserRecord(login="x", mailHost="dag"))
             self.assertEqual(hosts(route), ["192.0.2.11", "192.0.2.13"])
+            self.assertIn("m2(127.0.0.1:1144) skipped: this node", route.reason)
         self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.warn]), 1)
+
+    def test_ownHostnameIsSelf(self):
+        router = defaultRouter(
+            self.config(
+                **{
+                    'site = "east"': 'site = "east"\nhostname = "cas.east.test"',
+                    'host = "198.51.100.1"': 'host = "CAS.east.test"',
+                }
+            )
+        )
+        self.assertIn("points back", str(self.refused(router, UserRecord(login="x", site="west"))))
 
     def test_otherPortIsNotSelf(self):
         router = defaultRouter(self.config(**{'host = "198.51.100.1"': 'host = "127.0.0.1"', "port = 1143": "port = 1145"}))

@@ -285,6 +285,25 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
         )
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
+    def test_backendRepliesAcrossSegments(self):
+        """
+        The backend's replies, multi-line and pipelined, cut at every byte: the same session.
+        """
+        self.ready()
+        self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n")
+        backend = ScriptedBackend(self.reactor, [(b"", b"")]).run()
+        for chunk, expected in (
+            (b"220-mbx.example.com ESMTP\r\n220 hi\r\n", b"EHLO cas.example.net\r\n"),
+            (EHLO_XCLIENT, XCLIENT),
+            (b"220 mbx.example.com ESMTP\r\n", b"EHLO " + HELO + b"\r\n"),
+            (EHLO_PLAIN, b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n"),
+            (b"250 2.1.0 Ok\r\n250-2.1.5 Ok\r\n250 2.1.5 really\r\n", b""),
+        ):
+            for i in range(len(chunk)):
+                backend.dialogue.dataReceived(chunk[i : i + 1])
+            self.assertEqual(backend.received(), expected)
+        self.assertEqual(self.out(), b"250-2.1.5 Ok\r\n250 2.1.5 really\r\n")
+
     def test_splitRouting(self):
         """
         The first accepted recipient fixes the backend; one on another mailbox server gets 452
@@ -643,6 +662,23 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
             )
             self.assertEqual(self.out(), code + b"\r\n")
             self.assertEqual(self.send(b"DATA\r\n"), b"554 5.5.1 Error: no valid recipients\r\n")
+
+    def test_garbageAtMail(self):
+        """
+        A backend that answers MAIL with garbage is dropped; the other recipients of its group
+        in this transaction get 451 at once, without a new connection.
+        """
+        self.ready()
+        self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n")
+        backend = self.openBackend()
+        backend.step(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n", b"hello there\r\n")
+        self.assertEqual(self.out(), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n")
+        self.assertTrue(backend.transport.disconnected)
+        self.assertEqual(
+            self.send(b"RCPT TO:<carol@example.com>\r\n"),
+            b"451 4.4.1 <carol@example.com>: Mailbox server unavailable, try again later\r\n",
+        )
+        self.assertEqual(len(self.reactor.tcpClients), 1)
 
     def test_rcptReplies(self):
         self.ready()

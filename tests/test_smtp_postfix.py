@@ -75,9 +75,9 @@ class PostfixTests(TestCase):
         self.mbx1 = Postfix(
             os.path.join(self.tmp, "mbx1"), "mbx1", tls=self.ca.issue(["127.0.0.1"], "mbx1")
         ).start()
-        self.addCleanup(self.mbx1.stop)
+        self.addCleanup(self.mbx1.cleanUp)
         self.mbx2 = Postfix(os.path.join(self.tmp, "mbx2"), "mbx2", xclient=False).start()
-        self.addCleanup(self.mbx2.stop)
+        self.addCleanup(self.mbx2.cleanUp)
         users = os.path.join(self.tmp, "users")
         with open(users, "w") as f:
             for name, host in (("alice", "mbx1"), ("carol", "mbx1"), ("bob", "mbx2")):
@@ -116,6 +116,9 @@ host = "127.0.0.1"
 [backends.mbx2.smtp]
 port = {self.mbx2.port}
 tls = "none"
+
+[imap]
+enabled = false
 
 [smtp]
 enabled = true
@@ -169,7 +172,7 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
         self.assertEqual(first.recipients, ("alice@example.com", "carol@example.com"))
         self.assertEqual(first.sender, "s@example.org")
         self.assertEqual(first.header("Message-ID"), "<split@example.org>")
-        self.assertEqual(first.body, ("hello", ".a line with a leading dot", ""))
+        self.assertEqual(first.body, ("hello", ".a line with a leading dot"))
         self.assertEqual(first.attributes["client_address"], CLIENT)
         self.assertEqual(first.attributes["helo_name"], HELO)
         self.assertEqual(first.attributes["protocol_name"], "ESMTP")
@@ -196,7 +199,7 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
         ]
         out, err, code = yield getProcessOutputAndValue(
             swaks,
-            base + ["--to", "carol@example.com", "--header", "Message-ID: <swaks-1@example.org>",
+            base + ["--to", "carol@example.com", "--header", "Message-Id: <swaks-1@example.org>",
                     "--body", "first line\n.dot line\n"],
             env=os.environ,
         )
@@ -284,18 +287,34 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
 
     @inlineCallbacks
     def test_sizeLimit(self):
+        """
+        Too big: refused at MAIL when the client announces its SIZE, else after its data, which
+        the backend then never saw end: nothing stored either way.
+        """
+        big = message("big", ("x" * 998 + "\r\n") * 120)
+
         def session():
             c = self.smtp()
             try:
-                c.sendmail("s@example.org", ["alice@example.com"], message("big", "x" * 998 + "\r\n") * 120)
-            except smtplib.SMTPDataError as e:
-                return e.smtp_code, e.smtp_error
-            finally:
-                c.close()
+                c.sendmail("s@example.org", ["alice@example.com"], big)
+            except smtplib.SMTPSenderRefused as e:
+                announced = e.smtp_code, e.smtp_error
+            c.quit()
+            raw = Client(self.port)
+            raw.reply()
+            raw.command(b"EHLO " + HELO.encode())
+            raw.command(b"MAIL FROM:<s@example.org>")
+            raw.command(b"RCPT TO:<alice@example.com>")
+            raw.command(b"DATA")
+            raw.send(big + b".\r\n")
+            streamed = raw.reply()
+            raw.command(b"QUIT")
+            raw.close()
+            return announced, streamed
 
-        code, text = yield self.inThread(session)
-        self.assertEqual(code, 552)
-        self.assertTrue(text.startswith(b"5.3.4"), text)
+        announced, streamed = yield self.inThread(session)
+        self.assertEqual(announced, (552, b"5.3.4 Message size exceeds fixed limit"))
+        self.assertEqual(streamed, b"552 5.3.4 Message size exceeds fixed limit\r\n")
         self.assertEqual(self.mbx1.messages(), [])
 
     @inlineCallbacks

@@ -156,6 +156,42 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
             self.out(), b"451 4.4.1 <x@elsewhere.example>: Mailbox server unavailable, try again later\r\n"
         )
 
+    def test_enforceSender(self):
+        self.reconfigure(CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nenforce_sender = true"))
+        self.loggedIn()
+        self.assertEqual(
+            self.send(b"MAIL FROM:<ceo@example.com>\r\n"),
+            b"553 5.7.1 <ceo@example.com>: Sender address rejected: not owned by user\r\n",
+        )
+        self.assertEqual(self.send(b"MAIL FROM:<Alice@Example.com>\r\n"), b"250 2.1.0 Ok\r\n")
+
+    def test_backendTrustedWithoutLogin(self):
+        """
+        backend_login_required = false: a backend that cannot be told the user (Exchange) is
+        used as it is.
+        """
+        self.reconfigure(
+            CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nbackend_login_required = false")
+        )
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        backend = ScriptedBackend(
+            self.reactor, [(b"", b"220 exchange ESMTP\r\n"), (b"EHLO cas.example.net\r\n", EHLO_PLAIN)]
+        ).run()
+        self.assertEqual(backend.dialogue.passedLogin, "")
+        backend.step(
+            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+        )
+        self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
+
+    def test_xclientLoginEvenWhenNotRequired(self):
+        self.reconfigure(
+            CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nbackend_login_required = false")
+        )
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        self.assertEqual(self.openBackend(xclient=XCLIENT_LOGIN).dialogue.passedLogin, "xclient")
+
     def test_messagesPerHour(self):
         self.reconfigure(CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\ncommand_timeout = 4000.0"))
         self.loggedIn()
@@ -198,7 +234,22 @@ class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
         super().setUp()
         ca = CertificateAuthority.create(self.mktemp())
         cert, key = ca.issue(["cas.example.net"], "cas")
-        self.reconfigure(CONFIG + f'\n[tls]\ncertificate = "{cert}"\nkey = "{key}"\n')
+        implicit = '[[submission.listen]]\nendpoint = "tcp:2465"\ntls = "implicit"\n'
+        self.reconfigure(
+            CONFIG
+            + implicit
+            + f'\n[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+        )
+
+    def test_implicitTLS(self):
+        """
+        Port 465: TLS from the first byte, AUTH offered at once, no STARTTLS.
+        """
+        self.connect(2)
+        ehlo = keywords(self.send(b"EHLO " + HELO + b"\r\n"))
+        self.assertIn(b"AUTH PLAIN LOGIN", ehlo)
+        self.assertNotIn(b"STARTTLS", ehlo)
+        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
 
     def test_starttls(self):
         self.ready(UNTRUSTED)

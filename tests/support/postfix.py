@@ -2,7 +2,9 @@
 A private Postfix 3 instance (an SMTP service of a mailbox server) for integration tests.
 
 Everything lives under the fixture directory: C{config_directory} (C{main.cf}, C{master.cf}),
-C{queue_directory}, C{data_directory} and the log (C{maillog_file} through C{postlogd}).
+C{queue_directory}, C{data_directory} and the log (C{maillog_file} through C{postlogd}); only when
+that directory's path is too long for the Unix socket Postfix logs through is the queue in a
+short temporary directory instead (removed by L{Postfix.stop}).
 Nothing of the system's C{/etc/postfix} is read but the shared library and meta files the
 package installs.
 
@@ -11,15 +13,21 @@ the queue's C{hold/} directory, complete, at the moment C{smtpd} says C{250}: wh
 really received is read from there (L{Postfix.messages}), without delivery or timing.
 
 The master runs in the foreground (C{master -d}) as a child of the test process in its own
-session, and is stopped with its process group by PID.
+session, and is stopped with its process group by PID.  On C{SIGTERM} it signals its daemons and
+exits without waiting for them; so that they are not left as zombies of a PID 1 that does not
+reap orphans (a container's), the test process becomes their "child subreaper" and reaps them.
 """
 
+import ctypes
+import ctypes.util
+import grp
 import os
 import pwd
-import grp
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 
 from attrs import frozen
@@ -29,6 +37,8 @@ from .procs import (
     waitForPortClosed)
 
 _DAEMON_DIRECTORY = "/usr/lib/postfix/sbin"
+# postlogd's socket, QUEUE/public/postlog, is named by its full path; sun_path holds 107.
+_MAX_QUEUE_DIR = 90
 _QUEUES = ("incoming", "active", "deferred", "hold")
 _PRIVATE = ("active", "bounce", "corrupt", "defer", "deferred", "flush", "hold",
             "incoming", "private", "saved", "trace")
@@ -55,6 +65,60 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _becomeSubreaper():
+    """
+    Have orphaned descendants reparented to this process instead of PID 1 (Linux 3.4+).
+
+    @return: whether it worked.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _processGroup(pgid):
+    """
+    PIDs of the live or zombie processes of process group C{pgid}.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % (entry,)) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+def _reapGroup(pgid, timeout=5.0):
+    """
+    Wait for the daemons of a stopped master, which were reparented to this process, and reap
+    them.  Stops early when what is left is not this process's to reap.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        members = _processGroup(pgid)
+        ours = False
+        for pid in members:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+                ours = True
+            except ChildProcessError:
+                pass
+        if not members or not ours:
+            return
+        time.sleep(0.02)
 
 
 @frozen
@@ -133,6 +197,9 @@ class Postfix:
         self.messageSizeLimit = messageSizeLimit
         self.configDir = os.path.join(self.directory, "etc")
         self.queueDir = os.path.join(self.directory, "queue")
+        self._tempQueue = len(self.queueDir) > _MAX_QUEUE_DIR
+        if self._tempQueue:
+            self.queueDir = tempfile.mkdtemp(prefix="casd-postfix-")
         self.dataDir = os.path.join(self.directory, "data")
         self.logPath = os.path.join(self.directory, "maillog")
         self.port = None
@@ -162,7 +229,9 @@ class Postfix:
         for path in (self.directory, self.configDir, self.queueDir):
             os.makedirs(path, exist_ok=True)
             os.chmod(path, 0o755)
-        checkTraversable(self.queueDir, owner.pw_uid, owner.pw_gid)
+        # Its daemons, as the postfix user, reach the queue, the data directory and the log.
+        for path in (self.queueDir, self.directory):
+            checkTraversable(path, owner.pw_uid, owner.pw_gid)
         self._makeQueue(owner.pw_uid, postdrop)
         if self.port is None:
             self.port = freePort()
@@ -175,6 +244,7 @@ class Postfix:
         for name in ("main.cf", "master.cf"):
             os.utime(os.path.join(self.configDir, name), (past, past))
         self._output = open(os.path.join(self.directory, "master.out"), "w+")
+        _becomeSubreaper()
         process = subprocess.Popen(
             [master, "-c", self.configDir, "-d"],
             stdin=subprocess.DEVNULL, stdout=self._output,
@@ -190,7 +260,7 @@ class Postfix:
         except Exception as e:
             self._output.seek(0)
             output = self._output.read()
-            self.stop()
+            self.cleanUp()
             raise RuntimeError("postfix did not come up: %s\n%s\nlog:\n%s"
                                % (e, output, self.logText())) from e
         return self
@@ -268,9 +338,18 @@ class Postfix:
         if pid is None:
             return
         stopPid(pid, timeout=10.0, processGroup=True)
+        _reapGroup(pid)
         self._output.close()
         if self.port is not None:
             waitForPortClosed(self.host, self.port)
+
+    def cleanUp(self):
+        """
+        Stop, and remove the queue when it was put in a temporary directory.
+        """
+        self.stop()
+        if self._tempQueue:
+            shutil.rmtree(self.queueDir, ignore_errors=True)
 
     def killSMTPD(self):
         """
