@@ -418,7 +418,7 @@ class BackendDeathTests(PoolTestMixin, SynchronousTestCase):
     A backend that dies mid-session closes the client promptly, whatever the client does next.
     """
 
-    def relayed(self):
+    def relayed(self, clientTransport=None):
         from casd.relay import Relay
         from casd.testing import TLSStringTransport
         from twisted.internet.protocol import Protocol
@@ -427,7 +427,7 @@ class BackendDeathTests(PoolTestMixin, SynchronousTestCase):
         dialogue, backendTransport = self.accept()
         self.successResultOf(d)
         client = Protocol()
-        clientTransport = TLSStringTransport()
+        clientTransport = clientTransport or TLSStringTransport()
         client.makeConnection(clientTransport)
         ended = []
         relay = Relay(client, dialogue, self.reactor, 100.0, ended.append)
@@ -451,3 +451,28 @@ class BackendDeathTests(PoolTestMixin, SynchronousTestCase):
         dialogue.connectionLost(Failure(ConnectionDone()))
         relay.clientReadClosed()
         self.assertEqual(ended, ["backend closed"])
+
+    def test_tlsClientClosed(self):
+        """
+        A TLS transport (a client after STARTTLS) closes only once no producer is registered
+        with it: the relay unregisters the dead backend first.
+        """
+        from casd.testing import TLSStringTransport
+
+        class TLSLike(TLSStringTransport):
+            closeAsked = False
+
+            def loseConnection(self):
+                self.closeAsked = True
+                if self.producer is None:
+                    TLSStringTransport.loseConnection(self)
+
+            def unregisterProducer(self):
+                TLSStringTransport.unregisterProducer(self)
+                if self.closeAsked:
+                    TLSStringTransport.loseConnection(self)
+
+        relay, dialogue, clientTransport, backendTransport, ended = self.relayed(TLSLike())
+        self.assertIsNotNone(clientTransport.producer)
+        dialogue.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(clientTransport.disconnecting)
