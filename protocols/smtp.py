@@ -196,7 +196,11 @@ class SMTPServer(FrontendProtocol):
             self.close("denied")
             return
         if verdict == Verdict.THROTTLE:
-            self.reply(b"421 4.7.0 " + self.hostname + b" Too many connections from your address, try again later")
+            self.reply(
+                b"421 4.7.0 "
+                + self.hostname
+                + b" Too many connections from your address, try again later"
+            )
             self.close("throttled")
             return
         self._admitted = host
@@ -206,7 +210,9 @@ class SMTPServer(FrontendProtocol):
                 # A partial greeting, as Postfix's postscreen sends: a client that speaks before
                 # the last line is a bot that does not wait for its turn.
                 self.send(b"220-" + self.hostname + b" ESMTP\r\n")
-                checks.append(task.deferLater(self.clock, self.section.pregreet_delay, lambda: None))
+                checks.append(
+                    task.deferLater(self.clock, self.section.pregreet_delay, lambda: None)
+                )
             if self.section.dnsbl_zones:
                 checks.append(self.shared.filter.listed(host))
         if not checks:
@@ -225,8 +231,10 @@ class SMTPServer(FrontendProtocol):
             self.close("pregreet")
         elif zone is not None:
             self.reply(
-                b"554 5.7.1 Service unavailable; client [" + self.client.peerHost.encode("ascii")
-                + b"] blocked using " + zone.encode("ascii", "replace")
+                b"554 5.7.1 Service unavailable; client ["
+                + self.client.peerHost.encode("ascii")
+                + b"] blocked using "
+                + zone.encode("ascii", "replace")
             )
             self.close(f"dnsbl {zone}")
         else:
@@ -458,7 +466,9 @@ class SMTPServer(FrontendProtocol):
             self.error(b"550 5.7.1 " + sender.path() + b": Sender address rejected: Access denied")
             return
         if self.submission and self.section.enforce_sender and not _owns(self.user, sender):
-            self.error(b"553 5.7.1 " + sender.path() + b": Sender address rejected: not owned by user")
+            self.error(
+                b"553 5.7.1 " + sender.path() + b": Sender address rejected: not owned by user"
+            )
             return
         if self.submission and not self.shared.limits.mayStart(self.user):
             self.reply(b"450 4.7.1 Error: too many messages sent, try again later")
@@ -557,13 +567,21 @@ class SMTPServer(FrontendProtocol):
             )
         else:
             if group in tx.failedGroups:
-                return b"451 4.4.1 " + where + b": Mailbox server unavailable, try again later", False
+                return (
+                    b"451 4.4.1 " + where + b": Mailbox server unavailable, try again later",
+                    False,
+                )
             try:
                 session = yield self._sessionFor(route, group)
             except CASFailure as e:
-                self.log.warn("backend for {rcpt} unavailable: {reason}", rcpt=rcpt.address, reason=str(e))
+                self.log.warn(
+                    "backend for {rcpt} unavailable: {reason}", rcpt=rcpt.address, reason=str(e)
+                )
                 tx.failedGroups.add(group)
-                return b"451 4.4.1 " + where + b": Mailbox server unavailable, try again later", False
+                return (
+                    b"451 4.4.1 " + where + b": Mailbox server unavailable, try again later",
+                    False,
+                )
             tx.session, tx.group = session, group
             mail, reply = yield session.begin(tx.mailLine(session.extensions), rcptLine)
             if not mail.positive:
@@ -746,7 +764,9 @@ class SMTPServer(FrontendProtocol):
             if tx.tooBig:
                 tx.refusal = b"552 5.3.4 Message size exceeds fixed limit"
             elif stream.bare and not stream.normalise:
-                tx.refusal = b"554 5.6.0 Message refused: bare CR or LF in its data, use CRLF line endings"
+                tx.refusal = (
+                    b"554 5.6.0 Message refused: bare CR or LF in its data, use CRLF line endings"
+                )
             if tx.refusal is None:
                 session.write(out)
             else:
@@ -772,7 +792,9 @@ class SMTPServer(FrontendProtocol):
             # The backend's reply to the end of data is the one the client gets.
             self.resetTimeout(self.section.data_timeout + self.section.command_timeout)
             d = session.endOfData(self.section.data_timeout)
-            d.addCallbacks(self._finalReply, self._finalFailed, callbackArgs=(tx,), errbackArgs=(tx,))
+            d.addCallbacks(
+                self._finalReply, self._finalFailed, callbackArgs=(tx,), errbackArgs=(tx,)
+            )
             self.wait(d)
 
     def _finalReply(self, reply: Reply, tx: Transaction) -> None:
@@ -865,7 +887,9 @@ class SMTPProtocol:
     defaultBackendTLS = "starttls"
     healthProbe = HealthProbe(expect=b"220", quit=b"QUIT\r\n")
 
-    def __init__(self, name, description, defaultListeners, defaultBackendPort, settings, submission):
+    def __init__(
+        self, name, description, defaultListeners, defaultBackendPort, settings, submission
+    ):
         self.name = name
         self.description = description
         self.defaultListeners = defaultListeners

@@ -72,7 +72,14 @@ class SMTPBackend(BackendDialogue):
     group = ""
 
     def __init__(
-        self, target, client, user, context, helo: bytes, esmtp: bool, submission: bool,
+        self,
+        target,
+        client,
+        user,
+        context,
+        helo: bytes,
+        esmtp: bool,
+        submission: bool,
         requireLogin: bool = True,
     ) -> None:
         super().__init__(target, client, user, None, context)
@@ -209,7 +216,9 @@ class SMTPBackend(BackendDialogue):
         c = self.client
         attributes += [("DESTADDR", clientAddress(c.localHost)), ("DESTPORT", str(c.localPort))]
         words = [
-            name.encode("ascii") + b"=" + xtext(value) for name, value in attributes if name in offered
+            name.encode("ascii") + b"=" + xtext(value)
+            for name, value in attributes
+            if name in offered
         ]
         return b"XCLIENT " + b" ".join(words)
 
@@ -219,7 +228,9 @@ class SMTPBackend(BackendDialogue):
         """
         attributes = self._attributes() + [("IDENT", self.client.sessionId), ("SOURCE", "REMOTE")]
         words = [
-            name.encode("ascii") + b"=" + xtext(value) for name, value in attributes if name in offered
+            name.encode("ascii") + b"=" + xtext(value)
+            for name, value in attributes
+            if name in offered
         ]
         return b"XFORWARD " + b" ".join(words) if words else None
 

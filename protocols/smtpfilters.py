@@ -89,7 +89,10 @@ class ConnectionFilter:
             return Verdict.ALLOW
         if s.deny_networks and isTrusted(host, s.deny_networks):
             return Verdict.DENY
-        if s.max_connections_per_address and self.open.get(host, 0) >= s.max_connections_per_address:
+        if (
+            s.max_connections_per_address
+            and self.open.get(host, 0) >= s.max_connections_per_address
+        ):
             return Verdict.THROTTLE
         if s.connection_rate_limit and not self._withinRate(host, s.connection_rate_limit):
             return Verdict.THROTTLE

@@ -25,7 +25,9 @@ _KEYWORD = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _REPLY = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)(.*)$", re.DOTALL)
 _ENHANCED = re.compile(rb"^([245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$)")
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_ATEXT = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+_ATEXT = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
+)
 
 
 class SMTPSyntaxError(ValueError):
@@ -146,7 +148,7 @@ def _checkDomain(domain: str, errorReply: bytes) -> str:
         if label.isascii():
             if not _LABEL.match(label):
                 raise SMTPSyntaxError(errorReply)
-        elif not label or label.startswith("-") or any(c in " @[]\"\\" for c in label):
+        elif not label or label.startswith("-") or any(c in ' @[]"\\' for c in label):
             raise SMTPSyntaxError(errorReply)
     return domain.rstrip(".").lower()
 
@@ -185,7 +187,9 @@ def parseParameters(text: bytes, errorReply: bytes) -> tuple[tuple[str, bytes | 
         if not word:
             continue
         key, sep, value = word.partition(b"=")
-        if not _KEYWORD.match(key) or (sep and (not value or any(c < 0x21 or c == 0x3D or c == 0x7F for c in value))):
+        if not _KEYWORD.match(key) or (
+            sep and (not value or any(c < 0x21 or c == 0x3D or c == 0x7F for c in value))
+        ):
             raise SMTPSyntaxError(errorReply)
         params.append((key.decode("ascii").upper(), value if sep else None))
     return tuple(params)
@@ -203,7 +207,10 @@ def parsePathArgument(
     @raise SMTPSyntaxError: with the reply to send.
     """
     if args[: len(keyword)].upper() != keyword:
-        raise SMTPSyntaxError(b"501 5.5.4 Syntax: " + (b"MAIL FROM:<address>" if nullAllowed else b"RCPT TO:<address>"))
+        raise SMTPSyntaxError(
+            b"501 5.5.4 Syntax: "
+            + (b"MAIL FROM:<address>" if nullAllowed else b"RCPT TO:<address>")
+        )
     # Many clients put a space after the colon; RFC 5321 does not, Postfix and Exchange accept it.
     raw, rest = _splitPath(args[len(keyword) :].lstrip(b" "), errorReply)
     params = parseParameters(rest, b"501 5.5.4 Bad parameter syntax")
@@ -216,7 +223,8 @@ def parsePathArgument(
 
 def renderParameters(params) -> bytes:
     return b"".join(
-        b" " + key.encode("ascii") + (b"=" + value if value is not None else b"") for key, value in params
+        b" " + key.encode("ascii") + (b"=" + value if value is not None else b"")
+        for key, value in params
     )
 
 
@@ -431,7 +439,10 @@ class DataStream:
         # Every LF in the window must end a CRLF and every CR begin one, or there is a bare one.
         pairsBefore = buf.count(b"\r\n", max(start - 1, 0), limit)
         pairsAfter = buf.count(b"\r\n", start, limit + 1)
-        if buf.count(b"\n", start, limit) == pairsBefore and buf.count(b"\r", start, limit) == pairsAfter:
+        if (
+            buf.count(b"\n", start, limit) == pairsBefore
+            and buf.count(b"\r", start, limit) == pairsAfter
+        ):
             return buf[start:limit], limit
         self.bare = True
         if not self.normalise:

@@ -24,7 +24,9 @@ COMMON_SETTINGS = (
         " C{smtp_max_recipients} policy attribute overrides it on submission).",
         minimum=1,
     ),
-    Setting("smtputf8", "bool", False, "Advertise SMTPUTF8 (RFC 6531): only when every backend has it."),
+    Setting(
+        "smtputf8", "bool", False, "Advertise SMTPUTF8 (RFC 6531): only when every backend has it."
+    ),
     Setting(
         "bare_line_endings",
         "choice",

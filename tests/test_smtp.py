@@ -36,17 +36,22 @@ class GreetingAndCommandTests(SMTPTestMixin, SynchronousTestCase):
         )
 
     def test_smtputf8OnlyWhenConfigured(self):
-        self.reconfigure(CONFIG.replace("max_recipients = 3", "max_recipients = 3\nsmtputf8 = true"))
+        self.reconfigure(
+            CONFIG.replace("max_recipients = 3", "max_recipients = 3\nsmtputf8 = true")
+        )
         self.connect()
         self.assertIn(b"250-SMTPUTF8\r\n", self.send(b"EHLO x.example\r\n"))
-        self.assertEqual(self.send("MAIL FROM:<jörg@example.org> SMTPUTF8\r\n".encode()), b"250 2.1.0 Ok\r\n")
+        self.assertEqual(
+            self.send("MAIL FROM:<jörg@example.org> SMTPUTF8\r\n".encode()), b"250 2.1.0 Ok\r\n"
+        )
 
     def test_helo(self):
         self.connect()
         self.assertEqual(self.send(b"HELO client.example.org\r\n"), b"250 cas.example.net\r\n")
         # No ESMTP parameters after HELO.
         self.assertEqual(
-            self.send(b"MAIL FROM:<s@example.org> SIZE=10\r\n"), b"555 5.5.4 Unsupported option: SIZE\r\n"
+            self.send(b"MAIL FROM:<s@example.org> SIZE=10\r\n"),
+            b"555 5.5.4 Unsupported option: SIZE\r\n",
         )
 
     def test_ehloSyntax(self):
@@ -65,9 +70,14 @@ class GreetingAndCommandTests(SMTPTestMixin, SynchronousTestCase):
 
     def test_sequenceErrors(self):
         self.connect()
-        self.assertEqual(self.send(b"MAIL FROM:<s@example.org>\r\n"), b"503 5.5.1 Error: send HELO/EHLO first\r\n")
+        self.assertEqual(
+            self.send(b"MAIL FROM:<s@example.org>\r\n"),
+            b"503 5.5.1 Error: send HELO/EHLO first\r\n",
+        )
         self.send(b"EHLO x.example\r\n")
-        self.assertEqual(self.send(b"RCPT TO:<alice@example.com>\r\n"), b"503 5.5.1 Error: need MAIL command\r\n")
+        self.assertEqual(
+            self.send(b"RCPT TO:<alice@example.com>\r\n"), b"503 5.5.1 Error: need MAIL command\r\n"
+        )
         self.assertEqual(self.send(b"DATA\r\n"), b"503 5.5.1 Error: need RCPT command\r\n")
         self.send(b"MAIL FROM:<s@example.org>\r\n")
         self.assertEqual(
@@ -88,11 +98,16 @@ class GreetingAndCommandTests(SMTPTestMixin, SynchronousTestCase):
 
     def test_authNotOnPort25(self):
         self.ready()
-        self.assertEqual(self.send(b"AUTH PLAIN AGFsaWNlAGFsaWNlLXB3\r\n"), b"503 5.5.1 Error: authentication not enabled\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN AGFsaWNlAGFsaWNlLXB3\r\n"),
+            b"503 5.5.1 Error: authentication not enabled\r\n",
+        )
 
     def test_starttlsWithoutCertificate(self):
         self.ready()
-        self.assertEqual(self.send(b"STARTTLS\r\n"), b"502 5.5.1 Error: command not implemented\r\n")
+        self.assertEqual(
+            self.send(b"STARTTLS\r\n"), b"502 5.5.1 Error: command not implemented\r\n"
+        )
 
     def test_overlongLine(self):
         self.connect()
@@ -129,7 +144,9 @@ class EnvelopeTests(SMTPTestMixin, SynchronousTestCase):
 
     def test_subdomainAccepted(self):
         self.context.directory.add(
-            "dave", "pw", UserRecord(login="dave", address="dave@a.sub.example.com", mailHost="mbx1")
+            "dave",
+            "pw",
+            UserRecord(login="dave", address="dave@a.sub.example.com", mailHost="mbx1"),
         )
         self.ready()
         self.send(b"MAIL FROM:<s@example.org>\r\n")
@@ -170,13 +187,17 @@ class EnvelopeTests(SMTPTestMixin, SynchronousTestCase):
 
     def test_postmasterWithoutDomain(self):
         self.context.directory.add(
-            "postmaster", "pw", UserRecord(login="postmaster", address="postmaster@example.com", mailHost="mbx1")
+            "postmaster",
+            "pw",
+            UserRecord(login="postmaster", address="postmaster@example.com", mailHost="mbx1"),
         )
         self.ready()
         self.send(b"MAIL FROM:<>\r\n")
         self.send(b"RCPT TO:<Postmaster>\r\n")
         backend = self.openBackend()
-        backend.step(b"MAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        backend.step(
+            b"MAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+        )
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
 
     def test_blockedSenders(self):
@@ -194,17 +215,24 @@ class EnvelopeTests(SMTPTestMixin, SynchronousTestCase):
     def test_mailParameters(self):
         self.ready()
         self.assertEqual(
-            self.send(b"MAIL FROM:<s@example.org> SIZE=1001\r\n"), b"552 5.3.4 Message size exceeds fixed limit\r\n"
-        )
-        self.assertEqual(self.send(b"MAIL FROM:<s@example.org> SIZE=big\r\n"), b"501 5.5.4 Bad SIZE parameter\r\n")
-        self.assertEqual(
-            self.send(b"MAIL FROM:<s@example.org> RET=FULL\r\n"), b"555 5.5.4 Unsupported option: RET\r\n"
+            self.send(b"MAIL FROM:<s@example.org> SIZE=1001\r\n"),
+            b"552 5.3.4 Message size exceeds fixed limit\r\n",
         )
         self.assertEqual(
-            self.send(b"MAIL FROM:<s@example.org> SMTPUTF8\r\n"), b"555 5.5.4 Unsupported option: SMTPUTF8\r\n"
+            self.send(b"MAIL FROM:<s@example.org> SIZE=big\r\n"),
+            b"501 5.5.4 Bad SIZE parameter\r\n",
         )
         self.assertEqual(
-            self.send(b"MAIL FROM:<s@example.org SIZE=1\r\n"), b"501 5.1.7 Bad sender address syntax\r\n"
+            self.send(b"MAIL FROM:<s@example.org> RET=FULL\r\n"),
+            b"555 5.5.4 Unsupported option: RET\r\n",
+        )
+        self.assertEqual(
+            self.send(b"MAIL FROM:<s@example.org> SMTPUTF8\r\n"),
+            b"555 5.5.4 Unsupported option: SMTPUTF8\r\n",
+        )
+        self.assertEqual(
+            self.send(b"MAIL FROM:<s@example.org SIZE=1\r\n"),
+            b"501 5.1.7 Bad sender address syntax\r\n",
         )
 
     def test_bodyAndSizeReplayed(self):
@@ -216,7 +244,8 @@ class EnvelopeTests(SMTPTestMixin, SynchronousTestCase):
         self.ready()
         self.send(b"MAIL FROM:<s@example.org>\r\n")
         self.assertEqual(
-            self.send(b"RCPT TO:<alice@example.com> NOTIFY=NEVER\r\n"), b"555 5.5.4 Unsupported option: NOTIFY\r\n"
+            self.send(b"RCPT TO:<alice@example.com> NOTIFY=NEVER\r\n"),
+            b"555 5.5.4 Unsupported option: NOTIFY\r\n",
         )
 
     def test_recipientLimit(self):
@@ -225,7 +254,10 @@ class EnvelopeTests(SMTPTestMixin, SynchronousTestCase):
         for name in (b"carol", b"alice+a"):
             self.send(b"RCPT TO:<" + name + b"@example.com>\r\n")
             backend.step(b"RCPT TO:<" + name + b"@example.com>\r\n", b"250 2.1.5 Ok\r\n")
-        self.assertEqual(self.send(b"RCPT TO:<alice+b@example.com>\r\n"), b"452 4.5.3 Error: too many recipients\r\n")
+        self.assertEqual(
+            self.send(b"RCPT TO:<alice+b@example.com>\r\n"),
+            b"452 4.5.3 Error: too many recipients\r\n",
+        )
         self.assertEqual(backend.received(), b"")
 
 
@@ -262,7 +294,8 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
         out = self.send(script[:7]) + self.send(script[7:30]) + self.send(script[30:90])
         backend = self.openBackend()
         backend.step(
-            b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+            b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n",
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
         )
         out += self.out() + self.send(script[90:131]) + self.send(script[131:])
         backend.step(b"RCPT TO:<carol@example.com>\r\n", b"250 2.1.5 Ok\r\n")
@@ -327,7 +360,10 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
         self.assertEqual(first.received(), b"QUIT\r\n")
         self.assertEqual(self.reactor.tcpClients[1][:2], ("192.0.2.20", 25))
         second = self.openBackend()
-        second.step(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<bob@example.com>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        second.step(
+            b"MAIL FROM:<s@example.org>\r\nRCPT TO:<bob@example.com>\r\n",
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
+        )
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
 
     def test_rebindWhileNoRecipientAccepted(self):
@@ -346,7 +382,10 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
         self.send(b"RCPT TO:<bob@example.com>\r\n")
         self.assertEqual(first.received(), b"QUIT\r\n")
         second = self.openBackend()
-        second.step(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<bob@example.com>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+        second.step(
+            b"MAIL FROM:<s@example.org>\r\nRCPT TO:<bob@example.com>\r\n",
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
+        )
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
 
     def test_xforward(self):
@@ -360,7 +399,10 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
             self.reactor,
             [
                 (b"", b"220 mbx ESMTP\r\n"),
-                (b"EHLO cas.example.net\r\n", b"250-mbx\r\n250-PIPELINING\r\n250 XFORWARD NAME ADDR PROTO HELO IDENT\r\n"),
+                (
+                    b"EHLO cas.example.net\r\n",
+                    b"250-mbx\r\n250-PIPELINING\r\n250 XFORWARD NAME ADDR PROTO HELO IDENT\r\n",
+                ),
             ],
         ).run()
         xforward = (
@@ -377,7 +419,9 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
         backend.step(b".\r\n", b"250 2.0.0 Ok\r\n")
         self.send(b"MAIL FROM:<t@example.org>\r\nRCPT TO:<carol@example.com>\r\n")
         backend.step(
-            b"RSET\r\n" + xforward + b"\r\nMAIL FROM:<t@example.org>\r\nRCPT TO:<carol@example.com>\r\n",
+            b"RSET\r\n"
+            + xforward
+            + b"\r\nMAIL FROM:<t@example.org>\r\nRCPT TO:<carol@example.com>\r\n",
             b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
         )
 
@@ -393,10 +437,14 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
 
     def test_ipv6Client(self):
-        self.server, self.transport = connectFrontend(self.descriptor, self.context, 0, ("198.51.100.7", 1))
+        self.server, self.transport = connectFrontend(
+            self.descriptor, self.context, 0, ("198.51.100.7", 1)
+        )
         # connectFrontend speaks IPv4: give the session an IPv6 peer before it says anything.
         self.server.client = attr.evolve(self.server.client, peerHost="2001:db8::7", peerPort=1234)
-        self.send(b"EHLO v6.example.org\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n")
+        self.send(
+            b"EHLO v6.example.org\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n"
+        )
         self.openBackend(
             helo=b"v6.example.org",
             xclient=b"XCLIENT ADDR=IPV6:2001:db8::7 PORT=1234 NAME=[UNAVAILABLE] HELO=v6.example.org PROTO=ESMTP\r\n",
@@ -406,7 +454,11 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
         """
         STARTTLS towards the backend: the capabilities seen before TLS are asked again after.
         """
-        self.reconfigure(CONFIG.replace('[backends.mbx1.smtp]\ntls = "none"', '[backends.mbx1.smtp]\ntls = "starttls"'))
+        self.reconfigure(
+            CONFIG.replace(
+                '[backends.mbx1.smtp]\ntls = "none"', '[backends.mbx1.smtp]\ntls = "starttls"'
+            )
+        )
         self.ready()
         self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n")
         backend = ScriptedBackend(
@@ -418,21 +470,30 @@ class TransactionTests(SMTPTestMixin, SynchronousTestCase):
                 (b"EHLO cas.example.net\r\n", EHLO_XCLIENT),
                 (XCLIENT, b"220 mbx ESMTP\r\n"),
                 (b"EHLO " + HELO + b"\r\n", EHLO_PLAIN),
-                (b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"),
+                (
+                    b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n",
+                    b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
+                ),
             ],
         ).run()
         self.assertEqual(backend.transport.tlsStarted, ("client-tls", "192.0.2.10"))
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
 
     def test_backendWithoutStarttlsRefused(self):
-        self.reconfigure(CONFIG.replace('[backends.mbx1.smtp]\ntls = "none"', '[backends.mbx1.smtp]\ntls = "starttls"'))
+        self.reconfigure(
+            CONFIG.replace(
+                '[backends.mbx1.smtp]\ntls = "none"', '[backends.mbx1.smtp]\ntls = "starttls"'
+            )
+        )
         self.ready()
         self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n")
         ScriptedBackend(
-            self.reactor, [(b"", b"220 mbx ESMTP\r\n"), (b"EHLO cas.example.net\r\n", b"250 mbx\r\n")]
+            self.reactor,
+            [(b"", b"220 mbx ESMTP\r\n"), (b"EHLO cas.example.net\r\n", b"250 mbx\r\n")],
         ).run()
         self.assertEqual(
-            self.out(), b"451 4.4.1 <alice@example.com>: Mailbox server unavailable, try again later\r\n"
+            self.out(),
+            b"451 4.4.1 <alice@example.com>: Mailbox server unavailable, try again later\r\n",
         )
 
 
@@ -460,7 +521,9 @@ class DataTests(SMTPTestMixin, SynchronousTestCase):
         self.assertEqual(backend.received(), b"")
 
     def test_bareLineEndingsRejected(self):
-        self.reconfigure(CONFIG.replace("max_recipients = 3", 'max_recipients = 3\nbare_line_endings = "reject"'))
+        self.reconfigure(
+            CONFIG.replace("max_recipients = 3", 'max_recipients = 3\nbare_line_endings = "reject"')
+        )
         self.ready()
         backend = self.firstRecipient()
         self.startData(backend)
@@ -531,13 +594,17 @@ class RsetQuitTests(SMTPTestMixin, SynchronousTestCase):
 
     def test_beforeEhlo(self):
         self.connect()
-        self.assertEqual(self.send(b"RSET\r\nQUIT\r\nNOOP\r\n"), b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n")
+        self.assertEqual(
+            self.send(b"RSET\r\nQUIT\r\nNOOP\r\n"), b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
+        )
         self.assertTrue(self.transport.disconnecting)
 
     def test_afterMail(self):
         self.ready()
         self.send(b"MAIL FROM:<s@example.org>\r\n")
-        self.assertEqual(self.send(b"RSET\r\nMAIL FROM:<t@example.org>\r\n"), b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n")
+        self.assertEqual(
+            self.send(b"RSET\r\nMAIL FROM:<t@example.org>\r\n"), b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n"
+        )
         self.assertEqual(self.send(b"QUIT\r\n"), b"221 2.0.0 Bye\r\n")
         self.assertEqual(self.reactor.tcpClients, [])
 
@@ -584,11 +651,13 @@ class RsetQuitTests(SMTPTestMixin, SynchronousTestCase):
     def test_quitWhileRecipientPending(self):
         self.ready()
         self.assertEqual(
-            self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\nQUIT\r\n"), b"250 2.1.0 Ok\r\n"
+            self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\nQUIT\r\n"),
+            b"250 2.1.0 Ok\r\n",
         )
         backend = self.openBackend()
         backend.step(
-            b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+            b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n",
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
         )
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n221 2.0.0 Bye\r\n")
         self.assertEqual(backend.received(), b"QUIT\r\n")
@@ -597,7 +666,9 @@ class RsetQuitTests(SMTPTestMixin, SynchronousTestCase):
         self.ready()
         self.send(b"MAIL FROM:<s@example.org>\r\n")
         self.send(b"EHLO other.example.org\r\n")
-        self.assertEqual(self.send(b"RCPT TO:<alice@example.com>\r\n"), b"503 5.5.1 Error: need MAIL command\r\n")
+        self.assertEqual(
+            self.send(b"RCPT TO:<alice@example.com>\r\n"), b"503 5.5.1 Error: need MAIL command\r\n"
+        )
 
 
 class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
@@ -608,7 +679,10 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
 
     def rcptWithBackend(self, script):
         self.ready()
-        self.assertEqual(self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n"), b"250 2.1.0 Ok\r\n")
+        self.assertEqual(
+            self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n"),
+            b"250 2.1.0 Ok\r\n",
+        )
         return ScriptedBackend(self.reactor, script).run()
 
     UNAVAILABLE = b"451 4.4.1 <alice@example.com>: Mailbox server unavailable, try again later\r\n"
@@ -632,7 +706,22 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
             self.assertEqual(self.out(), self.UNAVAILABLE, greeting)
 
     def test_ehloRefused(self):
-        self.rcptWithBackend([(b"", b"220 mbx\r\n"), (b"EHLO cas.example.net\r\n", b"550 5.7.1 go away\r\n")])
+        self.rcptWithBackend(
+            [(b"", b"220 mbx\r\n"), (b"EHLO cas.example.net\r\n", b"550 5.7.1 go away\r\n")]
+        )
+        self.assertEqual(self.out(), self.UNAVAILABLE)
+
+    def test_starttlsRefused(self):
+        self.reconfigure(
+            CONFIG.replace('[backends.mbx1.smtp]\ntls = "none"', '[backends.mbx1.smtp]\ntls = "starttls"')
+        )
+        self.rcptWithBackend(
+            [
+                (b"", b"220 mbx\r\n"),
+                (b"EHLO cas.example.net\r\n", b"250-mbx\r\n250 STARTTLS\r\n"),
+                (b"STARTTLS\r\n", b"454 4.7.0 TLS not available due to local problem\r\n"),
+            ]
+        )
         self.assertEqual(self.out(), self.UNAVAILABLE)
 
     def test_xclientRefused(self):
@@ -671,8 +760,12 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         self.ready()
         self.send(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n")
         backend = self.openBackend()
-        backend.step(b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n", b"hello there\r\n")
-        self.assertEqual(self.out(), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n")
+        backend.step(
+            b"MAIL FROM:<s@example.org>\r\nRCPT TO:<alice@example.com>\r\n", b"hello there\r\n"
+        )
+        self.assertEqual(
+            self.out(), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n"
+        )
         self.assertTrue(backend.transport.disconnected)
         self.assertEqual(
             self.send(b"RCPT TO:<carol@example.com>\r\n"),
@@ -683,7 +776,12 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
     def test_rcptReplies(self):
         self.ready()
         backend = self.firstRecipient()
-        for reply in (b"450 4.2.1 Mailbox busy", b"550 5.1.1 No such user", b"251 2.1.5 forwarded", b"250 2.1.5 Ok"):
+        for reply in (
+            b"450 4.2.1 Mailbox busy",
+            b"550 5.1.1 No such user",
+            b"251 2.1.5 forwarded",
+            b"250 2.1.5 Ok",
+        ):
             self.send(b"RCPT TO:<carol@example.com>\r\n")
             backend.step(b"RCPT TO:<carol@example.com>\r\n", reply + b"\r\n")
             self.assertEqual(self.out(), reply + b"\r\n")
@@ -692,7 +790,10 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         self.ready()
         backend = self.firstRecipient()
         self.send(b"RCPT TO:<carol@example.com>\r\n")
-        backend.step(b"RCPT TO:<carol@example.com>\r\n", b"550-5.1.1 No such user\r\n550 5.1.1 See the docs\r\n")
+        backend.step(
+            b"RCPT TO:<carol@example.com>\r\n",
+            b"550-5.1.1 No such user\r\n550 5.1.1 See the docs\r\n",
+        )
         self.assertEqual(self.out(), b"550-5.1.1 No such user\r\n550 5.1.1 See the docs\r\n")
 
     def test_rcptUnexpectedReplyLosesTransaction(self):
@@ -712,7 +813,9 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         self.firstRecipient()
         self.send(b"RCPT TO:<carol@example.com>\r\n")
         self.reactor.advance(5.1)
-        self.assertEqual(self.out(), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n")
+        self.assertEqual(
+            self.out(), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n"
+        )
 
     def test_backendClosesBetweenCommands(self):
         self.ready()
@@ -720,7 +823,8 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         backend.dialogue.dataReceived(b"421 4.4.2 mbx Error: timeout exceeded\r\n")
         backend.dialogue.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(
-            self.send(b"DATA\r\n"), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n"
+            self.send(b"DATA\r\n"),
+            b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n",
         )
 
     def test_dataReplies(self):
@@ -739,7 +843,9 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         backend = self.firstRecipient()
         self.send(b"DATA\r\n")
         backend.step(b"DATA\r\n", b"250 2.0.0 what\r\n")
-        self.assertEqual(self.out(), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n")
+        self.assertEqual(
+            self.out(), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n"
+        )
         self.assertTrue(backend.transport.disconnected)
 
     def test_finalReplies(self):
@@ -764,7 +870,8 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         self.send(b".\r\n")
         backend.step(b".\r\n", b"354 again?\r\n")
         self.assertEqual(
-            self.out(), b"451 4.4.2 The mailbox server did not confirm the message, try again later\r\n"
+            self.out(),
+            b"451 4.4.2 The mailbox server did not confirm the message, try again later\r\n",
         )
         self.assertEqual(self.server.messages, 0)
 
@@ -777,7 +884,8 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.out(), b"")
         self.reactor.advance(2)
         self.assertEqual(
-            self.out(), b"451 4.4.2 The mailbox server did not confirm the message, try again later\r\n"
+            self.out(),
+            b"451 4.4.2 The mailbox server did not confirm the message, try again later\r\n",
         )
         self.assertTrue(backend.transport.disconnected)
         self.assertFalse(self.transport.disconnecting)  # the client timer did not fire first
@@ -789,7 +897,8 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         self.send(b".\r\n")
         backend.step(b".\r\n", CLOSE)
         self.assertEqual(
-            self.out(), b"451 4.4.2 The mailbox server did not confirm the message, try again later\r\n"
+            self.out(),
+            b"451 4.4.2 The mailbox server did not confirm the message, try again later\r\n",
         )
 
     def test_backendLostWhileStreaming(self):
@@ -802,7 +911,8 @@ class BackendReplyTests(SMTPTestMixin, SynchronousTestCase):
         self.send(b"second part\r\n")
         self.assertEqual(backend.transport.value(), b"")
         self.assertEqual(
-            self.send(b".\r\n"), b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n"
+            self.send(b".\r\n"),
+            b"451 4.4.2 Connection to the mailbox server lost, try again later\r\n",
         )
         self.assertEqual(self.server.messages, 0)
         self.assertEqual(self.transport.producerState, "producing")

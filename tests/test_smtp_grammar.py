@@ -53,7 +53,9 @@ class CommandTests(SynchronousTestCase):
 class PathTests(SynchronousTestCase):
     def test_plain(self):
         box, params = mail(b"FROM:<Alice@Example.COM>")
-        self.assertEqual((box.raw, box.local, box.domain), (b"Alice@Example.COM", "Alice", "example.com"))
+        self.assertEqual(
+            (box.raw, box.local, box.domain), (b"Alice@Example.COM", "Alice", "example.com")
+        )
         self.assertEqual(box.address, "Alice@example.com")
         self.assertEqual(box.path(), b"<Alice@Example.COM>")
         self.assertEqual(params, ())
@@ -109,7 +111,11 @@ class PathTests(SynchronousTestCase):
     def test_parameters(self):
         _, params = mail(b"FROM:<a@b.example> size=5 SMTPUTF8 X-Y=z")
         self.assertEqual(params, (("SIZE", b"5"), ("SMTPUTF8", None), ("X-Y", b"z")))
-        for bad in (b"FROM:<a@b.example> SIZE=", b"FROM:<a@b.example> =x", b"FROM:<a@b.example> A=b=c"):
+        for bad in (
+            b"FROM:<a@b.example> SIZE=",
+            b"FROM:<a@b.example> =x",
+            b"FROM:<a@b.example> A=b=c",
+        ):
             e = self.assertRaises(SMTPSyntaxError, mail, bad)
             self.assertEqual(e.reply, b"501 5.5.4 Bad parameter syntax")
 
@@ -121,11 +127,16 @@ class ReplyTests(SynchronousTestCase):
         self.assertIsNone(p.feed(b"250-PIPELINING"))
         self.assertIsNone(p.feed(b"250-SIZE 1000"))
         r = p.feed(b"250 XCLIENT NAME ADDR")
-        self.assertEqual(r, Reply(250, (b"mbx.example", b"PIPELINING", b"SIZE 1000", b"XCLIENT NAME ADDR")))
+        self.assertEqual(
+            r, Reply(250, (b"mbx.example", b"PIPELINING", b"SIZE 1000", b"XCLIENT NAME ADDR"))
+        )
         self.assertEqual(
             ehloKeywords(r), {"PIPELINING": (), "SIZE": (b"1000",), "XCLIENT": (b"NAME", b"ADDR")}
         )
-        self.assertEqual(r.render(), b"250-mbx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 XCLIENT NAME ADDR\r\n")
+        self.assertEqual(
+            r.render(),
+            b"250-mbx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 XCLIENT NAME ADDR\r\n",
+        )
         self.assertEqual(p.feed(b"354"), Reply(354, (b"",)))
 
     def test_classes(self):
@@ -213,8 +224,19 @@ class DataStreamTests(SynchronousTestCase):
         Every known way to end data early at some server: casd's output to the backend has one
         end, the real one, and the smuggled commands are part of the one message.
         """
-        smuggled = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nforged\r\n"
-        for marker in (b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\r\n", b"\n.\r", b"\r.\n"):
+        smuggled = (
+            b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nforged\r\n"
+        )
+        for marker in (
+            b"\n.\n",
+            b"\r\n.\n",
+            b"\n.\r\n",
+            b"\r.\r",
+            b"\r\n.\r",
+            b"\r.\r\n",
+            b"\n.\r",
+            b"\r.\n",
+        ):
             data = b"Subject: x\r\n\r\nhello" + marker + smuggled + b"tail\r\n.\r\nQUIT\r\n"
             for normalise in (True, False):
                 stream = DataStream(normalise)
@@ -253,7 +275,9 @@ class DataStreamTests(SynchronousTestCase):
         rng = random.Random(5321)
         pieces = [b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"\r\n.\r", b".."]
         for _ in range(3000):
-            data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) + b"\r\n.\r\nREST"
+            data = (
+                b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) + b"\r\n.\r\nREST"
+            )
             whole, _ = feedAll(DataStream(), [data])
             cuts = sorted(rng.sample(range(len(data) + 1), rng.randint(0, min(8, len(data)))))
             chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]

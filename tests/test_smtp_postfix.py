@@ -39,7 +39,9 @@ class Client:
     """
 
     def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(CLIENT, 0))
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(CLIENT, 0)
+        )
         self.file = self.sock.makefile("rb")
 
     def reply(self) -> bytes:
@@ -81,7 +83,9 @@ class PostfixTests(TestCase):
         users = os.path.join(self.tmp, "users")
         with open(users, "w") as f:
             for name, host in (("alice", "mbx1"), ("carol", "mbx1"), ("bob", "mbx2")):
-                f.write(f"{name}:{makeHash('PLAIN', name.encode() + b'-pw')}:address={name}@example.com mailhost={host}\n")
+                f.write(
+                    f"{name}:{makeHash('PLAIN', name.encode() + b'-pw')}:address={name}@example.com mailhost={host}\n"
+                )
         cert, key = self.ca.issue(["localhost", "127.0.0.1"], "front")
         self.port = freePort()
         self.submissionPort = freePort()
@@ -123,7 +127,7 @@ enabled = false
 [smtp]
 enabled = true
 accepted_domains = ["example.com"]
-message_size_limit = 100000
+message_size_limit = 5000000
 data_timeout = 10.0
 [[smtp.listen]]
 endpoint = "tcp:{self.port}:interface=127.0.0.1"
@@ -140,7 +144,9 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
         return threads.deferToThread(f, *args)
 
     def smtp(self):
-        client = smtplib.SMTP("127.0.0.1", self.port, local_hostname=HELO, timeout=10, source_address=(CLIENT, 0))
+        client = smtplib.SMTP(
+            "127.0.0.1", self.port, local_hostname=HELO, timeout=10, source_address=(CLIENT, 0)
+        )
         return client
 
     def messageIds(self, postfix):
@@ -156,7 +162,11 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
 
         def session():
             c = self.smtp()
-            refused = c.sendmail("s@example.org", ["alice@example.com", "bob@example.com", "carol@example.com"], message("split"))
+            refused = c.sendmail(
+                "s@example.org",
+                ["alice@example.com", "bob@example.com", "carol@example.com"],
+                message("split"),
+            )
             again = c.sendmail("s@example.org", list(refused), message("split"))
             c.quit()
             return refused, again
@@ -194,13 +204,30 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
         swaks = shutil.which("swaks")
         self.assertIsNotNone(swaks, "swaks is not installed: apt-get install swaks")
         base = [
-            "--server", f"127.0.0.1:{self.port}", "--local-interface", CLIENT, "--helo", HELO,
-            "--from", "s@example.org", "--timeout", "10", "--tls", "--pipeline",
+            "--server",
+            f"127.0.0.1:{self.port}",
+            "--local-interface",
+            CLIENT,
+            "--helo",
+            HELO,
+            "--from",
+            "s@example.org",
+            "--timeout",
+            "10",
+            "--tls",
+            "--pipeline",
         ]
         out, err, code = yield getProcessOutputAndValue(
             swaks,
-            base + ["--to", "carol@example.com", "--header", "Message-Id: <swaks-1@example.org>",
-                    "--body", "first line\n.dot line\n"],
+            base
+            + [
+                "--to",
+                "carol@example.com",
+                "--header",
+                "Message-Id: <swaks-1@example.org>",
+                "--body",
+                "first line\n.dot line\n",
+            ],
             env=os.environ,
         )
         self.assertEqual(code, 0, out + err)
@@ -209,7 +236,9 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
             ("nobody@example.com", b"550 5.1.1"),
             ("someone@elsewhere.example", b"554 5.7.1"),
         ):
-            out, err, code = yield getProcessOutputAndValue(swaks, base + ["--to", rcpt], env=os.environ)
+            out, err, code = yield getProcessOutputAndValue(
+                swaks, base + ["--to", rcpt], env=os.environ
+            )
             self.assertNotEqual(code, 0)
             self.assertIn(expected, out)
         [stored] = self.mbx1.messages()
@@ -286,12 +315,31 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
         self.assertEqual(self.mbx2.messages(), [])
 
     @inlineCallbacks
+    def test_bigMessageStreams(self):
+        """
+        A 4 MB message through STARTTLS on both sides arrives whole, byte for byte.
+        """
+        body = "".join("%07d %s\r\n" % (i, "y" * 70) for i in range(52000))
+
+        def session():
+            c = self.smtp()
+            c.starttls(context=ssl.create_default_context(cafile=self.ca.caPath))
+            c.ehlo(HELO)
+            refused = c.sendmail("s@example.org", ["alice@example.com"], message("huge", body))
+            c.quit()
+            return refused
+
+        self.assertEqual((yield self.inThread(session)), {})
+        [stored] = self.mbx1.messages()
+        self.assertEqual(stored.body, tuple(body.split("\r\n")[:-1]))
+
+    @inlineCallbacks
     def test_sizeLimit(self):
         """
         Too big: refused at MAIL when the client announces its SIZE, else after its data, which
         the backend then never saw end: nothing stored either way.
         """
-        big = message("big", ("x" * 998 + "\r\n") * 120)
+        big = message("big", ("x" * 998 + "\r\n") * 5100)
 
         def session():
             c = self.smtp()
@@ -336,7 +384,9 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
             except smtplib.SMTPAuthenticationError as e:
                 wrong = e.smtp_code
             c.login("alice", "alice-pw")
-            refused = c.sendmail("alice@example.com", ["friend@elsewhere.example"], message("submitted"))
+            refused = c.sendmail(
+                "alice@example.com", ["friend@elsewhere.example"], message("submitted")
+            )
             c.quit()
             return before, wrong, refused
 

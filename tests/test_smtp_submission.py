@@ -41,16 +41,22 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
 
     def loggedIn(self):
         self.ready(TRUSTED)
-        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n"
+        )
 
     def test_noAuthBeforeTLS(self):
         self.connect(UNTRUSTED)
         ehlo = self.send(b"EHLO " + HELO + b"\r\n")
         self.assertNotIn(b"AUTH", ehlo)
         self.assertEqual(
-            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"530 5.7.0 Must issue a STARTTLS command first\r\n",
         )
-        self.assertEqual(self.send(b"MAIL FROM:<alice@example.com>\r\n"), b"530 5.7.0 Authentication required\r\n")
+        self.assertEqual(
+            self.send(b"MAIL FROM:<alice@example.com>\r\n"),
+            b"530 5.7.0 Authentication required\r\n",
+        )
         self.assertIsNone(self.server.user)
 
     def test_authAdvertisedWhenAllowed(self):
@@ -64,7 +70,9 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
         """
         self.loggedIn()
         self.assertNotIn(b"AUTH", self.send(b"EHLO " + HELO + b"\r\n"))
-        self.send(b"MAIL FROM:<alice@example.com> AUTH=<>\r\nRCPT TO:<friend@elsewhere.example>\r\n")
+        self.send(
+            b"MAIL FROM:<alice@example.com> AUTH=<>\r\nRCPT TO:<friend@elsewhere.example>\r\n"
+        )
         self.assertEqual(self.reactor.tcpClients[0][:2], ("192.0.2.10", 587))
         backend = self.openBackend(xclient=XCLIENT_LOGIN)
         backend.step(
@@ -80,8 +88,12 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
     def test_authLogin(self):
         self.ready(TRUSTED)
         self.assertEqual(self.send(b"AUTH LOGIN\r\n"), b"334 " + b64encode(b"Username:") + b"\r\n")
-        self.assertEqual(self.send(b64encode(b"alice") + b"\r\n"), b"334 " + b64encode(b"Password:") + b"\r\n")
-        self.assertEqual(self.send(b64encode(b"alice-pw") + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(
+            self.send(b64encode(b"alice") + b"\r\n"), b"334 " + b64encode(b"Password:") + b"\r\n"
+        )
+        self.assertEqual(
+            self.send(b64encode(b"alice-pw") + b"\r\n"), b"235 2.7.0 Authentication successful\r\n"
+        )
         self.assertEqual(self.server.user.login, "alice")
 
     def test_authPlainWithoutInitialResponse(self):
@@ -91,7 +103,9 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
 
     def test_authErrors(self):
         self.ready(TRUSTED)
-        self.assertEqual(self.send(b"AUTH CRAM-MD5\r\n"), b"504 5.5.4 Unrecognized authentication type\r\n")
+        self.assertEqual(
+            self.send(b"AUTH CRAM-MD5\r\n"), b"504 5.5.4 Unrecognized authentication type\r\n"
+        )
         self.assertEqual(self.send(b"AUTH PLAIN !!!\r\n"), b"501 5.5.2 Cannot decode response\r\n")
         self.send(b"AUTH LOGIN\r\n")
         self.assertEqual(self.send(b"*\r\n"), b"501 5.7.0 Authentication aborted\r\n")
@@ -108,10 +122,15 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
 
     def test_authSequence(self):
         self.connect(TRUSTED)
-        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: send EHLO first\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: send EHLO first\r\n"
+        )
         self.send(b"EHLO " + HELO + b"\r\n")
         self.send(b"AUTH PLAIN " + PLAIN + b"\r\n")
-        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: already authenticated\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"503 5.5.1 Error: already authenticated\r\n",
+        )
 
     def test_masterUserWithoutXclientLogin(self):
         """
@@ -134,17 +153,50 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
             self.reactor,
             [
                 (b"", b"220 mbx ESMTP\r\n"),
-                (b"EHLO cas.example.net\r\n", b"250-mbx\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n"),
+                (
+                    b"EHLO cas.example.net\r\n",
+                    b"250-mbx\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n",
+                ),
             ],
         ).run()
         sent = backend.received()
         self.assertTrue(sent.startswith(b"AUTH PLAIN "), sent)
-        self.assertEqual(b64decode(sent[len(b"AUTH PLAIN ") :].strip()), b"alice\x00casd\x00master-secret")
+        self.assertEqual(
+            b64decode(sent[len(b"AUTH PLAIN ") :].strip()), b"alice\x00casd\x00master-secret"
+        )
         backend.send(b"235 2.7.0 Authentication successful\r\n")
         backend.step(
-            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n",
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
         )
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
+
+    def test_masterUserRefused(self):
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("master-secret\n")
+        self.reconfigure(
+            CONFIG.replace(
+                '[backends.mbx1.submission]\ntls = "none"',
+                '[backends.mbx1.submission]\ntls = "none"\nmaster_user = "casd"\n'
+                f'master_password_file = "{os.path.abspath(secret)}"',
+            )
+        )
+        self.loggedIn()
+        self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
+        backend = ScriptedBackend(
+            self.reactor,
+            [
+                (b"", b"220 mbx ESMTP\r\n"),
+                (b"EHLO cas.example.net\r\n", b"250-mbx\r\n250 AUTH PLAIN\r\n"),
+            ],
+        ).run()
+        backend.received()
+        backend.send(b"535 5.7.8 Error: authentication failed\r\n")
+        self.assertEqual(
+            self.out(),
+            b"451 4.4.1 <x@elsewhere.example>: Mailbox server unavailable, try again later\r\n",
+        )
 
     def test_userCannotBePassedOn(self):
         self.loggedIn()
@@ -153,11 +205,16 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
             self.reactor, [(b"", b"220 mbx ESMTP\r\n"), (b"EHLO cas.example.net\r\n", EHLO_PLAIN)]
         ).run()
         self.assertEqual(
-            self.out(), b"451 4.4.1 <x@elsewhere.example>: Mailbox server unavailable, try again later\r\n"
+            self.out(),
+            b"451 4.4.1 <x@elsewhere.example>: Mailbox server unavailable, try again later\r\n",
         )
 
     def test_enforceSender(self):
-        self.reconfigure(CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nenforce_sender = true"))
+        self.reconfigure(
+            CONFIG.replace(
+                "user_messages_per_hour = 2", "user_messages_per_hour = 2\nenforce_sender = true"
+            )
+        )
         self.loggedIn()
         self.assertEqual(
             self.send(b"MAIL FROM:<ceo@example.com>\r\n"),
@@ -171,36 +228,51 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
         used as it is.
         """
         self.reconfigure(
-            CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nbackend_login_required = false")
+            CONFIG.replace(
+                "user_messages_per_hour = 2",
+                "user_messages_per_hour = 2\nbackend_login_required = false",
+            )
         )
         self.loggedIn()
         self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
         backend = ScriptedBackend(
-            self.reactor, [(b"", b"220 exchange ESMTP\r\n"), (b"EHLO cas.example.net\r\n", EHLO_PLAIN)]
+            self.reactor,
+            [(b"", b"220 exchange ESMTP\r\n"), (b"EHLO cas.example.net\r\n", EHLO_PLAIN)],
         ).run()
         self.assertEqual(backend.dialogue.passedLogin, "")
         backend.step(
-            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n",
+            b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n",
         )
         self.assertEqual(self.out(), b"250 2.1.5 Ok\r\n")
 
     def test_xclientLoginEvenWhenNotRequired(self):
         self.reconfigure(
-            CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nbackend_login_required = false")
+            CONFIG.replace(
+                "user_messages_per_hour = 2",
+                "user_messages_per_hour = 2\nbackend_login_required = false",
+            )
         )
         self.loggedIn()
         self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
         self.assertEqual(self.openBackend(xclient=XCLIENT_LOGIN).dialogue.passedLogin, "xclient")
 
     def test_messagesPerHour(self):
-        self.reconfigure(CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\ncommand_timeout = 4000.0"))
+        self.reconfigure(
+            CONFIG.replace(
+                "user_messages_per_hour = 2", "user_messages_per_hour = 2\ncommand_timeout = 4000.0"
+            )
+        )
         self.loggedIn()
         backend = None
         for n in range(2):
             self.send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n")
             if backend is None:
                 backend = self.openBackend(xclient=XCLIENT_LOGIN)
-                backend.step(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n", b"250 Ok\r\n250 Ok\r\n")
+                backend.step(
+                    b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n",
+                    b"250 Ok\r\n250 Ok\r\n",
+                )
             else:
                 backend.step(
                     b"RSET\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<x@elsewhere.example>\r\n",
@@ -210,21 +282,30 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
             self.send(b".\r\n")
             backend.step(b".\r\n", b"250 2.0.0 Ok\r\n")
         self.assertEqual(
-            self.send(b"MAIL FROM:<alice@example.com>\r\n"), b"450 4.7.1 Error: too many messages sent, try again later\r\n"
+            self.send(b"MAIL FROM:<alice@example.com>\r\n"),
+            b"450 4.7.1 Error: too many messages sent, try again later\r\n",
         )
         self.reactor.advance(3601)
         self.assertEqual(self.send(b"MAIL FROM:<alice@example.com>\r\n"), b"250 2.1.0 Ok\r\n")
 
     def test_recipientLimitPolicy(self):
         self.context.directory.add(
-            "erin", "erin-pw", UserRecord(login="erin", mailHost="mbx1", policy=[("smtp_max_recipients", "1")])
+            "erin",
+            "erin-pw",
+            UserRecord(login="erin", mailHost="mbx1", policy=[("smtp_max_recipients", "1")]),
         )
         self.ready(TRUSTED)
         self.send(b"AUTH PLAIN " + b64encode(b"\x00erin\x00erin-pw") + b"\r\n")
         self.send(b"MAIL FROM:<erin@example.com>\r\nRCPT TO:<a@elsewhere.example>\r\n")
         backend = self.openBackend(xclient=XCLIENT_LOGIN.replace(b"alice", b"erin"))
-        backend.step(b"MAIL FROM:<erin@example.com>\r\nRCPT TO:<a@elsewhere.example>\r\n", b"250 Ok\r\n250 Ok\r\n")
-        self.assertEqual(self.send(b"RCPT TO:<b@elsewhere.example>\r\n"), b"452 4.5.3 Error: too many recipients\r\n")
+        backend.step(
+            b"MAIL FROM:<erin@example.com>\r\nRCPT TO:<a@elsewhere.example>\r\n",
+            b"250 Ok\r\n250 Ok\r\n",
+        )
+        self.assertEqual(
+            self.send(b"RCPT TO:<b@elsewhere.example>\r\n"),
+            b"452 4.5.3 Error: too many recipients\r\n",
+        )
 
 
 class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
@@ -235,11 +316,7 @@ class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
         ca = CertificateAuthority.create(self.mktemp())
         cert, key = ca.issue(["cas.example.net"], "cas")
         implicit = '[[submission.listen]]\nendpoint = "tcp:2465"\ntls = "implicit"\n'
-        self.reconfigure(
-            CONFIG
-            + implicit
-            + f'\n[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
-        )
+        self.reconfigure(CONFIG + implicit + f'\n[tls]\ncertificate = "{cert}"\nkey = "{key}"\n')
 
     def test_implicitTLS(self):
         """
@@ -249,7 +326,9 @@ class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
         ehlo = keywords(self.send(b"EHLO " + HELO + b"\r\n"))
         self.assertIn(b"AUTH PLAIN LOGIN", ehlo)
         self.assertNotIn(b"STARTTLS", ehlo)
-        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n"
+        )
 
     def test_starttls(self):
         self.ready(UNTRUSTED)
@@ -259,16 +338,21 @@ class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
         self.assertNotIn(b"AUTH PLAIN LOGIN", ehlo)
         # Bytes pipelined behind STARTTLS are dropped, never run after the handshake.
         self.assertEqual(
-            self.send(b"STARTTLS\r\nAUTH PLAIN " + PLAIN + b"\r\n"), b"220 2.0.0 Ready to start TLS\r\n"
+            self.send(b"STARTTLS\r\nAUTH PLAIN " + PLAIN + b"\r\n"),
+            b"220 2.0.0 Ready to start TLS\r\n",
         )
         self.assertIsNotNone(self.transport.tlsStarted)
         self.assertIsNone(self.server.user)
         # Everything learnt before TLS is forgotten: EHLO again.
-        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: send EHLO first\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"503 5.5.1 Error: send EHLO first\r\n"
+        )
         ehlo = keywords(self.send(b"EHLO " + HELO + b"\r\n"))
         self.assertIn(b"AUTH PLAIN LOGIN", ehlo)
         self.assertNotIn(b"STARTTLS", ehlo)
-        self.assertEqual(self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n"
+        )
         self.assertEqual(self.send(b"STARTTLS\r\n"), b"503 5.5.1 Error: TLS already active\r\n")
 
 
@@ -300,7 +384,9 @@ class FilterTests(SMTPTestMixin, SynchronousTestCase):
         self.withFilters('deny_networks = ["198.51.100.0/24"]')
         self.assertEqual(self.connect(), b"554 5.7.1 Access denied\r\n")
         self.assertTrue(self.transport.disconnecting)
-        self.assertEqual(self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n")
+        self.assertEqual(
+            self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n"
+        )
 
     def test_connectionsPerAddress(self):
         self.withFilters("max_connections_per_address = 2")
@@ -309,9 +395,12 @@ class FilterTests(SMTPTestMixin, SynchronousTestCase):
         self.assertEqual(first, second)
         keep = self.server
         self.assertEqual(
-            self.connect(), b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n"
+            self.connect(),
+            b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n",
         )
-        self.assertEqual(self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n")
+        self.assertEqual(
+            self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n"
+        )
         keep.connectionLost(None)
         self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
 
@@ -352,9 +441,12 @@ class FilterTests(SMTPTestMixin, SynchronousTestCase):
         resolver = FakeResolver(listed={"7.100.51.198.other.example"})
         self.dnsbl(resolver)
         self.assertEqual(
-            self.connect(), b"554 5.7.1 Service unavailable; client [198.51.100.7] blocked using other.example\r\n"
+            self.connect(),
+            b"554 5.7.1 Service unavailable; client [198.51.100.7] blocked using other.example\r\n",
         )
-        self.assertEqual(set(resolver.queries), {"7.100.51.198.bl.example", "7.100.51.198.other.example"})
+        self.assertEqual(
+            set(resolver.queries), {"7.100.51.198.bl.example", "7.100.51.198.other.example"}
+        )
         # Cached: no second look-up.
         self.connect()
         self.assertEqual(len(resolver.queries), 2)
@@ -395,9 +487,15 @@ class FilterTests(SMTPTestMixin, SynchronousTestCase):
         self.assertFalse(senderBlocked("", blocked))
 
     def test_submissionConnectionLimit(self):
-        self.reconfigure(CONFIG.replace("user_messages_per_hour = 2", "user_messages_per_hour = 2\nmax_connections_per_address = 1"))
+        self.reconfigure(
+            CONFIG.replace(
+                "user_messages_per_hour = 2",
+                "user_messages_per_hour = 2\nmax_connections_per_address = 1",
+            )
+        )
         self.descriptor = submission
         self.connect()
         self.assertEqual(
-            self.connect(), b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n"
+            self.connect(),
+            b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n",
         )
