@@ -6,6 +6,8 @@ probes, and the SIGHUP reload that re-reads the routing and backend sections.
 import os
 import signal
 
+import attr
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -350,9 +352,10 @@ class ReloadTests(SynchronousTestCase):
         self.reactor = FakeThreadReactor()
         self.path = os.path.abspath(self.mktemp())
         self.write(RELOAD_CONFIG)
-        self.context = makeContext(self.reactor, config=RELOAD_CONFIG)
-        # The context's configuration came from this file.
-        object.__setattr__(self.context, "config", parseConfig(RELOAD_CONFIG, self.path, self.context.protocols.values()))
+        context = makeContext(self.reactor, config=RELOAD_CONFIG)
+        # As if the node had read its configuration from this file.
+        config = parseConfig(RELOAD_CONFIG, self.path, context.protocols.values())
+        self.context = attr.evolve(context, config=config)
         self.signals = FakeSignals()
         self.checker = HealthChecker(self.reactor, self.context.connector, self.context.config, self.context.protocols)
         self.service = ReloadService(self.reactor, self.context, self.checker, signals=self.signals)
