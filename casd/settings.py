@@ -1,0 +1,669 @@
+"""
+The declaration of every core configuration key: one L{Setting} each (type, default, one line of
+documentation), and the generic validation of a TOML table against such a declaration.
+
+L{casd.config} assembles these into the frozen configuration; L{casd.docgen} renders them as the
+configuration reference.  Protocols declare their own keys the same way (C{ICASProtocol.settings}).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any, Iterable, Mapping
+
+import attr
+from attrs import frozen
+
+from twisted.python.filepath import FilePath
+
+TLS_MODES = ("none", "starttls", "implicit")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is unusable.  C{str()} is one line naming the file, the key and what was
+    expected.
+    """
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        super().__init__(f"{path}: {key}: {message}")
+        self.path = path
+        self.key = key
+        self.message = message
+
+
+@frozen
+class Setting:
+    """
+    The declaration of one configuration key.
+
+    @ivar key: the TOML key.
+    @ivar kind: one of C{str}, C{int}, C{float}, C{bool}, C{strlist}, C{path}, C{choice},
+        C{networks}.
+    @ivar default: the value when the key is absent.
+    @ivar doc: one sentence for the configuration reference.
+    @ivar choices: for C{choice}, the allowed values.
+    @ivar minimum: for numbers, the smallest allowed value.
+    """
+
+    key: str
+    kind: str
+    default: Any
+    doc: str
+    choices: tuple = ()
+    minimum: float | None = None
+
+
+class Values:
+    """
+    A frozen bag of validated settings with attribute access, e.g. C{section.max_line_length}.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise attr.exceptions.FrozenInstanceError()
+
+    def __repr__(self) -> str:
+        return f"Values({self._values!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Values) and other._values == self._values
+
+    def asDict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def _where(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _check(path: str, where: str, setting: Setting, value: Any, base: FilePath) -> Any:
+    kind = setting.kind
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(path, where, f"expected {expected}, got {value!r}")
+
+    if kind in ("str", "path", "choice"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        if kind == "choice" and value not in setting.choices:
+            raise bad("one of " + ", ".join(repr(c) for c in setting.choices))
+        if kind == "path" and value:
+            return base.preauthChild(value).path if not os.path.isabs(value) else value
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if kind == "int" and not isinstance(value, int):
+            raise bad("a whole number")
+        if setting.minimum is not None and value < setting.minimum:
+            raise bad(f"a number of at least {setting.minimum}")
+        return value
+    if kind == "strlist":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    if kind == "networks":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of networks such as \"127.0.0.0/8\"")
+        try:
+            return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+        except ValueError as e:
+            raise bad(f"networks such as \"10.0.0.0/8\" ({e})") from None
+    raise AssertionError(f"unknown setting kind {kind!r}")
+
+
+def readSection(
+    path: str,
+    prefix: str,
+    table: Any,
+    settings: Iterable[Setting],
+    base: FilePath,
+    extra: Iterable[str] = (),
+) -> Values:
+    """
+    Validate one TOML table against its settings.
+
+    @param prefix: the table's dotted name, for error messages.
+    @param extra: keys handled by the caller (sub-tables), not reported as unknown.
+    @raise ConfigError: on an unknown key or a value of the wrong type.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(path, prefix, f"expected a table, got {table!r}")
+    settings = tuple(settings)
+    known = {s.key for s in settings} | set(extra)
+    for key in table:
+        if key not in known:
+            raise ConfigError(
+                path, _where(prefix, key), "unknown key (expected one of: " + ", ".join(sorted(known)) + ")"
+            )
+    values = {}
+    for s in settings:
+        if s.key in table:
+            values[s.key] = _check(path, _where(prefix, s.key), s, table[s.key], base)
+        else:
+            values[s.key] = s.default
+    return Values(values)
+
+
+SERVER_SETTINGS = (
+    Setting("hostname", "str", "", "Name used in greetings and logs; empty means the machine's FQDN."),
+    Setting("site", "str", "", "The site (data centre) this node belongs to."),
+    Setting(
+        "trusted_networks",
+        "networks",
+        (),
+        "Client networks allowed plaintext authentication without TLS and exempt from penalties.",
+    ),
+)
+
+TLS_SETTINGS = (
+    Setting("certificate", "path", "", "PEM file with the server certificate and its chain."),
+    Setting("key", "path", "", "PEM file with the private key of C{certificate}."),
+    Setting(
+        "minimum_version",
+        "choice",
+        "TLSv1.2",
+        "Oldest TLS version accepted from clients.",
+        choices=("TLSv1.2", "TLSv1.3"),
+    ),
+)
+
+SNI_SETTINGS = (
+    Setting("names", "strlist", (), "Server names (SNI) this certificate answers for."),
+    Setting("certificate", "path", "", "PEM file with the certificate and its chain."),
+    Setting("key", "path", "", "PEM file with the private key."),
+)
+
+AUTH_SETTINGS = (
+    Setting("users_file", "path", "", "The users file (the embedded default checker)."),
+    Setting(
+        "failure_delay",
+        "float",
+        2.0,
+        "Seconds before the first failed login from an address is answered; the delay doubles with"
+        " each further distinct failure, up to C{failure_delay_max} (trusted clients: none).",
+        minimum=0,
+    ),
+    Setting(
+        "hash_threads", "int", 4, "Threads verifying password hashes off the reactor.", minimum=1
+    ),
+    Setting(
+        "failure_delay_max", "float", 15.0, "Longest delay before a failed login is answered.", minimum=0
+    ),
+    Setting(
+        "penalty_ipv4_prefix",
+        "int",
+        32,
+        "IPv4 clients count for penalties and lockout by their network of this prefix length.",
+        minimum=8,
+    ),
+    Setting(
+        "penalty_ipv6_prefix",
+        "int",
+        64,
+        "IPv6 clients count for penalties and lockout by their network of this prefix length.",
+        minimum=16,
+    ),
+    Setting(
+        "penalty_expiry",
+        "float",
+        900.0,
+        "Seconds after its last failed login when an address's or user's failures are forgotten.",
+        minimum=1,
+    ),
+    Setting(
+        "user_lockout_threshold",
+        "int",
+        20,
+        "Distinct failed logins of one user name that lock it out for C{lockout_duration}"
+        " (refused before any directory is asked); 0 disables.",
+        minimum=0,
+    ),
+    Setting(
+        "address_lockout_threshold",
+        "int",
+        50,
+        "Distinct failed logins from one address (network) that lock it out; 0 disables.",
+        minimum=0,
+    ),
+    Setting("lockout_duration", "float", 600.0, "Seconds a lockout lasts.", minimum=1),
+    Setting(
+        "penalty_max_entries",
+        "int",
+        100000,
+        "Addresses and users whose failures are remembered (least recent forgotten first).",
+        minimum=1,
+    ),
+    Setting(
+        "cache_ttl",
+        "float",
+        300.0,
+        "Seconds a successful login is remembered, so the same user with the same password is not"
+        " checked again (an old password works that long after a change); 0 disables the cache.",
+        minimum=0,
+    ),
+    Setting(
+        "cache_negative_ttl",
+        "float",
+        20.0,
+        "Seconds a refused login (same user, same password) is remembered; 0 disables.",
+        minimum=0,
+    ),
+    Setting("cache_size", "int", 100000, "Most entries the credential cache holds.", minimum=1),
+)
+
+LDAP_SETTINGS = (
+    Setting(
+        "urls",
+        "strlist",
+        (),
+        "LDAP servers, tried in this order: ldap://HOST[:PORT]/ (with C{starttls}) or"
+        " ldaps://HOST[:PORT]/; empty disables the LDAP checker.",
+    ),
+    Setting(
+        "starttls",
+        "bool",
+        True,
+        "Upgrade ldap:// connections with StartTLS before anything else is sent.",
+    ),
+    Setting(
+        "ca_file",
+        "path",
+        "",
+        "PEM file of the CAs that sign the LDAP servers' certificates; empty means the system's"
+        " trust store.  Certificates are always verified.",
+    ),
+    Setting(
+        "bind_dn",
+        "str",
+        "",
+        "DN of the service account that searches for users; empty: search anonymously.",
+    ),
+    Setting("bind_password_file", "path", "", "File whose first line is the service account's password."),
+    Setting("base_dn", "str", "", "DN under which users are searched (required with C{urls})."),
+    Setting(
+        "scope", "choice", "sub", "Search scope under C{base_dn}.", choices=("base", "one", "sub")
+    ),
+    Setting(
+        "filter",
+        "str",
+        "(|(uid={login})(mail={login}))",
+        "Search filter template; the placeholders login (the name as typed), user (before the @)"
+        " and domain (after it), each in braces, stand for values and are always escaped.",
+    ),
+    Setting(
+        "lookup_filter",
+        "str",
+        "",
+        "Filter template for look-ups without a password (SMTP recipients, e.g. with alias"
+        " attributes); empty: C{filter}.",
+    ),
+    Setting(
+        "dn_template",
+        "str",
+        "",
+        "Direct bind: bind as this DN template (placeholders as in C{filter}, escaped as DN"
+        " values) instead of searching first; the user's entry is then read with the user's own"
+        " rights.",
+    ),
+    Setting(
+        "login_attribute",
+        "str",
+        "uid",
+        "Attribute holding the canonical login (AD: sAMAccountName); empty: the name as typed.",
+    ),
+    Setting("address_attribute", "str", "mail", "Attribute holding the canonical e-mail address."),
+    Setting(
+        "backend_login_attribute",
+        "str",
+        "",
+        "Attribute holding the login for the mailbox server; empty: the canonical login.",
+    ),
+    Setting("mailhost_attribute", "str", "mailHost", "Attribute naming the user's mailbox server."),
+    Setting("site_attribute", "str", "", "Attribute naming the user's site."),
+    Setting(
+        "status_attribute",
+        "str",
+        "",
+        "Attribute saying whether the account is enabled (e.g. accountStatus; AD:"
+        " userAccountControl); empty: every account is enabled.",
+    ),
+    Setting(
+        "disabled_values",
+        "strlist",
+        ("disabled",),
+        "Values of C{status_attribute} (any case) that disable the account.",
+    ),
+    Setting(
+        "enabled_values",
+        "strlist",
+        (),
+        "When not empty, a value of C{status_attribute} outside this list disables the account.",
+    ),
+    Setting(
+        "disabled_bitmask",
+        "int",
+        0,
+        "When not 0, C{status_attribute} is an integer and these bits disable the account (AD: 2).",
+        minimum=0,
+    ),
+    Setting(
+        "policy_attributes",
+        "strlist",
+        (),
+        "Per-user policy read from the directory: NAME=ATTRIBUTE (or ATTRIBUTE, NAME being it in"
+        " lower case).",
+    ),
+    Setting("connect_timeout", "float", 3.0, "Seconds to connect to an LDAP server.", minimum=0.001),
+    Setting(
+        "timeout",
+        "float",
+        5.0,
+        "Seconds for each LDAP operation (StartTLS, bind, search); then the connection is dropped"
+        " and the login fails temporarily.",
+        minimum=0.001,
+    ),
+    Setting(
+        "pool_size",
+        "int",
+        4,
+        "Connections for user binds (one bind in flight each), beside one shared search connection.",
+        minimum=1,
+    ),
+    Setting(
+        "retry_down_after",
+        "float",
+        30.0,
+        "Seconds a server that failed is tried only after the others.",
+        minimum=0,
+    ),
+)
+
+#: The locators C{[routing] locators} may name, in their default order.
+LOCATORS = ("mailhost", "map", "hash", "default")
+
+ROUTING_SETTINGS = (
+    Setting(
+        "default_backend",
+        "str",
+        "",
+        "Backend server or group for users whose directory entry names no mailbox server.",
+    ),
+    Setting(
+        "locators",
+        "strlist",
+        LOCATORS,
+        "The mailbox locators, asked in this order (see docs/routing.md): mailhost (the directory"
+        " attribute), map (C{map_file}), hash (C{hash_group}), default (C{default_backend}).",
+    ),
+    Setting(
+        "map_file",
+        "path",
+        "",
+        "Static map: lines of C{USER-OR-DOMAIN BACKEND-OR-GROUP}; re-read on reload (SIGHUP).",
+    ),
+    Setting(
+        "hash_group",
+        "str",
+        "",
+        "Group over which users with no explicit mailbox server are spread by rendezvous hashing.",
+    ),
+    Setting(
+        "proxy_ttl",
+        "int",
+        5,
+        "Proxy hops a session may take (sent to backends as IMAP ID x-proxy-ttl, taken from"
+        " trusted clients); a node whose TTL is down to 1 refuses the session as a loop.",
+        minimum=2,
+    ),
+)
+
+GROUP_SETTINGS = (
+    Setting("members", "strlist", (), "Names of [backends.NAME] servers, in preference order."),
+    Setting(
+        "balance",
+        "choice",
+        "order",
+        "order: the first healthy member in C{members} order; hash: each user's own order by"
+        " rendezvous hashing, so a user stays on one member while it is healthy.",
+        choices=("order", "hash"),
+    ),
+    Setting("site", "str", "", "The site the group is in; empty means its members' common site."),
+)
+
+SITE_SETTINGS = (
+    Setting(
+        "action",
+        "choice",
+        "proxy",
+        "What to do with a user whose mailbox is in this site: proxy (to its casd, C{cas}),"
+        " refuse (a temporary failure) or redirect (to C{redirect_url}).",
+        choices=("proxy", "refuse", "redirect"),
+    ),
+    Setting("cas", "str", "", "Backend server or group holding that site's casd nodes."),
+    Setting("redirect_url", "str", "", "Where C{action = \"redirect\"} sends clients that can follow."),
+)
+
+HEALTH_SETTINGS = (
+    Setting("enabled", "bool", True, "Actively check every [backends.NAME] for each enabled protocol."),
+    Setting("interval", "float", 5.0, "Seconds between two checks of one member.", minimum=0.01),
+    Setting(
+        "timeout",
+        "float",
+        3.0,
+        "Seconds a check may take: connect, TLS and the protocol's greeting.",
+        minimum=0.001,
+    ),
+    Setting("rise", "int", 2, "Consecutive good checks that bring a DOWN member UP.", minimum=1),
+    Setting("fall", "int", 3, "Consecutive failed checks that take an UP member DOWN.", minimum=1),
+    Setting(
+        "passive_fall",
+        "int",
+        3,
+        "Consecutive failed connections of real sessions that take a member DOWN at once.",
+        minimum=1,
+    ),
+    Setting(
+        "passive_recovery",
+        "float",
+        30.0,
+        "Seconds after which a member taken DOWN by sessions, and not actively checked, is"
+        " tried again.",
+        minimum=0.001,
+    ),
+)
+
+BACKEND_SETTINGS = (
+    Setting("connect_timeout", "float", 10.0, "Seconds to connect to a backend.", minimum=0.001),
+    Setting(
+        "tls_timeout", "float", 10.0, "Seconds for the TLS handshake with a backend.", minimum=0.001
+    ),
+    Setting(
+        "reply_timeout",
+        "float",
+        30.0,
+        "Seconds to wait for each reply of a backend during the login dialogue.",
+        minimum=0.001,
+    ),
+    Setting(
+        "banner_timeout",
+        "float",
+        0.0,
+        "Seconds to wait for a backend's greeting; 0 means C{reply_timeout}.",
+        minimum=0,
+    ),
+    Setting(
+        "max_tries",
+        "int",
+        3,
+        "Members of a route tried for one session before the client gets a temporary failure.",
+        minimum=1,
+    ),
+    Setting(
+        "failover_timeout",
+        "float",
+        30.0,
+        "Seconds all tries for one session may take together.",
+        minimum=0.001,
+    ),
+    Setting(
+        "drain_close_period",
+        "float",
+        0.0,
+        "When a member is put into drain, close its sessions spread over this many seconds;"
+        " 0 lets them end by themselves.",
+        minimum=0,
+    ),
+    Setting(
+        "ca_file",
+        "path",
+        "",
+        "PEM file of the CAs that sign backend certificates; empty means the system's trust store.",
+    ),
+)
+
+BACKEND_SERVER_SETTINGS = (
+    Setting("host", "str", "", "Host name or address of the mailbox server."),
+    Setting(
+        "tls_name",
+        "str",
+        "",
+        "Name verified in the backend's certificate; empty means C{host}.",
+    ),
+    Setting("site", "str", "", "The site the server is in."),
+    Setting(
+        "drain",
+        "bool",
+        False,
+        "Drain: no new sessions; existing ones go on (see C{[backend] drain_close_period}).",
+    ),
+    Setting("weight", "int", 1, "Share of a hashed group's users, relative to the others.", minimum=1),
+    Setting("health_check", "bool", True, "Check this server actively ([health])."),
+    Setting("connect_timeout", "float", 0.0, "Overrides [backend] connect_timeout when not 0.", minimum=0),
+    Setting("tls_timeout", "float", 0.0, "Overrides [backend] tls_timeout when not 0.", minimum=0),
+    Setting("banner_timeout", "float", 0.0, "Overrides [backend] banner_timeout when not 0.", minimum=0),
+    Setting("reply_timeout", "float", 0.0, "Overrides [backend] reply_timeout when not 0.", minimum=0),
+)
+
+#: The per-server keys that override a C{[backend]} timeout.
+TIMEOUT_KEYS = ("connect_timeout", "tls_timeout", "banner_timeout", "reply_timeout")
+
+BACKEND_PROTOCOL_SETTINGS = (
+    Setting("port", "int", 0, "Port of this protocol; 0 means the protocol's default.", minimum=0),
+    Setting(
+        "tls",
+        "choice",
+        "",
+        "TLS to the backend: none, starttls or implicit; empty means the protocol's default.",
+        choices=("",) + TLS_MODES,
+    ),
+    Setting(
+        "master_user",
+        "str",
+        "",
+        "Log in as this master user with the user as authorisation identity (empty: the user's own"
+        " credentials).",
+    ),
+    Setting("master_password_file", "path", "", "File holding the master user's password."),
+)
+
+PROTOCOL_COMMON_SETTINGS = (
+    Setting("enabled", "bool", True, "Serve this protocol."),
+    Setting(
+        "max_line_length", "int", 8192, "Longest command line accepted before login.", minimum=64
+    ),
+    Setting(
+        "max_bad_commands",
+        "int",
+        10,
+        "Invalid commands tolerated before the connection is closed.",
+        minimum=1,
+    ),
+    Setting(
+        "preauth_timeout",
+        "float",
+        60.0,
+        "Seconds a client may stay unauthenticated.",
+        minimum=0.001,
+    ),
+    Setting(
+        "idle_timeout",
+        "float",
+        1860.0,
+        "Seconds without a byte either way before a relayed session is closed.",
+        minimum=1,
+    ),
+)
+
+LISTENER_SETTINGS = (
+    Setting("endpoint", "str", "", "Twisted endpoint string: tcp:PORT, ssl:PORT:..., haproxy:tcp:PORT."),
+    Setting("name", "str", "", "Name of this listener in logs; default PROTOCOL-ENDPOINT."),
+    Setting(
+        "tls",
+        "choice",
+        "starttls",
+        "none, starttls (offered in the protocol) or implicit (TLS from the first byte).",
+        choices=TLS_MODES,
+    ),
+    Setting(
+        "trusted",
+        "bool",
+        False,
+        "Treat every client of this listener as trusted (plaintext login allowed).",
+    ),
+)
+
+DEMO_SETTINGS = (
+    Setting(
+        "enabled",
+        "bool",
+        False,
+        "Run the in-process demo mailbox backend (demo only: it keeps mail in memory).",
+    ),
+    Setting("imap_port", "int", 11143, "Loopback port of the demo IMAP backend.", minimum=0),
+    Setting("pop3_port", "int", 11110, "Loopback port of the demo POP3 backend.", minimum=0),
+)
+
+
+__all__ = [
+    "TLS_MODES",
+    "SERVER_SETTINGS",
+    "TLS_SETTINGS",
+    "SNI_SETTINGS",
+    "AUTH_SETTINGS",
+    "LDAP_SETTINGS",
+    "LOCATORS",
+    "ROUTING_SETTINGS",
+    "GROUP_SETTINGS",
+    "SITE_SETTINGS",
+    "HEALTH_SETTINGS",
+    "BACKEND_SETTINGS",
+    "BACKEND_SERVER_SETTINGS",
+    "TIMEOUT_KEYS",
+    "BACKEND_PROTOCOL_SETTINGS",
+    "PROTOCOL_COMMON_SETTINGS",
+    "LISTENER_SETTINGS",
+    "DEMO_SETTINGS",
+    "ConfigError",
+    "Setting",
+    "Values",
+    "_where",
+    "_check",
+    "readSection",
+]
