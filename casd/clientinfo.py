@@ -28,10 +28,25 @@ def _hostPort(address) -> tuple[str, int]:
     return str(getattr(address, "name", "") or address), 0
 
 
+_trustCache: dict = {}
+
+
 def isTrusted(host: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
     """
     @return: whether C{host} lies in one of C{networks}.
     """
+    if not networks:
+        return False
+    key = (host, networks)
+    known = _trustCache.get(key)
+    if known is None:
+        if len(_trustCache) > 4096:
+            _trustCache.clear()
+        known = _trustCache[key] = _isTrusted(host, networks)
+    return known
+
+
+def _isTrusted(host: str, networks) -> bool:
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -11,6 +11,13 @@ class ICASProtocol(Interface):
     L{twisted.plugin.getPlugins}.  It is what nginx's C{ngx_mail_protocol_t} is to nginx: a name, a
     configuration schema, default listeners, a factory builder and the protocol's wording of the
     shared failures.  The built-in protocols are registered exactly as a third-party one is.
+
+    This interface is casd's public plugin API, together with what L{buildFactory} receives
+    (L{casd.context.CASContext}, L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}),
+    the bases a protocol builds on (L{casd.frontend.FrontendProtocol} and its factory,
+    L{casd.backend.BackendDialogue}), L{casd.sasl}, L{casd.failures} and the fakes of
+    L{casd.testing}; C{docs/writing-a-protocol-plugin.md} lists that surface and builds a plugin
+    with it.  It changes only compatibly: a new attribute here gets a default in the core first.
     """
 
     name = Attribute(
@@ -33,7 +40,9 @@ class ICASProtocol(Interface):
     )
     settings = Attribute(
         "C{tuple} of L{casd.config.Setting}: the protocol's own keys in its section, beside the"
-        " keys every protocol has (C{enabled}, C{listen}, limits and timeouts)."
+        " keys every protocol has (C{enabled}, C{listen}, limits and timeouts).  A setting may"
+        " re-declare a common key to change its default: POP3 and ManageSieve declare C{enabled}"
+        " with C{False}, so that a node opens their ports only when asked to."
     )
 
     def buildFactory(context, section, listener):

@@ -23,8 +23,7 @@ class SessionLog:
 
     def record(self, client, user, backend, result, bytesIn, bytesOut, duration) -> None:
         host = f"[{client.peerHost}]" if ":" in client.peerHost else client.peerHost
-        self.log.info(
-            SESSION_FORMAT,
+        fields = dict(
             session=client.sessionId,
             protocol=client.protocol,
             listener=client.listener,
@@ -36,3 +35,8 @@ class SessionLog:
             bytesOut=bytesOut,
             duration=duration,
         )
+        # The line is rendered here once, with str.format's C implementation; the event's format
+        # is then a single field.  Twisted's own formatter walks every field in Python, which
+        # cost more than the rest of a proxied login's logging.  The fields stay on the event
+        # for structured observers.
+        self.log.info("{line}", line=SESSION_FORMAT.format(**fields), **fields)
