@@ -86,6 +86,10 @@ class BackendDialogue(Protocol):
         self._waiting: defer.Deferred | None = None
         self._handshake: defer.Deferred | None = None
         self._timer = None
+        self._timerWhat = ""
+        #: Absolute time by which the whole dialogue must be done (the pool's failover budget);
+        #: no step's timer is armed past it.
+        self.deadline = float("inf")
         self._done = False
         self.leftover = b""
 
@@ -178,7 +182,6 @@ class BackendDialogue(Protocol):
     def handshakeCompleted(self) -> None:
         d, self._handshake = self._handshake, None
         if d is not None:
-            self._cancelTimer()
             d.callback(None)
 
     def loginIdentity(self) -> tuple[str, bytes, str]:
@@ -239,17 +242,31 @@ class BackendDialogue(Protocol):
     # -- plumbing -----------------------------------------------------------------------
 
     def _arm(self, seconds: float, what: str) -> None:
-        self._cancelTimer()
-        self._timer = self.clock.callLater(seconds, self._timedOut, what)
+        # One timer for the whole dialogue, pushed forward for each step: DelayedCall.reset() to
+        # a later time is arithmetic, where cancel() and callLater() each touch the reactor's heap.
+        remaining = self.deadline - self.clock.seconds()
+        if remaining < seconds:
+            seconds, what = max(0.0, remaining), "failover time spent: " + what
+        self._timerWhat = what
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.clock.callLater(seconds, self._timedOut)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timedOut(self, what: str) -> None:
+    def _timedOut(self) -> None:
         self._timer = None
-        self._fire(BackendTimeout(f"backend {self.target.describe()}: no {what} in time"))
+        what = self._timerWhat
+        if what.startswith("failover time spent"):
+            reason = what
+        else:
+            reason = f"no {what} in time"
+        self._fire(BackendTimeout(f"backend {self.target.describe()}: {reason}"))
 
     def _fire(self, exc: Exception) -> None:
         for attr in ("_waiting", "_handshake"):
@@ -277,7 +294,6 @@ class BackendDialogue(Protocol):
                 line = line[:-1]
             d, self._waiting = self._waiting, None
             if d is not None:
-                self._cancelTimer()
                 d.callback(line)
             else:
                 self._lines.append(line)
@@ -546,10 +562,10 @@ class BackendConnector:
         finally:
             if timer.active():
                 timer.cancel()
-        # The dialogue's own timers bound each step; this bounds the session's tries in total.
-        watchdog = clock.callLater(
-            max(0.0, deadline - clock.seconds()), dialogue.abort, "failover time spent"
-        )
+        # The dialogue's own timer bounds each step, never past the session's failover deadline.
+        dialogue.deadline = deadline
+        if dialogue._timer is not None and dialogue._timer.active():
+            dialogue._arm(dialogue._timer.getTime() - clock.seconds(), dialogue._timerWhat)
         try:
             yield dialogue.loggedIn
         except CASFailure as e:
@@ -560,9 +576,6 @@ class BackendConnector:
             else:
                 member.connectFailed(str(e))
             raise
-        finally:
-            if watchdog.active():
-                watchdog.cancel()
         member.connectSucceeded()
         self._sessionCounter += 1
         dialogue.sessionNumber = self._sessionCounter

@@ -64,6 +64,7 @@ class _WriteThroughClient(tcp.Client):
 
 
 _WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
+_TCP_TYPES = (tcp.Server, tcp.Client)
 
 
 def writeThrough(transport) -> None:
@@ -79,6 +80,16 @@ def writeThrough(transport) -> None:
     faster = _WRITE_THROUGH.get(type(transport))
     if faster is not None:
         transport.__class__ = faster
+
+
+def _pending(transport) -> bool:
+    """
+    Whether C{transport} may still hold bytes to flush: C{True} unless it is a TCP transport
+    whose buffers are empty.
+    """
+    if isinstance(transport, _TCP_TYPES):
+        return bool(transport.dataBuffer or transport._tempDataLen)
+    return True
 
 
 def _closeWrite(transport) -> None:
@@ -228,7 +239,12 @@ class Relay:
                     transport.unregisterProducer()
                 except RuntimeError:
                     pass  # none registered (a test transport says so)
-                # Flush what is pending, but never wait for a peer that stopped reading.
+                # Flush what is pending, but never wait for a peer that stopped reading.  A
+                # plain TCP transport with nothing queued closes at once: no timer needed.
+                pending = _pending(transport)
                 transport.loseConnection()
-                self._aborts[side] = self.clock.callLater(self.closeGrace, transport.abortConnection)
+                if pending:
+                    self._aborts[side] = self.clock.callLater(
+                        self.closeGrace, transport.abortConnection
+                    )
         self.onEnd(why)
