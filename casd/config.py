@@ -227,6 +227,17 @@ def _readListeners(path, prefix, table, protocol, base) -> tuple[ListenerConfig,
     return tuple(listeners)
 
 
+def protocolSettings(protocol) -> tuple[Setting, ...]:
+    """
+    The keys of a protocol's section: those every protocol has, with the protocol's own
+    declarations taking precedence (a protocol may redeclare a common key, e.g. C{enabled} with
+    default C{false} so that an older configuration opens no new port).
+    """
+    merged = {s.key: s for s in PROTOCOL_COMMON_SETTINGS}
+    merged.update((s.key, s) for s in protocol.settings)
+    return tuple(merged.values())
+
+
 def _readProtocols(path, data, protocols, base) -> dict[str, ProtocolSection]:
     sections = {}
     for protocol in protocols:
@@ -236,7 +247,7 @@ def _readProtocols(path, data, protocols, base) -> dict[str, ProtocolSection]:
             path,
             name,
             table,
-            PROTOCOL_COMMON_SETTINGS + tuple(protocol.settings),
+            protocolSettings(protocol),
             base,
             extra=("listen",),
         )
