@@ -105,19 +105,21 @@ class BackendDialogue(Protocol):
     def connectionMade(self) -> None:
         # Commands go out with one send() each, not queued for the next reactor iteration.
         writeThrough(self.transport)
-        d = defer.maybeDeferred(self._run)
-        d.addCallbacks(self._succeeded, self._failed)
-
-    @defer.inlineCallbacks
-    def _run(self):
         if self.target.tls == "implicit":
-            yield self._awaitHandshake()
-        yield self.dialogue()
+            d = self._awaitHandshake()
+            d.addCallback(lambda _: self.dialogue())
+        else:
+            try:
+                d = self.dialogue()
+            except Exception:
+                d = defer.fail()
+        d.addCallbacks(self._succeeded, self._failed)
 
     def _succeeded(self, _):
         if self._done:
             return
         self._done = True
+        self.lineHandler = None
         self._cancelTimer()
         self.leftover = self._buffer + b"".join(line + b"\r\n" for line in self._lines)
         self._buffer = b""
@@ -130,6 +132,7 @@ class BackendDialogue(Protocol):
         if self._done:
             return
         self._done = True
+        self.lineHandler = None
         self._cancelTimer()
         self.credentials = None
         if self.transport is not None:
@@ -148,6 +151,31 @@ class BackendDialogue(Protocol):
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
+
+    #: When set, each line from the backend goes to this callable (a line-driven dialogue, no
+    #: Deferred per reply) instead of to L{readLine}; an exception it raises fails the dialogue.
+    lineHandler = None
+
+    def expectLine(self, handler=None) -> None:
+        """
+        For a line-driven dialogue: the next line goes to C{handler} (or the current
+        L{lineHandler}) within the reply timeout (the greeting's before the first line).
+        """
+        if handler is not None:
+            self.lineHandler = handler
+        if self.greeted:
+            self._arm(self.replyTimeout, "reply")
+        else:
+            self._arm(self.bannerTimeout, "greeting")
+        while self._lines and self.lineHandler is not None and not self._done:
+            self._deliver(self.lineHandler, self._lines.popleft())
+
+    def _deliver(self, handler, line: bytes) -> None:
+        try:
+            handler(line)
+        except Exception:
+            self.lineHandler = None
+            self._fire(None, Failure())
 
     def readLine(self) -> defer.Deferred:
         """
@@ -268,15 +296,16 @@ class BackendDialogue(Protocol):
             reason = f"no {what} in time"
         self._fire(BackendTimeout(f"backend {self.target.describe()}: {reason}"))
 
-    def _fire(self, exc: Exception) -> None:
+    def _fire(self, exc: Exception | None, failure: Failure | None = None) -> None:
+        failure = failure or Failure(exc)
         for attr in ("_waiting", "_handshake"):
             d = getattr(self, attr)
             if d is not None:
                 setattr(self, attr, None)
-                d.errback(exc)
+                d.errback(failure)
                 return
         if not self._done:
-            self._failed(Failure(exc))
+            self._failed(failure)
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -292,11 +321,15 @@ class BackendDialogue(Protocol):
             self.greeted = True
             if line.endswith(b"\r"):
                 line = line[:-1]
-            d, self._waiting = self._waiting, None
-            if d is not None:
-                d.callback(line)
+            handler = self.lineHandler
+            if handler is not None:
+                self._deliver(handler, line)
             else:
-                self._lines.append(line)
+                d, self._waiting = self._waiting, None
+                if d is not None:
+                    d.callback(line)
+                else:
+                    self._lines.append(line)
             if self._done:
                 return
 
@@ -548,6 +581,8 @@ class BackendConnector:
             dialogue.bannerTimeout = bannerTimeout
             dialogue.replyTimeout = replyTimeout
             dialogue.proxyTTL = route.proxyTTL
+            # Each step's timer, never past the session's failover deadline.
+            dialogue.deadline = deadline
             return dialogue
 
         connecting = self.endpointFor(target, connectTimeout).connect(_DialogueFactory(build))
@@ -562,10 +597,6 @@ class BackendConnector:
         finally:
             if timer.active():
                 timer.cancel()
-        # The dialogue's own timer bounds each step, never past the session's failover deadline.
-        dialogue.deadline = deadline
-        if dialogue._timer is not None and dialogue._timer.active():
-            dialogue._arm(dialogue._timer.getTime() - clock.seconds(), dialogue._timerWhat)
         try:
             yield dialogue.loggedIn
         except CASFailure as e:

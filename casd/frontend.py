@@ -431,7 +431,6 @@ class FrontendProtocol(Protocol):
         self.result = type(failure.value).__name__
         self.loginFailed(token, failure.value)
 
-    @defer.inlineCallbacks
     def proxyLogin(self, credentials):
         """
         The shared path: authenticate, locate the mailbox, open and log in a backend session.
@@ -439,13 +438,24 @@ class FrontendProtocol(Protocol):
         @return: a L{Deferred} firing with the logged-in L{casd.backend.BackendDialogue}, or
             failing with a L{casd.failures.CASFailure} for the protocol to render.
         """
-        context = self.context
-        user = yield context.authenticator.login(credentials, self.client)
+        # Plain callbacks rather than inlineCallbacks: this runs for every login.
+        d = self.context.authenticator.login(credentials, self.client)
+        d.addCallback(self._authenticated, credentials)
+        return d
+
+    def _authenticated(self, user, credentials):
         self.user = user
-        route = yield context.router.locate(user, self.descriptor, ttl=self.proxyTTL)
-        dialogue = yield context.connector.connect(
-            route, lambda target: self.makeDialogue(target, user, credentials)
+        context = self.context
+        d = context.router.locate(user, self.descriptor, ttl=self.proxyTTL)
+        d.addCallback(
+            lambda route: context.connector.connect(
+                route, lambda target: self.makeDialogue(target, user, credentials)
+            )
         )
+        d.addCallback(self._connected)
+        return d
+
+    def _connected(self, dialogue):
         if not self.connected or self._closing:
             dialogue.transport.loseConnection()
             raise _ClientGone()

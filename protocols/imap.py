@@ -264,65 +264,99 @@ class IMAPBackend(BackendDialogue):
         super().__init__(target, client, user, credentials, context)
         self.clientID = clientID
 
-    @defer.inlineCallbacks
-    def expectTagged(self, tag: bytes):
-        """
-        Read until the tagged reply to C{tag}.
+    # The dialogue is driven by lines: each state is a method that gets the next line (no
+    # Deferred or generator per reply: this is the hot path of every login).
 
-        @return: C{(status, line, untagged lines)} with C{status} C{b"OK"}, C{b"NO"} or C{b"BAD"}.
+    def _tagged(self, line: bytes, tag: bytes) -> bytes | None:
         """
-        untagged = []
-        prefix = tag + b" "
-        while True:
-            line = yield self.readLine()
-            if line.startswith(prefix):
-                status = line[len(prefix) :].split(b" ", 1)[0].upper()
-                return status, line, untagged
-            if line.startswith(b"* BYE"):
-                raise self.fail("said BYE: " + line[:200].decode("utf-8", "replace"))
-            untagged.append(line)
+        @return: the status (C{b"OK"}, C{b"NO"}, C{b"BAD"}) when C{line} is the tagged reply to
+            C{tag}, C{None} for an untagged line.
+        @raise BackendUnavailable: when the backend says BYE.
+        """
+        if line.startswith(tag) and line[len(tag) : len(tag) + 1] == b" ":
+            return line[len(tag) + 1 :].split(b" ", 1)[0].upper()
+        if line.startswith(b"* BYE"):
+            raise self.fail("said BYE: " + line[:200].decode("utf-8", "replace"))
+        return None
 
     def idCommand(self) -> bytes:
         c = self.client
-        fields = [
-            (b"x-originating-ip", c.peerHost),
-            (b"x-originating-port", str(c.peerPort)),
-            (b"x-connected-ip", c.localHost),
-            (b"x-connected-port", str(c.localPort)),
-        ]
-        if self.proxyTTL:
-            fields.append((b"x-proxy-ttl", str(self.proxyTTL)))
-        fields.append((b"x-session-id", c.sessionId))
-        return b"I ID (" + b" ".join(quote(k) + b" " + quote(v) for k, v in fields) + b")"
+        # Ports, the TTL and the session id (base64url) need no quoting; addresses are quoted
+        # (a non-IP peer name could hold anything).
+        ttl = b' "x-proxy-ttl" "%d"' % (self.proxyTTL,) if self.proxyTTL else b""
+        return b'I ID ("x-originating-ip" %s "x-originating-port" "%d" "x-connected-ip" %s' b' "x-connected-port" "%d"%s "x-session-id" "%s")' % (
+            quote(c.peerHost),
+            c.peerPort,
+            quote(c.localHost),
+            c.localPort,
+            ttl,
+            c.sessionId.encode("ascii"),
+        )
 
-    @defer.inlineCallbacks
     def dialogue(self):
-        greeting = yield self.readLine()
-        if not greeting.upper().startswith(b"* OK"):
-            raise self.fail("unexpected greeting " + repr(greeting[:80]))
-        caps = capabilitiesIn(greeting)
+        self.finished = defer.Deferred()
+        self.expectLine(self._onGreeting)
+        return self.finished
+
+    def _onGreeting(self, line: bytes) -> None:
+        if not line[:4].upper() == b"* OK":
+            raise self.fail("unexpected greeting " + repr(line[:80]))
         if self.target.tls == "starttls":
             self.sendLine(b"S STARTTLS")
-            status, line, _ = yield self.expectTagged(b"S")
-            if status != b"OK":
-                raise self.fail("refused STARTTLS")
-            yield self.startTLS()
-            caps = None  # capabilities seen before TLS are not to be trusted
+            self.expectLine(self._onStartTLS)
+            return
+        self._login(capabilitiesIn(line))
+
+    def _onStartTLS(self, line: bytes) -> None:
+        status = self._tagged(line, b"S")
+        if status is None:
+            self.expectLine()
+            return
+        if status != b"OK":
+            raise self.fail("refused STARTTLS")
+        self.lineHandler = None
+        d = self.startTLS()
+        # Capabilities seen before TLS are not to be trusted.
+        d.addCallback(lambda _: self._login(None))
+        d.addErrback(self.finished.errback)
+
+    def _login(self, caps: bytes | None) -> None:
         authc, password, authz = self.loginIdentity()
         initial = encodePlain(authc, password, authz)
         if caps is None or b"SASL-IR" in caps.upper().split():
             # One round trip: ID and the login pipelined.
             self.send(self.idCommand() + b"\r\nA AUTHENTICATE PLAIN " + initial + b"\r\n")
-            yield self.expectTagged(b"I")
+            self.expectLine(self._onIDThenLogin)
         else:
+            self._initial = initial
             self.sendLine(self.idCommand())
-            yield self.expectTagged(b"I")
-            self.sendLine(b"A AUTHENTICATE PLAIN")
-            line = yield self.readLine()
-            if not line.startswith(b"+"):
-                raise self.fail("refused AUTHENTICATE PLAIN")
-            self.sendLine(initial)
-        status, line, _ = yield self.expectTagged(b"A")
+            self.expectLine(self._onIDThenContinue)
+
+    def _onIDThenLogin(self, line: bytes) -> None:
+        if self._tagged(line, b"I") is None:
+            self.expectLine()  # the untagged * ID reply
+            return
+        self.expectLine(self._onLogin)
+
+    def _onIDThenContinue(self, line: bytes) -> None:
+        if self._tagged(line, b"I") is None:
+            self.expectLine()
+            return
+        self.sendLine(b"A AUTHENTICATE PLAIN")
+        self.expectLine(self._onContinuation)
+
+    def _onContinuation(self, line: bytes) -> None:
+        if not line.startswith(b"+"):
+            raise self.fail("refused AUTHENTICATE PLAIN")
+        initial, self._initial = self._initial, None
+        self.sendLine(initial)
+        self.expectLine(self._onLogin)
+
+    def _onLogin(self, line: bytes) -> None:
+        status = self._tagged(line, b"A")
+        if status is None:
+            self.expectLine()
+            return
         if status != b"OK":
             temporary = b"[UNAVAILABLE]" in line.upper() or status == b"BAD"
             raise self.fail(
@@ -330,14 +364,26 @@ class IMAPBackend(BackendDialogue):
             )
         caps = capabilitiesIn(line)
         if caps is None:
+            self._caps = None
             self.sendLine(b"C CAPABILITY")
-            status, _, untagged = yield self.expectTagged(b"C")
-            for u in untagged:
-                if u.upper().startswith(b"* CAPABILITY "):
-                    caps = u[len(b"* CAPABILITY ") :]
-            if caps is None:
-                raise self.fail("sent no capabilities")
+            self.expectLine(self._onCapability)
+            return
+        self._finish(caps)
+
+    def _onCapability(self, line: bytes) -> None:
+        if self._tagged(line, b"C") is None:
+            if line[:13].upper() == b"* CAPABILITY ":
+                self._caps = line[13:]
+            self.expectLine()
+            return
+        if self._caps is None:
+            raise self.fail("sent no capabilities")
+        self._finish(self._caps)
+
+    def _finish(self, caps: bytes) -> None:
         self.capabilities = caps
+        self.lineHandler = None
+        self.finished.callback(None)
 
 
 @implementer(IPlugin, ICASProtocol)

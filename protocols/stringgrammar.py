@@ -129,7 +129,7 @@ def quote(value: bytes | str) -> bytes:
     """
     if isinstance(value, str):
         value = value.encode("utf-8")
-    if any(c in value for c in b"\r\n\x00"):
+    if b"\r" in value or b"\n" in value or b"\x00" in value:
         raise ValueError("cannot quote CR, LF or NUL")
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 

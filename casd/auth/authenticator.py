@@ -64,7 +64,6 @@ class Authenticator:
     def _wait(self, delay: float):
         return task.deferLater(self.clock, delay, lambda: None) if delay > 0 else defer.succeed(None)
 
-    @defer.inlineCallbacks
     def login(self, credentials, client):
         """
         @param credentials: L{casd.sasl.Credentials}.
@@ -72,6 +71,7 @@ class Authenticator:
         @return: a L{Deferred} firing with the L{IMailboxUser}, or failing with a
             L{casd.failures.CASFailure}.
         """
+        # Plain callbacks rather than inlineCallbacks: this runs for every login.
         locked = self.penalty.locked(credentials.username, client)
         if locked:
             self.log.warn(
@@ -80,48 +80,66 @@ class Authenticator:
                 client=client.peerHost,
                 reason=locked,
             )
-            yield self._wait(self.penalty.currentDelay(client))
-            raise Throttled(locked)
-        try:
-            avatar = yield self._login(credentials, client)
-        except AuthenticationFailed as e:
+            d = self._wait(self.penalty.currentDelay(client))
+            d.addCallback(lambda _: defer.fail(Throttled(locked)))
+            return d
+        d = self._login(credentials, client)
+        d.addCallbacks(
+            self._succeeded,
+            self._refused,
+            callbackArgs=(credentials, client),
+            errbackArgs=(credentials, client),
+        )
+        return d
+
+    def _succeeded(self, avatar, credentials, client):
+        self.penalty.succeeded(credentials.username, client)
+        return avatar
+
+    def _refused(self, failure, credentials, client):
+        if failure.check(AuthenticationFailed):
             delay = self.penalty.failed(credentials.username, credentials.password, client)
             self.log.info(
                 "authentication failed for {user!r} from {client}: {reason} (answered after"
                 " {delay:g} s)",
                 user=credentials.username,
                 client=client.peerHost,
-                reason=str(e),
+                reason=str(failure.value),
                 delay=delay,
             )
-            yield self._wait(delay)
-            raise
-        except DirectoryUnavailable as e:
+            d = self._wait(delay)
+            d.addCallback(lambda _: failure)
+            return d
+        if failure.check(DirectoryUnavailable):
             self.log.warn(
                 "authentication of {user!r} from {client} failed temporarily: {reason}",
                 user=credentials.username,
                 client=client.peerHost,
-                reason=str(e),
+                reason=str(failure.value),
             )
-            raise
-        self.penalty.succeeded(credentials.username, client)
-        return avatar
+        return failure
 
-    @defer.inlineCallbacks
     def _login(self, credentials, client):
         if not credentials.password:
-            raise AuthenticationFailed("empty password")
+            return defer.fail(AuthenticationFailed("empty password"))
         if credentials.authzid and credentials.authzid != credentials.username:
-            raise AuthenticationFailed("authorisation identity not allowed")
-        try:
-            _, avatar, _ = yield self.portal.login(credentials, client, IMailboxUser)
-        except (UnauthorizedLogin, UnhandledCredentials) as e:
-            raise AuthenticationFailed(str(e) or "refused") from None
-        except CASFailure:
-            raise
-        except Exception:
-            self.log.failure("authentication of {user!r} could not complete", user=credentials.username)
-            raise DirectoryUnavailable("directory error") from None
+            return defer.fail(AuthenticationFailed("authorisation identity not allowed"))
+        d = self.portal.login(credentials, client, IMailboxUser)
+        d.addCallbacks(self._avatar, self._portalError, errbackArgs=(credentials,))
+        return d
+
+    def _avatar(self, result):
+        avatar = result[1]
         if avatar.disabled:
             raise AuthenticationFailed("account disabled")
         return avatar
+
+    def _portalError(self, failure, credentials):
+        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+            raise AuthenticationFailed(str(failure.value) or "refused")
+        if failure.check(CASFailure):
+            return failure
+        self.log.failure(
+            "authentication of {user!r} could not complete", failure, user=credentials.username
+        )
+        raise DirectoryUnavailable("directory error")
