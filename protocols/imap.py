@@ -284,7 +284,10 @@ class IMAPBackend(BackendDialogue):
         # Ports, the TTL and the session id (base64url) need no quoting; addresses are quoted
         # (a non-IP peer name could hold anything).
         ttl = b' "x-proxy-ttl" "%d"' % (self.proxyTTL,) if self.proxyTTL else b""
-        return b'I ID ("x-originating-ip" %s "x-originating-port" "%d" "x-connected-ip" %s' b' "x-connected-port" "%d"%s "x-session-id" "%s")' % (
+        return (
+            b'I ID ("x-originating-ip" %s "x-originating-port" "%d"'
+            b' "x-connected-ip" %s "x-connected-port" "%d"%s "x-session-id" "%s")'
+        ) % (
             quote(c.peerHost),
             c.peerPort,
             quote(c.localHost),
