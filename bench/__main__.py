@@ -345,9 +345,9 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="", help="comma-separated subset of target names")
     parser.add_argument("--protocols", default="", help="imap,pop3 (default: imap, and pop3 when casd has it)")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS variants")
-    parser.add_argument("--output", help="results file (default bench/RESULTS.md; quick: bench/work/RESULTS-quick.md)")
+    parser.add_argument("--output", help="results file (default bench/RESULTS.md; quick: bench/scratch/RESULTS-quick.md)")
     parser.add_argument("--hold", action="store_true", help="after setup, keep the servers up until Enter")
-    parser.add_argument("--render", metavar="JSON", help="only re-render a saved bench/work/results.json")
+    parser.add_argument("--render", metavar="JSON", help="only re-render a saved bench/scratch/results.json")
     args = parser.parse_args(argv)
     if args.render:
         return rerender(args)
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     params = Parameters(args.quick)
     if args.runs:
         params.runs = args.runs
-    work = os.path.join(HERE, "work")
+    work = os.path.join(HERE, "scratch")
     os.makedirs(work, exist_ok=True)
     # Thousands of sessions, two sockets each, in every server: raise the limit the children inherit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
