@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import re
 from typing import Iterable
 
 import attr
@@ -29,6 +30,9 @@ def _hostPort(address) -> tuple[str, int]:
 
 
 _trustCache: dict = {}
+
+#: What a forwarded session id may look like (casd's and Dovecot's are base64).
+_SESSION_ID = re.compile(r"[A-Za-z0-9+/_=-]{1,64}")
 
 
 def isTrusted(host: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
@@ -99,6 +103,25 @@ class ClientInfo:
 
     def withTLS(self) -> ClientInfo:
         return attr.evolve(self, tls=True)
+
+    def forwardedBy(self, host: str | None, port: str | None, sessionId: str | None) -> ClientInfo:
+        """
+        The client as a trusted proxy in front of this node (another casd, Dovecot, a load
+        balancer speaking IMAP ID or XCLIENT) reports it: its address and port, and the session id
+        it gave the session, so that logs on both nodes name the same session.  Values that do
+        not parse are ignored; the caller checks that the proxy is trusted.
+        """
+        changes = {}
+        if host is not None:
+            try:
+                changes["peerHost"] = ipaddress.ip_address(host).compressed
+            except ValueError:
+                pass
+        if port is not None and port.isdigit() and 0 < int(port) < 65536:
+            changes["peerPort"] = int(port)
+        if sessionId is not None and _SESSION_ID.fullmatch(sessionId):
+            changes["sessionId"] = sessionId
+        return attr.evolve(self, **changes) if changes else self
 
     @property
     def plaintextAllowed(self) -> bool:

@@ -172,10 +172,21 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
             raise IMAPSyntaxError("Invalid ID parameters")
         self.clientID = items
         if items and self.client.trusted:
-            # A proxy in front (casd or Dovecot) counts hops; counting on stops proxy loops.
-            for key, value in zip(items[::2], items[1::2]):
-                if key.lower() == b"x-proxy-ttl" and value is not None and value.isdigit():
-                    self.proxyTTL = int(value[:6])
+            # A proxy in front (another casd, Dovecot) reports the real client and counts hops;
+            # counting on stops proxy loops.  Only a trusted client may say so.
+            fields = {
+                key.lower(): value.decode("ascii", "replace")
+                for key, value in zip(items[::2], items[1::2])
+                if value is not None
+            }
+            ttl = fields.get(b"x-proxy-ttl", "")
+            if ttl.isdigit():
+                self.proxyTTL = int(ttl[:6])
+            self.client = self.client.forwardedBy(
+                fields.get(b"x-originating-ip"),
+                fields.get(b"x-originating-port"),
+                fields.get(b"x-session-id"),
+            )
         self.send(b'* ID ("name" "casd")\r\n')
         self.reply(tag, b"OK ID completed.")
 

@@ -582,3 +582,40 @@ class SessionLogTests(IMAPTestMixin, SynchronousTestCase):
         for event in events:
             self.assertNotIn("secret", formatEvent(event))
             self.assertNotIn("secret", repr(event))
+
+
+class ForwardedClientTests(IMAPTestMixin, SynchronousTestCase):
+    """
+    A trusted proxy in front (another casd node) reports the real client in ID; casd passes it on.
+    """
+
+    def test_trustedProxyReportsClient(self):
+        self.connect(1, peer=("192.0.2.99", 5000))
+        self.send(
+            b'a ID ("x-originating-ip" "203.0.113.9" "x-originating-port" "4242"'
+            b' "x-session-id" "nearNode123" "x-proxy-ttl" "4")\r\n'
+        )
+        self.assertEqual(self.server.client.peerHost, "203.0.113.9")
+        self.send(b"b LOGIN alice secret\r\n")
+        backend, bt, sent = self.backendLogin()
+        self.assertIn(b'"x-originating-ip" "203.0.113.9" "x-originating-port" "4242"', sent)
+        self.assertIn(b'"x-session-id" "nearNode123"', sent)
+        self.assertIn(b'"x-proxy-ttl" "3"', sent)
+
+    def test_untrustedClientIgnored(self):
+        self.connect(0, peer=("198.51.100.7", 5000))
+        self.send(b'a ID ("x-originating-ip" "203.0.113.9" "x-session-id" "forged")\r\n')
+        self.assertEqual(self.server.client.peerHost, "198.51.100.7")
+        self.assertNotEqual(self.server.client.sessionId, "forged")
+
+    def test_junkValuesIgnored(self):
+        self.connect(1, peer=("192.0.2.99", 5000))
+        before = self.server.client.sessionId
+        self.send(
+            b'a ID ("x-originating-ip" "not an address" "x-originating-port" "99999"'
+            b' "x-session-id" "has space")\r\n'
+        )
+        self.assertEqual(
+            (self.server.client.peerHost, self.server.client.peerPort, self.server.client.sessionId),
+            ("192.0.2.99", 5000, before),
+        )
