@@ -12,8 +12,8 @@ server (in the spirit of C{treq.testing} and C{ldaptor.testutil}).
     ]).run()
 
 The stable API for protocol plugins: L{makeContext}, L{MemoryDirectory}, L{connectFrontend},
-L{acceptBackend}, L{failBackend}, L{ScriptedBackend} (with L{CLOSE} and L{ScriptMismatch}) and
-L{TLSStringTransport}.
+L{acceptBackend}, L{failBackend}, L{ScriptedBackend} (with L{CLOSE} and L{ScriptMismatch}),
+L{TLSStringTransport} and L{TranscriptMixin}.
 """
 
 from __future__ import annotations
@@ -305,3 +305,48 @@ class ScriptedBackend:
         said = self.transport.value()
         self.transport.clear()
         return said
+
+
+class TranscriptMixin:
+    """
+    A mixin for C{SynchronousTestCase}s that drive one protocol through its transcript: a fresh
+    L{MemoryReactorClock}, a context with an in-memory directory, a client connection and a
+    C{send()} that returns what the client read back.
+
+    Set C{descriptor} (the protocol's L{casd.interfaces.ICASProtocol}), C{config} (TOML text),
+    C{users} (as L{MemoryDirectory} takes them) and C{listener} (the default listener's index).
+
+    @ivar server: the client-side protocol, after L{connect}.
+    @ivar transport: its L{TLSStringTransport}.
+    @ivar greeting: what the client read when it connected.
+    """
+
+    descriptor = None
+    config = DEFAULT_CONFIG
+    users: dict = {}
+    listener = 0
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.reactor = MemoryReactorClock()
+        self.context = makeContext(self.reactor, users=self.users, config=self.config)
+
+    def connect(self, listener=None, peer=("198.51.100.7", 40000)):
+        """
+        Connect a client through the listener of index C{listener} (default: C{self.listener}).
+        """
+        if listener is None:
+            listener = self.listener
+        self.server, self.transport = connectFrontend(self.descriptor, self.context, listener, peer)
+        self.greeting = self.transport.value()
+        self.transport.clear()
+        return self.server
+
+    def send(self, data: bytes) -> bytes:
+        """
+        Feed C{data} to the server; return what it wrote back.
+        """
+        self.transport.clear()
+        self.server.dataReceived(data)
+        return self.transport.value()

@@ -5,12 +5,17 @@ StringTransport and MemoryReactorClock.
 
 from base64 import b64decode, b64encode
 
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
-from casd.testing import acceptBackend, connectFrontend, failBackend, makeContext
+from casd.testing import (
+    TranscriptMixin,
+    acceptBackend,
+    connectFrontend,
+    failBackend,
+    makeContext,
+)
 from protocols.imap import imap
 from tests.support.certs import CertificateAuthority
 
@@ -43,29 +48,14 @@ trusted = true
 """
 
 
-class IMAPTestMixin:
+class IMAPTestMixin(TranscriptMixin):
+    descriptor = imap
     config = CONFIG
-
-    def setUp(self):
-        self.reactor = MemoryReactorClock()
-        self.context = makeContext(
-            self.reactor,
-            users={
-                "alice": ("secret", UserRecord(login="alice", backendLogin="alice@example.com")),
-                "bob": "pw\"\\x",
-            },
-            config=self.config,
-        )
-
-    def connect(self, listener=0, peer=("198.51.100.7", 40000)):
-        self.server, self.transport = connectFrontend(imap, self.context, listener, peer)
-        self.transport.clear()
-        return self.server
-
-    def send(self, data: bytes) -> bytes:
-        self.transport.clear()
-        self.server.dataReceived(data)
-        return self.transport.value()
+    listener = 0
+    users = {
+        "alice": ("secret", UserRecord(login="alice", backendLogin="alice@example.com")),
+        "bob": "pw\"\\x",
+    }
 
     def backendLogin(self, capabilities=b"IMAP4rev1 IDLE MOVE"):
         """

@@ -10,13 +10,12 @@ from base64 import b64decode, b64encode
 
 from zope.interface.verify import verifyObject
 
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
 from casd.config import ConfigError
 from casd.interfaces import ICASProtocol
-from casd.testing import CLOSE, ScriptedBackend, connectFrontend, failBackend, makeContext
+from casd.testing import CLOSE, ScriptedBackend, TranscriptMixin, failBackend, makeContext
 from protocols.managesieve import managesieve
 from tests.support.certs import CertificateAuthority
 
@@ -61,30 +60,14 @@ LOGIN = [
 UNAVAILABLE = b'NO (TRYLATER) "Mailbox server unavailable, try again later."\r\n'
 
 
-class ManageSieveTestMixin:
+class ManageSieveTestMixin(TranscriptMixin):
+    descriptor = managesieve
     config = CONFIG
-
-    def setUp(self):
-        self.reactor = MemoryReactorClock()
-        self.context = makeContext(
-            self.reactor,
-            users={
-                "alice": ("secret", UserRecord(login="alice", backendLogin="alice@example.com")),
-                "bob": 'p"w\\x',
-            },
-            config=self.config,
-        )
-
-    def connect(self, listener=1, peer=("198.51.100.7", 40000)):
-        self.server, self.transport = connectFrontend(managesieve, self.context, listener, peer)
-        self.greeting = self.transport.value()
-        self.transport.clear()
-        return self.server
-
-    def send(self, data: bytes) -> bytes:
-        self.transport.clear()
-        self.server.dataReceived(data)
-        return self.transport.value()
+    listener = 1
+    users = {
+        "alice": ("secret", UserRecord(login="alice", backendLogin="alice@example.com")),
+        "bob": 'p"w\\x',
+    }
 
     def backend(self, script=LOGIN):
         return ScriptedBackend(self.reactor, script).run()

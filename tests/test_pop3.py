@@ -10,13 +10,12 @@ from base64 import b64decode, b64encode
 
 from zope.interface.verify import verifyObject
 
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
 from casd.interfaces import ICASProtocol
-from casd.testing import CLOSE, ScriptedBackend, connectFrontend, failBackend, makeContext
+from casd.testing import CLOSE, ScriptedBackend, TranscriptMixin, failBackend, makeContext
 from protocols.pop3 import pop3
 from tests.support.certs import CertificateAuthority
 
@@ -56,30 +55,14 @@ LOGIN = [
 ]
 
 
-class POP3TestMixin:
+class POP3TestMixin(TranscriptMixin):
+    descriptor = pop3
     config = CONFIG
-
-    def setUp(self):
-        self.reactor = MemoryReactorClock()
-        self.context = makeContext(
-            self.reactor,
-            users={
-                "alice": ("secret", UserRecord(login="alice", backendLogin="alice@example.com")),
-                "bob": "pw with spaces",
-            },
-            config=self.config,
-        )
-
-    def connect(self, listener=1, peer=("198.51.100.7", 40000)):
-        self.server, self.transport = connectFrontend(pop3, self.context, listener, peer)
-        self.greeting = self.transport.value()
-        self.transport.clear()
-        return self.server
-
-    def send(self, data: bytes) -> bytes:
-        self.transport.clear()
-        self.server.dataReceived(data)
-        return self.transport.value()
+    listener = 1
+    users = {
+        "alice": ("secret", UserRecord(login="alice", backendLogin="alice@example.com")),
+        "bob": "pw with spaces",
+    }
 
     def backend(self, script=LOGIN):
         return ScriptedBackend(self.reactor, script).run()
