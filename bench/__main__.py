@@ -297,13 +297,13 @@ def warmUp(params, dovecot, port=None, what="Dovecot"):
 
 
 def casdProtocols() -> set[str]:
-    from casd.plugin import discoverProtocols
+    from casd.service.discovery import discoverProtocols
 
     return set(discoverProtocols())
 
 
 def casdHasWorkers() -> bool:
-    from casd.tap import Options
+    from casd.service.tap import Options
 
     return any(p[0] == "workers" for p in getattr(Options, "optParameters", []))
 

@@ -13,9 +13,9 @@ class ICASProtocol(Interface):
     shared failures.  The built-in protocols are registered exactly as a third-party one is.
 
     This interface is casd's public plugin API, together with what L{buildFactory} receives
-    (L{casd.context.CASContext}, L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}),
-    the bases a protocol builds on (L{casd.frontend.FrontendProtocol} and its factory,
-    L{casd.backend.BackendDialogue}), L{casd.sasl}, L{casd.failures} and the fakes of
+    (L{casd.service.context.CASContext}, L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}),
+    the bases a protocol builds on (L{casd.session.frontend.FrontendProtocol} and its factory,
+    L{casd.pool.connector.BackendDialogue}), L{casd.auth.sasl}, L{casd.failures} and the fakes of
     L{casd.testing}; C{docs/writing-a-protocol-plugin.md} lists that surface and builds a plugin
     with it.  It changes only compatibly: a new attribute here gets a default in the core first.
     """
@@ -34,7 +34,7 @@ class ICASProtocol(Interface):
         "C{str}: C{'none'}, C{'starttls'} or C{'implicit'}: the backend TLS mode when none is named."
     )
     healthProbe = Attribute(
-        "A L{casd.health.HealthProbe}: how the health checker tells a healthy backend of this"
+        "A L{casd.pool.health.HealthProbe}: how the health checker tells a healthy backend of this"
         " protocol (the start of its greeting, e.g. C{b'* OK'}; a request to send first, for"
         " HTTP), or C{None} to check only that backends accept connections."
     )
@@ -49,7 +49,7 @@ class ICASProtocol(Interface):
         """
         Build the server factory for one listener.
 
-        @param context: the shared L{casd.context.CASContext} (portal, router, pool, TLS, log).
+        @param context: the shared L{casd.service.context.CASContext} (portal, router, pool, TLS, log).
         @param section: the validated L{casd.config.ProtocolSection} of this protocol.
         @param listener: the L{casd.config.ListenerConfig} this factory serves.
         @return: an L{twisted.internet.interfaces.IProtocolFactory}.
@@ -87,7 +87,7 @@ class ILocator(Interface):
         @param user: the L{IMailboxUser}.
         @param protocol: the protocol's L{ICASProtocol} descriptor (its C{name}, default backend
             port and TLS mode).
-        @return: a L{casd.routing.Route}, or C{None} for "not mine" (the next locator is asked), or a
+        @return: a L{casd.routing.router.Route}, or C{None} for "not mine" (the next locator is asked), or a
             L{Deferred} of either.  Raise or fail with L{casd.failures.BackendUnavailable} for
             "mine, but unavailable".
         """

@@ -33,12 +33,12 @@ from twisted.internet.testing import StringTransport
 from casd.auth import UserRecord
 from casd.auth.authenticator import Authenticator, MailboxRealm
 from casd.auth.penalty import LoginPenalty
-from casd.backend import BackendConnector
+from casd.pool.connector import BackendConnector
 from casd.config import parseConfig
-from casd.context import CASContext
+from casd.service.context import CASContext
 from casd.interfaces import IUserDirectory, IUserRecordChecker
-from casd.protolog import SessionLog
-from casd.routing import defaultRouter
+from casd.session.protolog import SessionLog
+from casd.routing.router import defaultRouter
 from casd.tls import ClientTLS, ServerTLS
 
 #: A minimal configuration: one backend at 127.0.0.1 reached without TLS.
@@ -131,7 +131,7 @@ def makeContext(reactor, users=None, config: str = DEFAULT_CONFIG, protocols=Non
     @return: the context; its directory is at C{context.directory}.
     """
     if protocols is None:
-        from casd.plugin import discoverProtocols
+        from casd.service.discovery import discoverProtocols
 
         protocols = discoverProtocols()
     elif not isinstance(protocols, dict):
@@ -228,7 +228,7 @@ class ScriptMismatch(AssertionError):
 class ScriptedBackend:
     """
     A mailbox server speaking a scripted dialogue on the backend connection that a protocol asked
-    a L{MemoryReactor} for: a stub backend for testing a protocol's L{casd.backend.BackendDialogue}.
+    a L{MemoryReactor} for: a stub backend for testing a protocol's L{casd.pool.connector.BackendDialogue}.
 
     The script is a sequence of C{(expected, reply)} steps.  C{expected} is everything casd must
     have sent since the previous step: C{bytes} (C{b""} for nothing, as before the greeting) or a

@@ -19,12 +19,12 @@ from casd.failures import (
     ProtocolViolation,
     Throttled,
 )
-from casd.backend import BackendDialogue
-from casd.frontend import FrontendFactory, FrontendProtocol
-from casd.frontend import renderFailure as _render
-from casd.health import HealthProbe
+from casd.pool.connector import BackendDialogue
+from casd.session.frontend import FrontendFactory, FrontendProtocol
+from casd.session.frontend import renderFailure as _render
+from casd.pool.health import HealthProbe
 from casd.interfaces import ICASProtocol
-from casd.sasl import MECHANISMS, SASLRefusal, encodePlain, makeCredentials
+from casd.auth.sasl import MECHANISMS, SASLRefusal, encodePlain, makeCredentials
 from protocols.imapgrammar import (
     IMAPSyntaxError,
     capabilitiesIn,

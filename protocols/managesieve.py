@@ -14,7 +14,7 @@ from zope.interface import implementer
 from twisted.internet import defer
 from twisted.plugin import IPlugin
 
-from casd.backend import BackendDialogue
+from casd.pool.connector import BackendDialogue
 from casd.config import ConfigError, Setting
 from casd.failures import (
     AuthenticationFailed,
@@ -24,10 +24,10 @@ from casd.failures import (
     PrivacyRequired,
     Throttled,
 )
-from casd.frontend import FrontendFactory, FrontendProtocol, renderFailure
-from casd.health import HealthProbe
+from casd.session.frontend import FrontendFactory, FrontendProtocol, renderFailure
+from casd.pool.health import HealthProbe
 from casd.interfaces import ICASProtocol
-from casd.sasl import MECHANISMS, SASLRefusal, encodePlain
+from casd.auth.sasl import MECHANISMS, SASLRefusal, encodePlain
 from protocols.stringgrammar import (
     LITERAL_MARKER,
     Atom,

@@ -11,7 +11,7 @@ from zope.interface import implementer
 from twisted.internet import defer
 from twisted.plugin import IPlugin
 
-from casd.backend import BackendDialogue
+from casd.pool.connector import BackendDialogue
 from casd.config import Setting
 from casd.failures import (
     AuthenticationFailed,
@@ -22,10 +22,10 @@ from casd.failures import (
     ProtocolViolation,
     Throttled,
 )
-from casd.frontend import FrontendFactory, FrontendProtocol, renderFailure
-from casd.health import HealthProbe
+from casd.session.frontend import FrontendFactory, FrontendProtocol, renderFailure
+from casd.pool.health import HealthProbe
 from casd.interfaces import ICASProtocol
-from casd.sasl import MECHANISMS, SASLRefusal, encodePlain, makeCredentials
+from casd.auth.sasl import MECHANISMS, SASLRefusal, encodePlain, makeCredentials
 
 #: How each failure of the shared vocabulary reads in POP3 (RFC 2449 and RFC 3206 codes).
 FAILURES = (

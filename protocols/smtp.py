@@ -30,10 +30,10 @@ from casd.failures import (
     PrivacyRequired,
     Throttled,
 )
-from casd.frontend import FrontendFactory, FrontendProtocol, renderFailure
-from casd.health import HealthProbe
+from casd.session.frontend import FrontendFactory, FrontendProtocol, renderFailure
+from casd.pool.health import HealthProbe
 from casd.interfaces import ICASProtocol
-from casd.sasl import MECHANISMS, SASLRefusal
+from casd.auth.sasl import MECHANISMS, SASLRefusal
 from protocols.smtpbackend import SMTPBackend, UnexpectedReply
 from protocols.smtpfilters import ConnectionFilter, SendingLimits, Verdict, policyInt, senderBlocked
 from protocols.smtpgrammar import (

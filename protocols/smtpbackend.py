@@ -13,9 +13,9 @@ import ipaddress
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from casd.backend import BackendDialogue
+from casd.pool.connector import BackendDialogue
 from casd.failures import BackendUnavailable
-from casd.sasl import encodePlain
+from casd.auth.sasl import encodePlain
 from protocols.smtpgrammar import (
     Reply,
     ReplyParser,

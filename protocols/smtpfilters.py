@@ -14,7 +14,7 @@ from collections import deque
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from casd.clientinfo import isTrusted
+from casd.session.clientinfo import isTrusted
 
 #: Addresses tracked for rate limits before old entries are swept.
 MAX_TRACKED = 10000

@@ -136,7 +136,7 @@ def quote(value: bytes | str) -> bytes:
 
 class LiteralFraming:
     """
-    A mixin for a L{casd.frontend.FrontendProtocol} whose commands may carry literals: it
+    A mixin for a L{casd.session.frontend.FrontendProtocol} whose commands may carry literals: it
     collects one command across its lines and literals (read whole in raw mode), enforces the
     size and count limits, and hands the command to L{commandReceived} as a list of C{bytes} text
     pieces and L{Literal}s, ready for L{tokenizeParts}.

@@ -28,11 +28,11 @@ from casd.auth.hashing import makeHash
 from casd.auth.ldap import LDAPChecker
 from casd.auth.penalty import LoginPenalty
 from casd.auth.usersfile import UsersFileChecker
-from casd.clientinfo import ClientInfo
+from casd.session.clientinfo import ClientInfo
 from casd.config import ConfigError, parseConfig
 from casd.failures import AuthenticationFailed, DirectoryUnavailable, Throttled
 from casd.interfaces import IUserDirectory
-from casd.sasl import Credentials
+from casd.auth.sasl import Credentials
 from casd.testing import MemoryDirectory, connectFrontend, makeContext
 from protocols.imap import imap
 from tests.support.slapd import USERS as LDAP_USERS
@@ -584,7 +584,7 @@ class AssemblyTests(_Harness, SynchronousTestCase):
             self.assertEqual(e.key, key)
 
     def test_tapContext(self):
-        from casd.tap import buildContext
+        from casd.service.tap import buildContext
 
         context, checkers = buildContext(
             self.config(), {"imap": imap}, self.reactor, lambda f, *a: defer.maybeDeferred(f, *a)

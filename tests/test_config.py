@@ -9,7 +9,7 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.config import ConfigError, loadConfig, parseConfig
-from casd.plugin import discoverProtocols
+from casd.service.discovery import discoverProtocols
 from tests.support.certs import CertificateAuthority
 
 PROTOCOLS = discoverProtocols().values()
@@ -197,7 +197,7 @@ class ReferenceTests(SynchronousTestCase):
         docs/configuration.md is what `casd config-reference` prints: regenerate it with
         `python -m casd config-reference > docs/configuration.md` after changing a setting.
         """
-        from casd.docgen import configurationReference
+        from casd.config.reference import configurationReference
 
         with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
             self.assertEqual(f.read(), configurationReference())

@@ -1,5 +1,5 @@
 """
-Tests for L{casd.demo}, casd's in-process demo mailbox backend.
+Tests for L{casd.demo.backend}, casd's in-process demo mailbox backend.
 
 The servers listen on real loopback sockets and are driven by real clients: Python's C{imaplib}
 and C{poplib} (each in a thread, through C{deferToThread}) and the C{curl} command.
@@ -32,10 +32,10 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
 
 import casd
-from casd import demo
+from casd.demo import backend as demo
 from casd.auth.usersfile import UsersFileChecker
 from casd.interfaces import IUserRecordChecker
-from casd.demo import DemoMailStore, demoIMAPFactory, demoPOP3Factory
+from casd.demo.backend import DemoMailStore, demoIMAPFactory, demoPOP3Factory
 
 TIMEOUT = 20  # seconds, for each client socket operation
 
@@ -571,7 +571,7 @@ class UsersFileTests(_ServersMixin, unittest.TestCase):
     """
 
     def makeChecker(self):
-        path = os.path.join(os.path.dirname(casd.__file__), "demodata", "users")
+        path = os.path.join(os.path.dirname(casd.__file__), "demo", "data", "users")
         return UsersFileChecker(path, lambda f, *args: deferToThread(f, *args), reactor)
 
     @defer.inlineCallbacks

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
 from casd.auth.hashing import makeHash
-from casd.routing import rendezvousOrder
+from casd.routing.router import rendezvousOrder
 from tests.support.casdnode import CASNode
 from tests.support.dovecot import Dovecot
 from tests.support.procs import freePort

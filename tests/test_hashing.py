@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from casd.auth import UnknownUser, UserRecord
 from casd.auth.hashing import SCHEMES, UnknownScheme, makeHash, splitScheme, verify
 from casd.auth.usersfile import UsersFileChecker, UsersFileError, parseUsers
-from casd.sasl import Credentials
+from casd.auth.sasl import Credentials
 from tests.support.procs import requireBinary
 
 #: Schemes a users file may use in production (PLAIN/CLEAR are for tests).

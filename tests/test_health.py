@@ -16,12 +16,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from casd.admin import ReloadService
+from casd.service.reload import ReloadService
 from casd.auth import UserRecord
 from casd.config import parseConfig
-from casd.health import UP, HealthChecker, HealthProbe, Member, probeMember
-from casd.plugin import discoverProtocols
-from casd.routing import BackendTarget
+from casd.pool.health import UP, HealthChecker, HealthProbe, Member, probeMember
+from casd.service.discovery import discoverProtocols
+from casd.routing.router import BackendTarget
 from casd.testing import connectFrontend, makeContext
 from protocols.imap import imap
 
@@ -196,7 +196,7 @@ class CheckerTests(SynchronousTestCase):
         )
 
     def member(self, name):
-        from casd.routing import targetFor
+        from casd.routing.router import targetFor
 
         return self.context.connector.member(targetFor(self.context.config.backends[name], imap))
 

@@ -17,9 +17,9 @@ from twisted.trial.unittest import TestCase
 
 from casd.auth.usersfile import UsersFileChecker
 from casd.config import loadConfig
-from casd.plugin import discoverProtocols
-from casd.sasl import Credentials
-from casd.tap import DEMO_CONFIG
+from casd.service.discovery import discoverProtocols
+from casd.auth.sasl import Credentials
+from casd.service.tap import DEMO_CONFIG
 from tests.support.casdnode import CASNode
 from tests.support.certs import CertificateAuthority
 from tests.support.procs import freePort, stopPid, waitForPort
@@ -306,7 +306,7 @@ class ProxyHeaderTests(TestCase):
 
     def setUp(self):
         from twisted.internet.testing import MemoryReactorClock, StringTransport
-        from casd.proxyproto import ProxyProtocolFactory
+        from casd.service.proxyproto import ProxyProtocolFactory
 
         self.clock = MemoryReactorClock()
         self.started = []
@@ -333,7 +333,7 @@ class ProxyHeaderTests(TestCase):
         self.assertEqual(self.transport.value(), b"hello\r\n")
 
     def test_noHeaderTimesOut(self):
-        from casd.proxyproto import HEADER_TIMEOUT
+        from casd.service.proxyproto import HEADER_TIMEOUT
 
         self.clock.advance(HEADER_TIMEOUT + 0.1)
         self.assertTrue(self.transport.disconnecting)

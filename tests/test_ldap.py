@@ -45,7 +45,7 @@ from casd.auth.ldapfilter import (
 from casd.config import LDAP_SETTINGS, Values
 from casd.failures import DirectoryUnavailable
 from casd.interfaces import IUserDirectory
-from casd.sasl import Credentials
+from casd.auth.sasl import Credentials
 from tests.support.slapd import SERVICE_PASSWORD, USERS, fixtureLDIF, serviceDN, userDN
 
 BASE = "ou=people,dc=example,dc=com"

@@ -21,10 +21,10 @@ from casd.auth.authenticator import Authenticator, MailboxRealm
 from casd.auth.cache import CachingChecker, CredentialCache
 from casd.auth.ldap import checkerFromConfig
 from casd.auth.penalty import LoginPenalty
-from casd.clientinfo import ClientInfo
+from casd.session.clientinfo import ClientInfo
 from casd.config import parseConfig
 from casd.failures import AuthenticationFailed, DirectoryUnavailable
-from casd.sasl import Credentials
+from casd.auth.sasl import Credentials
 from protocols.imap import imap
 from tests.support.certs import CertificateAuthority
 from tests.support.procs import freePort

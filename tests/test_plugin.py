@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from casd.config import ConfigError, parseConfig
 from casd.interfaces import ICASProtocol
-from casd.plugin import LazyProtocol, discoverProtocols
+from casd.service.discovery import LazyProtocol, discoverProtocols
 from casd.testing import (
     CLOSE,
     ScriptedBackend,

@@ -10,12 +10,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
-from casd.backend import BackendConnector, BackendDialogue
+from casd.pool.connector import BackendConnector, BackendDialogue
 from casd.config import parseConfig
 from casd.failures import AuthenticationFailed, BackendUnavailable
-from casd.health import Member
-from casd.plugin import discoverProtocols
-from casd.routing import Route, routeTo
+from casd.pool.health import Member
+from casd.service.discovery import discoverProtocols
+from casd.routing.router import Route, routeTo
 from casd.testing import acceptBackend, failBackend, makeContext
 from protocols.imap import imap
 
@@ -419,7 +419,7 @@ class BackendDeathTests(PoolTestMixin, SynchronousTestCase):
     """
 
     def relayed(self, clientTransport=None):
-        from casd.relay import Relay
+        from casd.session.relay import Relay
         from casd.testing import TLSStringTransport
         from twisted.internet.protocol import Protocol
 

@@ -11,8 +11,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from casd.config import loadConfig
-from casd.plugin import discoverProtocols
-from casd.tap import DEMO_CONFIG
+from casd.service.discovery import discoverProtocols
+from casd.service.tap import DEMO_CONFIG
 from tests.support.casdnode import CASNode
 from tests.support.procs import freePort
 

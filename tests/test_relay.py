@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from casd.relay import Relay, writeThrough
+from casd.session.relay import Relay, writeThrough
 from casd.testing import TLSStringTransport
 
 

@@ -15,8 +15,8 @@ from casd.auth import UserRecord
 from casd.config import ConfigError, parseConfig
 from casd.failures import BackendUnavailable
 from casd.interfaces import ILocator
-from casd.plugin import discoverProtocols
-from casd.routing import (
+from casd.service.discovery import discoverProtocols
+from casd.routing.router import (
     DefaultBackendLocator,
     HashLocator,
     MailHostLocator,

@@ -11,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
 from casd.auth.hashing import makeHash
-from casd.locate import describeRoute
-from casd.routing import rendezvousOrder
+from casd.cli.locate import describeRoute
+from casd.routing.router import rendezvousOrder
 from casd.testing import makeContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.trial.unittest import TestCase
 
 from casd.auth.hashing import makeHash
-from casd.workers import _AdoptingReactor, adoptingReactors
+from casd.service.workers import _AdoptingReactor, adoptingReactors
 from tests.support.procs import freePort, pidAlive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -66,8 +66,8 @@ class Authenticator:
 
     def login(self, credentials, client):
         """
-        @param credentials: L{casd.sasl.Credentials}.
-        @param client: the L{casd.clientinfo.ClientInfo}.
+        @param credentials: L{casd.auth.sasl.Credentials}.
+        @param client: the L{casd.session.clientinfo.ClientInfo}.
         @return: a L{Deferred} firing with the L{IMailboxUser}, or failing with a
             L{casd.failures.CASFailure}.
         """

@@ -6,7 +6,7 @@ import os
 
 from twisted.internet import defer, task
 
-from casd.tap import Options, makeService
+from casd.service.tap import Options, makeService
 
 
 class CASNode:

@@ -5,11 +5,11 @@ ships a module just like this one in its own C{twisted/plugins/}.
 
 from twisted.application.service import ServiceMaker
 
-from casd.plugin import LazyProtocol
+from casd.service.discovery import LazyProtocol
 
 cas = ServiceMaker(
     "casd",
-    "casd.tap",
+    "casd.service.tap",
     "Client Access Server: the front door of a mail system (IMAP, POP3, SMTP, HTTP proxy)",
     "cas",
 )

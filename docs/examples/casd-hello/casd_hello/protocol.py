@@ -12,7 +12,7 @@ from zope.interface import implementer
 from twisted.internet import defer
 from twisted.plugin import IPlugin
 
-from casd.backend import BackendDialogue
+from casd.pool.connector import BackendDialogue
 from casd.config import Setting
 from casd.failures import (
     AuthenticationFailed,
@@ -21,10 +21,10 @@ from casd.failures import (
     ProtocolViolation,
     Throttled,
 )
-from casd.frontend import FrontendFactory, FrontendProtocol
-from casd.health import HealthProbe
+from casd.session.frontend import FrontendFactory, FrontendProtocol
+from casd.pool.health import HealthProbe
 from casd.interfaces import ICASProtocol
-from casd.sasl import makeCredentials
+from casd.auth.sasl import makeCredentials
 
 FAILURES = (
     (AuthenticationFailed, b"-ERR bad credentials"),

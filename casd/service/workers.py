@@ -192,7 +192,7 @@ class WorkerPool(service.Service):
         self._restarts.pop(index, None)
         fds = {port.fileno(): port.fileno() for port in self.ports.values()}
         listeners = [f"--listener={name}={port.fileno()}" for name, port in self.ports.items()]
-        args = [self.executable, "-m", "casd.workers", "--config", self.configPath, f"--index={index}"] + listeners
+        args = [self.executable, "-m", "casd.service.workers", "--config", self.configPath, f"--index={index}"] + listeners
         env = dict(os.environ)
         # The worker imports what the parent imported (this checkout's casd and plugins).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -354,7 +354,7 @@ class _ParentWatch:
 
 def workerMain(argv=None) -> int:
     """
-    The worker process: C{python -m casd.workers --config FILE --index N --listener NAME=FD ...}.
+    The worker process: C{python -m casd.service.workers --config FILE --index N --listener NAME=FD ...}.
     """
     parser = argparse.ArgumentParser(prog="casd worker")
     parser.add_argument("--config", required=True)
@@ -369,7 +369,7 @@ def workerMain(argv=None) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    from casd.tap import Options, makeService
+    from casd.service.tap import Options, makeService
 
     globalLogBeginner.beginLoggingTo([_relayObserver(sys.stdout)], redirectStandardIO=False)
     options = Options()

@@ -18,7 +18,7 @@ from attrs import field, frozen
 from twisted.internet.endpoints import serverFromString
 from twisted.python.filepath import FilePath
 from twisted.test.proto_helpers import MemoryReactor
-from casd.settings import (  # re-exported: importers use casd.config
+from casd.config.settings import (  # re-exported: importers use casd.config
     AUTH_SETTINGS,
     BACKEND_PROTOCOL_SETTINGS,
     BACKEND_SERVER_SETTINGS,

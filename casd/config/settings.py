@@ -2,7 +2,7 @@
 The declaration of every core configuration key: one L{Setting} each (type, default, one line of
 documentation), and the generic validation of a TOML table against such a declaration.
 
-L{casd.config} assembles these into the frozen configuration; L{casd.docgen} renders them as the
+L{casd.config} assembles these into the frozen configuration; L{casd.config.reference} renders them as the
 configuration reference.  Protocols declare their own keys the same way (C{ICASProtocol.settings}).
 """
 

@@ -13,10 +13,10 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from casd.clientinfo import ClientInfo
+from casd.session.clientinfo import ClientInfo
 from casd.failures import CASFailure, ProtocolViolation
-from casd.relay import Relay, writeThrough
-from casd.sasl import MECHANISMS, SASLCancelled, SASLExchange, SASLRefusal, encodeBase64
+from casd.session.relay import Relay, writeThrough
+from casd.auth.sasl import MECHANISMS, SASLCancelled, SASLExchange, SASLRefusal, encodeBase64
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
 PAUSE_BUFFER = 65536
@@ -46,7 +46,7 @@ class FrontendProtocol(Protocol):
     L{login} (or L{startSASL}) and implement L{loginSucceeded}, L{loginFailed} (and
     L{saslChallenge}, L{saslFailed}).  L{failures} words the shared failures.
 
-    @ivar context: the shared L{casd.context.CASContext}.
+    @ivar context: the shared L{casd.service.context.CASContext}.
     @ivar section: this protocol's L{casd.config.ProtocolSection} (limits, timeouts, own keys).
     @ivar listener: the L{casd.config.ListenerConfig} the client came in through.
     @ivar descriptor: the protocol's L{casd.interfaces.ICASProtocol}.
@@ -114,7 +114,7 @@ class FrontendProtocol(Protocol):
 
     def makeDialogue(self, target, user, credentials):
         """
-        @return: the protocol's L{casd.backend.BackendDialogue} for C{target}.
+        @return: the protocol's L{casd.pool.connector.BackendDialogue} for C{target}.
         """
         raise NotImplementedError()
 
@@ -124,7 +124,7 @@ class FrontendProtocol(Protocol):
         right after this returns.
 
         @param token: what the protocol passed to L{login} (e.g. the IMAP tag).
-        @param dialogue: the logged-in L{casd.backend.BackendDialogue}.
+        @param dialogue: the logged-in L{casd.pool.connector.BackendDialogue}.
         """
         raise NotImplementedError()
 
@@ -435,7 +435,7 @@ class FrontendProtocol(Protocol):
         """
         The shared path: authenticate, locate the mailbox, open and log in a backend session.
 
-        @return: a L{Deferred} firing with the logged-in L{casd.backend.BackendDialogue}, or
+        @return: a L{Deferred} firing with the logged-in L{casd.pool.connector.BackendDialogue}, or
             failing with a L{casd.failures.CASFailure} for the protocol to render.
         """
         # Plain callbacks rather than inlineCallbacks: this runs for every login.

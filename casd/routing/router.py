@@ -11,7 +11,7 @@ The locators, in their default order (C{[routing] locators}):
     - C{hash}: rendezvous hashing over C{[routing] hash_group};
     - C{default}: C{[routing] default_backend}.
 
-A route lists its targets in preference order; the connector (L{casd.backend}) skips members that
+A route lists its targets in preference order; the connector (L{casd.pool.connector}) skips members that
 are DOWN or draining and fails over along the list.
 """
 

@@ -18,18 +18,18 @@ from twisted.python.threadpool import ThreadPool
 
 import casd
 from casd.auth.assembly import AuthResourcesService, buildAuthentication
-from casd.backend import BackendConnector
+from casd.pool.connector import BackendConnector
 from casd.config import ConfigError, loadConfig
-from casd.context import CASContext
-from casd.plugin import discoverProtocols
-from casd.protolog import SessionLog
-from casd.proxyproto import listenerEndpoint
-from casd.routing import defaultRouter
+from casd.service.context import CASContext
+from casd.service.discovery import discoverProtocols
+from casd.session.protolog import SessionLog
+from casd.service.proxyproto import listenerEndpoint
+from casd.routing.router import defaultRouter
 from casd.tls import ClientTLS, ServerTLS
 
 log = Logger()
 
-DEMO_CONFIG = os.path.join(os.path.dirname(casd.__file__), "demodata", "casd.toml")
+DEMO_CONFIG = os.path.join(os.path.dirname(casd.__file__), "demo", "data", "casd.toml")
 
 
 class Options(usage.Options):
@@ -45,7 +45,7 @@ class Options(usage.Options):
             "w",
             1,
             "Worker processes sharing the listening sockets (use one per core; see"
-            " casd/workers.py).",
+            " casd/service/workers.py).",
             int,
         ],
     ]
@@ -121,15 +121,15 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
     """
     Build the service tree: one listening service per listener of each enabled protocol, the
     hashing thread pool and, in demo mode, the demo mailbox backend.  With C{--workers N}
-    (N > 1), the parent's tree instead: L{casd.workers.WorkerPool}.
+    (N > 1), the parent's tree instead: L{casd.service.workers.WorkerPool}.
 
     @param adopted: in a worker process, listener name -> a reactor whose C{listen*} adopts the
-        socket the parent bound (L{casd.workers.adoptingReactors}).
+        socket the parent bound (L{casd.service.workers.adoptingReactors}).
     """
     if reactor is None:
         from twisted.internet import reactor
     if adopted is None and options.get("workers", 1) > 1:
-        from casd.workers import makeParentService
+        from casd.service.workers import makeParentService
 
         return makeParentService(options, reactor)
     config = options.config
@@ -179,8 +179,8 @@ def _addRouting(top, context, reactor) -> None:
     """
     The backend health checker and the SIGHUP reload of the routing and backend sections.
     """
-    from casd.admin import ReloadService
-    from casd.health import HealthChecker
+    from casd.service.reload import ReloadService
+    from casd.pool.health import HealthChecker
 
     checker = HealthChecker(reactor, context.connector, context.config, context.protocols)
     checker.setServiceParent(top)
@@ -188,7 +188,7 @@ def _addRouting(top, context, reactor) -> None:
 
 
 def _addDemo(top, config, checker, reactor) -> None:
-    from casd import demo
+    from casd.demo import backend as demo
 
     store = demo.DemoMailStore()
     for kind, port, build in (

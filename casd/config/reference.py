@@ -44,7 +44,7 @@ def _table(settings) -> str:
 
 def configurationReference(protocols=None) -> str:
     if protocols is None:
-        from casd.plugin import discoverProtocols
+        from casd.service.discovery import discoverProtocols
 
         protocols = discoverProtocols()
     out = [INTRO]

@@ -32,7 +32,7 @@ class SASLCancelled(Exception):
 class SASLRefusal(enum.Enum):
     """
     Why a SASL exchange ended without credentials (see
-    L{casd.frontend.FrontendProtocol.saslFailed}); each protocol words these itself.
+    L{casd.session.frontend.FrontendProtocol.saslFailed}); each protocol words these itself.
     """
 
     #: The mechanism is not one of L{MECHANISMS}.

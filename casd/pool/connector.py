@@ -2,7 +2,7 @@
 The backend side: the pool that opens sessions to mailbox servers and the base of every
 protocol's backend login dialogue.
 
-The pool (L{BackendConnector}) keeps one L{casd.health.Member} per backend member and protocol
+The pool (L{BackendConnector}) keeps one L{casd.pool.health.Member} per backend member and protocol
 (one C{host:port}): its health, its sessions.  A session's route lists members in preference
 order; the pool skips those DOWN or draining, and fails over along the rest within a bounded
 number of tries and a bounded total time, each try bounded by the connect, TLS, banner and
@@ -31,8 +31,8 @@ from twisted.python.failure import Failure
 
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
-from casd.health import Member
-from casd.relay import writeThrough
+from casd.pool.health import Member
+from casd.session.relay import writeThrough
 
 
 class BackendTimeout(BackendUnavailable):
@@ -377,7 +377,7 @@ class BackendConnector:
     The pool of backend members: opens logged-in backend sessions along a route, skipping
     members that are DOWN or draining, with failover bounded by C{max_tries} and
     C{failover_timeout}; keeps each member's health (passive checks here, active ones from
-    L{casd.health.HealthChecker}) and its sessions, so a drain can close them.
+    L{casd.pool.health.HealthChecker}) and its sessions, so a drain can close them.
 
     @ivar settings: the C{[backend]} settings.
     @ivar health: the C{[health]} settings.

@@ -7,10 +7,10 @@ from __future__ import annotations
 from attrs import frozen
 
 from casd.auth.authenticator import Authenticator
-from casd.backend import BackendConnector
+from casd.pool.connector import BackendConnector
 from casd.config import CASConfig
-from casd.protolog import SessionLog
-from casd.routing import Router
+from casd.session.protolog import SessionLog
+from casd.routing.router import Router
 from casd.tls import ClientTLS, ServerTLS
 
 

@@ -1,6 +1,6 @@
 """
 The DEMO mailbox store: in-memory accounts, mailboxes and messages behind casd's demo backend
-(L{casd.demo}).  DEMO ONLY: all mail is lost when the process stops.
+(L{casd.demo.backend}).  DEMO ONLY: all mail is lost when the process stops.
 
 Why not C{twisted.mail.imap4.MemoryAccount}: it upper-cases every mailbox name (C{Sent} would
 be listed as C{SENT}), treats any name sharing a prefix as a child (renaming C{Sent} also

@@ -41,7 +41,7 @@ def locateCommand(args) -> int:
     from twisted.internet.task import react
 
     from casd.config import ConfigError, loadConfig
-    from casd.plugin import discoverProtocols
+    from casd.service.discovery import discoverProtocols
 
     protocols = discoverProtocols()
     try:
@@ -55,7 +55,7 @@ def locateCommand(args) -> int:
 
     @defer.inlineCallbacks
     def run(reactor):
-        from casd.tap import buildContext
+        from casd.service.tap import buildContext
 
         try:
             context, _ = buildContext(config, protocols, reactor, _noHashing)
@@ -84,14 +84,14 @@ def describeRoute(context, name: str, protocolName: str = "imap", check: bool = 
     """
     Route C{name} as a running node would and say how and why.
 
-    @param context: a L{casd.context.CASContext}.
+    @param context: a L{casd.service.context.CASContext}.
     @param check: probe each member now (else only drains are known).
     @return: a L{Deferred} firing with C{(exit code, text)}: 0 when there is a route, 1 when
         the user would get a temporary failure (or is unknown).
     """
     from casd.auth import UserRecord
-    from casd.health import probeMember
-    from casd.routing import Redirected
+    from casd.pool.health import probeMember
+    from casd.routing.router import Redirected
 
     config = context.config
     protocol = context.protocols[protocolName]

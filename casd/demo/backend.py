@@ -18,7 +18,7 @@ CREATE/DELETE/RENAME, (UN)SUBSCRIBE, NAMESPACE and IDLE (new mail delivered to a
 announced to every session that has it selected, including one that is idling).  POP3 serves
 the INBOX (STAT, LIST, UIDL, RETR, TOP, DELE, RSET, QUIT).
 
-The store (accounts, mailboxes, messages) is L{casd.demostore}.
+The store (accounts, mailboxes, messages) is L{casd.demo.store}.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from twisted.mail import imap4, pop3
 
 from casd.interfaces import IUserRecordChecker
 
-from casd.demostore import (  # noqa: F401  (re-exported: the demo's public names)
+from casd.demo.store import (  # noqa: F401  (re-exported: the demo's public names)
     DEMO_FROM,
     WELCOME_SUBJECT,
     DemoAccount,

@@ -20,7 +20,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from casd.routing import targetFor
+from casd.routing.router import targetFor
 
 UP = "UP"
 DOWN = "DOWN"
@@ -49,11 +49,11 @@ class Member:
     The health of one backend member (one C{host:port}): its UP/DOWN state, the counters that
     move it, and the relayed sessions it carries (so that a drain can close them).
 
-    @ivar target: the latest L{casd.routing.BackendTarget} that reached this member.
+    @ivar target: the latest L{casd.routing.router.BackendTarget} that reached this member.
     @ivar settings: the C{[health]} settings (replaced on reload).
     @ivar activelyChecked: whether a L{HealthChecker} checks this member; if not, a passive DOWN
         ends after C{passive_recovery} seconds.
-    @ivar sessions: the logged-in L{casd.backend.BackendDialogue}s on this member.
+    @ivar sessions: the logged-in L{casd.pool.connector.BackendDialogue}s on this member.
     """
 
     log = Logger()
@@ -261,7 +261,7 @@ class HealthChecker(service.Service):
 
     def __init__(self, reactor, connector, config, protocols) -> None:
         """
-        @param connector: the L{casd.backend.BackendConnector} whose members are checked.
+        @param connector: the L{casd.pool.connector.BackendConnector} whose members are checked.
         @param protocols: name -> L{casd.interfaces.ICASProtocol}.
         """
         self.reactor = reactor

@@ -35,9 +35,9 @@ class ReloadService(service.Service):
 
     def __init__(self, reactor, context, checker=None, signals=_signal) -> None:
         """
-        @param context: the running L{casd.context.CASContext}: its router and connector are
+        @param context: the running L{casd.service.context.CASContext}: its router and connector are
             reconfigured in place.
-        @param checker: the L{casd.health.HealthChecker}, if any.
+        @param checker: the L{casd.pool.health.HealthChecker}, if any.
         @param signals: the C{signal} module (a fake in tests).
         """
         self.reactor = reactor

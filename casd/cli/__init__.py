@@ -1,0 +1,1 @@
+"""The C{casd} command line: operator tools beside C{twistd cas}."""

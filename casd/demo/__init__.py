@@ -1,0 +1,1 @@
+"""casd's in-process DEMO mailbox backend.  DEMO ONLY: never use it to hold real mail."""

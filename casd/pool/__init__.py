@@ -1,0 +1,1 @@
+"""The backend pool: connecting to mailbox servers, members and their health."""

@@ -1,0 +1,1 @@
+"""Mailbox location: the locator chain, groups, hashing and sites."""

@@ -1,0 +1,1 @@
+"""The service assembly: the twistd composition root, listeners, workers, reload, protocol discovery."""

@@ -1,0 +1,1 @@
+"""The session path: the client-side base protocol, the backend dialogue, the relay, what casd knows of a client, the session log."""
