@@ -1,0 +1,3 @@
+"""
+Integration tests: casd against real servers (Dovecot, Postfix, slapd, nginx, HAProxy, Redis, ...) on loopback.
+"""
