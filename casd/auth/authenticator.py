@@ -11,6 +11,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from casd.auth import UserRecord
 from casd.auth.penalty import LoginPenalty
@@ -46,6 +47,9 @@ class Authenticator:
 
     log = Logger()
 
+    #: Told of every login's verdict when set (L{casd.service.metrics.Metrics}).
+    metrics = None
+
     def __init__(self, portal: Portal, clock, failureDelay: float = 2.0, penalty=None) -> None:
         """
         @param failureDelay: the first delay of the default penalty, when C{penalty} is not given.
@@ -71,6 +75,18 @@ class Authenticator:
         @return: a L{Deferred} firing with the L{IMailboxUser}, or failing with a
             L{casd.failures.CASFailure}.
         """
+        if self.metrics is None:
+            return self._loginPath(credentials, client)
+        started = self.clock.seconds()
+        d = self._loginPath(credentials, client)
+        d.addBoth(self._observed, started)
+        return d
+
+    def _observed(self, result, started):
+        self.metrics.loginFinished(started, result if isinstance(result, Failure) else None)
+        return result
+
+    def _loginPath(self, credentials, client):
         # Plain callbacks rather than inlineCallbacks: this runs for every login.
         locked = self.penalty.locked(credentials.username, client)
         if locked:

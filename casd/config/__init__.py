@@ -42,6 +42,7 @@ from casd.config.settings import (  # re-exported: importers use casd.config
     Values,
     readSection,
 )
+from casd.config.operations import ADMIN_SETTINGS, LOG_SETTINGS
 
 
 @frozen
@@ -176,6 +177,10 @@ class CASConfig:
     routeMap: Mapping[str, str] = field(factory=dict)
     #: The C{[ldap]} section (C{urls} empty: no LDAP checker).
     ldap: Values = field(factory=lambda: Values({s.key: s.default for s in LDAP_SETTINGS}))
+    #: The C{[admin]} section (C{listen} empty: no admin listener).
+    admin: Values = field(factory=lambda: Values({s.key: s.default for s in ADMIN_SETTINGS}))
+    #: The C{[log]} section.
+    log: Values = field(factory=lambda: Values({s.key: s.default for s in LOG_SETTINGS}))
 
     @property
     def hostname(self) -> str:
@@ -420,7 +425,8 @@ def _readTLS(path, data, base) -> TLSConfig:
 
 
 TOP_LEVEL = (
-    "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo"
+    "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo",
+    "admin", "log",
 )
 
 
@@ -477,6 +483,12 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
     sites = _readSites(path, data, server.site, targets, base)
     health = readSection(path, "health", data.get("health", {}), HEALTH_SETTINGS, base)
     sections = _readProtocols(path, data, protocols, base)
+    admin = readSection(path, "admin", data.get("admin", {}), ADMIN_SETTINGS, base)
+    if admin.listen:
+        _checkEndpoint(path, "admin.listen", admin.listen)
+    if admin.tls == "implicit" and not tls.enabled:
+        raise ConfigError(path, "admin.tls", "expected [tls] certificate and key for an HTTPS admin listener")
+    logSection = readSection(path, "log", data.get("log", {}), LOG_SETTINGS, base)
     for section in sections.values():
         for listener in section.listeners:
             if listener.wrapTLS and not tls.enabled:
@@ -501,6 +513,8 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
         health=health,
         routeMap=routeMap,
         ldap=ldap,
+        admin=admin,
+        log=logSection,
     )
 
 
@@ -542,4 +556,6 @@ def allSettings() -> dict[str, tuple[Setting, ...]]:
         "PROTOCOL": PROTOCOL_COMMON_SETTINGS,
         "PROTOCOL.listen": LISTENER_SETTINGS,
         "demo": DEMO_SETTINGS,
+        "admin": ADMIN_SETTINGS,
+        "log": LOG_SETTINGS,
     }

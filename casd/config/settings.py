@@ -170,6 +170,22 @@ SERVER_SETTINGS = (
         (),
         "Client networks allowed plaintext authentication without TLS and exempt from penalties.",
     ),
+    Setting(
+        "drain",
+        "bool",
+        False,
+        "Drain this node: its health check (C{/health} on the admin listener, the HTTP health pages)"
+        " fails so that the load balancer sends it nothing new; open sessions go on.  Applied on"
+        " C{SIGHUP}; C{SIGUSR1} (or C{casd drain}) drains a running node too.",
+    ),
+    Setting(
+        "shutdown_grace",
+        "float",
+        30.0,
+        "On C{SIGTERM}, stop accepting and let open sessions finish for up to this many seconds,"
+        " then close the rest.",
+        minimum=0,
+    ),
 )
 
 TLS_SETTINGS = (

@@ -70,6 +70,8 @@ class Member:
         self._bad = 0
         self._passiveBad = 0
         self._downSince: float | None = None
+        #: C{(when, ok, reason)} of the latest active check, or C{None}: for the dashboard.
+        self.lastCheck: tuple[float, bool, str] | None = None
 
     @property
     def name(self) -> str:
@@ -96,6 +98,7 @@ class Member:
         """
         Record the result of an active check.
         """
+        self.lastCheck = (self.clock.seconds(), ok, reason)
         if ok:
             self._bad = 0
             if self.state == DOWN:

@@ -4,11 +4,12 @@ The shared context every protocol factory receives: the one place the core's ser
 
 from __future__ import annotations
 
-from attrs import frozen
+from attrs import field, frozen
 
 from casd.auth.authenticator import Authenticator
 from casd.pool.connector import BackendConnector
 from casd.config import CASConfig
+from casd.service.node import NodeState
 from casd.session.protolog import SessionLog
 from casd.routing.router import Router
 from casd.tls import ClientTLS, ServerTLS
@@ -27,6 +28,9 @@ class CASContext:
     @ivar sessionLog: the end-of-session log.
     @ivar protocols: name -> L{casd.interfaces.ICASProtocol}, every protocol of this process.
     @ivar directory: the first checker, for look-ups without a password (C{casd locate}, tests).
+    @ivar node: the node's own L{NodeState} (draining or not).
+    @ivar metrics: the node's L{casd.service.metrics.Metrics} when the admin listener is on, else
+        C{None}.
     """
 
     reactor: object
@@ -39,3 +43,5 @@ class CASContext:
     sessionLog: SessionLog
     protocols: dict
     directory: object = None
+    node: NodeState = field(factory=NodeState)
+    metrics: object = None

@@ -22,6 +22,9 @@ from casd.config import ConfigError, loadConfig
 #: The sections a reload applies; any other change waits for a restart.
 RELOADED = ("routing", "backend", "backends", "groups", "sites", "health")
 
+#: Whether a reload re-reads the TLS certificates and keys (the [tls] section).
+RELOADS_TLS = False
+
 
 class ReloadService(service.Service):
     """
@@ -33,13 +36,16 @@ class ReloadService(service.Service):
     name = "reload"
     log = Logger()
 
-    def __init__(self, reactor, context, checker=None, signals=_signal) -> None:
+    def __init__(self, reactor, context, checker=None, signals=_signal, hooks=()) -> None:
         """
         @param context: the running L{casd.service.context.CASContext}: its router and connector are
             reconfigured in place.
         @param checker: the L{casd.pool.health.HealthChecker}, if any.
         @param signals: the C{signal} module (a fake in tests).
+        @param hooks: more C{callable(config)}s to run with each new configuration in force (the
+            node's drain state, the log file, the users file, the TLS certificates).
         """
+        self.hooks = list(hooks)
         self.reactor = reactor
         self.context = context
         self.checker = checker
@@ -89,6 +95,11 @@ class ReloadService(service.Service):
         self.context.connector.reconfigure(config)
         if self.checker is not None:
             self.checker.reconfigure(config)
+        for hook in self.hooks:
+            try:
+                hook(config)
+            except Exception:
+                self.log.failure("reload step {hook!r} failed", hook=getattr(hook, "__name__", hook))
         stale = [name for name in _changedSections(self.config, config) if name not in RELOADED]
         self.config = config
         self.log.info(
@@ -102,8 +113,14 @@ class ReloadService(service.Service):
 
 def _changedSections(old, new) -> list[str]:
     changed = []
-    for name in ("server", "tls", "auth", "demo"):
-        if getattr(old, name) != getattr(new, name):
+    for name in ("server", "tls", "auth", "demo", "admin", "log"):
+        before, after = getattr(old, name, None), getattr(new, name, None)
+        if name == "server" and before is not None and after is not None:
+            # The node's drain state is applied on reload (casd.service.node).
+            before, after = (dict(v.asDict(), drain=None) for v in (before, after))
+        if name == "tls" and RELOADS_TLS:
+            continue
+        if before != after:
             changed.append(name)
     if old.protocols != new.protocols:
         changed.append("protocols")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
+import attr
+
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
@@ -22,6 +24,7 @@ from casd.pool.connector import BackendConnector
 from casd.config import ConfigError, loadConfig
 from casd.service.context import CASContext
 from casd.service.discovery import discoverProtocols
+from casd.service.node import NodeService
 from casd.session.protolog import SessionLog
 from casd.service.proxyproto import listenerEndpoint
 from casd.routing.router import defaultRouter
@@ -146,18 +149,23 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
         raise SystemExit(f"casd: configuration error: {e}")
 
     AuthResourcesService(checkers).setServiceParent(top)
-    _addRouting(top, context, reactor)
+    context, metrics = _addOperations(top, context, checkers, reactor)
     if config.demo.enabled:
         _addDemo(top, config, checkers[0], reactor)
 
+    sessionSets = []
     for name, section in config.protocols.items():
         if not section.enabled:
             continue
         descriptor = options.protocols[name]
         for listener in section.listeners:
             factory = descriptor.buildFactory(context, section, listener)
+            if isinstance(getattr(factory, "sessions", None), set):
+                sessionSets.append(factory.sessions)
             if listener.wrapTLS:
                 factory = TLSMemoryBIOFactory(context.serverTLS.options, False, factory)
+            if metrics is not None:
+                factory = metrics.counting(factory, name)
             listenReactor = adopted[listener.name] if adopted is not None else reactor
             endpoint, factory = listenerEndpoint(listenReactor, listener.endpoint, factory)
             svc = StreamServerEndpointService(endpoint, factory)
@@ -172,19 +180,71 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
                 tls=listener.tls,
                 trusted=listener.trusted,
             )
+    NodeService(reactor, context.node, config.server.shutdown_grace, sessionSets).setServiceParent(top)
     return top
 
 
-def _addRouting(top, context, reactor) -> None:
+def _addOperations(top, context, checkers, reactor):
     """
-    The backend health checker and the SIGHUP reload of the routing and backend sections.
-    """
-    from casd.service.reload import ReloadService
-    from casd.pool.health import HealthChecker
+    The backend health checker, the SIGHUP reload, the node's drain state, casd's own log file
+    and the admin listener (metrics, health, status, dashboard).
 
-    checker = HealthChecker(reactor, context.connector, context.config, context.protocols)
+    @return: C{(context, metrics)}: the context the listeners use (with the L{Metrics} in it when
+        the admin listener is on) and those metrics, or C{None}.
+    """
+    from casd.pool.health import HealthChecker
+    from casd.service.reload import ReloadService
+
+    config = context.config
+    hooks = [lambda new: _applyDrain(context.node, new)]
+    _applyDrain(context.node, config)
+    if config.log.file:
+        from casd.service.logs import LogFileService
+
+        logfile = LogFileService(reactor, config.log.file, config.log.format)
+        logfile.setServiceParent(top)
+        hooks.append(lambda new: logfile.reopen())
+    for checker in checkers:
+        if hasattr(checker, "reload") and hasattr(checker, "path"):
+            hooks.append(lambda new, checker=checker: checker.reload())
+    checker = HealthChecker(reactor, context.connector, config, context.protocols)
     checker.setServiceParent(top)
-    ReloadService(reactor, context, checker).setServiceParent(top)
+    ReloadService(reactor, context, checker, hooks=hooks).setServiceParent(top)
+    if not config.admin.listen:
+        return context, None
+    from casd.service.admin import buildAdminSite
+    from casd.service.metrics import Metrics, MetricsService
+
+    enabled = [name for name, section in config.protocols.items() if section.enabled]
+    metrics = Metrics(context, enabled)
+    metrics.draining = lambda: context.node.draining
+    context = attr.evolve(context, metrics=metrics)
+    metrics.context = context
+    context.authenticator.metrics = metrics
+    MetricsService(metrics).setServiceParent(top)
+    listeners = [
+        {"name": listener.name, "protocol": name, "endpoint": listener.endpoint, "tls": listener.tls}
+        for name, section in config.protocols.items()
+        if section.enabled
+        for listener in section.listeners
+    ]
+    site = buildAdminSite(context, context.node, metrics, listeners)
+    factory = site
+    if config.admin.tls == "implicit":
+        factory = TLSMemoryBIOFactory(context.serverTLS.options, False, site)
+    svc = StreamServerEndpointService(serverFromString(reactor, config.admin.listen), factory)
+    svc._raiseSynchronously = True
+    svc.setName("admin")
+    svc.setServiceParent(top)
+    log.info("admin listener on {endpoint} (tls={tls})", endpoint=config.admin.listen, tls=config.admin.tls)
+    return context, metrics
+
+
+def _applyDrain(node, config) -> None:
+    if config.server.drain:
+        node.drain("configuration")
+    elif node.reason == "configuration":
+        node.resume("configuration")
 
 
 def _addDemo(top, config, checker, reactor) -> None:

@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+What a node is doing, as numbers: the Prometheus metrics behind the admin listener's C{/metrics},
+C{/status} and dashboard.
+
+Three sources, none of them on a relay path:
+  - the end-of-session events of the protocol log (namespace C{casd.session}), observed like any
+    other log observer, so that sessions of worker processes count too once their events reach
+    the parent;
+  - the shared login path (L{casd.auth.authenticator.Authenticator}), which reports each login's
+    outcome and latency;
+  - counters the core already keeps (credential cache, penalty, LDAP pool, backend members),
+    read at scrape time by a collector.
+
+No label carries a user name, an address or any other unbounded value: protocols, results,
+failure kinds and the configured backend names only.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.application.service import Service
+from twisted.logger import globalLogPublisher
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+import casd
+
+#: Session results as the protocol log words them, folded into a bounded label set.
+_LOGIN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_DURATION_BUCKETS = (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0)
+
+#: Failure classes -> the C{reason} label of C{casd_auth_failures_total}.
+FAILURE_REASONS = {
+    "AuthenticationFailed": "bad_credentials",
+    "DirectoryUnavailable": "directory_unavailable",
+    "Throttled": "throttled",
+    "PolicyRefused": "policy",
+}
+
+
+def _bounded(value: str, allowed: set, other: str = "other") -> str:
+    return value if value in allowed else other
+
+
+class Metrics:
+    """
+    The node's metrics, in their own L{CollectorRegistry}.
+
+    @ivar registry: what C{/metrics} renders.
+    @ivar startedAt: wall-clock time the node started.
+    """
+
+    def __init__(self, context, protocols, clock=None, registry: CollectorRegistry | None = None) -> None:
+        """
+        @param context: the running L{casd.service.context.CASContext}.
+        @param protocols: the names of this node's protocols: the only C{protocol} label values.
+        @param clock: an L{IReactorTime} (for the login rate over the last minute).
+        """
+        self.context = context
+        self.protocols = set(protocols)
+        self.clock = clock or context.reactor
+        self.registry = registry or CollectorRegistry()
+        self.startedAt = time.time()
+        self.draining = lambda: False
+        self.extraStatus: list = []
+        r = self.registry
+        self.connections = Counter(
+            "casd_connections", "Client connections accepted, by protocol.", ["protocol"], registry=r
+        )
+        self.sessions = Counter(
+            "casd_sessions",
+            "Sessions ended, by protocol and result (the protocol log's result field).",
+            ["protocol", "result"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "casd_sessions_active", "Client connections open now, by protocol.", ["protocol"], registry=r
+        )
+        self.bytes = Counter(
+            "casd_relayed_bytes",
+            "Bytes relayed, by protocol and direction (in: from clients, out: to clients).",
+            ["protocol", "direction"],
+            registry=r,
+        )
+        self.durations = Histogram(
+            "casd_session_duration_seconds",
+            "Session durations, by protocol.",
+            ["protocol"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.logins = Histogram(
+            "casd_login_seconds",
+            "Time from credentials received to the authentication verdict, by outcome.",
+            ["outcome"],
+            buckets=_LOGIN_BUCKETS,
+            registry=r,
+        )
+        self.authFailures = Counter(
+            "casd_auth_failures", "Failed logins, by reason.", ["reason"], registry=r
+        )
+        self.tlsFailures = Counter(
+            "casd_tls_handshake_failures",
+            "Client TLS handshakes that failed, by protocol.",
+            ["protocol"],
+            registry=r,
+        )
+        self.info = Gauge("casd_info", "This node's casd version.", ["version"], registry=r)
+        self.info.labels(casd.__version__ if hasattr(casd, "__version__") else "0").set(1)
+        self.up = Gauge("casd_start_time_seconds", "When this node started (Unix time).", registry=r)
+        self.up.set(self.startedAt)
+        r.register(_CoreCollector(self))
+        self._recent: list[tuple[float, bool]] = []
+        for name in self.protocols:
+            self.active.labels(name).set(0)
+
+    # -- sources ------------------------------------------------------------------------------
+
+    def connectionOpened(self, protocol: str) -> None:
+        protocol = _bounded(protocol, self.protocols)
+        self.connections.labels(protocol).inc()
+        self.active.labels(protocol).inc()
+
+    def connectionClosed(self, protocol: str) -> None:
+        self.active.labels(_bounded(protocol, self.protocols)).dec()
+
+    def tlsFailed(self, protocol: str) -> None:
+        self.tlsFailures.labels(_bounded(protocol, self.protocols)).inc()
+
+    def observe(self, event: dict) -> None:
+        """
+        A log observer: counts the end-of-session events (namespace C{casd.session}).
+        """
+        if event.get("log_namespace") != "casd.session" or "result" not in event:
+            return
+        protocol = _bounded(str(event.get("protocol", "")), self.protocols)
+        self.sessions.labels(protocol, resultLabel(event.get("result"))).inc()
+        self.bytes.labels(protocol, "in").inc(max(0, int(event.get("bytesIn") or 0)))
+        self.bytes.labels(protocol, "out").inc(max(0, int(event.get("bytesOut") or 0)))
+        duration = event.get("duration")
+        if isinstance(duration, (int, float)) and duration >= 0:
+            self.durations.labels(protocol).observe(duration)
+
+    def loginFinished(self, started: float, failure=None) -> None:
+        """
+        Called by the authenticator when a login's verdict is known.
+
+        @param started: C{clock.seconds()} when the credentials arrived.
+        @param failure: C{None} on success, else the L{Failure}.
+        """
+        now = self.clock.seconds()
+        if failure is None:
+            self.logins.labels("success").observe(now - started)
+        else:
+            reason = FAILURE_REASONS.get(type(failure.value).__name__, "other")
+            self.authFailures.labels(reason).inc()
+            self.logins.labels("failure").observe(now - started)
+        recent = self._recent
+        recent.append((now, failure is None))
+        if len(recent) > 4096 or (recent and recent[0][0] < now - 60):
+            self._recent = [r for r in recent if r[0] >= now - 60][-4096:]
+
+    def counting(self, factory, protocol: str) -> CountingFactory:
+        """
+        @return: C{factory}, counting the connections it accepts for C{protocol}.
+        """
+        return CountingFactory(factory, self, protocol)
+
+    # -- views --------------------------------------------------------------------------------
+
+    def loginRate(self) -> dict:
+        """
+        @return: logins and failures of the last 60 seconds.
+        """
+        now = self.clock.seconds()
+        recent = [ok for when, ok in self._recent if when >= now - 60]
+        return {"logins": sum(recent), "failures": len(recent) - sum(recent), "window": 60}
+
+    def activeSessions(self) -> dict:
+        return {
+            name: int(self.active.labels(name)._value.get()) for name in sorted(self.protocols)
+        }
+
+
+_WORD = re.compile(r"[a-z_]{1,40}")
+
+
+def resultLabel(result) -> str:
+    """
+    The C{result} label of a session: the protocol log's result without its detail
+    (C{"proxy(backend lost)"} -> C{proxy}, C{"proxy, 2 message(s)"} -> C{proxy}), lower case.
+    """
+    head = re.split(r"[(,:]", str(result or ""), maxsplit=1)[0].strip().lower().replace(" ", "_")
+    return head if _WORD.fullmatch(head) else "other"
+
+
+class _CoreCollector:
+    """
+    Reads the counters the core keeps at scrape time.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        context = self.metrics.context
+        cache = _findCache(context)
+        if cache is not None:
+            stats = cache.stats()
+            hits = CounterMetricFamily(
+                "casd_credential_cache_lookups", "Credential cache look-ups, by outcome.", labels=["outcome"]
+            )
+            for key, outcome in (("hits", "hit"), ("negativeHits", "negative_hit"), ("misses", "miss"),
+                                 ("coalesced", "coalesced")):
+                hits.add_metric([outcome], stats.get(key, 0))
+            yield hits
+            yield GaugeMetricFamily("casd_credential_cache_entries", "Entries in the credential cache.",
+                                    value=stats.get("size", 0))
+        penalty = getattr(context.authenticator, "penalty", None)
+        if penalty is not None:
+            stats = penalty.stats()
+            g = GaugeMetricFamily("casd_penalties", "Login penalties in force, by kind.", labels=["kind"])
+            for key, kind in (("addresses", "address"), ("users", "user"),
+                              ("lockedAddresses", "locked_address"), ("lockedUsers", "locked_user")):
+                g.add_metric([kind], stats.get(key, 0))
+            yield g
+        up = GaugeMetricFamily(
+            "casd_backend_up", "Whether a backend member is UP (1) or DOWN (0).", labels=["backend", "address"]
+        )
+        sessions = GaugeMetricFamily(
+            "casd_backend_sessions", "Relayed sessions on a backend member.", labels=["backend", "address"]
+        )
+        for member in list(context.connector.members.values()):
+            labels = [member.target.server, f"{member.target.host}:{member.target.port}"]
+            up.add_metric(labels, 1 if member.up else 0)
+            sessions.add_metric(labels, len(member.sessions))
+        yield up
+        yield sessions
+        yield GaugeMetricFamily("casd_draining", "Whether this node is draining (1) or not (0).",
+                                value=1 if self.metrics.draining() else 0)
+        for extra in self.metrics.extraStatus:
+            metrics = getattr(extra, "metrics", None)
+            if metrics is not None:
+                yield from metrics()
+
+
+def _findCache(context):
+    """
+    The L{casd.auth.cache.CredentialCache} behind the portal, if there is one.
+    """
+    portal = getattr(context.authenticator, "portal", None)
+    for checker in getattr(portal, "checkers", {}).values() if portal is not None else ():
+        cache = getattr(checker, "cache", None)
+        if cache is not None and hasattr(cache, "stats"):
+            return cache
+    return None
+
+
+class MetricsService(Service):
+    """
+    Observes the log (the end-of-session events) while the node runs.
+    """
+
+    def __init__(self, metrics: Metrics, publisher=None) -> None:
+        self.metrics = metrics
+        self.publisher = publisher if publisher is not None else globalLogPublisher
+
+    def startService(self) -> None:
+        super().startService()
+        self.publisher.addObserver(self.metrics.observe)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.publisher.removeObserver(self.metrics.observe)
+
+
+class CountingFactory:
+    """
+    A listening factory that counts the connections it accepts and sees close, then gets out of
+    the way: the protocol it builds is the wrapped factory's own, unwrapped (no per-event cost).
+    """
+
+    def __init__(self, factory, metrics: Metrics, protocol: str) -> None:
+        self._factory = factory
+        self._metrics = metrics
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        p = self._factory.buildProtocol(addr)
+        if p is not None:
+            self._metrics.connectionOpened(self._protocol)
+            lost = p.connectionLost
+            metrics, name = self._metrics, self._protocol
+
+            def connectionLost(reason, lost=lost):
+                metrics.connectionClosed(name)
+                if _isTLSFailure(reason):
+                    metrics.tlsFailed(name)
+                return lost(reason)
+
+            p.connectionLost = connectionLost
+        return p
+
+    def __getattr__(self, name):
+        return getattr(self._factory, name)
+
+
+def _isTLSFailure(reason) -> bool:
+    try:
+        from OpenSSL.SSL import Error
+    except ImportError:  # pragma: no cover
+        return False
+    return reason is not None and hasattr(reason, "check") and reason.check(Error) is not None
