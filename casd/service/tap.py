@@ -241,9 +241,10 @@ def _addOperations(top, context, checkers, reactor):
 
 
 def _applyDrain(node, config) -> None:
+    # The file is the source of truth: a reload applies its value, ending a SIGUSR1 drain too.
     if config.server.drain:
         node.drain("configuration")
-    elif node.reason == "configuration":
+    else:
         node.resume("configuration")
 
 
