@@ -5,6 +5,8 @@ The C{casd} command: operator tools beside C{twistd cas}.
     casd config-reference                    print the configuration reference (Markdown)
     casd check-config FILE                   validate a configuration file
     casd locate -c FILE USER [--check]       print the route casd would take for USER, and why
+    casd test-connectivity -c FILE USER      the whole path of USER's login, step by step, timed
+    casd drain [--pidfile F]                 drain a running node (SIGUSR1)
 """
 
 from __future__ import annotations
@@ -54,6 +56,21 @@ def checkConfig(args) -> int:
     return 0
 
 
+def drainNode(args) -> int:
+    import os
+    import signal
+
+    try:
+        with open(args.pidfile) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError) as e:
+        print(f"casd: cannot signal the node of {args.pidfile}: {e}", file=sys.stderr)
+        return 1
+    print(f"node {pid} draining (a reload with [server] drain = false ends it)")
+    return 0
+
+
 def buildParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casd", description="casd operator tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +86,12 @@ def buildParser() -> argparse.ArgumentParser:
     from casd.cli.locate import addLocateCommand
 
     addLocateCommand(sub)
+    from casd.cli.connectivity import addConnectivityCommand
+
+    addConnectivityCommand(sub)
+    p = sub.add_parser("drain", help="drain a running node (SIGUSR1): its health check fails, sessions go on")
+    p.add_argument("--pidfile", default="twistd.pid", help="the node's pid file (default twistd.pid)")
+    p.set_defaults(func=drainNode)
     # Further commands register here, one function each (see e.g. casd locate).
     return parser
 

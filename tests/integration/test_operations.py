@@ -330,3 +330,51 @@ class GracefulStopTests(TestCase):
         self.assertIn(node.proc.returncode, (0, -signal.SIGTERM))
         self.assertIn(b"stopping: 1 session(s) open, waiting up to 20 s", node.output())
         self.assertNotIn(b"Traceback", node.output())
+
+
+class ConnectivityTests(TestCase):
+    timeout = 90
+
+    def setUp(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.node = Node(directory).start()
+        self.addCleanup(stopPid, self.node.proc.pid)
+        self.passwordFile = os.path.join(directory, "password")
+
+    def check(self, user, password, *extra):
+        with open(self.passwordFile, "w") as f:
+            f.write(password + "\n")
+        return subprocess.run(
+            [sys.executable, "-m", "casd", "test-connectivity", "-c", self.node.config, user,
+             "--password-file", self.passwordFile, *extra],
+            capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60,
+        )
+
+    @defer.inlineCallbacks
+    def test_wholePath(self):
+        """
+        C{casd test-connectivity} walks the directory, the route, a probe of the backend, and a
+        real login through the node with a harmless command, each step timed; exit status 0.
+        """
+        proc = yield threads.deferToThread(self.check, "demo", "demo")
+        out = proc.stdout.decode()
+        self.assertEqual(proc.returncode, 0, out + proc.stderr.decode())
+        for step in ("config", "directory", "route", "backend", "connect", "login", "command", "logout"):
+            self.assertRegex(out, rf"(?m)^{step} .* ok +[0-9.]+ ms$")
+        self.assertIn("EXAMINE INBOX: 1 messages", out)
+
+    @defer.inlineCallbacks
+    def test_failures(self):
+        """
+        A wrong password fails the login step (exit 1, the password never printed); an unknown
+        user fails at the directory; a POP3 test runs STAT.
+        """
+        proc = yield threads.deferToThread(self.check, "demo", "Hunter2-nope")
+        out = proc.stdout.decode()
+        self.assertEqual(proc.returncode, 1, out)
+        self.assertRegex(out, r"(?m)^login .*AUTHENTICATIONFAILED.* FAILED ")
+        self.assertNotIn("Hunter2-nope", out + proc.stderr.decode())
+        proc = yield threads.deferToThread(self.check, "nobody-here", "x")
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stdout.decode(), r"(?m)^directory +nobody-here: not found .*FAILED")
