@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import signal as _signal
 
+import attr
+
 from twisted.application import service
 from twisted.logger import Logger
 
@@ -112,16 +114,19 @@ class ReloadService(service.Service):
 
 
 def _changedSections(old, new) -> list[str]:
+    """
+    The top-level parts of the configuration that differ, by name (every field of
+    L{casd.config.CASConfig}, so a section added later is reported too).
+    """
     changed = []
-    for name in ("server", "tls", "auth", "demo", "admin", "log"):
+    for field in attr.fields(type(new)):
+        name = field.name
+        if name in ("path", "routeMap") or (name == "tls" and RELOADS_TLS):
+            continue
         before, after = getattr(old, name, None), getattr(new, name, None)
         if name == "server" and before is not None and after is not None:
             # The node's drain state is applied on reload (casd.service.node).
             before, after = (dict(v.asDict(), drain=None) for v in (before, after))
-        if name == "tls" and RELOADS_TLS:
-            continue
         if before != after:
             changed.append(name)
-    if old.protocols != new.protocols:
-        changed.append("protocols")
     return changed
