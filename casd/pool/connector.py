@@ -121,6 +121,9 @@ class BackendDialogue(Protocol):
         self._done = True
         self.lineHandler = None
         self._cancelTimer()
+        # The failover deadline bounds the login only: a protocol that keeps reading after it
+        # (SMTP's transactions) is bound by its per-phase timeouts alone.
+        self.deadline = float("inf")
         self.leftover = self._buffer + b"".join(line + b"\r\n" for line in self._lines)
         self._buffer = b""
         self._lines.clear()
@@ -488,6 +491,17 @@ class BackendConnector:
         if dialogue.transport is not None:
             # The relay sees the backend go and closes the client: it reconnects elsewhere.
             dialogue.transport.loseConnection()
+
+    def available(self, route) -> bool:
+        """
+        Whether L{connect} would try a member of C{route} now: one that is neither DOWN (as the
+        health checks and past connects know it) nor draining.  Opens no connection.
+        """
+        for target in route.targets:
+            member = self.members.get(target.key)
+            if target.server not in self.draining and (member is None or member.available()):
+                return True
+        return False
 
     # -- connecting -------------------------------------------------------------------------
 

@@ -319,6 +319,11 @@ class Postfix:
             "message_size_limit = %d" % (self.messageSizeLimit,),
             "biff = no",
             "smtpd_timeout = 30s",
+            # An smtpd killed before the master counted its connection (one that had just
+            # accepted a health probe of casd's, say) makes the master stop the service for
+            # this long ("bad command startup -- throttling"; 60s by default): a test that
+            # kills smtpd must not find the next connection unanswered for a minute.
+            "service_throttle_time = 1s",
         ]
         if self.tls:
             cert, key = self.tls
