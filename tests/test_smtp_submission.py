@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from casd.auth import UserRecord
 from casd.failures import DirectoryUnavailable
 from casd.testing import ScriptedBackend
-from protocols.smtp import smtp, submission
+from protocols.smtpmx import smtp
+from protocols.submission import submission
 from protocols.smtpfilters import dnsblName, senderBlocked
 from tests.support.certs import CertificateAuthority
 from tests.test_smtp_helpers import CONFIG, EHLO_PLAIN, HELO, SMTPTestMixin
