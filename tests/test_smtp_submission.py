@@ -1,6 +1,8 @@
+# -*- test-case-name: tests.test_smtp_submission -*-
 """
-Submission (ports 587/465): AUTH only after TLS, the user passed on to the backend (XCLIENT
-LOGIN or a master user), per-user limits; and the connection filters of port 25: allow and deny
+Submission (L{protocols.submission}, ports 587/465): AUTH only after TLS, the user passed on to
+the backend (XCLIENT LOGIN or a master user), per-user limits, AUTH refused when the user's
+route is known to be down; and the connection filters (L{protocols.smtpfilters}): allow and deny
 networks, per-address limits, the pregreet test, DNS block lists.
 """
 
@@ -306,6 +308,64 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
         self.assertEqual(
             self.send(b"RCPT TO:<b@elsewhere.example>\r\n"),
             b"452 4.5.3 Error: too many recipients\r\n",
+        )
+
+
+class RouteDownTests(SMTPTestMixin, SynchronousTestCase):
+    """
+    AUTH when the health checks already know that no member of the user's route is up: 454,
+    no connection (issue 15 defect 6); otherwise the usual flow.
+    """
+
+    descriptor = submission
+
+    def markDown(self, login: str) -> None:
+        user = self.successResultOf(self.context.directory.lookup(login))
+        route = self.successResultOf(self.context.router.locate(user, submission))
+        for target in route.targets:
+            member = self.context.connector.member(target)
+            member.activelyChecked = True
+            for _ in range(member.settings.fall):
+                member.checked(False, "connection refused")
+            self.assertFalse(member.available())
+
+    def test_authRefusedWhenRouteDown(self):
+        self.markDown("alice")
+        self.ready(TRUSTED)
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"454 4.7.0 Mailbox server unavailable, try again later\r\n",
+        )
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertIsNone(self.server.user)
+        self.assertEqual(
+            self.send(b"MAIL FROM:<alice@example.com>\r\n"),
+            b"530 5.7.0 Authentication required\r\n",
+        )
+        # A later AUTH, once the route is up again, succeeds.
+        for member in self.context.connector.members.values():
+            for _ in range(member.settings.rise):
+                member.checked(True)
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"235 2.7.0 Authentication successful\r\n",
+        )
+
+    def test_otherUsersUnaffected(self):
+        self.markDown("bob")
+        self.ready(TRUSTED)
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"235 2.7.0 Authentication successful\r\n",
+        )
+
+    def test_wrongPasswordStill535(self):
+        self.markDown("alice")
+        self.ready(TRUSTED)
+        wrong = b64encode(b"\x00alice\x00nope")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + wrong + b"\r\n"),
+            b"535 5.7.8 Authentication credentials invalid\r\n",
         )
 
 
