@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtp -*-
 """
 SMTP (RFC 5321): the transaction core that casd's two SMTP services share, as Exchange's Front
 End Transport service is.  L{protocols.smtpmx} serves port 25 (mail from other servers,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtpbackend -*-
 """
 The SMTP backend session: the login dialogue (greeting, EHLO, STARTTLS, XCLIENT or XFORWARD, and
 for submission the user passed on) and then the transaction phase that casd drives itself: MAIL

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtp -*-
 """
 The DATA phase of an SMTP transaction: the client's body streamed, with flow control, to the
 one backend session that answered C{354} to its own C{DATA} (never to another, never before),

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtpmx -*-
 """
 SMTP on port 25 (RFC 5321): mail from other servers, filtered (the pregreet test, DNS block
 lists, accepted domains, the directory) and routed by recipient to the mailbox servers' SMTP,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtpmx -*-
 """
 The settings both of casd's SMTP services have (besides those of every protocol); each
 service declares its own beside its server class (L{protocols.smtpmx}, L{protocols.submission}).
