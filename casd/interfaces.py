@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_plugin -*-
 """
 The seams of casd: every interface between the core and its plugins lives here.
 """

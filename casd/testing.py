@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_plugin -*-
 """
 Public fakes for testing casd and protocol plugins without a network, a directory or a mailbox
 server (in the spirit of C{treq.testing} and C{ldaptor.testutil}).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imap -*-
 """
 IMAP4rev1 (RFC 3501): the pre-login grammar, the wording of the shared failures and the backend
 login dialogue.  After login casd only relays bytes.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_managesieve -*-
 """
 ManageSieve (RFC 5804): the pre-login grammar, the wording of the shared failures and the backend
 login dialogue.  After login casd only relays bytes, so script uploads, checks and activation

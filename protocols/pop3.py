@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_pop3 -*-
 """
 POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034) and the response codes of
 RFC 2449 and RFC 3206: the pre-login grammar, the wording of the shared failures and the backend

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_connector -*-
 """
 The backend pool: opens logged-in sessions to mailbox servers, each through the protocol's
 L{casd.session.dialogue.BackendDialogue}.

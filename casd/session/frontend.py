@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imap,tests.test_pop3,tests.test_managesieve,tests.test_plugin -*-
 """
 The base of every client-side protocol: the limits, timers, TLS, the shared login path and the
 hand-off to the relay live here once (nginx's C{ngx_mail_read_command}, Dovecot's
