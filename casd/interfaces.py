@@ -3,6 +3,7 @@
 The seams of casd: every interface between the core and its plugins lives here.
 """
 
+from attrs import frozen
 from zope.interface import Attribute, Interface
 
 
@@ -35,7 +36,7 @@ class ICASProtocol(Interface):
         "C{str}: C{'none'}, C{'starttls'} or C{'implicit'}: the backend TLS mode when none is named."
     )
     healthProbe = Attribute(
-        "A L{casd.pool.health.HealthProbe}: how the health checker tells a healthy backend of this"
+        "A L{HealthProbe}: how the health checker tells a healthy backend of this"
         " protocol (the start of its greeting, e.g. C{b'* OK'}; a request to send first, for"
         " HTTP), or C{None} to check only that backends accept connections."
     )
@@ -106,3 +107,21 @@ class IUserDirectory(Interface):
             directory does not know the name; failing with
             L{casd.failures.DirectoryUnavailable} when it cannot answer.
         """
+
+
+@frozen
+class HealthProbe:
+    """
+    A protocol's active health check (what nginx's and HAProxy's protocol checks do): connect,
+    send C{send} if any, expect the first line to start with C{expect} (ASCII case ignored), then
+    say C{quit} and close.
+
+    @ivar expect: the start of a healthy greeting, e.g. C{b"* OK"} (IMAP), C{b"+OK"} (POP3),
+        C{b"220"} (SMTP), C{b"HTTP/1.1 200"} (HTTP).
+    @ivar send: bytes sent before reading, e.g. an HTTP request; empty for greeting protocols.
+    @ivar quit: bytes sent after a good greeting so the server logs a clean goodbye.
+    """
+
+    expect: bytes
+    send: bytes = b""
+    quit: bytes = b""

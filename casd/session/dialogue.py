@@ -33,11 +33,12 @@ class BackendTimeout(BackendUnavailable):
 @implementer(IHandshakeListener)
 class BackendDialogue(Protocol):
     """
-    The base of a protocol's backend login dialogue: an explicit sequence of commands and
-    replies (greeting, STARTTLS, client address, login) written as L{dialogue}, returning a
-    L{Deferred} through L{loggedIn}.  It knows nothing of any protocol's syntax.
-
-    Subclasses implement L{dialogue} with L{readLine}, L{sendLine} and L{startTLS}.
+    The base of a protocol's backend login dialogue, driven by lines: each step is a method
+    that gets the next line from the backend (no L{Deferred} or generator per reply: this is
+    the hot path of every login).  L{dialogue} starts it, usually with
+    C{self.expectLine(self.greeting)}; a step sends the next command with L{command}, fails by
+    raising L{fail}'s exception, starts TLS with L{startTLS} and ends the dialogue with
+    L{succeed}.
 
     @ivar loggedIn: fires with this protocol once the backend accepted the login, or fails with
         a L{casd.failures.CASFailure}.
@@ -45,17 +46,26 @@ class BackendDialogue(Protocol):
     @ivar greeted: whether the backend sent a line (it is alive at the protocol level); a
         failure before that counts against the member's health.
     @ivar proxyTTL: the proxy TTL to announce to the backend (IMAP ID C{x-proxy-ttl}), 0 for none.
-    @ivar bannerTimeout: seconds for the first line; L{replyTimeout} for each later one.
+    @ivar tlsTimeout: seconds for a TLS handshake; L{bannerTimeout} for the first line,
+        L{replyTimeout} for each later one.  The pool sets all three, and L{deadline}, from the
+        target's settings before it connects
+        (L{casd.pool.connector.BackendConnector.timeoutsFor}).
     """
 
     log = Logger()
     relay = None
     greeted = False
     proxyTTL = 0
+    tlsTimeout = bannerTimeout = replyTimeout = 30.0
+    #: Absolute time by which the whole dialogue must be done (the pool's failover budget); no
+    #: step's timer is armed past it.
+    deadline = float("inf")
     #: Order of the session in its pool, once logged in (the oldest is closed first on drain).
     sessionNumber = 0
     #: Longest line accepted from a backend during the dialogue.
     maxLineLength = 65536
+    #: The step that gets the next line (see L{expectLine}); C{None} while none waits for one.
+    lineHandler = None
 
     def __init__(self, target, client, user, credentials, context) -> None:
         self.target = target
@@ -64,10 +74,6 @@ class BackendDialogue(Protocol):
         self.credentials = credentials
         self.context = context
         self.clock = context.reactor
-        settings = context.config.backend
-        self.replyTimeout = settings.reply_timeout
-        self.tlsTimeout = settings.tls_timeout
-        self.bannerTimeout = getattr(settings, "banner_timeout", 0) or self.replyTimeout
         self._lost: list[Callable[[], None]] = []
         self.loggedIn: defer.Deferred = defer.Deferred()
         self._buffer = b""
@@ -76,9 +82,6 @@ class BackendDialogue(Protocol):
         self._handshake: defer.Deferred | None = None
         self._timer = None
         self._timerWhat = ""
-        #: Absolute time by which the whole dialogue must be done (the pool's failover budget);
-        #: no step's timer is armed past it.
-        self.deadline = float("inf")
         self._done = False
         self.leftover = b""
 
@@ -86,8 +89,12 @@ class BackendDialogue(Protocol):
 
     def dialogue(self):
         """
-        The login dialogue; return a L{Deferred} that fires when the backend accepted the login.
-        Failures are L{casd.failures.CASFailure}s.
+        Start the login dialogue, once connected (and after the handshake, for implicit TLS):
+        usually C{self.expectLine(self.greeting)}.
+
+        A dialogue not yet converted may instead return a L{Deferred} that fires when the
+        backend accepted the login, reading with L{readLine} (only SMTP's still does; this
+        mode goes when it is converted).
         """
         raise NotImplementedError()
 
@@ -96,13 +103,25 @@ class BackendDialogue(Protocol):
         writeThrough(self.transport)
         if self.target.tls == "implicit":
             d = self._awaitHandshake()
-            d.addCallback(lambda _: self.dialogue())
+            d.addCallback(lambda _: self._start())
+            d.addErrback(self._failed)
         else:
-            try:
-                d = self.dialogue()
-            except Exception:
-                d = defer.fail()
-        d.addCallbacks(self._succeeded, self._failed)
+            self._start()
+
+    def _start(self) -> None:
+        try:
+            d = self.dialogue()
+        except Exception:
+            self._failed(Failure())
+            return
+        if d is not None:
+            d.addCallbacks(self._succeeded, self._failed)
+
+    def succeed(self) -> None:
+        """
+        The backend accepted the login: L{loggedIn} fires, the relay takes over.
+        """
+        self._succeeded(None)
 
     def _succeeded(self, _):
         if self._done:
@@ -141,14 +160,19 @@ class BackendDialogue(Protocol):
     def send(self, data: bytes) -> None:
         self.transport.write(data)
 
-    #: When set, each line from the backend goes to this callable (a line-driven dialogue, no
-    #: Deferred per reply) instead of to L{readLine}; an exception it raises fails the dialogue.
-    lineHandler = None
+    def command(self, line: bytes, handler) -> None:
+        """
+        Send C{line} and give the reply's first line to C{handler} (L{expectLine}).
+        """
+        self.transport.write(line + b"\r\n")
+        self.expectLine(handler)
 
     def expectLine(self, handler=None) -> None:
         """
-        For a line-driven dialogue: the next line goes to C{handler} (or the current
-        L{lineHandler}) within the reply timeout (the greeting's before the first line).
+        The next line goes to C{handler} (or again to the current L{lineHandler}) within the
+        reply timeout (the banner timeout before the first line).  An exception the handler
+        raises fails the dialogue (a L{casd.failures.CASFailure} as it is, anything else as a
+        protocol error).
         """
         if handler is not None:
             self.lineHandler = handler
@@ -168,6 +192,8 @@ class BackendDialogue(Protocol):
 
     def readLine(self) -> defer.Deferred:
         """
+        For a dialogue written with L{Deferred}s (SMTP's, until it is converted).
+
         @return: a L{Deferred} firing with the next line (without its line ending) within the
             reply timeout, or failing with L{BackendTimeout}.
         """
@@ -180,16 +206,24 @@ class BackendDialogue(Protocol):
             self._arm(self.bannerTimeout, "greeting")
         return self._waiting
 
-    def startTLS(self) -> defer.Deferred:
+    def startTLS(self, then: Callable[[], None] | None = None) -> defer.Deferred:
         """
-        Start TLS towards the backend, verifying its certificate for the target's C{tlsName}.
+        Start TLS towards the backend, verifying its certificate for the target's C{tlsName},
+        within C{tlsTimeout}; lines read before are forgotten.
 
-        @return: a L{Deferred} firing when the handshake completed within C{tls_timeout}.
+        @param then: the step to run once the handshake completed (its exceptions fail the
+            dialogue, as a handler's do).
+        @return: a L{Deferred} firing when the handshake completed (for a L{readLine} dialogue).
         """
+        self.lineHandler = None
         self._buffer = b""
         self._lines.clear()
         self.transport.startTLS(self.context.clientTLS.optionsFor(self.target.tlsName))
-        return self._awaitHandshake()
+        d = self._awaitHandshake()
+        if then is not None:
+            d.addCallback(lambda _: then())
+            d.addErrback(self._failed)
+        return d
 
     def _awaitHandshake(self) -> defer.Deferred:
         self._handshake = defer.Deferred()
