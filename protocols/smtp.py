@@ -18,23 +18,24 @@ from __future__ import annotations
 
 import weakref
 
-from zope.interface import implementer
+from attrs import field, frozen
 
 from twisted.internet import defer
-from twisted.plugin import IPlugin
 
-from casd.failures import (
+from casd.plugin import (
     AuthenticationFailed,
     BackendUnavailable,
     CASFailure,
     DirectoryUnavailable,
+    FrontendFactory,
+    FrontendProtocol,
+    HealthProbe,
     PolicyRefused,
     PrivacyRequired,
+    ProtocolDescriptor,
     Throttled,
+    Wording,
 )
-from casd.interfaces import ICASProtocol
-from casd.pool.health import HealthProbe
-from casd.session.frontend import FrontendFactory, FrontendProtocol
 from protocols.smtpbackend import SMTPBackend, UnexpectedReply
 from protocols.smtpdata import BACKEND_LOST, DataPhase, ClientPump
 from protocols.smtpfilters import ConnectionFilter, Verdict, senderBlocked
@@ -58,6 +59,20 @@ FAILURES = (
     (BackendUnavailable, b"451 4.4.1 Mailbox server unavailable, try again later"),
 )
 INTERNAL_FAILURE = b"451 4.3.0 Internal error, try again later"
+
+#: What the core says in SMTP's name (L{FrontendProtocol.dispatch}, SASL, STARTTLS); each
+#: carries its reply code, except the last words after C{421 4.7.0 host} (L{SMTPServer.replyBye}).
+WORDING = Wording(
+    unknownCommand=b"500 5.5.2 Error: command not recognized",
+    tooManyErrors=b"Error: too many errors",
+    tlsActive=b"503 5.5.1 Error: TLS already active",
+    tlsUnavailable=b"502 5.5.1 Error: command not implemented",
+    tlsGoAhead=b"220 2.0.0 Ready to start TLS",
+    saslUnsupported=b"504 5.5.4 Unrecognized authentication type",
+    saslBadInitial=b"501 5.5.2 Cannot decode response",
+    saslBadResponse=b"501 5.5.2 Cannot decode response",
+    saslCancelled=b"501 5.7.0 Authentication aborted",
+)
 
 
 class Transaction:
@@ -107,6 +122,9 @@ class SMTPServer(DataPhase, FrontendProtocol):
 
     failures = FAILURES
     internalFailure = INTERNAL_FAILURE
+    wording = WORDING
+    #: Every command is one of C{smtp_NAME} (L{FrontendProtocol.dispatch}).
+    state = "smtp"
     #: Whether the authenticated user is passed on to the backend (XCLIENT LOGIN or master).
     passUser = False
     #: ESMTP parameters of MAIL accepted and not passed on (RFC 4954 AUTH on submission).
@@ -177,16 +195,20 @@ class SMTPServer(DataPhase, FrontendProtocol):
     def reply(self, line: bytes) -> None:
         self.send(line + b"\r\n")
 
+    def replyOk(self, token, text: bytes) -> None:
+        self.reply(text)
+
+    replyNo = replyBad = replyOk
+
+    def replyBye(self, text: bytes) -> None:
+        self.reply(b"421 4.7.0 " + self.hostname + b" " + text)
+
     def error(self, line: bytes) -> None:
         """
         Reply with an error that counts towards C{max_bad_commands} (unknown commands, syntax,
         sequence, refused recipients: a harvester's tools).
         """
-        if self.badCommand():
-            self.reply(b"421 4.7.0 " + self.hostname + b" Error: too many errors")
-            self.close("too many errors")
-            return
-        self.reply(line)
+        self.invalidCommand(None, line)
 
     def lineTooLong(self) -> None:
         self.reply(b"500 5.5.2 Error: line too long")
@@ -277,11 +299,7 @@ class SMTPServer(DataPhase, FrontendProtocol):
             self.saslResponse(line)
             return
         verb, args = splitCommand(line)
-        handler = getattr(self, "do_" + verb, None) if verb else None
-        if handler is None:
-            self.error(b"500 5.5.2 Error: command not recognized")
-            return
-        handler(args)
+        self.dispatch(verb, args)
 
     def extensions(self) -> list[bytes]:
         limit = self.section.message_size_limit
@@ -309,52 +327,46 @@ class SMTPServer(DataPhase, FrontendProtocol):
         else:
             self.reply(b"250 " + self.hostname)
 
-    def do_EHLO(self, args: bytes) -> None:
+    def smtp_EHLO(self, args: bytes) -> None:
         self._hello(args, True)
 
-    def do_HELO(self, args: bytes) -> None:
+    def smtp_HELO(self, args: bytes) -> None:
         self._hello(args, False)
 
-    def do_NOOP(self, args: bytes) -> None:
+    def smtp_NOOP(self, args: bytes) -> None:
         self.reply(b"250 2.0.0 Ok")
 
-    def do_RSET(self, args: bytes) -> None:
+    def smtp_RSET(self, args: bytes) -> None:
         if args.strip():
             self.error(b"501 5.5.4 Syntax: RSET")
             return
         self._endTransaction()
         self.reply(b"250 2.0.0 Ok")
 
-    def do_QUIT(self, args: bytes) -> None:
+    def smtp_QUIT(self, args: bytes) -> None:
         self.reply(b"221 2.0.0 Bye")
         self.close("quit")
 
-    def do_HELP(self, args: bytes) -> None:
+    def smtp_HELP(self, args: bytes) -> None:
         self.reply(b"214 2.0.0 See RFC 5321")
 
-    def do_VRFY(self, args: bytes) -> None:
+    def smtp_VRFY(self, args: bytes) -> None:
         self.reply(b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
 
     def _notImplemented(self, args: bytes) -> None:
         self.error(b"502 5.5.1 Error: command not implemented")
 
-    do_EXPN = do_ETRN = do_TURN = do_BDAT = _notImplemented
+    smtp_EXPN = smtp_ETRN = smtp_TURN = smtp_BDAT = _notImplemented
 
-    def do_AUTH(self, args: bytes) -> None:
+    def smtp_AUTH(self, args: bytes) -> None:
         self.error(b"503 5.5.1 Error: authentication not enabled")
 
-    def do_STARTTLS(self, args: bytes) -> None:
+    def smtp_STARTTLS(self, args: bytes) -> None:
         if args.strip():
             self.error(b"501 5.5.4 Syntax: STARTTLS")
-        elif self.client.tls:
-            self.error(b"503 5.5.1 Error: TLS already active")
-        elif not self.tlsAvailable:
-            self.error(b"502 5.5.1 Error: command not implemented")
-        elif self.transaction is not None:
+        elif self.transaction is not None and self.tlsAvailable:
             self.error(b"503 5.5.1 Error: MAIL transaction in progress")
-        else:
-            self.reply(b"220 2.0.0 Ready to start TLS")
-            self.startTLS()
+        elif self.startTLSCommand(None):
             # RFC 3207 4.2: everything learnt before TLS is forgotten.
             self.helo, self.esmtp = None, False
             if self.session is not None:
@@ -375,7 +387,7 @@ class SMTPServer(DataPhase, FrontendProtocol):
 
     # -- MAIL -------------------------------------------------------------------------------------
 
-    def do_MAIL(self, args: bytes) -> None:
+    def smtp_MAIL(self, args: bytes) -> None:
         if self.helo is None:
             self.error(b"503 5.5.1 Error: send HELO/EHLO first")
             return
@@ -438,7 +450,7 @@ class SMTPServer(DataPhase, FrontendProtocol):
 
     # -- RCPT -------------------------------------------------------------------------------------
 
-    def do_RCPT(self, args: bytes) -> None:
+    def smtp_RCPT(self, args: bytes) -> None:
         tx = self.transaction
         if tx is None:
             self.error(b"503 5.5.1 Error: need MAIL command")
@@ -609,27 +621,16 @@ class SharedState:
         self.filter = ConnectionFilter(section, context.reactor, resolverFactory)
 
 
-@implementer(IPlugin, ICASProtocol)
-class SMTPDescriptor:
+@frozen(eq=False)
+class SMTPDescriptor(ProtocolDescriptor):
     """
-    The descriptor of one of casd's SMTP services.
-
-    @ivar serverClass: the service's L{SMTPServer} subclass.
+    The descriptor of one of casd's SMTP services: L{ProtocolDescriptor}, with the filters'
+    state shared by all listeners of a section (L{makeShared}).
     """
 
-    defaultBackendTLS = "starttls"
-    healthProbe = HealthProbe(expect=b"220", quit=b"QUIT\r\n")
-
-    def __init__(
-        self, name, description, defaultListeners, defaultBackendPort, settings, serverClass
-    ):
-        self.name = name
-        self.description = description
-        self.defaultListeners = defaultListeners
-        self.defaultBackendPort = defaultBackendPort
-        self.settings = settings
-        self.serverClass = serverClass
-        self._shared: dict[int, tuple] = {}
+    defaultBackendTLS: str = "starttls"
+    healthProbe: HealthProbe | None = HealthProbe(expect=b"220", quit=b"QUIT\r\n")
+    _shared: dict = field(factory=dict, init=False, repr=False)
 
     def makeShared(self, section, context) -> SharedState:
         return SharedState(section, context)
@@ -654,4 +655,4 @@ class SMTPDescriptor:
 
     def buildFactory(self, context, section, listener):
         shared = self.sharedState(section, context)
-        return SMTPFactory(self.serverClass, context, section, listener, self, shared)
+        return SMTPFactory(self.server, context, section, listener, self, shared)

@@ -22,9 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from casd.auth.sasl import encodePlain
-from casd.failures import BackendUnavailable
-from casd.pool.connector import BackendDialogue
+from casd.plugin import BackendDialogue, BackendUnavailable, encodePlain
 from protocols.smtpgrammar import (
     Reply,
     ReplyParser,
@@ -126,7 +124,6 @@ class SMTPBackend(BackendDialogue):
         self.lost = False
         self.inData = False
         self._pending: deque[_Waiter] = deque()
-        self.finished: defer.Deferred | None = None
 
     # -- the login dialogue: one method per reply ----------------------------------------------
 
@@ -152,10 +149,8 @@ class SMTPBackend(BackendDialogue):
         self.sendLine(line)
         self._expectReply(handler)
 
-    def dialogue(self):
-        self.finished = defer.Deferred()
+    def dialogue(self) -> None:
         self._expectReply(self._onGreeting)
-        return self.finished
 
     def _onGreeting(self, greeting: Reply) -> None:
         if greeting.code != 220:
@@ -181,11 +176,8 @@ class SMTPBackend(BackendDialogue):
     def _onStartTLS(self, reply: Reply) -> None:
         if reply.code != 220:
             raise self.fail(f"refused STARTTLS ({reply.code})")
-        self.lineHandler = None
-        d = self.startTLS()
         # What was advertised before TLS is not to be trusted.
-        d.addCallback(lambda _: self._ehlo(self.hostname, self._identify))
-        d.addErrback(self.finished.errback)
+        self.startTLS(lambda: self._ehlo(self.hostname, self._identify))
 
     def _identify(self, extensions) -> None:
         """
@@ -246,8 +238,7 @@ class SMTPBackend(BackendDialogue):
 
     def _loggedIn(self, extensions) -> None:
         self.extensions = extensions
-        self.lineHandler = None
-        self.finished.callback(None)
+        self.succeed()
 
     def _attributes(self) -> list[tuple[str, str | bytes]]:
         c = self.client
@@ -331,11 +322,11 @@ class SMTPBackend(BackendDialogue):
         replies: list[Reply] = []
         d = defer.succeed(None)
         for line in lines:
-            d.addCallback(lambda _, line=line: self.command(line))
+            d.addCallback(lambda _, line=line: self.request(line))
             d.addCallback(replies.append)
         return d.addCallback(lambda _: replies)
 
-    def command(self, line: bytes) -> defer.Deferred:
+    def request(self, line: bytes) -> defer.Deferred:
         """
         Send one command and wait for its reply.
         """
@@ -362,14 +353,14 @@ class SMTPBackend(BackendDialogue):
         return self.commands(lines).addCallback(_checkBegin, lines)
 
     def rcpt(self, rcptLine: bytes) -> defer.Deferred:
-        return self.command(rcptLine).addCallback(checkFinal, "RCPT")
+        return self.request(rcptLine).addCallback(checkFinal, "RCPT")
 
     def data(self) -> defer.Deferred:
         """
         @return: a L{Deferred} firing with the reply to DATA: C{354} (then this session takes
             the body through L{write}), or a refusal passed on to the client.
         """
-        return self.command(b"DATA").addCallback(self._dataReply)
+        return self.request(b"DATA").addCallback(self._dataReply)
 
     def _dataReply(self, reply: Reply) -> Reply:
         if reply.code == 354:

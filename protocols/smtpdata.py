@@ -58,7 +58,7 @@ class DataPhase:
     C{_backendLost}).
     """
 
-    def do_DATA(self, args: bytes) -> None:
+    def smtp_DATA(self, args: bytes) -> None:
         tx = self.transaction
         if args.strip():
             self.error(b"501 5.5.4 Syntax: DATA")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from twisted.internet import defer, task
 
-from casd.config import Setting
-from casd.failures import CASFailure, DirectoryUnavailable
+from casd.plugin import CASFailure, DirectoryUnavailable, Setting
 from protocols.smtp import SharedState, SMTPDescriptor, SMTPServer
 from protocols.smtpfilters import RecipientCache, Verdict, acceptedDomain, dnsblResolverFactory
 from protocols.smtpsettings import COMMON_SETTINGS
@@ -173,11 +172,11 @@ class MXDescriptor(SMTPDescriptor):
 
 
 smtp = MXDescriptor(
-    "smtp",
-    "SMTP (RFC 5321) on port 25: mail from other servers, filtered and routed by recipient to the"
-    " mailbox servers' SMTP, never queued",
-    ({"endpoint": "tcp:25", "tls": "starttls"},),
-    25,
-    COMMON_SETTINGS + MX_SETTINGS,
-    MXServer,
+    name="smtp",
+    description="SMTP (RFC 5321) on port 25: mail from other servers, filtered and routed by"
+    " recipient to the mailbox servers' SMTP, never queued",
+    server=MXServer,
+    defaultListeners=({"endpoint": "tcp:25", "tls": "starttls"},),
+    defaultBackendPort=25,
+    settings=COMMON_SETTINGS + MX_SETTINGS,
 )

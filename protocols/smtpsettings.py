@@ -6,7 +6,7 @@ service declares its own beside its server class (L{protocols.smtpmx}, L{protoco
 
 from __future__ import annotations
 
-from casd.config import Setting
+from casd.plugin import Setting
 
 #: The keys both SMTP services have (besides those of every protocol).
 COMMON_SETTINGS = (

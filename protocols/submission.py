@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from casd.auth.sasl import MECHANISMS, SASLRefusal
-from casd.config import Setting
-from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired
+from casd.plugin import MECHANISMS, CASFailure, Setting
 from protocols.smtp import SharedState, SMTPDescriptor, SMTPServer
 from protocols.smtpfilters import SendingLimits, ownsAddress, policyInt
 from protocols.smtpsettings import COMMON_SETTINGS
@@ -73,7 +71,7 @@ class SubmissionServer(SMTPServer):
 
     # -- AUTH ---------------------------------------------------------------------------------
 
-    def do_AUTH(self, args: bytes) -> None:
+    def smtp_AUTH(self, args: bytes) -> None:
         if self.helo is None or not self.esmtp:
             self.error(b"503 5.5.1 Error: send EHLO first")
             return
@@ -91,18 +89,6 @@ class SubmissionServer(SMTPServer):
 
     def saslChallenge(self, token, challenge: bytes) -> None:
         self.reply(b"334 " + challenge)
-
-    def saslFailed(self, token, refusal: SASLRefusal) -> None:
-        if refusal is SASLRefusal.UNSUPPORTED:
-            self.error(b"504 5.5.4 Unrecognized authentication type")
-        elif refusal is SASLRefusal.PRIVACY_REQUIRED:
-            self.reply(self.renderFailure(PrivacyRequired()))
-        elif refusal in (SASLRefusal.BAD_INITIAL, SASLRefusal.BAD_RESPONSE):
-            self.error(b"501 5.5.2 Cannot decode response")
-        elif refusal is SASLRefusal.CANCELLED:
-            self.reply(b"501 5.7.0 Authentication aborted")
-        else:
-            self.reply(self.renderFailure(AuthenticationFailed()))
 
     def login(self, token, credentials) -> defer.Deferred:
         """
@@ -191,11 +177,14 @@ class SubmissionDescriptor(SMTPDescriptor):
 
 
 submission = SubmissionDescriptor(
-    "submission",
-    "Message submission (RFC 6409, RFC 8314) on ports 587 and 465: authenticated users, passed"
-    " on to their mailbox server's submission service",
-    ({"endpoint": "tcp:587", "tls": "starttls"}, {"endpoint": "tcp:465", "tls": "implicit"}),
-    587,
-    COMMON_SETTINGS + SUBMISSION_SETTINGS,
-    SubmissionServer,
+    name="submission",
+    description="Message submission (RFC 6409, RFC 8314) on ports 587 and 465: authenticated"
+    " users, passed on to their mailbox server's submission service",
+    server=SubmissionServer,
+    defaultListeners=(
+        {"endpoint": "tcp:587", "tls": "starttls"},
+        {"endpoint": "tcp:465", "tls": "implicit"},
+    ),
+    defaultBackendPort=587,
+    settings=COMMON_SETTINGS + SUBMISSION_SETTINGS,
 )

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_hashing -*-
 """
 Password hashes in Dovecot's C{{SCHEME}hash} notation.
 

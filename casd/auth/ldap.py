@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """
 The LDAP checker: passwords verified by the organisation's directory (OpenLDAP, Active Directory).
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """
 casd's LDAP client: a pool of persistent connections to a list of LDAP servers, built on ldaptor's
 L{LDAPClient} and L{LDAPEntry} and hidden behind L{IDirectoryClient}, so the checker above it never

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 Brute-force defence, in the spirit of Dovecot's auth penalty.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 casd's configuration: one TOML file, parsed once into frozen, validated objects.
 

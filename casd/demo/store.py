@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_demo -*-
 """
 The DEMO mailbox store: in-memory accounts, mailboxes and messages behind casd's demo backend
 (L{casd.demo.backend}).  DEMO ONLY: all mail is lost when the process stops.

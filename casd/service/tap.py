@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_tap -*-
 """
 The composition root: C{twistd cas} options and the service tree.
 """

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_workers -*-
 """
 Multi-core casd: C{twistd cas --config FILE --workers N}.
 

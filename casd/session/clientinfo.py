@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 What casd knows about a client connection, carried through the whole session.
 """

@@ -16,7 +16,7 @@ from casd.auth.hashing import makeHash
 from casd.service.workers import _AdoptingReactor, adoptingReactors
 from tests.support.procs import freePort, pidAlive
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: Bound of every wait in these tests (seconds).
 WAIT = 30.0
