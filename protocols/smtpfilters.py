@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_submission -*-
+# -*- test-case-name: tests.test_smtpfilters -*-
 """
 The filters of casd's SMTP front door: who may connect (allow and deny networks, per-address
 connection and rate limits, DNS block lists with bounded time and a cache, and the resolver

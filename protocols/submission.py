@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_submission -*-
+# -*- test-case-name: tests.test_submission -*-
 """
 Message submission (RFC 6409, RFC 8314) on ports 587 and 465: users authenticate (SASL PLAIN or
 LOGIN, RFC 4954), casd checks the sender and the user's limits, and every message goes to the
