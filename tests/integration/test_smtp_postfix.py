@@ -12,8 +12,10 @@ import smtplib
 import socket
 import ssl
 import time
+from base64 import b64encode
 
 from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
@@ -74,10 +76,12 @@ class PostfixCase(TestCase):
     casd in front of mbx1 (STARTTLS, XCLIENT) and mbx2 (XFORWARD only).
 
     @cvar failoverTimeout: C{[backend] failover_timeout}, when not casd's default.
+    @cvar healthInterval: C{[health] interval}, when not casd's default.
     """
 
     timeout = 60
     failoverTimeout = None
+    healthInterval = None
 
     def setUp(self):
         self.tmp = os.path.abspath(self.mktemp())
@@ -102,6 +106,7 @@ class PostfixCase(TestCase):
         failover = (
             f"failover_timeout = {self.failoverTimeout}" if self.failoverTimeout else ""
         )
+        health = f"[health]\ninterval = {self.healthInterval}\n" if self.healthInterval else ""
         config = f"""
 [server]
 hostname = "cas.example.net"
@@ -135,6 +140,7 @@ host = "127.0.0.1"
 port = {self.mbx2.port}
 tls = "none"
 
+{health}
 [imap]
 enabled = false
 
@@ -509,3 +515,36 @@ class LongTransactionTests(PostfixCase):
         )
         [slow] = [m for m in stored if m.header("Message-ID") == "<slow@example.org>"]
         self.assertEqual(slow.body, ("first half", "second half"))
+
+
+class RouteDownTests(PostfixCase):
+    """
+    Submission when the health checks know that the user's mailbox server is down (issue 15
+    defect 6): AUTH says 454, not 235 and then 451 at RCPT.
+    """
+
+    healthInterval = 0.2
+
+    def auth(self) -> tuple:
+        """
+        @return: the reply to AUTH (after STARTTLS): C{(code, text)}.
+        """
+        c = smtplib.SMTP("127.0.0.1", self.submissionPort, local_hostname=HELO, timeout=10)
+        c.starttls(context=ssl.create_default_context(cafile=self.ca.caPath))
+        c.ehlo()
+        reply = c.docmd("AUTH", "PLAIN " + b64encode(b"\x00alice\x00alice-pw").decode())
+        c.quit()
+        return reply
+
+    @inlineCallbacks
+    def test_authRefusedWhileDown(self):
+        self.assertEqual((yield self.inThread(self.auth))[0], 235)
+        self.mbx1.stop()
+        # Bounded poll: the health checks take mbx1 DOWN within a few intervals.
+        deadline = time.monotonic() + 15
+        while True:
+            reply = yield self.inThread(self.auth)
+            if reply[0] != 235 or time.monotonic() > deadline:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(reply, (454, b"4.7.0 Mailbox server unavailable, try again later"))
