@@ -109,7 +109,8 @@ class SubmissionServer(SMTPServer):
 
         def unknown(failure):
             # A route that cannot be found now is RCPT's to report, as before.
-            failure.trap(CASFailure)
+            if not failure.check(CASFailure):
+                self.log.failure("locating {user} failed unexpectedly", failure, user=user.login)
             return True
 
         d.addCallbacks(located, unknown)
