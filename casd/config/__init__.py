@@ -383,7 +383,7 @@ def readRouteMap(path: str, mapFile: str, known) -> dict[str, str]:
 def _readLDAP(path, data, base) -> Values:
     ldap = readSection(path, "ldap", data.get("ldap", {}), LDAP_SETTINGS, base)
     if ldap.urls:
-        from casd.auth.ldap import SettingProblem, checkSettings
+        from casd.auth.ldapsettings import SettingProblem, checkSettings
 
         _requireFile(path, "ldap.ca_file", ldap.ca_file, "CA file")
         _requireFile(path, "ldap.bind_password_file", ldap.bind_password_file, "password file")

@@ -15,17 +15,12 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
+from casd.net import clientEndpoint
 from casd.pool.health import Member
 
 
@@ -205,14 +200,8 @@ class BackendConnector:
         """
         if timeout is None:
             timeout = self.timeoutsFor(target)[0]
-        if target.isAddress:
-            kind = TCP6ClientEndpoint if ":" in target.host else TCP4ClientEndpoint
-            endpoint = kind(self.reactor, target.host, target.port, timeout=timeout)
-        else:
-            endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
-        if target.tls == "implicit":
-            endpoint = wrapClientTLS(self.clientTLS.optionsFor(target.tlsName), endpoint)
-        return endpoint
+        tls = self.clientTLS.optionsFor(target.tlsName) if target.tls == "implicit" else None
+        return clientEndpoint(self.reactor, target.host, target.port, timeout, tls)
 
     @defer.inlineCallbacks
     def connect(self, route, makeDialogue: Callable):

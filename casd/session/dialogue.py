@@ -8,7 +8,6 @@ opens the connection and sets the timeouts.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from typing import Callable
 
@@ -21,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
+from casd.net import parseAddress
 from casd.session.relay import writeThrough
 
 
@@ -259,12 +259,11 @@ class BackendDialogue(Protocol):
         """
         c = self.client
         fields = []
-        try:
+        ip = parseAddress(c.peerHost)
+        if ip is not None:
             # Only an address: a UNIX socket's name could carry spaces or line breaks.
-            fields.append(b"ADDR=" + ipaddress.ip_address(c.peerHost).compressed.encode("ascii"))
+            fields.append(b"ADDR=" + ip.compressed.encode("ascii"))
             fields.append(b"PORT=%d" % (c.peerPort,))
-        except ValueError:
-            pass
         fields.append(b"SESSION=" + c.sessionId.encode("ascii"))
         if self.proxyTTL:
             fields.append(b"TTL=%d" % (self.proxyTTL,))
