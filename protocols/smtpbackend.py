@@ -15,13 +15,13 @@ itself answered C{354} to its own C{DATA} (L{SMTPBackend.write}).
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from casd.net import parseAddress
 from casd.plugin import BackendDialogue, BackendUnavailable, encodePlain
 from protocols.smtpgrammar import (
     Reply,
@@ -56,15 +56,10 @@ def clientAddress(host: str) -> str:
     The client's address as XCLIENT and XFORWARD spell it: C{IPV6:} before an IPv6 address, an
     IPv4-mapped one as plain IPv4.
     """
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    ip = parseAddress(host)
+    if ip is None:
         return UNAVAILABLE
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return "IPV6:" + str(ip)
-    return str(ip)
+    return ("IPV6:" if ip.version == 6 else "") + str(ip)
 
 
 class _Waiter:

@@ -11,13 +11,13 @@ State lives in this node's memory, per listener set of one protocol: limits are 
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from casd.auth.cache import CachingChecker
+from casd.net import parseAddress
 from casd.session.clientinfo import isTrusted
 
 #: Addresses tracked for rate limits before old entries are swept.
@@ -38,21 +38,11 @@ class Verdict:
     THROTTLE = "throttle"
 
 
-def _ip(host: str):
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip
-
-
 def dnsblName(host: str, zone: str) -> str | None:
     """
     The name to look up for C{host} in C{zone}: reversed octets (IPv4) or nibbles (IPv6).
     """
-    ip = _ip(host)
+    ip = parseAddress(host)
     if ip is None:
         return None
     if ip.version == 4:
