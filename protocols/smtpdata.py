@@ -7,17 +7,12 @@ and the backend's reply to the end of data passed back as the client's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from zope.interface import implementer
 
 from twisted.internet.interfaces import IPushProducer
 
 from protocols.smtpbackend import NotInData, SMTPBackend
 from protocols.smtpgrammar import DataStream, Reply
-
-if TYPE_CHECKING:
-    from protocols.smtp import Transaction
 
 #: Replies to a transaction whose backend went away: never a made-up 250.
 BACKEND_LOST = b"451 4.4.2 Connection to the mailbox server lost, try again later"
@@ -55,7 +50,7 @@ class DataPhase:
     """
     The DATA command and the body's stream, for L{protocols.smtp.SMTPServer} (a mixin: it
     uses the server's C{transaction}, C{section}, replies and its C{_sessionBroken} and
-    C{_backendLost}).
+    C{_backendLost}).  C{tx} is always the server's L{protocols.smtp.Transaction}.
     """
 
     def smtp_DATA(self, args: bytes) -> None:
@@ -81,7 +76,7 @@ class DataPhase:
         )
         self.wait(d)
 
-    def _dataReply(self, reply: Reply, tx: Transaction, session: SMTPBackend) -> None:
+    def _dataReply(self, reply: Reply, tx, session: SMTPBackend) -> None:
         if self._closing:
             return
         if reply.code != 354:
@@ -99,13 +94,13 @@ class DataPhase:
         session.transport.registerProducer(tx.pump, True)
         self.setStreamMode(lambda data: self._dataChunk(tx, session, data))
 
-    def _dataFailed(self, failure, tx: Transaction) -> None:
+    def _dataFailed(self, failure, tx) -> None:
         self._sessionBroken(tx, failure)
         self.transaction = None
         if not self._closing:
             self.reply(BACKEND_LOST)
 
-    def _dataChunk(self, tx: Transaction, session: SMTPBackend, data: bytes):
+    def _dataChunk(self, tx, session: SMTPBackend, data: bytes):
         """
         Stream mode during DATA: the body goes to C{session}, the one that answered C{354},
         and to no other.
@@ -138,7 +133,7 @@ class DataPhase:
         self._endOfData(tx, session)
         return rest
 
-    def _endOfData(self, tx: Transaction, session: SMTPBackend) -> None:
+    def _endOfData(self, tx, session: SMTPBackend) -> None:
         if not session.lost:
             session.transport.unregisterProducer()
         tx.pump.resumeProducing()
@@ -154,7 +149,7 @@ class DataPhase:
         d.addCallbacks(self._finalReply, self._finalFailed, callbackArgs=(tx,), errbackArgs=(tx,))
         self.wait(d)
 
-    def _finalReply(self, reply: Reply, tx: Transaction) -> None:
+    def _finalReply(self, reply: Reply, tx) -> None:
         self.transaction = None
         if reply.positive:
             self.messages += 1
@@ -170,7 +165,7 @@ class DataPhase:
         if not self._closing:
             self.send(reply.sanitised().render())
 
-    def _finalFailed(self, failure, tx: Transaction) -> None:
+    def _finalFailed(self, failure, tx) -> None:
         self._sessionBroken(tx, failure)
         self.transaction = None
         self.resetTimeout(self.section.command_timeout)
