@@ -18,7 +18,7 @@ from attrs import field, frozen
 
 from twisted.internet.endpoints import serverFromString
 from twisted.python.filepath import FilePath
-from twisted.test.proto_helpers import MemoryReactor
+from twisted.internet.testing import MemoryReactor
 from casd.config.settings import (  # re-exported: importers use casd.config
     AUTH_SETTINGS,
     BACKEND_PROTOCOL_SETTINGS,
