@@ -12,15 +12,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LINES = 700
-#: Modules that are being reshaped on another branch (the SMTP split by service): they join
-#: the checks below when it lands.
-PENDING = {
-    "protocols/smtp.py",
-    "protocols/smtpbackend.py",
-    "protocols/smtpfilters.py",
-    "protocols/smtpgrammar.py",
-    "protocols/smtpsettings.py",
-}
+#: Modules that are being reshaped on another branch, left out of the checks below until it
+#: lands (none now: the SMTP split by service has landed).
+PENDING: set = set()
 
 
 def sources(*tops):
