@@ -20,6 +20,7 @@ from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, Pro
 from casd.session.clientinfo import ClientInfo
 from casd.session.relay import Relay, writeThrough
 from casd.session.sasldriver import SASLDriver
+from casd.session.steps import SessionSteps
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
 PAUSE_BUFFER = 65536
@@ -63,7 +64,7 @@ class Wording:
 
 
 @implementer(IHalfCloseableProtocol)
-class FrontendProtocol(SASLDriver, Protocol):
+class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     """
     One client connection, from the greeting to the end of the relayed session.
 
