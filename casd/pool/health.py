@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_health -*-
 """
 Backend health: the state of each member (one backend server as one protocol reaches it), kept
 by HAProxy's rules, and the service that checks members actively at the protocol level.
@@ -13,35 +14,16 @@ starts the wait again.  Every change of state is logged once.
 
 from __future__ import annotations
 
-from attrs import frozen
-
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from casd.interfaces import HealthProbe
 from casd.routing.router import targetFor
 
 UP = "UP"
 DOWN = "DOWN"
-
-
-@frozen
-class HealthProbe:
-    """
-    A protocol's active health check (what nginx's and HAProxy's protocol checks do): connect,
-    send C{send} if any, expect the first line to start with C{expect} (ASCII case ignored), then
-    say C{quit} and close.
-
-    @ivar expect: the start of a healthy greeting, e.g. C{b"* OK"} (IMAP), C{b"+OK"} (POP3),
-        C{b"220"} (SMTP), C{b"HTTP/1.1 200"} (HTTP).
-    @ivar send: bytes sent before reading, e.g. an HTTP request; empty for greeting protocols.
-    @ivar quit: bytes sent after a good greeting so the server logs a clean goodbye.
-    """
-
-    expect: bytes
-    send: bytes = b""
-    quit: bytes = b""
 
 
 class Member:
@@ -53,7 +35,7 @@ class Member:
     @ivar settings: the C{[health]} settings (replaced on reload).
     @ivar activelyChecked: whether a L{HealthChecker} checks this member; if not, a passive DOWN
         ends after C{passive_recovery} seconds.
-    @ivar sessions: the logged-in L{casd.pool.connector.BackendDialogue}s on this member.
+    @ivar sessions: the logged-in L{casd.session.dialogue.BackendDialogue}s on this member.
     """
 
     log = Logger()
