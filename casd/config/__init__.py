@@ -18,6 +18,13 @@ from attrs import field, frozen
 from twisted.internet.endpoints import serverFromString
 from twisted.python.filepath import FilePath
 from twisted.test.proto_helpers import MemoryReactor
+from casd.config.clientsettings import (
+    AUTODISCOVER_SETTINGS,
+    DOMAIN_SETTINGS,
+    AutodiscoverConfig,
+    defaultAutodiscoverConfig,
+    readAutodiscover,
+)
 from casd.config.settings import (  # re-exported: importers use casd.config
     AUTH_SETTINGS,
     BACKEND_PROTOCOL_SETTINGS,
@@ -176,6 +183,8 @@ class CASConfig:
     routeMap: Mapping[str, str] = field(factory=dict)
     #: The C{[ldap]} section (C{urls} empty: no LDAP checker).
     ldap: Values = field(factory=lambda: Values({s.key: s.default for s in LDAP_SETTINGS}))
+    #: The C{[autodiscover]} section (L{casd.config.clientsettings}).
+    autodiscover: AutodiscoverConfig = field(factory=defaultAutodiscoverConfig)
 
     @property
     def hostname(self) -> str:
@@ -420,7 +429,8 @@ def _readTLS(path, data, base) -> TLSConfig:
 
 
 TOP_LEVEL = (
-    "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo"
+    "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo",
+    "autodiscover",
 )
 
 
@@ -477,6 +487,7 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
     sites = _readSites(path, data, server.site, targets, base)
     health = readSection(path, "health", data.get("health", {}), HEALTH_SETTINGS, base)
     sections = _readProtocols(path, data, protocols, base)
+    autodiscover = readAutodiscover(path, data, base)
     for section in sections.values():
         for listener in section.listeners:
             if listener.wrapTLS and not tls.enabled:
@@ -501,6 +512,7 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
         health=health,
         routeMap=routeMap,
         ldap=ldap,
+        autodiscover=autodiscover,
     )
 
 
@@ -542,4 +554,6 @@ def allSettings() -> dict[str, tuple[Setting, ...]]:
         "PROTOCOL": PROTOCOL_COMMON_SETTINGS,
         "PROTOCOL.listen": LISTENER_SETTINGS,
         "demo": DEMO_SETTINGS,
+        "autodiscover": AUTODISCOVER_SETTINGS,
+        "autodiscover.domains.NAME": DOMAIN_SETTINGS,
     }
