@@ -5,6 +5,7 @@ The C{casd} command: operator tools beside C{twistd cas}.
     casd config-reference                    print the configuration reference (Markdown)
     casd check-config FILE                   validate a configuration file
     casd locate -c FILE USER [--check]       print the route casd would take for USER, and why
+    casd dns-records -c FILE DOMAIN          print the DNS records to publish for DOMAIN
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def buildParser() -> argparse.ArgumentParser:
     from casd.cli.locate import addLocateCommand
 
     addLocateCommand(sub)
+    from casd.cli.dnsrecords import addDNSRecordsCommand
+
+    addDNSRecordsCommand(sub)
     # Further commands register here, one function each (see e.g. casd locate).
     return parser
 

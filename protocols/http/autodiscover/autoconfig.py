@@ -63,9 +63,6 @@ def clientConfig(settings) -> bytes:
     for server in settings.servers:
         if server.protocol in _TYPES:
             _server(provider, "incomingServer", server)
-    for server in settings.servers:
-        if server.protocol == "smtp":
-            _server(provider, "outgoingServer", server)
     if settings.ewsUrl:
         exchange = sub(provider, "incomingServer", type="exchange")
         url = urlsplit(settings.ewsUrl)
@@ -77,6 +74,9 @@ def clientConfig(settings) -> bytes:
         if settings.owaUrl:
             sub(exchange, "owaURL", settings.owaUrl)
         sub(exchange, "ewsURL", settings.ewsUrl)
+    for server in settings.servers:
+        if server.protocol == "smtp":
+            _server(provider, "outgoingServer", server)
     if settings.owaUrl:
         sub(sub(root, "webMail"), "loginPage", url=settings.owaUrl)
     return serialise(root)
