@@ -17,7 +17,7 @@ from typing import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from casd.failures import AuthenticationFailed, CASFailure, DirectoryUnavailable, PrivacyRequired, Throttled
@@ -333,6 +333,26 @@ class MobileconfigResource(Resource):
             f'attachment; filename="{view.domain}.mobileconfig"'.encode("ascii", "replace"),
         )
         return 200, mobileconfig.CONTENT_TYPE, body
+
+
+class AutodiscoverRoot(Resource):
+    """
+    A root resource answering only the Autodiscover paths (ignoring case), for a site of its own.
+    """
+
+    def __init__(self, service: AutodiscoverService) -> None:
+        super().__init__()
+        self.paths = autodiscoverResources(service)
+
+    def getChildWithDefault(self, name, request):
+        found = self.paths.get(request.path.lower())
+        if found is None:
+            return NoResource()
+        request.postpath = []
+        return found
+
+    def render(self, request):
+        return NoResource().render(request)
 
 
 def autodiscoverResources(service: AutodiscoverService) -> dict[bytes, Resource]:
