@@ -42,6 +42,18 @@ class Unauthenticated(Exception):
     """
 
 
+def clientHost(request) -> str:
+    """
+    The client's address: the HTTP site's L{ClientInfo} (the real client behind a PROXY-protocol
+    load balancer or a trusted casd in front), else the connection's peer.
+    """
+    client = getattr(getattr(request, "channel", None), "client", None)
+    host = getattr(client, "peerHost", "")
+    if host:
+        return host
+    return getattr(request.getClientAddress(), "host", "") or ""
+
+
 def readBody(request) -> bytes | None:
     """
     The request body, or C{None} when it is longer than L{MAX_BODY}.
@@ -80,7 +92,7 @@ class AutodiscoverService:
         """
         internal = self.clientSettings.forDomain(domain, internal=True)
         external = self.clientSettings.forDomain(domain, internal=False)
-        mine = internal if self.clientSettings.isInternal(request.getClientAddress().host) else external
+        mine = internal if self.clientSettings.isInternal(clientHost(request)) else external
         return mine, internal, external
 
     def run(self, request, handler, onError) -> object:
