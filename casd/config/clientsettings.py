@@ -296,6 +296,9 @@ def httpsPort(config) -> int:
             port = endpointPort(listener.endpoint)
             if port and listener.tls == "implicit":
                 return port
+        if section.listeners and getattr(section.values, "plain_http", "") == "serve":
+            # TLS ends at a load balancer in front: clients reach it on the redirect port.
+            return getattr(section.values, "https_port", 443)
     return 0
 
 
