@@ -87,7 +87,8 @@ def pki() -> tuple[str, str, str]:
     domain needs.
     """
     if not _pki:
-        directory = tempfile.mkdtemp(prefix="casd-autodiscover-")
+        # Under trial's working directory (_trial_temp), made once for the module: RSA keys are slow.
+        directory = os.path.abspath(tempfile.mkdtemp(prefix="casd-autodiscover-", dir="."))
         ca = CertificateAuthority.create(directory)
         cert, key = ca.issue(
             ["mail.example.com", "autodiscover.example.com", "127.0.0.1"], "server", keyType="rsa"

@@ -11,7 +11,6 @@ import io
 import os
 import plistlib
 import subprocess
-import tempfile
 from contextlib import redirect_stdout
 
 from lxml import etree
@@ -404,7 +403,8 @@ class DNSRecordsTests(SynchronousTestCase):
         The command prints the records and which names the configured certificate misses
         (the test certificate has mail. and autodiscover., not autoconfig.).
         """
-        directory = tempfile.mkdtemp()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
         _, cert, key = pki()
         from tests.test_autodiscover import BASE
 
@@ -420,3 +420,36 @@ class DNSRecordsTests(SynchronousTestCase):
         self.assertIn("; autodiscover.example.com: covered by", text)
         self.assertIn("; autoconfig.example.com: NOT covered", text)
         self.assertIn("; mail.corp.example.com: NOT covered", text)
+
+
+class ProviderTests(SynchronousTestCase):
+    """
+    The local services the HTTP front end mounts.
+    """
+
+    def services(self, extra=AUTODISCOVER):
+        from protocols.http.autodiscover.provider import autodiscoverServices
+        from protocols.http.local import PROVIDERS
+
+        self.assertIn("protocols.http.autodiscover.provider.autodiscoverServices", PROVIDERS)
+
+        class Context:
+            config = makeConfig(extra)
+
+        return {s.name: s for s in autodiscoverServices(Context(), None, None)}
+
+    def test_mounted(self):
+        services = self.services()
+        self.assertTrue(services["autodiscover"].matches(b"/Autodiscover/Autodiscover.xml"))
+        self.assertTrue(services["autodiscover-soap"].matches(b"/autodiscover/autodiscover.svc"))
+        self.assertTrue(services["autoconfig"].matches(b"/.well-known/autoconfig/mail/config-v1.1.xml?x=1"))
+        self.assertTrue(services["mobileconfig"].matches(b"/mobileconfig"))
+        for name in ("autodiscover", "autodiscover-soap", "mobileconfig"):
+            self.assertTrue(services[name].needsAuth, name)
+            self.assertFalse(services[name].anonymousOnPlain, name)
+        self.assertFalse(services["autoconfig"].needsAuth)
+        self.assertTrue(services["autoconfig"].anonymousOnPlain)
+        self.assertIsNotNone(services["mobileconfig"].resource.service.signer)
+
+    def test_disabled(self):
+        self.assertEqual(self.services(AUTODISCOVER.replace("https_port = 443", "enabled = false")), {})
