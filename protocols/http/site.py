@@ -73,7 +73,6 @@ class ProxyChannel(http.HTTPChannel):
     maxHeaders = 200
 
     _headerTimer = None
-    _lastByte = b""
     client = None
 
     def connectionMade(self) -> None:
@@ -88,14 +87,28 @@ class ProxyChannel(http.HTTPChannel):
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.line_mode and not self._handlingRequest:
-            if self._headerTimer is None and data:
+        if self.line_mode and not self._handlingRequest and data:
+            if self._headerTimer is None:
                 self._headerTimer = self.callLater(self.site.headerTimeout, self._headersTooSlow)
-            if _BARE_LF.search(data) or (data[:1] == b"\n" and self._lastByte != b"\r"):
+            if self._bareLF(data):
                 self._badRequest()
                 return
-        self._lastByte = data[-1:]
         super().dataReceived(data)
+
+    def _bareLF(self, data: bytes) -> bool:
+        """
+        Whether the header bytes in C{data} hold an LF not preceded by CR.  Only the bytes up
+        to the end of the headers are looked at (a body may hold anything).
+        """
+        seen = self._tail + data
+        end = seen.find(b"\r\n\r\n")
+        head = seen if end < 0 else seen[: end + 4]
+        start = len(self._tail)
+        self._tail = seen[-3:] if end < 0 else b""
+        # The lookbehind sees the kept tail: only the new bytes are searched.
+        return _BARE_LF.search(head, start) is not None
+
+    _tail = b""
 
     def lineReceived(self, line: bytes) -> None:
         # obs-fold (RFC 9112 5.2): a server must reject it or replace it; a proxy that joins
