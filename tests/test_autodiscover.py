@@ -164,6 +164,14 @@ class ClientSettingsTests(SynchronousTestCase):
         self.assertEqual((view.ewsUrl, view.activeSyncUrl, view.owaUrl), ("", "", ""))
         self.assertEqual(view.displayName, "example.com")
 
+    def test_noCertificateNoSTARTTLS(self):
+        """
+        Without a certificate no STARTTLS is offered, so nothing is advertised: never plaintext.
+        """
+        base = '[server]\nhostname = "mail.example.com"\n[imap]\n[[imap.listen]]\nendpoint = "tcp:143"\n'
+        view = ClientSettings(makeConfig("", base=base)).forDomain("example.com")
+        self.assertEqual(view.servers, ())
+
     def test_internalAndExternal(self):
         settings = ClientSettings(makeConfig())
         self.assertTrue(settings.isInternal("10.1.2.3"))
@@ -470,3 +478,20 @@ class AutoconfigTests(SynchronousTestCase):
         self.assertEqual(autoconfig.domainFromQuery("x@<script>", ""), "")
         self.assertEqual(autoconfig.domainFromQuery("no-at-sign", ""), "")
         self.assertTrue(re.match(r"^$", autoconfig.domainFromQuery("a@" + "x" * 300 + ".com", "")))
+
+
+class DemoConfigurationTests(SynchronousTestCase):
+    def test_demo(self):
+        """
+        The demo's configuration names its domain and gives local clients 127.0.0.1.
+        """
+        import casd.demo
+
+        path = os.path.join(os.path.dirname(casd.demo.__file__), "data", "casd.toml")
+        with open(path) as f:
+            config = parseConfig(f.read(), path, discoverProtocols().values())
+        view = ClientSettings(config).forDomain("example.com")
+        self.assertEqual((view.host, view.displayName), ("127.0.0.1", "casd demo"))
+        for server in view.servers:
+            self.assertEqual(server.host, "127.0.0.1")
+            self.assertIn(server.port, (1143, 1110))

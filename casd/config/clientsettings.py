@@ -275,6 +275,8 @@ def _listenerPorts(config, protocol: str) -> list[tuple[int, str]]:
         port = endpointPort(listener.endpoint)
         if not port or listener.tls == "none":
             continue
+        if listener.tls == "starttls" and not config.tls.enabled:
+            continue  # no certificate: STARTTLS is not offered there
         kind = "SSL" if listener.tls == "implicit" else "STARTTLS"
         if (port, kind) not in found:
             found.append((port, kind))
