@@ -26,7 +26,7 @@ from casd.cli.dnsrecords import dnsRecords
 from casd.config.clientsettings import ClientSettings
 from casd.failures import AuthenticationFailed, DirectoryUnavailable, Throttled
 from protocols.http.autodiscover import pox
-from protocols.http.autodiscover.basic import BasicAuthenticator, basicCredentials
+from protocols.http.auth import parseBasic
 from protocols.http.autodiscover.mobileconfig import ProfileSigner
 from protocols.http.autodiscover.resources import AutodiscoverRoot, AutodiscoverService
 from tests.test_autodiscover import (
@@ -52,14 +52,16 @@ def fakeAuthenticate(request):
     alice with L{PASSWORD}; no header: refused; C{down} and C{slow} stand for a directory outage
     and a lockout.
     """
-    credentials = basicCredentials(request.getHeader(b"authorization"))
-    if credentials is None:
+    header = request.getHeader(b"authorization")
+    parsed = parseBasic(header) if header else None
+    if parsed is None:
         return defer.fail(AuthenticationFailed("no credentials"))
-    if credentials.username == "down":
+    username, password = parsed
+    if username == b"down":
         return defer.fail(DirectoryUnavailable("ldap down"))
-    if credentials.username == "locked":
+    if username == b"locked":
         return defer.fail(Throttled("locked out"))
-    if credentials.username == "alice" and credentials.password == PASSWORD.encode():
+    if username == b"alice" and password == PASSWORD.encode():
         return defer.succeed(alice())
     return defer.fail(AuthenticationFailed("wrong password"))
 
@@ -346,45 +348,6 @@ class UnsignedMobileconfigTests(WebTestCase):
         profile = plistlib.loads(response.body)
         hosts = {p.get("IncomingMailServerHostName") for p in profile["PayloadContent"]}
         self.assertIn("mail.corp.example.com", hosts)
-
-
-class BasicAuthenticatorTests(SynchronousTestCase):
-    def test_headerParsing(self):
-        self.assertEqual(basicCredentials(basic()).username, "alice")
-        for bad in (None, b"", b"Bearer x", b"Basic !!!", b"Basic " + base64.b64encode(b"nocolon")):
-            self.assertIsNone(basicCredentials(bad))
-
-    def test_plainHTTPRefusedUnlessTrusted(self):
-        seen = []
-
-        class Authenticator:
-            def login(self, credentials, client):
-                seen.append((credentials.username, client.peerHost, client.tls))
-                return defer.succeed(alice())
-
-        class Request:
-            def __init__(self, peer):
-                self.peer = peer
-
-            def getHeader(self, name):
-                return basic() if name == b"authorization" else None
-
-            def getClientAddress(self):
-                return IPv4Address("TCP", self.peer, 1234)
-
-            def getHost(self):
-                return IPv4Address("TCP", "127.0.0.1", 80)
-
-            def isSecure(self):
-                return False
-
-        import ipaddress
-
-        check = BasicAuthenticator(Authenticator(), [ipaddress.ip_network("10.0.0.0/8")])
-        self.failureResultOf(check(Request("192.0.2.1")))
-        self.assertEqual(seen, [])
-        self.assertEqual(self.successResultOf(check(Request("10.0.0.1"))).login, "alice")
-        self.assertEqual(seen, [("alice", "10.0.0.1", False)])
 
 
 class DNSRecordsTests(SynchronousTestCase):
