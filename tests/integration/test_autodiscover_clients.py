@@ -317,3 +317,41 @@ class AutodiscoverClientsTests(TestCase):
         eas = [p for p in profile["PayloadContent"] if p["PayloadType"] == "com.apple.eas.account"][0]
         self.assertEqual(eas["Host"], f"mail.example.com:{self.port}")
 
+
+    @defer.inlineCallbacks
+    def test_oversizeBodies(self):
+        """
+        Through the real front end: a body over Autodiscover's 64 KiB is POX error 600; one over
+        the local-service limit is refused with 413 before it is read.
+        """
+        request = (
+            b'<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/'
+            b'requestschema/2006"><Request><EMailAddress>alice@example.com</EMailAddress><Pad>'
+        )
+        status, _, body = yield self.fetch(
+            "/autodiscover/autodiscover.xml", data=request + b"x" * 100_000, user="alice", password="alice-secret"
+        )
+        self.assertEqual(status, 200)
+        self.assertIn(b"<ErrorCode>600</ErrorCode>", body)
+        # Only the headers: the front end answers from Content-Length, before any body byte.
+        head = yield threads.deferToThread(
+            self.rawHeaders,
+            b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: mail.example.com\r\n"
+            b"Content-Length: 2000000\r\nConnection: close\r\n\r\n",
+        )
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head[:100])
+
+    def rawHeaders(self, data: bytes) -> bytes:
+        import socket
+
+        context = ssl.create_default_context(cafile=self.ca)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(data)
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+                return received
