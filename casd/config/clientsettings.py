@@ -372,9 +372,14 @@ class ClientSettings:
     The derivation of client settings from a L{casd.config.CASConfig}.
     """
 
+    #: Most derived views kept (domains asked about are bounded by the directory's and the
+    #: configuration's, but an unlisted-domains setup answers for any).
+    cacheSize = 1024
+
     def __init__(self, config) -> None:
         self.config = config
         self.section: AutodiscoverConfig = config.autodiscover
+        self._views: dict[tuple[str, bool], DomainSettings] = {}
 
     @property
     def internalNetworks(self):
@@ -445,6 +450,15 @@ class ClientSettings:
         The settings of a domain as a client inside (C{internal}) or outside sees them.
         """
         domain = domain.lower()
+        key = (domain, internal)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= self.cacheSize:
+                self._views.clear()
+            view = self._views[key] = self._derive(domain, internal)
+        return view
+
+    def _derive(self, domain: str, internal: bool) -> DomainSettings:
         d = self.domainConfig(domain)
         external, internalHost = self.hosts(domain)
         host = internalHost if internal else external
