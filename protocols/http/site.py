@@ -316,6 +316,12 @@ class HTTPSite(server.Site):
         self.clock = context.reactor
         self.local = None
 
+    def stopFactory(self) -> None:
+        # The listener stops: close the idle backend connections (the agents are shared by
+        # every listener; closing idle ones is harmless to the others).
+        self.agents.closeIdle()
+        super().stopFactory()
+
     def _openLogFile(self, path):
         return None
 
