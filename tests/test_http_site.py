@@ -290,6 +290,7 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         )
         server, backend = self.backend()
         self.assertTrue(backend.value().endswith(b"\r\n\r\nabc"))
+        self.assertEqual(backend.value().lower().count(b"content-length"), 1)
         self.assertIn(b"Content-Length: 10\r\n", backend.value())
         self.client.dataReceived(b"defghij")
         self.assertTrue(backend.value().endswith(b"\r\n\r\nabcdefghij"))

@@ -142,3 +142,15 @@ class TwistedPrivatesTests(SynchronousTestCase):
         self.assertFalse(channel._handlingRequest)
         self.assertTrue(callable(channel._respondToBadRequestAndDisconnect))
         self.assertTrue(issubclass(ProxyChannel, http.HTTPChannel))
+
+    def test_poolFactory(self):
+        """
+        The connection pool builds its connections with its C{_factory} (which the proxy
+        replaces with a quiet one).
+        """
+        from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+        self.assertIs(HTTPConnectionPool._factory, _HTTP11ClientFactory)
+        import inspect
+
+        self.assertIn("self._factory(", inspect.getsource(HTTPConnectionPool._newConnection))

@@ -15,7 +15,7 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 
@@ -46,6 +46,20 @@ class _TargetEndpoints:
 
     def endpointForURI(self, uri):
         return self.connector.endpointFor(self.target)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # One "Starting factory" and "Stopping factory" line per backend connection is noise.
+    noisy = False
+
+
+class _Pool(HTTPConnectionPool):
+    """
+    Twisted's pool with a quiet connection factory (C{_factory} is private: covered by
+    C{tests.test_http_smuggling.TwistedPrivatesTests}).
+    """
+
+    _factory = _QuietClientFactory
 
 
 @define
@@ -81,7 +95,7 @@ class BackendAgents:
         key = (target.key, target.tls, target.tlsName)
         backend = self._backends.get(key)
         if backend is None:
-            pool = HTTPConnectionPool(self.reactor, persistent=True)
+            pool = _Pool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = self.maxIdle
             pool.cachedConnectionTimeout = self.idleTimeout
             # Retries are casd's decision (never a request with a body), not the pool's.

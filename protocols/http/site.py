@@ -20,6 +20,7 @@ refused at once with 413 and the connection closed.
 from __future__ import annotations
 
 import io
+import os
 import re
 
 from twisted.internet import defer
@@ -30,7 +31,8 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from casd.failures import CASFailure
+from casd.failures import BackendUnavailable, CASFailure
+from casd.routing.router import routeTo
 from casd.session.clientinfo import ClientInfo
 from protocols.http.headers import backendRequestHeaders, copyResponseHeaders
 from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
@@ -314,6 +316,12 @@ class HTTPSite(server.Site):
         self.clock = context.reactor
         self.local = None
 
+    def stopFactory(self) -> None:
+        # The listener stops: close the idle backend connections (the agents are shared by
+        # every listener; closing idle ones is harmless to the others).
+        self.agents.closeIdle()
+        super().stopFactory()
+
     def _openLogFile(self, path):
         return None
 
@@ -552,23 +560,24 @@ class HTTPSite(server.Site):
         """
         @return: C{None} when C{vdir} (or the node, for C{None}) can serve, else the reason.
         """
-        import os
-
         drain = self.section.drain_file
         if drain and os.path.exists(drain):
             return "draining"
-        if vdir is None or not vdir.backend:
+        if vdir is None:
             return None
         config = self.context.config
-        from casd.routing.router import routeTo
-
-        try:
-            route = routeTo(config, vdir.backend, _HealthUser(), self.descriptor, "health")
-        except KeyError:
-            return "unknown backend"
-        if not self._available(route):
-            return "no healthy backend"
-        return None
+        names = [vdir.backend or config.routing.hash_group or config.routing.default_backend]
+        if not names[0]:
+            # The router decides per user: any server configured for HTTP will do.
+            names = [s.name for s in config.backends.values() if self.descriptor.name in s.protocols]
+        for name in names:
+            try:
+                route = routeTo(config, name, _HealthUser(), self.descriptor, "health")
+            except KeyError:
+                continue
+            if self._available(route):
+                return None
+        return "no healthy backend"
 
     def accessLog(self, request) -> None:
         client = request.client
@@ -632,8 +641,6 @@ class _HealthUser:
 
 
 def _noBackend(route):
-    from casd.failures import BackendUnavailable
-
     return BackendUnavailable(f"no healthy member of {route.group or 'the route'}")
 
 
