@@ -63,6 +63,9 @@ enabled = true
 [[http.listen]]
 endpoint = "tcp:{https}:interface=127.0.0.1"
 tls = "implicit"
+[[http.listen]]
+endpoint = "tcp:{plain}:interface=127.0.0.1"
+tls = "none"
 
 [autodiscover]
 imap_port = 993
@@ -148,6 +151,11 @@ print(json.dumps({
 """
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
 class AutodiscoverClientsTests(TestCase):
     timeout = 120
 
@@ -165,7 +173,10 @@ class AutodiscoverClientsTests(TestCase):
                 + ":address=alice@example.com aliases=a.smith@example.com display_name=Alice_Smith\n"
                 + "bob:" + makeHash("SHA512-CRYPT", b"bob-secret") + ":address=bob@example.com\n"
             )
-        text = CONFIG.format(cert=cert, key=key, imap=freePort(), submission=freePort(), https=self.port)
+        self.plain = freePort()
+        text = CONFIG.format(
+            cert=cert, key=key, imap=freePort(), submission=freePort(), https=self.port, plain=self.plain
+        )
         self.node = CASNode(self.directory, text).start()
         self.addCleanup(self.node.stop)
         self.base = f"https://127.0.0.1:{self.port}"
@@ -296,6 +307,31 @@ class AutodiscoverClientsTests(TestCase):
         self.assertIn(b"<port>993</port>", body)
         self.assertIn(b"<displayName>Example Mail</displayName>", body)
         self.assertNotIn(b"anyone", body)
+
+    @defer.inlineCallbacks
+    def test_plainHTTP(self):
+        """
+        Thunderbird's answer is served over plain HTTP too (it holds nothing secret, and the same
+        settings as over HTTPS); the authenticated endpoints are only redirected to https.
+        """
+
+        def get(path, data=None):
+            request = urllib.request.Request(f"http://127.0.0.1:{self.plain}{path}", data=data)
+            opener = urllib.request.build_opener(NoRedirect)
+            try:
+                with opener.open(request, timeout=30) as r:
+                    return r.status, dict(r.headers), r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, dict(e.headers), e.read()
+
+        status, _, plain = yield threads.deferToThread(get, "/mail/config-v1.1.xml?emailaddress=a%40example.com")
+        self.assertEqual(status, 200)
+        _, _, secure = yield self.fetch("/mail/config-v1.1.xml?emailaddress=a%40example.com")
+        self.assertEqual(plain, secure)
+        for path in ("/autodiscover/autodiscover.xml", "/mobileconfig"):
+            status, headers, _ = yield threads.deferToThread(get, path, b"<x/>" if "xml" in path else None)
+            self.assertEqual(status, 301, path)
+            self.assertTrue(headers["Location"].startswith("https://"), headers)
 
     @defer.inlineCallbacks
     def test_signedProfile(self):
