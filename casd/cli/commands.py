@@ -8,6 +8,7 @@ The C{casd} command: operator tools beside C{twistd cas}.
     casd locate -c FILE USER [--check]       print the route casd would take for USER, and why
     casd test-connectivity -c FILE USER      the whole path of USER's login, step by step, timed
     casd drain [--pidfile F]                 drain a running node (SIGUSR1)
+    casd dns-records -c FILE DOMAIN          print the DNS records to publish for DOMAIN
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def buildParser() -> argparse.ArgumentParser:
     p = sub.add_parser("drain", help="drain a running node (SIGUSR1): its health check fails, sessions go on")
     p.add_argument("--pidfile", default="twistd.pid", help="the node's pid file (default twistd.pid)")
     p.set_defaults(func=drainNode)
+    from casd.cli.dnsrecords import addDNSRecordsCommand
+    addDNSRecordsCommand(sub)
     # Further commands register here, one function each (see e.g. casd locate).
     return parser
 

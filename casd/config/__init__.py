@@ -19,6 +19,13 @@ from attrs import field, frozen
 from twisted.internet.endpoints import serverFromString
 from twisted.python.filepath import FilePath
 from twisted.internet.testing import MemoryReactor
+from casd.config.clientsettings import (
+    AUTODISCOVER_SETTINGS,
+    DOMAIN_SETTINGS,
+    AutodiscoverConfig,
+    defaultAutodiscoverConfig,
+    readAutodiscover,
+)
 from casd.config.settings import (  # re-exported: importers use casd.config
     AUTH_SETTINGS,
     BACKEND_PROTOCOL_SETTINGS,
@@ -182,6 +189,8 @@ class CASConfig:
     admin: Values = field(factory=lambda: Values({s.key: s.default for s in ADMIN_SETTINGS}))
     #: The C{[log]} section.
     log: Values = field(factory=lambda: Values({s.key: s.default for s in LOG_SETTINGS}))
+    #: The C{[autodiscover]} section (L{casd.config.clientsettings}).
+    autodiscover: AutodiscoverConfig = field(factory=defaultAutodiscoverConfig)
 
     @property
     def hostname(self) -> str:
@@ -428,6 +437,7 @@ def _readTLS(path, data, base) -> TLSConfig:
 TOP_LEVEL = (
     "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo",
     "admin", "log",
+    "autodiscover",
 )
 
 
@@ -490,6 +500,7 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
     if admin.tls == "implicit" and not tls.enabled:
         raise ConfigError(path, "admin.tls", "expected [tls] certificate and key for an HTTPS admin listener")
     logSection = readSection(path, "log", data.get("log", {}), LOG_SETTINGS, base)
+    autodiscover = readAutodiscover(path, data, base)
     for section in sections.values():
         for listener in section.listeners:
             if listener.wrapTLS and not tls.enabled:
@@ -516,6 +527,7 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
         ldap=ldap,
         admin=admin,
         log=logSection,
+        autodiscover=autodiscover,
     )
 
 
@@ -559,4 +571,6 @@ def allSettings() -> dict[str, tuple[Setting, ...]]:
         "demo": DEMO_SETTINGS,
         "admin": ADMIN_SETTINGS,
         "log": LOG_SETTINGS,
+        "autodiscover": AUTODISCOVER_SETTINGS,
+        "autodiscover.domains.NAME": DOMAIN_SETTINGS,
     }

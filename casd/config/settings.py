@@ -41,11 +41,13 @@ class Setting:
 
     @ivar key: the TOML key.
     @ivar kind: one of C{str}, C{int}, C{float}, C{bool}, C{strlist}, C{path}, C{choice},
-        C{networks}.
+        C{networks}, C{tables} (an array of tables C{[[section.key]]}, each validated against
+        C{schema}; the value is a C{tuple} of L{Values}).
     @ivar default: the value when the key is absent.
     @ivar doc: one sentence for the configuration reference.
     @ivar choices: for C{choice}, the allowed values.
     @ivar minimum: for numbers, the smallest allowed value.
+    @ivar schema: for C{tables}, the L{Setting}s of each table.
     """
 
     key: str
@@ -54,6 +56,7 @@ class Setting:
     doc: str
     choices: tuple = ()
     minimum: float | None = None
+    schema: tuple = ()
 
 
 class Values:
@@ -126,6 +129,12 @@ def _check(path: str, where: str, setting: Setting, value: Any, base: FilePath) 
             return tuple(ipaddress.ip_network(v, strict=False) for v in value)
         except ValueError as e:
             raise bad(f"networks such as \"10.0.0.0/8\" ({e})") from None
+    if kind == "tables":
+        if not isinstance(value, list):
+            raise bad(f"an array of tables [[{where}]]")
+        return tuple(
+            readSection(path, f"{where}[{i}]", item, setting.schema, base) for i, item in enumerate(value)
+        )
     raise AssertionError(f"unknown setting kind {kind!r}")
 
 
@@ -655,6 +664,7 @@ DEMO_SETTINGS = (
     ),
     Setting("imap_port", "int", 11143, "Loopback port of the demo IMAP backend.", minimum=0),
     Setting("pop3_port", "int", 11110, "Loopback port of the demo POP3 backend.", minimum=0),
+    Setting("http_port", "int", 11080, "Loopback port of the demo web backend.", minimum=0),
 )
 
 

@@ -19,3 +19,4 @@ smtp = LazyProtocol("smtp", "SMTP front end on port 25", "protocols.smtpmx.smtp"
 submission = LazyProtocol("submission", "SMTP submission on 587/465", "protocols.submission.submission")
 pop3 = LazyProtocol("pop3", "POP3 proxy", "protocols.pop3.pop3")
 managesieve = LazyProtocol("managesieve", "ManageSieve proxy", "protocols.managesieve.managesieve")
+http = LazyProtocol("http", "HTTP front end: vdirs proxied per user", "protocols.http.http")
