@@ -410,6 +410,7 @@ class IMAPProtocol:
     description = "IMAP4rev1 (RFC 3501) proxy: pre-login in casd, then relayed to the mailbox server"
     defaultListeners = ({"endpoint": "tcp:143", "tls": "starttls"},)
     defaultBackendPort = 143
+    alpnProtocols = ("imap",)
     defaultBackendTLS = "starttls"
     healthProbe = HealthProbe(expect=b"* OK", quit=b"h LOGOUT\r\n")
     settings = (

@@ -358,6 +358,7 @@ class ManageSieveProtocol:
     )
     defaultListeners = ({"endpoint": "tcp:4190", "tls": "starttls"},)
     defaultBackendPort = 4190
+    alpnProtocols = ("managesieve",)
     defaultBackendTLS = "starttls"
     # The greeting opens with a capability line (a string); a busy server says BYE instead.
     healthProbe = HealthProbe(expect=b'"', quit=b"LOGOUT\r\n")

@@ -320,6 +320,7 @@ class POP3Protocol:
         {"endpoint": "tcp:995", "tls": "implicit"},
     )
     defaultBackendPort = 110
+    alpnProtocols = ("pop3",)
     defaultBackendTLS = "starttls"
     healthProbe = HealthProbe(expect=b"+OK", quit=b"QUIT\r\n")
     settings = (

@@ -884,6 +884,7 @@ class SMTPProtocol:
         (filtered, routed by recipient).
     """
 
+    alpnProtocols = ("smtp",)
     defaultBackendTLS = "starttls"
     healthProbe = HealthProbe(expect=b"220", quit=b"QUIT\r\n")
 

@@ -58,6 +58,17 @@ class ListenerConfig:
     tls: str
     trusted: bool
     wrapTLS: bool
+    #: On a C{haproxy:} endpoint, the networks whose PROXY header is believed.
+    proxyTrusted: tuple = ()
+    #: C{"close"} or C{"ignore"}: what a C{haproxy:} endpoint does with a peer outside them.
+    proxyUntrusted: str = "close"
+
+    @property
+    def proxyProtocol(self) -> bool:
+        """
+        Whether the endpoint reads a PROXY header (C{haproxy:}).
+        """
+        return self.endpoint.startswith("haproxy:")
 
 
 @frozen
@@ -213,6 +224,16 @@ def _readListeners(path, prefix, table, protocol, base) -> tuple[ListenerConfig,
         kind = v.endpoint.split(":", 1)[0]
         if kind == "haproxy":
             kind = v.endpoint.split(":", 2)[1]
+            if not v.proxy_trusted:
+                # No default that believes everyone: a forged header would make anyone trusted.
+                raise ConfigError(
+                    path,
+                    f"{where}.proxy_trusted",
+                    "a haproxy: listener needs the networks of its load balancers (e.g."
+                    " [\"10.0.0.0/24\"]), whose PROXY headers alone are believed",
+                )
+        elif v.proxy_trusted:
+            raise ConfigError(path, f"{where}.proxy_trusted", "expected only on a haproxy: endpoint")
         implicitByEndpoint = kind == "ssl"
         tls = "implicit" if implicitByEndpoint else v.tls
         listeners.append(
@@ -222,6 +243,8 @@ def _readListeners(path, prefix, table, protocol, base) -> tuple[ListenerConfig,
                 tls=tls,
                 trusted=v.trusted,
                 wrapTLS=(tls == "implicit" and not implicitByEndpoint),
+                proxyTrusted=v.proxy_trusted,
+                proxyUntrusted=v.proxy_untrusted,
             )
         )
     return tuple(listeners)
@@ -402,6 +425,9 @@ def _readTLS(path, data, base) -> TLSConfig:
         raise ConfigError(path, "tls", "expected both certificate and key, or neither")
     sni = []
     raw = table.get("sni", [])
+    if isinstance(raw, dict):
+        # [tls.sni] written as one table (as the docs once showed): the same as one [[tls.sni]].
+        raw = [raw]
     if not isinstance(raw, list):
         raise ConfigError(path, "tls.sni", "expected an array of tables [[tls.sni]]")
     for i, item in enumerate(raw):

@@ -627,6 +627,20 @@ LISTENER_SETTINGS = (
         False,
         "Treat every client of this listener as trusted (plaintext login allowed).",
     ),
+    Setting(
+        "proxy_trusted",
+        "networks",
+        (),
+        "On a haproxy: endpoint (required there): the load balancers whose PROXY header is believed.",
+    ),
+    Setting(
+        "proxy_untrusted",
+        "choice",
+        "close",
+        "On a haproxy: endpoint, a peer outside C{proxy_trusted}: close, or ignore (header read, the"
+        " peer's own address used).",
+        choices=("close", "ignore"),
+    ),
 )
 
 DEMO_SETTINGS = (

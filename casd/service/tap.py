@@ -157,20 +157,27 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
         for listener in section.listeners:
             factory = descriptor.buildFactory(context, section, listener)
             if listener.wrapTLS:
-                factory = TLSMemoryBIOFactory(context.serverTLS.options, False, factory)
+                # The protocol's own contexts: its ALPN ids, its session id context.
+                factory = TLSMemoryBIOFactory(context.serverTLS.optionsFor(descriptor), False, factory)
             listenReactor = adopted[listener.name] if adopted is not None else reactor
-            endpoint, factory = listenerEndpoint(listenReactor, listener.endpoint, factory)
+            endpoint, factory = listenerEndpoint(listenReactor, listener, factory)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
             svc.setName(listener.name)
             svc.setServiceParent(top)
             log.info(
-                "{protocol} listener {name} on {endpoint} (tls={tls}, trusted={trusted})",
+                "{protocol} listener {name} on {endpoint} (tls={tls}, trusted={trusted}{proxy})",
                 protocol=name,
                 name=listener.name,
                 endpoint=listener.endpoint,
                 tls=listener.tls,
                 trusted=listener.trusted,
+                proxy=(
+                    f", PROXY from {', '.join(map(str, listener.proxyTrusted))},"
+                    f" others: {listener.proxyUntrusted}"
+                    if listener.proxyProtocol
+                    else ""
+                ),
             )
     return top
 

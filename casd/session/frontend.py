@@ -326,7 +326,7 @@ class FrontendProtocol(Protocol):
         self._buffer = b""
         self._raw = 0
         self._sasl = self._saslToken = None
-        self.transport.startTLS(self.context.serverTLS.options)
+        self.transport.startTLS(self.context.serverTLS.optionsFor(self.descriptor))
         self.client = self.client.withTLS()
 
     # -- SASL: one driver for every protocol; each frames challenges and responses its way ----
