@@ -86,7 +86,9 @@ def alpnSelector(acceptable: tuple[bytes, ...]):
                 return name
         if not acceptable:
             return SSL.NO_OVERLAPPING_PROTOCOLS
-        raise ALPNRefused(f"no_application_protocol: offered {offered!r}, expected {acceptable!r}")
+        # The shape of OpenSSL's own errors (a list of (library, function, reason)), which
+        # Twisted's TLS layer reads when the handshake fails.
+        raise ALPNRefused([("SSL routines", "", f"no application protocol (offered {offered!r})")])
 
     return select
 
