@@ -14,8 +14,9 @@ contexts (L{ServerTLS.optionsFor}):
     ALPN support does.
   - Resumption: TLS 1.2 session ids (a per-process cache) and tickets, TLS 1.3 tickets.  The
     session id context is the protocol's name, so a session made on an IMAP port never resumes
-    on a POP3 port.  Ticket keys are OpenSSL's, made at random per context: resumption works
-    within one casd process.
+    on a POP3 port.  With C{[tls] ticket_keys}, tickets are encrypted with the key file's keys
+    (L{casd.ticketkeys}), so any worker of any node given the same file resumes them; without
+    it, OpenSSL makes random keys per context and resumption works within one process.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
+from twisted.logger import Logger
+
 from casd.config import ConfigError, TLSConfig
+from casd.ticketkeys import TicketKeyError, TicketKeyring, readKeyFile
+
+log = Logger()
 
 
 def _loadChain(path: str, keyPath: str):
@@ -100,9 +106,12 @@ class _ServerOptions(CertificateOptions):
     ALPN policy, the groups and no renegotiation.
     """
 
-    def __init__(self, *args, alpn: tuple[bytes, ...] = (), sessionContext: bytes = b"casd", **kwargs):
+    def __init__(
+        self, *args, alpn: tuple[bytes, ...] = (), sessionContext: bytes = b"casd", keyring=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self._alpn = alpn
+        self._keyring = keyring
         self._sessionContext = sessionContext[:32]
         self._options |= SSL.OP_NO_RENEGOTIATION
 
@@ -114,6 +123,8 @@ class _ServerOptions(CertificateOptions):
 
         if not lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS):
             raise SSL.Error("cannot set the key exchange groups")
+        if self._keyring is not None:
+            self._keyring.install(ctx)
         return ctx
 
 
@@ -138,6 +149,7 @@ class ServerTLS:
         self.config = config
         self.path = path
         self.options = None
+        self.keyring = None
         self._byProtocol: dict = {}
         self._chains: dict = {}
         if not config.enabled:
@@ -147,7 +159,35 @@ class ServerTLS:
                 self._chains[entry.certificate, entry.key] = _loadChain(entry.certificate, entry.key)
         except (ValueError, SSL.Error, OSError) as e:
             raise ConfigError(path, "tls", f"expected a usable certificate and key ({e})") from None
+        self.keyring = self._keyring(config.ticketKeys, path)
         self.options = self._build((), b"casd")
+
+    @staticmethod
+    def _keyring(keyFile: str, path: str):
+        """
+        @return: the L{TicketKeyring} of C{[tls] ticket_keys}, or C{None} (not configured, or
+            OpenSSL's ticket callback unreachable: logged).
+        """
+        if not keyFile:
+            return None
+        try:
+            keys = readKeyFile(keyFile)
+        except TicketKeyError as e:
+            raise ConfigError(path, "tls.ticket_keys", f"{keyFile}: {e}") from None
+        try:
+            keyring = TicketKeyring(keys)
+        except TicketKeyError as e:
+            log.error(
+                "tls.ticket_keys: {reason}; TLS sessions resume only within each process",
+                reason=str(e),
+            )
+            return None
+        log.info(
+            "TLS session tickets: {count} shared key(s) from {file}, the first encrypting",
+            count=len(keys),
+            file=keyFile,
+        )
+        return keyring
 
     def _build(self, alpn: tuple[bytes, ...], sessionContext: bytes):
         try:
@@ -182,6 +222,7 @@ class ServerTLS:
             enableSessionTickets=True,
             alpn=alpn,
             sessionContext=sessionContext,
+            keyring=self.keyring,
             **extra,
         )
 

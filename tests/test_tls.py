@@ -375,3 +375,68 @@ class PluginWithoutALPNTests(TestCase):
 
         greeting, selected = yield threads.deferToThread(connect)
         self.assertEqual((greeting, selected), (b"hello\r\n", None))
+
+
+class TicketKeyFileTests(SynchronousTestCase):
+    """
+    The C{[tls] ticket_keys} file: one 80-byte key a line in hex, first encrypting; bad files
+    are one configuration error line that quotes no key.
+    """
+
+    def write(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_keys(self):
+        from casd.ticketkeys import readKeyFile
+
+        first, second = os.urandom(80), os.urandom(80)
+        keys = readKeyFile(self.write(f"# rotated 2026-12-01\n{first.hex()}\n\n{second.hex().upper()}\n"))
+        self.assertEqual([(k.name, k.hmac, k.aes) for k in keys],
+                         [(first[:16], first[16:48], first[48:]), (second[:16], second[16:48], second[48:])])
+        self.assertNotIn(first[:16].hex(), repr(keys[0]))
+
+    def test_badFiles(self):
+        from casd.ticketkeys import TicketKeyError, readKeyFile
+
+        secret = os.urandom(40).hex()
+        for text, fragment in [
+            ("", "at least one key"),
+            (secret + "\n", "line 1: expected 160 hexadecimal digits"),
+            ("zz" * 80 + "\n", "line 1: expected 160"),
+            (("ab" * 80 + "\n") * 2, "same name"),
+        ]:
+            e = self.assertRaises(TicketKeyError, readKeyFile, self.write(text))
+            self.assertIn(fragment, str(e))
+            self.assertNotIn(secret, str(e))
+        self.assertRaises(TicketKeyError, readKeyFile, self.mktemp())
+
+    def test_configurationError(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        ca = CertificateAuthority.create(directory)
+        cert, key = ca.issue(["mail.example.com"], "server")
+        secret = os.urandom(40).hex()
+        keys = self.write(secret + "\n")
+        config = parseConfig(
+            f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\nticket_keys = "{keys}"\n', "casd.toml", []
+        )
+        from casd.config import ConfigError
+
+        e = self.assertRaises(ConfigError, ServerTLS, config.tls, "casd.toml")
+        self.assertEqual(e.key, "tls.ticket_keys")
+        self.assertNotIn(secret, str(e))
+        self.assertNotIn("\n", str(e))
+
+    def test_reachable(self):
+        """
+        On the platforms casd supports (x86-64 and arm64 Linux wheels of cryptography, which
+        keep their symbol tables), the ticket key callback is reachable: this fails loudly when
+        a cryptography release changes that, rather than leaving resumption silently
+        per-process.
+        """
+        from casd.ticketkeys import installable
+
+        self.assertIsNone(installable())

@@ -159,6 +159,8 @@ class TLSConfig:
     key: str
     minimumVersion: str
     sni: tuple[SNICertificate, ...]
+    #: The session-ticket key file, or C{""}.
+    ticketKeys: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -442,7 +444,8 @@ def _readTLS(path, data, base) -> TLSConfig:
         sni.append(SNICertificate(tuple(n.lower() for n in s.names), s.certificate, s.key))
     if sni and not v.certificate:
         raise ConfigError(path, "tls.certificate", "expected a default certificate beside [[tls.sni]]")
-    return TLSConfig(v.certificate, v.key, v.minimum_version, tuple(sni))
+    _requireFile(path, "tls.ticket_keys", v.ticket_keys, "ticket key file")
+    return TLSConfig(v.certificate, v.key, v.minimum_version, tuple(sni), v.ticket_keys)
 
 
 TOP_LEVEL = (

@@ -182,6 +182,13 @@ TLS_SETTINGS = (
         "Oldest TLS version accepted from clients.",
         choices=("TLSv1.2", "TLSv1.3"),
     ),
+    Setting(
+        "ticket_keys",
+        "path",
+        "",
+        "Session-ticket key file shared by every worker and node, first key encrypting (see"
+        " docs/operations.md); empty: resumption within one process only.",
+    ),
 )
 
 SNI_SETTINGS = (
