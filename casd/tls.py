@@ -34,7 +34,15 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
+from zope.interface import implementer
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from casd.config import ConfigError, TLSConfig
 from casd.ticketkeys import TicketKeyError, TicketKeyring, readKeyFile
@@ -246,6 +254,73 @@ class ServerTLS:
         return self.options is not None
 
 
+class BackendCertificateError(Exception):
+    """
+    A backend's certificate was not accepted; C{str()} says why, in one line.
+    """
+
+
+def _x509Reason(errno: int) -> str:
+    from OpenSSL._util import ffi, lib
+
+    return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+
+
+def _identityReason(e: Exception, name: str) -> str:
+    if isinstance(e, VerificationError):
+        return f"TLS certificate refused: not valid for {name!r}"
+    # service_identity.CertificateError: the certificate names nothing checkable.
+    return f"TLS certificate refused: not usable for {name!r} ({e})"
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _BackendTLSOptions:
+    """
+    Twisted's client TLS options with casd's own certificate check: chain (OpenSSL) and name
+    (service_identity), every failure becoming one L{BackendCertificateError} that ends the
+    connection, so the backend dialogue logs one warning naming the backend and the reason.
+
+    Twisted's own check logs a certificate without a usable subjectAltName as a critical
+    traceback (C{service_identity}'s C{CertificateError} is not a C{VerificationError}) and
+    then lets the handshake go on: such a certificate, issued by a trusted CA for any other
+    name, would be accepted.  Here it is refused.
+    """
+
+    def __init__(self, name: str, trustRoot) -> None:
+        self._name = name
+        self._options = optionsForClientTLS(name, trustRoot=trustRoot)
+        if isIPAddress(name) or isIPv6Address(name):
+            self._id = IPAddress_ID(name)
+        else:
+            self._id = DNS_ID(name)
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(tlsProtocol))
+        return connection
+
+    def _verifier(self, tlsProtocol):
+        protocol = [tlsProtocol]
+
+        def verify(connection, certificate, errno, depth, ok) -> bool:
+            if not protocol:
+                return False  # failed already
+            reason = None
+            if not ok:
+                reason = f"TLS certificate refused: not trusted ({_x509Reason(errno)}, depth {depth})"
+            elif depth == 0:
+                try:
+                    verify_service_identity(extract_patterns(certificate), [self._id], [])
+                except (VerificationError, CertificateError) as e:
+                    reason = _identityReason(e, self._name)
+            if reason is None:
+                return True
+            protocol.pop().failVerification(Failure(BackendCertificateError(reason)))
+            return False
+
+        return verify
+
+
 class ClientTLS:
     """
     The TLS client options towards backends, one per verified name, cached.
@@ -270,6 +345,5 @@ class ClientTLS:
         """
         options = self._cache.get(name)
         if options is None:
-            options = self._cache[name] = optionsForClientTLS(name, trustRoot=self.trustRoot)
+            options = self._cache[name] = _BackendTLSOptions(name, self.trustRoot)
         return options
-

@@ -440,3 +440,112 @@ class TicketKeyFileTests(SynchronousTestCase):
         from casd.ticketkeys import installable
 
         self.assertIsNone(installable())
+
+
+class _Backend(Protocol):
+    def connectionMade(self):
+        self.transport.write(b"* OK backend\r\n")
+
+
+class _Recorder(Protocol):
+    def __init__(self, done):
+        self.done = done
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.done.callback((self.received, reason))
+
+
+class BackendCertificateTests(TestCase):
+    """
+    casd's client TLS towards backends refuses a certificate without a usable subjectAltName,
+    even one issued by a trusted CA: Twisted's own check logs it as a critical traceback and lets
+    the handshake go on (so a certificate for any other name would be accepted).
+    """
+
+    def backendWith(self, sans, commonName="mbx.test"):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+        from twisted.internet import reactor
+        from twisted.internet.ssl import PrivateCertificate
+
+        directory = os.path.abspath(self.mktemp())
+        self.ca = CertificateAuthority.create(directory)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)]))
+            .issuer_name(self.ca.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=5))
+        )
+        if sans:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False
+            )
+        cert = builder.sign(self.ca._key, hashes.SHA256())
+        pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        options = PrivateCertificate.loadPEM(pem).options()
+        port = reactor.listenSSL(0, Factory.forProtocol(_Backend), options, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def connect(self, port, name):
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from casd.tls import ClientTLS
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        done = defer.Deferred()
+        endpoint = wrapClientTLS(
+            ClientTLS(self.ca.caPath).optionsFor(name), TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        )
+        yield endpoint.connect(Factory.forProtocol(lambda: _Recorder(done)))
+        received, reason = yield done
+        loud = [e for e in events if e.get("log_level") >= LogLevel.error or e.get("log_failure")]
+        return received, reason, loud
+
+    @defer.inlineCallbacks
+    def test_noSubjectAltNameRefused(self):
+        from casd.tls import BackendCertificateError
+
+        port = self.backendWith([], commonName="mbx.test")
+        received, reason, loud = yield self.connect(port, "mbx.test")
+        self.assertEqual(received, b"")
+        self.assertTrue(reason.check(BackendCertificateError))
+        self.assertIn("not usable for 'mbx.test'", reason.getErrorMessage())
+        self.assertEqual(loud, [])
+
+    @defer.inlineCallbacks
+    def test_goodCertificateAccepted(self):
+        port = self.backendWith(["mbx.test"])
+        received, reason, loud = yield self.connect(port, "mbx.test")
+        self.assertEqual((received, loud), (b"* OK backend\r\n", []))
+
+    @defer.inlineCallbacks
+    def test_wrongNameRefused(self):
+        from casd.tls import BackendCertificateError
+
+        port = self.backendWith(["other.test"])
+        received, reason, loud = yield self.connect(port, "mbx.test")
+        self.assertEqual(received, b"")
+        self.assertTrue(reason.check(BackendCertificateError))
+        self.assertEqual(loud, [])
