@@ -121,7 +121,11 @@ class _ServerOptions(CertificateOptions):
         self._alpn = alpn
         self._keyring = keyring
         self._sessionContext = sessionContext[:32]
-        self._options |= SSL.OP_NO_RENEGOTIATION
+        # No client-initiated renegotiation.  An EOF without close_notify (clients that just
+        # close, as most do) is an end, not a fatal error: OpenSSL would otherwise drop the
+        # session from its cache and TLS 1.2 session ids would never resume (nginx does the
+        # same; the mail protocols frame their own data, so truncation is not a concern).
+        self._options |= SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
 
     def _makeContext(self, *args, **kwargs) -> SSL.Context:
         ctx = super()._makeContext(*args, **kwargs)
