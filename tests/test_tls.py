@@ -432,10 +432,9 @@ class TicketKeyFileTests(SynchronousTestCase):
 
     def test_reachable(self):
         """
-        On the platforms casd supports (x86-64 and arm64 Linux wheels of cryptography, which
-        keep their symbol tables), the ticket key callback is reachable: this fails loudly when
-        a cryptography release changes that, rather than leaving resumption silently
-        per-process.
+        With the cryptography wheels casd is tested on (x86-64 Linux, whose extension module
+        keeps its symbol table), the ticket key callback is reachable: this fails loudly when a
+        cryptography release changes that, rather than leaving resumption silently per-process.
         """
         from casd.ticketkeys import installable
 

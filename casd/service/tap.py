@@ -161,6 +161,13 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
                 factory = TLSMemoryBIOFactory(context.serverTLS.optionsFor(descriptor), False, factory)
             listenReactor = adopted[listener.name] if adopted is not None else reactor
             endpoint, factory = listenerEndpoint(listenReactor, listener, factory)
+            if listener.tls == "implicit" and not listener.wrapTLS:
+                log.warn(
+                    "listener {name}: an ssl: endpoint is Twisted's own TLS (its own certificate"
+                    " arguments, no ALPN policy, no shared ticket keys); use tcp: with tls ="
+                    " \"implicit\"",
+                    name=listener.name,
+                )
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
             svc.setName(listener.name)
