@@ -420,12 +420,15 @@ class TicketKeyFileTests(SynchronousTestCase):
         cert, key = ca.issue(["mail.example.com"], "server")
         secret = os.urandom(40).hex()
         keys = self.write(secret + "\n")
-        config = parseConfig(
-            f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\nticket_keys = "{keys}"\n', "casd.toml", []
-        )
         from casd.config import ConfigError
 
-        e = self.assertRaises(ConfigError, ServerTLS, config.tls, "casd.toml")
+        e = self.assertRaises(
+            ConfigError,
+            parseConfig,
+            f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\nticket_keys = "{keys}"\n',
+            "casd.toml",
+            [],
+        )
         self.assertEqual(e.key, "tls.ticket_keys")
         self.assertNotIn(secret, str(e))
         self.assertNotIn("\n", str(e))

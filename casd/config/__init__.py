@@ -445,6 +445,13 @@ def _readTLS(path, data, base) -> TLSConfig:
     if sni and not v.certificate:
         raise ConfigError(path, "tls.certificate", "expected a default certificate beside [[tls.sni]]")
     _requireFile(path, "tls.ticket_keys", v.ticket_keys, "ticket key file")
+    if v.ticket_keys:
+        from casd.ticketkeys import TicketKeyError, readKeyFile
+
+        try:
+            readKeyFile(v.ticket_keys)
+        except TicketKeyError as e:
+            raise ConfigError(path, "tls.ticket_keys", f"{v.ticket_keys}: {e}") from None
     return TLSConfig(v.certificate, v.key, v.minimum_version, tuple(sni), v.ticket_keys)
 
 
