@@ -551,3 +551,56 @@ class BackendCertificateTests(TestCase):
         self.assertEqual(received, b"")
         self.assertTrue(reason.check(BackendCertificateError))
         self.assertEqual(loud, [])
+
+
+class SNITests(TestCase):
+    """
+    A client asking for a C{[[tls.sni]]} name gets that certificate, under the same ALPN rule
+    and resumption as the default one.
+    """
+
+    def setUp(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "node"))
+        self.ca = CertificateAuthority.create(directory)
+        cert, key = self.ca.issue(["mail.example.com"], "default")
+        otherCert, otherKey = self.ca.issue(["mail.example.org"], "other")
+        with open(os.path.join(directory, "node", "users"), "w") as f:
+            f.write("alice:{PLAIN}pw\n")
+        self.port = freePort()
+        config = (
+            f'[auth]\nusers_file = "users"\n[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+            f'[[tls.sni]]\nnames = ["mail.example.org"]\ncertificate = "{otherCert}"\nkey = "{otherKey}"\n'
+            '[routing]\ndefault_backend = "mbx"\n[backends.mbx]\nhost = "127.0.0.1"\n'
+            "[health]\nenabled = false\n"
+            f'[[imap.listen]]\nendpoint = "tcp:{self.port}:interface=127.0.0.1"\ntls = "implicit"\n'
+        )
+        self.node = CASNode(os.path.join(directory, "node"), config).start()
+        self.addCleanup(self.node.stop)
+
+    def connect(self, context, name, session=None):
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        with context.wrap_socket(raw, server_hostname=name, session=session) as tls:
+            tls.recv(100)
+            subject = dict(x[0] for x in tls.getpeercert()["subject"])["commonName"]
+            return tls.selected_alpn_protocol(), tls.session_reused, tls.session, subject
+
+    @defer.inlineCallbacks
+    def test_sniName(self):
+        def scenario():
+            context = ssl.create_default_context(cafile=self.ca.caPath)
+            context.set_alpn_protocols(["imap"])
+            first = self.connect(context, "mail.example.org")
+            second = self.connect(context, "mail.example.org", first[2])
+            refusing = ssl.create_default_context(cafile=self.ca.caPath)
+            refusing.set_alpn_protocols(["http/1.1"])
+            try:
+                self.connect(refusing, "mail.example.org")
+                refused = None
+            except ssl.SSLError as e:
+                refused = str(e)
+            return first[0], first[3], second[1], refused
+
+        selected, subject, reused, refused = yield threads.deferToThread(scenario)
+        self.assertEqual((selected, subject, reused), ("imap", "mail.example.org", True))
+        self.assertIn("no application protocol", refused.lower())
