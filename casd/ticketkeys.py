@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tls,tests.integration.test_tls_tickets -*-
 """
 TLS session-ticket keys shared by every casd process: a key file read at start, installed in each
 server context through OpenSSL's ticket key callback.

@@ -1,7 +1,7 @@
 """
 TLS contexts: the server side (certificates, SNI, ALPN, session resumption) and the client side
-towards backends (verified with service_identity through L{optionsForClientTLS}).  Contexts are
-built once and shared.
+towards backends (chain and name verified, with service_identity, every refusal one clear
+reason: L{ClientTLS}).  Contexts are built once and shared.
 
 Server contexts follow Mozilla's "intermediate" profile: TLS 1.2 and 1.3 only, forward-secret
 AEAD suites, the X25519, P-256 and P-384 groups, no renegotiation.  Each protocol gets its own
@@ -22,7 +22,14 @@ contexts (L{ServerTLS.optionsFor}):
 from __future__ import annotations
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
+from zope.interface import implementer
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -33,14 +40,6 @@ from twisted.internet.ssl import (
     platformTrust,
     trustRootFromCertificates,
 )
-
-from service_identity import CertificateError, VerificationError
-from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
-from service_identity.pyopenssl import extract_patterns
-from zope.interface import implementer
-
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -124,16 +123,16 @@ class _ServerOptions(CertificateOptions):
         # No client-initiated renegotiation.  An EOF without close_notify (clients that just
         # close, as most do) is an end, not a fatal error: OpenSSL would otherwise drop the
         # session from its cache and TLS 1.2 session ids would never resume (nginx does the
-        # same; the mail protocols frame their own data, so truncation is not a concern).
+        # same).  The protocols frame their own data (lines, literals, Content-Length, chunks),
+        # so a truncation is seen as an incomplete command, not taken for a whole one.
         self._options |= SSL.OP_NO_RENEGOTIATION | SSL.OP_IGNORE_UNEXPECTED_EOF
 
     def _makeContext(self, *args, **kwargs) -> SSL.Context:
         ctx = super()._makeContext(*args, **kwargs)
         ctx.set_session_id(self._sessionContext)
         ctx.set_alpn_select_callback(alpnSelector(self._alpn))
-        from OpenSSL._util import lib
-
-        if not lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS):
+        # pyOpenSSL has set_tmp_ecdh (one curve) but no groups list: its own binding.
+        if not _lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS):
             raise SSL.Error("cannot set the key exchange groups")
         if self._keyring is not None:
             self._keyring.install(ctx)
@@ -265,9 +264,9 @@ class BackendCertificateError(Exception):
 
 
 def _x509Reason(errno: int) -> str:
-    from OpenSSL._util import ffi, lib
+    from OpenSSL._util import ffi
 
-    return ffi.string(lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
+    return ffi.string(_lib.X509_verify_cert_error_string(errno)).decode("ascii", "replace")
 
 
 def _identityReason(e: Exception, name: str) -> str:
