@@ -604,3 +604,21 @@ class SNITests(TestCase):
         selected, subject, reused, refused = yield threads.deferToThread(scenario)
         self.assertEqual((selected, subject, reused), ("imap", "mail.example.org", True))
         self.assertIn("no application protocol", refused.lower())
+
+
+class SNIConfigTests(SynchronousTestCase):
+    def test_tableAndArray(self):
+        """
+        C{[[tls.sni]]} (an array of tables, as documented) and a single C{[tls.sni]} table (as
+        the documentation once showed) both give one SNI certificate.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        ca = CertificateAuthority.create(directory)
+        cert, key = ca.issue(["mail.example.com"], "default")
+        other, otherKey = ca.issue(["mail.example.org"], "other")
+        base = f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+        entry = f'names = ["Mail.Example.org"]\ncertificate = "{other}"\nkey = "{otherKey}"\n'
+        for header in ("[[tls.sni]]", "[tls.sni]"):
+            config = parseConfig(base + header + "\n" + entry, "casd.toml", [])
+            self.assertEqual([s.names for s in config.tls.sni], [("mail.example.org",)], header)
