@@ -128,7 +128,7 @@ class SieveStartTLSRelay(Factory):
 
 
 class TLSScanTests(TestCase):
-    timeout = 120
+    timeout = 240
 
     def setUp(self):
         if not os.path.exists(SCANNER):
@@ -171,7 +171,7 @@ class TLSScanTests(TestCase):
         done = subprocess.run(
             [SCANNER, os.path.join(ROOT, "tests", "support", "tlsscan.py"), request],
             capture_output=True,
-            timeout=100,
+            timeout=200,
         )
         if done.returncode != 0:
             raise AssertionError(done.stderr.decode("utf-8", "replace")[-3000:])
