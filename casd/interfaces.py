@@ -20,6 +20,15 @@ class ICASProtocol(Interface):
     L{casd.session.dialogue.BackendDialogue}), L{casd.auth.sasl}, L{casd.failures} and the fakes of
     L{casd.testing}; C{docs/writing-a-protocol-plugin.md} lists that surface and builds a plugin
     with it.  It changes only compatibly: a new attribute here gets a default in the core first.
+
+    Optional attributes (read with C{getattr} and a default, so that C{verifyObject} passes for a
+    plugin written before them):
+
+      - C{alpnProtocols}: C{tuple} of C{str}, the protocol's ALPN ids (RFC 7301), preferred
+        first, e.g. C{("imap",)}.  A TLS client offering ALPN ids none of which is here is
+        refused with the C{no_application_protocol} alert (the ALPACA countermeasure); a client
+        without ALPN is served.  Default C{()}: the listener ignores the client's ALPN, as a
+        server without ALPN support does (L{casd.tls.alpnProtocolsOf}).
     """
 
     name = Attribute(

@@ -90,6 +90,9 @@ class ProtocolDescriptor:
     defaultListeners: tuple
     defaultBackendPort: int
     defaultBackendTLS: str = "none"
+    #: The ALPN ids the protocol answers to (e.g. C{("imap",)}); a client offering only others is
+    #: refused (L{casd.tls}); empty: ALPN is ignored.
+    alpnProtocols: tuple = field(default=(), converter=tuple)
     healthProbe: HealthProbe | None = None
     settings: tuple = field(default=(), converter=tuple)
 

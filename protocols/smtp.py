@@ -629,6 +629,7 @@ class SMTPDescriptor(ProtocolDescriptor):
     """
 
     defaultBackendTLS: str = "starttls"
+    alpnProtocols: tuple = ("smtp",)
     healthProbe: HealthProbe | None = HealthProbe(expect=b"220", quit=b"QUIT\r\n")
     _shared: dict = field(factory=dict, init=False, repr=False)
 

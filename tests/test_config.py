@@ -37,6 +37,8 @@ endpoint = "tcp:1143"
 endpoint = "haproxy:tcp:2143"
 trusted = true
 name = "behind-lb"
+proxy_trusted = ["10.0.0.0/24", "2001:db8::/64"]
+proxy_untrusted = "ignore"
 """
 
 
@@ -52,6 +54,32 @@ class ParseTests(SynchronousTestCase):
         self.assertNotIn("\n", str(e))
         return e
 
+    def test_proxyListenerNeedsTrustedSenders(self):
+        """
+        A haproxy: listener without proxy_trusted is refused with one line: no default believes
+        every PROXY header.
+        """
+        self.assertError(
+            '[[imap.listen]]\nendpoint = "haproxy:tcp:2143"\n',
+            "imap.listen[0].proxy_trusted",
+            "haproxy: listener needs the networks of its load balancers",
+        )
+
+    def test_proxyTrustedOnlyOnProxyListener(self):
+        self.assertError(
+            '[[imap.listen]]\nendpoint = "tcp:2143"\nproxy_trusted = ["10.0.0.1"]\n',
+            "imap.listen[0].proxy_trusted",
+            "only on a haproxy: endpoint",
+        )
+
+    def test_proxyUntrustedChoices(self):
+        self.assertError(
+            '[[imap.listen]]\nendpoint = "haproxy:tcp:2143"\nproxy_trusted = ["10.0.0.1"]\n'
+            'proxy_untrusted = "believe"\n',
+            "imap.listen[0].proxy_untrusted",
+            "close",
+        )
+
     def test_good(self):
         c = self.parse(GOOD)
         self.assertEqual(c.hostname, "cas1.example.com")
@@ -61,6 +89,12 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual([l.endpoint for l in imap.listeners], ["tcp:1143", "haproxy:tcp:2143"])
         self.assertEqual(imap.listeners[1].name, "behind-lb")
         self.assertTrue(imap.listeners[1].trusted)
+        self.assertEqual(
+            [str(n) for n in imap.listeners[1].proxyTrusted], ["10.0.0.0/24", "2001:db8::/64"]
+        )
+        self.assertEqual(imap.listeners[1].proxyUntrusted, "ignore")
+        self.assertTrue(imap.listeners[1].proxyProtocol)
+        self.assertFalse(imap.listeners[0].proxyProtocol)
         self.assertEqual(imap.listeners[0].tls, "starttls")
         b = c.backends["mbx1"].protocols["imap"]
         self.assertEqual((b.port, b.tls), (10143, "implicit"))

@@ -67,6 +67,17 @@ class ListenerConfig:
     tls: str
     trusted: bool
     wrapTLS: bool
+    #: On a C{haproxy:} endpoint, the networks whose PROXY header is believed.
+    proxyTrusted: tuple = ()
+    #: C{"close"} or C{"ignore"}: what a C{haproxy:} endpoint does with a peer outside them.
+    proxyUntrusted: str = "close"
+
+    @property
+    def proxyProtocol(self) -> bool:
+        """
+        Whether the endpoint reads a PROXY header (C{haproxy:}).
+        """
+        return self.endpoint.startswith("haproxy:")
 
 
 @frozen
@@ -157,6 +168,8 @@ class TLSConfig:
     key: str
     minimumVersion: str
     sni: tuple[SNICertificate, ...]
+    #: The session-ticket key file, or C{""}.
+    ticketKeys: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -228,6 +241,16 @@ def _readListeners(path, prefix, table, protocol, base) -> tuple[ListenerConfig,
         kind = v.endpoint.split(":", 1)[0]
         if kind == "haproxy":
             kind = v.endpoint.split(":", 2)[1]
+            if not v.proxy_trusted:
+                # No default that believes everyone: a forged header would make anyone trusted.
+                raise ConfigError(
+                    path,
+                    f"{where}.proxy_trusted",
+                    "a haproxy: listener needs the networks of its load balancers (e.g."
+                    " [\"10.0.0.0/24\"]), whose PROXY headers alone are believed",
+                )
+        elif v.proxy_trusted:
+            raise ConfigError(path, f"{where}.proxy_trusted", "expected only on a haproxy: endpoint")
         implicitByEndpoint = kind == "ssl"
         tls = "implicit" if implicitByEndpoint else v.tls
         listeners.append(
@@ -237,6 +260,8 @@ def _readListeners(path, prefix, table, protocol, base) -> tuple[ListenerConfig,
                 tls=tls,
                 trusted=v.trusted,
                 wrapTLS=(tls == "implicit" and not implicitByEndpoint),
+                proxyTrusted=v.proxy_trusted,
+                proxyUntrusted=v.proxy_untrusted,
             )
         )
     return tuple(listeners)
@@ -417,6 +442,9 @@ def _readTLS(path, data, base) -> TLSConfig:
         raise ConfigError(path, "tls", "expected both certificate and key, or neither")
     sni = []
     raw = table.get("sni", [])
+    if isinstance(raw, dict):
+        # [tls.sni] written as one table (as the docs once showed): the same as one [[tls.sni]].
+        raw = [raw]
     if not isinstance(raw, list):
         raise ConfigError(path, "tls.sni", "expected an array of tables [[tls.sni]]")
     for i, item in enumerate(raw):
@@ -431,7 +459,15 @@ def _readTLS(path, data, base) -> TLSConfig:
         sni.append(SNICertificate(tuple(n.lower() for n in s.names), s.certificate, s.key))
     if sni and not v.certificate:
         raise ConfigError(path, "tls.certificate", "expected a default certificate beside [[tls.sni]]")
-    return TLSConfig(v.certificate, v.key, v.minimum_version, tuple(sni))
+    _requireFile(path, "tls.ticket_keys", v.ticket_keys, "ticket key file")
+    if v.ticket_keys:
+        from casd.ticketkeys import TicketKeyError, readKeyFile
+
+        try:
+            readKeyFile(v.ticket_keys)
+        except TicketKeyError as e:
+            raise ConfigError(path, "tls.ticket_keys", f"{v.ticket_keys}: {e}") from None
+    return TLSConfig(v.certificate, v.key, v.minimum_version, tuple(sni), v.ticket_keys)
 
 
 TOP_LEVEL = (

@@ -50,7 +50,8 @@ def configurationReference(protocols=None) -> str:
         protocols = discoverProtocols()
     out = [INTRO]
     for section, settings in allSettings().items():
-        header = f"[{section}]" if not section.endswith("listen") else f"[[{section}]]"
+        # Arrays of tables (one entry each): [[imap.listen]], [[tls.sni]].
+        header = f"[[{section}]]" if section.endswith(("listen", "sni")) else f"[{section}]"
         out.append(f"## `{header}`\n\n")
         out.append(_table(settings) + "\n")
     for name in sorted(protocols):

@@ -208,6 +208,13 @@ TLS_SETTINGS = (
         "Oldest TLS version accepted from clients.",
         choices=("TLSv1.2", "TLSv1.3"),
     ),
+    Setting(
+        "ticket_keys",
+        "path",
+        "",
+        "Session-ticket key file shared by every worker and node, first key encrypting (see"
+        " docs/operations.md); empty: resumption within one process only.",
+    ),
 )
 
 SNI_SETTINGS = (
@@ -652,6 +659,20 @@ LISTENER_SETTINGS = (
         "bool",
         False,
         "Treat every client of this listener as trusted (plaintext login allowed).",
+    ),
+    Setting(
+        "proxy_trusted",
+        "networks",
+        (),
+        "On a haproxy: endpoint (required there): the load balancers whose PROXY header is believed.",
+    ),
+    Setting(
+        "proxy_untrusted",
+        "choice",
+        "close",
+        "On a haproxy: endpoint, a peer outside C{proxy_trusted}: close, or ignore (header read, the"
+        " peer's own address used).",
+        choices=("close", "ignore"),
     ),
 )
 

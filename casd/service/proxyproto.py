@@ -6,30 +6,63 @@ Twisted's C{haproxy:} endpoint starts the wrapped protocol as soon as the TCP co
 before the header has been read, so a protocol that speaks first (IMAP, POP3, SMTP greet) would
 take the load balancer's address for the client's.  This wrapper starts the protocol only once
 the header is parsed, and bounds the wait for it.
+
+It also believes a header only from the listener's trusted senders (C{proxy_trusted}, like
+Dovecot's C{haproxy_trusted_networks} and nginx's C{set_real_ip_from}): anyone else could claim
+an address inside C{[server] trusted_networks} and be treated as trusted.  A connection from
+another peer is closed at once, or, with C{proxy_untrusted = "ignore"}, its header is read and
+thrown away and the peer's own address is used.  Each such peer is logged once (the memory of
+who was logged is bounded).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from zope.interface import directlyProvides, providedBy
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+
+from casd.session.clientinfo import isTrusted
 
 #: Seconds a connection may take to send its PROXY header.
 HEADER_TIMEOUT = 10.0
+#: How many untrusted peers are remembered as already logged.
+LOGGED_PEERS = 1024
+
+log = Logger()
 
 
 class _StartAfterHeader(HAProxyProtocolWrapper):
     _started = False
     _timer = None
 
+    #: Whether the peer may send a header that is believed.
+    _believed = False
+
     def makeConnection(self, transport) -> None:
         # ProtocolWrapper.makeConnection would connect the wrapped protocol right away.
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
+        self._believed = self.factory.believes(transport.getPeer())
+        if not self._believed and self.factory.untrusted == "close":
+            self.transport.abortConnection()
+            return
         self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._noHeader)
+
+    def getPeer(self):
+        if self._believed:
+            return super().getPeer()
+        return self.transport.getPeer()
+
+    def getHost(self):
+        if self._believed:
+            return super().getHost()
+        return self.transport.getHost()
 
     def _noHeader(self) -> None:
         self._timer = None
@@ -38,6 +71,8 @@ class _StartAfterHeader(HAProxyProtocolWrapper):
     def dataReceived(self, data: bytes) -> None:
         if self._started:
             return self.wrappedProtocol.dataReceived(data)
+        if self._timer is None:
+            return  # refused (untrusted, closing) or timed out: nothing more is read
         before = self._proxyInfo
         # The parent parses the header and hands any bytes after it to the wrapped protocol,
         # which must be connected first: intercept that hand-over.
@@ -76,24 +111,63 @@ class _Collect:
 
 class ProxyProtocolFactory(HAProxyWrappingFactory):
     """
-    Wraps a factory so that its protocols start once the PROXY header is read.
+    Wraps a factory so that its protocols start once the PROXY header is read, and believe it
+    only from C{trusted} senders.
+
+    @ivar trusted: the networks whose headers are believed.
+    @ivar untrusted: C{"close"} or C{"ignore"}: what happens to a connection from another peer.
     """
 
     protocol = _StartAfterHeader
     noisy = False
 
-    def __init__(self, wrappedFactory, clock) -> None:
+    def __init__(self, wrappedFactory, clock, trusted, untrusted: str = "close", name: str = "") -> None:
         super().__init__(wrappedFactory)
+        if untrusted not in ("close", "ignore"):
+            raise ValueError(f"untrusted must be 'close' or 'ignore', not {untrusted!r}")
         self.clock = clock
+        self.trusted = tuple(trusted)
+        self.untrusted = untrusted
+        self.name = name
+        self._logged: OrderedDict[str, None] = OrderedDict()
+
+    def believes(self, peer) -> bool:
+        """
+        @return: whether a PROXY header from C{peer} (the TCP peer) is believed; logs a peer
+            that is not, once.
+        """
+        host = getattr(peer, "host", None)
+        if host is not None and isTrusted(host, self.trusted):
+            return True
+        key = str(host)
+        if key in self._logged:
+            self._logged.move_to_end(key)
+        else:
+            self._logged[key] = None
+            if len(self._logged) > LOGGED_PEERS:
+                self._logged.popitem(last=False)
+            log.warn(
+                "PROXY listener {listener}: {peer} is not in proxy_trusted: {action}"
+                " (logged once per peer)",
+                listener=self.name,
+                peer=key,
+                action="connection closed" if self.untrusted == "close" else "header ignored, peer address used",
+            )
+        return False
 
 
-def listenerEndpoint(reactor, description: str, factory):
+def listenerEndpoint(reactor, listener, factory):
     """
-    @return: C{(endpoint, factory)} for an endpoint string; a C{haproxy:} prefix becomes the
-        wrapping factory above around the inner endpoint.
+    @param listener: the L{casd.config.ListenerConfig}.
+    @return: C{(endpoint, factory)} for the listener; a C{haproxy:} endpoint gets the wrapping
+        factory above, with the listener's trusted PROXY senders, around the inner endpoint.
     """
-    if description.startswith("haproxy:"):
-        return serverFromString(reactor, description[len("haproxy:") :]), ProxyProtocolFactory(
-            factory, reactor
+    description = listener.endpoint
+    if listener.proxyProtocol:
+        if not listener.proxyTrusted:
+            raise ValueError(f"listener {listener.name}: a haproxy: endpoint needs proxy_trusted")
+        wrapped = ProxyProtocolFactory(
+            factory, reactor, listener.proxyTrusted, listener.proxyUntrusted, listener.name
         )
+        return serverFromString(reactor, description[len("haproxy:") :]), wrapped
     return serverFromString(reactor, description), factory

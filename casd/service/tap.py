@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import attr
 
@@ -186,22 +187,36 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
             if isinstance(getattr(factory, "sessions", None), set):
                 sessionSets.append(factory.sessions)
             if listener.wrapTLS:
-                factory = TLSMemoryBIOFactory(context.serverTLS.options, False, factory)
+                # The protocol's own contexts: its ALPN ids, its session id context.
+                factory = TLSMemoryBIOFactory(context.serverTLS.optionsFor(descriptor), False, factory)
             if metrics is not None:
                 factory = metrics.counting(factory, name)
             listenReactor = adopted[listener.name] if adopted is not None else reactor
-            endpoint, factory = listenerEndpoint(listenReactor, listener.endpoint, factory)
+            endpoint, factory = listenerEndpoint(listenReactor, listener, factory)
+            if listener.tls == "implicit" and not listener.wrapTLS:
+                log.warn(
+                    "listener {name}: an ssl: endpoint is Twisted's own TLS (its own certificate"
+                    " arguments, no ALPN policy, no shared ticket keys); use tcp: with tls ="
+                    " \"implicit\"",
+                    name=listener.name,
+                )
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
             svc.setName(listener.name)
             svc.setServiceParent(top)
             log.info(
-                "{protocol} listener {name} on {endpoint} (tls={tls}, trusted={trusted})",
+                "{protocol} listener {name} on {endpoint} (tls={tls}, trusted={trusted}{proxy})",
                 protocol=name,
                 name=listener.name,
                 endpoint=listener.endpoint,
                 tls=listener.tls,
                 trusted=listener.trusted,
+                proxy=(
+                    f", PROXY from {', '.join(map(str, listener.proxyTrusted))},"
+                    f" others: {listener.proxyUntrusted}"
+                    if listener.proxyProtocol
+                    else ""
+                ),
             )
     NodeService(reactor, context.node, config.server.shutdown_grace, sessionSets).setServiceParent(top)
     return top
@@ -254,13 +269,17 @@ def _addOperations(top, context, checkers, reactor):
     site = buildAdminSite(context, context.node, metrics, listeners)
     factory = site
     if config.admin.tls == "implicit":
-        factory = TLSMemoryBIOFactory(context.serverTLS.options, False, site)
+        factory = TLSMemoryBIOFactory(context.serverTLS.optionsFor(_ADMIN_TLS), False, site)
     svc = StreamServerEndpointService(serverFromString(reactor, config.admin.listen), factory)
     svc._raiseSynchronously = True
     svc.setName("admin")
     svc.setServiceParent(top)
     log.info("admin listener on {endpoint} (tls={tls})", endpoint=config.admin.listen, tls=config.admin.tls)
     return context, metrics
+
+
+#: How the admin listener's TLS is told apart: its session id context and its ALPN id.
+_ADMIN_TLS = types.SimpleNamespace(name="admin", alpnProtocols=("http/1.1",))
 
 
 def _applyDrain(node, config) -> None:

@@ -470,7 +470,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         self._buffer = b""
         self._raw = 0
         self._sasl = self._saslToken = None
-        self.transport.startTLS(self.context.serverTLS.options)
+        self.transport.startTLS(self.context.serverTLS.optionsFor(self.descriptor))
         self.client = self.client.withTLS()
 
     # -- login and relay --------------------------------------------------------------------

@@ -176,9 +176,17 @@ class DovecotProxyTests(DovecotFront, TestCase):
         self.assertLess(elapsed, 3)
 
     @defer.inlineCallbacks
-    def test_backendCertificateNotTrusted(self):
-        other = CertificateAuthority.create(os.path.join(self.tmp, "other-ca"))
-        self.startCAS(ca=other.caPath)
+    def assertCertificateRefused(self, reason, **startArgs):
+        """
+        The login is refused as unavailable, and the log has one warning naming the backend
+        and C{reason}, and no traceback (no critical event, no failure).
+        """
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.startCAS(**startArgs)
 
         def session():
             c = self.imapClient()
@@ -190,6 +198,23 @@ class DovecotProxyTests(DovecotFront, TestCase):
             return "logged in?!"
 
         self.assertIn("[UNAVAILABLE]", (yield threads.deferToThread(session)))
+        self.assertEqual(
+            [e for e in events if e.get("log_failure") or e.get("log_level") >= LogLevel.error], []
+        )
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        mentions = [w for w in warnings if "TLS certificate refused" in w]
+        self.assertEqual(len(mentions), 1, warnings)
+        self.assertIn(f"backend mbx(127.0.0.1:{self.dovecot.imapPort})", mentions[0])
+        self.assertIn(reason, mentions[0])
+
+    def test_backendCertificateNotTrusted(self):
+        other = CertificateAuthority.create(os.path.join(self.tmp, "other-ca"))
+        return self.assertCertificateRefused(
+            "not trusted (unable to get local issuer certificate", ca=other.caPath
+        )
+
+    def test_backendCertificateWrongName(self):
+        return self.assertCertificateRefused("not valid for 'wrong.test'", tlsName="wrong.test")
 
     @defer.inlineCallbacks
     def test_curl(self):

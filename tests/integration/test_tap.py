@@ -223,7 +223,7 @@ tls = "none"
         what the backend is told.
         """
         port = freePort()
-        self.node(f'[[imap.listen]]\nendpoint = "haproxy:tcp:{port}:interface=127.0.0.1"\ntrusted = true\n')
+        self.node(f'[[imap.listen]]\nendpoint = "haproxy:tcp:{port}:interface=127.0.0.1"\ntrusted = true\nproxy_trusted = ["127.0.0.1/32"]\n')
         header = b"PROXY TCP4 203.0.113.9 127.0.0.1 40123 143\r\n"
         replies = yield threads.deferToThread(
             imapExchange, port, [(b"a", b"a LOGIN alice pw\r\n"), (b"z", b"z LOGOUT\r\n")], 10.0, header
@@ -306,6 +306,7 @@ class ProxyHeaderTests(TestCase):
 
     def setUp(self):
         from twisted.internet.testing import MemoryReactorClock, StringTransport
+        from ipaddress import ip_network
         from casd.service.proxyproto import ProxyProtocolFactory
 
         self.clock = MemoryReactorClock()
@@ -320,7 +321,7 @@ class ProxyHeaderTests(TestCase):
             def dataReceived(self, data):
                 started.append(data)
 
-        factory = ProxyProtocolFactory(Factory.forProtocol(Greeter), self.clock)
+        factory = ProxyProtocolFactory(Factory.forProtocol(Greeter), self.clock, [ip_network("192.168.1.0/24")])
         self.proto = factory.buildProtocol(None)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)

@@ -112,7 +112,7 @@ class DovecotFront:
             f.write(f"carol:{makeHash('SHA512-CRYPT', b'carol-pw')}:mailhost=nowhere\n")
         self.masterSecret = writeSecret(self.tmp, "master", MASTER[1])
 
-    def startCAS(self, backendTLS="starttls", master=False, backendPort=None, ca=None, extra=""):
+    def startCAS(self, backendTLS="starttls", master=False, backendPort=None, ca=None, extra="", tlsName=None):
         """
         Start casd for C{protocol} in this process, routing everyone to Dovecot (C{mbx}).
 
@@ -121,6 +121,7 @@ class DovecotFront:
         @param backendPort: Dovecot's port to use instead of the one for C{backendTLS}.
         @param ca: the CA file casd verifies Dovecot with (default: the test CA).
         @param extra: more TOML, appended.
+        @param tlsName: the name casd verifies in Dovecot's certificate (default: its address).
         """
         from twisted.internet import reactor
 
@@ -166,6 +167,7 @@ reply_timeout = 5.0
 
 [backends.mbx]
 host = "127.0.0.1"
+{f'tls_name = "{tlsName}"' if tlsName else ""}
 [backends.mbx.{name}]
 port = {backendPort}
 tls = "{backendTLS}"
