@@ -333,7 +333,8 @@ class ContextTests(SynchronousTestCase):
         from protocols.imap import imap
         from protocols.managesieve import managesieve
         from protocols.pop3 import pop3
-        from protocols.smtp import smtp, submission
+        from protocols.smtpmx import smtp
+        from protocols.submission import submission
 
         self.assertEqual(
             [alpnProtocolsOf(p) for p in (imap, pop3, managesieve, smtp, submission)],
