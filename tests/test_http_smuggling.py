@@ -154,3 +154,8 @@ class TwistedPrivatesTests(SynchronousTestCase):
         import inspect
 
         self.assertIn("self._factory(", inspect.getsource(HTTPConnectionPool._newConnection))
+        # The proxy's factory builds its own protocol from the factory's quiescent callback.
+        self.assertIn(
+            "HTTP11ClientProtocol(self._quiescentCallback)",
+            inspect.getsource(_HTTP11ClientFactory.buildProtocol),
+        )

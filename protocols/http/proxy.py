@@ -15,7 +15,13 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    HTTP11ClientProtocol,
+    HTTPConnectionPool,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 
@@ -48,9 +54,22 @@ class _TargetEndpoints:
         return self.connector.endpointFor(self.target)
 
 
+class _BackendConnection(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        # Requests go out in one write; Nagle's algorithm would hold the next one back until
+        # the backend's delayed ACK (40 ms a request on a persistent connection).
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        super().connectionMade()
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One "Starting factory" and "Stopping factory" line per backend connection is noise.
     noisy = False
+
+    def buildProtocol(self, addr):
+        return _BackendConnection(self._quiescentCallback)
 
 
 class _Pool(HTTPConnectionPool):
