@@ -253,6 +253,22 @@ class FailoverTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertTrue(backend.value().endswith(b"x" * 100 + b"y" * 50))
 
+    def test_silentUpload(self):
+        """
+        A client that stops sending its body for longer than the vdir's idle timeout is
+        disconnected (and the backend request abandoned).
+        """
+        self.request(
+            b"PUT /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 100\r\n",
+            b"abc",
+        )
+        server, backend = self.backend(0)
+        self.reactor.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_tooLarge(self):
         """
         A declared body over C{max_body_size}: 413 at once, the connection closed, no backend.

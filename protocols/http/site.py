@@ -230,9 +230,9 @@ class ProxyRequest(server.Request):
             self.channel.site.processLocal(self, command, path, version)
             return
         self.method, self.uri, self.clientproto = command, path, version
-        if self.vdir is not None and self.vdir.longPollTimeout:
-            # The channel restores this timeout once the response is done; the long-poll
-            # timeout was for this request only.
+        if self.vdir is not None:
+            # The channel restores this timeout once the response is done; the vdir's timeout
+            # was for this request only.
             self.channel._savedTimeOut = self.site.timeOut
         self.bodyDone.callback(None)
 
@@ -361,8 +361,8 @@ class HTTPSite(server.Site):
         if length != 0:
             transport = self.channel(request).transport
             request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
-        if vdir.longPollTimeout:
-            self.channel(request).setTimeout(vdir.timeout)
+        # While the body comes in, the client's silence is bounded by the vdir's timeout.
+        self.channel(request).setTimeout(vdir.timeout)
         self.proxy(request, vdir)
 
     @staticmethod
