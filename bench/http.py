@@ -48,6 +48,8 @@ PROXY_LOCATIONS = """
             proxy_set_header X-Forwarded-For $remote_addr;
             proxy_request_buffering off;
             proxy_max_temp_file_size 0;
+            proxy_buffers 64 64k;
+            proxy_buffer_size 64k;
             client_max_body_size 0;
         }}
 """
@@ -156,6 +158,10 @@ def peakRSS(pid: int) -> int:
 
 
 def transfer(proxy, size, upload, source):
+    for pid in proxy.group.pids():
+        # Reset the peak (VmHWM) so that it measures this transfer alone.
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
     rssBefore = proxy.group.rss()
     before = proxy.group.cpu()
     start = time.monotonic()
