@@ -367,6 +367,20 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         # stopProducing: a TCP transport closes the connection.
         self.assertEqual(backend.producerState, "stopped")
 
+    def test_http10NotPooled(self):
+        """
+        A backend answering HTTP/1.0 without keep-alive closes its connection: casd does not
+        put it back in the pool, the next request opens a new one.
+        """
+        for i in range(2):
+            self.request(b"GET /EWS/" + str(i).encode() + b" HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+            server, backend = self.backend(i)
+            server.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.reactor.advance(0)
+            self.assertTrue(backend.disconnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+
     def test_keepAlive(self):
         """
         Two requests on one client connection reuse one persistent backend connection.

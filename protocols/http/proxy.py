@@ -63,6 +63,20 @@ class _BackendConnection(HTTP11ClientProtocol):
             setNoDelay(True)
         super().connectionMade()
 
+    def _finishResponse_WAITING(self, rest):
+        # Twisted pools a connection unless the response says "Connection: close"; an HTTP/1.0
+        # response without "keep-alive" means the server closes it too.  Pooled, the next
+        # request on it would fail (a 502) when the server's close arrives.
+        parser = self._parser
+        response = getattr(parser, "response", None)
+        if response is not None and response.version[1:] == (1, 0):
+            tokens = b",".join(parser.connHeaders.getRawHeaders(b"Connection", ())).lower()
+            if b"keep-alive" not in tokens:
+                parser.connHeaders.addRawHeader(b"Connection", b"close")
+        return super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
 
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One "Starting factory" and "Stopping factory" line per backend connection is noise.
