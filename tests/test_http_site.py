@@ -381,6 +381,37 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 2)
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
 
+    def test_staleConnection(self):
+        """
+        A GET sent on a pooled connection that the backend closed before answering is sent
+        again on a new connection; a POST in the same case is answered 502, never sent again.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.request(b"GET /EWS/1 HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend(0)
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.reactor.advance(0)
+        self.request(b"GET /EWS/2 HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        self.assertIn(b"GET /EWS/2", backend.value())
+        server.connectionLost(Failure(ConnectionDone()))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        server2, backend2 = self.backend(1)
+        self.assertIn(b"GET /EWS/2", backend2.value())
+        server2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+        self.request(
+            b"POST /EWS/3 HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\nContent-Length: 2\r\n",
+            b"xy",
+        )
+        self.assertIn(b"POST /EWS/3", backend2.value())
+        server2.connectionLost(Failure(ConnectionDone()))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertIn(b"HTTP/1.1 502 ", self.transport.value())
+
     def test_keepAlive(self):
         """
         Two requests on one client connection reuse one persistent backend connection.

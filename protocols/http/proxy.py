@@ -131,8 +131,10 @@ class BackendAgents:
             pool = _Pool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = self.maxIdle
             pool.cachedConnectionTimeout = self.idleTimeout
-            # Retries are casd's decision (never a request with a body), not the pool's.
-            pool.retryAutomatically = False
+            # A request without a body whose cached connection turns out closed by the backend
+            # (its keep-alive timeout raced ours) is sent again on a new connection: Twisted's
+            # rule, which never resends a request with a body.
+            pool.retryAutomatically = True
             agent = Agent.usingEndpointFactory(
                 self.reactor, _TargetEndpoints(self.connector, target), pool=pool
             )
