@@ -690,3 +690,39 @@ class LocalServiceTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "), self.transport.value())
         body, prepath, postpath, user = self.seen[0]
         self.assertEqual((prepath, postpath, user), ([b"public"], [b"a", b"b"], None))
+
+
+class ForwardedTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    def forwarded(self, peer):
+        self.client, self.transport = connectFrontend(http, self.context, peer=(peer, 4000))
+        self.request(
+            b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nX-Forwarded-For: 10.9.9.9, 198.51.100.20\r\nX-Forwarded-Proto: https\r\n"
+        )
+        server, backend = self.backend()
+        return backend.value()
+
+    def test_trustedBalancer(self):
+        """
+        Behind a trusted balancer that terminated TLS, the address it reports (the last of
+        X-Forwarded-For) is the client, and the scheme it reports is kept.
+        """
+        sent = self.forwarded("127.0.0.1")
+        self.assertIn(b"X-Forwarded-For: 198.51.100.20\r\n", sent)
+        self.assertIn(b"X-Forwarded-Proto: https\r\n", sent)
+
+    def test_untrusted(self):
+        """
+        An untrusted client's forwarding headers are ignored.
+        """
+        from tests.support.certs import selfSigned
+
+        cert, key = selfSigned(self.mktemp(), ["localhost"], "server")
+        self.config = (
+            f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+            + CONFIG.replace('tls = "none"\ntrusted = true', 'tls = "implicit"')
+        )
+        self.setUp()
+        sent = self.forwarded("203.0.113.9")
+        self.assertIn(b"X-Forwarded-For: 203.0.113.9\r\n", sent)
+        self.assertNotIn(b"198.51.100.20", sent)

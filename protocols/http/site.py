@@ -23,6 +23,8 @@ import io
 import os
 import re
 
+import attr
+
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -335,6 +337,8 @@ class HTTPSite(server.Site):
         The request's headers are in: decide what serves it.
         """
         path = request.path
+        if request.client.trusted:
+            request.client = forwardedClient(request.client, request.requestHeaders)
         service = self.local.match(path) if self.local is not None else None
         if self.redirectToHTTPS and (service is None or not service.anonymousOnPlain):
             request._limit = 64 * 1024
@@ -389,7 +393,7 @@ class HTTPSite(server.Site):
             return
         request.method, request.uri, request.clientproto = command, path, version
         vdir = service.authVdir or _defaultLocalVdir()
-        d = self.authenticator.authenticate(request, vdir, request.channel.client)
+        d = self.authenticator.authenticate(request, vdir, request.client)
 
         def authenticated(user):
             request.user = user
@@ -421,7 +425,7 @@ class HTTPSite(server.Site):
     # -- proxying -----------------------------------------------------------------------
 
     def proxy(self, request, vdir) -> None:
-        client = request.channel.client
+        client = request.client
         d = self.authenticator.authenticate(request, vdir, client)
 
         def authenticated(user):
@@ -457,7 +461,7 @@ class HTTPSite(server.Site):
         headers = backendRequestHeaders(
             request.requestHeaders,
             vdir,
-            request.channel.client,
+            request.client,
             (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
             request.user,
             strip=strip | {b"host"},
@@ -599,6 +603,22 @@ class HTTPSite(server.Site):
             duration=self.clock.seconds() - request.startedAt,
         )
         ACCESS_LOG.info("{line}", line=ACCESS_FORMAT.format(**fields), **fields)
+
+
+def forwardedClient(client, headers):
+    """
+    The real client as a trusted proxy in front of casd reports it: the last address of
+    C{X-Forwarded-For} (the one the proxy added) and C{X-Forwarded-Proto}.  Only for trusted
+    clients (a load balancer that terminated TLS); others' forwarding headers are ignored.
+    """
+    values = headers.getRawHeaders(b"X-Forwarded-For")
+    if values:
+        last = values[-1].split(b",")[-1].strip().decode("ascii", "replace")
+        client = client.forwardedBy(last, None, None)
+    proto = headers.getRawHeaders(b"X-Forwarded-Proto")
+    if proto and proto[-1].strip().lower() == b"https" and not client.tls:
+        client = attr.evolve(client, tls=True)
+    return client
 
 
 class _IdleTimer:
