@@ -311,6 +311,28 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.client.dataReceived(b"defghij")
         self.assertTrue(backend.value().endswith(b"\r\n\r\nabcdefghij"))
 
+    def test_continueAfterAuthentication(self):
+        """
+        C{Expect: 100-continue}: the 100 is sent once the request is authenticated and routed;
+        with wrong credentials the 401 comes at once (and the connection closes), without
+        waiting for a body.
+        """
+        head = b"PUT /EWS/f HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n"
+        self.request(head + b"Authorization: " + BASIC + b"\r\n")
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        server, backend = self.backend()
+        self.assertNotIn(b"Expect", backend.value())
+        self.client.dataReceived(b"abc")
+        self.assertTrue(backend.value().endswith(b"\r\n\r\nabc"))
+        self.setUp()
+        self.request(head + b"Authorization: Basic " + b64encode(b"alice:wrong") + b"\r\n")
+        self.reactor.advance(10)
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 401 "), out)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertIn(b"WWW-Authenticate: Basic", out)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_backendPushesBack(self):
         """
         A backend connection that cannot take more pauses reading from the client.

@@ -141,6 +141,20 @@ class ProxyChannel(http.HTTPChannel):
         self.site.logger.info("client {client}: request headers too slow", client=self.client.peerHost)
         self._respondToBadRequestAndDisconnect()
 
+    def _send100Continue(self) -> None:
+        # A proxied request's "100 Continue" waits until it is authenticated and routed, so
+        # that a client with wrong credentials does not send its body for nothing.
+        request = self.requests[-1] if self.requests else None
+        if request is not None and getattr(request, "mode", None) == "proxy":
+            if request.pendingError is not None:
+                # Already refused (the directory answered at once): no body is wanted.
+                request.answerNow(request.pendingError)
+                return
+            if not request.mayContinue:
+                request.continueWanted = True
+                return
+        super()._send100Continue()
+
     def _badRequest(self) -> None:
         self._cancelHeaderTimer()
         self.dataReceived = self.lineReceived = lambda *a: None
@@ -199,18 +213,39 @@ class ProxyRequest(server.Request):
         """
         Answer 413 at once and close: the client is still sending a body nobody will read.
         """
+        self.answerNow(HTTPError(413, reason=b"Payload Too Large"))
+
+    def answerNow(self, error: HTTPError) -> None:
+        """
+        Answer before the body is read, and close the connection (the only way to skip a body
+        in HTTP/1.1).
+        """
         self._gone = True
         if self._pipe is not None:
-            self._pipe.fail(Failure(CASFailure("request body too large")))
+            self._pipe.fail(Failure(CASFailure(f"answered {error.code} before the body")))
         transport = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
+        transport.write(rawResponse(error))
         self.channel._cancelHeaderTimer()
         self.channel.dataReceived = lambda data: None
-        self.setResponseCode(413)
+        self.setResponseCode(error.code)
         self._writeAccessLog()
         transport.loseConnection()
+
+    def sendContinue(self) -> None:
+        """
+        The request may proceed: send the C{100 Continue} the client asked for, if it did.
+        """
+        self.mayContinue = True
+        if self.continueWanted and not self._gone and not self.bodyDone.called:
+            self.continueWanted = False
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    #: Whether the client sent C{Expect: 100-continue} and still waits for it.
+    continueWanted = False
+    #: Whether the request was authenticated and routed (a 100 may be sent).
+    mayContinue = False
+    #: The answer decided before the body was read, if any.
+    pendingError = None
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytesIn += len(data)
@@ -255,6 +290,12 @@ class ProxyRequest(server.Request):
         self.answer(httpError(exc))
 
     def answer(self, error: HTTPError) -> None:
+        self.pendingError = error
+        if self.continueWanted and not self.bodyDone.called and not self._gone:
+            # The client holds its body back until told to continue: answer now, and close.
+            self.answerNow(error)
+            return
+
         def send(_):
             if not self._gone and not self.finished:
                 if self._relay is None:
@@ -442,6 +483,7 @@ class HTTPSite(server.Site):
         targets = self._available(decision.route)
         if not targets:
             raise _noBackend(decision.route)
+        request.sendContinue()
         return self._attempt(request, vdir, decision, targets, 0)
 
     def _available(self, route):
@@ -603,6 +645,21 @@ class HTTPSite(server.Site):
             duration=self.clock.seconds() - request.startedAt,
         )
         ACCESS_LOG.info("{line}", line=ACCESS_FORMAT.format(**fields), **fields)
+
+
+def rawResponse(error: HTTPError) -> bytes:
+    """
+    C{error} as the bytes of a complete response that closes the connection.
+    """
+    reason = error.reason or http.RESPONSES.get(error.code, b"Unknown Status")
+    lines = [b"HTTP/1.1 %d %s" % (error.code, reason)]
+    names = set()
+    for name, value in error.headers:
+        names.add(name.lower())
+        lines.append(name + b": " + value)
+    lines.append(b"Content-Length: %d" % len(error.body))
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + error.body
 
 
 def forwardedClient(client, headers):
