@@ -274,7 +274,7 @@ def render(results, args) -> str:
         " cache), identity in `X-Remote-User`; nginx: `auth_basic` ({SSHA}), `proxy_pass` to an"
         " upstream with `keepalive 32`, `proxy_request_buffering off`.",
         "",
-        f"| figure | nginx | casd | casd/nginx | milestone |",
+        "| figure | nginx | casd | casd/nginx | milestone |",
         "|---|---|---|---|---|",
     ]
 

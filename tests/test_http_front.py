@@ -581,6 +581,20 @@ class AnchorUnitTests(SynchronousTestCase):
         self.assertEqual(explicitMailbox(v, b"/owa/?x"), "")
         self.assertEqual(explicitMailbox(v, b"/owa/%ff@x/"), "")
 
+    def test_anchorHeader(self):
+        def anchor(*values):
+            from twisted.web.test.requesthelper import DummyRequest
+
+            request = DummyRequest([b""])
+            for v in values:
+                request.requestHeaders.addRawHeader(b"X-AnchorMailbox", v)
+            return anchorHeader(request)
+
+        self.assertEqual(anchor(b"SMTP:Shared@Example.com"), "shared@example.com")
+        self.assertEqual(anchor(b"a@b", b"c@d"), "")
+        self.assertEqual(anchor(b"nobody"), "")
+        self.assertEqual(anchor(b"\xff@x"), "")
+
     def test_mayOpen(self):
         alice = UserRecord(login="alice", address="alice@example.com", policy=[("mailbox_access", "a@x.com, @team.example.com")])
         self.assertTrue(mayOpen(alice, "ALICE@example.com"))

@@ -434,6 +434,50 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 2)
         self.assertIn(b"HTTP/1.1 502 ", self.transport.value())
 
+    def test_head(self):
+        """
+        HEAD: the backend's headers, no body, and the connection stays usable.
+        """
+        self.request(b"HEAD /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        self.assertTrue(backend.value().startswith(b"HEAD /EWS/f HTTP/1.1\r\n"))
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nETag: \"x\"\r\n\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertIn(b'ETag: "x"', out)
+        self.assertTrue(out.endswith(b"\r\n\r\n"), out)
+        self.assertFalse(self.transport.disconnecting)
+        self.request(b"GET /EWS/g HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        self.assertIn(b"GET /EWS/g", backend.value())
+
+    def test_notModified(self):
+        """
+        304: passed on without a body.
+        """
+        self.request(b"GET /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\nIf-None-Match: \"x\"\r\n")
+        server, backend = self.backend()
+        self.assertIn(b'If-None-Match: "x"', backend.value())
+        server.dataReceived(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 304 "), out)
+        self.assertTrue(out.endswith(b"\r\n\r\n"), out)
+
+    def test_chunkedUpload(self):
+        """
+        A chunked upload goes to the backend chunked, streamed.
+        """
+        self.request(
+            b"POST /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nTransfer-Encoding: chunked\r\n",
+            b"3\r\nabc\r\n",
+        )
+        server, backend = self.backend()
+        sent = backend.value()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", sent)
+        self.assertTrue(sent.endswith(b"3\r\nabc\r\n"), sent)
+        self.client.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+        self.assertTrue(backend.value().endswith(b"2\r\nde\r\n0\r\n\r\n"))
+
     def test_keepAlive(self):
         """
         Two requests on one client connection reuse one persistent backend connection.

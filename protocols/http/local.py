@@ -20,7 +20,7 @@ import socket
 from typing import Iterable
 
 from attrs import frozen
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 from twisted.python.reflect import namedAny
 from twisted.web.resource import Resource

@@ -8,11 +8,10 @@ the client that caused them, and nothing of one user's exchange is replayed for 
 
 from __future__ import annotations
 
-from attrs import define, field
+from attrs import define
 from zope.interface import implementer
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import (
@@ -356,15 +355,3 @@ class ResponseRelay(Protocol):
             except Exception:
                 pass
         self.done.callback(complete and not self._clientGone)
-
-
-@implementer(IPushProducer)
-class _Nothing:
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
