@@ -53,6 +53,22 @@ class _TargetEndpoints:
         return self.connector.endpointFor(self.target)
 
 
+#: Bytes read from a socket at once, and written to it before its producer is paused: Twisted's
+#: 64 KiB made a large body cost a pause and a resume of the other side every 64 KiB.
+BUFFER_SIZE = 256 * 1024
+
+
+def largerBuffers(transport) -> None:
+    """
+    Use L{BUFFER_SIZE} on C{transport}, or on the TCP connection under a TLS one.
+    """
+    while transport is not None:
+        if hasattr(transport, "bufferSize") and hasattr(transport, "socket"):
+            transport.bufferSize = BUFFER_SIZE
+            return
+        transport = getattr(transport, "transport", None)
+
+
 class _BackendConnection(HTTP11ClientProtocol):
     def connectionMade(self) -> None:
         # Requests go out in one write; Nagle's algorithm would hold the next one back until
@@ -60,6 +76,7 @@ class _BackendConnection(HTTP11ClientProtocol):
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             setNoDelay(True)
+        largerBuffers(self.transport)
         super().connectionMade()
 
     def _finishResponse_WAITING(self, rest):
