@@ -96,6 +96,17 @@ class VdirTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, self.config, '[[http.vdir]]\npath = "/a"\nbogus = 1\n')
         self.assertEqual(e.key, "http.vdir[0].bogus")
 
+    def test_unknownBackend(self):
+        """
+        A vdir naming a backend that is not configured stops start-up with the key named.
+        """
+        from casd.testing import makeContext
+
+        context = makeContext(MemoryReactorClock(), config=CONFIG + 'backend = "nowhere"\n')
+        section = context.config.protocols["http"]
+        e = self.assertRaises(ConfigError, http.buildFactory, context, section, section.listeners[0])
+        self.assertEqual(e.key, "http.vdir[0].backend")
+
 
 def client(tls=True, peer="198.51.100.7"):
     return ClientInfo("sid1", "http", "l", peer, 4000, "127.0.0.1", 443, tls, False)
