@@ -5,11 +5,12 @@ request as soon as the headers are in, and stream the body both ways.
 Stock C{twisted.web} reads a whole request body before rendering (twisted#4688, #5511).
 L{ProxyRequest} instead acts in C{gotLength} (all headers parsed): it matches the vdir,
 authenticates, routes and starts the backend request with a L{protocols.http.proxy.BodyPipe} as
-its body, which C{handleContentChunk} feeds.  That relies on two private attributes of
-L{twisted.web.http.HTTPChannel} (C{_command} and C{_path}, the request line, which
-L{twisted.web.http.Request} only learns in C{requestReceived}) and on C{_savedTimeOut}; the
-test C{tests.test_http_site.TwistedPrivatesTests} fails if a Twisted upgrade moves them.
-Twisted is pinned below 28 in C{setup.cfg} for this reason.
+its body, which C{handleContentChunk} feeds.  That relies on private attributes of
+L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version} (the request line, which
+L{twisted.web.http.Request} only learns in C{requestReceived}) and C{_savedTimeOut}; the proxy's
+backend side relies on a few of L{twisted.web.client}'s (L{protocols.http.proxy}).
+C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them; Twisted
+is pinned below 28 in C{setup.cfg} for this reason.
 
 A response can only be written once the request body has been read (Twisted's channel
 parses the next request from the same buffer), so every answer waits for C{requestReceived}: a
@@ -22,7 +23,6 @@ from __future__ import annotations
 import io
 import os
 import re
-
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
@@ -81,7 +81,6 @@ class ProxyRequest(server.Request):
         self.service = None
         self._limit = 0
         self._pipe = None
-        self._error = None
         self._relay = None
         self._gone = False
         self._logged = False
@@ -261,7 +260,7 @@ class HTTPSite(server.Site):
     def _openLogFile(self, path):
         return None
 
-    def log(self, request) -> None:  # noqa: F811  (twisted.web's own access log: replaced)
+    def log(self, request) -> None:
         pass
 
     # -- dispatch -----------------------------------------------------------------------
