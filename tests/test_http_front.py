@@ -236,6 +236,24 @@ class AuthTests(HTTPSiteTestsMixin, SynchronousTestCase):
         penalty = self.context.authenticator.penalty
         self.assertGreater(penalty.currentDelay(self.client.client), 0)
 
+    def test_sharedWithIMAP(self):
+        """
+        Password guesses on /EWS lock the user out of IMAP too: one penalty for every protocol.
+        """
+        from casd.session.clientinfo import ClientInfo as Info
+
+        self.config = self.config.replace("[routing]", "[auth]\nuser_lockout_threshold = 3\n\n[routing]", 1)
+        super().setUp()
+        for i in range(3):
+            self.client, self.transport = connectFrontend(http, self.context, peer=(f"198.51.100.{i + 1}", 4000))
+            self.get(b"Basic " + b64encode(f"alice:guess{i}".encode()))
+            self.reactor.advance(120)
+        imapClient = Info("s", "imap", "imap", "203.0.113.50", 5000, "127.0.0.1", 993, True, False)
+        self.assertTrue(self.context.authenticator.penalty.locked("alice", imapClient))
+        # And the locked-out user gets 429 on HTTP with the right password: not a 401.
+        self.client, self.transport = connectFrontend(http, self.context, peer=("203.0.113.51", 4000))
+        self.assertTrue(self.get(BASIC).startswith(b"HTTP/1.1 429 "))
+
     def test_badBase64(self):
         """
         Undecodable Basic credentials are refused credentials (401), not a crash.
