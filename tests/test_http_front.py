@@ -451,6 +451,11 @@ site_redirect = "451"
 
 [[http.vdir]]
 path = "/EWS"
+
+[[http.vdir]]
+path = "/dav"
+identity = "header"
+backend_path = "/SOGo/dav"
 """
 
 USERS = {
@@ -585,6 +590,34 @@ class RoutingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         A user of a site that says proxy goes to that site's casd.
         """
         self.assertEqual(self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("wendy")), ("127.0.0.9", 8443))
+
+    def test_proxyTTL(self):
+        """
+        A request proxied to another site's casd carries the hops left; a trusted casd's count
+        is continued, and a spent one is refused (503): proxies looping between sites stop.
+        """
+        self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("wendy"))
+        server, backend = self.backend()
+        sent = backend.value().lower()
+        self.assertIn(b"x-casd-proxy-ttl: 4\r\n", sent)
+        # The far casd authenticates again: the client's credentials, the client's path.
+        self.assertIn(b"authorization: " + basic("wendy").lower(), sent)
+        self.assertTrue(sent.startswith(b"get /ews/x http/1.1"))
+        self.setUp()
+        self.send(b"GET /dav/wendy/ HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("wendy"))
+        server, backend = self.backend()
+        sent = backend.value().lower()
+        self.assertTrue(sent.startswith(b"get /dav/wendy/ http/1.1"), sent)
+        self.assertIn(b"authorization: " + basic("wendy").lower(), sent)
+        self.assertNotIn(b"x-remote-user", sent)
+        self.setUp()
+        self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nX-Casd-Proxy-TTL: 3\r\nAuthorization: " + basic("wendy"))
+        server, backend = self.backend()
+        self.assertIn(b"x-casd-proxy-ttl: 2\r\n", backend.value().lower())
+        self.setUp()
+        self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nX-Casd-Proxy-TTL: 1\r\nAuthorization: " + basic("wendy"))
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 503 "), self.transport.value())
+        self.assertEqual(self.reactor.tcpClients, [])
 
     def test_otherSiteRedirected(self):
         """

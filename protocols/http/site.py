@@ -24,6 +24,8 @@ import io
 import os
 import re
 
+import attr
+
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -34,7 +36,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from casd.failures import BackendUnavailable, CASFailure
 from casd.routing.router import routeTo
-from protocols.http.headers import backendRequestHeaders, copyResponseHeaders
+from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
 from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse
 from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
 from protocols.http.routing import ROUTE_COOKIE
@@ -392,17 +394,24 @@ class HTTPSite(server.Site):
         strip = set()
         for source in self.authenticator.sources.values():
             strip.update(getattr(source, "stripHeaders", ()))
+        toCAS = decision.route.kind == "cas"
         headers = backendRequestHeaders(
             request.requestHeaders,
-            vdir,
+            # Another site's casd authenticates the request again: it gets the client's own
+            # credentials and path, not this vdir's backend identity and backend path.
+            attr.evolve(vdir, identity="passthrough") if toCAS else vdir,
             request.client,
             (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
             request.user,
             strip=strip | {b"host"},
             cookieFilter=self.cookieFilter,
         )
+        if toCAS:
+            # It counts the hops down, and refuses a loop.
+            headers.setRawHeaders(PROXY_TTL, [str(decision.route.proxyTTL).encode("ascii")])
         path = self.vdirs.clientPath(vdir, request.uri)
-        path = vdir.backendPathFor(path)
+        if not toCAS:
+            path = vdir.backendPathFor(path)
         member = self.context.connector.member(target)
         d = self.agents.request(target, request.method, path, headers, pipe)
         timer = self.clock.callLater(vdir.timeout, d.cancel)
