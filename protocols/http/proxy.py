@@ -12,6 +12,7 @@ from attrs import define
 from zope.interface import implementer
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import (
@@ -325,6 +326,28 @@ class BodyPipe:
         self._resume()
 
 
+@implementer(IPushProducer)
+class _ProgressProducer:
+    """
+    The backend connection as the client's producer, noting each time the client asks for more.
+    """
+
+    def __init__(self, producer, onProgress) -> None:
+        self.producer = producer
+        self.onProgress = onProgress
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.onProgress is not None:
+            self.onProgress()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+
 class ResponseRelay(Protocol):
     """
     Streams a backend response body to the client's request, with flow control: the backend
@@ -339,6 +362,10 @@ class ResponseRelay(Protocol):
     log = Logger()
 
     def __init__(self, request, onData=None) -> None:
+        """
+        @param onData: called on progress either way: a piece of the body from the backend, or
+            the client taking more (so an idle limit cuts a stalled exchange, not a slow one).
+        """
         self.request = request
         self.onData = onData
         self.done = defer.Deferred()
@@ -346,7 +373,7 @@ class ResponseRelay(Protocol):
         self._clientGone = False
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(_ProgressProducer(self.transport, self.onData), True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._clientGone:
