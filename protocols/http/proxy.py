@@ -8,14 +8,20 @@ the client that caused them, and nothing of one user's exchange is replayed for 
 
 from __future__ import annotations
 
-from attrs import define, field
+from attrs import define
 from zope.interface import implementer
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    HTTP11ClientProtocol,
+    HTTPConnectionPool,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 
@@ -48,9 +54,53 @@ class _TargetEndpoints:
         return self.connector.endpointFor(self.target)
 
 
+#: Bytes read from a socket at once, and written to it before its producer is paused: Twisted's
+#: 64 KiB made a large body cost a pause and a resume of the other side every 64 KiB.
+BUFFER_SIZE = 256 * 1024
+
+
+def largerBuffers(transport) -> None:
+    """
+    Use L{BUFFER_SIZE} on C{transport}, or on the TCP connection under a TLS one.
+    """
+    while transport is not None:
+        if hasattr(transport, "bufferSize") and hasattr(transport, "socket"):
+            transport.bufferSize = BUFFER_SIZE
+            return
+        transport = getattr(transport, "transport", None)
+
+
+class _BackendConnection(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        # Requests go out in one write; Nagle's algorithm would hold the next one back until
+        # the backend's delayed ACK (40 ms a request on a persistent connection).
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        largerBuffers(self.transport)
+        super().connectionMade()
+
+    def _finishResponse_WAITING(self, rest):
+        # Twisted pools a connection unless the response says "Connection: close"; an HTTP/1.0
+        # response without "keep-alive" means the server closes it too.  Pooled, the next
+        # request on it would fail (a 502) when the server's close arrives.
+        parser = self._parser
+        response = getattr(parser, "response", None)
+        if response is not None and response.version[1:] == (1, 0):
+            tokens = b",".join(parser.connHeaders.getRawHeaders(b"Connection", ())).lower()
+            if b"keep-alive" not in tokens:
+                parser.connHeaders.addRawHeader(b"Connection", b"close")
+        return super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One "Starting factory" and "Stopping factory" line per backend connection is noise.
     noisy = False
+
+    def buildProtocol(self, addr):
+        return _BackendConnection(self._quiescentCallback)
 
 
 class _Pool(HTTPConnectionPool):
@@ -98,8 +148,10 @@ class BackendAgents:
             pool = _Pool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = self.maxIdle
             pool.cachedConnectionTimeout = self.idleTimeout
-            # Retries are casd's decision (never a request with a body), not the pool's.
-            pool.retryAutomatically = False
+            # A request without a body whose cached connection turns out closed by the backend
+            # (its keep-alive timeout raced ours) is sent again on a new connection: Twisted's
+            # rule, which never resends a request with a body.
+            pool.retryAutomatically = True
             agent = Agent.usingEndpointFactory(
                 self.reactor, _TargetEndpoints(self.connector, target), pool=pool
             )
@@ -274,6 +326,28 @@ class BodyPipe:
         self._resume()
 
 
+@implementer(IPushProducer)
+class _ProgressProducer:
+    """
+    The backend connection as the client's producer, noting each time the client asks for more.
+    """
+
+    def __init__(self, producer, onProgress) -> None:
+        self.producer = producer
+        self.onProgress = onProgress
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.onProgress is not None:
+            self.onProgress()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+
 class ResponseRelay(Protocol):
     """
     Streams a backend response body to the client's request, with flow control: the backend
@@ -288,6 +362,10 @@ class ResponseRelay(Protocol):
     log = Logger()
 
     def __init__(self, request, onData=None) -> None:
+        """
+        @param onData: called on progress either way: a piece of the body from the backend, or
+            the client taking more (so an idle limit cuts a stalled exchange, not a slow one).
+        """
         self.request = request
         self.onData = onData
         self.done = defer.Deferred()
@@ -295,7 +373,7 @@ class ResponseRelay(Protocol):
         self._clientGone = False
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(_ProgressProducer(self.transport, self.onData), True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._clientGone:
@@ -321,15 +399,3 @@ class ResponseRelay(Protocol):
             except Exception:
                 pass
         self.done.callback(complete and not self._clientGone)
-
-
-@implementer(IPushProducer)
-class _Nothing:
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
