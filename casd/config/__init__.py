@@ -35,6 +35,7 @@ from casd.config.settings import (  # re-exported: importers use casd.config
     SERVER_SETTINGS,
     SITE_SETTINGS,
     SNI_SETTINGS,
+    STATE_SETTINGS,
     Setting,
     TIMEOUT_KEYS,
     TLS_MODES,
@@ -176,6 +177,8 @@ class CASConfig:
     routeMap: Mapping[str, str] = field(factory=dict)
     #: The C{[ldap]} section (C{urls} empty: no LDAP checker).
     ldap: Values = field(factory=lambda: Values({s.key: s.default for s in LDAP_SETTINGS}))
+    #: The C{[state]} section: where the array's shared state lives.
+    state: Values = field(factory=lambda: Values({s.key: s.default for s in STATE_SETTINGS}))
 
     @property
     def hostname(self) -> str:
@@ -420,8 +423,31 @@ def _readTLS(path, data, base) -> TLSConfig:
 
 
 TOP_LEVEL = (
-    "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo"
+    "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo",
+    "state",
 )
+
+
+def _readState(path, data, base) -> Values:
+    from casd.state.redis import RedisURLError, parseURL
+
+    state = readSection(path, "state", data.get("state", {}), STATE_SETTINGS, base)
+    for url in state.urls:
+        try:
+            parseURL(url)
+        except RedisURLError as e:
+            raise ConfigError(path, "state.urls", str(e)) from None
+    if state.backend == "redis":
+        if not state.urls:
+            raise ConfigError(path, "state.urls", 'expected at least one redis:// URL with backend = "redis"')
+        if not state.secret_file:
+            raise ConfigError(
+                path, "state.secret_file", 'expected the array secret file with backend = "redis"'
+            )
+    _requireFile(path, "state.secret_file", state.secret_file, "secret file")
+    _requireFile(path, "state.password_file", state.password_file, "password file")
+    _requireFile(path, "state.ca_file", state.ca_file, "CA file")
+    return state
 
 
 def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
@@ -477,6 +503,7 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
     sites = _readSites(path, data, server.site, targets, base)
     health = readSection(path, "health", data.get("health", {}), HEALTH_SETTINGS, base)
     sections = _readProtocols(path, data, protocols, base)
+    state = _readState(path, data, base)
     for section in sections.values():
         for listener in section.listeners:
             if listener.wrapTLS and not tls.enabled:
@@ -501,6 +528,7 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
         health=health,
         routeMap=routeMap,
         ldap=ldap,
+        state=state,
     )
 
 
@@ -542,4 +570,5 @@ def allSettings() -> dict[str, tuple[Setting, ...]]:
         "PROTOCOL": PROTOCOL_COMMON_SETTINGS,
         "PROTOCOL.listen": LISTENER_SETTINGS,
         "demo": DEMO_SETTINGS,
+        "state": STATE_SETTINGS,
     }

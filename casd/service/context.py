@@ -27,6 +27,8 @@ class CASContext:
     @ivar sessionLog: the end-of-session log.
     @ivar protocols: name -> L{casd.interfaces.ICASProtocol}, every protocol of this process.
     @ivar directory: the first checker, for look-ups without a password (C{casd locate}, tests).
+    @ivar state: the L{casd.state.service.StateService} (shared state of the array: session
+        limits, revocations, its stats), or C{None} (no per-user session limits).
     """
 
     reactor: object
@@ -39,3 +41,4 @@ class CASContext:
     sessionLog: SessionLog
     protocols: dict
     directory: object = None
+    state: object = None
