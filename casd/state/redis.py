@@ -235,6 +235,12 @@ class RedisState:
         d.addCallback(lambda r: bool(int(r)))
         return d
 
+    def ping(self):
+        """
+        @return: a L{Deferred} firing once the current server answered a C{PING}.
+        """
+        return self.connection.ping()
+
     def close(self):
         """
         Disconnect from every server.

@@ -114,6 +114,8 @@ class StateService(service.Service):
         super().startService()
         if self.remote is not None:
             self.remote.connections = self._connections()
+            # Connect now rather than on the first login; an error is the fallback's business.
+            self.remote.ping().addErrback(lambda f: None)
             self.log.info(
                 "shared state in Redis ({count} server(s)), decisions wait at most {ms:g} ms",
                 count=len(self.remote.connections),
