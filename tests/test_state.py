@@ -360,3 +360,46 @@ class StateConfigTests(SynchronousTestCase):
         )
         self.assertEqual(config.state.urls, ("rediss://:pw@r1:6380/2",))
 
+
+
+class DrainTests(SynchronousTestCase):
+    def test_drainClosesListenersOnly(self):
+        from twisted.application import service
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.protocol import Factory
+        from twisted.internet.testing import MemoryReactorClock
+
+        from casd.service.drain import DrainService
+
+        class Signals:
+            SIGUSR1 = 10
+
+            def __init__(self):
+                self.handlers = {}
+
+            def signal(self, number, handler):
+                previous, self.handlers[number] = self.handlers.get(number), handler
+                return previous
+
+            def getsignal(self, number):
+                return self.handlers.get(number)
+
+        reactor = MemoryReactorClock()
+        top = service.MultiService()
+        listener = StreamServerEndpointService(TCP4ServerEndpoint(reactor, 1143), Factory())
+        listener.setServiceParent(top)
+        other = service.Service()
+        other.setServiceParent(top)
+        signals = Signals()
+        drain = DrainService(reactor, signals)
+        drain.setServiceParent(top)
+        top.startService()
+        reactor.callFromThread = lambda f, *args: f(*args)
+        signals.handlers[10](10, None)
+        self.assertTrue(drain.draining)
+        self.assertNotIn(listener, list(top))
+        self.assertFalse(listener.running)
+        self.assertTrue(other.running)
+        self.successResultOf(top.stopService())
+        self.assertIsNone(signals.getsignal(10))

@@ -197,12 +197,14 @@ def _addRouting(top, context, reactor) -> None:
     """
     The backend health checker and the SIGHUP reload of the routing and backend sections.
     """
+    from casd.service.drain import DrainService
     from casd.service.reload import ReloadService
     from casd.pool.health import HealthChecker
 
     checker = HealthChecker(reactor, context.connector, context.config, context.protocols)
     checker.setServiceParent(top)
     ReloadService(reactor, context, checker).setServiceParent(top)
+    DrainService(reactor).setServiceParent(top)
 
 
 def _addDemo(top, config, checker, reactor) -> None:
