@@ -28,22 +28,25 @@ class DrainService(service.Service):
         self.reactor = reactor
         self.signals = signals
         self._previous = None
+        self._installed = False
 
     def startService(self) -> None:
         super().startService()
         try:
             self._previous = self.signals.signal(self.signals.SIGUSR1, self._onSignal)
+            self._installed = True
         except (ValueError, AttributeError, OSError) as e:
             self.log.warn("no SIGUSR1 drain: {reason}", reason=str(e))
 
     def stopService(self) -> None:
         super().stopService()
-        if self._previous is not None:
+        if self._installed:
             try:
                 if self.signals.getsignal(self.signals.SIGUSR1) == self._onSignal:
                     self.signals.signal(self.signals.SIGUSR1, self._previous)
-            except (ValueError, OSError):
+            except (ValueError, OSError, TypeError):
                 pass
+            self._installed = False
             self._previous = None
 
     def _onSignal(self, signum, frame) -> None:
