@@ -42,9 +42,13 @@ class KeyMaker:
     Turns names into store keys and credentials into short, keyed tags.
     """
 
+    #: Keys remembered, so that a login's several look-ups of one name cost one HMAC.
+    CACHE = 10_000
+
     def __init__(self, secret: bytes, prefix: str = "casd:") -> None:
         self._secret = secret
         self.prefix = prefix
+        self._cache: dict[tuple[str, str], str] = {}
 
     def _mac(self, value: str) -> str:
         # 128 bits: collisions are out of reach, and the key stays short.
@@ -57,8 +61,13 @@ class KeyMaker:
         @param kind: the key's family, e.g. C{"u"} (a user's penalty), C{"s:pop3"}.
         @param value: what the key is about (a user name, an address network).
         """
-        # The braces make it a Redis Cluster hash tag: a key and its suffixes share a slot.
-        return f"{self.prefix}{kind}:{{{self._mac(value)}}}"
+        key = self._cache.get((kind, value))
+        if key is None:
+            if len(self._cache) >= self.CACHE:
+                self._cache.clear()
+            # The braces make it a Redis Cluster hash tag: a key and its suffixes share a slot.
+            key = self._cache[(kind, value)] = f"{self.prefix}{kind}:{{{self._mac(value)}}}"
+        return key
 
     def tag(self, username: str, password: bytes) -> str:
         """

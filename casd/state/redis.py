@@ -9,6 +9,7 @@ The scripts take the time from Redis (C{TIME}), so the nodes' clocks need not ag
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
@@ -88,6 +89,27 @@ return n
 """
 
 
+class _Script:
+    """
+    A Lua script run by its SHA1 (C{EVALSHA}: the script's text crosses the wire once), loaded
+    again when a server answers C{NOSCRIPT} (after a restart or a failover).
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def __call__(self, connection, keys, args):
+        d = connection.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        d.addErrback(self._reload, connection, keys, args)
+        return d
+
+    def _reload(self, failure, connection, keys, args):
+        if "NOSCRIPT" not in str(failure.value):
+            return failure
+        return connection.execute_command("EVAL", self.text, len(keys), *keys, *args)
+
+
 class RedisURLError(ValueError):
     """
     A C{[state] urls} entry is not a C{redis://} or C{rediss://} URL.
@@ -133,7 +155,8 @@ def connect(url: str, password=None, tlsOptions=None, connectTimeout=2.0, replyT
     return txredisapi.lazyConnectionPool(
         host=where["host"],
         port=where["port"],
-        dbid=where["db"],
+        # No SELECT for database 0 (the default): one command less on every (re)connection.
+        dbid=where["db"] or None,
         poolsize=1,
         reconnect=True,
         password=password or where["password"],
@@ -142,6 +165,9 @@ def connect(url: str, password=None, tlsOptions=None, connectTimeout=2.0, replyT
         replyTimeout=replyTimeout,
         convertNumbers=True,
     )
+
+
+_FAILED, _SUCCEEDED, _ACQUIRE, _HIT = (_Script(t) for t in (FAILED, SUCCEEDED, ACQUIRE, HIT))
 
 
 @implementer(ISharedState)
@@ -189,8 +215,8 @@ class RedisState:
         return [userKey] if addressKey is None else [userKey, addressKey]
 
     def loginFailed(self, userKey, addressKey, digest):
-        d = self.connection.eval(
-            FAILED, self._keys(userKey, addressKey), [digest, *self._penaltyArgs]
+        d = _FAILED(
+            self.connection, self._keys(userKey, addressKey), [digest, *self._penaltyArgs]
         )
         d.addCallback(
             lambda r: PenaltyReply(
@@ -203,14 +229,14 @@ class RedisState:
         return d
 
     def loginSucceeded(self, userKey, addressKey):
-        d = self.connection.eval(SUCCEEDED, self._keys(userKey, addressKey), [])
+        d = _SUCCEEDED(self.connection, self._keys(userKey, addressKey), [])
         d.addCallback(
             lambda r: PenaltyReply(userLockedFor=int(r[0]) / 1000.0, addressLockedFor=int(r[1]) / 1000.0)
         )
         return d
 
     def acquire(self, key, limit, token):
-        d = self.connection.eval(ACQUIRE, [key], [limit, token, self.leaseMs])
+        d = _ACQUIRE(self.connection, [key], [limit, token, self.leaseMs])
         d.addCallback(lambda r: bool(int(r)))
         return d
 
@@ -220,7 +246,7 @@ class RedisState:
         return d
 
     def hit(self, key, window):
-        d = self.connection.eval(HIT, [key], [int(window * 1000)])
+        d = _HIT(self.connection, [key], [int(window * 1000)])
         d.addCallback(int)
         return d
 
