@@ -1,8 +1,8 @@
 """
 Redis first, this node's memory when Redis does not answer in time.
 
-Every decision waits at most C{timeout} (50 ms by default) for Redis; then it is taken from the
-local state, the outage begins (one warning), and for C{retryInterval} seconds every decision is
+Every decision waits at most C{timeout} (50 ms by default, plus one turn of the reactor) for
+Redis; then it is taken from the local state, the outage begins (one warning), and for C{retryInterval} seconds every decision is
 local at once.  Then one call tries Redis again; its answer ends the outage (one line), and the
 shared state is authoritative again: what was counted locally meanwhile stays local, so the
 array re-converges as the shared keys fill again.  A reply that comes too late is dropped, never
@@ -11,6 +11,8 @@ cancelled: txredisapi matches replies to requests by order on the connection.
 
 from __future__ import annotations
 
+from collections import deque
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,10 +20,6 @@ from zope.interface import implementer
 
 from casd.interfaces import ISharedState
 from casd.state import StateStats
-
-
-class _TimedOut(Exception):
-    pass
 
 
 @implementer(ISharedState)
@@ -44,6 +42,8 @@ class FallbackState:
         self.stats = stats if stats is not None else StateStats(backend="redis")
         self._downSince: float | None = None
         self._retryAt = 0.0
+        self._pending: deque = deque()
+        self._timer = None
 
     @property
     def available(self) -> bool:
@@ -58,36 +58,55 @@ class FallbackState:
             # This call probes Redis; until it is answered, the others stay local.
             self._retryAt = self.clock.seconds() + self.retryInterval
         self.stats.calls += 1
+        result = defer.Deferred()
+        # One timer for all calls in flight (they expire in the order they were made), rather
+        # than one per call: a login's share of Redis stays small.
+        self._pending.append((self.clock.seconds() + self.timeout, result, local, args))
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.timeout, self._sweep)
         try:
             remote = getattr(self.remote, name)(*args)
         except Exception:
             remote = defer.fail(Failure())
-        result = defer.Deferred()
-        timer = self.clock.callLater(self.timeout, self._expired, result, name, local, args)
-
-        def answered(value):
-            if result.called:
-                self.stats.lateReplies += 1
-                return None
-            timer.cancel()
-            if isinstance(value, Failure):
-                self._unavailable(value.getErrorMessage() or value.type.__name__)
-                self.stats.fallbacks += 1
-                local(*args).chainDeferred(result)
-            else:
-                self._backUp()
-                result.callback(value)
-            return None
-
-        remote.addBoth(answered)
+        remote.addBoth(self._answered, result, local, args)
         return result
 
-    def _expired(self, result, name, local, args) -> None:
+    def _answered(self, value, result, local, args):
         if result.called:
-            return
-        self._unavailable(f"no answer within {self.timeout * 1000:g} ms")
-        self.stats.fallbacks += 1
-        local(*args).chainDeferred(result)
+            self.stats.lateReplies += 1
+            return None
+        if isinstance(value, Failure):
+            self._unavailable(value.getErrorMessage() or value.type.__name__)
+            self.stats.fallbacks += 1
+            local(*args).chainDeferred(result)
+        else:
+            if self._downSince is not None:
+                self._backUp()
+            result.callback(value)
+        return None
+
+    def _sweep(self) -> None:
+        self._timer = None
+        pending, now = self._pending, self.clock.seconds()
+        expired = []
+        while pending and (pending[0][1].called or pending[0][0] <= now):
+            entry = pending.popleft()
+            if not entry[1].called:
+                expired.append(entry)
+        if expired:
+            # Timers run before the reactor reads its sockets: on a busy node the replies may be
+            # waiting unread.  One more turn reads them; only then is Redis too slow.
+            self.clock.callLater(0, self._expire, expired)
+        if pending:
+            self._timer = self.clock.callLater(max(0.0, pending[0][0] - now), self._sweep)
+
+    def _expire(self, expired) -> None:
+        for _, result, local, args in expired:
+            if result.called:
+                continue
+            self._unavailable(f"no answer within {self.timeout * 1000:g} ms")
+            self.stats.fallbacks += 1
+            local(*args).chainDeferred(result)
 
     def _unavailable(self, why: str) -> None:
         now = self.clock.seconds()
