@@ -861,7 +861,9 @@ class _Shared:
                 return client.Resolver(servers=servers, reactor=context.reactor)
             return client.Resolver(resolv="/etc/resolv.conf", reactor=context.reactor)
 
-        self.filter = ConnectionFilter(section, context.reactor, resolver)
+        self.filter = ConnectionFilter(
+            section, context.reactor, resolver, shared=getattr(context, "state", None)
+        )
         self.limits = SendingLimits(section, context.reactor)
 
 

@@ -403,3 +403,45 @@ class DrainTests(SynchronousTestCase):
         self.assertTrue(other.running)
         self.successResultOf(top.stopService())
         self.assertIsNone(signals.getsignal(10))
+
+
+class SMTPRateTests(SynchronousTestCase):
+    """
+    C{connection_rate_limit} counted array-wide through the shared state (protocols/smtpfilters).
+    """
+
+    def filters(self, shared=True):
+        from types import SimpleNamespace
+
+        from protocols.smtpfilters import ConnectionFilter
+
+        clock = Clock()
+        store = LocalState(clock)
+        state = SimpleNamespace(shared=store, keys=KeyMaker(SECRET), isShared=shared)
+        section = SimpleNamespace(
+            allow_networks=(), deny_networks=(), max_connections_per_address=0,
+            connection_rate_limit=3,
+        )
+        return clock, [ConnectionFilter(section, clock, shared=state) for _ in range(2)]
+
+    def test_rateAcrossNodes(self):
+        from protocols.smtpfilters import Verdict
+
+        clock, (a, b) = self.filters()
+        host = "203.0.113.4"
+        self.assertEqual([a.admit(host), a.admit(host)], [Verdict.ACCEPT] * 2)
+        # B's own count is at 2 of 3, but the array's is at 4 after B's second: B learnt it.
+        self.assertEqual([b.admit(host), b.admit(host)], [Verdict.ACCEPT] * 2)
+        self.assertEqual(b.admit(host), Verdict.THROTTLE)
+        self.assertEqual(b.admit("203.0.113.5"), Verdict.ACCEPT)
+        clock.advance(61)
+        self.assertEqual(b.admit(host), Verdict.ACCEPT)
+
+    def test_localBackendCountsPerNode(self):
+        from protocols.smtpfilters import Verdict
+
+        clock, (a, b) = self.filters(shared=False)
+        host = "203.0.113.4"
+        for _ in range(3):
+            self.assertEqual((a.admit(host), b.admit(host)), (Verdict.ACCEPT, Verdict.ACCEPT))
+        self.assertEqual(a.admit(host), Verdict.THROTTLE)

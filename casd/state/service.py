@@ -78,6 +78,13 @@ class StateService(service.Service):
         self.sessions = SessionLimiter(self.shared, self.keys)
         self.revocations = RevocationSet(self.shared, self.keys)
 
+    @property
+    def isShared(self) -> bool:
+        """
+        Whether decisions are shared by an array (C{backend = "redis"}), not only this node's.
+        """
+        return self.remote is not None
+
     def penalty(self, auth):
         """
         The login penalty for C{[auth]}: the array's, or C{None} for today's local one.
