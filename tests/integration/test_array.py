@@ -440,3 +440,36 @@ class ArrayTests(SynchronousTestCase):
             self.assertNotIn(USERS["bob"], array.nodeLog(i))
             self.assertNotIn(REDIS_PASSWORD, array.nodeLog(i))
         self.assertNotIn("bob", array.redis.dump())
+
+
+class ExampleTests(SynchronousTestCase):
+    """
+    docs/examples/array/ is valid: HAProxy accepts its configuration, casd its node files.
+    """
+
+    here = os.path.join(ROOT, "docs", "examples", "array")
+
+    def test_haproxyConfig(self):
+        out = subprocess.run(
+            ["haproxy", "-c", "-f", os.path.join(self.here, "haproxy.cfg")], capture_output=True, text=True
+        )
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+
+    def test_nodeConfigs(self):
+        from casd.config import parseConfig
+        from casd.service.discovery import discoverProtocols
+
+        protocols = discoverProtocols().values()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "tls"))
+        for name in ("array.key", "redis.secret", "ldap.secret", "tls/cas.pem", "tls/cas.key"):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("x" * 48 + "\n")
+        addresses = set()
+        for i in (1, 2, 3):
+            with open(os.path.join(self.here, "node%d.toml" % i)) as f:
+                config = parseConfig(f.read(), os.path.join(directory, "node%d.toml" % i), protocols)
+            self.assertEqual(config.state.backend, "redis")
+            self.assertEqual(config.protocols["pop3"].max_sessions_per_user, 1)
+            addresses.add(config.protocols["imap"].listeners[0].endpoint)
+        self.assertEqual(len(addresses), 3)
