@@ -348,6 +348,13 @@ class StateConfigTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, self.parse, '[state]\nurls = ["http://x"]\n')
         self.assertEqual(e.key, "state.urls")
 
+    def test_badURLHidesPassword(self):
+        e = self.assertRaises(
+            ConfigError, self.parse, '[state]\nurls = ["redis://:s3cret-pw@host:port/0"]\n'
+        )
+        self.assertEqual(e.key, "state.urls")
+        self.assertNotIn("s3cret-pw", str(e))
+
     def test_redis(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(os.rmdir, directory)

@@ -10,6 +10,7 @@ The scripts take the time from Redis (C{TIME}), so the nodes' clocks need not ag
 from __future__ import annotations
 
 import hashlib
+import re
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
@@ -122,16 +123,18 @@ def parseURL(url: str) -> dict:
         a C{redis://[:PASSWORD@]HOST[:PORT][/DB]} or C{rediss://} (TLS) URL.
     @raise RedisURLError: when it is not one.
     """
+    # An error never repeats a password given in the URL.
+    shown = repr(re.sub(r"//[^/@]*@", "//(credentials)@", url))
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise RedisURLError(f"expected redis://HOST[:PORT][/DB], got {url!r} ({e})") from None
+        raise RedisURLError(f"expected redis://HOST[:PORT][/DB], got {shown} ({e})") from None
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise RedisURLError(f"expected redis://HOST[:PORT][/DB] or rediss://..., got {url!r}")
+        raise RedisURLError(f"expected redis://HOST[:PORT][/DB] or rediss://..., got {shown}")
     path = parts.path.strip("/")
     if path and not path.isdigit():
-        raise RedisURLError(f"expected a database number after the /, got {url!r}")
+        raise RedisURLError(f"expected a database number after the /, got {shown}")
     return {
         "host": parts.hostname,
         "port": port or 6379,
