@@ -355,6 +355,18 @@ class StateConfigTests(SynchronousTestCase):
         self.assertEqual(e.key, "state.urls")
         self.assertNotIn("s3cret-pw", str(e))
 
+    def test_shortSecretIsAConfigError(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("too-short\n")
+        e = self.assertRaises(
+            ConfigError,
+            self.parse,
+            f'[state]\nbackend = "redis"\nurls = ["redis://r1"]\nsecret_file = "{os.path.abspath(path)}"\n',
+        )
+        self.assertEqual(e.key, "state.secret_file")
+        self.assertNotIn("too-short", str(e))
+
     def test_redis(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(os.rmdir, directory)

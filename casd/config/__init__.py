@@ -445,6 +445,13 @@ def _readState(path, data, base) -> Values:
                 path, "state.secret_file", 'expected the array secret file with backend = "redis"'
             )
     _requireFile(path, "state.secret_file", state.secret_file, "secret file")
+    if state.backend == "redis":
+        from casd.state.keys import SecretError, readSecret
+
+        try:
+            readSecret(state.secret_file)
+        except SecretError as e:
+            raise ConfigError(path, "state.secret_file", str(e)) from None
     _requireFile(path, "state.password_file", state.password_file, "password file")
     _requireFile(path, "state.ca_file", state.ca_file, "CA file")
     return state
