@@ -169,6 +169,15 @@ class FallbackTests(SynchronousTestCase):
         self.assertEqual(self.state.stats.calls, 1)
         self.assertEqual(self.state.stats.fallbacks, 0)
 
+    def test_noTimerLeftWhenAllAnswered(self):
+        first, second = self.state.hit("k", 10), self.state.hit("k", 10)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.remote.pending[0][1].callback(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.remote.pending[1][1].callback(2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), (1, 2))
+
     def test_slowRemoteFallsBackInBoundedTime(self):
         d = self.state.hit("k", 10)
         self.clock.advance(0.049)

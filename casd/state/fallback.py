@@ -43,6 +43,7 @@ class FallbackState:
         self._downSince: float | None = None
         self._retryAt = 0.0
         self._pending: deque = deque()
+        self._inFlight = 0
         self._timer = None
 
     @property
@@ -62,6 +63,7 @@ class FallbackState:
         # One timer for all calls in flight (they expire in the order they were made), rather
         # than one per call: a login's share of Redis stays small.
         self._pending.append((self.clock.seconds() + self.timeout, result, local, args))
+        self._inFlight += 1
         if self._timer is None:
             self._timer = self.clock.callLater(self.timeout, self._sweep)
         try:
@@ -75,6 +77,13 @@ class FallbackState:
         if result.called:
             self.stats.lateReplies += 1
             return None
+        self._inFlight -= 1
+        if not self._inFlight:
+            # Nothing left to time out: no timer left behind either.
+            self._pending.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         if isinstance(value, Failure):
             self._unavailable(value.getErrorMessage() or value.type.__name__)
             self.stats.fallbacks += 1
@@ -104,6 +113,7 @@ class FallbackState:
         for _, result, local, args in expired:
             if result.called:
                 continue
+            self._inFlight -= 1
             self._unavailable(f"no answer within {self.timeout * 1000:g} ms")
             self.stats.fallbacks += 1
             local(*args).chainDeferred(result)

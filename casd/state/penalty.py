@@ -137,8 +137,11 @@ class SharedLoginPenalty(LoginPenalty):
         d = self.state.loginFailed(userKey, addressKey, self.keys.tag(username, password))
 
         def counted(reply):
+            now = self.clock.seconds()
+            known = self._lockedFor(userKey, now) or self._lockedFor(addressKey, now)
             self._learn(reply, userKey, addressKey)
-            if reply.userLockedFor or reply.addressLockedFor:
+            if (reply.userLockedFor or reply.addressLockedFor) and not known:
+                # Once per lockout and node, not for every attempt while it lasts.
                 self.log.warn(
                     "login failures of {user!r} from {client}: locked out array-wide",
                     user=username.lower(),
