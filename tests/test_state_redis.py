@@ -204,3 +204,71 @@ class BlackholeTests(TestCase):
         self.assertEqual(node.stats.outages, 1)
         self.assertFalse(node.stats.available)
         self.assertGreaterEqual(node.stats.fallbacks, 6)
+
+
+class RedisTLSTests(TestCase):
+    """
+    C{rediss://} with C{[state] ca_file} and C{password_file}, through L{StateService} as casd
+    builds it: the server's certificate is verified.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        from tests.support.certs import CertificateAuthority
+
+        self.tmp = os.path.abspath(self.mktemp())
+        os.makedirs(self.tmp)
+        self.ca = CertificateAuthority.create(os.path.join(self.tmp, "ca"))
+        self.redis = RedisServer(
+            os.path.join(self.tmp, "redis"), password=PASSWORD,
+            tls=self.ca.issue(["127.0.0.1"], "redis"), caPath=self.ca.caPath,
+        ).start()
+        self.addCleanup(self.redis.stop)
+        for name, text in (("redis.secret", PASSWORD), ("array.key", "a" * 40)):
+            with open(os.path.join(self.tmp, name), "w") as f:
+                f.write(text + "\n")
+
+    def service(self, caPath):
+        from casd.config import parseConfig
+        from casd.state.service import StateService
+
+        config = parseConfig(
+            f"""
+[state]
+backend = "redis"
+urls = ["{self.redis.url}"]
+password_file = "redis.secret"
+secret_file = "array.key"
+ca_file = "{caPath}"
+timeout = 2.0
+""",
+            os.path.join(self.tmp, "casd.toml"),
+            [],
+        )
+        service = StateService(config, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return config, service
+
+    @defer.inlineCallbacks
+    def test_verifiedTLSWithPassword(self):
+        config, service = self.service(self.ca.caPath)
+        yield service.remote.ping()
+        penalty = service.penalty(config.auth)
+        delay = yield penalty.failed("alice", b"wrong", client())
+        self.assertEqual(delay, config.auth.failure_delay)
+        self.assertEqual(service.stats.fallbacks, 0)
+        self.assertIn("casd:u:", self.redis.dump())
+
+    @defer.inlineCallbacks
+    def test_unknownCAFallsBack(self):
+        from tests.support.certs import CertificateAuthority
+
+        other = CertificateAuthority.create(os.path.join(self.tmp, "other-ca"))
+        config, service = self.service(other.caPath)
+        penalty = service.penalty(config.auth)
+        delay = yield penalty.failed("alice", b"wrong", client())
+        self.assertEqual(delay, config.auth.failure_delay)
+        self.assertFalse(service.stats.available)
+        self.assertEqual(self.redis.dump(), "")

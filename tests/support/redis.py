@@ -18,9 +18,15 @@ class RedisServer:
     @ivar password: the C{requirepass} password, or C{None}.
     """
 
-    def __init__(self, directory, password=None, host="127.0.0.1", port=None):
+    def __init__(self, directory, password=None, host="127.0.0.1", port=None, tls=None, caPath=None):
+        """
+        @param tls: C{(certPath, keyPath)}: serve TLS only (C{rediss://}), with C{caPath} for
+            L{cli}.
+        """
         self.directory = directory
         self.password = password
+        self.tls = tls
+        self.caPath = caPath
         self.host = host
         self.port = port or freePort()
         self.process = None
@@ -31,12 +37,12 @@ class RedisServer:
 
     @property
     def url(self):
-        return "redis://%s:%d/0" % (self.host, self.port)
+        return "%s://%s:%d/0" % ("rediss" if self.tls else "redis", self.host, self.port)
 
     def _config(self):
         lines = [
             "bind %s" % (self.host,),
-            "port %d" % (self.port,),
+            "port %d" % (0 if self.tls else self.port,),
             "protected-mode no",
             "daemonize no",
             'save ""',
@@ -46,6 +52,13 @@ class RedisServer:
         ]
         if self.password:
             lines.append("requirepass %s" % (self.password,))
+        if self.tls:
+            lines += [
+                "tls-port %d" % (self.port,),
+                "tls-cert-file %s" % (self.tls[0],),
+                "tls-key-file %s" % (self.tls[1],),
+                "tls-auth-clients no",
+            ]
         path = os.path.join(self.directory, "redis.conf")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -76,6 +89,8 @@ class RedisServer:
         command = ["redis-cli", "-h", self.host, "-p", str(self.port), "--no-auth-warning"]
         if self.password:
             command += ["-a", self.password]
+        if self.tls:
+            command += ["--tls", "--cacert", self.caPath]
         return subprocess.run(
             command + [str(a) for a in args], check=True, capture_output=True, text=True, timeout=10
         ).stdout
