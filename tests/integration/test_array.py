@@ -66,6 +66,12 @@ def until(predicate, timeout, what, interval=0.05):
         time.sleep(interval)
 
 
+def _knowsProxyTrusted():
+    from casd.config.settings import LISTENER_SETTINGS
+
+    return any(s.key == "proxy_trusted" for s in LISTENER_SETTINGS)
+
+
 class _SourceIMAP(imaplib.IMAP4):
     """
     imaplib's client, from a chosen source address (the penalty counts per address).
@@ -134,6 +140,9 @@ class ArrayFixture:
     def nodeConfig(self, i):
         server, address = self.ns.serverAddress(i), self.ns.nodeAddress(i)
         cert, key = self.cert
+        # HAProxy reaches node i from the test's side of its link.  Listeners that name their
+        # load balancers (proxy_trusted, required on haproxy: endpoints once it exists) get it.
+        trust = f'proxy_trusted = ["{server}/32"]' if _knowsProxyTrusted() else ""
         return f"""
 [server]
 hostname = "node{i}"
@@ -182,12 +191,14 @@ tls = "implicit"
 [imap]
 [[imap.listen]]
 endpoint = "haproxy:tcp:{self.imapPort}:interface={address}"
+{trust}
 
 [pop3]
 enabled = true
 max_sessions_per_user = 1
 [[pop3.listen]]
 endpoint = "haproxy:tcp:{self.pop3Port}:interface={address}"
+{trust}
 """
 
     def startNode(self, i):
