@@ -126,6 +126,29 @@ class LocalStateTests(SynchronousTestCase):
         self.assertFalse(self.result(self.state.isRevoked("r")))
 
 
+class RedisStateShapeTests(SynchronousTestCase):
+    def test_provides(self):
+        from casd.state.redis import RedisState
+
+        self.assertTrue(verifyObject(ISharedState, RedisState([])))
+
+    def test_noConnectionIsAnError(self):
+        from casd.state.redis import RedisState
+
+        state = RedisState([])
+        state.failover()
+        self.assertRaises(IndexError, state.hit, "k", 1)
+
+    def test_parseURL(self):
+        from casd.state.redis import parseURL
+
+        self.assertEqual(
+            parseURL("rediss://:p%40ss@r1.example.com:6380/3"),
+            {"host": "r1.example.com", "port": 6380, "db": 3, "tls": True, "password": "p@ss"},
+        )
+        self.assertEqual(parseURL("redis://r1")["port"], 6379)
+
+
 class _Remote:
     """
     A remote store whose calls wait until the test answers them.
