@@ -149,6 +149,24 @@ class RedisStateShapeTests(SynchronousTestCase):
         self.assertEqual(parseURL("redis://r1")["port"], 6379)
 
 
+class RevocationSetTests(SynchronousTestCase):
+    def test_sharedAndHashed(self):
+        from casd import interfaces
+        from casd.state.revocation import RevocationSet
+
+        clock = Clock()
+        store = LocalState(clock)
+        revocations = RevocationSet(store, KeyMaker(SECRET))
+        if hasattr(interfaces, "IRevocationSet"):
+            self.assertTrue(verifyObject(interfaces.IRevocationSet, revocations))
+        self.successResultOf(revocations.add("token-1", 30))
+        self.assertTrue(self.successResultOf(RevocationSet(store, KeyMaker(SECRET)).contains("token-1")))
+        self.assertFalse(self.successResultOf(revocations.contains("token-2")))
+        self.assertNotIn("token-1", " ".join(store._revoked))
+        clock.advance(30)
+        self.assertFalse(self.successResultOf(revocations.contains("token-1")))
+
+
 class _Remote:
     """
     A remote store whose calls wait until the test answers them.

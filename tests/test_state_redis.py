@@ -21,7 +21,7 @@ from casd.state.keys import KeyMaker
 from casd.state.local import LocalState
 from casd.state.penalty import SharedLoginPenalty
 from casd.state.redis import RedisState, connect
-from casd.state.service import RevocationSet
+from casd.state.revocation import RevocationSet
 from casd.state.sessions import SessionLimiter
 from casd.testing import MemoryDirectory
 from tests.support.redis import Blackhole, RedisServer

@@ -16,24 +16,8 @@ from casd.state import StateStats
 from casd.state.fallback import FallbackState
 from casd.state.keys import KeyMaker, readSecret
 from casd.state.local import LocalState
+from casd.state.revocation import RevocationSet
 from casd.state.sessions import SessionLimiter
-
-
-class RevocationSet:
-    """
-    Revoked tokens (forms cookies after logoff), shared by the array: the C{IRevocationSet} of
-    the HTTP front end over the shared state.  Token IDs are HMAC-ed before they are stored.
-    """
-
-    def __init__(self, state, keys: KeyMaker) -> None:
-        self.state = state
-        self.keys = keys
-
-    def add(self, tokenId: str, expiresAt: float):
-        return self.state.revoke(self.keys.key("r", tokenId), expiresAt)
-
-    def contains(self, tokenId: str):
-        return self.state.isRevoked(self.keys.key("r", tokenId))
 
 
 class StateService(service.Service):
