@@ -36,7 +36,9 @@ class Node:
     """
 
     def __init__(self, url, directory, timeout, password=PASSWORD, userLockout=3):
-        self.connection = connect(url, password=password, connectTimeout=1.0, replyTimeout=1.0)
+        # txredisapi's own bounds generous: on a loaded machine AUTH may take a second, and a
+        # connection it drops mid-AUTH logs an error (the decisions' bound is C{timeout}).
+        self.connection = connect(url, password=password, connectTimeout=5.0, replyTimeout=5.0)
         settings = dict(initialDelay=0.01, maxDelay=0.08, userLockout=userLockout, lockoutDuration=60)
         self.remote = RedisState([self.connection], expiry=900, userLockout=userLockout,
                                  lockoutDuration=60)
@@ -242,6 +244,7 @@ password_file = "redis.secret"
 secret_file = "array.key"
 ca_file = "{caPath}"
 timeout = 2.0
+connect_timeout = 10.0
 """,
             os.path.join(self.tmp, "casd.toml"),
             [],
