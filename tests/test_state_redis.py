@@ -39,8 +39,9 @@ class Node:
         # txredisapi's own bounds generous: on a loaded machine AUTH may take a second, and a
         # connection it drops mid-AUTH logs an error (the decisions' bound is C{timeout}).
         self.connection = connect(url, password=password, connectTimeout=5.0, replyTimeout=5.0)
+        make = lambda: connect(url, password=password, connectTimeout=5.0, replyTimeout=5.0)
         settings = dict(initialDelay=0.01, maxDelay=0.08, userLockout=userLockout, lockoutDuration=60)
-        self.remote = RedisState([self.connection], expiry=900, userLockout=userLockout,
+        self.remote = RedisState([self.connection], [make], expiry=900, userLockout=userLockout,
                                  lockoutDuration=60)
         self.local = LocalState(reactor, LoginPenalty(reactor, **settings))
         self.stats = StateStats(backend="redis")
@@ -57,7 +58,7 @@ class Node:
         return self.authenticator.login(makeCredentials(user, password), client(host))
 
     def close(self):
-        return self.connection.disconnect()
+        return self.remote.close()
 
 
 class RedisStateTests(TestCase):
@@ -183,6 +184,38 @@ class RedisStateTests(TestCase):
             )
             replies.append(reply.addressCount)
         self.assertEqual(replies, [1, 2, 3])
+
+
+    @defer.inlineCallbacks
+    def test_givenUpConnectionRevived(self):
+        """
+        txredisapi stops reconnecting for good when AUTH fails on a reconnection (a Redis
+        restarting with its password not yet set, say); the node connects afresh on its next
+        probe and shares again.
+        """
+        from casd.state.redis import _givenUp
+
+        (a,) = yield self.nodes(1, timeout=0.05)
+        self.redis.cli("CONFIG", "SET", "requirepass", "not-yet")
+        self.redis.password = "not-yet"
+        self.redis.cli("CLIENT", "KILL", "TYPE", "normal")
+        for _ in range(200):
+            if _givenUp(a.remote.connection):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(_givenUp(a.remote.connection))
+        user = yield a.login(b"right")
+        self.assertEqual(user.login, "alice")
+        self.assertFalse(a.stats.available)
+        self.redis.cli("CONFIG", "SET", "requirepass", PASSWORD)
+        self.redis.password = PASSWORD
+        for _ in range(200):
+            yield a.state.hit("probe", 10)
+            if a.stats.available:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(a.stats.available)
+        self.assertFalse(_givenUp(a.remote.connection))
 
 
 class BlackholeTests(TestCase):

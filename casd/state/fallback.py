@@ -58,6 +58,9 @@ class FallbackState:
                 return local(*args)
             # This call probes Redis; until it is answered, the others stay local.
             self._retryAt = self.clock.seconds() + self.retryInterval
+            revive = getattr(self.remote, "revive", None)
+            if revive is not None and revive():
+                self.log.info("shared state (Redis): connecting afresh")
         self.stats.calls += 1
         result = defer.Deferred()
         # One timer for all calls in flight (they expire in the order they were made), rather

@@ -155,7 +155,7 @@ def connect(url: str, password=None, tlsOptions=None, connectTimeout=2.0, replyT
 
     where = parseURL(url)
     tls = tlsOptions(where["host"]) if where["tls"] and tlsOptions is not None else where["tls"]
-    return txredisapi.lazyConnectionPool(
+    connection = txredisapi.lazyConnectionPool(
         host=where["host"],
         port=where["port"],
         # No SELECT for database 0 (the default): one command less on every (re)connection.
@@ -167,6 +167,24 @@ def connect(url: str, password=None, tlsOptions=None, connectTimeout=2.0, replyT
         connectTimeout=connectTimeout,
         replyTimeout=replyTimeout,
         convertNumbers=True,
+    )
+    # A failed connection set-up (AUTH refused, or the link lost during it) fails this Deferred,
+    # which nobody else waits on; the fallback logs the outage once instead.
+    connection._connected.addErrback(lambda f: None)
+    return connection
+
+
+def _givenUp(connection) -> bool:
+    """
+    Whether txredisapi stopped reconnecting C{connection} on its own: it does so for good when
+    a connection's set-up (C{AUTH}, C{SELECT}) fails, even when the link was only lost meanwhile
+    (a Redis restarting).  Private attributes of txredisapi 1.6, read defensively.
+    """
+    factory = getattr(connection, "_factory", None)
+    return bool(
+        factory is not None
+        and getattr(factory, "stopped", False)
+        and not getattr(factory, "disconnectCalled", False)
     )
 
 
@@ -180,11 +198,13 @@ class RedisState:
 
     @ivar connections: one lazy connection per configured server; the first is used until
         L{failover} moves on to the next (a replica promoted by Sentinel, say).
+    @ivar makers: one C{callable() -> connection} per server, for L{revive}.
     """
 
     def __init__(
         self,
         connections,
+        makers=(),
         expiry: float = 900.0,
         userLockout: int = 0,
         addressLockout: int = 0,
@@ -193,6 +213,7 @@ class RedisState:
         lease: float = 60.0,
     ) -> None:
         self.connections = list(connections)
+        self.makers = list(makers)
         self.current = 0
         self._penaltyArgs = (
             int(expiry * 1000),
@@ -213,6 +234,17 @@ class RedisState:
         """
         if self.connections:
             self.current = (self.current + 1) % len(self.connections)
+
+    def revive(self) -> bool:
+        """
+        Replace the current connection if txredisapi gave it up (see L{_givenUp}).
+
+        @return: whether it was replaced.
+        """
+        if not self.connections or not self.makers or not _givenUp(self.connection):
+            return False
+        self.connections[self.current] = self.makers[self.current]()
+        return True
 
     def _keys(self, userKey, addressKey):
         return [userKey] if addressKey is None else [userKey, addressKey]

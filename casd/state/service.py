@@ -99,12 +99,13 @@ class StateService(service.Service):
                 url, password, tlsOptions, settings.connect_timeout, max(settings.connect_timeout, 1.0)
             )
         )
-        return [make(url) for url in settings.urls]
+        return [lambda url=url: make(url) for url in settings.urls]
 
     def startService(self) -> None:
         super().startService()
         if self.remote is not None:
-            self.remote.connections = self._connections()
+            self.remote.makers = self._connections()
+            self.remote.connections = [make() for make in self.remote.makers]
             # Connect now rather than on the first login; an error is the fallback's business.
             self.remote.ping().addErrback(lambda f: None)
             self.log.info(
