@@ -377,6 +377,50 @@ class POP3SessionLimitTests(TranscriptMixin, SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 2)
 
 
+class _SlowStore(LocalState):
+    """
+    A local store whose slot requests wait until the test answers them.
+    """
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.waiting = []
+        self.released = []
+
+    def acquire(self, key, limit, token):
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+    def release(self, key, token):
+        self.released.append(token)
+        return defer.succeed(None)
+
+
+class POP3SlotRaceTests(TranscriptMixin, SynchronousTestCase):
+    """
+    A client that leaves while its slot is being taken does not keep the slot.
+    """
+
+    descriptor = pop3
+    config = POP3SessionLimitTests.config
+    listener = 1
+    users = POP3SessionLimitTests.users
+
+    def test_clientGoneBeforeSlotAnswered(self):
+        store = _SlowStore(self.reactor)
+        limiter = self.context.state.sessions = SessionLimiter(store, KeyMaker(SECRET))
+        self.connect()
+        self.send(b"USER alice\r\n")
+        self.send(b"PASS secret\r\n")
+        self.assertEqual(len(store.waiting), 1)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        store.waiting[0].callback(True)
+        self.assertEqual(limiter.held(), 0)
+        self.assertEqual(len(store.released), 1)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+
 class StateConfigTests(SynchronousTestCase):
     def parse(self, text):
         return parseConfig(text, "test.toml", [])
