@@ -134,3 +134,62 @@ class HealthProbe:
     expect: bytes
     send: bytes = b""
     quit: bytes = b""
+
+class ISharedState(Interface):
+    """
+    The state an array of casd nodes shares: login penalties and lockouts, per-user session
+    counts, rate counters.  L{casd.state.local.LocalState} keeps it in this node's memory (the
+    default, and the fallback); L{casd.state.redis.RedisState} keeps it in Redis, where every
+    operation is one atomic round trip.  Keys are opaque strings the caller has already made
+    unreadable (L{casd.state.keys.KeyMaker}): no user name, address, password or cookie reaches
+    the store.  Every method returns a L{Deferred}.
+    """
+
+    def loginFailed(userKey, addressKey, digest):
+        """
+        Count a failed login for a user and (unless C{addressKey} is C{None}) an address; a
+        repeat of a recent C{digest} (the same wrong password again) does not count.
+
+        @return: a L{Deferred} firing with a L{casd.state.PenaltyReply}.
+        """
+
+    def loginSucceeded(userKey, addressKey):
+        """
+        A login succeeded: clear the user's and address's failures, unless one is locked out.
+
+        @return: a L{Deferred} firing with a L{casd.state.PenaltyReply} (its lockouts say
+            whether the login must still be refused).
+        """
+
+    def acquire(key, limit, token):
+        """
+        Take one of C{limit} slots under C{key} (a user's sessions) for C{token}.
+
+        @return: a L{Deferred} firing with C{True} when taken, C{False} when all are in use.
+        """
+
+    def release(key, token):
+        """
+        Give C{token}'s slot under C{key} back.
+
+        @return: a L{Deferred} firing with C{None}.
+        """
+
+    def hit(key, window):
+        """
+        Count one event under C{key} in the current window of C{window} seconds.
+
+        @return: a L{Deferred} firing with the events counted in this window, this one included.
+        """
+
+    def revoke(key, expiresAt):
+        """
+        Remember C{key} (a revoked token's opaque key) until C{expiresAt} (POSIX time).
+
+        @return: a L{Deferred} firing with C{None}.
+        """
+
+    def isRevoked(key):
+        """
+        @return: a L{Deferred} firing with C{True} when C{key} was revoked and has not expired.
+        """

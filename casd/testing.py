@@ -37,6 +37,7 @@ from twisted.internet.testing import StringTransport
 from casd.auth import UserRecord
 from casd.auth.authenticator import Authenticator, MailboxRealm
 from casd.auth.penalty import LoginPenalty
+from casd.state.service import StateService
 from casd.pool.connector import BackendConnector
 from casd.config import parseConfig
 from casd.service.context import CASContext
@@ -155,6 +156,7 @@ def makeContext(reactor, users=None, config: str = DEFAULT_CONFIG, protocols=Non
         sessionLog=SessionLog(),
         protocols=protocols,
         directory=directory,
+        state=StateService(cfg, reactor) if cfg.state.backend == "local" else None,
     )
     return context
 

@@ -618,7 +618,9 @@ class SharedState:
     """
 
     def __init__(self, section, context, resolverFactory=None) -> None:
-        self.filter = ConnectionFilter(section, context.reactor, resolverFactory)
+        self.filter = ConnectionFilter(
+            section, context.reactor, resolverFactory, shared=getattr(context, "state", None)
+        )
 
 
 @frozen(eq=False)

@@ -6,7 +6,10 @@ they ask), who may send (blocked senders, an address a user owns), which recipie
 (accepted domains, the recipient look-up cache) and how much an authenticated user may send
 (per-user limits as a policy).
 
-State lives in this node's memory, per listener set of one protocol: limits are per node.
+State lives in this node's memory, per listener set of one protocol: limits are per node, except
+C{connection_rate_limit} with C{[state] backend = "redis"}, which also counts in the array's shared
+state: a node that learns the address is over the limit array-wide refuses it for the rest of the
+window (each node may let one connection more through before it learns).
 """
 
 from __future__ import annotations
@@ -62,9 +65,14 @@ class ConnectionFilter:
 
     log = Logger()
 
-    def __init__(self, section, clock, resolverFactory=None) -> None:
+    def __init__(self, section, clock, resolverFactory=None, shared=None) -> None:
+        """
+        @param shared: the node's L{casd.state.service.StateService}, or C{None}.
+        """
         self.section = section
         self.clock = clock
+        self.shared = shared if shared is not None and shared.isShared else None
+        self._overRate: dict[str, float] = {}
         self.resolverFactory = resolverFactory
         self.resolver = None
         self.open: dict[str, int] = {}
@@ -88,8 +96,13 @@ class ConnectionFilter:
             and self.open.get(host, 0) >= s.max_connections_per_address
         ):
             return Verdict.THROTTLE
-        if s.connection_rate_limit and not self._withinRate(host, s.connection_rate_limit):
-            return Verdict.THROTTLE
+        if s.connection_rate_limit:
+            if self.shared is not None and self._arrayOverRate(host):
+                return Verdict.THROTTLE
+            if not self._withinRate(host, s.connection_rate_limit):
+                return Verdict.THROTTLE
+            if self.shared is not None:
+                self._countArrayWide(host, s.connection_rate_limit)
         self.open[host] = self.open.get(host, 0) + 1
         return Verdict.ACCEPT
 
@@ -99,6 +112,26 @@ class ConnectionFilter:
             self.open[host] = left
         else:
             self.open.pop(host, None)
+
+    def _arrayOverRate(self, host: str) -> bool:
+        until = self._overRate.get(host)
+        if until is None:
+            return False
+        if until <= self.clock.seconds():
+            del self._overRate[host]
+            return False
+        return True
+
+    def _countArrayWide(self, host: str, limit: int) -> None:
+        d = self.shared.shared.hit(self.shared.keys.key("smtp-rate", host), RATE_WINDOW)
+
+        def counted(count):
+            if count > limit:
+                if len(self._overRate) > MAX_TRACKED:
+                    self._overRate.clear()
+                self._overRate[host] = self.clock.seconds() + RATE_WINDOW
+
+        d.addCallbacks(counted, lambda f: None)
 
     def _withinRate(self, host: str, limit: int) -> bool:
         now = self.clock.seconds()

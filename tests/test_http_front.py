@@ -385,17 +385,16 @@ class HealthTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.request(b"GET /owa/healthcheck.htm HTTP/1.1\r\nHost: h\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 503 "))
 
-    def test_drainFile(self):
+    def test_nodeDraining(self):
         """
-        While the drain file exists, every health page is 503.
+        While the node drains (SIGUSR1, C{[server] drain}), the health pages are 503.
         """
-        drain = self.mktemp()
-        self.config = HealthTests.config.replace("https_port = 8443", f'https_port = 8443\ndrain_file = "{drain}"')
-        self.assertTrue(self.get(b"/owa/healthcheck.htm").startswith(b"HTTP/1.1 200 "))
-        open(drain, "w").close()
-        self.assertTrue(self.get(b"/owa/healthcheck.htm").startswith(b"HTTP/1.1 503 "))
-        self.assertTrue(self.get(b"/healthcheck.htm").startswith(b"HTTP/1.1 503 "))
-        os.remove(drain)
+        self.setUp()
+        self.context.node.drain("SIGUSR1")
+        self.request(b"GET /owa/healthcheck.htm HTTP/1.1\r\nHost: h\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 503 "), out)
+        self.assertIn(b"draining (SIGUSR1)", out)
 
 
 SITES_CONFIG = """

@@ -62,23 +62,30 @@ def wrapCheckers(checkers, config, clock):
     return checker
 
 
-def buildAuthenticator(checker, config, clock) -> Authenticator:
+def buildAuthenticator(checker, config, clock, state=None) -> Authenticator:
     """
     The shared login path over C{checker}, with the penalty C{[auth]} configures.
+
+    @param state: the L{casd.state.service.StateService}: with C{[state] backend = "redis"} the
+        penalty is the array's.
     """
     portal = Portal(MailboxRealm(), [checker])
-    return Authenticator(portal, clock, penalty=LoginPenalty.fromConfig(clock, config.auth))
+    penalty = state.penalty(config.auth) if state is not None else None
+    if penalty is None:
+        penalty = LoginPenalty.fromConfig(clock, config.auth)
+    return Authenticator(portal, clock, penalty=penalty)
 
 
-def buildAuthentication(config, reactor, runInThread, ldapEndpointFor=None):
+def buildAuthentication(config, reactor, runInThread, ldapEndpointFor=None, state=None):
     """
+    @param state: see L{buildAuthenticator}.
     @return: C{(authenticator, directory, checkers)}: the login path, the one checker behind it
         (cached; for look-ups without a password) and the raw checkers.
     @raise ConfigError: when a file the configuration names is unusable.
     """
     checkers = buildCheckers(config, reactor, runInThread, ldapEndpointFor)
     directory = wrapCheckers(checkers, config, reactor)
-    return buildAuthenticator(directory, config, reactor), directory, checkers
+    return buildAuthenticator(directory, config, reactor, state), directory, checkers
 
 
 class AuthResourcesService(service.Service):

@@ -54,7 +54,8 @@ class Authenticator:
     def __init__(self, portal: Portal, clock, failureDelay: float = 2.0, penalty=None) -> None:
         """
         @param failureDelay: the first delay of the default penalty, when C{penalty} is not given.
-        @param penalty: a L{LoginPenalty}.
+        @param penalty: a L{LoginPenalty}, or the array's L{casd.state.penalty.SharedLoginPenalty}
+            (its C{failed} and C{succeeded} answer with L{Deferred}s).
         """
         self.portal = portal
         self.clock = clock
@@ -110,23 +111,31 @@ class Authenticator:
         return d
 
     def _succeeded(self, avatar, credentials, client):
-        self.penalty.succeeded(credentials.username, client)
+        verdict = self.penalty.succeeded(credentials.username, client)
+        if isinstance(verdict, defer.Deferred):
+            # The array's penalty (casd/state/penalty.py): a lockout elsewhere still refuses.
+            return verdict.addCallback(self._stillLocked, avatar, credentials, client)
         return avatar
+
+    def _stillLocked(self, reason, avatar, credentials, client):
+        if not reason:
+            return avatar
+        self.log.warn(
+            "login of {user!r} from {client} refused: {reason}",
+            user=credentials.username,
+            client=client.peerHost,
+            reason=reason,
+        )
+        d = self._wait(self.penalty.currentDelay(client))
+        d.addCallback(lambda _: defer.fail(Throttled(reason)))
+        return d
 
     def _refused(self, failure, credentials, client):
         if failure.check(AuthenticationFailed):
             delay = self.penalty.failed(credentials.username, credentials.password, client)
-            self.log.info(
-                "authentication failed for {user!r} from {client}: {reason} (answered after"
-                " {delay:g} s)",
-                user=credentials.username,
-                client=client.peerHost,
-                reason=str(failure.value),
-                delay=delay,
-            )
-            d = self._wait(delay)
-            d.addCallback(lambda _: failure)
-            return d
+            if isinstance(delay, defer.Deferred):
+                return delay.addCallback(self._answerFailure, failure, credentials, client)
+            return self._answerFailure(delay, failure, credentials, client)
         if failure.check(DirectoryUnavailable):
             self.log.warn(
                 "authentication of {user!r} from {client} failed temporarily: {reason}",
@@ -135,6 +144,19 @@ class Authenticator:
                 reason=str(failure.value),
             )
         return failure
+
+    def _answerFailure(self, delay, failure, credentials, client):
+        self.log.info(
+            "authentication failed for {user!r} from {client}: {reason} (answered after"
+            " {delay:g} s)",
+            user=credentials.username,
+            client=client.peerHost,
+            reason=str(failure.value),
+            delay=delay,
+        )
+        d = self._wait(delay)
+        d.addCallback(lambda _: failure)
+        return d
 
     def _login(self, credentials, client):
         if not credentials.password:

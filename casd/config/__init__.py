@@ -43,6 +43,7 @@ from casd.config.settings import (  # re-exported: importers use casd.config
     SERVER_SETTINGS,
     SITE_SETTINGS,
     SNI_SETTINGS,
+    STATE_SETTINGS,
     Setting,
     TIMEOUT_KEYS,
     TLS_MODES,
@@ -204,6 +205,9 @@ class CASConfig:
     log: Values = field(factory=lambda: Values({s.key: s.default for s in LOG_SETTINGS}))
     #: The C{[autodiscover]} section (L{casd.config.clientsettings}).
     autodiscover: AutodiscoverConfig = field(factory=defaultAutodiscoverConfig)
+
+    #: The C{[state]} section: where the array's shared state lives.
+    state: Values = field(factory=lambda: Values({s.key: s.default for s in STATE_SETTINGS}))
 
     @property
     def hostname(self) -> str:
@@ -474,7 +478,38 @@ TOP_LEVEL = (
     "server", "tls", "auth", "ldap", "routing", "backend", "backends", "groups", "sites", "health", "demo",
     "admin", "log",
     "autodiscover",
+
+    "state",
 )
+
+
+def _readState(path, data, base) -> Values:
+    from casd.state.redis import RedisURLError, parseURL
+
+    state = readSection(path, "state", data.get("state", {}), STATE_SETTINGS, base)
+    for url in state.urls:
+        try:
+            parseURL(url)
+        except RedisURLError as e:
+            raise ConfigError(path, "state.urls", str(e)) from None
+    if state.backend == "redis":
+        if not state.urls:
+            raise ConfigError(path, "state.urls", 'expected at least one redis:// URL with backend = "redis"')
+        if not state.secret_file:
+            raise ConfigError(
+                path, "state.secret_file", 'expected the array secret file with backend = "redis"'
+            )
+    _requireFile(path, "state.secret_file", state.secret_file, "secret file")
+    if state.backend == "redis":
+        from casd.state.keys import SecretError, readSecret
+
+        try:
+            readSecret(state.secret_file)
+        except SecretError as e:
+            raise ConfigError(path, "state.secret_file", str(e)) from None
+    _requireFile(path, "state.password_file", state.password_file, "password file")
+    _requireFile(path, "state.ca_file", state.ca_file, "CA file")
+    return state
 
 
 def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
@@ -537,6 +572,8 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
         raise ConfigError(path, "admin.tls", "expected [tls] certificate and key for an HTTPS admin listener")
     logSection = readSection(path, "log", data.get("log", {}), LOG_SETTINGS, base)
     autodiscover = readAutodiscover(path, data, base)
+
+    state = _readState(path, data, base)
     for section in sections.values():
         for listener in section.listeners:
             if listener.wrapTLS and not tls.enabled:
@@ -564,6 +601,8 @@ def parseConfig(text: str, path: str, protocols: Iterable[Any]) -> CASConfig:
         admin=admin,
         log=logSection,
         autodiscover=autodiscover,
+
+        state=state,
     )
 
 
@@ -609,4 +648,6 @@ def allSettings() -> dict[str, tuple[Setting, ...]]:
         "log": LOG_SETTINGS,
         "autodiscover": AUTODISCOVER_SETTINGS,
         "autodiscover.domains.NAME": DOMAIN_SETTINGS,
+
+        "state": STATE_SETTINGS,
     }

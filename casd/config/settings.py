@@ -642,6 +642,14 @@ PROTOCOL_COMMON_SETTINGS = (
         "Seconds without a byte either way before a relayed session is closed.",
         minimum=1,
     ),
+    Setting(
+        "max_sessions_per_user",
+        "int",
+        0,
+        "Sessions of this protocol one user may have open at once, across the array when"
+        " C{[state] backend} is \"redis\" (POP3 answers C{-ERR [IN-USE]}); 0: no limit.",
+        minimum=0,
+    ),
 )
 
 LISTENER_SETTINGS = (
@@ -673,6 +681,63 @@ LISTENER_SETTINGS = (
         "On a haproxy: endpoint, a peer outside C{proxy_trusted}: close, or ignore (header read, the"
         " peer's own address used).",
         choices=("close", "ignore"),
+    ),
+)
+
+STATE_SETTINGS = (
+    Setting(
+        "backend",
+        "choice",
+        "local",
+        "Where the state an array shares lives (penalties, lockouts, per-user session counts):"
+        " local (this node's memory) or redis.",
+        choices=("local", "redis"),
+    ),
+    Setting(
+        "urls",
+        "strlist",
+        (),
+        "Redis servers, redis://HOST[:PORT][/DB] or rediss://... (TLS); the first is used, the"
+        " next after an outage (required with backend = \"redis\").",
+    ),
+    Setting("password_file", "path", "", "File whose first line is the Redis password (AUTH)."),
+    Setting(
+        "ca_file",
+        "path",
+        "",
+        "PEM file of the CAs that sign rediss:// servers' certificates; empty: the system's.",
+    ),
+    Setting(
+        "secret_file",
+        "path",
+        "",
+        "The array secret (at least 32 bytes, the same file on every node): Redis keys are HMACs"
+        " made with it, never names or passwords (required with backend = \"redis\").",
+    ),
+    Setting("key_prefix", "str", "casd:", "Prefix of every Redis key casd writes."),
+    Setting(
+        "timeout",
+        "float",
+        0.05,
+        "Seconds a decision waits for Redis before it is taken from this node's memory.",
+        minimum=0.001,
+    ),
+    Setting("connect_timeout", "float", 2.0, "Seconds to connect to Redis.", minimum=0.001),
+    Setting(
+        "retry_interval",
+        "float",
+        1.0,
+        "Seconds between attempts to reach Redis again during an outage (meanwhile decisions are"
+        " local at once).",
+        minimum=0.01,
+    ),
+    Setting(
+        "session_lease",
+        "float",
+        60.0,
+        "Seconds a per-user session slot lives in Redis unless its node renews it (a node that"
+        " dies frees its slots after this).",
+        minimum=1,
     ),
 )
 
@@ -708,6 +773,7 @@ __all__ = [
     "PROTOCOL_COMMON_SETTINGS",
     "LISTENER_SETTINGS",
     "DEMO_SETTINGS",
+    "STATE_SETTINGS",
     "ConfigError",
     "Setting",
     "Values",

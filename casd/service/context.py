@@ -32,6 +32,9 @@ class CASContext:
     @ivar node: the node's own L{NodeState} (draining or not).
     @ivar metrics: the node's L{casd.service.metrics.Metrics} when the admin listener is on, else
         C{None}.
+
+    @ivar state: the L{casd.state.service.StateService} (shared state of the array: session
+        limits, revocations, its stats), or C{None} (no per-user session limits).
     """
 
     reactor: object
@@ -46,3 +49,5 @@ class CASContext:
     directory: object = None
     node: NodeState = field(factory=NodeState)
     metrics: object = None
+
+    state: object = None

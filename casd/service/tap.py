@@ -30,6 +30,8 @@ from casd.service.node import NodeService
 from casd.session.protolog import SessionLog
 from casd.service.proxyproto import listenerEndpoint
 from casd.routing.router import defaultRouter
+from casd.state.keys import SecretError
+from casd.state.service import StateService
 from casd.tls import ClientTLS, ServerTLS
 
 log = Logger()
@@ -114,15 +116,18 @@ class _ThreadPoolService(service.Service):
         self.pool.stop()
 
 
-def buildContext(config, protocols, reactor, runInThread):
+def buildContext(config, protocols, reactor, runInThread, state=None):
     """
     Assemble the shared context from a validated configuration.
 
     @param runInThread: C{callable(f, *args) -> Deferred}: where password hashes are verified.
+    @param state: the L{StateService} (C{[state]}), or C{None}.
     @raise ConfigError: when a file the configuration names is unusable.
     """
     # Users file, then LDAP, chained, cached, with the login penalty (casd/auth/assembly.py).
-    authenticator, directory, checkers = buildAuthentication(config, reactor, runInThread)
+    authenticator, directory, checkers = buildAuthentication(
+        config, reactor, runInThread, state=state
+    )
     try:
         clientTLS = ClientTLS(config.backend.ca_file)
     except (OSError, ValueError) as e:
@@ -138,6 +143,7 @@ def buildContext(config, protocols, reactor, runInThread):
         sessionLog=SessionLog(),
         protocols=dict(protocols),
         directory=directory,
+        state=state,
     ), checkers
 
 
@@ -165,9 +171,11 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
         return deferToThreadPool(reactor, pool, f, *args)
 
     try:
-        context, checkers = buildContext(config, options.protocols, reactor, runInThread)
+        state = _buildState(config, reactor)
+        context, checkers = buildContext(config, options.protocols, reactor, runInThread, state)
     except ConfigError as e:
         raise SystemExit(f"casd: configuration error: {e}")
+    state.setServiceParent(top)
 
     AuthResourcesService(checkers).setServiceParent(top)
     context, metrics = _addOperations(top, context, checkers, reactor)
@@ -220,6 +228,16 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
             )
     NodeService(reactor, context.node, config.server.shutdown_grace, sessionSets).setServiceParent(top)
     return top
+
+
+def _buildState(config, reactor) -> StateService:
+    """
+    The shared state C{[state]} configures (casd/state/).
+    """
+    try:
+        return StateService(config, reactor)
+    except SecretError as e:
+        raise ConfigError(config.path, "state.secret_file", str(e)) from None
 
 
 def _addOperations(top, context, checkers, reactor):

@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from casd.auth.sasl import makeCredentials
-from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation
+from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation, Throttled
 from casd.session.clientinfo import ClientInfo
 from casd.session.relay import Relay, writeThrough
 from casd.session.sasldriver import SASLDriver
@@ -90,6 +90,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     user = None
     backend = None
     result = "disconnected"
+    #: The per-user session slot this session holds (C{max_sessions_per_user}), else C{None}.
+    _slot = None
     #: The proxy TTL a trusted client announced (IMAP ID C{x-proxy-ttl}), else C{None}: the
     #: router refuses a session whose TTL is spent, so proxies that loop stop.
     proxyTTL: int | None = None
@@ -498,6 +500,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         if not failure.check(CASFailure):
             self.log.failure("login failed unexpectedly", failure)
         self.result = type(failure.value).__name__
+        self._releaseSlot()
         self.loginFailed(token, failure.value)
 
     def proxyLogin(self, credentials):
@@ -514,6 +517,30 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
 
     def _authenticated(self, user, credentials):
         self.user = user
+        limit = getattr(self.section, "max_sessions_per_user", 0)
+        state = self.context.state
+        if limit and state is not None:
+            # Counted array-wide with [state] backend = "redis" (casd/state/sessions.py).
+            d = state.sessions.acquire(self.descriptor.name, user.login, limit)
+            d.addCallback(self._slotAnswered, user, credentials, limit)
+            return d
+        return self._route(user, credentials)
+
+    def _slotAnswered(self, token, user, credentials, limit):
+        if token is None:
+            raise Throttled(f"{user.login!r} already has {limit} {self.descriptor.name} session(s)")
+        self._slot = token
+        if not self.connected or self._closing:
+            self._releaseSlot()
+            raise _ClientGone()
+        return self._route(user, credentials)
+
+    def _releaseSlot(self) -> None:
+        token, self._slot = self._slot, None
+        if token is not None:
+            self.context.state.sessions.release(token)
+
+    def _route(self, user, credentials):
         context = self.context
         d = context.router.locate(user, self.descriptor, ttl=self.proxyTTL)
         d.addCallback(
@@ -568,6 +595,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         if self.relay is not None:
             self.relay.clientLost(reason)
         self._logSession()
+        self._releaseSlot()
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.sessions.discard(self)

@@ -155,13 +155,6 @@ class HTTPProtocol:
             "File of hex HMAC keys (one a line, first signs, all verify) for the routing cookie,"
             " shared by the array; empty: a random key per process.",
         ),
-        Setting(
-            "drain_file",
-            "path",
-            "",
-            "While this file exists the health pages answer 503 (take the node out of the load"
-            " balancer before maintenance).",
-        ),
     )
 
     def __init__(self) -> None:

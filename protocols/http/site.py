@@ -507,9 +507,9 @@ class HTTPSite(server.Site):
         """
         @return: C{None} when C{vdir} (or the node, for C{None}) can serve, else the reason.
         """
-        drain = self.section.drain_file
-        if drain and os.path.exists(drain):
-            return "draining"
+        node = self.context.node
+        if node.draining:
+            return f"draining ({node.reason})"
         if vdir is None:
             return None
         config = self.context.config
