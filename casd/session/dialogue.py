@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connector,tests.test_imap,tests.test_pop3,tests.test_managesieve -*-
+# -*- test-case-name: tests.test_dialogue,tests.test_connector,tests.test_imap,tests.test_pop3,tests.test_managesieve -*-
 """
 The base of every protocol's backend login dialogue: an explicit sequence of commands and
 replies (greeting, STARTTLS, client address, login) over one backend connection, returning a
