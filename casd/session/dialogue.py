@@ -159,7 +159,7 @@ class BackendDialogue(Protocol):
         """
         Send C{line} and give the reply's first line to C{handler} (L{expectLine}).
         """
-        self.transport.write(line + b"\r\n")
+        self.sendLine(line)
         self.expectLine(handler)
 
     def expectLine(self, handler=None) -> None:
