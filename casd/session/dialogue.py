@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connector,tests.test_imap,tests.test_pop3,tests.test_managesieve -*-
+# -*- test-case-name: tests.test_dialogue,tests.test_connector,tests.test_imap,tests.test_pop3,tests.test_managesieve -*-
 """
 The base of every protocol's backend login dialogue: an explicit sequence of commands and
 replies (greeting, STARTTLS, client address, login) over one backend connection, returning a
@@ -159,7 +159,7 @@ class BackendDialogue(Protocol):
         """
         Send C{line} and give the reply's first line to C{handler} (L{expectLine}).
         """
-        self.transport.write(line + b"\r\n")
+        self.sendLine(line)
         self.expectLine(handler)
 
     def expectLine(self, handler=None) -> None:

@@ -26,20 +26,6 @@ from casd.session.steps import SessionSteps
 PAUSE_BUFFER = 65536
 
 
-def renderFailure(table, exc: BaseException, fallback: bytes) -> bytes:
-    """
-    Word a failure of the shared vocabulary in a protocol's terms.
-
-    @param table: C{(exception class, words)} pairs; the first match wins, so list a subclass
-        before its base.
-    @param fallback: the words for anything the table does not name (an internal error).
-    """
-    for kind, words in table:
-        if isinstance(exc, kind):
-            return words
-    return fallback
-
-
 @frozen
 class Wording:
     """
@@ -96,8 +82,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     #: router refuses a session whose TTL is spent, so proxies that loop stop.
     proxyTTL: int | None = None
 
-    #: The protocol's words for the shared failures: C{(exception class, bytes)} pairs for
-    #: L{renderFailure}, first match wins (e.g. IMAP's C{NO [UNAVAILABLE] ...}).
+    #: The protocol's words for the shared failures: C{(exception class, bytes)} pairs, first
+    #: match wins (e.g. IMAP's C{NO [UNAVAILABLE] ...}); see L{renderFailure}.
     failures: tuple = ()
     #: The words for a failure that L{failures} does not name.
     internalFailure = b"Internal error, try again later."
@@ -269,9 +255,13 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
 
     def renderFailure(self, exc: BaseException) -> bytes:
         """
-        @return: the protocol's words for C{exc}, from L{failures}.
+        @return: the protocol's words for C{exc}: the first entry of L{failures} whose class it
+            is an instance of (list a subclass before its base), else L{internalFailure}.
         """
-        return renderFailure(self.failures, exc, self.internalFailure)
+        for kind, words in self.failures:
+            if isinstance(exc, kind):
+                return words
+        return self.internalFailure
 
     def badCommand(self) -> bool:
         """
