@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover_web -*-
 """
 C{casd dns-records DOMAIN}: the DNS records to publish so that clients find casd, and the names
 its TLS certificate must cover.

@@ -28,28 +28,30 @@ from casd.config.clientsettings import (
 )
 from casd.config.settings import (  # re-exported: importers use casd.config
     AUTH_SETTINGS,
-    BACKEND_PROTOCOL_SETTINGS,
-    BACKEND_SERVER_SETTINGS,
-    BACKEND_SETTINGS,
     ConfigError,
     DEMO_SETTINGS,
-    GROUP_SETTINGS,
-    HEALTH_SETTINGS,
     LDAP_SETTINGS,
     LISTENER_SETTINGS,
-    LOCATORS,
     PROTOCOL_COMMON_SETTINGS,
-    ROUTING_SETTINGS,
     SERVER_SETTINGS,
-    SITE_SETTINGS,
     SNI_SETTINGS,
     STATE_SETTINGS,
     Setting,
-    TIMEOUT_KEYS,
     TLS_MODES,
     TLS_SETTINGS,
     Values,
     readSection,
+)
+from casd.config.routingsettings import (  # re-exported too
+    BACKEND_PROTOCOL_SETTINGS,
+    BACKEND_SERVER_SETTINGS,
+    BACKEND_SETTINGS,
+    GROUP_SETTINGS,
+    HEALTH_SETTINGS,
+    LOCATORS,
+    ROUTING_SETTINGS,
+    SITE_SETTINGS,
+    TIMEOUT_KEYS,
 )
 from casd.config.operations import ADMIN_SETTINGS, LOG_SETTINGS
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover -*-
 """
 What clients are told to configure: host names, ports, TLS modes and URLs, derived from the
 listeners and the C{[autodiscover]} section.

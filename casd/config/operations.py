@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 The operator's sections: C{[admin]} (the admin listener: metrics, health, status, dashboard) and
 C{[log]} (casd's own log file and its format).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_demo -*-
 """
 casd's in-process DEMO web backend and the demo's HTTPS certificate.  DEMO ONLY.
 

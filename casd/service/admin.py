@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.integration.test_operations -*-
 """
 The admin listener (C{[admin] listen}): C{/metrics} (Prometheus), C{/health} (for a load balancer
 or Kubernetes), C{/status} (JSON) and a dashboard page built from C{/status}.

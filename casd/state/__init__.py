@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 The state an array of casd nodes shares (L{casd.interfaces.ISharedState}): login penalties and
 lockouts, per-user session counts, rate counters, revoked tokens.

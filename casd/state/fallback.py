@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 Redis first, this node's memory when Redis does not answer in time.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 Opaque store keys: nothing a user typed (a name, an address, a password, a cookie) reaches the
 shared store; it sees HMACs made with the array secret every node is given.

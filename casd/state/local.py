@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 The shared state kept in this node's memory: the default, and the fallback while Redis is away.
 """

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 The login penalty of an array: L{LoginPenalty}'s rules, counted in the shared state.
 

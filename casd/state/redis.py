@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 The shared state in Redis, through txredisapi (Twisted-native: the reactor never waits on it).
 

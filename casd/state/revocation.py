@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 Revoked tokens (forms cookies after logoff), shared by the array: the HTTP front end's
 C{IRevocationSet} over the shared state, so that a cookie revoked through one node is refused by

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 The shared state as a service of the node: built from C{[state]}, connected when casd starts,
 disconnected when it stops, renewing the session leases meanwhile.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_state,tests.test_state_redis -*-
 """
 Per-user session limits (C{max_sessions_per_user}), counted in the shared state so that they
 hold across an array: a POP3 user's second session is refused with C{-ERR [IN-USE]} whichever

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 The HTTP front end: virtual directories (C{/owa}, C{/EWS}, C{/Microsoft-Server-ActiveSync}, C{/dav},
 ...) authenticated once through the core's portal, routed per user and proxied through a pooled,

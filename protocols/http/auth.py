@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 HTTP authentication: one layer for every vdir, in front of the core's shared login path.
 

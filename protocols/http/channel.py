@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_smuggling,tests.test_http_site -*-
 """
 The client connection of the HTTP front end: Twisted's HTTP/1.1 parser, made stricter where a
 front end must be (obs-fold and bare LF refused, a deadline for the header section, 100-continue

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_smuggling,tests.test_http_front -*-
 """
 Header handling of the HTTP proxy: what goes to the backend, what comes back.
 

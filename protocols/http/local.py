@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 Local services: answers casd gives itself, without a backend (health pages, Autodiscover,
 autoconfig, the logon page).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 The backend side of the HTTP proxy: one L{twisted.web.client.Agent} and
 L{twisted.web.client.HTTPConnectionPool} per backend member, bodies streamed both ways.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 Where an authenticated HTTP request goes, in Exchange's order:
 

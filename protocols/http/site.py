@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 The HTTP front end's server side: a L{twisted.web.server.Site} whose requests start their backend
 request as soon as the headers are in, and stream the body both ways.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 The shared failures (L{casd.failures}) in HTTP's words.
 

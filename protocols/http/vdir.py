@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 Virtual directories: the C{[[http.vdir]]} tables and the matching of a request path to one.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 Thunderbird's autoconfig (C{/mail/config-v1.1.xml} on C{autoconfig.DOMAIN}, and
 C{/.well-known/autoconfig/mail/config-v1.1.xml}): a C{clientConfig version="1.1"}.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 What every Autodiscover flavour shares: hardened XML parsing, the size limit, and the one
 decision of what a user may be told about an address.

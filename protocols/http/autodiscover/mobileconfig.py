@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 Apple configuration profiles (C{.mobileconfig}): a mail account (C{com.apple.mail.managed},
 IMAP or POP3 plus SMTP) and, where ActiveSync is advertised, an Exchange account

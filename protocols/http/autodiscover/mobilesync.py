@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 ActiveSync devices' Autodiscover answers (MS-ASCMD 2.2.1.1, C{…/mobilesync/responseschema/2006}).
 

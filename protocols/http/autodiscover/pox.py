@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 Plain-old-XML Autodiscover (MS-OXDSCLI): the request parser shared by Outlook and ActiveSync
 devices, and Outlook's response (C{…/outlook/responseschema/2006a}).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 Autodiscover mounted on the HTTP front end as local services (L{protocols.http.local}): answered
 by casd itself, before any vdir, never proxied.

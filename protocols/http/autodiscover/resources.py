@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 The Autodiscover endpoints as C{twisted.web} resources, answered locally (never proxied):
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_autodiscover,tests.test_autodiscover_web -*-
 """
 SOAP Autodiscover (C{/autodiscover/autodiscover.svc}, SOAP 1.1): C{GetUserSettings} and
 C{GetDomainSettings}, as Outlook 2010+, exchangelib and EWS clients call them.
