@@ -1,0 +1,79 @@
+"""
+A private Radicale (CalDAV/CardDAV, from PyPI) on C{127.0.0.1} for integration tests.
+
+It trusts C{X-Remote-User} (C{--auth-type http_x_remote_user}) and lets each user reach only
+their own collections (C{--rights-type owner_only}): casd sets the header, Radicale decides.
+Started as a child process of the test (C{python -m radicale}) and stopped by PID.
+"""
+
+import os
+import subprocess
+import sys
+
+from .procs import freePort, stopPid, waitForPort
+
+
+class Radicale:
+    """
+    @ivar port: the listening port.
+    @ivar pid: the process ID while running.
+    @ivar logPath: Radicale's output.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, directory, auth="http_x_remote_user"):
+        """
+        @param auth: Radicale's C{--auth-type}.
+        """
+        self.directory = os.path.abspath(directory)
+        self.auth = auth
+        self.port = None
+        self.pid = None
+        self._process = None
+        self.logPath = os.path.join(self.directory, "radicale.log")
+
+    @property
+    def url(self):
+        return "http://%s:%d/" % (self.host, self.port)
+
+    def start(self, timeout=20.0):
+        os.makedirs(self.directory, exist_ok=True)
+        self.port = freePort()
+        args = [
+            sys.executable, "-m", "radicale",
+            "--server-hosts", "%s:%d" % (self.host, self.port),
+            "--storage-filesystem-folder", os.path.join(self.directory, "collections"),
+            "--auth-type", self.auth,
+            "--rights-type", "owner_only",
+            "--logging-level", "info",
+        ]
+        self._log = open(self.logPath, "ab")
+        self._process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self._process.pid
+        try:
+            waitForPort(self.host, self.port, timeout=timeout,
+                        alive=lambda: self._process.poll() is None)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("Radicale did not start:\n" + self.logText())
+        return self
+
+    def stop(self):
+        if self.pid is not None:
+            stopPid(self.pid, processGroup=True)
+            self.pid = None
+        if self._process is not None:
+            self._process.wait()
+            self._process = None
+            self._log.close()
+
+    def logText(self):
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
