@@ -62,4 +62,8 @@ def configurationReference(protocols=None) -> str:
         )
         if p.settings:
             out.append(_table(p.settings) + "\n")
+        for s in p.settings:
+            if s.kind == "tables":
+                out.append(f"### `[[{name}.{s.key}]]`\n\n")
+                out.append(_table(s.schema) + "\n")
     return "".join(out)

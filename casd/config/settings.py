@@ -40,11 +40,13 @@ class Setting:
 
     @ivar key: the TOML key.
     @ivar kind: one of C{str}, C{int}, C{float}, C{bool}, C{strlist}, C{path}, C{choice},
-        C{networks}.
+        C{networks}, C{tables} (an array of tables C{[[section.key]]}, each validated against
+        C{schema}; the value is a C{tuple} of L{Values}).
     @ivar default: the value when the key is absent.
     @ivar doc: one sentence for the configuration reference.
     @ivar choices: for C{choice}, the allowed values.
     @ivar minimum: for numbers, the smallest allowed value.
+    @ivar schema: for C{tables}, the L{Setting}s of each table.
     """
 
     key: str
@@ -53,6 +55,7 @@ class Setting:
     doc: str
     choices: tuple = ()
     minimum: float | None = None
+    schema: tuple = ()
 
 
 class Values:
@@ -125,6 +128,12 @@ def _check(path: str, where: str, setting: Setting, value: Any, base: FilePath) 
             return tuple(ipaddress.ip_network(v, strict=False) for v in value)
         except ValueError as e:
             raise bad(f"networks such as \"10.0.0.0/8\" ({e})") from None
+    if kind == "tables":
+        if not isinstance(value, list):
+            raise bad(f"an array of tables [[{where}]]")
+        return tuple(
+            readSection(path, f"{where}[{i}]", item, setting.schema, base) for i, item in enumerate(value)
+        )
     raise AssertionError(f"unknown setting kind {kind!r}")
 
 

@@ -155,7 +155,10 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
             continue
         descriptor = options.protocols[name]
         for listener in section.listeners:
-            factory = descriptor.buildFactory(context, section, listener)
+            try:
+                factory = descriptor.buildFactory(context, section, listener)
+            except ConfigError as e:
+                raise SystemExit(f"casd: configuration error: {e}")
             if listener.wrapTLS:
                 factory = TLSMemoryBIOFactory(context.serverTLS.options, False, factory)
             listenReactor = adopted[listener.name] if adopted is not None else reactor

@@ -1,0 +1,201 @@
+"""
+The HTTP front end: virtual directories (C{/owa}, C{/EWS}, C{/Microsoft-Server-ActiveSync}, C{/dav},
+...) authenticated once through the core's portal, routed per user and proxied through a pooled,
+streaming L{twisted.web.client.Agent}; local services (health pages, Autodiscover) answered by
+casd itself.
+
+The modules: L{vdir} (the C{[[http.vdir]]} tables and matching), L{auth} (Basic, and the seam
+for other methods), L{local} (local services), L{status} (failures as HTTP responses),
+L{routing} (the routing order), L{headers} (what crosses the proxy), L{proxy} (backend agents,
+body streaming) and L{site} (the listener's factory).  See C{docs/protocols/http.md}.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted.plugin import IPlugin
+
+from casd.config import ConfigError, Setting
+from casd.interfaces import ICASProtocol
+from casd.pool.health import HealthProbe
+from protocols.http.vdir import VDIR_SETTINGS
+
+
+def _readKeys(path: str) -> tuple[bytes, ...]:
+    if not path:
+        return ()
+    with open(path, "rb") as f:
+        keys = tuple(bytes.fromhex(line.strip().decode("ascii")) for line in f if line.strip())
+    if not keys or any(len(k) < 16 for k in keys):
+        raise ValueError("expected lines of at least 32 hexadecimal digits")
+    return keys
+
+
+class _Shared:
+    """
+    What every listener of one process shares: the backend agents, the authenticator, the
+    routing cookies.  Built on first use for a context.
+    """
+
+    def __init__(self, context, section, descriptor) -> None:
+        from protocols.http.auth import BasicCredentials, HTTPAuthenticator
+        from protocols.http.proxy import BackendAgents
+        from protocols.http.routing import RequestRouter, RouteCookies
+        from protocols.http.vdir import readVdirs
+
+        config = context.config
+        self.vdirs = readVdirs(config.path, section.vdir)
+        try:
+            keys = _readKeys(section.route_cookie_key_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(config.path, "http.route_cookie_key_file", str(e)) from None
+        self.cookies = RouteCookies(keys, clock=context.reactor.seconds)
+        self.authenticator = HTTPAuthenticator([BasicCredentials(context.authenticator)])
+        self.agents = BackendAgents(
+            context.reactor,
+            context.clientTLS,
+            lambda target: context.connector.timeoutsFor(target)[0],
+            maxConnections=section.backend_connections,
+            maxIdle=section.backend_idle_connections,
+        )
+        self.router = RequestRouter(context, descriptor, self.cookies)
+
+
+@implementer(IPlugin, ICASProtocol)
+class HTTPProtocol:
+    """
+    The descriptor of casd's HTTP front end.
+    """
+
+    name = "http"
+    description = (
+        "HTTP front end: virtual directories authenticated once, routed per user and proxied"
+        " (Outlook on the web, EWS, ActiveSync, MAPI, CalDAV/CardDAV, webmail)"
+    )
+    defaultListeners = ({"endpoint": "tcp:443", "tls": "implicit"},)
+    defaultBackendPort = 80
+    defaultBackendTLS = "none"
+    #: Only HTTP/1.1 is offered in ALPN: Twisted's HTTP/2 cuts idle streams at the site
+    #: timeout, which would end long polls (ActiveSync Ping, RPC channels).
+    alpnProtocols = ("http/1.1",)
+    healthProbe = HealthProbe(
+        expect=b"HTTP/1.",
+        send=b"OPTIONS * HTTP/1.1\r\nHost: casd-health\r\nConnection: close\r\n\r\n",
+    )
+    settings = (
+        Setting(
+            "enabled",
+            "bool",
+            False,
+            "Serve HTTP.  Off unless set, so that a configuration written before casd spoke HTTP"
+            " opens no new port.",
+        ),
+        Setting(
+            "vdir",
+            "tables",
+            (),
+            "The virtual directories, one C{[[http.vdir]]} table each (keys below).",
+            schema=VDIR_SETTINGS,
+        ),
+        Setting(
+            "plain_http",
+            "choice",
+            "redirect",
+            "What a listener with C{tls = \"none\"} does: C{redirect} every request but the"
+            " health pages to https with 301, or C{serve} (behind a load balancer that"
+            " terminated TLS; Basic credentials are then accepted only from trusted clients).",
+            choices=("redirect", "serve"),
+        ),
+        Setting(
+            "https_port",
+            "int",
+            443,
+            "The port C{plain_http = \"redirect\"} sends clients to.",
+            minimum=1,
+        ),
+        Setting(
+            "keepalive_timeout",
+            "float",
+            120.0,
+            "Seconds an idle client connection is kept between requests.",
+            minimum=0.001,
+        ),
+        Setting(
+            "header_timeout",
+            "float",
+            30.0,
+            "Seconds a client has to send a request's headers once it has started it.",
+            minimum=0.001,
+        ),
+        Setting(
+            "backend_connections",
+            "int",
+            256,
+            "Most concurrent requests (connections) to one backend member; more wait.",
+            minimum=1,
+        ),
+        Setting(
+            "backend_idle_connections",
+            "int",
+            32,
+            "Idle persistent connections kept per backend member.",
+            minimum=0,
+        ),
+        Setting(
+            "route_cookie_key_file",
+            "path",
+            "",
+            "File of hex HMAC keys (one a line, first signs, all verify) for the routing cookie,"
+            " shared by the array; empty: a random key per process.",
+        ),
+        Setting(
+            "drain_file",
+            "path",
+            "",
+            "While this file exists the health pages answer 503 (take the node out of the load"
+            " balancer before maintenance).",
+        ),
+    )
+
+    def __init__(self) -> None:
+        self._shared: dict = {}
+
+    def shared(self, context, section) -> _Shared:
+        key = id(context)
+        entry = self._shared.get(key)
+        if entry is None or entry[0] is not context:
+            entry = self._shared[key] = (context, _Shared(context, section, self))
+        return entry[1]
+
+    def buildFactory(self, context, section, listener):
+        from protocols.http.local import loadProviders
+        from protocols.http.site import HTTPSite
+
+        shared = self.shared(context, section)
+        plain = listener.tls != "implicit"
+        site = HTTPSite(
+            context,
+            section,
+            listener,
+            self,
+            shared.vdirs,
+            shared.authenticator,
+            shared.agents,
+            shared.router,
+            redirectToHTTPS=plain and section.plain_http == "redirect",
+        )
+        site.local = loadProviders(context, section, site)
+        return site
+
+    @staticmethod
+    def renderFailure(exc: BaseException) -> bytes:
+        from protocols.http.status import httpError
+
+        error = httpError(exc)
+        return f"{error.code}".encode("ascii")
+
+
+http = HTTPProtocol()
+
+__all__ = ["http", "HTTPProtocol"]

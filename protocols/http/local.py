@@ -1,0 +1,161 @@
+"""
+Local services: answers casd gives itself, without a backend (health pages, Autodiscover,
+autoconfig, the logon page).
+
+The site asks these before the vdirs.  A local service is a path prefix (matched per segment,
+optionally ignoring case) and a L{twisted.web.resource.IResource}; the site reads the request
+body first (within C{max_body_size}), authenticates the request when the service asks for it
+(the user is then C{request.getComponent(IMailboxUser)}... see L{authenticatedUser}), and renders
+the resource with C{request.prepath}/C{postpath} set around the prefix.
+
+Other modules add services through a provider: a callable C{(context, section, site) ->
+iterable of L{LocalService}} named in L{PROVIDERS} (Autodiscover adds its own there).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Iterable
+
+from attrs import frozen
+from zope.interface import Attribute, Interface
+
+from twisted.python.reflect import namedAny
+from twisted.web.resource import Resource
+
+#: Dotted names of the local-service providers of the built-in HTTP front end; each is called
+#: as C{provider(context, section, site)} and returns L{LocalService}s.
+PROVIDERS = ("protocols.http.local.healthServices",)
+
+
+class ILocalServiceProvider(Interface):
+    """
+    What a name in L{PROVIDERS} is: C{__call__(context, section, site)} returning an iterable of
+    L{LocalService}.  C{site} is the L{protocols.http.site.HTTPSite} being built (its C{vdirs},
+    C{authenticator}, C{pool}).
+    """
+
+    def __call__(context, section, site):
+        pass
+
+
+@frozen
+class LocalService:
+    """
+    One local answer.
+
+    @ivar prefixes: path prefixes, e.g. C{("/autodiscover/autodiscover.xml",)}.
+    @ivar resource: the L{twisted.web.resource.IResource} rendering it (C{render_GET}, ...).
+    @ivar caseInsensitive: match the prefixes ignoring case.
+    @ivar needsAuth: authenticate first with C{authVdir}'s methods (a failure is answered like a
+        vdir's: 401 + challenge, 503, 429).
+    @ivar authVdir: the L{protocols.http.vdir.VirtualDirectory} whose methods authenticate; by
+        default Basic with realm C{casd}.
+    @ivar maxBodySize: the largest request body read before rendering (413 beyond).
+    @ivar anonymousOnPlain: served on a plain-HTTP redirecting listener too (health pages).
+    @ivar name: the name in the access log.
+    """
+
+    prefixes: tuple[str, ...]
+    resource: object
+    caseInsensitive: bool = True
+    needsAuth: bool = False
+    authVdir: object = None
+    maxBodySize: int = 1024 * 1024
+    anonymousOnPlain: bool = False
+    name: str = "local"
+
+    def matches(self, path: bytes) -> bool:
+        path = path.split(b"?", 1)[0]
+        target = path.lower() if self.caseInsensitive else path
+        for prefix in self.prefixes:
+            p = prefix.encode("utf-8")
+            if self.caseInsensitive:
+                p = p.lower()
+            if p.endswith(b"/"):
+                if target.startswith(p) or target == p[:-1]:
+                    return True
+            elif target == p or target.startswith(p + b"/"):
+                return True
+        return False
+
+
+class LocalServices:
+    """
+    The local services of one site, asked in registration order.
+    """
+
+    def __init__(self, services: Iterable[LocalService] = ()) -> None:
+        self.services = list(services)
+
+    def add(self, service: LocalService) -> None:
+        self.services.append(service)
+
+    def match(self, path: bytes) -> LocalService | None:
+        for service in self.services:
+            if service.matches(path):
+                return service
+        return None
+
+
+def loadProviders(context, section, site, providers=PROVIDERS) -> LocalServices:
+    """
+    Call every provider and collect their services.
+    """
+    found = LocalServices()
+    for name in providers:
+        for service in namedAny(name)(context, section, site):
+            found.add(service)
+    return found
+
+
+# -- health pages ---------------------------------------------------------------------------
+
+
+class HealthPage(Resource):
+    """
+    C{GET /<vdir>/healthcheck.htm}: C{200} with C{200 OK} and the server name while this node
+    serves the vdir; C{503} while draining or when the vdir has no healthy backend (Exchange's
+    load-balancer probe, one per vdir).
+
+    @ivar check: C{callable() -> str | None}: C{None} when healthy, else the reason.
+    """
+
+    isLeaf = True
+
+    def __init__(self, serverName: str, check) -> None:
+        super().__init__()
+        self.serverName = serverName
+        self.check = check
+
+    def render_GET(self, request):
+        reason = self.check()
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        if reason is not None:
+            request.setResponseCode(503)
+            request.setHeader(b"Retry-After", b"10")
+            return f"503 Service Unavailable\n{self.serverName}\n".encode("utf-8")
+        return f"200 OK\n{self.serverName}\n".encode("utf-8")
+
+    render_HEAD = render_GET
+
+
+def healthServices(context, section, site):
+    """
+    The provider of one health page per vdir (and C{/healthcheck.htm} for the node).
+    """
+    name = context.config.server.hostname or socket.getfqdn()
+    for vdir in site.vdirs.vdirs:
+        yield LocalService(
+            (f"{vdir.path}/healthcheck.htm",),
+            HealthPage(name, lambda vdir=vdir: site.vdirHealth(vdir)),
+            anonymousOnPlain=True,
+            name=f"{vdir.name} health",
+        )
+    yield LocalService(
+        ("/healthcheck.htm",),
+        HealthPage(name, lambda: site.vdirHealth(None)),
+        anonymousOnPlain=True,
+        name="health",
+    )

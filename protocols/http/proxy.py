@@ -1,0 +1,325 @@
+"""
+The backend side of the HTTP proxy: one L{twisted.web.client.Agent} and
+L{twisted.web.client.HTTPConnectionPool} per backend member, bodies streamed both ways.
+
+Never a cookie jar, never a redirect followed: a backend's C{Set-Cookie} and C{Location} go to
+the client that caused them, and nothing of one user's exchange is replayed for another's.
+"""
+
+from __future__ import annotations
+
+from attrs import define, field
+from zope.interface import implementer
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
+
+#: Request methods that may be sent again after a connection failed before any byte went out.
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PROPFIND", b"REPORT"))
+
+#: Connection failures that happen before any byte of the request was sent.
+CONNECT_ERRORS = (
+    error.ConnectError,
+    error.ConnectionRefusedError,
+    error.TimeoutError,
+    error.DNSLookupError,
+    error.ConnectingCancelledError,
+)
+
+
+@implementer(IPolicyForHTTPS)
+class _NamedPolicy:
+    """
+    TLS towards one backend: the certificate must name C{tlsName} (checked by
+    service_identity), whatever address is dialled.
+    """
+
+    def __init__(self, clientTLS, tlsName: str) -> None:
+        self.clientTLS = clientTLS
+        self.tlsName = tlsName
+
+    def creatorForNetloc(self, hostname, port):
+        return self.clientTLS.optionsFor(self.tlsName)
+
+
+@define
+class _Backend:
+    agent: Agent
+    pool: HTTPConnectionPool
+    slots: defer.DeferredSemaphore
+    scheme: bytes
+    netloc: bytes
+
+
+class BackendAgents:
+    """
+    The per-member agents, pools and concurrency caps.
+
+    @ivar maxConnections: the most concurrent requests (so connections) to one member; more
+        wait for a slot.
+    """
+
+    def __init__(self, reactor, clientTLS, connectTimeout, maxConnections: int = 256,
+                 maxIdle: int = 32, idleTimeout: float = 60.0) -> None:
+        """
+        @param connectTimeout: C{callable(target) -> float}.
+        """
+        self.reactor = reactor
+        self.clientTLS = clientTLS
+        self.connectTimeout = connectTimeout
+        self.maxConnections = maxConnections
+        self.maxIdle = maxIdle
+        self.idleTimeout = idleTimeout
+        self._backends: dict = {}
+
+    def backendFor(self, target) -> _Backend:
+        key = (target.key, target.tls, target.tlsName)
+        backend = self._backends.get(key)
+        if backend is None:
+            pool = HTTPConnectionPool(self.reactor, persistent=True)
+            pool.maxPersistentPerHost = self.maxIdle
+            pool.cachedConnectionTimeout = self.idleTimeout
+            # Retries are casd's decision (never a request with a body), not the pool's.
+            pool.retryAutomatically = False
+            https = target.tls == "implicit"
+            agent = Agent(
+                self.reactor,
+                contextFactory=_NamedPolicy(self.clientTLS, target.tlsName or target.host),
+                connectTimeout=self.connectTimeout(target),
+                pool=pool,
+            )
+            host = f"[{target.host}]" if ":" in target.host else target.host
+            backend = self._backends[key] = _Backend(
+                agent,
+                pool,
+                defer.DeferredSemaphore(self.maxConnections),
+                b"https" if https else b"http",
+                f"{host}:{target.port}".encode("ascii"),
+            )
+        return backend
+
+    def url(self, target, path: bytes) -> bytes:
+        backend = self.backendFor(target)
+        return backend.scheme + b"://" + backend.netloc + path
+
+    def request(self, target, method: bytes, path: bytes, headers, body):
+        """
+        Send one request to C{target} once a connection slot is free.
+
+        @return: a L{Deferred} firing with C{(response, release)}: call C{release()} when the
+            response body is done (the slot is then free again).
+        """
+        backend = self.backendFor(target)
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                backend.slots.release()
+
+        def send(_):
+            d = backend.agent.request(method, self.url(target, path), headers, body)
+            d.addCallback(lambda response: (response, release))
+
+            def failed(f):
+                release()
+                return f
+
+            d.addErrback(failed)
+            return d
+
+        return backend.slots.acquire().addCallback(send)
+
+    def closeIdle(self):
+        """
+        Close every cached idle backend connection (at stop).
+        """
+        return defer.DeferredList(
+            [b.pool.closeCachedConnections() for b in self._backends.values()]
+        )
+
+
+@implementer(IBodyProducer)
+class BodyPipe:
+    """
+    The client's request body, handed to the backend request as it arrives.
+
+    Bytes that arrive before the backend connection takes them wait here, up to
+    C{highWater}; past that the client connection is paused.  When the backend connection pushes
+    back, the client connection is paused too; so memory stays bounded whatever the body's size.
+
+    @ivar length: the client's C{Content-Length}, or L{UNKNOWN_LENGTH} (chunked).
+    @ivar received: bytes received so far.
+    @ivar started: whether a backend consumer took the body (a request whose body started is
+        never sent again).
+    """
+
+    highWater = 256 * 1024
+
+    def __init__(self, length, pauseClient, resumeClient) -> None:
+        """
+        @param pauseClient: C{callable()} that stops reading from the client.
+        @param resumeClient: C{callable()} that reads from the client again.
+        """
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._pauseClient = pauseClient
+        self._resumeClient = resumeClient
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._consumer = None
+        self._done = False
+        self._finished = None
+        self._clientPaused = False
+        self._backendPaused = False
+        self._stopped = False
+        self.received = 0
+        self.started = False
+
+    def write(self, data: bytes) -> None:
+        """
+        More of the body from the client.
+        """
+        self.received += len(data)
+        if self._stopped:
+            return
+        if self._consumer is not None and not self._buffer:
+            self._consumer.write(data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > self.highWater:
+            self._pause()
+
+    def finish(self) -> None:
+        """
+        The client's body is complete.
+        """
+        self._done = True
+        if self._consumer is not None and not self._buffer and self._finished is not None:
+            d, self._finished = self._finished, None
+            d.callback(None)
+
+    def fail(self, reason) -> None:
+        """
+        The client's body will not complete (the client went, or sent a malformed body): the
+        backend request is abandoned.
+        """
+        self._stopped = True
+        self._buffer = []
+        if self._finished is not None:
+            d, self._finished = self._finished, None
+            d.errback(reason)
+
+    def _pause(self) -> None:
+        if not self._clientPaused:
+            self._clientPaused = True
+            self._pauseClient()
+
+    def _resume(self) -> None:
+        if self._clientPaused:
+            self._clientPaused = False
+            self._resumeClient()
+
+    def _flush(self) -> None:
+        while self._buffer and not self._backendPaused and self._consumer is not None:
+            data = self._buffer.pop(0)
+            self._buffered -= len(data)
+            self._consumer.write(data)
+        if not self._buffer and not self._backendPaused:
+            self._resume()
+            if self._done:
+                self.finish()
+
+    # -- IBodyProducer ----------------------------------------------------------------------
+
+    def startProducing(self, consumer):
+        self.started = True
+        self._consumer = consumer
+        self._finished = defer.Deferred()
+        d = self._finished
+        if self._stopped:
+            self._finished = None
+            d.errback(error.ConnectionLost("the client went before its body was complete"))
+            return d
+        self._flush()
+        return d
+
+    def pauseProducing(self) -> None:
+        self._backendPaused = True
+        self._pause()
+
+    def resumeProducing(self) -> None:
+        self._backendPaused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._buffer = []
+        self._consumer = None
+        self._resume()
+
+
+class ResponseRelay(Protocol):
+    """
+    Streams a backend response body to the client's request, with flow control: the backend
+    connection is registered as the client's producer, so a client that stops reading pauses
+    the backend.
+
+    @ivar done: a L{Deferred} firing with C{True} when the whole body went through, C{False}
+        when it was cut (the client connection is then closed: a truncated body must not look
+        complete).
+    """
+
+    log = Logger()
+
+    def __init__(self, request, onData=None) -> None:
+        self.request = request
+        self.onData = onData
+        self.done = defer.Deferred()
+        self.bytes = 0
+        self._clientGone = False
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._clientGone:
+            return
+        self.bytes += len(data)
+        if self.onData is not None:
+            self.onData()
+        self.request.write(data)
+
+    def clientGone(self) -> None:
+        """
+        The client went: stop the backend.
+        """
+        self._clientGone = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason) -> None:
+        complete = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if not self._clientGone:
+            try:
+                self.request.unregisterProducer()
+            except Exception:
+                pass
+        self.done.callback(complete and not self._clientGone)
+
+
+@implementer(IPushProducer)
+class _Nothing:
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass

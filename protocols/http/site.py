@@ -1,0 +1,633 @@
+"""
+The HTTP front end's server side: a L{twisted.web.server.Site} whose requests start their backend
+request as soon as the headers are in, and stream the body both ways.
+
+Stock C{twisted.web} reads a whole request body before rendering (twisted#4688, #5511).
+L{ProxyRequest} instead acts in C{gotLength} (all headers parsed): it matches the vdir,
+authenticates, routes and starts the backend request with a L{protocols.http.proxy.BodyPipe} as
+its body, which C{handleContentChunk} feeds.  That relies on two private attributes of
+L{twisted.web.http.HTTPChannel} (C{_command} and C{_path}, the request line, which
+L{twisted.web.http.Request} only learns in C{requestReceived}) and on C{_savedTimeOut}; the
+test C{tests.test_http_site.TwistedPrivatesTests} fails if a Twisted upgrade moves them.
+Twisted is pinned below 28 in C{setup.cfg} for this reason.
+
+A response can only be written once the request body has been read (Twisted's channel
+parses the next request from the same buffer), so every answer waits for C{requestReceived}: a
+401, 404 or 503 decided early discards the rest of the body; a body over C{max_body_size} is
+refused at once with 413 and the connection closed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from casd.failures import CASFailure
+from casd.session.clientinfo import ClientInfo
+from protocols.http.headers import backendRequestHeaders, copyResponseHeaders
+from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
+from protocols.http.routing import ROUTE_COOKIE
+from protocols.http.status import (
+    BackendTimedOut,
+    BadGateway,
+    HTTPError,
+    NotFound,
+    httpError,
+    render,
+)
+
+#: A bare LF: a line end that is not CRLF (request smuggling between parsers that disagree).
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+ACCESS_FORMAT = (
+    "http session={session} vdir={vdir} client={client} user={user} backend={backend} "
+    "method={method} path={path} status={status} in={bytesIn} out={bytesOut} "
+    "duration={duration:.3f}"
+)
+
+
+#: The access log: one line per request (namespace C{casd.http.access}).
+ACCESS_LOG = Logger(namespace="casd.http.access")
+
+
+class ProxyChannel(http.HTTPChannel):
+    """
+    One client connection (HTTP/1.1 only: h2 is never negotiated, see
+    C{docs/protocols/http.md}).  Stricter than Twisted's own parser where a front end must be:
+    obs-fold and bare LF line ends are refused with 400, a request's headers must arrive within
+    C{header_timeout}.
+
+    @ivar client: the L{ClientInfo} of the connection.
+    """
+
+    # Big enough for Kerberos tokens and forms cookies.
+    totalHeadersSize = 65536
+    maxHeaders = 200
+
+    _headerTimer = None
+    _lastByte = b""
+    client = None
+
+    def connectionMade(self) -> None:
+        site = self.site
+        self.client = ClientInfo.fromTransport(
+            self.transport,
+            site.descriptor.name,
+            site.listener,
+            site.context.config.server.trusted_networks,
+            tls=site.listener.tls == "implicit",
+        )
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.line_mode and not self._handlingRequest:
+            if self._headerTimer is None and data:
+                self._headerTimer = self.callLater(self.site.headerTimeout, self._headersTooSlow)
+            if _BARE_LF.search(data) or (data[:1] == b"\n" and self._lastByte != b"\r"):
+                self._badRequest()
+                return
+        self._lastByte = data[-1:]
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # obs-fold (RFC 9112 5.2): a server must reject it or replace it; a proxy that joins
+        # lines differently from its backend invites smuggling.
+        if line[:1] in (b" ", b"\t"):
+            self._badRequest()
+            return
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._cancelHeaderTimer()
+        super().allHeadersReceived()
+
+    def _cancelHeaderTimer(self) -> None:
+        if self._headerTimer is not None:
+            if self._headerTimer.active():
+                self._headerTimer.cancel()
+            self._headerTimer = None
+
+    def requestDone(self, request) -> None:
+        self._cancelHeaderTimer()
+        super().requestDone(request)
+
+    def _headersTooSlow(self) -> None:
+        self._headerTimer = None
+        self.site.logger.info("client {client}: request headers too slow", client=self.client.peerHost)
+        self._respondToBadRequestAndDisconnect()
+
+    def _badRequest(self) -> None:
+        self._cancelHeaderTimer()
+        self.dataReceived = self.lineReceived = lambda *a: None
+        self._respondToBadRequestAndDisconnect()
+
+    def connectionLost(self, reason) -> None:
+        self._cancelHeaderTimer()
+        super().connectionLost(reason)
+
+
+class ProxyRequest(server.Request):
+    """
+    One request: a local service's, a vdir's (proxied) or an error.
+
+    @ivar mode: C{"local"}, C{"proxy"} or C{"error"}.
+    @ivar vdir: the matched vdir, or C{None}.
+    @ivar user: the authenticated user, once known.
+    @ivar bodyDone: a L{Deferred} firing when the whole body was read.
+    """
+
+    defaultContentType = None
+
+    def __init__(self, channel, *args, **kw) -> None:
+        super().__init__(channel, *args, **kw)
+        self.mode = "error"
+        self.vdir = None
+        self.user = None
+        self.backendName = ""
+        self.bytesIn = 0
+        self.bodyDone = defer.Deferred()
+        self.service = None
+        self._limit = 0
+        self._pipe = None
+        self._error = None
+        self._relay = None
+        self._gone = False
+        self._logged = False
+        self.site = channel.site
+        self.client = channel.client
+        self.startedAt = self.site.clock.seconds()
+        self.notifyFinish().addBoth(self._ended)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def gotLength(self, length) -> None:
+        channel = self.channel
+        # The request line, known to the channel but given to the request only at the end.
+        self.method = channel._command
+        self.uri = channel._path
+        self.clientproto = channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        self.content = io.BytesIO()
+        channel.site.begin(self, length)
+
+    def refuseTooLarge(self) -> None:
+        """
+        Answer 413 at once and close: the client is still sending a body nobody will read.
+        """
+        self._gone = True
+        if self._pipe is not None:
+            self._pipe.fail(Failure(CASFailure("request body too large")))
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        self.channel._cancelHeaderTimer()
+        self.channel.dataReceived = lambda data: None
+        self.setResponseCode(413)
+        self._writeAccessLog()
+        transport.loseConnection()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.bytesIn += len(data)
+        if self._limit and self.bytesIn > self._limit:
+            if not self._gone:
+                self.refuseTooLarge()
+            return
+        if self.mode == "proxy" and self._pipe is not None:
+            self._pipe.write(data)
+        elif self.mode == "local":
+            self.content.write(data)
+
+    def requestReceived(self, command, path, version) -> None:
+        if self._gone:
+            return
+        if self._pipe is not None:
+            self._pipe.finish()
+        if self.mode == "local":
+            self.channel.site.processLocal(self, command, path, version)
+            return
+        self.method, self.uri, self.clientproto = command, path, version
+        if self.vdir is not None and self.vdir.longPollTimeout:
+            # The channel restores this timeout once the response is done; the long-poll
+            # timeout was for this request only.
+            self.channel._savedTimeOut = self.site.timeOut
+        self.bodyDone.callback(None)
+
+    def runLocal(self, command, path, version) -> None:
+        """
+        Process a local service's request (Twisted's own path: args, resources).
+        """
+        server.Request.requestReceived(self, command, path, version)
+
+    # -- answering ----------------------------------------------------------------------
+
+    def fail(self, exc) -> None:
+        """
+        Answer with the response for C{exc} (once the body is read).
+        """
+        if isinstance(exc, Failure):
+            exc = exc.value
+        self.answer(httpError(exc))
+
+    def answer(self, error: HTTPError) -> None:
+        def send(_):
+            if not self._gone and not self.finished:
+                if self._relay is None:
+                    render(self, error)
+        self.bodyDone.addCallback(send)
+
+    def connectionLost(self, reason) -> None:
+        self._gone = True
+        if self._pipe is not None:
+            self._pipe.fail(reason)
+        if self._relay is not None:
+            self._relay.clientGone()
+        super().connectionLost(reason)
+
+    def _ended(self, result) -> None:
+        self._writeAccessLog()
+
+    def _writeAccessLog(self) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        self.site.accessLog(self)
+
+
+class HTTPSite(server.Site):
+    """
+    The factory of one HTTP listener.
+
+    @ivar context: the shared L{casd.service.context.CASContext}.
+    @ivar section: the C{[http]} L{casd.config.ProtocolSection}.
+    @ivar listener: the L{casd.config.ListenerConfig}.
+    @ivar descriptor: the HTTP L{casd.interfaces.ICASProtocol}.
+    @ivar vdirs: the L{protocols.http.vdir.VdirTable}.
+    @ivar authenticator: the L{protocols.http.auth.HTTPAuthenticator}.
+    @ivar agents: the L{protocols.http.proxy.BackendAgents} (shared by every listener).
+    @ivar router: the L{protocols.http.routing.RequestRouter}.
+    @ivar local: the L{protocols.http.local.LocalServices}.
+    @ivar redirectToHTTPS: a plain listener that answers everything but health pages with 301.
+    """
+
+    protocol = ProxyChannel
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+    logger = Logger(namespace="casd.http")
+
+    def __init__(self, context, section, listener, descriptor, vdirs, authenticator, agents,
+                 router, redirectToHTTPS=False) -> None:
+        from twisted.web.resource import NoResource
+
+        super().__init__(NoResource(), timeout=section.keepalive_timeout, reactor=context.reactor)
+        self.context = context
+        self.section = section
+        self.listener = listener
+        self.descriptor = descriptor
+        self.vdirs = vdirs
+        self.authenticator = authenticator
+        self.agents = agents
+        self.router = router
+        self.redirectToHTTPS = redirectToHTTPS
+        self.headerTimeout = section.header_timeout
+        self.clock = context.reactor
+        self.local = None
+
+    def _openLogFile(self, path):
+        return None
+
+    def log(self, request) -> None:  # noqa: F811  (twisted.web's own access log: replaced)
+        pass
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def begin(self, request, length) -> None:
+        """
+        The request's headers are in: decide what serves it.
+        """
+        path = request.path
+        service = self.local.match(path) if self.local is not None else None
+        if self.redirectToHTTPS and (service is None or not service.anonymousOnPlain):
+            request._limit = 64 * 1024
+            request.answer(self.httpsRedirect(request))
+            return
+        if service is not None:
+            request.mode = "local"
+            request.service = service
+            request._limit = service.maxBodySize
+            if length is not None and length > request._limit:
+                request.refuseTooLarge()
+            return
+        vdir = self.vdirs.match(path)
+        if vdir is None:
+            request._limit = 64 * 1024
+            request.fail(NotFound(path))
+            return
+        request.vdir = vdir
+        request.mode = "proxy"
+        request._limit = vdir.maxBodySize
+        if length is not None and vdir.maxBodySize and length > vdir.maxBodySize:
+            request.refuseTooLarge()
+            return
+        if length != 0:
+            transport = self.channel(request).transport
+            request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
+        if vdir.longPollTimeout:
+            self.channel(request).setTimeout(vdir.timeout)
+        self.proxy(request, vdir)
+
+    @staticmethod
+    def channel(request):
+        return request.channel
+
+    def httpsRedirect(self, request) -> HTTPError:
+        hosts = request.requestHeaders.getRawHeaders(b"Host") or [b""]
+        host = hosts[0].split(b":")[0] if not hosts[0].startswith(b"[") else hosts[0].split(b"]")[0] + b"]"
+        if not host or not re.fullmatch(rb"[A-Za-z0-9.\-\[\]:]+", host):
+            host = self.context.config.hostname.encode("idna")
+        port = self.section.https_port
+        netloc = host if port == 443 else host + b":" + str(port).encode("ascii")
+        return HTTPError(
+            301,
+            ((b"Location", b"https://" + netloc + request.uri), (b"Content-Type", b"text/plain")),
+            b"",
+        )
+
+    def processLocal(self, request, command, path, version) -> None:
+        service = request.service
+        if not service.needsAuth:
+            request.runLocal(command, path, version)
+            return
+        request.method, request.uri, request.clientproto = command, path, version
+        vdir = service.authVdir or _defaultLocalVdir()
+        d = self.authenticator.authenticate(request, vdir, request.channel.client)
+
+        def authenticated(user):
+            request.user = user
+            request.runLocal(command, path, version)
+
+        def failed(f):
+            request.bodyDone.callback(None)
+            request.fail(f)
+
+        d.addCallbacks(authenticated, failed)
+
+    def getResourceFor(self, request):
+        """
+        A local service's resource, with C{prepath} and C{postpath} split around its prefix.
+        """
+        service = request.service
+        if service is None:
+            return self.resource
+        segments = request.path[1:].split(b"/")
+        lowered = request.path.lower()
+        for prefix in service.prefixes:
+            p = prefix.encode("utf-8").lower().rstrip(b"/")
+            if lowered.startswith(p):
+                n = len([s for s in p[1:].split(b"/")])
+                request.prepath, request.postpath = segments[:n], segments[n:]
+                break
+        return service.resource
+
+    # -- proxying -----------------------------------------------------------------------
+
+    def proxy(self, request, vdir) -> None:
+        client = request.channel.client
+        d = self.authenticator.authenticate(request, vdir, client)
+
+        def authenticated(user):
+            request.user = user
+            return self.router.route(request, vdir, user, request.uri)
+
+        d.addCallback(authenticated)
+        d.addCallback(self._send, request, vdir)
+        d.addErrback(self._failed, request)
+
+    def _send(self, decision, request, vdir):
+        if request._gone:
+            return None
+        targets = self._available(decision.route)
+        if not targets:
+            raise _noBackend(decision.route)
+        return self._attempt(request, vdir, decision, targets, 0)
+
+    def _available(self, route):
+        connector = self.context.connector
+        return [
+            t for t in route.targets
+            if t.server not in connector.draining and connector.member(t).available()
+        ]
+
+    def _attempt(self, request, vdir, decision, targets, index):
+        target = targets[index]
+        request.backendName = target.describe()
+        pipe = request._pipe
+        strip = set()
+        for source in self.authenticator.sources.values():
+            strip.update(getattr(source, "stripHeaders", ()))
+        headers = backendRequestHeaders(
+            request.requestHeaders,
+            vdir,
+            request.channel.client,
+            (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
+            request.user,
+            strip=strip | {b"host"},
+            cookieFilter=self.cookieFilter,
+        )
+        path = self.vdirs.clientPath(vdir, request.uri)
+        path = vdir.backendPathFor(path)
+        member = self.context.connector.member(target)
+        d = self.agents.request(target, request.method, path, headers, pipe)
+        timer = self.clock.callLater(vdir.timeout, d.cancel)
+
+        def responded(result):
+            if timer.active():
+                timer.cancel()
+            member.connectSucceeded()
+            response, release = result
+            return self._relay(request, vdir, decision, response, release)
+
+        def failed(f):
+            timedOut = not timer.active()
+            if not timedOut:
+                timer.cancel()
+            if f.check(*CONNECT_ERRORS) and not timedOut:
+                member.connectFailed(str(f.value) or type(f.value).__name__)
+                canRetry = pipe is None or not pipe.started
+                if canRetry and index + 1 < len(targets) and not request._gone:
+                    self.logger.info(
+                        "{backend}: connect failed ({reason}); trying the next member",
+                        backend=target.describe(),
+                        reason=str(f.value),
+                    )
+                    return self._attempt(request, vdir, decision, targets, index + 1)
+                raise BadGateway(f"connect to {target.describe()} failed: {f.value}")
+            if timedOut:
+                raise BackendTimedOut(f"{target.describe()} did not answer within {vdir.timeout:g} s")
+            if f.check(CASFailure):
+                return f
+            raise BadGateway(f"{target.describe()}: {f.getErrorMessage()}")
+
+        d.addCallbacks(responded, failed)
+        return d
+
+    def cookieFilter(self, name: bytes) -> bool:
+        return name != ROUTE_COOKIE and name not in self.privateCookies
+
+    #: Cookies that are casd's own and never reach a backend (forms sessions add theirs).
+    privateCookies: frozenset = frozenset()
+
+    def _relay(self, request, vdir, decision, response, release):
+        def start(_):
+            if request._gone:
+                response.deliverBody(_Discard())
+                release()
+                return
+            request.setResponseCode(response.code, response.phrase)
+            copyResponseHeaders(response.headers, request.responseHeaders)
+            if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+                request.responseHeaders.setRawHeaders(
+                    b"Content-Length", [str(response.length).encode("ascii")]
+                )
+            if decision.cookie is not None:
+                request.responseHeaders.addRawHeader(b"Set-Cookie", decision.cookie)
+            idle = _IdleTimer(self.clock, vdir.timeout, lambda: relay.clientGone())
+            relay = ResponseRelay(request, onData=idle.reset)
+            request._relay = relay
+            response.deliverBody(relay)
+            relay.done.addBoth(finished, idle)
+
+        def finished(complete, idle):
+            idle.stop()
+            release()
+            if request._gone:
+                return
+            if complete is True:
+                request.finish()
+            else:
+                # A body cut short must not look complete: close the connection.
+                request.channel.transport.loseConnection()
+
+        request.bodyDone.addCallback(start)
+
+    def _failed(self, f, request) -> None:
+        if request._gone:
+            return
+        if not f.check(CASFailure):
+            self.logger.failure("request {method} {path} failed", f, method=request.method, path=request.path)
+        else:
+            self.logger.info(
+                "{method} {path} from {client}: {reason}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("utf-8", "replace"),
+                client=request.client.peerHost,
+                reason=str(f.value),
+            )
+        request.fail(f)
+
+    # -- health and logging ---------------------------------------------------------------
+
+    def vdirHealth(self, vdir):
+        """
+        @return: C{None} when C{vdir} (or the node, for C{None}) can serve, else the reason.
+        """
+        import os
+
+        drain = self.section.drain_file
+        if drain and os.path.exists(drain):
+            return "draining"
+        if vdir is None or not vdir.backend:
+            return None
+        config = self.context.config
+        from casd.routing.router import routeTo
+
+        try:
+            route = routeTo(config, vdir.backend, _HealthUser(), self.descriptor, "health")
+        except KeyError:
+            return "unknown backend"
+        if not self._available(route):
+            return "no healthy backend"
+        return None
+
+    def accessLog(self, request) -> None:
+        client = request.client
+        host = f"[{client.peerHost}]" if ":" in client.peerHost else client.peerHost
+        user = request.user
+        fields = dict(  # never a header, a cookie or a query string: they may hold secrets
+            session=client.sessionId,
+            vdir=request.vdir.name if request.vdir is not None else (
+                request.service.name if request.service is not None else "-"
+            ),
+            client=f"{host}:{client.peerPort}",
+            user=(user.login if user is not None else "-"),
+            backend=request.backendName or "-",
+            method=(request.method or b"-").decode("ascii", "replace"),
+            path=(request.path or b"-").decode("utf-8", "replace")[:200],
+            status=request.code,
+            bytesIn=request.bytesIn,
+            bytesOut=request.sentLength,
+            duration=self.clock.seconds() - request.startedAt,
+        )
+        ACCESS_LOG.info("{line}", line=ACCESS_FORMAT.format(**fields), **fields)
+
+
+class _IdleTimer:
+    def __init__(self, clock, seconds, expired) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.expired = expired
+        self.call = clock.callLater(seconds, self._fire)
+
+    def reset(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.reset(self.seconds)
+
+    def _fire(self) -> None:
+        self.call = None
+        self.expired()
+
+    def stop(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+
+
+class _Discard(Protocol):
+    """
+    Takes a response nobody will read and closes its connection.
+    """
+
+    def connectionMade(self):
+        self.transport.stopProducing()
+
+
+class _HealthUser:
+    login = "healthcheck"
+    address = ""
+    backendLogin = "healthcheck"
+    mailHost = ""
+    site = ""
+    policy = ()
+
+
+def _noBackend(route):
+    from casd.failures import BackendUnavailable
+
+    return BackendUnavailable(f"no healthy member of {route.group or 'the route'}")
+
+
+def _defaultLocalVdir():
+    from protocols.http.vdir import VirtualDirectory
+
+    return VirtualDirectory(path="", auth=("basic",))
+
+
+__all__ = ["HTTPSite", "ProxyChannel", "ProxyRequest", "Headers", "IDEMPOTENT"]
