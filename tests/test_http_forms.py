@@ -28,6 +28,7 @@ from casd.session.clientinfo import ClientInfo
 from casd.testing import MemoryDirectory
 from protocols.http.cookies import CookieKeys, MemoryRevocationSet, SessionCookies
 from protocols.http.forms import FormsLogon, LogonRequired, safeTarget
+from protocols.http.status import render
 
 ALICE = UserRecord(login="alice", address="alice@example.com", mailHost="mbx1")
 
@@ -71,10 +72,7 @@ class Vdir(Resource):
 
         def refused(failure):
             failure.trap(LogonRequired)
-            body = self.forms.challenge(request, failure.value.state)
-            request.setHeader(b"content-length", b"%d" % len(body))
-            request.write(body)
-            request.finish()
+            render(request, self.forms.challenge(request, failure.value.state))
 
         d.addCallbacks(ok, refused)
         return NOT_DONE_YET

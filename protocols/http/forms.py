@@ -24,15 +24,22 @@ import os
 import re
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from zope.interface import implementer
+
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from casd.auth import UserRecord
 from casd.auth.sasl import Credentials
+from casd.config import ConfigError, Setting
 from casd.failures import AuthenticationFailed, CASFailure, Throttled
 from protocols.http import cookies as _cookies
+from protocols.http.auth import IHTTPCredentialSource
+from protocols.http.local import LocalService
 from protocols.http.logonpage import renderLogonPage
+from protocols.http.status import HTTPError
 
 LOGON = "/_casd/logon"
 LOGOFF = "/_casd/logoff"
@@ -227,28 +234,22 @@ class FormsLogon:
         else:
             headers.removeHeader(b"cookie")
 
-    def challenge(self, request, state: str = "absent") -> bytes:
+    def challenge(self, request, state: str = "absent") -> HTTPError:
         """
-        Answer a request without a valid session: 302 to the logon page for a navigation, else
-        C{440 Login Timeout}.  An unusable cookie is cleared.
-
-        @return: the response body.
+        The answer to a request without a valid session: 302 to the logon page for a
+        navigation, else C{440 Login Timeout}.  An unusable cookie is cleared.
         """
+        headers = [(b"Cache-Control", b"no-store"), (b"Content-Type", b"text/plain; charset=utf-8")]
         if state != "absent":
-            request.responseHeaders.addRawHeader(b"set-cookie", self.cookies.clearCookie())
-        request.setHeader(b"cache-control", b"no-store")
+            headers.append((b"Set-Cookie", self.cookies.clearCookie()))
         if isNavigation(request):
             target = request.uri.decode("latin-1")
             location = f"{self.logonPath}?url={quote(target, safe='')}"
             if state in ("expired", "revoked"):
                 location += "&reason=expired"
-            request.setResponseCode(302)
-            request.setHeader(b"location", location.encode("ascii"))
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Sign-in required.\n"
-        request.setResponseCode(440, b"Login Timeout")
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Login Timeout\n"
+            headers.append((b"Location", location.encode("ascii")))
+            return HTTPError(302, tuple(headers), b"Sign-in required.\n")
+        return HTTPError(440, tuple(headers), b"Login Timeout\n", reason=b"Login Timeout")
 
     # -- the logon and logoff pages ---------------------------------------------------------------
 
@@ -373,11 +374,15 @@ class FormsLogon:
             )
             request.setResponseCode(403)
             return self._page(request, url, reason="retry", username=username, public=public)
+        client = self.clientInfo(request)
+        if not client.plaintextAllowed:
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"TLS is required.\n"
         password = field("password")
         if not username or not password or len(username) > 256 or len(password) > 1024:
             request.setResponseCode(200)
             return self._page(request, url, reason="failed", username=username, public=public)
-        client = self.clientInfo(request)
         d = defer.maybeDeferred(
             self.authenticator.login, Credentials(username, password.encode("utf-8")), client
         )
@@ -457,3 +462,172 @@ class FormsLogon:
         d.addCallback(done)
         d.addErrback(self._renderError, request)
         return NOT_DONE_YET
+
+
+# -- wiring into the HTTP front end -----------------------------------------------------------
+
+#: The C{[http]} keys of forms login (shared by every forms vdir of the node).
+FORMS_SETTINGS = (
+    Setting(
+        "forms_key_files",
+        "strlist",
+        (),
+        "Files of forms-cookie keys (base64 of 32 random bytes, one a line, e.g. C{openssl rand"
+        " -base64 32}), shared by the array: the first key seals, every key opens (rotation"
+        " without logging users out).  Empty: a random key per process (cookies die with it).",
+    ),
+    Setting(
+        "forms_public_timeout",
+        "float",
+        float(_cookies.PUBLIC_TIMEOUT),
+        "Seconds of inactivity after which a forms session from a public computer ends.",
+        minimum=1,
+    ),
+    Setting(
+        "forms_private_timeout",
+        "float",
+        float(_cookies.PRIVATE_TIMEOUT),
+        "Seconds of inactivity after which a forms session from a private computer ends.",
+        minimum=1,
+    ),
+    Setting(
+        "forms_background",
+        "strlist",
+        _cookies.DEFAULT_BACKGROUND_PATTERNS,
+        "Regular expressions searched in a request's path and query: matching requests are"
+        " background polls that do not extend a forms session (long-poll vdirs, prefetches and"
+        " C{X-CAS-Background: 1} never do either).",
+    ),
+    Setting(
+        "forms_public_private_choice",
+        "bool",
+        True,
+        "Offer the public/private computer choice on the logon page; without it every session"
+        " has the public limit.",
+    ),
+    Setting("forms_title", "str", "Mail", "The heading of the logon page."),
+    Setting(
+        "forms_logoff_paths",
+        "strlist",
+        ("logoff.owa",),
+        "Paths under each forms vdir, besides C{_casd/logoff}, that log off (OWA's"
+        " C{logoff.owa}).",
+    ),
+)
+
+
+@implementer(IHTTPCredentialSource)
+class FormsCredentials:
+    """
+    The C{forms} method of L{protocols.http.auth.HTTPAuthenticator}: one per node, one
+    L{FormsLogon} per forms vdir.
+    """
+
+    method = "forms"
+    stripHeaders = ()
+
+    def __init__(self, cookies: _cookies.SessionCookies, authenticator, section) -> None:
+        self.cookies = cookies
+        self.authenticator = authenticator
+        self.section = section
+        self.background = _cookies.compileBackground(section.forms_background)
+        self._logons: dict[str, FormsLogon] = {}
+
+    def logonFor(self, vdir) -> FormsLogon:
+        logon = self._logons.get(vdir.path)
+        if logon is None:
+            logon = self._logons[vdir.path] = FormsLogon(
+                vdir.path,
+                self.cookies,
+                self.authenticator,
+                lambda request: request.channel.client,
+                background=self.background,
+                title=self.section.forms_title,
+                offerChoice=self.section.forms_public_private_choice,
+                logoffAliases=self.section.forms_logoff_paths,
+            )
+        return logon
+
+    def authenticate(self, request, vdir, client):
+        logon = self.logonFor(vdir)
+        if not logon.hasCredentials(request):
+            logon._stripOwnCookies(request)
+            return None
+        d = logon.authenticate(request, longPoll=bool(vdir.longPollTimeout))
+
+        def refused(failure):
+            failure.trap(LogonRequired)
+            request.casdFormsState = failure.value.state
+            return failure
+
+        return d.addErrback(refused)
+
+    def challenge(self, request, vdir):
+        return self.logonFor(vdir).challenge(request, getattr(request, "casdFormsState", "absent"))
+
+
+class _LogonPage(Resource):
+    isLeaf = True
+
+    def __init__(self, logon: FormsLogon) -> None:
+        super().__init__()
+        self.logon = logon
+
+    def render(self, request):
+        if not self.logon.ownsPath(request.path):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Not found.\n"
+        return self.logon.render(request)
+
+
+def sessionCookies(context, section) -> _cookies.SessionCookies:
+    """
+    The node's L{protocols.http.cookies.SessionCookies} from the C{[http]} section.
+
+    @raise ConfigError: when a key file is unusable (the message names the file, never a key).
+    """
+    try:
+        keys = (
+            _cookies.CookieKeys.fromFiles(section.forms_key_files)
+            if section.forms_key_files
+            else _cookies.CookieKeys.generate()
+        )
+    except _cookies.CookieKeyError as e:
+        raise ConfigError(context.config.path, "http.forms_key_files", str(e)) from None
+    revocations = getattr(context, "revocations", None)
+    return _cookies.SessionCookies(
+        keys,
+        context.reactor,
+        revocations if revocations is not None else _cookies.MemoryRevocationSet(context.reactor),
+        publicTimeout=section.forms_public_timeout,
+        privateTimeout=section.forms_private_timeout,
+    )
+
+
+def formsServices(context, section, site):
+    """
+    The local-service provider of forms login (in L{protocols.http.local.PROVIDERS}): registers
+    the C{forms} method with the node's authenticator (once) and serves each forms vdir's logon
+    and logoff pages.
+    """
+    vdirs = [v for v in site.vdirs.vdirs if "forms" in v.auth]
+    if not vdirs:
+        return
+    source = site.authenticator.sources.get("forms")
+    if not isinstance(source, FormsCredentials):
+        source = FormsCredentials(sessionCookies(context, section), context.authenticator, section)
+        site.authenticator.register(source)
+    site.privateCookies = frozenset(site.privateCookies) | {
+        source.cookies.name.encode("ascii"),
+        b"__Host-casd-logon",
+    }
+    for vdir in vdirs:
+        logon = source.logonFor(vdir)
+        yield LocalService(
+            tuple(sorted({logon.logonPath} | logon.logoffPaths)),
+            _LogonPage(logon),
+            caseInsensitive=True,
+            maxBodySize=MAX_FORM,
+            name=f"{vdir.name} logon",
+        )

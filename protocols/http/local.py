@@ -25,7 +25,7 @@ from twisted.web.resource import Resource
 
 #: Dotted names of the local-service providers of the built-in HTTP front end; each is called
 #: as C{provider(context, section, site)} and returns L{LocalService}s.
-PROVIDERS = ("protocols.http.local.healthServices",)
+PROVIDERS = ("protocols.http.local.healthServices", "protocols.http.forms.formsServices")
 
 
 class ILocalServiceProvider(Interface):
