@@ -22,10 +22,13 @@ class Radicale:
 
     host = "127.0.0.1"
 
-    def __init__(self, directory, auth="http_x_remote_user"):
+    def __init__(self, directory, auth="http_x_remote_user", scriptName=""):
         """
         @param auth: Radicale's C{--auth-type}.
+        @param scriptName: the path prefix Radicale is published under (C{/dav}), as behind a
+            reverse proxy that keeps the prefix.
         """
+        self.scriptName = scriptName
         self.directory = os.path.abspath(directory)
         self.auth = auth
         self.port = None
@@ -35,7 +38,7 @@ class Radicale:
 
     @property
     def url(self):
-        return "http://%s:%d/" % (self.host, self.port)
+        return "http://%s:%d%s/" % (self.host, self.port, self.scriptName)
 
     def start(self, timeout=20.0):
         os.makedirs(self.directory, exist_ok=True)
@@ -48,6 +51,8 @@ class Radicale:
             "--rights-type", "owner_only",
             "--logging-level", "info",
         ]
+        if self.scriptName:
+            args += ["--server-script-name", self.scriptName]
         self._log = open(self.logPath, "ab")
         self._process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,

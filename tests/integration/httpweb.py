@@ -1,0 +1,117 @@
+"""
+Shared set-up of the web-backend integration tests (Radicale, SOGo, Roundcube, two casd nodes):
+a test CA, a users file, and a casd node with one HTTPS listener and the given backends and vdirs.
+"""
+
+import os
+
+from twisted.internet import defer, reactor, task
+
+from casd.auth.hashing import makeHash
+from tests.support.casdnode import CASNode
+from tests.support.certs import CertificateAuthority
+from tests.support.procs import freePort
+
+
+class CASWeb:
+    """
+    One casd node serving HTTPS on C{127.0.0.1}.
+
+    @ivar port: the HTTPS port.
+    @ivar caPath: the CA file clients trust.
+    """
+
+    def __init__(self, directory, users, backends, vdirs, http="", extra="", ca=None, port=None):
+        """
+        @param users: login -> (password, extra users-file fields such as C{address=...}).
+        @param backends: name -> HTTP port on 127.0.0.1.
+        @param vdirs: TOML text of the C{[[http.vdir]]} tables.
+        @param http: further C{[http]} keys.
+        """
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.ca = ca or CertificateAuthority.create(os.path.join(self.directory, "ca"))
+        self.caPath = self.ca.caPath
+        cert, key = self.ca.issue(["localhost", "127.0.0.1"], "casd-web-" + str(id(self)))
+        usersPath = os.path.join(self.directory, "users")
+        with open(usersPath, "w") as f:
+            for login, (password, fields) in users.items():
+                f.write(f"{login}:{makeHash('SHA512-CRYPT', password.encode())}{':' + fields if fields else ''}\n")
+        self.port = port or freePort()
+        backendText = "".join(
+            f'\n[backends.{name}]\nhost = "127.0.0.1"\n[backends.{name}.http]\nport = {p}\n'
+            for name, p in backends.items()
+        )
+        self.config = f"""
+[server]
+hostname = "cas.test"
+
+[tls]
+certificate = "{cert}"
+key = "{key}"
+
+[auth]
+users_file = "{usersPath}"
+failure_delay = 0.1
+
+[routing]
+default_backend = "{next(iter(backends))}"
+
+[backend]
+connect_timeout = 2.0
+{backendText}
+{extra}
+
+[imap]
+enabled = false
+
+[http]
+enabled = true
+{http}
+
+[[http.listen]]
+endpoint = "tcp:{self.port}:interface=127.0.0.1"
+tls = "implicit"
+
+{vdirs}
+"""
+        self.node = None
+
+    @property
+    def url(self):
+        return "https://127.0.0.1:%d" % (self.port,)
+
+    def start(self):
+        self.node = CASNode(os.path.join(self.directory, "node"), self.config).start(reactor)
+        self.channels = []
+        for factory in self.sites():
+            original = factory.buildProtocol
+
+            def buildProtocol(addr, original=original):
+                protocol = original(addr)
+                if protocol is not None:
+                    self.channels.append(protocol)
+                return protocol
+
+            factory.buildProtocol = buildProtocol
+        return self
+
+    def sites(self):
+        return [f for f in self.node.factories() if hasattr(f, "agents")]
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """
+        Close client connections still open, the backend pools, then the node.
+        """
+        if self.node is None:
+            return
+        node, self.node = self.node, None
+        for channel in self.channels:
+            transport = getattr(channel, "transport", None)
+            if transport is not None and getattr(transport, "connected", False):
+                transport.abortConnection()
+        for site in {id(s): s for s in (f for f in node.factories() if hasattr(f, "agents"))}.values():
+            yield site.agents.closeIdle()
+        yield node.stop()
+        yield task.deferLater(reactor, 0.05, lambda: None)
