@@ -344,7 +344,8 @@ class ChallengeTests(FormsTestsMixin, SynchronousTestCase):
     def test_expiredPublic(self):
         """
         A public session idle for 15 minutes: a navigation gets a 302 to the logon page saying
-        why, an XHR a 440; both clear the cookie.
+        why (and clears the cookie), an XHR a 440 (keeping it, so that the page load that follows
+        still says why).
         """
         self.logon(security="public")
         cookie = dict(self.jar)
@@ -354,7 +355,11 @@ class ChallengeTests(FormsTestsMixin, SynchronousTestCase):
         self.assertTrue(nav.header(b"location").endswith(b"&reason=expired"))
         self.assertIn(b"Max-Age=0", nav.setCookies()["__Host-casd"])
         self.jar.update(cookie)
-        self.assertEqual(self.request(b"GET", b"/owa/?_action=list", headers=XHR).code, 440)
+        xhr = self.request(b"GET", b"/owa/?_action=list", headers=XHR)
+        self.assertEqual(xhr.code, 440)
+        self.assertNotIn("__Host-casd", xhr.setCookies())
+        again = self.request(b"GET", b"/owa/", headers=NAV)
+        self.assertTrue(again.header(b"location").endswith(b"&reason=expired"))
 
     def test_privateOutlivesPublic(self):
         self.logon(security="private")

@@ -237,12 +237,14 @@ class FormsLogon:
     def challenge(self, request, state: str = "absent") -> HTTPError:
         """
         The answer to a request without a valid session: 302 to the logon page for a
-        navigation, else C{440 Login Timeout}.  An unusable cookie is cleared.
+        navigation, else C{440 Login Timeout}.  An unusable cookie is cleared by the redirect.
         """
         headers = [(b"Cache-Control", b"no-store"), (b"Content-Type", b"text/plain; charset=utf-8")]
-        if state != "absent":
-            headers.append((b"Set-Cookie", self.cookies.clearCookie()))
         if isNavigation(request):
+            # Cleared on the navigation only: after a script's 440 the page reloads, and the
+            # unusable cookie still tells the logon page why the session ended.
+            if state != "absent":
+                headers.append((b"Set-Cookie", self.cookies.clearCookie()))
             target = request.uri.decode("latin-1")
             location = f"{self.logonPath}?url={quote(target, safe='')}"
             if state in ("expired", "revoked"):

@@ -101,8 +101,10 @@ class Roundcube:
 
     host = "127.0.0.1"
 
-    def __init__(self, directory, imapPort, masterUser, masterPassword, logoffURL=""):
+    def __init__(self, directory, imapPort, masterUser, masterPassword, logoffURL="", prefix=""):
         """
+        @param prefix: the URL path Roundcube is published under (C{/owa}), as when a front end
+            forwards paths unchanged; empty for the root.
         @param imapPort: the private Dovecot's plain IMAP port on 127.0.0.1.
         @param masterUser: a Dovecot master user (L{tests.support.dovecot.Dovecot} C{masterUsers}).
         @param logoffURL: where Roundcube's own logout sends the browser (casd's logoff page).
@@ -112,6 +114,8 @@ class Roundcube:
         self.masterUser = masterUser
         self.masterPassword = masterPassword
         self.logoffURL = logoffURL
+        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+        self.docroot = os.path.join(self.directory, "docroot")
         self.root = os.path.join(self.directory, "app")
         self.configDir = os.path.join(self.directory, "config")
         self.logPath = os.path.join(self.directory, "php.log")
@@ -121,7 +125,7 @@ class Roundcube:
 
     @property
     def url(self):
-        return "http://%s:%d/" % (self.host, self.port)
+        return "http://%s:%d%s/" % (self.host, self.port, self.prefix)
 
     def _build(self):
         for path in (ROUNDCUBE, PUBLIC_INDEX, os.path.join(ROUNDCUBE, "skins", "elastic")):
@@ -146,6 +150,10 @@ class Roundcube:
         os.symlink("../skins", os.path.join(public, "skins"))
         for name in ("js", "resources"):
             os.symlink("../../program/" + name, os.path.join(public, "program", name))
+        # PHP resolves __DIR__ through symbolic links, so Roundcube finds its root from here too.
+        published = os.path.join(self.docroot, self.prefix.lstrip("/")) if self.prefix else self.docroot
+        os.makedirs(os.path.dirname(published.rstrip("/")), exist_ok=True)
+        os.symlink(public, published.rstrip("/"))
         for name in ("logs", "temp"):
             os.makedirs(os.path.join(self.directory, name), exist_ok=True)
         os.makedirs(self.configDir, exist_ok=True)
@@ -178,10 +186,11 @@ class Roundcube:
         php = requireBinary("php", [("/usr/bin/php", "php-cli")])
         self._build()
         self.port = freePort()
-        env = dict(os.environ, ROUNDCUBE_CONFIG_DIR=self.configDir)
+        # Several workers: a browser loads assets and the message list in parallel.
+        env = dict(os.environ, ROUNDCUBE_CONFIG_DIR=self.configDir, PHP_CLI_SERVER_WORKERS="4")
         self._log = open(self.logPath, "ab")
         self._process = subprocess.Popen(
-            [php, "-S", "%s:%d" % (self.host, self.port), "-t", os.path.join(self.root, "public_html")],
+            [php, "-S", "%s:%d" % (self.host, self.port), "-t", self.docroot],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             env=env, start_new_session=True, cwd=self.directory,
         )
