@@ -4,13 +4,17 @@ a test CA, a users file, and a casd node with one HTTPS listener and the given b
 """
 
 import os
+import subprocess
+import sys
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 
 from casd.auth.hashing import makeHash
 from tests.support.casdnode import CASNode
 from tests.support.certs import CertificateAuthority
-from tests.support.procs import freePort
+from tests.support.procs import freePort, stopPid, waitForPort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class CASWeb:
@@ -95,6 +99,38 @@ tls = "implicit"
 
             factory.buildProtocol = buildProtocol
         return self
+
+    def startProcess(self, timeout=30.0):
+        """
+        Run the node as operators do, C{twistd -n cas --config ...}, in its own process.
+        """
+        os.makedirs(os.path.join(self.directory, "node"), exist_ok=True)
+        self.configPath = os.path.join(self.directory, "node", "casd.toml")
+        with open(self.configPath, "w") as f:
+            f.write(self.config)
+        self.logPath = os.path.join(self.directory, "node", "twistd.out")
+        self._log = open(self.logPath, "wb")
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "cas",
+             "--config", self.configPath],
+            cwd=os.path.join(self.directory, "node"), env=env, stdout=self._log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        return threads.deferToThread(
+            waitForPort, "127.0.0.1", self.port, timeout, lambda: self.process.poll() is None
+        )
+
+    def stopProcess(self):
+        if getattr(self, "process", None) is not None:
+            stopPid(self.process.pid, timeout=10.0)
+            self.process.wait()
+            self.process = None
+            self._log.close()
+
+    def logText(self):
+        with open(self.logPath, encoding="utf-8", errors="replace") as f:
+            return f.read()
 
     def sites(self):
         return [f for f in self.node.factories() if hasattr(f, "agents")]
