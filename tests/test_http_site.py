@@ -103,3 +103,264 @@ class ProxyTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.request(b"GET /nothing HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 404 "))
         self.assertEqual(self.context.directory.checks, 0)
+
+
+GROUP_CONFIG = """
+[server]
+hostname = "cas1.example.com"
+
+[routing]
+default_backend = "pair"
+
+[groups.pair]
+members = ["web1", "web2"]
+
+[backends.web1]
+host = "127.0.0.1"
+[backends.web1.http]
+port = 8001
+
+[backends.web2]
+host = "127.0.0.2"
+[backends.web2.http]
+port = 8002
+
+[http]
+enabled = true
+plain_http = "serve"
+keepalive_timeout = 120
+
+[[http.listen]]
+endpoint = "tcp:8081"
+tls = "none"
+trusted = true
+
+[[http.vdir]]
+path = "/EWS"
+identity = "passthrough"
+idle_timeout = 60
+max_body_size = 1000
+
+[[http.vdir]]
+path = "/Microsoft-Server-ActiveSync"
+long_poll_timeout = 3660
+
+[[http.vdir]]
+path = "/rpc"
+long_poll_timeout = 3660
+max_body_size = 0
+"""
+
+
+class FailoverTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    config = GROUP_CONFIG
+
+    def test_idempotentRetried(self):
+        """
+        A GET whose connection failed before any byte was sent goes to the next member; the
+        failed member's passive health counts it.
+        """
+        from casd.testing import failBackend
+
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 8001))
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        failBackend(self.reactor, index=0)
+        self.reactor.advance(0)
+        self.assertEqual(self.reactor.tcpClients[1][:2], ("127.0.0.2", 8002))
+        member = self.context.connector.members[("127.0.0.1", 8001)]
+        self.assertEqual(member._passiveBad, 1)
+        server, backend = self.backend(1)
+        self.assertTrue(backend.value().startswith(b"GET /EWS/x HTTP/1.1\r\n"))
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 204 "))
+
+    def test_postNeverReplayed(self):
+        """
+        A POST whose body went out to a backend that then failed is answered 502, never sent
+        to another member.
+        """
+        self.request(
+            b"POST /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 4\r\n",
+            b"abcd",
+        )
+        server, backend = self.backend(0)
+        self.assertTrue(backend.value().endswith(b"\r\n\r\nabcd"))
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        server.connectionLost(Failure(ConnectionLost()))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 502 "), self.transport.value())
+
+    def test_noHealthyMember(self):
+        """
+        Every member draining: 503 with Retry-After, no connection attempted.
+        """
+        self.context.connector.setDraining({"web1", "web2"})
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 503 "), out)
+        self.assertIn(b"Retry-After: 30\r\n", out)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_timeout(self):
+        """
+        A backend that accepts but never answers: 504 after the vdir's idle timeout.
+        """
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        self.backend(0)
+        self.reactor.advance(59)
+        self.assertEqual(self.transport.value(), b"")
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())
+
+    def test_longPoll(self):
+        """
+        In a long-poll vdir a response may take up to its long-poll timeout (an ActiveSync
+        Ping of 59 minutes), far beyond the keep-alive and idle timeouts.
+        """
+        self.request(
+            b"POST /Microsoft-Server-ActiveSync?Cmd=Ping HTTP/1.1\r\nHost: h\r\nAuthorization: "
+            + BASIC + b"\r\nContent-Length: 2\r\n",
+            b"ab",
+        )
+        server, backend = self.backend(0)
+        self.reactor.advance(3540)
+        self.assertTrue(self.transport.connected)
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.transport.value().endswith(b"\r\n\r\nok"))
+        # Back to the ordinary keep-alive timeout afterwards.
+        self.assertEqual(self.client.timeOut, 120)
+
+    def test_rpcChannelIdleUpload(self):
+        """
+        An RPC_IN_DATA channel may stay silent between chunks of its body longer than the
+        keep-alive timeout: casd does not cut it before the vdir's long-poll timeout.
+        """
+        self.request(
+            b"RPC_IN_DATA /rpc/rpcproxy.dll?mbx:6001 HTTP/1.1\r\nHost: h\r\nAuthorization: "
+            + BASIC + b"\r\nContent-Length: 1073741824\r\n",
+            b"x" * 100,
+        )
+        server, backend = self.backend(0)
+        for _ in range(5):
+            self.reactor.advance(600)
+            self.client.dataReceived(b"y" * 10)
+        self.assertTrue(self.transport.connected)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertTrue(backend.value().endswith(b"x" * 100 + b"y" * 50))
+
+    def test_tooLarge(self):
+        """
+        A declared body over C{max_body_size}: 413 at once, the connection closed, no backend.
+        """
+        self.request(
+            b"POST /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 5000\r\n",
+            b"a" * 100,
+        )
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_tooLargeChunked(self):
+        """
+        A chunked body that grows past C{max_body_size}: 413 and closed.
+        """
+        self.request(
+            b"POST /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nTransfer-Encoding: chunked\r\n",
+            b"400\r\n" + b"a" * 1024 + b"\r\n",
+        )
+        self.assertIn(b"HTTP/1.1 413 ", self.transport.value())
+        self.assertTrue(self.transport.disconnecting)
+
+
+class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    def test_bodyStreamed(self):
+        """
+        The backend request starts when the headers are in; body bytes follow as they arrive.
+        """
+        self.request(
+            b"PUT /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 10\r\n",
+            b"abc",
+        )
+        server, backend = self.backend()
+        self.assertTrue(backend.value().endswith(b"\r\n\r\nabc"))
+        self.assertEqual(backend.value().lower().count(b"content-length"), 1)
+        self.assertIn(b"Content-Length: 10\r\n", backend.value())
+        self.client.dataReceived(b"defghij")
+        self.assertTrue(backend.value().endswith(b"\r\n\r\nabcdefghij"))
+
+    def test_backendPushesBack(self):
+        """
+        A backend connection that cannot take more pauses reading from the client.
+        """
+        self.request(
+            b"PUT /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 100\r\n",
+            b"abc",
+        )
+        server, backend = self.backend()
+        backend.producer.pauseProducing()
+        self.assertEqual(self.transport.producerState, "paused")
+        backend.producer.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_slowClientPausesBackend(self):
+        """
+        A client that stops reading the response pauses the backend connection.
+        """
+        self.request(b"GET /EWS/big HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        # The client's transport says its buffer is full.
+        self.transport.producer.pauseProducing()
+        self.assertEqual(backend.producerState, "paused")
+        self.transport.producer.resumeProducing()
+        self.assertEqual(backend.producerState, "producing")
+
+    def test_truncatedResponse(self):
+        """
+        A backend that dies mid-body: the client connection is closed, never a complete-looking
+        response.
+        """
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.request(b"GET /EWS/big HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        server.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_clientGoneStopsBackend(self):
+        """
+        A client that goes mid-response: the backend connection is closed.
+        """
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.request(b"GET /EWS/big HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        self.client.connectionLost(Failure(ConnectionLost()))
+        # stopProducing: a TCP transport closes the connection.
+        self.assertEqual(backend.producerState, "stopped")
+
+    def test_keepAlive(self):
+        """
+        Two requests on one client connection reuse one persistent backend connection.
+        """
+        for i in range(2):
+            self.request(b"GET /EWS/" + str(i).encode() + b" HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+            if i == 0:
+                server, backend = self.backend()
+            server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertIn(b"GET /EWS/1 HTTP/1.1", backend.value())
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)

@@ -647,6 +647,7 @@ DEMO_SETTINGS = (
     ),
     Setting("imap_port", "int", 11143, "Loopback port of the demo IMAP backend.", minimum=0),
     Setting("pop3_port", "int", 11110, "Loopback port of the demo POP3 backend.", minimum=0),
+    Setting("http_port", "int", 11080, "Loopback port of the demo web backend.", minimum=0),
 )
 
 

@@ -71,10 +71,29 @@ class Options(usage.Options):
             raise usage.UsageError("--workers is not available with --demo")
         try:
             self.protocols = discoverProtocols()
-            self.config = loadConfig(path, self.protocols.values())
+            if self["demo"] and "http" in self.protocols:
+                self.config = _demoConfig(self.protocols)
+            else:
+                self.config = loadConfig(path, self.protocols.values())
         except ConfigError as e:
             # One line, no traceback, non-zero exit.
             raise SystemExit(f"casd: configuration error: {e}")
+
+
+def _demoConfig(protocols):
+    """
+    The demo configuration with its HTTPS listener, for which a new demo certificate is made
+    (L{casd.demo.web}).
+    """
+    from casd.config import parseConfig
+    from casd.demo.web import demoConfigText
+
+    with open(DEMO_CONFIG, encoding="utf-8") as f:
+        base = f.read()
+    port = parseConfig(base, DEMO_CONFIG, protocols.values()).demo.http_port
+    text, caPath = demoConfigText(base, port)
+    log.warn("DEMO certificate authority for https://127.0.0.1:8443/: {ca}", ca=caPath)
+    return parseConfig(text, DEMO_CONFIG, protocols.values())
 
 
 class _ThreadPoolService(service.Service):
@@ -203,9 +222,18 @@ def _addDemo(top, config, checker, reactor) -> None:
         svc._raiseSynchronously = True
         svc.setName(f"demo-{kind}")
         svc.setServiceParent(top)
+    if "http" in config.protocols and config.protocols["http"].enabled:
+        from casd.demo.web import demoWebFactory
+
+        endpoint = serverFromString(reactor, f"tcp:{config.demo.http_port}:interface=127.0.0.1")
+        svc = StreamServerEndpointService(endpoint, demoWebFactory(store, reactor))
+        svc._raiseSynchronously = True
+        svc.setName("demo-http")
+        svc.setServiceParent(top)
     log.warn(
-        "DEMO backend running in-process on 127.0.0.1 (imap {imap}, pop3 {pop3}): mail is kept in"
-        " memory and lost on exit; not for production",
+        "DEMO backend running in-process on 127.0.0.1 (imap {imap}, pop3 {pop3}, http {http}):"
+        " mail is kept in memory and lost on exit; not for production",
         imap=config.demo.imap_port,
         pop3=config.demo.pop3_port,
+        http=config.demo.http_port,
     )

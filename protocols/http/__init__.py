@@ -55,8 +55,7 @@ class _Shared:
         self.authenticator = HTTPAuthenticator([BasicCredentials(context.authenticator)])
         self.agents = BackendAgents(
             context.reactor,
-            context.clientTLS,
-            lambda target: context.connector.timeoutsFor(target)[0],
+            context.connector,
             maxConnections=section.backend_connections,
             maxIdle=section.backend_idle_connections,
         )

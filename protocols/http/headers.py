@@ -25,6 +25,8 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        # casd answered the client's 100-continue itself; the backend gets the body at once.
+        b"expect",
     )
 )
 
@@ -86,6 +88,8 @@ def backendRequestHeaders(
         header goes on to the backend (casd's own cookies do not).
     """
     drop = set(HOP_BY_HOP | FORWARDING | IDENTITY) | connectionTokens(incoming) | set(strip)
+    # The Agent frames the body (Content-Length from the body producer) and names the backend.
+    drop.update((b"content-length", b"host"))
     drop.add(vdir.identityHeader.lower())
     if vdir.identity != "passthrough":
         drop.add(b"authorization")

@@ -15,9 +15,9 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 
 #: Request methods that may be sent again after a connection failed before any byte went out.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PROPFIND", b"REPORT"))
@@ -32,19 +32,34 @@ CONNECT_ERRORS = (
 )
 
 
-@implementer(IPolicyForHTTPS)
-class _NamedPolicy:
+@implementer(IAgentEndpointFactory)
+class _TargetEndpoints:
     """
-    TLS towards one backend: the certificate must name C{tlsName} (checked by
-    service_identity), whatever address is dialled.
+    The endpoint of one backend member, as the mail protocols reach it
+    (L{casd.pool.connector.BackendConnector.endpointFor}): TLS verified against the member's
+    C{tls_name} with service_identity when its mode is C{implicit}, and its connect timeout.
     """
 
-    def __init__(self, clientTLS, tlsName: str) -> None:
-        self.clientTLS = clientTLS
-        self.tlsName = tlsName
+    def __init__(self, connector, target) -> None:
+        self.connector = connector
+        self.target = target
 
-    def creatorForNetloc(self, hostname, port):
-        return self.clientTLS.optionsFor(self.tlsName)
+    def endpointForURI(self, uri):
+        return self.connector.endpointFor(self.target)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # One "Starting factory" and "Stopping factory" line per backend connection is noise.
+    noisy = False
+
+
+class _Pool(HTTPConnectionPool):
+    """
+    Twisted's pool with a quiet connection factory (C{_factory} is private: covered by
+    C{tests.test_http_smuggling.TwistedPrivatesTests}).
+    """
+
+    _factory = _QuietClientFactory
 
 
 @define
@@ -64,14 +79,13 @@ class BackendAgents:
         wait for a slot.
     """
 
-    def __init__(self, reactor, clientTLS, connectTimeout, maxConnections: int = 256,
-                 maxIdle: int = 32, idleTimeout: float = 60.0) -> None:
+    def __init__(self, reactor, connector, maxConnections: int = 256, maxIdle: int = 32,
+                 idleTimeout: float = 60.0) -> None:
         """
-        @param connectTimeout: C{callable(target) -> float}.
+        @param connector: the L{casd.pool.connector.BackendConnector} (endpoints, TLS, timeouts).
         """
         self.reactor = reactor
-        self.clientTLS = clientTLS
-        self.connectTimeout = connectTimeout
+        self.connector = connector
         self.maxConnections = maxConnections
         self.maxIdle = maxIdle
         self.idleTimeout = idleTimeout
@@ -81,24 +95,20 @@ class BackendAgents:
         key = (target.key, target.tls, target.tlsName)
         backend = self._backends.get(key)
         if backend is None:
-            pool = HTTPConnectionPool(self.reactor, persistent=True)
+            pool = _Pool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = self.maxIdle
             pool.cachedConnectionTimeout = self.idleTimeout
             # Retries are casd's decision (never a request with a body), not the pool's.
             pool.retryAutomatically = False
-            https = target.tls == "implicit"
-            agent = Agent(
-                self.reactor,
-                contextFactory=_NamedPolicy(self.clientTLS, target.tlsName or target.host),
-                connectTimeout=self.connectTimeout(target),
-                pool=pool,
+            agent = Agent.usingEndpointFactory(
+                self.reactor, _TargetEndpoints(self.connector, target), pool=pool
             )
             host = f"[{target.host}]" if ":" in target.host else target.host
             backend = self._backends[key] = _Backend(
                 agent,
                 pool,
                 defer.DeferredSemaphore(self.maxConnections),
-                b"https" if https else b"http",
+                b"https" if target.tls == "implicit" else b"http",
                 f"{host}:{target.port}".encode("ascii"),
             )
         return backend

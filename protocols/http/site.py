@@ -20,6 +20,7 @@ refused at once with 413 and the connection closed.
 from __future__ import annotations
 
 import io
+import os
 import re
 
 from twisted.internet import defer
@@ -30,7 +31,8 @@ from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from casd.failures import CASFailure
+from casd.failures import BackendUnavailable, CASFailure
+from casd.routing.router import routeTo
 from casd.session.clientinfo import ClientInfo
 from protocols.http.headers import backendRequestHeaders, copyResponseHeaders
 from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
@@ -73,7 +75,6 @@ class ProxyChannel(http.HTTPChannel):
     maxHeaders = 200
 
     _headerTimer = None
-    _lastByte = b""
     client = None
 
     def connectionMade(self) -> None:
@@ -88,14 +89,28 @@ class ProxyChannel(http.HTTPChannel):
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.line_mode and not self._handlingRequest:
-            if self._headerTimer is None and data:
+        if self.line_mode and not self._handlingRequest and data:
+            if self._headerTimer is None:
                 self._headerTimer = self.callLater(self.site.headerTimeout, self._headersTooSlow)
-            if _BARE_LF.search(data) or (data[:1] == b"\n" and self._lastByte != b"\r"):
+            if self._bareLF(data):
                 self._badRequest()
                 return
-        self._lastByte = data[-1:]
         super().dataReceived(data)
+
+    def _bareLF(self, data: bytes) -> bool:
+        """
+        Whether the header bytes in C{data} hold an LF not preceded by CR.  Only the bytes up
+        to the end of the headers are looked at (a body may hold anything).
+        """
+        seen = self._tail + data
+        end = seen.find(b"\r\n\r\n")
+        head = seen if end < 0 else seen[: end + 4]
+        start = len(self._tail)
+        self._tail = seen[-3:] if end < 0 else b""
+        # The lookbehind sees the kept tail: only the new bytes are searched.
+        return _BARE_LF.search(head, start) is not None
+
+    _tail = b""
 
     def lineReceived(self, line: bytes) -> None:
         # obs-fold (RFC 9112 5.2): a server must reject it or replace it; a proxy that joins
@@ -300,6 +315,12 @@ class HTTPSite(server.Site):
         self.headerTimeout = section.header_timeout
         self.clock = context.reactor
         self.local = None
+
+    def stopFactory(self) -> None:
+        # The listener stops: close the idle backend connections (the agents are shared by
+        # every listener; closing idle ones is harmless to the others).
+        self.agents.closeIdle()
+        super().stopFactory()
 
     def _openLogFile(self, path):
         return None
@@ -539,23 +560,24 @@ class HTTPSite(server.Site):
         """
         @return: C{None} when C{vdir} (or the node, for C{None}) can serve, else the reason.
         """
-        import os
-
         drain = self.section.drain_file
         if drain and os.path.exists(drain):
             return "draining"
-        if vdir is None or not vdir.backend:
+        if vdir is None:
             return None
         config = self.context.config
-        from casd.routing.router import routeTo
-
-        try:
-            route = routeTo(config, vdir.backend, _HealthUser(), self.descriptor, "health")
-        except KeyError:
-            return "unknown backend"
-        if not self._available(route):
-            return "no healthy backend"
-        return None
+        names = [vdir.backend or config.routing.hash_group or config.routing.default_backend]
+        if not names[0]:
+            # The router decides per user: any server configured for HTTP will do.
+            names = [s.name for s in config.backends.values() if self.descriptor.name in s.protocols]
+        for name in names:
+            try:
+                route = routeTo(config, name, _HealthUser(), self.descriptor, "health")
+            except KeyError:
+                continue
+            if self._available(route):
+                return None
+        return "no healthy backend"
 
     def accessLog(self, request) -> None:
         client = request.client
@@ -619,8 +641,6 @@ class _HealthUser:
 
 
 def _noBackend(route):
-    from casd.failures import BackendUnavailable
-
     return BackendUnavailable(f"no healthy member of {route.group or 'the route'}")
 
 

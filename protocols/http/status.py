@@ -118,7 +118,7 @@ def httpError(exc: BaseException) -> HTTPError:
     if isinstance(exc, SiteRedirect):
         location = exc.location.encode("utf-8")
         if exc.code == 451:
-            return HTTPError(451, ((b"X-MS-Location", location), (b"Content-Length", b"0")))
+            return HTTPError(451, ((b"X-MS-Location", location),), reason=b"Redirect")
         return HTTPError(
             302, ((b"Location", location), (b"Content-Type", b"text/plain; charset=utf-8")), b""
         )

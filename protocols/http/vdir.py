@@ -227,7 +227,7 @@ def vdirFromValues(configPath: str, where: str, values) -> VirtualDirectory:
         path=_normalisePrefix(values.path),
         caseInsensitive=values.case_insensitive,
         backend=values.backend,
-        backendPath=_normalisePrefix(values.backend_path) if values.backend_path else "",
+        backendPath=(_normalisePrefix(values.backend_path) or "/") if values.backend_path else "",
         auth=methods,
         realm=values.realm,
         identity=values.identity,
