@@ -25,12 +25,14 @@ class CASWeb:
     @ivar caPath: the CA file clients trust.
     """
 
-    def __init__(self, directory, users, backends, vdirs, http="", extra="", ca=None, port=None):
+    def __init__(self, directory, users, backends, vdirs, http="", extra="", ca=None, port=None, server=""):
         """
         @param users: login -> (password, extra users-file fields such as C{address=...}).
         @param backends: name -> HTTP port on 127.0.0.1.
         @param vdirs: TOML text of the C{[[http.vdir]]} tables.
         @param http: further C{[http]} keys.
+        @param server: further C{[server]} keys.
+        @param extra: further sections.
         """
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -49,6 +51,7 @@ class CASWeb:
         self.config = f"""
 [server]
 hostname = "cas.test"
+{server}
 
 [tls]
 certificate = "{cert}"

@@ -4,8 +4,8 @@ CardDAV behind casd.
 
 It needs a L{tests.support.postgres.PostgreSQL} (SOGo's profile, folder and session tables, and
 the C{sogo_users} table it authenticates against), a private C{memcached} (started here) and an
-IMAP server (the private Dovecot of L{tests.support.dovecot}, reached with a master user so that
-SOGo needs no user password).  Every setting is a C{sogod} argument: GNUstep would otherwise read
+IMAP server (L{TrustingDovecot}: the private Dovecot of L{tests.support.dovecot} trusting logins
+from the SOGo host, since SOGo behind proxy authentication has no password to give it).  Every setting is a C{sogod} argument: GNUstep would otherwise read
 C{~/GNUstep/Defaults} of the C{sogo} account.  C{-SOGoTrustProxyAuthentication YES} makes SOGo
 take the user from C{x-webobjects-remote-user}, which casd sets (and strips from clients).
 """
@@ -14,7 +14,24 @@ import os
 import pwd
 import subprocess
 
+from .dovecot import Dovecot
 from .procs import checkTraversable, freePort, requireBinary, stopPid, waitForPort, waitForPortClosed
+
+
+class TrustingDovecot(Dovecot):
+    """
+    The private Dovecot as a webmail host's IMAP server sees it in a single sign-on deployment:
+    logins from 127.0.0.1 need no password (a C{static} passdb with C{nopassword} and
+    C{allow_nets}), because the front end already authenticated the user.  SOGo behind trusted
+    proxy authentication has no user password to give IMAP.
+    """
+
+    def _config(self, usersPath, mastersPath):
+        text = super()._config(usersPath, mastersPath)
+        trusting = (
+            "passdb {\n  driver = static\n  args = nopassword=y allow_nets=127.0.0.1/32\n}\n"
+        )
+        return text.replace("passdb {", trusting + "passdb {", 1)
 
 
 class Memcached:
@@ -54,8 +71,7 @@ class SOGo:
 
     host = "127.0.0.1"
 
-    def __init__(self, directory, postgres, imapPort, masterUser, masterPassword, users,
-                 domain="example.com"):
+    def __init__(self, directory, postgres, imapPort, users, domain="example.com"):
         """
         @param postgres: a started L{tests.support.postgres.PostgreSQL}.
         @param users: login -> password (stored in C{sogo_users}; SOGo's own logins use them,
@@ -64,8 +80,6 @@ class SOGo:
         self.directory = os.path.abspath(directory)
         self.postgres = postgres
         self.imapPort = imapPort
-        self.masterUser = masterUser
-        self.masterPassword = masterPassword
         self.users = dict(users)
         self.domain = domain
         self.logPath = os.path.join(self.directory, "sogo.log")
