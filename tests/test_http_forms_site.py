@@ -159,3 +159,9 @@ class FormsSiteTests(SynchronousTestCase):
         context = makeContext(self.reactor, users={"alice": "secret"}, config=config)
         e = self.assertRaises(ConfigError, connectFrontend, http, context)
         self.assertIn("forms_key_files", str(e))
+
+    def test_badBackgroundPattern(self):
+        config = CONFIG.replace("forms_public_timeout = 600", 'forms_background = ["(unclosed"]')
+        context = makeContext(self.reactor, users={"alice": "secret"}, config=config)
+        e = self.assertRaises(ConfigError, connectFrontend, http, context)
+        self.assertIn("forms_background", str(e))

@@ -497,8 +497,8 @@ FORMS_SETTINGS = (
         "strlist",
         _cookies.DEFAULT_BACKGROUND_PATTERNS,
         "Regular expressions searched in a request's path and query: matching requests are"
-        " background polls that do not extend a forms session (long-poll vdirs, prefetches and"
-        " C{X-CAS-Background: 1} never do either).",
+        " background polls that do not extend a forms session (requests of long-poll vdirs,"
+        " prefetches and requests with C{X-CAS-Background: 1} never extend it either).",
     ),
     Setting(
         "forms_public_private_choice",
@@ -618,6 +618,12 @@ def formsServices(context, section, site):
         return
     source = site.authenticator.sources.get("forms")
     if not isinstance(source, FormsCredentials):
+        try:
+            _cookies.compileBackground(section.forms_background)
+        except re.error as e:
+            raise ConfigError(
+                context.config.path, "http.forms_background", f"not a regular expression ({e})"
+            ) from None
         source = FormsCredentials(sessionCookies(context, section), context.authenticator, section)
         site.authenticator.register(source)
     site.privateCookies = frozenset(site.privateCookies) | {
