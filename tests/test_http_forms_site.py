@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlencode
 
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -165,3 +166,30 @@ class FormsSiteTests(SynchronousTestCase):
         context = makeContext(self.reactor, users={"alice": "secret"}, config=config)
         e = self.assertRaises(ConfigError, connectFrontend, http, context)
         self.assertIn("forms_background", str(e))
+
+    def test_revocationStoreDown(self):
+        """
+        When the revocation set cannot answer, a request with a session cookie gets 503 with
+        Retry-After (not the logon page, not a 500), and nothing reaches the backend.
+        """
+        self.logon()
+        forms = [s for s in self._sites() if "forms" in s.authenticator.sources][0]
+        cookies = forms.authenticator.sources["forms"].cookies
+
+        class Down:
+            def add(self, tokenId, expiresAt):
+                return defer.fail(ConnectionRefusedError())
+
+            def contains(self, tokenId):
+                return defer.fail(ConnectionRefusedError())
+
+        cookies.revocations = Down()
+        response = self.send(b"GET /owa/inbox HTTP/1.1\r\nHost: mail.example.com\r\nAccept: text/html\r\n")
+        self.assertEqual(response.code, 503)
+        self.assertIsNotNone(response.one(b"retry-after"))
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionRefusedError)), 1)
+
+    def _sites(self):
+        return [http.buildFactory(self.context, self.context.config.protocols["http"], listener)
+                for listener in self.context.config.protocols["http"].listeners]

@@ -34,7 +34,7 @@ from twisted.web.server import NOT_DONE_YET
 from casd.auth import UserRecord
 from casd.auth.sasl import Credentials
 from casd.config import ConfigError, Setting
-from casd.failures import AuthenticationFailed, CASFailure, Throttled
+from casd.failures import AuthenticationFailed, CASFailure, DirectoryUnavailable, Throttled
 from protocols.http import cookies as _cookies
 from protocols.http.auth import IHTTPCredentialSource
 from protocols.http.local import LocalService
@@ -558,9 +558,14 @@ class FormsCredentials:
         d = logon.authenticate(request, longPoll=bool(vdir.longPollTimeout))
 
         def refused(failure):
-            failure.trap(LogonRequired)
-            request.casdFormsState = failure.value.state
-            return failure
+            if failure.check(LogonRequired):
+                request.casdFormsState = failure.value.state
+                return failure
+            if failure.check(CASFailure):
+                return failure
+            # The revocation set (a shared store) could not answer: a 503, never a logon page.
+            FormsLogon.log.failure("checking a forms session failed", failure)
+            raise DirectoryUnavailable("forms session check failed")
 
         return d.addErrback(refused)
 
