@@ -3,7 +3,8 @@ A private Radicale (CalDAV/CardDAV, from PyPI) on C{127.0.0.1} for integration t
 
 It trusts C{X-Remote-User} (C{--auth-type http_x_remote_user}) and lets each user reach only
 their own collections (C{--rights-type owner_only}): casd sets the header, Radicale decides.
-Started as a child process of the test (C{python -m radicale}) and stopped by PID.
+Radicale's WSGI application runs under Twisted Web in a child process of the test (C{python -m
+twisted web --wsgi radicale.application}), stopped by PID.
 """
 
 import os
@@ -43,20 +44,30 @@ class Radicale:
     def start(self, timeout=20.0):
         os.makedirs(self.directory, exist_ok=True)
         self.port = freePort()
+        configPath = os.path.join(self.directory, "radicale.conf")
+        with open(configPath, "w") as f:
+            f.write(
+                "[server]\n"
+                + ("script_name = %s\n" % (self.scriptName,) if self.scriptName else "")
+                + "[auth]\ntype = %s\n" % (self.auth,)
+                + "[rights]\ntype = owner_only\n"
+                + "[storage]\nfilesystem_folder = %s\n" % (os.path.join(self.directory, "collections"),)
+                + "[logging]\nlevel = info\n"
+            )
+        # Radicale's WSGI application under Twisted Web (an HTTP/1.1 server with persistent
+        # connections), not its own wsgiref server: that one answers HTTP/1.0 without
+        # "Connection: close" and then closes, which Twisted's Agent takes for a persistent
+        # connection; a request sent on it before the close is seen fails.
         args = [
-            sys.executable, "-m", "radicale",
-            "--server-hosts", "%s:%d" % (self.host, self.port),
-            "--storage-filesystem-folder", os.path.join(self.directory, "collections"),
-            "--auth-type", self.auth,
-            "--rights-type", "owner_only",
-            "--logging-level", "info",
+            sys.executable, "-m", "twisted", "web",
+            "--listen", "tcp:%d:interface=%s" % (self.port, self.host),
+            "--wsgi", "radicale.application",
         ]
-        if self.scriptName:
-            args += ["--server-script-name", self.scriptName]
+        env = dict(os.environ, RADICALE_CONFIG=configPath)
         self._log = open(self.logPath, "ab")
         self._process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, env=env, cwd=self.directory,
         )
         self.pid = self._process.pid
         try:
