@@ -145,3 +145,118 @@ class ClientCertificateTests(SynchronousTestCase):
     def test_directoryDown(self):
         self.directory.error = DirectoryUnavailable("down")
         self.assertTrue(self.login(makeClient(self.ca, emails=["alice@example.com"])).check(DirectoryUnavailable))
+
+
+CERT_CONFIG = """
+[routing]
+default_backend = "web"
+
+[backends.web]
+host = "127.0.0.1"
+
+[backends.web.http]
+port = 8080
+
+[http]
+enabled = true
+plain_http = "serve"
+{ca}
+
+[[http.listen]]
+endpoint = "tcp:8081"
+tls = "none"
+trusted = true
+
+[[http.vdir]]
+path = "/ecp"
+auth = ["cert", "basic"]
+identity = "header"
+"""
+
+
+class CertificateSiteTests(SynchronousTestCase):
+    """
+    The C{cert} method inside the HTTP front end: registered when a vdir names it, a verified
+    certificate reaches the backend as its user, no certificate falls through to Basic.
+    """
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.ca = makeCA()
+        self.caPath = self.mktemp()
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        with open(self.caPath, "wb") as f:
+            f.write(self.ca[0].public_bytes(Encoding.PEM))
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(NOW.timestamp())
+
+    def context(self, ca=True):
+        from casd.testing import makeContext
+
+        line = f'client_ca_file = "{self.caPath}"' if ca else ""
+        return makeContext(
+            self.reactor,
+            users={"alice": ("pw", UserRecord(login="alice", address="alice@example.com"))},
+            config=CERT_CONFIG.replace("{ca}", line),
+        )
+
+    def test_missingCA(self):
+        from casd.config import ConfigError
+        from casd.testing import connectFrontend
+        from protocols.http import http
+
+        e = self.assertRaises(ConfigError, connectFrontend, http, self.context(ca=False))
+        self.assertIn("client_ca_file", str(e))
+
+    def test_certificateUser(self):
+        from casd.testing import acceptBackend, connectFrontend
+        from protocols.http import http
+
+        context = self.context()
+        client, transport = connectFrontend(http, context)
+        source = client.site.authenticator.sources["cert"]
+        cert = makeClient(self.ca, emails=["alice@example.com"])
+        source.auth.chainOf = lambda request: [cert]
+        client.dataReceived(b"GET /ecp/ HTTP/1.1\r\nHost: h\r\nX-Remote-User: mallory\r\n\r\n")
+        self.reactor.advance(0)
+        server, backend = acceptBackend(self.reactor)
+        sent = backend.value()
+        self.assertIn(b"X-Remote-User: alice\r\n", sent)
+        self.assertNotIn(b"mallory", sent)
+
+    def test_untrustedCertificate(self):
+        from casd.testing import connectFrontend
+        from protocols.http import http
+
+        client, transport = connectFrontend(http, self.context())
+        source = client.site.authenticator.sources["cert"]
+        source.auth.chainOf = lambda request: [makeClient(makeCA("other"), emails=["alice@example.com"])]
+        client.dataReceived(b"GET /ecp/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.reactor.advance(0)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 403 "), transport.value())
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_noCertificateFallsThrough(self):
+        """
+        Without a certificate the next method (Basic) decides; with no credentials at all the
+        first method's answer (403, not a Basic prompt) is given.
+        """
+        from base64 import b64encode
+
+        from casd.testing import acceptBackend, connectFrontend
+        from protocols.http import http
+
+        context = self.context()
+        client, transport = connectFrontend(http, context)
+        client.dataReceived(b"GET /ecp/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.reactor.advance(0)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 403 "), transport.value())
+        client, transport = connectFrontend(http, context)
+        client.dataReceived(
+            b"GET /ecp/ HTTP/1.1\r\nHost: h\r\nAuthorization: Basic " + b64encode(b"alice:pw") + b"\r\n\r\n"
+        )
+        self.reactor.advance(0)
+        server, backend = acceptBackend(self.reactor)
+        self.assertIn(b"X-Remote-User: alice\r\n", backend.value())

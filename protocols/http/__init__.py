@@ -19,6 +19,7 @@ from twisted.plugin import IPlugin
 from casd.config import ConfigError, Setting
 from casd.interfaces import ICASProtocol
 from casd.pool.health import HealthProbe
+from protocols.http.clientcert import CERT_SETTINGS
 from protocols.http.forms import FORMS_SETTINGS
 from protocols.http.vdir import VDIR_SETTINGS
 
@@ -156,7 +157,7 @@ class HTTPProtocol:
             "While this file exists the health pages answer 503 (take the node out of the load"
             " balancer before maintenance).",
         ),
-    ) + FORMS_SETTINGS
+    ) + FORMS_SETTINGS + CERT_SETTINGS
 
     def __init__(self) -> None:
         self._shared: dict = {}

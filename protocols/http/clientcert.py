@@ -16,11 +16,16 @@ from typing import Iterable
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from zope.interface import implementer
+
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
+from casd.config import ConfigError, Setting
 from casd.failures import AuthenticationFailed
+from protocols.http.auth import IHTTPCredentialSource
+from protocols.http.status import HTTPError
 
 UPN = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 
@@ -163,3 +168,65 @@ class ClientCertificateAuth:
                 self.log.info("client certificate of {name!r} maps to {user!r}", name=name, user=user.login)
                 return user
         raise AuthenticationFailed("client certificate names no known user")
+
+
+# -- wiring into the HTTP front end -----------------------------------------------------------
+
+#: The C{[http]} key of client-certificate logon.
+CERT_SETTINGS = (
+    Setting(
+        "client_ca_file",
+        "path",
+        "",
+        "PEM file of the CAs whose client certificates vdirs with C{auth} C{cert} accept (the"
+        " certificate's UPN or e-mail address names the user in the directory).  The TLS"
+        " listeners must also ask clients for certificates.",
+    ),
+)
+
+
+@implementer(IHTTPCredentialSource)
+class CertificateCredentials:
+    """
+    The C{cert} method of L{protocols.http.auth.HTTPAuthenticator}.
+    """
+
+    method = "cert"
+    stripHeaders = ()
+
+    def __init__(self, auth: ClientCertificateAuth) -> None:
+        self.auth = auth
+
+    def authenticate(self, request, vdir, client):
+        if not self.auth.hasCredentials(request):
+            return None
+        return self.auth.authenticate(request)
+
+    def challenge(self, request, vdir):
+        return HTTPError(
+            403,
+            ((b"Content-Type", b"text/plain; charset=utf-8"),),
+            b"A valid client certificate is required.\n",
+        )
+
+
+def certServices(context, section, site):
+    """
+    The provider (in L{protocols.http.local.PROVIDERS}) that registers the C{cert} method when a
+    vdir accepts it; it serves no page.
+    """
+    if not any("cert" in v.auth for v in site.vdirs.vdirs):
+        return ()
+    if isinstance(site.authenticator.sources.get("cert"), CertificateCredentials):
+        return ()
+    where = "http.client_ca_file"
+    if not section.client_ca_file:
+        raise ConfigError(context.config.path, where, "required by a vdir with auth \"cert\"")
+    if context.directory is None or not hasattr(context.directory, "lookup"):
+        raise ConfigError(context.config.path, where, "needs a directory that can look users up")
+    try:
+        auth = ClientCertificateAuth.fromCAFile(context.directory, section.client_ca_file, clock=context.reactor)
+    except (OSError, ValueError) as e:
+        raise ConfigError(context.config.path, where, f"no CA certificate read ({e})") from None
+    site.authenticator.register(CertificateCredentials(auth))
+    return ()

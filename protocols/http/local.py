@@ -25,7 +25,11 @@ from twisted.web.resource import Resource
 
 #: Dotted names of the local-service providers of the built-in HTTP front end; each is called
 #: as C{provider(context, section, site)} and returns L{LocalService}s.
-PROVIDERS = ("protocols.http.local.healthServices", "protocols.http.forms.formsServices")
+PROVIDERS = (
+    "protocols.http.local.healthServices",
+    "protocols.http.forms.formsServices",
+    "protocols.http.clientcert.certServices",
+)
 
 
 class ILocalServiceProvider(Interface):
