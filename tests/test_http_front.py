@@ -516,6 +516,34 @@ class RoutingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(self.lookups, [])
         self.assertTrue(cookie)
 
+    def test_routeRemembered(self):
+        """
+        A user's own route is remembered for C{cacheTTL} seconds, and forgotten when the
+        configuration is reloaded.
+        """
+        router = self.context.router
+        calls = []
+        locate = router.locate
+        router.locate = lambda *a, **k: calls.append(a) or locate(*a, **k)
+        head = b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice") + b"\r\n\r\n"
+
+        def send():
+            # A new connection each time (the site's router, and its memory, are shared).
+            client, transport = connectFrontend(http, self.context)
+            client.dataReceived(head)
+            self.reactor.advance(0)
+
+        send()
+        send()
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.reactor.advance(31)
+        send()
+        self.assertEqual(len(calls), 2)
+        router.reconfigure(parseConfig(SITES_CONFIG, "t.toml", [http]))
+        send()
+        self.assertEqual(len(calls), 3)
+
     def test_cookieExpires(self):
         now = [1000.0]
         cookies = RouteCookies([b"k" * 32], lifetime=60, clock=lambda: now[0])
@@ -553,6 +581,20 @@ class AnchorUnitTests(SynchronousTestCase):
         self.assertEqual(explicitMailbox(v, b"/owa/?x"), "")
         self.assertEqual(explicitMailbox(v, b"/owa/%ff@x/"), "")
 
+    def test_anchorHeader(self):
+        def anchor(*values):
+            from twisted.web.test.requesthelper import DummyRequest
+
+            request = DummyRequest([b""])
+            for v in values:
+                request.requestHeaders.addRawHeader(b"X-AnchorMailbox", v)
+            return anchorHeader(request)
+
+        self.assertEqual(anchor(b"SMTP:Shared@Example.com"), "shared@example.com")
+        self.assertEqual(anchor(b"a@b", b"c@d"), "")
+        self.assertEqual(anchor(b"nobody"), "")
+        self.assertEqual(anchor(b"\xff@x"), "")
+
     def test_mayOpen(self):
         alice = UserRecord(login="alice", address="alice@example.com", policy=[("mailbox_access", "a@x.com, @team.example.com")])
         self.assertTrue(mayOpen(alice, "ALICE@example.com"))
@@ -585,3 +627,116 @@ class AccessLogTests(HTTPSiteTestsMixin, SynchronousTestCase):
         everything = repr(events)
         for secret in ("secret", "sekrit", BASIC.decode()[6:], "token=abc"):
             self.assertNotIn(secret, everything)
+
+
+class LocalServiceTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    """
+    The local-service seam (Autodiscover, the logon page): answered before the vdirs, with the
+    body read, authenticated when asked.
+    """
+
+    def setUp(self):
+        super().setUp()
+        from twisted.web.resource import Resource
+
+        from protocols.http.local import LocalService
+
+        seen = self.seen = []
+
+        class Echo(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                seen.append((request.content.read(), request.prepath, request.postpath, request.user))
+                request.setHeader(b"Content-Type", b"text/xml")
+                return b"<ok/>"
+
+            render_GET = render_POST
+
+        self.client.site.local.add(
+            LocalService(("/autodiscover/autodiscover.xml",), Echo(), needsAuth=True, maxBodySize=100, name="autodiscover")
+        )
+        self.client.site.local.add(LocalService(("/public/",), Echo(), name="public"))
+
+    def test_authenticatedPost(self):
+        """
+        A POST to an authenticated local service: the body is read, the user is set, the
+        resource answers; no backend.
+        """
+        self.request(
+            b"POST /Autodiscover/Autodiscover.xml HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 7\r\n",
+            b"<x>1</x>"[:7],
+        )
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertTrue(out.endswith(b"<ok/>"))
+        body, prepath, postpath, user = self.seen[0]
+        self.assertEqual(body, b"<x>1</x")
+        self.assertEqual(user.login, "alice")
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_unauthenticated(self):
+        """
+        Without credentials: the challenge, the resource not called.
+        """
+        self.request(b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n", b"x")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 401 "))
+        self.assertEqual(self.seen, [])
+
+    def test_tooLarge(self):
+        """
+        A body over the service's limit: 413, the resource not called.
+        """
+        self.request(
+            b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 1000\r\n",
+            b"x" * 1000,
+        )
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(self.seen, [])
+
+    def test_anonymousPrefix(self):
+        """
+        An anonymous service under a prefix: prepath and postpath split around it.
+        """
+        self.request(b"GET /public/a/b HTTP/1.1\r\nHost: h\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "), self.transport.value())
+        body, prepath, postpath, user = self.seen[0]
+        self.assertEqual((prepath, postpath, user), ([b"public"], [b"a", b"b"], None))
+
+
+class ForwardedTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    def forwarded(self, peer):
+        self.client, self.transport = connectFrontend(http, self.context, peer=(peer, 4000))
+        self.request(
+            b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nX-Forwarded-For: 10.9.9.9, 198.51.100.20\r\nX-Forwarded-Proto: https\r\n"
+        )
+        server, backend = self.backend()
+        return backend.value()
+
+    def test_trustedBalancer(self):
+        """
+        Behind a trusted balancer that terminated TLS, the address it reports (the last of
+        X-Forwarded-For) is the client, and the scheme it reports is kept.
+        """
+        sent = self.forwarded("127.0.0.1")
+        self.assertIn(b"X-Forwarded-For: 198.51.100.20\r\n", sent)
+        self.assertIn(b"X-Forwarded-Proto: https\r\n", sent)
+
+    def test_untrusted(self):
+        """
+        An untrusted client's forwarding headers are ignored.
+        """
+        from tests.support.certs import selfSigned
+
+        cert, key = selfSigned(self.mktemp(), ["localhost"], "server")
+        self.config = (
+            f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+            + CONFIG.replace('tls = "none"\ntrusted = true', 'tls = "implicit"')
+        )
+        self.setUp()
+        sent = self.forwarded("203.0.113.9")
+        self.assertIn(b"X-Forwarded-For: 203.0.113.9\r\n", sent)
+        self.assertNotIn(b"198.51.100.20", sent)

@@ -253,6 +253,22 @@ class FailoverTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertTrue(backend.value().endswith(b"x" * 100 + b"y" * 50))
 
+    def test_silentUpload(self):
+        """
+        A client that stops sending its body for longer than the vdir's idle timeout is
+        disconnected (and the backend request abandoned).
+        """
+        self.request(
+            b"PUT /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 100\r\n",
+            b"abc",
+        )
+        server, backend = self.backend(0)
+        self.reactor.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_tooLarge(self):
         """
         A declared body over C{max_body_size}: 413 at once, the connection closed, no backend.
@@ -294,6 +310,28 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertIn(b"Content-Length: 10\r\n", backend.value())
         self.client.dataReceived(b"defghij")
         self.assertTrue(backend.value().endswith(b"\r\n\r\nabcdefghij"))
+
+    def test_continueAfterAuthentication(self):
+        """
+        C{Expect: 100-continue}: the 100 is sent once the request is authenticated and routed;
+        with wrong credentials the 401 comes at once (and the connection closes), without
+        waiting for a body.
+        """
+        head = b"PUT /EWS/f HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n"
+        self.request(head + b"Authorization: " + BASIC + b"\r\n")
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        server, backend = self.backend()
+        self.assertNotIn(b"Expect", backend.value())
+        self.client.dataReceived(b"abc")
+        self.assertTrue(backend.value().endswith(b"\r\n\r\nabc"))
+        self.setUp()
+        self.request(head + b"Authorization: Basic " + b64encode(b"alice:wrong") + b"\r\n")
+        self.reactor.advance(10)
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 401 "), out)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertIn(b"WWW-Authenticate: Basic", out)
+        self.assertTrue(self.transport.disconnecting)
 
     def test_backendPushesBack(self):
         """
@@ -350,6 +388,95 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.client.connectionLost(Failure(ConnectionLost()))
         # stopProducing: a TCP transport closes the connection.
         self.assertEqual(backend.producerState, "stopped")
+
+    def test_http10NotPooled(self):
+        """
+        A backend answering HTTP/1.0 without keep-alive closes its connection: casd does not
+        put it back in the pool, the next request opens a new one.
+        """
+        for i in range(2):
+            self.request(b"GET /EWS/" + str(i).encode() + b" HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+            server, backend = self.backend(i)
+            server.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.reactor.advance(0)
+            self.assertTrue(backend.disconnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+
+    def test_staleConnection(self):
+        """
+        A GET sent on a pooled connection that the backend closed before answering is sent
+        again on a new connection; a POST in the same case is answered 502, never sent again.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.request(b"GET /EWS/1 HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend(0)
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.reactor.advance(0)
+        self.request(b"GET /EWS/2 HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        self.assertIn(b"GET /EWS/2", backend.value())
+        server.connectionLost(Failure(ConnectionDone()))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        server2, backend2 = self.backend(1)
+        self.assertIn(b"GET /EWS/2", backend2.value())
+        server2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+        self.request(
+            b"POST /EWS/3 HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\nContent-Length: 2\r\n",
+            b"xy",
+        )
+        self.assertIn(b"POST /EWS/3", backend2.value())
+        server2.connectionLost(Failure(ConnectionDone()))
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertIn(b"HTTP/1.1 502 ", self.transport.value())
+
+    def test_head(self):
+        """
+        HEAD: the backend's headers, no body, and the connection stays usable.
+        """
+        self.request(b"HEAD /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        self.assertTrue(backend.value().startswith(b"HEAD /EWS/f HTTP/1.1\r\n"))
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nETag: \"x\"\r\n\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertIn(b'ETag: "x"', out)
+        self.assertTrue(out.endswith(b"\r\n\r\n"), out)
+        self.assertFalse(self.transport.disconnecting)
+        self.request(b"GET /EWS/g HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        self.assertIn(b"GET /EWS/g", backend.value())
+
+    def test_notModified(self):
+        """
+        304: passed on without a body.
+        """
+        self.request(b"GET /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\nIf-None-Match: \"x\"\r\n")
+        server, backend = self.backend()
+        self.assertIn(b'If-None-Match: "x"', backend.value())
+        server.dataReceived(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 304 "), out)
+        self.assertTrue(out.endswith(b"\r\n\r\n"), out)
+
+    def test_chunkedUpload(self):
+        """
+        A chunked upload goes to the backend chunked, streamed.
+        """
+        self.request(
+            b"POST /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nTransfer-Encoding: chunked\r\n",
+            b"3\r\nabc\r\n",
+        )
+        server, backend = self.backend()
+        sent = backend.value()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", sent)
+        self.assertTrue(sent.endswith(b"3\r\nabc\r\n"), sent)
+        self.client.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+        self.assertTrue(backend.value().endswith(b"2\r\nde\r\n0\r\n\r\n"))
 
     def test_keepAlive(self):
         """

@@ -154,3 +154,24 @@ class TwistedPrivatesTests(SynchronousTestCase):
         import inspect
 
         self.assertIn("self._factory(", inspect.getsource(HTTPConnectionPool._newConnection))
+        # The proxy's factory builds its own protocol from the factory's quiescent callback.
+        self.assertIn(
+            "HTTP11ClientProtocol(self._quiescentCallback)",
+            inspect.getsource(_HTTP11ClientFactory.buildProtocol),
+        )
+
+    def test_clientFinishResponse(self):
+        """
+        The backend connection's response end is dispatched by state to
+        C{_finishResponse_WAITING} / C{_TRANSMITTING}, which read the parser's C{connHeaders}
+        (the proxy adds C{close} there for an HTTP/1.0 response).
+        """
+        import inspect
+
+        from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser
+
+        source = inspect.getsource(HTTP11ClientProtocol._finishResponse_WAITING)
+        self.assertIn('self._parser.connHeaders.getRawHeaders(b"Connection"', source)
+        self.assertIn("_finishResponse_WAITING", vars(HTTP11ClientProtocol))
+        self.assertIn("_finishResponse_TRANSMITTING", vars(HTTP11ClientProtocol))
+        self.assertIn("connHeaders", inspect.getsource(HTTPClientParser.connectionMade))

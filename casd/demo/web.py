@@ -189,7 +189,7 @@ class DemoWebPage(resource.Resource):
                 "</body></html>\n"
             ).encode("utf-8")
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        lines = [f"casd demo web backend (DEMO ONLY)", f"user: {user}", "mailboxes:"]
+        lines = ["casd demo web backend (DEMO ONLY)", f"user: {user}", "mailboxes:"]
         lines += [f"  {n}: {c} message{'s' if c != 1 else ''}" for n, c in boxes]
         return ("\n".join(lines) + "\n").encode("utf-8")
 

@@ -166,13 +166,14 @@ class HTTPAuthenticator:
         @param request: the L{twisted.web.http.Request}, headers read.
         @param vdir: the L{protocols.http.vdir.VirtualDirectory} it matched.
         @param client: the connection's L{casd.session.clientinfo.ClientInfo}; by default the
-            one the channel carries (C{request.channel.client}).
+            request's (C{request.client}: the connection's, or the real client a trusted
+            balancer reported).
         @return: a L{Deferred} firing with the L{casd.interfaces.IMailboxUser} (C{None} for an
             anonymous vdir), or failing with a L{casd.failures.CASFailure}; missing or refused
             credentials fail with L{Unauthenticated}, which carries the challenge to send.
         """
         if client is None:
-            client = request.channel.client
+            client = getattr(request, "client", None) or request.channel.client
         if vdir.auth == ("none",):
             return defer.succeed(None)
         for source in self._sourcesFor(vdir):

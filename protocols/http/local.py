@@ -4,9 +4,11 @@ autoconfig, the logon page).
 
 The site asks these before the vdirs.  A local service is a path prefix (matched per segment,
 optionally ignoring case) and a L{twisted.web.resource.IResource}; the site reads the request
-body first (within C{max_body_size}), authenticates the request when the service asks for it
-(the user is then C{request.getComponent(IMailboxUser)}... see L{authenticatedUser}), and renders
-the resource with C{request.prepath}/C{postpath} set around the prefix.
+body first (within C{maxBodySize}: 413 beyond it), authenticates the request when the service
+asks for it (the L{casd.interfaces.IMailboxUser} is then C{request.user}; C{None} for an
+anonymous service), and renders the resource as twisted.web does (C{render_GET}, C{render_POST},
+C{NOT_DONE_YET}) with C{request.prepath}/C{postpath} split around the prefix and the body in
+C{request.content}.  C{request.client} is the connection's L{casd.session.clientinfo.ClientInfo}.
 
 Other modules add services through a provider: a callable C{(context, section, site) ->
 iterable of L{LocalService}} named in L{PROVIDERS} (Autodiscover adds its own there).
@@ -18,7 +20,7 @@ import socket
 from typing import Iterable
 
 from attrs import frozen
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 from twisted.python.reflect import namedAny
 from twisted.web.resource import Resource

@@ -8,14 +8,19 @@ the client that caused them, and nothing of one user's exchange is replayed for 
 
 from __future__ import annotations
 
-from attrs import define, field
+from attrs import define
 from zope.interface import implementer
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import (
+    Agent,
+    HTTP11ClientProtocol,
+    HTTPConnectionPool,
+    ResponseDone,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 
@@ -48,9 +53,36 @@ class _TargetEndpoints:
         return self.connector.endpointFor(self.target)
 
 
+class _BackendConnection(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        # Requests go out in one write; Nagle's algorithm would hold the next one back until
+        # the backend's delayed ACK (40 ms a request on a persistent connection).
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        super().connectionMade()
+
+    def _finishResponse_WAITING(self, rest):
+        # Twisted pools a connection unless the response says "Connection: close"; an HTTP/1.0
+        # response without "keep-alive" means the server closes it too.  Pooled, the next
+        # request on it would fail (a 502) when the server's close arrives.
+        parser = self._parser
+        response = getattr(parser, "response", None)
+        if response is not None and response.version[1:] == (1, 0):
+            tokens = b",".join(parser.connHeaders.getRawHeaders(b"Connection", ())).lower()
+            if b"keep-alive" not in tokens:
+                parser.connHeaders.addRawHeader(b"Connection", b"close")
+        return super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One "Starting factory" and "Stopping factory" line per backend connection is noise.
     noisy = False
+
+    def buildProtocol(self, addr):
+        return _BackendConnection(self._quiescentCallback)
 
 
 class _Pool(HTTPConnectionPool):
@@ -98,8 +130,10 @@ class BackendAgents:
             pool = _Pool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = self.maxIdle
             pool.cachedConnectionTimeout = self.idleTimeout
-            # Retries are casd's decision (never a request with a body), not the pool's.
-            pool.retryAutomatically = False
+            # A request without a body whose cached connection turns out closed by the backend
+            # (its keep-alive timeout raced ours) is sent again on a new connection: Twisted's
+            # rule, which never resends a request with a body.
+            pool.retryAutomatically = True
             agent = Agent.usingEndpointFactory(
                 self.reactor, _TargetEndpoints(self.connector, target), pool=pool
             )
@@ -321,15 +355,3 @@ class ResponseRelay(Protocol):
             except Exception:
                 pass
         self.done.callback(complete and not self._clientGone)
-
-
-@implementer(IPushProducer)
-class _Nothing:
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass

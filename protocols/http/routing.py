@@ -154,6 +154,8 @@ class RequestRouter:
         self.context = context
         self.descriptor = descriptor
         self.cookies = cookies
+        self.clock = context.reactor
+        self._cache: dict = {}
 
     def anchorFor(self, request, vdir, user) -> tuple[str, str]:
         """
@@ -168,7 +170,10 @@ class RequestRouter:
                 return ("" if isOwn(user, mailbox) else mailbox), how
         return "", "router"
 
-    @defer.inlineCallbacks
+    #: Seconds a user's own route is remembered (health is applied per request, after).
+    cacheTTL = 30.0
+    cacheSize = 50000
+
     def route(self, request, vdir, user, path: bytes):
         """
         @param path: the request target (for the explicit logon path and site redirects).
@@ -177,8 +182,33 @@ class RequestRouter:
         """
         config = self.context.config
         if user is None:
-            return RoutingDecision(routeTo(config, vdir.backend, _Anonymous(), self.descriptor, "vdir backend"))
+            return defer.succeed(
+                RoutingDecision(routeTo(config, vdir.backend, _Anonymous(), self.descriptor, "vdir backend"))
+            )
         anchor, how = self.anchorFor(request, vdir, user)
+        if anchor:
+            return self._route(request, vdir, user, path, anchor, how)
+        # A user's own route depends only on their directory entry, the vdir and the
+        # configuration: remembered for a while, as the credential cache remembers the entry.
+        key = (user.login, user.mailHost, user.site, getattr(user, "backendLogin", ""),
+               vdir.path, id(self.context.router.config))
+        now = self.clock.seconds()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return defer.succeed(hit[1])
+        d = self._route(request, vdir, user, path, "", how)
+
+        def remember(decision):
+            if len(self._cache) >= self.cacheSize:
+                self._cache.clear()
+            self._cache[key] = (now + self.cacheTTL, decision)
+            return decision
+
+        return d.addCallback(remember)
+
+    @defer.inlineCallbacks
+    def _route(self, request, vdir, user, path, anchor, how):
+        config = self.context.config
         target = user
         cookie = None
         if anchor:

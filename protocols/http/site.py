@@ -23,18 +23,19 @@ import io
 import os
 import re
 
+
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from casd.failures import BackendUnavailable, CASFailure
 from casd.routing.router import routeTo
-from casd.session.clientinfo import ClientInfo
 from protocols.http.headers import backendRequestHeaders, copyResponseHeaders
+from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse
 from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
 from protocols.http.routing import ROUTE_COOKIE
 from protocols.http.status import (
@@ -46,9 +47,6 @@ from protocols.http.status import (
     render,
 )
 
-#: A bare LF: a line end that is not CRLF (request smuggling between parsers that disagree).
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
 ACCESS_FORMAT = (
     "http session={session} vdir={vdir} client={client} user={user} backend={backend} "
     "method={method} path={path} status={status} in={bytesIn} out={bytesOut} "
@@ -58,95 +56,6 @@ ACCESS_FORMAT = (
 
 #: The access log: one line per request (namespace C{casd.http.access}).
 ACCESS_LOG = Logger(namespace="casd.http.access")
-
-
-class ProxyChannel(http.HTTPChannel):
-    """
-    One client connection (HTTP/1.1 only: h2 is never negotiated, see
-    C{docs/protocols/http.md}).  Stricter than Twisted's own parser where a front end must be:
-    obs-fold and bare LF line ends are refused with 400, a request's headers must arrive within
-    C{header_timeout}.
-
-    @ivar client: the L{ClientInfo} of the connection.
-    """
-
-    # Big enough for Kerberos tokens and forms cookies.
-    totalHeadersSize = 65536
-    maxHeaders = 200
-
-    _headerTimer = None
-    client = None
-
-    def connectionMade(self) -> None:
-        site = self.site
-        self.client = ClientInfo.fromTransport(
-            self.transport,
-            site.descriptor.name,
-            site.listener,
-            site.context.config.server.trusted_networks,
-            tls=site.listener.tls == "implicit",
-        )
-        super().connectionMade()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.line_mode and not self._handlingRequest and data:
-            if self._headerTimer is None:
-                self._headerTimer = self.callLater(self.site.headerTimeout, self._headersTooSlow)
-            if self._bareLF(data):
-                self._badRequest()
-                return
-        super().dataReceived(data)
-
-    def _bareLF(self, data: bytes) -> bool:
-        """
-        Whether the header bytes in C{data} hold an LF not preceded by CR.  Only the bytes up
-        to the end of the headers are looked at (a body may hold anything).
-        """
-        seen = self._tail + data
-        end = seen.find(b"\r\n\r\n")
-        head = seen if end < 0 else seen[: end + 4]
-        start = len(self._tail)
-        self._tail = seen[-3:] if end < 0 else b""
-        # The lookbehind sees the kept tail: only the new bytes are searched.
-        return _BARE_LF.search(head, start) is not None
-
-    _tail = b""
-
-    def lineReceived(self, line: bytes) -> None:
-        # obs-fold (RFC 9112 5.2): a server must reject it or replace it; a proxy that joins
-        # lines differently from its backend invites smuggling.
-        if line[:1] in (b" ", b"\t"):
-            self._badRequest()
-            return
-        super().lineReceived(line)
-
-    def allHeadersReceived(self) -> None:
-        self._cancelHeaderTimer()
-        super().allHeadersReceived()
-
-    def _cancelHeaderTimer(self) -> None:
-        if self._headerTimer is not None:
-            if self._headerTimer.active():
-                self._headerTimer.cancel()
-            self._headerTimer = None
-
-    def requestDone(self, request) -> None:
-        self._cancelHeaderTimer()
-        super().requestDone(request)
-
-    def _headersTooSlow(self) -> None:
-        self._headerTimer = None
-        self.site.logger.info("client {client}: request headers too slow", client=self.client.peerHost)
-        self._respondToBadRequestAndDisconnect()
-
-    def _badRequest(self) -> None:
-        self._cancelHeaderTimer()
-        self.dataReceived = self.lineReceived = lambda *a: None
-        self._respondToBadRequestAndDisconnect()
-
-    def connectionLost(self, reason) -> None:
-        self._cancelHeaderTimer()
-        super().connectionLost(reason)
 
 
 class ProxyRequest(server.Request):
@@ -197,18 +106,39 @@ class ProxyRequest(server.Request):
         """
         Answer 413 at once and close: the client is still sending a body nobody will read.
         """
+        self.answerNow(HTTPError(413, reason=b"Payload Too Large"))
+
+    def answerNow(self, error: HTTPError) -> None:
+        """
+        Answer before the body is read, and close the connection (the only way to skip a body
+        in HTTP/1.1).
+        """
         self._gone = True
         if self._pipe is not None:
-            self._pipe.fail(Failure(CASFailure("request body too large")))
+            self._pipe.fail(Failure(CASFailure(f"answered {error.code} before the body")))
         transport = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
+        transport.write(rawResponse(error))
         self.channel._cancelHeaderTimer()
         self.channel.dataReceived = lambda data: None
-        self.setResponseCode(413)
+        self.setResponseCode(error.code)
         self._writeAccessLog()
         transport.loseConnection()
+
+    def sendContinue(self) -> None:
+        """
+        The request may proceed: send the C{100 Continue} the client asked for, if it did.
+        """
+        self.mayContinue = True
+        if self.continueWanted and not self._gone and not self.bodyDone.called:
+            self.continueWanted = False
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    #: Whether the client sent C{Expect: 100-continue} and still waits for it.
+    continueWanted = False
+    #: Whether the request was authenticated and routed (a 100 may be sent).
+    mayContinue = False
+    #: The answer decided before the body was read, if any.
+    pendingError = None
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytesIn += len(data)
@@ -230,9 +160,9 @@ class ProxyRequest(server.Request):
             self.channel.site.processLocal(self, command, path, version)
             return
         self.method, self.uri, self.clientproto = command, path, version
-        if self.vdir is not None and self.vdir.longPollTimeout:
-            # The channel restores this timeout once the response is done; the long-poll
-            # timeout was for this request only.
+        if self.vdir is not None:
+            # The channel restores this timeout once the response is done; the vdir's timeout
+            # was for this request only.
             self.channel._savedTimeOut = self.site.timeOut
         self.bodyDone.callback(None)
 
@@ -253,6 +183,12 @@ class ProxyRequest(server.Request):
         self.answer(httpError(exc))
 
     def answer(self, error: HTTPError) -> None:
+        self.pendingError = error
+        if self.continueWanted and not self.bodyDone.called and not self._gone:
+            # The client holds its body back until told to continue: answer now, and close.
+            self.answerNow(error)
+            return
+
         def send(_):
             if not self._gone and not self.finished:
                 if self._relay is None:
@@ -335,6 +271,8 @@ class HTTPSite(server.Site):
         The request's headers are in: decide what serves it.
         """
         path = request.path
+        if request.client.trusted:
+            request.client = forwardedClient(request.client, request.requestHeaders)
         service = self.local.match(path) if self.local is not None else None
         if self.redirectToHTTPS and (service is None or not service.anonymousOnPlain):
             request._limit = 64 * 1024
@@ -361,8 +299,8 @@ class HTTPSite(server.Site):
         if length != 0:
             transport = self.channel(request).transport
             request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
-        if vdir.longPollTimeout:
-            self.channel(request).setTimeout(vdir.timeout)
+        # While the body comes in, the client's silence is bounded by the vdir's timeout.
+        self.channel(request).setTimeout(vdir.timeout)
         self.proxy(request, vdir)
 
     @staticmethod
@@ -389,7 +327,7 @@ class HTTPSite(server.Site):
             return
         request.method, request.uri, request.clientproto = command, path, version
         vdir = service.authVdir or _defaultLocalVdir()
-        d = self.authenticator.authenticate(request, vdir, request.channel.client)
+        d = self.authenticator.authenticate(request, vdir, request.client)
 
         def authenticated(user):
             request.user = user
@@ -421,7 +359,7 @@ class HTTPSite(server.Site):
     # -- proxying -----------------------------------------------------------------------
 
     def proxy(self, request, vdir) -> None:
-        client = request.channel.client
+        client = request.client
         d = self.authenticator.authenticate(request, vdir, client)
 
         def authenticated(user):
@@ -438,6 +376,7 @@ class HTTPSite(server.Site):
         targets = self._available(decision.route)
         if not targets:
             raise _noBackend(decision.route)
+        request.sendContinue()
         return self._attempt(request, vdir, decision, targets, 0)
 
     def _available(self, route):
@@ -457,7 +396,7 @@ class HTTPSite(server.Site):
         headers = backendRequestHeaders(
             request.requestHeaders,
             vdir,
-            request.channel.client,
+            request.client,
             (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
             request.user,
             strip=strip | {b"host"},

@@ -64,7 +64,8 @@ http {{
     keepalive_requests 100000;
     {upstreams}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
+        {tls}
         {locations}
     }}
 }}
@@ -79,13 +80,15 @@ class NginxServer:
     @ivar directory: its prefix directory.
     """
 
-    def __init__(self, directory=None, port=None, locations=None, upstreams="", workers=1):
+    def __init__(self, directory=None, port=None, locations=None, upstreams="", workers=1,
+                 tls=None):
         """
         @param directory: the prefix directory; by default a new one under the system's
             temporary directory (nginx's workers, as C{nobody}, must be able to reach it),
             removed by L{stop}.
         @param locations: the C{server} block's locations; by default the backend's.
         @param upstreams: C{upstream} blocks (for a reverse-proxy configuration).
+        @param tls: C{(certificatePath, keyPath)} to serve HTTPS instead of HTTP.
         """
         self.binary = requireBinary("nginx", [("/usr/sbin/nginx", "nginx-light")])
         self.temporary = directory is None
@@ -112,6 +115,8 @@ class NginxServer:
                     port=self.port,
                     upstreams=upstreams,
                     locations=locations,
+                    ssl=" ssl" if tls else "",
+                    tls=(f"ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};" if tls else ""),
                 )
             )
 
