@@ -220,6 +220,15 @@ class LogonPageTests(FormsTestsMixin, SynchronousTestCase):
         self.assertNotIn(b"wrong-pass-123", response.body)
         self.assertNotIn("__Host-casd", response.setCookies())
 
+    def test_badUsername(self):
+        """
+        A user name with a NUL is a failed logon (the page again), never an error.
+        """
+        response = self.logon(user="alice\x00admin")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"incorrect", response.body)
+        self.assertNotIn("__Host-casd", response.setCookies())
+
     def test_directoryDown(self):
         """
         Directory trouble is a 503 with Retry-After and a message, not a wrong password.

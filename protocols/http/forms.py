@@ -32,9 +32,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from casd.auth import UserRecord
-from casd.auth.sasl import Credentials
+from casd.auth.sasl import makeCredentials
 from casd.config import ConfigError, Setting
-from casd.failures import AuthenticationFailed, CASFailure, DirectoryUnavailable, Throttled
+from casd.failures import (
+    AuthenticationFailed,
+    CASFailure,
+    DirectoryUnavailable,
+    ProtocolViolation,
+    Throttled,
+)
 from protocols.http import cookies as _cookies
 from protocols.http.auth import IHTTPCredentialSource
 from protocols.http.local import LocalService
@@ -385,10 +391,13 @@ class FormsLogon:
         if not username or not password or len(username) > 256 or len(password) > 1024:
             request.setResponseCode(200)
             return self._page(request, url, reason="failed", username=username, public=public)
-        d = defer.maybeDeferred(
-            self.authenticator.login, Credentials(username, password.encode("utf-8")), client
-        )
+        try:
+            credentials = makeCredentials(username.encode("utf-8"), password.encode("utf-8"))
+        except ProtocolViolation:
+            request.setResponseCode(200)
+            return self._page(request, url, reason="failed", public=public)
         del password, form
+        d = defer.maybeDeferred(self.authenticator.login, credentials, client)
         d.addCallbacks(
             self._loggedOn,
             self._logonFailed,
