@@ -119,7 +119,7 @@ class RoundcubeTests(TestCase):
 
     def logOn(self, browser, security="public", password="alice-web-pw"):
         page = browser.page
-        page.goto(self.cas.url + "/owa/?_task=mail")
+        browser.goto(self.cas.url + "/owa/?_task=mail")
         page.wait_for_selector("#username")
         page.fill("#username", "alice")
         page.fill("#password", password)
@@ -160,7 +160,7 @@ class RoundcubeTests(TestCase):
 
         def scenario(browser):
             page = browser.page
-            page.goto(self.cas.url + "/owa/?_task=mail")
+            browser.goto(self.cas.url + "/owa/?_task=mail")
             logonURL = page.url
             labels = [page.inner_text(f"label[for={f}]") for f in ("username", "password", "public", "private")]
             self.shot(browser, "logon-page")
@@ -209,7 +209,7 @@ class RoundcubeTests(TestCase):
             before = self.xhrStatus(page)
             self.clock.offset += 15 * 60 + 1
             after = self.xhrStatus(page)
-            page.goto(self.cas.url + "/owa/?_task=mail")
+            browser.goto(self.cas.url + "/owa/?_task=mail")
             self.shot(browser, "expired")
             return before, after, page.url, page.inner_text("[role=alert]")
 
@@ -239,7 +239,7 @@ class RoundcubeTests(TestCase):
                 polled = self.xhrStatus(page)
                 if polled != 200:
                     break
-            page.goto(self.cas.url + "/owa/?_task=mail")
+            browser.goto(self.cas.url + "/owa/?_task=mail")
             return alive, polled, page.url
 
         alive, polled, url = yield self.inBrowser(scenario)
@@ -261,7 +261,7 @@ class RoundcubeTests(TestCase):
             page.wait_for_selector("text=You have signed out.")
             self.shot(browser, "signed-out")
             cookies = browser.cookies()
-            page.goto(self.cas.url + "/owa/?_task=mail")
+            browser.goto(self.cas.url + "/owa/?_task=mail")
             return cookies, page.url
 
         cookies, url = yield self.inBrowser(scenario)

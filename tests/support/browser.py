@@ -54,6 +54,21 @@ class Browser:
         self.page = self.context.new_page()
         return self.page
 
+    def goto(self, url):
+        """
+        C{page.goto(url)}, again (at most twice) when Chromium aborted it because the host's
+        network interfaces changed (C{net::ERR_NETWORK_CHANGED}: other processes on a shared
+        machine add and remove interfaces); any other error is raised at once.
+        """
+        from playwright.sync_api import Error
+
+        for attempt in range(3):
+            try:
+                return self.page.goto(url)
+            except Error as e:
+                if "ERR_NETWORK_CHANGED" not in str(e) or attempt == 2:
+                    raise
+
     def cookies(self):
         """
         @return: name -> the cookie dict Playwright reports (C{secure}, C{httpOnly}, C{sameSite}).
