@@ -193,3 +193,14 @@ class FormsSiteTests(SynchronousTestCase):
     def _sites(self):
         return [http.buildFactory(self.context, self.context.config.protocols["http"], listener)
                 for listener in self.context.config.protocols["http"].listeners]
+
+    def test_formsNeedsAnIdentity(self):
+        """
+        A forms-only vdir that would pass the client's (absent) Authorization through is a
+        configuration error naming the vdir.
+        """
+        config = CONFIG.replace('identity = "header"\n', "")
+        context = makeContext(self.reactor, users={"alice": "secret"}, config=config)
+        e = self.assertRaises(ConfigError, connectFrontend, http, context)
+        self.assertIn("/owa", str(e))
+        self.assertIn("identity", str(e))

@@ -630,6 +630,15 @@ def formsServices(context, section, site):
     vdirs = [v for v in site.vdirs.vdirs if "forms" in v.auth]
     if not vdirs:
         return
+    for vdir in vdirs:
+        if vdir.auth == ("forms",) and vdir.identity == "passthrough":
+            # A browser signed on with a form sends no Authorization to pass through.
+            raise ConfigError(
+                context.config.path,
+                f"http.vdir {vdir.name}",
+                'forms login needs identity = "header" or "master" (the backend would not learn'
+                " who the user is)",
+            )
     source = site.authenticator.sources.get("forms")
     if not isinstance(source, FormsCredentials):
         try:
