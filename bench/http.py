@@ -272,7 +272,9 @@ def render(results, args) -> str:
         f" --runs {args.runs}`; medians of {args.runs} runs.  Backend: nginx (static file, a"
         " ~100-byte answer, a sink).  casd: Basic against its users file (SSHA256, credential"
         " cache), identity in `X-Remote-User`; nginx: `auth_basic` ({SSHA}), `proxy_pass` to an"
-        " upstream with `keepalive 32`, `proxy_request_buffering off`.",
+        " upstream with `keepalive 32`, `proxy_request_buffering off`.  Load average at the"
+        f" end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work shares the"
+        " machine: compare CPU figures, not rates, across runs).",
         "",
         "| figure | nginx | casd | casd/nginx | milestone |",
         "|---|---|---|---|---|",

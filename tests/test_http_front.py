@@ -96,6 +96,17 @@ class VdirTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, self.config, '[[http.vdir]]\npath = "/a"\nbogus = 1\n')
         self.assertEqual(e.key, "http.vdir[0].bogus")
 
+    def test_unknownBackend(self):
+        """
+        A vdir naming a backend that is not configured stops start-up with the key named.
+        """
+        from casd.testing import makeContext
+
+        context = makeContext(MemoryReactorClock(), config=CONFIG + 'backend = "nowhere"\n')
+        section = context.config.protocols["http"]
+        e = self.assertRaises(ConfigError, http.buildFactory, context, section, section.listeners[0])
+        self.assertEqual(e.key, "http.vdir[0].backend")
+
 
 def client(tls=True, peer="198.51.100.7"):
     return ClientInfo("sid1", "http", "l", peer, 4000, "127.0.0.1", 443, tls, False)
@@ -224,6 +235,24 @@ class AuthTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(self.reactor.tcpClients, [])
         penalty = self.context.authenticator.penalty
         self.assertGreater(penalty.currentDelay(self.client.client), 0)
+
+    def test_sharedWithIMAP(self):
+        """
+        Password guesses on /EWS lock the user out of IMAP too: one penalty for every protocol.
+        """
+        from casd.session.clientinfo import ClientInfo as Info
+
+        self.config = self.config.replace("[routing]", "[auth]\nuser_lockout_threshold = 3\n\n[routing]", 1)
+        super().setUp()
+        for i in range(3):
+            self.client, self.transport = connectFrontend(http, self.context, peer=(f"198.51.100.{i + 1}", 4000))
+            self.get(b"Basic " + b64encode(f"alice:guess{i}".encode()))
+            self.reactor.advance(120)
+        imapClient = Info("s", "imap", "imap", "203.0.113.50", 5000, "127.0.0.1", 993, True, False)
+        self.assertTrue(self.context.authenticator.penalty.locked("alice", imapClient))
+        # And the locked-out user gets 429 on HTTP with the right password: not a 401.
+        self.client, self.transport = connectFrontend(http, self.context, peer=("203.0.113.51", 4000))
+        self.assertTrue(self.get(BASIC).startswith(b"HTTP/1.1 429 "))
 
     def test_badBase64(self):
         """
@@ -422,6 +451,11 @@ site_redirect = "451"
 
 [[http.vdir]]
 path = "/EWS"
+
+[[http.vdir]]
+path = "/dav"
+identity = "header"
+backend_path = "/SOGo/dav"
 """
 
 USERS = {
@@ -556,6 +590,34 @@ class RoutingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         A user of a site that says proxy goes to that site's casd.
         """
         self.assertEqual(self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("wendy")), ("127.0.0.9", 8443))
+
+    def test_proxyTTL(self):
+        """
+        A request proxied to another site's casd carries the hops left; a trusted casd's count
+        is continued, and a spent one is refused (503): proxies looping between sites stop.
+        """
+        self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("wendy"))
+        server, backend = self.backend()
+        sent = backend.value().lower()
+        self.assertIn(b"x-casd-proxy-ttl: 4\r\n", sent)
+        # The far casd authenticates again: the client's credentials, the client's path.
+        self.assertIn(b"authorization: " + basic("wendy").lower(), sent)
+        self.assertTrue(sent.startswith(b"get /ews/x http/1.1"))
+        self.setUp()
+        self.send(b"GET /dav/wendy/ HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("wendy"))
+        server, backend = self.backend()
+        sent = backend.value().lower()
+        self.assertTrue(sent.startswith(b"get /dav/wendy/ http/1.1"), sent)
+        self.assertIn(b"authorization: " + basic("wendy").lower(), sent)
+        self.assertNotIn(b"x-remote-user", sent)
+        self.setUp()
+        self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nX-Casd-Proxy-TTL: 3\r\nAuthorization: " + basic("wendy"))
+        server, backend = self.backend()
+        self.assertIn(b"x-casd-proxy-ttl: 2\r\n", backend.value().lower())
+        self.setUp()
+        self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nX-Casd-Proxy-TTL: 1\r\nAuthorization: " + basic("wendy"))
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 503 "), self.transport.value())
+        self.assertEqual(self.reactor.tcpClients, [])
 
     def test_otherSiteRedirected(self):
         """

@@ -361,6 +361,23 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.transport.producer.resumeProducing()
         self.assertEqual(backend.producerState, "producing")
 
+    def test_slowClientNotCut(self):
+        """
+        A client that reads slowly (its buffer drains now and then) is not cut by the idle
+        limit however long the download takes; one that stops reading altogether is.
+        """
+        self.request(b"GET /EWS/big HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        for _ in range(5):
+            self.transport.producer.pauseProducing()
+            self.reactor.advance(100)
+            self.transport.producer.resumeProducing()
+        self.assertFalse(self.transport.disconnecting)
+        self.transport.producer.pauseProducing()
+        self.reactor.advance(121)
+        self.assertEqual(backend.producerState, "stopped")
+
     def test_truncatedResponse(self):
         """
         A backend that dies mid-body: the client connection is closed, never a complete-looking

@@ -48,6 +48,13 @@ class _Shared:
 
         config = context.config
         self.vdirs = readVdirs(config.path, section.vdir)
+        for i, vdir in enumerate(self.vdirs.vdirs):
+            if vdir.backend and vdir.backend not in config.groups and vdir.backend not in config.backends:
+                raise ConfigError(
+                    config.path,
+                    f"http.vdir[{i}].backend",
+                    f"expected a [backends.NAME] or [groups.NAME], {vdir.backend!r} is neither",
+                )
         try:
             keys = _readKeys(section.route_cookie_key_file)
         except (OSError, ValueError) as e:

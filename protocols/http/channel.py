@@ -13,6 +13,7 @@ import attr
 from twisted.web import http
 
 from casd.session.clientinfo import ClientInfo
+from protocols.http.proxy import largerBuffers
 from protocols.http.status import HTTPError
 
 #: A bare LF: a line end that is not CRLF (request smuggling between parsers that disagree).
@@ -44,6 +45,7 @@ class ProxyChannel(http.HTTPChannel):
             site.context.config.server.trusted_networks,
             tls=site.listener.tls == "implicit",
         )
+        largerBuffers(self.transport)
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:

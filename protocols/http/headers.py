@@ -30,9 +30,19 @@ HOP_BY_HOP = frozenset(
     )
 )
 
+#: The hops a request may still take between casd nodes (sites), as IMAP's C{x-proxy-ttl}.
+PROXY_TTL = b"X-Casd-Proxy-TTL"
+
 #: Forwarding headers casd sets itself; a client's are dropped.
 FORWARDING = frozenset(
-    (b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")
+    (
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+        PROXY_TTL.lower(),
+    )
 )
 
 #: Identity headers that backends are commonly told to trust; removed from every client request

@@ -12,6 +12,7 @@ from attrs import define
 from zope.interface import implementer
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import (
@@ -53,6 +54,22 @@ class _TargetEndpoints:
         return self.connector.endpointFor(self.target)
 
 
+#: Bytes read from a socket at once, and written to it before its producer is paused: Twisted's
+#: 64 KiB made a large body cost a pause and a resume of the other side every 64 KiB.
+BUFFER_SIZE = 256 * 1024
+
+
+def largerBuffers(transport) -> None:
+    """
+    Use L{BUFFER_SIZE} on C{transport}, or on the TCP connection under a TLS one.
+    """
+    while transport is not None:
+        if hasattr(transport, "bufferSize") and hasattr(transport, "socket"):
+            transport.bufferSize = BUFFER_SIZE
+            return
+        transport = getattr(transport, "transport", None)
+
+
 class _BackendConnection(HTTP11ClientProtocol):
     def connectionMade(self) -> None:
         # Requests go out in one write; Nagle's algorithm would hold the next one back until
@@ -60,6 +77,7 @@ class _BackendConnection(HTTP11ClientProtocol):
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             setNoDelay(True)
+        largerBuffers(self.transport)
         super().connectionMade()
 
     def _finishResponse_WAITING(self, rest):
@@ -308,6 +326,28 @@ class BodyPipe:
         self._resume()
 
 
+@implementer(IPushProducer)
+class _ProgressProducer:
+    """
+    The backend connection as the client's producer, noting each time the client asks for more.
+    """
+
+    def __init__(self, producer, onProgress) -> None:
+        self.producer = producer
+        self.onProgress = onProgress
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.onProgress is not None:
+            self.onProgress()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+
 class ResponseRelay(Protocol):
     """
     Streams a backend response body to the client's request, with flow control: the backend
@@ -322,6 +362,10 @@ class ResponseRelay(Protocol):
     log = Logger()
 
     def __init__(self, request, onData=None) -> None:
+        """
+        @param onData: called on progress either way: a piece of the body from the backend, or
+            the client taking more (so an idle limit cuts a stalled exchange, not a slow one).
+        """
         self.request = request
         self.onData = onData
         self.done = defer.Deferred()
@@ -329,7 +373,7 @@ class ResponseRelay(Protocol):
         self._clientGone = False
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(_ProgressProducer(self.transport, self.onData), True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._clientGone:

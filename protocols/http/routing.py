@@ -28,6 +28,7 @@ from twisted.internet import defer
 
 from casd.failures import BackendUnavailable
 from casd.routing.router import Redirected, routeTo
+from protocols.http.headers import PROXY_TTL
 from protocols.http.status import SiteRedirect
 
 #: The routing cookie's name (never forwarded to a backend).
@@ -63,6 +64,20 @@ def explicitMailbox(vdir, path: bytes) -> str:
     if "@" in text and 3 <= len(text) <= 254 and not any(c in text for c in " \t\r\n/\\"):
         return text.lower()
     return ""
+
+
+def incomingTTL(request):
+    """
+    The proxy TTL another casd node sent (C{X-Casd-Proxy-TTL}), believed from trusted clients
+    only; else C{None} (this node starts the count).
+    """
+    client = getattr(request, "client", None)
+    if client is None or not client.trusted:
+        return None
+    values = request.requestHeaders.getRawHeaders(PROXY_TTL)
+    if not values or len(values) != 1 or not values[0].isdigit() or len(values[0]) > 3:
+        return None
+    return int(values[0])
 
 
 def anchorHeader(request) -> str:
@@ -190,8 +205,9 @@ class RequestRouter:
             return self._route(request, vdir, user, path, anchor, how)
         # A user's own route depends only on their directory entry, the vdir and the
         # configuration: remembered for a while, as the credential cache remembers the entry.
+        ttl = incomingTTL(request)
         key = (user.login, user.mailHost, user.site, getattr(user, "backendLogin", ""),
-               vdir.path, id(self.context.router.config))
+               vdir.path, id(self.context.router.config), ttl)
         now = self.clock.seconds()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
@@ -224,7 +240,7 @@ class RequestRouter:
             else:
                 target = record
         try:
-            route = yield self.context.router.locate(target, self.descriptor)
+            route = yield self.context.router.locate(target, self.descriptor, incomingTTL(request))
         except Redirected as e:
             raise self._redirect(vdir, e, path) from None
         if route.kind == "backend" and vdir.backend:

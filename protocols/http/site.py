@@ -5,11 +5,12 @@ request as soon as the headers are in, and stream the body both ways.
 Stock C{twisted.web} reads a whole request body before rendering (twisted#4688, #5511).
 L{ProxyRequest} instead acts in C{gotLength} (all headers parsed): it matches the vdir,
 authenticates, routes and starts the backend request with a L{protocols.http.proxy.BodyPipe} as
-its body, which C{handleContentChunk} feeds.  That relies on two private attributes of
-L{twisted.web.http.HTTPChannel} (C{_command} and C{_path}, the request line, which
-L{twisted.web.http.Request} only learns in C{requestReceived}) and on C{_savedTimeOut}; the
-test C{tests.test_http_site.TwistedPrivatesTests} fails if a Twisted upgrade moves them.
-Twisted is pinned below 28 in C{setup.cfg} for this reason.
+its body, which C{handleContentChunk} feeds.  That relies on private attributes of
+L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version} (the request line, which
+L{twisted.web.http.Request} only learns in C{requestReceived}) and C{_savedTimeOut}; the proxy's
+backend side relies on a few of L{twisted.web.client}'s (L{protocols.http.proxy}).
+C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them; Twisted
+is pinned below 28 in C{setup.cfg} for this reason.
 
 A response can only be written once the request body has been read (Twisted's channel
 parses the next request from the same buffer), so every answer waits for C{requestReceived}: a
@@ -23,6 +24,7 @@ import io
 import os
 import re
 
+import attr
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
@@ -34,7 +36,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from casd.failures import BackendUnavailable, CASFailure
 from casd.routing.router import routeTo
-from protocols.http.headers import backendRequestHeaders, copyResponseHeaders
+from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
 from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse
 from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
 from protocols.http.routing import ROUTE_COOKIE
@@ -81,7 +83,6 @@ class ProxyRequest(server.Request):
         self.service = None
         self._limit = 0
         self._pipe = None
-        self._error = None
         self._relay = None
         self._gone = False
         self._logged = False
@@ -261,7 +262,7 @@ class HTTPSite(server.Site):
     def _openLogFile(self, path):
         return None
 
-    def log(self, request) -> None:  # noqa: F811  (twisted.web's own access log: replaced)
+    def log(self, request) -> None:
         pass
 
     # -- dispatch -----------------------------------------------------------------------
@@ -393,17 +394,24 @@ class HTTPSite(server.Site):
         strip = set()
         for source in self.authenticator.sources.values():
             strip.update(getattr(source, "stripHeaders", ()))
+        toCAS = decision.route.kind == "cas"
         headers = backendRequestHeaders(
             request.requestHeaders,
-            vdir,
+            # Another site's casd authenticates the request again: it gets the client's own
+            # credentials and path, not this vdir's backend identity and backend path.
+            attr.evolve(vdir, identity="passthrough") if toCAS else vdir,
             request.client,
             (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
             request.user,
             strip=strip | {b"host"},
             cookieFilter=self.cookieFilter,
         )
+        if toCAS:
+            # It counts the hops down, and refuses a loop.
+            headers.setRawHeaders(PROXY_TTL, [str(decision.route.proxyTTL).encode("ascii")])
         path = self.vdirs.clientPath(vdir, request.uri)
-        path = vdir.backendPathFor(path)
+        if not toCAS:
+            path = vdir.backendPathFor(path)
         member = self.context.connector.member(target)
         d = self.agents.request(target, request.method, path, headers, pipe)
         timer = self.clock.callLater(vdir.timeout, d.cancel)
