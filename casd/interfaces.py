@@ -192,4 +192,28 @@ class ISharedState(Interface):
     def isRevoked(key):
         """
         @return: a L{Deferred} firing with C{True} when C{key} was revoked and has not expired.
+
+class IRevocationSet(Interface):
+    """
+    Tokens revoked before their natural end (a forms cookie after logoff), shared by the array.
+
+    The local in-memory implementation is L{protocols.http.cookies.MemoryRevocationSet}; a
+    Redis-backed one lives in C{casd/state/}.  Token IDs are random, carry no secret and no user
+    name; an entry may be forgotten once C{expiresAt} has passed, because the token is refused
+    for its age by then anyway.
+    """
+
+    def add(tokenId, expiresAt):
+        """
+        Revoke C{tokenId}.
+
+        @param tokenId: the token's ID (C{str}).
+        @param expiresAt: POSIX time after which the entry is no longer needed.
+        @return: a L{Deferred} firing with C{None} once the revocation is recorded.
+        """
+
+    def contains(tokenId):
+        """
+        @param tokenId: the token's ID (C{str}).
+        @return: a L{Deferred} firing with C{True} when C{tokenId} is revoked, else C{False}.
         """

@@ -20,6 +20,8 @@ from twisted.plugin import IPlugin
 from casd.config import ConfigError, Setting
 from casd.interfaces import ICASProtocol
 from casd.pool.health import HealthProbe
+from protocols.http.clientcert import CERT_SETTINGS
+from protocols.http.forms import FORMS_SETTINGS
 from protocols.http.vdir import VDIR_SETTINGS
 
 
@@ -156,7 +158,7 @@ class HTTPProtocol:
             "File of hex HMAC keys (one a line, first signs, all verify) for the routing cookie,"
             " shared by the array; empty: a random key per process.",
         ),
-    )
+    ) + FORMS_SETTINGS + CERT_SETTINGS
 
     def __init__(self) -> None:
         self._shared: dict = {}

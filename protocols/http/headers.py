@@ -163,4 +163,8 @@ def copyResponseHeaders(backend: Headers, out: Headers) -> None:
     for name, values in backend.getAllRawHeaders():
         if name.lower() in drop:
             continue
+        if name.lower() == b"set-cookie":
+            # casd may have set cookies of its own already (a refreshed forms session).
+            out.setRawHeaders(name, (out.getRawHeaders(name) or []) + list(values))
+            continue
         out.setRawHeaders(name, list(values))

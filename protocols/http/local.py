@@ -31,6 +31,8 @@ from twisted.web.resource import Resource
 PROVIDERS = (
     "protocols.http.local.healthServices",
     "protocols.http.autodiscover.provider.autodiscoverServices",
+    "protocols.http.forms.formsServices",
+    "protocols.http.clientcert.certServices",
 )
 
 

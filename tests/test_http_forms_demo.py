@@ -1,0 +1,98 @@
+"""
+The demo's C{/owa}: casd's forms login in front of the demo web backend, over the demo's HTTPS
+listener, as a browser would use it (redirect to the logon page, sign in, the page, sign out).
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from twisted.internet import defer, threads
+from twisted.trial.unittest import TestCase
+
+from casd.demo.web import demoConfigText
+from casd.service.tap import DEMO_CONFIG
+from tests.support.casdnode import CASNode
+from tests.support.procs import freePort
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kw):
+        return None
+
+
+class DemoFormsTests(TestCase):
+    timeout = 60
+
+    def setUp(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.environ["CASD_DEMO_DIR"] = directory
+        self.addCleanup(os.environ.pop, "CASD_DEMO_DIR")
+        with open(DEMO_CONFIG) as f:
+            base = f.read()
+        ports = {name: freePort() for name in ("https", "web", "imap", "pop3", "bimap", "bpop3")}
+        base = (
+            base.replace('users_file = "users"', f'users_file = "{os.path.join(os.path.dirname(DEMO_CONFIG), "users")}"')
+            .replace("tcp:1143:", f"tcp:{ports['imap']}:")
+            .replace("tcp:1110:", f"tcp:{ports['pop3']}:")
+            .replace("11143", str(ports["bimap"]))
+            .replace("11110", str(ports["bpop3"]))
+        )
+        text, self.ca = demoConfigText(base, ports["web"])
+        text = text.replace("tcp:8443:", f"tcp:{ports['https']}:")
+        text = text.replace("[demo]\n", f"[demo]\nhttp_port = {ports['web']}\n")
+        self.node = CASNode(directory, text).start()
+        self.addCleanup(self.node.stop)
+        self.url = f"https://127.0.0.1:{ports['https']}"
+
+    def browse(self):
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=self.ca)),
+            urllib.request.HTTPCookieProcessor(jar),
+            NoRedirect(),
+        )
+
+        def fetch(path, data=None):
+            request = urllib.request.Request(
+                self.url + path,
+                data=data,
+                headers={"Accept": "text/html", "Connection": "close"},
+            )
+            try:
+                with opener.open(request, timeout=15) as response:
+                    return response.status, response.headers, response.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers, e.read().decode()
+
+        steps = {"anonymous": fetch("/owa/")}
+        steps["logon"] = page = fetch(steps["anonymous"][1]["Location"])
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page[2]).group(1)
+        form = urllib.parse.urlencode(
+            {"username": "demo", "password": "demo", "security": "public", "url": "/owa/", "csrf": csrf}
+        ).encode()
+        steps["post"] = fetch("/owa/_casd/logon", form)
+        steps["page"] = fetch("/owa/")
+        steps["logoff"] = fetch("/owa/_casd/logoff")
+        steps["after"] = fetch("/owa/")
+        return steps
+
+    @defer.inlineCallbacks
+    def test_formsLogon(self):
+        steps = yield threads.deferToThread(self.browse)
+        self.assertEqual(steps["anonymous"][0], 302)
+        self.assertEqual(steps["anonymous"][1]["Location"], "/owa/_casd/logon?url=%2Fowa%2F")
+        self.assertIn('<label for="username">User name</label>', steps["logon"][2])
+        self.assertEqual(steps["post"][0], 302)
+        self.assertEqual(steps["post"][1]["Location"], "/owa/")
+        self.assertEqual(steps["page"][0], 200)
+        self.assertIn("Hello, demo", steps["page"][2])
+        self.assertIn("You have signed out.", steps["logoff"][2])
+        self.assertEqual(steps["after"][0], 302)
