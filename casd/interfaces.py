@@ -192,6 +192,8 @@ class ISharedState(Interface):
     def isRevoked(key):
         """
         @return: a L{Deferred} firing with C{True} when C{key} was revoked and has not expired.
+        """
+
 
 class IRevocationSet(Interface):
     """

@@ -165,3 +165,23 @@ class CountingFactoryTests(SynchronousTestCase):
         p.makeConnection(StringTransport())
         p.connectionLost(Failure(Error([("SSL routines", "", "wrong version number")])))
         self.assertEqual(sample(metrics, "casd_tls_handshake_failures_total", {"protocol": "imap"}), 1)
+
+
+class SharedStateMetricsTests(SynchronousTestCase):
+    def test_stateStats(self):
+        """
+        The shared state's availability and fallbacks are exported, with the backend as label.
+        """
+        from attr import evolve
+
+        from casd.state import StateStats
+
+        class State:
+            stats = StateStats(backend="redis", available=False, outages=1, fallbacks=7, calls=20)
+
+        context = evolve(makeContext(MemoryReactorClock()), state=State())
+        metrics = Metrics(context, ["imap"])
+        self.assertEqual(sample(metrics, "casd_shared_state_available", {"backend": "redis"}), 0)
+        self.assertEqual(sample(metrics, "casd_shared_state_fallbacks_total"), 7)
+        self.assertEqual(sample(metrics, "casd_shared_state_outages_total"), 1)
+        self.assertEqual(sample(metrics, "casd_shared_state_calls_total"), 20)

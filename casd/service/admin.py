@@ -75,9 +75,7 @@ def statusOf(context, node, metrics, listeners) -> dict:
             }
         )
     healthy, why = healthVerdict(context, node)
-    extra = {}
-    for source in metrics.extraStatus:
-        extra.update(source.status())
+    stats = getattr(getattr(context, "state", None), "stats", None)
     return {
         "node": context.config.hostname,
         "version": casd.__version__,
@@ -89,7 +87,7 @@ def statusOf(context, node, metrics, listeners) -> dict:
         "sessions": metrics.activeSessions(),
         "logins": metrics.loginRate(),
         "backends": backends,
-        **extra,
+        "state": stats.asDict() if stats is not None else {"backend": "local"},
     }
 
 

@@ -65,7 +65,6 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.startedAt = time.time()
         self.draining = lambda: False
-        self.extraStatus: list = []
         r = self.registry
         self.connections = Counter(
             "casd_connections", "Client connections accepted, by protocol.", ["protocol"], registry=r
@@ -244,10 +243,22 @@ class _CoreCollector:
         yield sessions
         yield GaugeMetricFamily("casd_draining", "Whether this node is draining (1) or not (0).",
                                 value=1 if self.metrics.draining() else 0)
-        for extra in self.metrics.extraStatus:
-            metrics = getattr(extra, "metrics", None)
-            if metrics is not None:
-                yield from metrics()
+        stats = getattr(getattr(context, "state", None), "stats", None)
+        if stats is not None:
+            available = GaugeMetricFamily(
+                "casd_shared_state_available",
+                "Whether the shared state answers (1), or decisions fall back to this node's memory (0).",
+                labels=["backend"],
+            )
+            available.add_metric([stats.backend], 1 if stats.available else 0)
+            yield available
+            for name, value, text in (
+                ("outages", stats.outages, "Outages of the shared state since start."),
+                ("fallbacks", stats.fallbacks, "Decisions taken locally because the shared state did not answer in time."),
+                ("calls", stats.calls, "Calls sent to the shared state."),
+                ("late_replies", stats.lateReplies, "Shared-state replies that came after a local decision."),
+            ):
+                yield CounterMetricFamily(f"casd_shared_state_{name}", text, value=value)
 
 
 def _findCache(context):
