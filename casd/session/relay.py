@@ -19,6 +19,8 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from casd.session.tlsrelay import wholeChunks
+
 try:
     from twisted.internet.endpoints import _WrappingProtocol
 except ImportError:  # pragma: no cover - a Twisted without it: the bypass is skipped
@@ -153,10 +155,12 @@ class Relay:
             wrapper.dataReceived = self.fromBackend
         for transport in (self.client, self.server):
             writeThrough(transport)
-            # Under TLS the reads stay Twisted's default size: a larger read below the TLS layer
-            # stalled an IDLE session relayed between two TLS connections
-            # (tests.integration.test_imap_dovecot test_idleSeesDelivery).
-            if hasattr(transport, "bufferSize"):
+            # Under TLS: one SSL_write per chunk, nothing held for the next iteration.
+            wholeChunks(transport)
+            # Large reads, below the TLS layer too (a TLS-wrapped transport's is underneath).
+            if isinstance(transport, TLSMemoryBIOProtocol):
+                transport = transport.transport
+            if isinstance(transport, _TCP_TYPES):
                 transport.bufferSize = RELAY_READ_SIZE
         self.client.registerProducer(self.server, True)
         self.server.registerProducer(self.client, True)
