@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from casd.session.relay import writeThrough
 from casd.session.tlsrelay import _WholeChunkBufferingTLS, tlsLayer, wholeChunks
 from tests.support.certs import CertificateAuthority
 
@@ -89,6 +90,18 @@ class WholeChunkTests(SynchronousTestCase):
         self.assertTrue(wholeChunks(self.server))
         self.assertIs(type(self.server), _WholeChunkBufferingTLS)
         self.assertFalse(wholeChunks(StringTransport()))
+
+    def test_writeThroughSwitchesTLS(self):
+        """
+        L{writeThrough}, which the frontend, the backend dialogue and the relay call on their
+        transports, switches a TLS layer too: a TLS login's replies are not held for a timer.
+        """
+        writeThrough(self.server)
+        self.assertIs(type(self.server), _WholeChunkBufferingTLS)
+        self.server.write(b"* OK ready\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.pump()
+        self.assertEqual(b"".join(self.clientApp.received), b"* OK ready\r\n")
 
     def test_chunkWrittenWhole(self):
         wholeChunks(self.server)

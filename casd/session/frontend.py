@@ -505,6 +505,7 @@ class FrontendProtocol(Protocol):
         self._raw = 0
         self._sasl = self._saslToken = None
         self.transport.startTLS(self.context.serverTLS.options)
+        writeThrough(self.transport)  # the new TLS layer's writes: whole, at once
         self.client = self.client.withTLS()
 
     # -- SASL: one driver for every protocol; each frames challenges and responses its way ----

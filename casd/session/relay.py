@@ -76,8 +76,11 @@ def writeThrough(transport) -> None:
     which carries the TLS records) try the socket at once.  Anything else is left alone.
 
     The class of the TCP transport is swapped for a subclass that only overrides C{write}: no
-    per-connection closure and no reference cycle, unlike an instance attribute.
+    per-connection closure and no reference cycle, unlike an instance attribute.  A TLS layer
+    is switched to whole-chunk writes (L{wholeChunks}): one C{SSL_write} per write, nothing held
+    for the next reactor iteration.
     """
+    wholeChunks(transport)
     if isinstance(transport, TLSMemoryBIOProtocol):
         transport = transport.transport
     faster = _WRITE_THROUGH.get(type(transport))
@@ -155,8 +158,6 @@ class Relay:
             wrapper.dataReceived = self.fromBackend
         for transport in (self.client, self.server):
             writeThrough(transport)
-            # Under TLS: one SSL_write per chunk, nothing held for the next iteration.
-            wholeChunks(transport)
             # Large reads, below the TLS layer too (a TLS-wrapped transport's is underneath).
             if isinstance(transport, TLSMemoryBIOProtocol):
                 transport = transport.transport
