@@ -14,10 +14,10 @@ class ICASProtocol(Interface):
     configuration schema, default listeners, a factory builder and the protocol's wording of the
     shared failures.  The built-in protocols are registered exactly as a third-party one is.
 
-    This interface is casd's public plugin API, together with what L{buildFactory} receives
-    (L{casd.service.context.CASContext}, L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}),
-    the bases a protocol builds on (L{casd.session.frontend.FrontendProtocol} and its factory,
-    L{casd.session.dialogue.BackendDialogue}), L{casd.auth.sasl}, L{casd.failures} and the fakes of
+    This interface is part of casd's public plugin API, all of which a protocol module imports
+    from L{casd.plugin} (whose L{casd.plugin.ProtocolDescriptor} provides this interface),
+    together with what L{buildFactory} receives (L{casd.service.context.CASContext},
+    L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}) and the fakes of
     L{casd.testing}; C{docs/writing-a-protocol-plugin.md} lists that surface and builds a plugin
     with it.  It changes only compatibly: a new attribute here gets a default in the core first.
     """

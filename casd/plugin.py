@@ -82,6 +82,8 @@ class ProtocolDescriptor:
     (L{buildFactory}).
 
     @ivar server: the L{FrontendProtocol} subclass.
+    @ivar alpnProtocols: the protocol's ALPN ids (C{str}, RFC 7301), preferred first, e.g.
+        C{("imap",)}; C{()} declares none (see C{ICASProtocol}).
     """
 
     name: str
@@ -92,6 +94,7 @@ class ProtocolDescriptor:
     defaultBackendTLS: str = "none"
     healthProbe: HealthProbe | None = None
     settings: tuple = field(default=(), converter=tuple)
+    alpnProtocols: tuple = ()
 
     def buildFactory(self, context, section, listener):
         """

@@ -326,6 +326,7 @@ imap = ProtocolDescriptor(
     defaultListeners=({"endpoint": "tcp:143", "tls": "starttls"},),
     defaultBackendPort=143,
     defaultBackendTLS="starttls",
+    alpnProtocols=("imap",),
     healthProbe=HealthProbe(expect=b"* OK", quit=b"h LOGOUT\r\n"),
     settings=(
         Setting(

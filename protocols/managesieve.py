@@ -315,6 +315,7 @@ managesieve = ManageSieveProtocol(
     defaultListeners=({"endpoint": "tcp:4190", "tls": "starttls"},),
     defaultBackendPort=4190,
     defaultBackendTLS="starttls",
+    alpnProtocols=("managesieve",),
     # The greeting opens with a capability line (a string); a busy server says BYE instead.
     healthProbe=HealthProbe(expect=b'"', quit=b"LOGOUT\r\n"),
     settings=(

@@ -244,6 +244,7 @@ pop3 = ProtocolDescriptor(
     ),
     defaultBackendPort=110,
     defaultBackendTLS="starttls",
+    alpnProtocols=("pop3",),
     healthProbe=HealthProbe(expect=b"+OK", quit=b"QUIT\r\n"),
     settings=(
         Setting(

@@ -47,12 +47,11 @@ from casd.demo.store import (  # noqa: F401  (re-exported: the demo's public nam
     DemoAccount,
     DemoMailbox,
     DemoMailStore,
-    DemoMessage,
     DemoRealm,
     POP3Inbox,
-    _normalizeFlag,
     ownerOf,
 )
+from casd.demo.message import DemoMessage, _normalizeFlag  # noqa: F401  (DemoMessage re-exported)
 
 __all__ = [
     "DEMO_FROM",

@@ -166,6 +166,17 @@ class BackendConnector:
             # The relay sees the backend go and closes the client: it reconnects elsewhere.
             dialogue.transport.loseConnection()
 
+    def available(self, route) -> bool:
+        """
+        Whether L{connect} would try a member of C{route} now: one that is neither DOWN (as the
+        health checks and past connects know it) nor draining.  Opens no connection.
+        """
+        for target in route.targets:
+            member = self.members.get(target.key)
+            if target.server not in self.draining and (member is None or member.available()):
+                return True
+        return False
+
     # -- connecting -------------------------------------------------------------------------
 
     def timeoutsFor(self, target) -> tuple[float, float, float, float]:

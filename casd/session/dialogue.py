@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connector,tests.test_imap,tests.test_pop3,tests.test_managesieve -*-
+# -*- test-case-name: tests.test_dialogue,tests.test_connector,tests.test_imap,tests.test_pop3,tests.test_managesieve -*-
 """
 The base of every protocol's backend login dialogue: an explicit sequence of commands and
 replies (greeting, STARTTLS, client address, login) over one backend connection, returning a
@@ -78,7 +78,6 @@ class BackendDialogue(Protocol):
         self.loggedIn: defer.Deferred = defer.Deferred()
         self._buffer = b""
         self._lines: deque[bytes] = deque()
-        self._waiting: defer.Deferred | None = None
         self._handshake: defer.Deferred | None = None
         self._timer = None
         self._timerWhat = ""
@@ -91,10 +90,6 @@ class BackendDialogue(Protocol):
         """
         Start the login dialogue, once connected (and after the handshake, for implicit TLS):
         usually C{self.expectLine(self.greeting)}.
-
-        A dialogue not yet converted may instead return a L{Deferred} that fires when the
-        backend accepted the login, reading with L{readLine} (only SMTP's still does; this
-        mode goes when it is converted).
         """
         raise NotImplementedError()
 
@@ -110,12 +105,9 @@ class BackendDialogue(Protocol):
 
     def _start(self) -> None:
         try:
-            d = self.dialogue()
+            self.dialogue()
         except Exception:
             self._failed(Failure())
-            return
-        if d is not None:
-            d.addCallbacks(self._succeeded, self._failed)
 
     def succeed(self) -> None:
         """
@@ -129,6 +121,9 @@ class BackendDialogue(Protocol):
         self._done = True
         self.lineHandler = None
         self._cancelTimer()
+        # The failover deadline bounds the login only: a protocol that keeps reading after it
+        # (SMTP's transactions) is bound by its per-phase timeouts alone.
+        self.deadline = float("inf")
         self.leftover = self._buffer + b"".join(line + b"\r\n" for line in self._lines)
         self._buffer = b""
         self._lines.clear()
@@ -164,7 +159,7 @@ class BackendDialogue(Protocol):
         """
         Send C{line} and give the reply's first line to C{handler} (L{expectLine}).
         """
-        self.transport.write(line + b"\r\n")
+        self.sendLine(line)
         self.expectLine(handler)
 
     def expectLine(self, handler=None) -> None:
@@ -190,40 +185,21 @@ class BackendDialogue(Protocol):
             self.lineHandler = None
             self._fire(None, Failure())
 
-    def readLine(self) -> defer.Deferred:
-        """
-        For a dialogue written with L{Deferred}s (SMTP's, until it is converted).
-
-        @return: a L{Deferred} firing with the next line (without its line ending) within the
-            reply timeout, or failing with L{BackendTimeout}.
-        """
-        if self._lines:
-            return defer.succeed(self._lines.popleft())
-        self._waiting = defer.Deferred()
-        if self.greeted:
-            self._arm(self.replyTimeout, "reply")
-        else:
-            self._arm(self.bannerTimeout, "greeting")
-        return self._waiting
-
-    def startTLS(self, then: Callable[[], None] | None = None) -> defer.Deferred:
+    def startTLS(self, then: Callable[[], None]) -> None:
         """
         Start TLS towards the backend, verifying its certificate for the target's C{tlsName},
         within C{tlsTimeout}; lines read before are forgotten.
 
         @param then: the step to run once the handshake completed (its exceptions fail the
-            dialogue, as a handler's do).
-        @return: a L{Deferred} firing when the handshake completed (for a L{readLine} dialogue).
+            dialogue, as a step's do).
         """
         self.lineHandler = None
         self._buffer = b""
         self._lines.clear()
         self.transport.startTLS(self.context.clientTLS.optionsFor(self.target.tlsName))
         d = self._awaitHandshake()
-        if then is not None:
-            d.addCallback(lambda _: then())
-            d.addErrback(self._failed)
-        return d
+        d.addCallback(lambda _: then())
+        d.addErrback(self._failed)
 
     def _awaitHandshake(self) -> defer.Deferred:
         self._handshake = defer.Deferred()
@@ -320,13 +296,10 @@ class BackendDialogue(Protocol):
 
     def _fire(self, exc: Exception | None, failure: Failure | None = None) -> None:
         failure = failure or Failure(exc)
-        for attr in ("_waiting", "_handshake"):
-            d = getattr(self, attr)
-            if d is not None:
-                setattr(self, attr, None)
-                d.errback(failure)
-                return
-        if not self._done:
+        d, self._handshake = self._handshake, None
+        if d is not None:
+            d.errback(failure)  # to _failed, through startTLS's or connectionMade's errback
+        elif not self._done:
             self._failed(failure)
 
     def dataReceived(self, data: bytes) -> None:
@@ -347,11 +320,7 @@ class BackendDialogue(Protocol):
             if handler is not None:
                 self._deliver(handler, line)
             else:
-                d, self._waiting = self._waiting, None
-                if d is not None:
-                    d.callback(line)
-                else:
-                    self._lines.append(line)
+                self._lines.append(line)
             if self._done:
                 return
 

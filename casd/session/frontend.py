@@ -15,34 +15,15 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from casd.auth.sasl import (
-    MECHANISMS,
-    SASLCancelled,
-    SASLExchange,
-    SASLRefusal,
-    encodeBase64,
-    makeCredentials,
-)
+from casd.auth.sasl import makeCredentials
 from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation
 from casd.session.clientinfo import ClientInfo
 from casd.session.relay import Relay, writeThrough
+from casd.session.sasldriver import SASLDriver
+from casd.session.steps import SessionSteps
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
 PAUSE_BUFFER = 65536
-
-
-def renderFailure(table, exc: BaseException, fallback: bytes) -> bytes:
-    """
-    Word a failure of the shared vocabulary in a protocol's terms.
-
-    @param table: C{(exception class, words)} pairs; the first match wins, so list a subclass
-        before its base.
-    @param fallback: the words for anything the table does not name (an internal error).
-    """
-    for kind, words in table:
-        if isinstance(exc, kind):
-            return words
-    return fallback
 
 
 @frozen
@@ -69,7 +50,7 @@ class Wording:
 
 
 @implementer(IHalfCloseableProtocol)
-class FrontendProtocol(Protocol):
+class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     """
     One client connection, from the greeting to the end of the relayed session.
 
@@ -99,8 +80,8 @@ class FrontendProtocol(Protocol):
     #: router refuses a session whose TTL is spent, so proxies that loop stop.
     proxyTTL: int | None = None
 
-    #: The protocol's words for the shared failures: C{(exception class, bytes)} pairs for
-    #: L{renderFailure}, first match wins (e.g. IMAP's C{NO [UNAVAILABLE] ...}).
+    #: The protocol's words for the shared failures: C{(exception class, bytes)} pairs, first
+    #: match wins (e.g. IMAP's C{NO [UNAVAILABLE] ...}); see L{renderFailure}.
     failures: tuple = ()
     #: The words for a failure that L{failures} does not name.
     internalFailure = b"Internal error, try again later."
@@ -125,8 +106,6 @@ class FrontendProtocol(Protocol):
         self._logged = False
         self._badCommands = 0
         self._preauth = None
-        self._sasl: SASLExchange | None = None
-        self._saslToken = None
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -210,33 +189,6 @@ class FrontendProtocol(Protocol):
         """
         self.replyFailure(token, self.renderFailure(failure))
 
-    def saslChallenge(self, token, challenge: bytes) -> None:
-        """
-        Send a SASL challenge, already base64-encoded, in the protocol's framing (C{+ ...} in
-        IMAP and POP3, a string in ManageSieve).  The client's answer goes to L{saslResponse}.
-        """
-        raise NotImplementedError()
-
-    def saslFailed(self, token, refusal: SASLRefusal) -> None:
-        """
-        A SASL exchange ended without credentials: say why in the protocol's L{wording} (bad
-        base64 counts as an invalid command; a cancel is C{BAD} in IMAP, as RFC 3501 wants) or,
-        for plaintext before TLS and malformed credentials, as a login failure.
-        """
-        w = self.wording
-        if refusal is SASLRefusal.UNSUPPORTED:
-            self.replyNo(token, w.saslUnsupported)
-        elif refusal is SASLRefusal.PRIVACY_REQUIRED:
-            self.loginFailed(token, PrivacyRequired())
-        elif refusal is SASLRefusal.BAD_INITIAL:
-            self.invalidCommand(token, w.saslBadInitial)
-        elif refusal is SASLRefusal.BAD_RESPONSE:
-            self.invalidCommand(token, w.saslBadResponse)
-        elif refusal is SASLRefusal.CANCELLED:
-            self.replyBad(token, w.saslCancelled)
-        else:
-            self.loginFailed(token, AuthenticationFailed())
-
     # -- connection -------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -301,9 +253,13 @@ class FrontendProtocol(Protocol):
 
     def renderFailure(self, exc: BaseException) -> bytes:
         """
-        @return: the protocol's words for C{exc}, from L{failures}.
+        @return: the protocol's words for C{exc}: the first entry of L{failures} whose class it
+            is an instance of (list a subclass before its base), else L{internalFailure}.
         """
-        return renderFailure(self.failures, exc, self.internalFailure)
+        for kind, words in self.failures:
+            if isinstance(exc, kind):
+                return words
+        return self.internalFailure
 
     def badCommand(self) -> bool:
         """
@@ -507,81 +463,6 @@ class FrontendProtocol(Protocol):
         self.transport.startTLS(self.context.serverTLS.options)
         writeThrough(self.transport)  # the new TLS layer's writes: whole, at once
         self.client = self.client.withTLS()
-
-    # -- SASL: one driver for every protocol; each frames challenges and responses its way ----
-
-    @property
-    def saslInProgress(self) -> bool:
-        """
-        Whether a SASL exchange waits for the client's next response (see L{saslResponse}).
-        """
-        return self._sasl is not None
-
-    def startSASL(self, token, mechanism, initial: bytes | None = None) -> None:
-        """
-        Begin a SASL exchange (IMAP C{AUTHENTICATE}, POP3 and SMTP C{AUTH}, ...).  It ends in
-        L{login} with the credentials, or in L{saslFailed}; in between, L{saslChallenge} sends
-        each challenge and the protocol hands each client response to L{saslResponse}.
-
-        @param token: passed back to the hooks (e.g. the IMAP tag).
-        @param mechanism: the mechanism name the client asked for (C{str} or C{bytes}).
-        @param initial: the initial response as the client sent it (base64, C{=} for an empty
-            one), or C{None}.
-        """
-        if isinstance(mechanism, bytes):
-            mechanism = mechanism.decode("ascii", "replace")
-        mechanism = mechanism.upper()
-        if mechanism not in MECHANISMS:
-            self.saslFailed(token, SASLRefusal.UNSUPPORTED)
-            return
-        if not self.client.plaintextAllowed:
-            # PLAIN and LOGIN carry the password itself: only over TLS or from trusted clients.
-            self.saslFailed(token, SASLRefusal.PRIVACY_REQUIRED)
-            return
-        exchange = SASLExchange(mechanism)
-        try:
-            decoded = SASLExchange.decodeInitial(initial) if initial is not None else None
-        except ProtocolViolation:
-            self.saslFailed(token, SASLRefusal.BAD_INITIAL)
-            return
-        self._saslStep(token, exchange, exchange.start, decoded)
-
-    def saslResponse(self, response: bytes) -> None:
-        """
-        The client's response to the last challenge, unframed (the base64 text, or C{*}).
-        """
-        exchange, token = self._sasl, self._saslToken
-        self._sasl = self._saslToken = None
-        try:
-            decoded = exchange.decode(response)
-        except SASLCancelled:
-            self.saslFailed(token, SASLRefusal.CANCELLED)
-            return
-        except ProtocolViolation:
-            self.saslFailed(token, SASLRefusal.BAD_RESPONSE)
-            return
-        self._saslStep(token, exchange, exchange.respond, decoded)
-
-    def abortSASL(self, refusal: SASLRefusal) -> None:
-        """
-        End the exchange in progress with L{saslFailed} (e.g. the client's response did not
-        parse in the protocol's framing).
-        """
-        token = self._saslToken
-        self._sasl = self._saslToken = None
-        self.saslFailed(token, refusal)
-
-    def _saslStep(self, token, exchange, step, data) -> None:
-        try:
-            result = step(data)
-        except ProtocolViolation:
-            self.saslFailed(token, SASLRefusal.MALFORMED)
-            return
-        if isinstance(result, bytes):
-            self._sasl, self._saslToken = exchange, token
-            self.saslChallenge(token, encodeBase64(result))
-        else:
-            self.login(token, result)
 
     # -- login and relay --------------------------------------------------------------------
 
