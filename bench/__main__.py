@@ -341,6 +341,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 run, small counts")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3, quick 1)")
+    parser.add_argument("--bulk-mib", type=int, help="MiB per bulk run (default 1024, quick 64)")
     parser.add_argument("--phases", default="login,bulk,idle", help="comma-separated: login,bulk,idle")
     parser.add_argument("--targets", default="", help="comma-separated subset of target names")
     parser.add_argument("--protocols", default="", help="imap,pop3 (default: imap, and pop3 when casd has it)")
@@ -356,6 +357,8 @@ def main(argv=None) -> int:
     params = Parameters(args.quick)
     if args.runs:
         params.runs = args.runs
+    if args.bulk_mib:
+        params.bulkBytes = args.bulk_mib * MIB
     work = os.path.join(HERE, "scratch")
     os.makedirs(work, exist_ok=True)
     # Thousands of sessions, two sockets each, in every server: raise the limit the children inherit.

@@ -637,3 +637,85 @@ class LoginStormTests(_Harness, SynchronousTestCase):
         self.assertEqual(stats["misses"], self.users)
         self.assertEqual(stats["hits"] + stats["coalesced"], logins - self.users)
         self.assertGreater(stats["hits"], 1100)
+
+
+class LoginNowTests(_Logged, SynchronousTestCase):
+    """
+    L{Authenticator.loginNow}: a login the credential cache answers, synchronously, without the
+    portal; everything else is left to L{Authenticator.login}.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.clock = Clock()
+        self.directory = MemoryDirectory(
+            {
+                "alice": "alice-pw",
+                "dave": ("dave-pw", UserRecord(login="dave", disabled=True)),
+            }
+        )
+        self.cache = CredentialCache(self.clock, ttl=300, negativeTTL=20)
+        self.penalty = LoginPenalty(self.clock, initialDelay=2.0, maxDelay=15.0, userLockout=3)
+        self.portal = Portal(MailboxRealm(), [CachingChecker(self.directory, self.cache)])
+        self.authenticator = Authenticator(self.portal, self.clock, penalty=self.penalty)
+
+    def now(self, user, password, who=None):
+        return self.authenticator.loginNow(creds(user, password), who or client())
+
+    def login(self, user, password, who=None):
+        return resultOf(self.authenticator.login(creds(user, password), who or client()))
+
+    def test_cachedSuccessWithoutThePortal(self):
+        self.assertIsNone(self.now("alice", "alice-pw"))  # a miss: login() asks the directory
+        self.assertEqual(self.login("alice", "alice-pw").login, "alice")
+
+        def noPortal(*args):
+            raise AssertionError("the portal was asked")
+
+        self.portal.login = noPortal
+        avatar = self.now("alice", "alice-pw")
+        self.assertEqual((avatar.login, self.directory.checks), ("alice", 1))
+        self.assertEqual(self.cache.stats()["hits"], 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_otherPasswordsGoTheLongWay(self):
+        self.login("alice", "alice-pw")
+        for password in ["wrong", ""]:
+            self.assertIsNone(self.now("alice", password))
+        d = self.authenticator.login(creds("alice", "wrong"), client())
+        self.clock.advance(2)
+        self.assertIsInstance(resultOf(d).value, AuthenticationFailed)
+        self.assertIsNone(self.now("alice", "wrong"))  # a cached refusal: login() says it
+        self.assertEqual(self.cache.stats()["hits"], 0)
+
+    def test_foreignAuthorisationIdentity(self):
+        self.login("alice", "alice-pw")
+        credentials = Credentials("alice", b"alice-pw", authzid="bob")
+        self.assertIsNone(self.authenticator.loginNow(credentials, client()))
+
+    def test_lockedOutUserRefusedEvenWithTheRightPassword(self):
+        self.login("alice", "alice-pw")
+        for i in range(3):
+            d = self.authenticator.login(creds("alice", f"wrong{i}"), client())
+            self.clock.advance(15)
+            self.assertIsInstance(resultOf(d).value, AuthenticationFailed)
+        self.assertIsNone(self.now("alice", "alice-pw", client("192.0.2.50")))
+
+    def test_successClearsPenalty(self):
+        self.login("alice", "alice-pw")
+        d = self.authenticator.login(creds("alice", "nope"), client())
+        self.clock.advance(2)
+        self.assertIsInstance(resultOf(d).value, AuthenticationFailed)
+        self.assertGreater(self.penalty.currentDelay(client()), 0)
+        self.assertIsNotNone(self.now("alice", "alice-pw"))
+        self.assertEqual(self.penalty.currentDelay(client()), 0)
+
+    def test_disabledAccountLeftToLogin(self):
+        trusted = client(trusted=True)
+        self.assertIsInstance(self.login("dave", "dave-pw", trusted).value, AuthenticationFailed)
+        self.assertIsNone(self.now("dave", "dave-pw", trusted))  # login() refuses, logs why
+
+    def test_withoutCacheAlwaysTheLongWay(self):
+        authenticator = Authenticator(Portal(MailboxRealm(), [self.directory]), self.clock)
+        resultOf(authenticator.login(creds("alice", "alice-pw"), client()))
+        self.assertIsNone(authenticator.loginNow(creds("alice", "alice-pw"), client()))

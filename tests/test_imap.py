@@ -611,3 +611,52 @@ class ForwardedClientTests(IMAPTestMixin, SynchronousTestCase):
             (self.server.client.peerHost, self.server.client.peerPort, self.server.client.sessionId),
             ("192.0.2.99", 5000, before),
         )
+
+
+class CachedLoginTests(IMAPTestMixin, SynchronousTestCase):
+    """
+    A login the credential cache answers goes straight on to routing and the backend connection,
+    in the very call that read the command: the authenticator's Deferred path is not taken.
+    """
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from casd.auth.cache import CachingChecker, CredentialCache
+        from casd.testing import MemoryDirectory
+
+        self.reactor = MemoryReactorClock()
+        self.directory = MemoryDirectory(self.users)
+        self.cache = CredentialCache(self.reactor)
+        self.context = makeContext(
+            self.reactor, config=self.config, directory=CachingChecker(self.directory, self.cache)
+        )
+
+    def test_secondLoginFromTheCache(self):
+        self.connect(1)
+        self.send(b"a LOGIN alice secret\r\n")
+        backend, bt, _ = self.backendLogin()
+        self.assertEqual(self.cache.stats()["misses"], 1)
+        slow = []
+        authenticator = self.context.authenticator
+        authenticator.login = lambda *a: slow.append(a)
+        self.connect(1)
+        self.send(b"b LOGIN alice secret\r\nc SELECT INBOX\r\n")
+        self.assertEqual((len(self.reactor.tcpClients), slow), (2, []))
+        self.assertEqual((self.cache.stats()["hits"], self.directory.checks), (1, 1))
+        backend, bt, sent = self.backendLogin()
+        self.assertIn(b"A AUTHENTICATE PLAIN " + b64encode(b"\x00alice@example.com\x00secret"), sent)
+        self.assertEqual(self.transport.value(), b"b OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n")
+        self.assertEqual(bt.value(), b"c SELECT INBOX\r\n")
+        self.assertEqual(self.server.user.login, "alice")
+
+    def test_wrongPasswordStillTheLongWay(self):
+        self.connect(1)
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendLogin()
+        self.connect(1)
+        self.send(b"b LOGIN alice wrong\r\n")
+        self.reactor.advance(2)  # the failure's penalty
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.transport.value(), b"b NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        self.assertEqual(self.cache.stats()["hits"], 0)

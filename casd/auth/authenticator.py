@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, task
@@ -62,6 +63,10 @@ class Authenticator:
         if penalty is None:
             penalty = LoginPenalty(clock, initialDelay=failureDelay)
         self.penalty = penalty
+        # The fast lane of loginNow: the portal's password checker when it can answer from its
+        # cache synchronously (a CachingChecker), else None.
+        checker = portal.checkers.get(IUsernamePassword)
+        self._cached = checker if hasattr(checker, "cachedSuccess") else None
 
     @property
     def failureDelay(self) -> float:
@@ -109,6 +114,33 @@ class Authenticator:
             errbackArgs=(credentials, client),
         )
         return d
+
+    def loginNow(self, credentials, client):
+        """
+        The login answered synchronously, when the credential cache holds a success for these
+        very credentials: no L{Deferred}, no timer, no thread, not even the portal; the same
+        rules as L{login} (lockouts, empty passwords, foreign authorisation identities and
+        disabled accounts are left to it).  A login storm's logins mostly take this lane.
+
+        @return: the L{IMailboxUser}, or C{None} when the login must go through L{login}.
+        """
+        checker = self._cached
+        if (
+            checker is None
+            or not credentials.password
+            or (credentials.authzid and credentials.authzid != credentials.username)
+            or not IUsernamePassword.providedBy(credentials)
+            or self.penalty.locked(credentials.username, client)
+        ):
+            return None
+        avatarId = checker.cachedSuccess(credentials)
+        if avatarId is None:
+            return None
+        avatar = self.portal.realm.requestAvatar(avatarId, client, IMailboxUser)[1]
+        if avatar.disabled:
+            return None  # refused, logged and penalised by login()
+        self.penalty.succeeded(credentials.username, client)
+        return avatar
 
     def _succeeded(self, avatar, credentials, client):
         verdict = self.penalty.succeeded(credentials.username, client)

@@ -128,6 +128,18 @@ class CredentialCache:
             return False, negative[0]
         return None
 
+    def success(self, username: str, password: bytes):
+        """
+        The cached success for this name and password, if any: the synchronous question of the
+        login path's fast lane (L{CachingChecker.cachedSuccess}).  Counts nothing.
+
+        @return: the avatar ID, or C{None}.
+        """
+        positive = self._get(("+", username.lower()))
+        if positive is not None and hmac.compare_digest(positive[0], self.digest(username, password)):
+            return positive[1]
+        return None
+
     def putSuccess(self, username: str, digest: bytes, avatarId) -> None:
         if self.ttl > 0:
             name = username.lower()
@@ -202,6 +214,20 @@ class CachingChecker:
             return result
 
         return defer.maybeDeferred(self.checker.requestAvatarId, credentials).addBoth(done)
+
+    def cachedSuccess(self, credentials):
+        """
+        The avatar ID of a success the cache holds for C{credentials}, answered at once (no
+        L{Deferred}, no checker): what L{casd.auth.authenticator.Authenticator.loginNow} asks.
+        A hit is counted; anything else (a miss, a cached refusal) counts nothing and is left to
+        L{requestAvatarId}.
+
+        @return: the avatar ID, or C{None}.
+        """
+        avatarId = self.cache.success(credentials.username, credentials.password)
+        if avatarId is not None:
+            self.cache.hits += 1
+        return avatarId
 
     def lookup(self, name: str):
         cached = self.cache.getLookup(name)

@@ -27,6 +27,7 @@ from casd.config import ConfigError, loadConfig
 from casd.service.context import CASContext
 from casd.service.discovery import discoverProtocols
 from casd.service.node import NodeService
+from casd.service.leanpoll import leanDispatch
 from casd.session.protolog import SessionLog
 from casd.service.proxyproto import listenerEndpoint
 from casd.routing.router import defaultRouter
@@ -158,6 +159,8 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
     """
     if reactor is None:
         from twisted.internet import reactor
+
+        leanDispatch(reactor)  # the process's own reactor: casd.service.leanpoll
     if adopted is None and options.get("workers", 1) > 1:
         from casd.service.workers import makeParentService
 

@@ -463,6 +463,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         self._raw = 0
         self._sasl = self._saslToken = None
         self.transport.startTLS(self.context.serverTLS.optionsFor(self.descriptor))
+        writeThrough(self.transport)  # the new TLS layer's writes: whole, at once
         self.client = self.client.withTLS()
 
     # -- login and relay --------------------------------------------------------------------
@@ -500,8 +501,11 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         @return: a L{Deferred} firing with the logged-in L{casd.session.dialogue.BackendDialogue}, or
             failing with a L{casd.failures.CASFailure} for the protocol to render.
         """
-        # Plain callbacks rather than inlineCallbacks: this runs for every login.
-        d = self.context.authenticator.login(credentials, self.client)
+        authenticator = self.context.authenticator
+        user = authenticator.loginNow(credentials, self.client)  # a cached success: at once
+        if user is not None:
+            return self._authenticated(user, credentials)
+        d = authenticator.login(credentials, self.client)  # plain callbacks, no inlineCallbacks
         d.addCallback(self._authenticated, credentials)
         return d
 

@@ -108,6 +108,39 @@ class DovecotProxyTests(DovecotFront, TestCase):
         self.assertIn(b"OK", done)
 
     @defer.inlineCallbacks
+    def test_idleAfterBulkOverTLS(self):
+        """
+        TLS on both sides, 256 KiB reads below both TLS layers and whole-chunk TLS writes: a
+        1 MiB message comes through byte for byte, and IDLE afterwards still sees a delivery at
+        once (the stall once blamed on large reads under TLS must not appear).
+        """
+        self.startCAS(backendTLS="implicit")
+
+        def session():
+            c = self.imapClient("implicit")
+            c.login("alice", "alice-pw")
+            c.select("INBOX")
+            typ, found = c.search(None, "SUBJECT", "big")
+            typ, data = c.fetch(found[0].split()[0], "(BODY.PEEK[])")
+            big = data[0][1]
+            tag = c._new_tag()
+            c.send(tag + b" IDLE\r\n")
+            first = c.readline()
+            assert first.startswith(b"+"), first
+            self.dovecot.deliver("alice", message("after-bulk"))
+            c.sock.settimeout(10)
+            seen = c.readline()
+            c.send(b"DONE\r\n")
+            while not c.readline().startswith(tag):
+                pass
+            c.logout()
+            return big, seen
+
+        big, seen = yield threads.deferToThread(session)
+        self.assertEqual(big, message("big", BIG))
+        self.assertRegex(seen, rb"^\* \d+ EXISTS")
+
+    @defer.inlineCallbacks
     def test_clientAddressAndSessionReachDovecot(self):
         self.startCAS()
 

@@ -1,0 +1,139 @@
+"""
+Python function calls per proxied login, counted with cProfile: deterministic where wall-clock
+and CPU figures are not (a machine shared with other work).
+
+    PYTHONPATH=$PWD .venv/bin/python -m bench.callcount [--sessions 400] [--tls] [--proto pop3]
+
+Starts a small Dovecot and casd (as the benchmark does, under C{twistd -n cas}, but inside this
+module's C{wrap} mode, which turns cProfile on at C{SIGUSR1} and off, writing the statistics, at
+C{SIGUSR2}), warms casd's credential cache (every user logs in once), then counts the calls of
+C{--sessions} logins, one session at a time.  Prints the calls per login and the functions called
+most per login.  Only casd's process is profiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import signal
+import sys
+import time
+
+from bench.servers import HERE, ROOT
+
+#: Written by the profiled casd at SIGUSR2.
+STATS_ENV = "CASD_CALLCOUNT_STATS"
+
+
+def wrap(argv: list[str]) -> None:
+    """
+    Run C{twistd} with C{argv}, profiling between SIGUSR1 and SIGUSR2 (the reactor's thread).
+    """
+    profile = cProfile.Profile()
+
+    def start(*_):
+        profile.enable()
+
+    def stop(*_):
+        profile.disable()
+        profile.dump_stats(os.environ[STATS_ENV])
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", *argv]
+    run()
+
+
+def _wrappedCASD(base):
+    class ProfiledCASD(base):
+        def command(self):
+            args = super().command()
+            # [python, twistd, ...] -> [python, -m, bench.callcount, wrap, ...]
+            return [args[0], "-m", "bench.callcount", "wrap", *args[2:]]
+
+        def environment(self):
+            return dict(super().environment(), **{STATS_ENV: os.path.join(self.work, "calls.prof")})
+
+    return ProfiledCASD
+
+
+def _login(port, proto, tls, users, sessions, sequential=True):
+    from bench.__main__ import _collect, _spawnLoad
+
+    spec = dict(
+        mode="login", proto=proto, host="127.0.0.1", port=port, tls=tls, concurrency=1,
+        duration=300.0, maxSessions=sessions, users=users, sequential=sequential,
+    )
+    (result,) = _collect([_spawnLoad(spec)], 360)
+    if result["errors"]:
+        raise RuntimeError(f"logins failed: {result['errors']}")
+    return result["sessions"]
+
+
+def measure(args) -> int:
+    from bench.servers import CASD, password, startDovecot, userName, writeCertificate, writeUsers
+
+    work = os.path.join(HERE, "scratch", "callcount")
+    os.makedirs(work, exist_ok=True)
+    users = [[userName(i), password(i)] for i in range(args.users)]
+    started = []
+    try:
+        dovecot = startDovecot(work, args.users, 0, 0, args.proto == "pop3")
+        started.append(dovecot)
+        cert, key, _ = writeCertificate(work)
+        casdUsers, _ = writeUsers(work, args.users, "SSHA256")
+        casd = _wrappedCASD(CASD)(
+            os.path.join(work, "casd"), cert, key, casdUsers, dovecot.imapPort,
+            dovecot.pop3Port if args.proto == "pop3" else None,
+        )
+        casd.start()
+        started.append(casd)
+        port = casd.ports[args.proto + ("s" if args.tls else "")]
+        time.sleep(1.0)
+        _login(dovecot.imapPort, "imap", False, users, len(users))  # Dovecot's indexes
+        _login(port, args.proto, args.tls, users, len(users))  # casd's credential cache
+        stats = os.path.join(casd.work, "calls.prof")
+        if os.path.exists(stats):
+            os.unlink(stats)
+        os.kill(casd.process.pid, signal.SIGUSR1)
+        done = _login(port, args.proto, args.tls, users, args.sessions, sequential=False)
+        time.sleep(0.5)  # the last session's close
+        os.kill(casd.process.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(stats) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        result = pstats.Stats(stats)
+        total = result.total_calls
+        print(json.dumps({"sessions": done, "calls": total, "callsPerLogin": round(total / done, 1)}))
+        rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[: args.top]
+        for (path, line, name), (cc, nc, tt, ct, _) in rows:
+            where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
+            print(f"{nc / done:8.2f}  {where}:{line}({name})")
+        return 0
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["wrap"]:
+        wrap(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=400)
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--proto", default="imap", choices=("imap", "pop3"))
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--top", type=int, default=40)
+    return measure(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
