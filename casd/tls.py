@@ -30,7 +30,11 @@ from service_identity.pyopenssl import extract_patterns
 from zope.interface import implementer
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -148,10 +152,34 @@ def alpnProtocolsOf(descriptor) -> tuple[bytes, ...]:
     return tuple(name.encode("ascii") for name in getattr(descriptor, "alpnProtocols", ()))
 
 
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class _Reloadable:
+    """
+    The options a listener keeps for its life: each new connection (implicit TLS or STARTTLS)
+    asks for the context of the options in force now, so a reload (L{ServerTLS.reload}) reaches
+    new connections while the established ones keep theirs.
+
+    @ivar current: the L{_ServerOptions} in force.
+    """
+
+    def __init__(self, current) -> None:
+        self.current = current
+
+    def getContext(self) -> SSL.Context:
+        return self.current.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return SSL.Connection(self.current.getContext(), None)
+
+    def __getattr__(self, name):
+        return getattr(self.current, name)
+
+
 class ServerTLS:
     """
     The certificates casd presents to clients, with SNI: a client asking for one of a
     C{[[tls.sni]]} entry's names gets that entry's certificate, any other the default.
+    L{reload} replaces them (and the ticket keys) for new connections.
 
     @ivar options: the options of a listener whose protocol is not known (no ALPN policy, session
         id context C{casd}); listeners use L{optionsFor}.
@@ -172,7 +200,29 @@ class ServerTLS:
         except (ValueError, SSL.Error, OSError) as e:
             raise ConfigError(path, "tls", f"expected a usable certificate and key ({e})") from None
         self.keyring = self._keyring(config.ticketKeys, path)
-        self.options = self._build((), b"casd")
+        self.options = _Reloadable(self._build((), b"casd"))
+
+    def reload(self, config: TLSConfig) -> bool:
+        """
+        Read the certificates, keys and ticket keys of C{config} again and use them for every new
+        connection; established sessions keep theirs.  Nothing changes when a file is unusable.
+
+        @return: whether the TLS files in force changed (C{False} when TLS was or is off: turning
+            it on or off needs a restart, as the listeners' STARTTLS offer depends on it).
+        @raise ConfigError: when a certificate, key or ticket-key file is unusable.
+        """
+        if not (config.enabled and self.options is not None):
+            return False
+        fresh = ServerTLS(config, self.path)
+        built = {
+            key: fresh._build(key[1], b"casd-" + key[0].encode("utf-8")) for key in self._byProtocol
+        }
+        # Everything built: only now does anything change.
+        self.config, self.keyring, self._chains = fresh.config, fresh.keyring, fresh._chains
+        self.options.current = fresh.options.current
+        for key, options in built.items():
+            self._byProtocol[key].current = options
+        return True
 
     @staticmethod
     def _keyring(keyFile: str, path: str):
@@ -250,7 +300,7 @@ class ServerTLS:
         key = (descriptor.name, alpnProtocolsOf(descriptor))
         options = self._byProtocol.get(key)
         if options is None:
-            options = self._byProtocol[key] = self._build(key[1], b"casd-" + key[0].encode("utf-8"))
+            options = self._byProtocol[key] = _Reloadable(self._build(key[1], b"casd-" + key[0].encode("utf-8")))
         return options
 
     @property

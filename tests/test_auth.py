@@ -688,6 +688,15 @@ class LoginNowTests(_Logged, SynchronousTestCase):
         self.assertIsNone(self.now("alice", "wrong"))  # a cached refusal: login() says it
         self.assertEqual(self.cache.stats()["hits"], 0)
 
+    def test_notWithTheArraysPenalty(self):
+        """
+        With the array's shared penalty a success is asked of the shared state (a lockout on
+        another node still refuses it): no synchronous lane.
+        """
+        self.login("alice", "alice-pw")
+        self.penalty.asynchronous = True
+        self.assertIsNone(self.now("alice", "alice-pw"))
+
     def test_foreignAuthorisationIdentity(self):
         self.login("alice", "alice-pw")
         credentials = Credentials("alice", b"alice-pw", authzid="bob")

@@ -120,13 +120,15 @@ class Authenticator:
         The login answered synchronously, when the credential cache holds a success for these
         very credentials: no L{Deferred}, no timer, no thread, not even the portal; the same
         rules as L{login} (lockouts, empty passwords, foreign authorisation identities and
-        disabled accounts are left to it).  A login storm's logins mostly take this lane.
+        disabled accounts are left to it).  A login storm's logins mostly take this lane; not with
+        the array's shared penalty, whose verdict on a success is asked of Redis.
 
         @return: the L{IMailboxUser}, or C{None} when the login must go through L{login}.
         """
         checker = self._cached
         if (
             checker is None
+            or getattr(self.penalty, "asynchronous", False)
             or not credentials.password
             or (credentials.authzid and credentials.authzid != credentials.username)
             or not IUsernamePassword.providedBy(credentials)
@@ -140,6 +142,8 @@ class Authenticator:
         if avatar.disabled:
             return None  # refused, logged and penalised by login()
         self.penalty.succeeded(credentials.username, client)
+        if self.metrics is not None:
+            self.metrics.loginFinished(self.clock.seconds(), None)
         return avatar
 
     def _succeeded(self, avatar, credentials, client):

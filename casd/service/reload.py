@@ -2,7 +2,9 @@
 """
 The operator's handle on a running node: C{SIGHUP} re-reads the configuration file and applies
 its routing and backend sections (C{[routing]} and the map file, C{[backend]}, C{[backends]},
-C{[groups]}, C{[sites]}, C{[health]}).  That is how a member is drained (C{drain = true} on its
+C{[groups]}, C{[sites]}, C{[health]}), the TLS certificates, keys and ticket keys (for new
+connections), and whatever the service tree hooks in (the node's drain, the users file, the log
+file).  That is how a member is drained (C{drain = true} on its
 C{[backends.NAME]}) or put back, a group changed or a site re-pointed, without a restart and
 without dropping a session.
 
@@ -26,7 +28,7 @@ from casd.config import ConfigError, loadConfig
 RELOADED = ("routing", "backend", "backends", "groups", "sites", "health")
 
 #: Whether a reload re-reads the TLS certificates and keys (the [tls] section).
-RELOADS_TLS = False
+RELOADS_TLS = True
 
 
 class ReloadService(service.Service):
@@ -81,8 +83,9 @@ class ReloadService(service.Service):
 
     def reload(self) -> bool:
         """
-        Re-read the configuration file and apply its routing and backend sections.  A file that
-        does not validate is logged and changes nothing.
+        Re-read the configuration file and apply it (see the module's docstring).  A file that
+        does not validate, or names a certificate or key that does not load, is logged in one
+        line and changes nothing.
 
         @return: whether the new configuration is in force.
         """
@@ -91,9 +94,14 @@ class ReloadService(service.Service):
         path = self.config.path
         try:
             config = loadConfig(path, self.context.protocols.values())
+            # First what can still fail: the certificates and keys (SNI included) and the ticket
+            # keys, read and built for new connections; established sessions keep theirs.
+            tlsReloaded = self.context.serverTLS.reload(config.tls)
         except ConfigError as e:
             self.log.error("configuration not reloaded, the running one stays: {reason}", reason=str(e))
             return False
+        if tlsReloaded:
+            self.log.info("TLS certificates and keys re-read for new connections")
         self.context.router.reconfigure(config)
         self.context.connector.reconfigure(config)
         if self.checker is not None:

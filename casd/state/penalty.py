@@ -32,6 +32,10 @@ class SharedLoginPenalty(LoginPenalty):
     @ivar keys: the L{KeyMaker} that makes names unreadable to the store.
     """
 
+    #: A success must still be asked of the array (a lockout elsewhere refuses it), so the
+    #: authenticator's synchronous lane (L{Authenticator.loginNow}) is closed.
+    asynchronous = True
+
     def __init__(self, clock, state, keys: KeyMaker, **kwargs) -> None:
         super().__init__(clock, **kwargs)
         self.state = state

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_forms_clientcert -*-
 """
 Client-certificate logon (optional per vdir): the certificate's e-mail address or UPN maps to a
 user through the directory.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_cookies -*-
 """
 The forms-login session cookie: sealed with AES-GCM under a key list the array shares.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_forms,tests.test_http_forms_site -*-
 """
 Forms login for browsers (C{/owa} style): casd's own logon page, the session cookie of
 L{protocols.http.cookies}, logoff, and the answers to a request without a valid session.

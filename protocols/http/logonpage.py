@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_http_forms,tests.test_http_forms_site -*-
 """
 casd's logon page: plain HTML that works without JavaScript, with labelled fields and the
 public/private computer choice.  Operators restyle it by replacing L{TEMPLATE} (the placeholders

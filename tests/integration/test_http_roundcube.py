@@ -77,6 +77,14 @@ class RoundcubeTests(TestCase):
         self.clock = OffsetClock(reactor)
         forms.cookies.clock = self.clock
         self.revocations = forms.cookies.revocations
+        self.revoked = []
+        add = self.revocations.add
+
+        def recordingAdd(tokenId, expiresAt):
+            self.revoked.append(tokenId)
+            return add(tokenId, expiresAt)
+
+        self.revocations.add = recordingAdd
 
     def inboxCount(self):
         """
@@ -266,5 +274,7 @@ class RoundcubeTests(TestCase):
 
         cookies, url = yield self.inBrowser(scenario)
         self.assertNotIn("__Host-casd", cookies)
-        self.assertEqual(len(self.revocations), 1)
+        # The session's token is revoked (in the node's shared state).
+        self.assertEqual(len(self.revoked), 1)
+        self.assertTrue((yield self.revocations.contains(self.revoked[0])))
         self.assertIn("/owa/_casd/logon", url)

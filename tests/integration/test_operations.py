@@ -56,13 +56,16 @@ class Node:
     A C{twistd -n cas} process with the in-process demo backend, an admin listener and a log file.
     """
 
-    def __init__(self, directory, adminUsers=(), drain=False, grace=30):
+    def __init__(self, directory, adminUsers=(), drain=False, grace=30, tls=None):
         self.directory = directory
         self.imap, self.admin = freePort(), freePort()
         self.backend, self.pop = freePort(), freePort()
         self.logfile = os.path.join(directory, "casd.json")
         self.config = os.path.join(directory, "casd.toml")
         self.adminUsers, self.grace = adminUsers, grace
+        #: C{(certificate, key)} paths, or C{None}: IMAP on an implicit-TLS listener too.
+        self.tls = tls
+        self.imaps = freePort() if tls else None
         self.write(drain)
 
     def write(self, drain):
@@ -93,6 +96,7 @@ imap_port = {self.backend}
 pop3_port = {self.pop}
 [[imap.listen]]
 endpoint = "tcp:{self.imap}:interface=127.0.0.1"
+{self.tlsText()}
 [admin]
 listen = "tcp:{self.admin}:interface=127.0.0.1"
 users = [{users}]
@@ -102,6 +106,15 @@ file = "{self.logfile}"
 format = "json"
 """
             )
+
+    def tlsText(self):
+        if not self.tls:
+            return ""
+        cert, key = self.tls
+        return (
+            f'[[imap.listen]]\nendpoint = "tcp:{self.imaps}:interface=127.0.0.1"\ntls = "implicit"\n'
+            f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n'
+        )
 
     def start(self):
         out = open(os.path.join(self.directory, "twistd.out"), "wb")
@@ -378,3 +391,68 @@ class ConnectivityTests(TestCase):
         proc = yield threads.deferToThread(self.check, "nobody-here", "x")
         self.assertEqual(proc.returncode, 1)
         self.assertRegex(proc.stdout.decode(), r"(?m)^directory +nobody-here: not found .*FAILED")
+
+
+class TLSReloadTests(TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_certificatesReloadedOnSIGHUP(self):
+        """
+        C{SIGHUP} re-reads the certificate and key: new connections get the new certificate, an
+        established session goes on; a reload naming an unusable key is refused in one line and
+        the old certificate stays in force.
+        """
+        import shutil
+        import ssl
+
+        from tests.support.certs import CertificateAuthority
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        first = CertificateAuthority.create(os.path.join(directory, "ca1"), name="first CA")
+        second = CertificateAuthority.create(os.path.join(directory, "ca2"), name="second CA")
+        live = (os.path.join(directory, "live-cert.pem"), os.path.join(directory, "live-key.pem"))
+
+        def install(ca):
+            cert, key = ca.issue(["127.0.0.1"], "front")
+            shutil.copy(cert, live[0])
+            shutil.copy(key, live[1])
+
+        install(first)
+        node = Node(directory, tls=live).start()
+        self.addCleanup(stopPid, node.proc.pid)
+        waitForPort("127.0.0.1", node.imaps, 30.0, lambda: node.proc.poll() is None)
+
+        def connect(ca):
+            context = ssl.create_default_context(cafile=ca.caPath)
+            client = imaplib.IMAP4_SSL("127.0.0.1", node.imaps, ssl_context=context, timeout=10)
+            client.login("demo", "demo")
+            return client
+
+        held = yield threads.deferToThread(connect, first)
+        install(second)
+        node.signal(signal.SIGHUP)
+
+        def verifies(ca):
+            try:
+                connect(ca).logout()
+                return True
+            except ssl.SSLError:
+                return False
+
+        switched = yield threads.deferToThread(poll, lambda: verifies(second))
+        self.assertTrue(switched)
+        self.assertFalse((yield threads.deferToThread(verifies, first)))
+        typ, _ = yield threads.deferToThread(held.select, "INBOX")
+        self.assertEqual(typ, "OK")
+        yield threads.deferToThread(held.logout)
+        with open(live[1], "w") as f:
+            f.write("not a key\n")
+        node.signal(signal.SIGHUP)
+        refused = yield threads.deferToThread(
+            poll, lambda: b"configuration not reloaded, the running one stays" in node.output()
+        )
+        self.assertTrue(refused)
+        self.assertTrue((yield threads.deferToThread(verifies, second)))
+        self.assertNotIn(b"Traceback", node.output())
