@@ -22,7 +22,7 @@ contexts (L{ServerTLS.optionsFor}):
 
 from __future__ import annotations
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
@@ -197,7 +197,7 @@ class ServerTLS:
         try:
             for entry in (config, *config.sni):
                 self._chains[entry.certificate, entry.key] = _loadChain(entry.certificate, entry.key)
-        except (ValueError, SSL.Error, OSError) as e:
+        except (ValueError, SSL.Error, crypto.Error, OSError) as e:
             raise ConfigError(path, "tls", f"expected a usable certificate and key ({e})") from None
         self.keyring = self._keyring(config.ticketKeys, path)
         self.options = _Reloadable(self._build((), b"casd"))
@@ -268,7 +268,7 @@ class ServerTLS:
                 self.config, alpn, sessionContext, contextForServerName=contextFor if contexts else None
             )
             options.getContext()
-        except (ValueError, SSL.Error, OSError) as e:
+        except (ValueError, SSL.Error, crypto.Error, OSError) as e:
             raise ConfigError(self.path, "tls", f"expected a usable certificate and key ({e})") from None
         return options
 

@@ -303,6 +303,64 @@ class _Greeter(Protocol):
         self.transport.write(b"hello\r\n")
 
 
+class ReloadTests(SynchronousTestCase):
+    """
+    L{ServerTLS.reload}: new certificates for new connections, through the options a listener
+    keeps; an unusable file changes nothing.
+    """
+
+    def setUp(self):
+        import shutil
+
+        from casd.config import TLSConfig
+
+        directory = os.path.abspath(self.mktemp())
+        self.cas = [CertificateAuthority.create(os.path.join(directory, f"ca{i}"), name=f"CA {i}") for i in (1, 2)]
+        self.cert, self.key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+
+        def install(ca):
+            cert, key = ca.issue(["127.0.0.1"], "front")
+            shutil.copy(cert, self.cert)
+            shutil.copy(key, self.key)
+
+        self.install = install
+        install(self.cas[0])
+        self.config = TLSConfig(certificate=self.cert, key=self.key, minimumVersion="TLSv1.2", sni=())
+
+    def issuer(self, options):
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(options.getContext(), None)
+        return connection.get_certificate().get_issuer().CN
+
+    def test_reloadReachesKeptOptions(self):
+        class IMAP:
+            name = "imap"
+            alpnProtocols = ("imap",)
+
+        tls = ServerTLS(self.config)
+        kept = tls.optionsFor(IMAP())
+        before = self.issuer(kept)
+        self.install(self.cas[1])
+        self.assertTrue(tls.reload(self.config))
+        self.assertNotEqual(self.issuer(kept), before)
+        self.assertIs(tls.optionsFor(IMAP()), kept)
+
+    def test_unusableKeyChangesNothing(self):
+        """
+        A key file that does not parse is a one-line L{ConfigError}, at start and on reload.
+        """
+        from casd.config import ConfigError
+
+        tls = ServerTLS(self.config)
+        before = self.issuer(tls.options)
+        with open(self.key, "w") as f:
+            f.write("not a key\n")
+        self.assertRaises(ConfigError, tls.reload, self.config)
+        self.assertRaises(ConfigError, ServerTLS, self.config)
+        self.assertEqual(self.issuer(tls.options), before)
+
+
 class ContextTests(SynchronousTestCase):
     def test_selector(self):
         select = alpnSelector((b"imap",))
