@@ -64,11 +64,15 @@ def adoptingReactors(reactor, fds: dict) -> dict:
 class _ParentWatch:
     """
     Reads the worker's standard input, a pipe from the parent: end of file means the parent
-    stopped (or died), so the worker stops.
+    stopped (or died), so the worker stops.  A parent that stopped asks for a graceful stop (the
+    sessions finish, up to C{[server] shutdown_grace}); a parent that died (the worker was
+    re-parented) leaves its listening sockets to a new casd, so the orphan stops at once.
     """
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor, onOrphaned=lambda: None) -> None:
         self.reactor = reactor
+        self.parent = os.getppid()
+        self.onOrphaned = onOrphaned
 
     def fileno(self) -> int:
         return 0
@@ -88,6 +92,8 @@ class _ParentWatch:
         return None
 
     def connectionLost(self, reason) -> None:
+        if os.getppid() != self.parent:
+            self.onOrphaned()
         if self.reactor.running:
             self.reactor.stop()
 
@@ -117,7 +123,11 @@ def workerMain(argv=None) -> int:
     options.parseOptions(["--config", args.config])
     top = makeService(options, reactor, adopted=adoptingReactors(reactor, fds))
     os.set_blocking(0, False)
-    reactor.addReader(_ParentWatch(reactor))
+    def orphaned():
+        node = top.getServiceNamed("node")
+        node.grace = 0
+
+    reactor.addReader(_ParentWatch(reactor, orphaned))
 
     def started():
         # Ctrl-C in a terminal reaches the whole process group: the parent decides.

@@ -153,6 +153,7 @@ class WorkerPool(service.Service):
         self.reactor = reactor
         self.configPath = os.path.abspath(configPath)
         self.config = config
+        self.stopGrace = STOP_GRACE + config.server.shutdown_grace
         self.count = count
         self.executable = executable
         self.ports: dict = {}
@@ -232,8 +233,9 @@ class WorkerPool(service.Service):
         for worker in workers:
             worker.transport.closeStdin()
         timers = [
-            self.reactor.callLater(STOP_GRACE, self.signalWorkers, "TERM"),
-            self.reactor.callLater(STOP_GRACE + KILL_GRACE, self.signalWorkers, "KILL"),
+            # The workers let their sessions finish for [server] shutdown_grace seconds first.
+            self.reactor.callLater(self.stopGrace, self.signalWorkers, "TERM"),
+            self.reactor.callLater(self.stopGrace + KILL_GRACE, self.signalWorkers, "KILL"),
         ]
 
         def stopped(_):
