@@ -7,9 +7,11 @@ they ask), who may send (blocked senders, an address a user owns), which recipie
 (per-user limits as a policy).
 
 State lives in this node's memory, per listener set of one protocol: limits are per node, except
-C{connection_rate_limit} with C{[state] backend = "redis"}, which also counts in the array's shared
-state: a node that learns the address is over the limit array-wide refuses it for the rest of the
-window (each node may let one connection more through before it learns).
+C{connection_rate_limit} and C{max_connections_per_address} with C{[state] backend = "redis"},
+which also count in the array's shared state: a node that learns the address is over a limit
+array-wide refuses it (for the rest of the rate window; for the connection limit, until one of
+its own connections from that address ends, or L{FULL_RECHECK} seconds).  Each node may let one
+connection more through before it learns.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ MAX_TRACKED = 10000
 #: The window of C{connection_rate_limit} and C{user_messages_per_hour}, in seconds.
 RATE_WINDOW = 60.0
 HOUR = 3600.0
+#: How long a node believes the array's word that an address has all its connections open.
+FULL_RECHECK = 10.0
 
 
 class Verdict:
@@ -73,6 +77,8 @@ class ConnectionFilter:
         self.clock = clock
         self.shared = shared if shared is not None and shared.isShared else None
         self._overRate: dict[str, float] = {}
+        self._full: dict[str, float] = {}
+        self._slots: dict[str, list] = {}
         self.resolverFactory = resolverFactory
         self.resolver = None
         self.open: dict[str, int] = {}
@@ -91,9 +97,9 @@ class ConnectionFilter:
             return Verdict.ALLOW
         if s.deny_networks and isTrusted(host, s.deny_networks):
             return Verdict.DENY
-        if (
-            s.max_connections_per_address
-            and self.open.get(host, 0) >= s.max_connections_per_address
+        if s.max_connections_per_address and (
+            self.open.get(host, 0) >= s.max_connections_per_address
+            or (self.shared is not None and self._arrayFull(host))
         ):
             return Verdict.THROTTLE
         if s.connection_rate_limit:
@@ -104,14 +110,49 @@ class ConnectionFilter:
             if self.shared is not None:
                 self._countArrayWide(host, s.connection_rate_limit)
         self.open[host] = self.open.get(host, 0) + 1
+        if s.max_connections_per_address and self.shared is not None:
+            self._takeArraySlot(host, s.max_connections_per_address)
         return Verdict.ACCEPT
 
     def closed(self, host: str) -> None:
+        slots = self._slots.get(host)
+        if slots:
+            slot = slots.pop()
+            if not slots:
+                del self._slots[host]
+            self._full.pop(host, None)
+            slot.addCallback(lambda token: token and self.shared.sessions.release(token))
         left = self.open.get(host, 0) - 1
         if left > 0:
             self.open[host] = left
         else:
             self.open.pop(host, None)
+
+    def _arrayFull(self, host: str) -> bool:
+        until = self._full.get(host)
+        if until is None:
+            return False
+        if until <= self.clock.seconds():
+            del self._full[host]
+            return False
+        return True
+
+    def _takeArraySlot(self, host: str, limit: int) -> None:
+        """
+        Take one of the array's C{limit} connection slots for C{host} (given back by L{closed});
+        when none is free, this node refuses C{host} until one of its connections from it ends.
+        """
+        d = self.shared.sessions.acquire("smtp-connections", host, limit)
+
+        def answered(token):
+            if token is None:
+                if len(self._full) > MAX_TRACKED:
+                    self._full.clear()
+                self._full[host] = self.clock.seconds() + FULL_RECHECK
+            return token
+
+        d.addCallbacks(answered, lambda f: None)
+        self._slots.setdefault(host, []).append(d)
 
     def _arrayOverRate(self, host: str) -> bool:
         until = self._overRate.get(host)

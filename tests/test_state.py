@@ -480,17 +480,20 @@ class SMTPRateTests(SynchronousTestCase):
     C{connection_rate_limit} counted array-wide through the shared state (protocols/smtpfilters).
     """
 
-    def filters(self, shared=True):
+    def filters(self, shared=True, connections=0, rate=3):
         from types import SimpleNamespace
 
         from protocols.smtpfilters import ConnectionFilter
 
         clock = Clock()
+        from casd.state.sessions import SessionLimiter
+
         store = LocalState(clock)
-        state = SimpleNamespace(shared=store, keys=KeyMaker(SECRET), isShared=shared)
+        keys = KeyMaker(SECRET)
+        state = SimpleNamespace(shared=store, keys=keys, isShared=shared, sessions=SessionLimiter(store, keys))
         section = SimpleNamespace(
-            allow_networks=(), deny_networks=(), max_connections_per_address=0,
-            connection_rate_limit=3,
+            allow_networks=(), deny_networks=(), max_connections_per_address=connections,
+            connection_rate_limit=rate,
         )
         return clock, [ConnectionFilter(section, clock, shared=state) for _ in range(2)]
 
@@ -506,6 +509,26 @@ class SMTPRateTests(SynchronousTestCase):
         self.assertEqual(b.admit("203.0.113.5"), Verdict.ACCEPT)
         clock.advance(61)
         self.assertEqual(b.admit(host), Verdict.ACCEPT)
+
+    def test_connectionsAcrossNodes(self):
+        """
+        C{max_connections_per_address} counted array-wide: with 2 allowed, the third open
+        connection (on another node) is let in once, then that node refuses the address until
+        one of its own connections from it ends.
+        """
+        from protocols.smtpfilters import Verdict
+
+        clock, (a, b) = self.filters(connections=2, rate=0)
+        host = "203.0.113.4"
+        self.assertEqual([a.admit(host), a.admit(host)], [Verdict.ACCEPT] * 2)
+        self.assertEqual(b.admit(host), Verdict.ACCEPT)  # B learns: the array is full
+        self.assertEqual(b.admit(host), Verdict.THROTTLE)
+        self.assertEqual(b.admit("203.0.113.5"), Verdict.ACCEPT)
+        b.closed(host)
+        a.closed(host)  # A's slot is given back to the array: A holds 1 of 2
+        self.assertEqual(b.admit(host), Verdict.ACCEPT)  # 2 of 2
+        self.assertEqual(b.admit(host), Verdict.ACCEPT)  # refused by the array: B learns
+        self.assertEqual(b.admit(host), Verdict.THROTTLE)
 
     def test_localBackendCountsPerNode(self):
         from protocols.smtpfilters import Verdict

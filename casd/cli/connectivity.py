@@ -16,8 +16,9 @@ C{casd test-connectivity USER}: the whole path a user's client takes, step by st
 
 The directory look-up, the route and a probe of each member are made as a running node makes
 them; then the command logs in through one of this node's own listeners with a real client
-(imaplib, poplib, smtplib), so the user's credentials travel the same path as a client's, and
-runs a harmless command.  Nothing is changed and no mail is sent.  The exit status is non-zero
+(imaplib, poplib, smtplib, http.client), so the user's credentials travel the same path as a
+client's, and runs a harmless command (for HTTP, a GET of a vdir that takes Basic
+authentication).  Nothing is changed and no mail is sent.  The exit status is non-zero
 when a step fails; the password is never printed.
 """
 
@@ -36,7 +37,7 @@ import time
 from twisted.internet import defer
 
 #: The client each protocol's test uses, and the step it ends with.
-PROTOCOLS = ("imap", "pop3", "smtp", "submission")
+PROTOCOLS = ("imap", "pop3", "smtp", "submission", "http")
 
 
 class StepFailed(Exception):
@@ -90,6 +91,7 @@ def addConnectivityCommand(sub) -> None:
     p.add_argument("--password-file", help="a file whose first line is the password (else it is asked for)")
     p.add_argument("--host", help="connect to this name instead of the listener's address (its certificate is then verified)")
     p.add_argument("--listener", help="the name of the listener to use (default: the first that fits)")
+    p.add_argument("--path", help="HTTP: the path to GET (default: the first vdir taking Basic authentication)")
     p.set_defaults(func=connectivityCommand)
 
 
@@ -116,6 +118,7 @@ def connectivityCommand(args) -> int:
     try:
         listener = _pickListener(section, args.listener)
         args.starttls = listener.tls == "starttls" and config.tls.enabled
+        args.section = section
         CLIENTS[args.protocol](report, listener, args, password)
     except StepFailed:
         return 1
@@ -308,4 +311,44 @@ def _smtp(report, listener, args, password):
     report.run("logout", "", lambda: "QUIT: %d" % client.quit()[0])
 
 
-CLIENTS = {"imap": _imap, "pop3": _pop3, "smtp": _smtp, "submission": _smtp}
+def _http(report, listener, args, password):
+    import base64
+    import http.client
+
+    host, port, implicit = _address(listener, args.host)
+    path = args.path or _basicVdir(args.section)
+    if path is None:
+        raise StepFailed("no [[http.vdir]] takes Basic authentication: give --path")
+    where = f"{host}:{port} (listener {listener.name})"
+    if implicit:
+        context = _tlsContext(bool(args.host))
+        client = http.client.HTTPSConnection(host, port, timeout=30, context=context)
+    else:
+        client = http.client.HTTPConnection(host, port, timeout=30)
+    report.run("connect", where, client.connect)
+    if implicit:
+        report.step("tls", _tlsDetail(client.sock, "implicit TLS"), True, 0.0)
+    token = base64.b64encode(f"{args.user}:{password}".encode("utf-8")).decode("ascii")
+
+    def get():
+        client.request("GET", path, headers={"Authorization": f"Basic {token}", "Host": args.host or host})
+        response = client.getresponse()
+        response.read()
+        if response.status == 401:
+            raise StepFailed(f"GET {path}: 401, the credentials were refused")
+        if response.status >= 500:
+            raise StepFailed(f"GET {path}: {response.status} {response.reason}")
+        return f"GET {path}: {response.status} {response.reason}"
+
+    report.run("login", f"GET {path} as {args.user}", get)
+    report.run("logout", "", lambda: (client.close(), "")[1])
+
+
+def _basicVdir(section):
+    for vdir in getattr(section, "vdir", ()):
+        if "basic" in vdir.auth:
+            return vdir.path.rstrip("/") + "/"
+    return None
+
+
+CLIENTS = {"imap": _imap, "pop3": _pop3, "smtp": _smtp, "submission": _smtp, "http": _http}

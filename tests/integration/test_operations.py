@@ -56,7 +56,7 @@ class Node:
     A C{twistd -n cas} process with the in-process demo backend, an admin listener and a log file.
     """
 
-    def __init__(self, directory, adminUsers=(), drain=False, grace=30, tls=None):
+    def __init__(self, directory, adminUsers=(), drain=False, grace=30, tls=None, http=False):
         self.directory = directory
         self.imap, self.admin = freePort(), freePort()
         self.backend, self.pop = freePort(), freePort()
@@ -66,6 +66,9 @@ class Node:
         #: C{(certificate, key)} paths, or C{None}: IMAP on an implicit-TLS listener too.
         self.tls = tls
         self.imaps = freePort() if tls else None
+        #: HTTP through casd to the demo web backend (plain HTTP: C{plain_http = "serve"}).
+        self.http = freePort() if http else None
+        self.web = freePort()
         self.write(drain)
 
     def write(self, drain):
@@ -94,6 +97,8 @@ interval = 1.0
 enabled = true
 imap_port = {self.backend}
 pop3_port = {self.pop}
+http_port = {self.web}
+{self.httpText()}
 [[imap.listen]]
 endpoint = "tcp:{self.imap}:interface=127.0.0.1"
 {self.tlsText()}
@@ -106,6 +111,16 @@ file = "{self.logfile}"
 format = "json"
 """
             )
+
+    def httpText(self):
+        if not self.http:
+            return ""
+        return (
+            f'[backends.demo.http]\nport = {self.web}\ntls = "none"\n'
+            f'[http]\nenabled = true\nplain_http = "serve"\n'
+            f'[[http.listen]]\nendpoint = "tcp:{self.http}:interface=127.0.0.1"\ntls = "none"\n'
+            f'[[http.vdir]]\npath = "/EWS"\nauth = ["basic"]\nidentity = "header"\n'
+        )
 
     def tlsText(self):
         if not self.tls:
@@ -351,7 +366,7 @@ class ConnectivityTests(TestCase):
     def setUp(self):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        self.node = Node(directory).start()
+        self.node = Node(directory, http=True).start()
         self.addCleanup(stopPid, self.node.proc.pid)
         self.passwordFile = os.path.join(directory, "password")
 
@@ -391,6 +406,20 @@ class ConnectivityTests(TestCase):
         proc = yield threads.deferToThread(self.check, "nobody-here", "x")
         self.assertEqual(proc.returncode, 1)
         self.assertRegex(proc.stdout.decode(), r"(?m)^directory +nobody-here: not found .*FAILED")
+
+    @defer.inlineCallbacks
+    def test_http(self):
+        """
+        C{--protocol http}: a GET of the vdir taking Basic authentication, through casd to the
+        web backend; a wrong password fails the login step.
+        """
+        proc = yield threads.deferToThread(self.check, "demo", "demo", "--protocol", "http")
+        out = proc.stdout.decode()
+        self.assertEqual(proc.returncode, 0, out + proc.stderr.decode())
+        self.assertRegex(out, r"(?m)^login +GET /EWS/: 200 OK .* ok ")
+        proc = yield threads.deferToThread(self.check, "demo", "Hunter2-nope", "--protocol", "http")
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stdout.decode(), r"(?m)^login .*401.* FAILED ")
 
 
 class TLSReloadTests(TestCase):
