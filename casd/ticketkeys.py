@@ -23,6 +23,8 @@ by a new one.  Keys never reach a log.
 
 from __future__ import annotations
 
+from casd.keyfiles import keyLines
+
 import ctypes
 import os
 import struct
@@ -65,16 +67,8 @@ def readKeyFile(path: str) -> tuple[TicketKey, ...]:
     @return: the keys of the file at C{path}, the encrypting one first.
     @raise TicketKeyError: when the file cannot be read or a line is not a key.
     """
-    try:
-        with open(path, encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TicketKeyError(f"cannot read it ({getattr(e, 'strerror', None) or 'not ASCII text'})") from None
     keys = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in keyLines(path, TicketKeyError):
         try:
             raw = bytes.fromhex(line)
         except ValueError:

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from twisted.plugin import IPlugin
 
+from casd.keyfiles import keyLines
 from casd.config import ConfigError, Setting
 from casd.interfaces import ICASProtocol
 from casd.pool.health import HealthProbe
@@ -28,8 +29,7 @@ from protocols.http.vdir import VDIR_SETTINGS
 def _readKeys(path: str) -> tuple[bytes, ...]:
     if not path:
         return ()
-    with open(path, "rb") as f:
-        keys = tuple(bytes.fromhex(line.strip().decode("ascii")) for line in f if line.strip())
+    keys = tuple(bytes.fromhex(line) for _, line in keyLines(path, ValueError))
     if not keys or any(len(k) < 16 for k in keys):
         raise ValueError("expected lines of at least 32 hexadecimal digits")
     return keys

@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.internet import defer
 
+from casd.keyfiles import keyLines
 from casd.auth import UserRecord
 from casd.interfaces import IRevocationSet
 
@@ -94,16 +95,8 @@ def readKeyFile(path: str) -> list[bytes]:
 
     @raise CookieKeyError: when the file cannot be read or a line is not a key.
     """
-    try:
-        with open(path, encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CookieKeyError(f"{path}: cannot read the cookie key file ({type(e).__name__})") from None
     keys = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in keyLines(path, lambda why: CookieKeyError(f"{path}: {why}")):
         try:
             key = _b64decode(line)
         except ValueError:
