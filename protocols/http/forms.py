@@ -42,7 +42,7 @@ from casd.failures import (
     ProtocolViolation,
     Throttled,
 )
-from protocols.http import cookies as _cookies
+import protocols.http.cookies as _cookies
 from protocols.http.auth import IHTTPCredentialSource
 from protocols.http.local import LocalService
 from protocols.http.logonpage import renderLogonPage
