@@ -461,7 +461,7 @@ SITE_SETTINGS = (
 )
 
 HEALTH_SETTINGS = (
-    Setting("enabled", "bool", True, "Actively check every [backends.NAME] for each enabled protocol."),
+    Setting("enabled", "bool", True, "Actively check every [backends.NAME] for each enabled protocol it serves (its protocols)."),
     Setting("interval", "float", 5.0, "Seconds between two checks of one member.", minimum=0.01),
     Setting(
         "timeout",
@@ -554,6 +554,13 @@ BACKEND_SERVER_SETTINGS = (
         "Drain: no new sessions; existing ones go on (see C{[backend] drain_close_period}).",
     ),
     Setting("weight", "int", 1, "Share of a hashed group's users, relative to the others.", minimum=1),
+    Setting(
+        "protocols",
+        "strlist",
+        ("*",),
+        "Protocols this server serves, e.g. [\"imap\", \"pop3\", \"managesieve\"]: only these are"
+        " health-checked and routed to it; [\"*\"] (the default) means every protocol casd serves.",
+    ),
     Setting("health_check", "bool", True, "Check this server actively ([health])."),
     Setting("connect_timeout", "float", 0.0, "Overrides [backend] connect_timeout when not 0.", minimum=0),
     Setting("tls_timeout", "float", 0.0, "Overrides [backend] tls_timeout when not 0.", minimum=0),

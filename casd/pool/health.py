@@ -247,9 +247,10 @@ def probeMember(clock, endpoint, probe: HealthProbe | None, timeout: float) -> d
 
 class HealthChecker(service.Service):
     """
-    Checks every configured backend server, for each enabled protocol, every C{interval}
-    seconds with the protocol's L{HealthProbe} (from its L{casd.interfaces.ICASProtocol}
-    descriptor), and feeds the results to the connector's L{Member}s.
+    Checks every configured backend server, for each enabled protocol it serves (its
+    C{protocols}), every C{interval} seconds with the protocol's L{HealthProbe} (from its
+    L{casd.interfaces.ICASProtocol} descriptor), and feeds the results to the connector's
+    L{Member}s.
 
     Each member has its own timer, re-armed when its check ends, so a slow member never makes
     checks overlap; first checks are spread over the first interval so a large pool does not
@@ -284,7 +285,7 @@ class HealthChecker(service.Service):
                 continue
             for name, section in config.protocols.items():
                 descriptor = self.protocols.get(name)
-                if not section.enabled or descriptor is None:
+                if not section.enabled or descriptor is None or not server.servesProtocol(name):
                     continue
                 target = targetFor(server, descriptor)
                 planned[target.key] = (target, getattr(descriptor, "healthProbe", None))
