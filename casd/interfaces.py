@@ -15,7 +15,7 @@ class ICASProtocol(Interface):
     This interface is casd's public plugin API, together with what L{buildFactory} receives
     (L{casd.service.context.CASContext}, L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}),
     the bases a protocol builds on (L{casd.session.frontend.FrontendProtocol} and its factory,
-    L{casd.pool.connector.BackendDialogue}), L{casd.auth.sasl}, L{casd.failures} and the fakes of
+    L{casd.session.dialogue.BackendDialogue}), L{casd.auth.sasl}, L{casd.failures} and the fakes of
     L{casd.testing}; C{docs/writing-a-protocol-plugin.md} lists that surface and builds a plugin
     with it.  It changes only compatibly: a new attribute here gets a default in the core first.
     """

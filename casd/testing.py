@@ -228,7 +228,7 @@ class ScriptMismatch(AssertionError):
 class ScriptedBackend:
     """
     A mailbox server speaking a scripted dialogue on the backend connection that a protocol asked
-    a L{MemoryReactor} for: a stub backend for testing a protocol's L{casd.pool.connector.BackendDialogue}.
+    a L{MemoryReactor} for: a stub backend for testing a protocol's L{casd.session.dialogue.BackendDialogue}.
 
     The script is a sequence of C{(expected, reply)} steps.  C{expected} is everything casd must
     have sent since the previous step: C{bytes} (C{b""} for nothing, as before the greeting) or a

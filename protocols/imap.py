@@ -19,7 +19,7 @@ from casd.failures import (
     ProtocolViolation,
     Throttled,
 )
-from casd.pool.connector import BackendDialogue
+from casd.session.dialogue import BackendDialogue
 from casd.session.frontend import FrontendFactory, FrontendProtocol
 from casd.session.frontend import renderFailure as _render
 from casd.pool.health import HealthProbe

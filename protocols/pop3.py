@@ -11,7 +11,7 @@ from zope.interface import implementer
 from twisted.internet import defer
 from twisted.plugin import IPlugin
 
-from casd.pool.connector import BackendDialogue
+from casd.session.dialogue import BackendDialogue
 from casd.config import Setting
 from casd.failures import (
     AuthenticationFailed,

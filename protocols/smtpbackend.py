@@ -13,7 +13,7 @@ import ipaddress
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from casd.pool.connector import BackendDialogue
+from casd.session.dialogue import BackendDialogue
 from casd.failures import BackendUnavailable
 from casd.auth.sasl import encodePlain
 from protocols.smtpgrammar import (

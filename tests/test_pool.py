@@ -10,7 +10,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
-from casd.pool.connector import BackendConnector, BackendDialogue
+from casd.pool.connector import BackendConnector
+from casd.session.dialogue import BackendDialogue
 from casd.config import parseConfig
 from casd.failures import AuthenticationFailed, BackendUnavailable
 from casd.pool.health import Member

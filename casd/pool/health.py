@@ -53,7 +53,7 @@ class Member:
     @ivar settings: the C{[health]} settings (replaced on reload).
     @ivar activelyChecked: whether a L{HealthChecker} checks this member; if not, a passive DOWN
         ends after C{passive_recovery} seconds.
-    @ivar sessions: the logged-in L{casd.pool.connector.BackendDialogue}s on this member.
+    @ivar sessions: the logged-in L{casd.session.dialogue.BackendDialogue}s on this member.
     """
 
     log = Logger()

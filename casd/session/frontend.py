@@ -114,7 +114,7 @@ class FrontendProtocol(Protocol):
 
     def makeDialogue(self, target, user, credentials):
         """
-        @return: the protocol's L{casd.pool.connector.BackendDialogue} for C{target}.
+        @return: the protocol's L{casd.session.dialogue.BackendDialogue} for C{target}.
         """
         raise NotImplementedError()
 
@@ -124,7 +124,7 @@ class FrontendProtocol(Protocol):
         right after this returns.
 
         @param token: what the protocol passed to L{login} (e.g. the IMAP tag).
-        @param dialogue: the logged-in L{casd.pool.connector.BackendDialogue}.
+        @param dialogue: the logged-in L{casd.session.dialogue.BackendDialogue}.
         """
         raise NotImplementedError()
 
@@ -435,7 +435,7 @@ class FrontendProtocol(Protocol):
         """
         The shared path: authenticate, locate the mailbox, open and log in a backend session.
 
-        @return: a L{Deferred} firing with the logged-in L{casd.pool.connector.BackendDialogue}, or
+        @return: a L{Deferred} firing with the logged-in L{casd.session.dialogue.BackendDialogue}, or
             failing with a L{casd.failures.CASFailure} for the protocol to render.
         """
         # Plain callbacks rather than inlineCallbacks: this runs for every login.

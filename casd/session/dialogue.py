@@ -1,0 +1,334 @@
+"""
+The base of every protocol's backend login dialogue: an explicit sequence of commands and
+replies (greeting, STARTTLS, client address, login) over one backend connection, returning a
+L{Deferred}.  It knows nothing of any protocol's syntax; the pool (L{casd.pool.connector})
+opens the connection and sets the timeouts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from typing import Callable
+
+from zope.interface import implementer
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
+from casd.session.relay import writeThrough
+
+
+class BackendTimeout(BackendUnavailable):
+    """
+    A backend did not answer in time.
+    """
+
+
+@implementer(IHandshakeListener)
+class BackendDialogue(Protocol):
+    """
+    The base of a protocol's backend login dialogue: an explicit sequence of commands and
+    replies (greeting, STARTTLS, client address, login) written as L{dialogue}, returning a
+    L{Deferred} through L{loggedIn}.  It knows nothing of any protocol's syntax.
+
+    Subclasses implement L{dialogue} with L{readLine}, L{sendLine} and L{startTLS}.
+
+    @ivar loggedIn: fires with this protocol once the backend accepted the login, or fails with
+        a L{casd.failures.CASFailure}.
+    @ivar leftover: bytes the backend sent after the login reply; the relay passes them on.
+    @ivar greeted: whether the backend sent a line (it is alive at the protocol level); a
+        failure before that counts against the member's health.
+    @ivar proxyTTL: the proxy TTL to announce to the backend (IMAP ID C{x-proxy-ttl}), 0 for none.
+    @ivar bannerTimeout: seconds for the first line; L{replyTimeout} for each later one.
+    """
+
+    log = Logger()
+    relay = None
+    greeted = False
+    proxyTTL = 0
+    #: Order of the session in its pool, once logged in (the oldest is closed first on drain).
+    sessionNumber = 0
+    #: Longest line accepted from a backend during the dialogue.
+    maxLineLength = 65536
+
+    def __init__(self, target, client, user, credentials, context) -> None:
+        self.target = target
+        self.client = client
+        self.user = user
+        self.credentials = credentials
+        self.context = context
+        self.clock = context.reactor
+        settings = context.config.backend
+        self.replyTimeout = settings.reply_timeout
+        self.tlsTimeout = settings.tls_timeout
+        self.bannerTimeout = getattr(settings, "banner_timeout", 0) or self.replyTimeout
+        self._lost: list[Callable[[], None]] = []
+        self.loggedIn: defer.Deferred = defer.Deferred()
+        self._buffer = b""
+        self._lines: deque[bytes] = deque()
+        self._waiting: defer.Deferred | None = None
+        self._handshake: defer.Deferred | None = None
+        self._timer = None
+        self._timerWhat = ""
+        #: Absolute time by which the whole dialogue must be done (the pool's failover budget);
+        #: no step's timer is armed past it.
+        self.deadline = float("inf")
+        self._done = False
+        self.leftover = b""
+
+    # -- the dialogue -------------------------------------------------------------------
+
+    def dialogue(self):
+        """
+        The login dialogue; return a L{Deferred} that fires when the backend accepted the login.
+        Failures are L{casd.failures.CASFailure}s.
+        """
+        raise NotImplementedError()
+
+    def connectionMade(self) -> None:
+        # Commands go out with one send() each, not queued for the next reactor iteration.
+        writeThrough(self.transport)
+        if self.target.tls == "implicit":
+            d = self._awaitHandshake()
+            d.addCallback(lambda _: self.dialogue())
+        else:
+            try:
+                d = self.dialogue()
+            except Exception:
+                d = defer.fail()
+        d.addCallbacks(self._succeeded, self._failed)
+
+    def _succeeded(self, _):
+        if self._done:
+            return
+        self._done = True
+        self.lineHandler = None
+        self._cancelTimer()
+        self.leftover = self._buffer + b"".join(line + b"\r\n" for line in self._lines)
+        self._buffer = b""
+        self._lines.clear()
+        # Drop the password now that the backend took the session.
+        self.credentials = None
+        self.loggedIn.callback(self)
+
+    def _failed(self, failure):
+        if self._done:
+            return
+        self._done = True
+        self.lineHandler = None
+        self._cancelTimer()
+        self.credentials = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+        if not failure.check(CASFailure):
+            self.log.failure(
+                "backend dialogue with {backend} failed", failure, backend=self.target.describe()
+            )
+            failure = BackendUnavailable(f"backend {self.target.describe()}: protocol error")
+        self.loggedIn.errback(failure)
+
+    # -- primitives ---------------------------------------------------------------------
+
+    def sendLine(self, line: bytes) -> None:
+        self.transport.write(line + b"\r\n")
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    #: When set, each line from the backend goes to this callable (a line-driven dialogue, no
+    #: Deferred per reply) instead of to L{readLine}; an exception it raises fails the dialogue.
+    lineHandler = None
+
+    def expectLine(self, handler=None) -> None:
+        """
+        For a line-driven dialogue: the next line goes to C{handler} (or the current
+        L{lineHandler}) within the reply timeout (the greeting's before the first line).
+        """
+        if handler is not None:
+            self.lineHandler = handler
+        if self.greeted:
+            self._arm(self.replyTimeout, "reply")
+        else:
+            self._arm(self.bannerTimeout, "greeting")
+        while self._lines and self.lineHandler is not None and not self._done:
+            self._deliver(self.lineHandler, self._lines.popleft())
+
+    def _deliver(self, handler, line: bytes) -> None:
+        try:
+            handler(line)
+        except Exception:
+            self.lineHandler = None
+            self._fire(None, Failure())
+
+    def readLine(self) -> defer.Deferred:
+        """
+        @return: a L{Deferred} firing with the next line (without its line ending) within the
+            reply timeout, or failing with L{BackendTimeout}.
+        """
+        if self._lines:
+            return defer.succeed(self._lines.popleft())
+        self._waiting = defer.Deferred()
+        if self.greeted:
+            self._arm(self.replyTimeout, "reply")
+        else:
+            self._arm(self.bannerTimeout, "greeting")
+        return self._waiting
+
+    def startTLS(self) -> defer.Deferred:
+        """
+        Start TLS towards the backend, verifying its certificate for the target's C{tlsName}.
+
+        @return: a L{Deferred} firing when the handshake completed within C{tls_timeout}.
+        """
+        self._buffer = b""
+        self._lines.clear()
+        self.transport.startTLS(self.context.clientTLS.optionsFor(self.target.tlsName))
+        return self._awaitHandshake()
+
+    def _awaitHandshake(self) -> defer.Deferred:
+        self._handshake = defer.Deferred()
+        self._arm(self.tlsTimeout, "TLS handshake")
+        return self._handshake
+
+    def handshakeCompleted(self) -> None:
+        d, self._handshake = self._handshake, None
+        if d is not None:
+            d.callback(None)
+
+    def loginIdentity(self) -> tuple[str, bytes, str]:
+        """
+        Who logs in to the backend.
+
+        @return: C{(authcid, password, authzid)}: the target's master user with the user as
+            authorisation identity when the route names one, else the user's own backend login
+            and password with no authorisation identity.
+        """
+        if self.target.masterUser:
+            return self.target.masterUser, self.target.masterPassword, self.user.loginForBackend
+        return self.user.loginForBackend, self.credentials.password, ""
+
+    def xclientCommand(self) -> bytes:
+        """
+        Dovecot's C{XCLIENT} command, which its POP3 and ManageSieve login services accept from
+        the proxies in their C{login_trusted_networks} (they announce it as C{[XCLIENT]} in the
+        POP3 greeting and an C{"XCLIENT"} capability): the client's address and port, casd's
+        session id, which Dovecot then logs as its own, and the proxy TTL when there is one.
+        """
+        c = self.client
+        fields = []
+        try:
+            # Only an address: a UNIX socket's name could carry spaces or line breaks.
+            fields.append(b"ADDR=" + ipaddress.ip_address(c.peerHost).compressed.encode("ascii"))
+            fields.append(b"PORT=%d" % (c.peerPort,))
+        except ValueError:
+            pass
+        fields.append(b"SESSION=" + c.sessionId.encode("ascii"))
+        if self.proxyTTL:
+            fields.append(b"TTL=%d" % (self.proxyTTL,))
+        return b"XCLIENT " + b" ".join(fields)
+
+    def abort(self, reason: str) -> None:
+        """
+        Give up the dialogue now (the session's failover time is spent): it fails with
+        L{BackendTimeout} and the connection is aborted.
+        """
+        if not self._done:
+            self._cancelTimer()
+            self._fire(BackendTimeout(f"backend {self.target.describe()}: {reason}"))
+
+    def whenLost(self, f: Callable[[], None]) -> None:
+        """
+        Call C{f} when the backend connection is gone (the pool's session count).
+        """
+        self._lost.append(f)
+
+    def fail(self, reason: str, authFailed: bool = False):
+        """
+        @return: the failure to raise from the dialogue: L{AuthenticationFailed} when the backend
+            refused the user's own credentials, else L{BackendUnavailable}.
+        """
+        what = f"backend {self.target.describe()}: {reason}"
+        return AuthenticationFailed(what) if authFailed else BackendUnavailable(what)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _arm(self, seconds: float, what: str) -> None:
+        # One timer for the whole dialogue, pushed forward for each step: DelayedCall.reset() to
+        # a later time is arithmetic, where cancel() and callLater() each touch the reactor's heap.
+        remaining = self.deadline - self.clock.seconds()
+        if remaining < seconds:
+            seconds, what = max(0.0, remaining), "failover time spent: " + what
+        self._timerWhat = what
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.clock.callLater(seconds, self._timedOut)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        what = self._timerWhat
+        if what.startswith("failover time spent"):
+            reason = what
+        else:
+            reason = f"no {what} in time"
+        self._fire(BackendTimeout(f"backend {self.target.describe()}: {reason}"))
+
+    def _fire(self, exc: Exception | None, failure: Failure | None = None) -> None:
+        failure = failure or Failure(exc)
+        for attr in ("_waiting", "_handshake"):
+            d = getattr(self, attr)
+            if d is not None:
+                setattr(self, attr, None)
+                d.errback(failure)
+                return
+        if not self._done:
+            self._failed(failure)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            i = self._buffer.find(b"\n")
+            if i < 0:
+                if len(self._buffer) > self.maxLineLength:
+                    self._buffer = b""
+                    self._fire(BackendUnavailable(f"backend {self.target.describe()}: line too long"))
+                return
+            line = self._buffer[:i]
+            self._buffer = self._buffer[i + 1 :]
+            self.greeted = True
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            handler = self.lineHandler
+            if handler is not None:
+                self._deliver(handler, line)
+            else:
+                d, self._waiting = self._waiting, None
+                if d is not None:
+                    d.callback(line)
+                else:
+                    self._lines.append(line)
+            if self._done:
+                return
+
+    def connectionLost(self, reason) -> None:
+        self._cancelTimer()
+        lost, self._lost = self._lost, []
+        for f in lost:
+            f()
+        if self.relay is not None:
+            self.relay.backendLost(reason)
+            return
+        if not self._done:
+            why = reason.getErrorMessage() if reason is not None else "closed"
+            self._fire(BackendUnavailable(f"backend {self.target.describe()} closed the connection ({why})"))
