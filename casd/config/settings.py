@@ -523,6 +523,16 @@ BACKEND_SETTINGS = (
         minimum=0.001,
     ),
     Setting(
+        "connect_retry_time",
+        "float",
+        10.0,
+        "Seconds during which members of a route that refused the connection, or closed it before"
+        " anything was said or sent (a restarting server), are tried again with a short back-off"
+        " (50 ms doubling to 1 s), within failover_timeout; 0 disables.  A connection on which a"
+        " byte of the login was sent is never tried again.",
+        minimum=0,
+    ),
+    Setting(
         "drain_close_period",
         "float",
         0.0,

@@ -55,6 +55,11 @@ class BackendDialogue(Protocol):
     sessionNumber = 0
     #: Longest line accepted from a backend during the dialogue.
     maxLineLength = 65536
+    #: Bytes the dialogue wrote (L{send}, L{sendLine}): the pool retries a connection only
+    #: while it is 0, so no byte of a login is ever sent twice.
+    bytesSent = 0
+    #: Why the connection closed (a L{Failure}), once it did.
+    closedBy = None
 
     def __init__(self, target, client, user, credentials, context) -> None:
         self.target = target
@@ -135,9 +140,11 @@ class BackendDialogue(Protocol):
     # -- primitives ---------------------------------------------------------------------
 
     def sendLine(self, line: bytes) -> None:
+        self.bytesSent += len(line) + 2
         self.transport.write(line + b"\r\n")
 
     def send(self, data: bytes) -> None:
+        self.bytesSent += len(data)
         self.transport.write(data)
 
     #: When set, each line from the backend goes to this callable (a line-driven dialogue, no
@@ -322,6 +329,7 @@ class BackendDialogue(Protocol):
                 return
 
     def connectionLost(self, reason) -> None:
+        self.closedBy = reason
         self._cancelTimer()
         lost, self._lost = self._lost, []
         for f in lost:
