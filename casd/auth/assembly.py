@@ -57,7 +57,7 @@ def wrapCheckers(checkers, config, clock):
     auth = config.auth
     if auth.cache_ttl > 0 or auth.cache_negative_ttl > 0:
         cache = CredentialCache(clock, auth.cache_ttl, auth.cache_negative_ttl, auth.cache_size)
-        checker = CachingChecker(checker, cache)
+        checker = CachingChecker(checker, cache, serveDuringOutage=auth.cache_during_outage)
     return checker
 
 
