@@ -56,7 +56,8 @@ def splitTag(line: bytes) -> tuple[bytes, bytes, bytes]:
     if not sep or not rest:
         raise IMAPSyntaxError("Error in IMAP command received by server.")
     command, _, rest = rest.partition(b" ")
-    if not command or any(c in _ATOM_SPECIALS for c in command):
+    # An atom is 7-bit (RFC 3501 ATOM-CHAR): a command holding other bytes is no command.
+    if not command or not command.isascii() or any(c in _ATOM_SPECIALS for c in command):
         raise IMAPSyntaxError("Error in IMAP command received by server.")
     return tag, command.upper(), rest
 

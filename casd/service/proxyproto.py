@@ -44,6 +44,11 @@ class _StartAfterHeader(HAProxyProtocolWrapper):
         wrapped, self.wrappedProtocol = self.wrappedProtocol, _Collect(pending)
         try:
             super().dataReceived(data)
+        except ValueError:
+            # Twisted's v1 parser decodes the addresses and ports without checking them (a
+            # UnicodeDecodeError, int()'s ValueError): an invalid header like any other.
+            self.transport.abortConnection()
+            return
         finally:
             self.wrappedProtocol = wrapped
         if self._proxyInfo is not None and before is None:
