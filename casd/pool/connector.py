@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
-from casd.pool.health import Member
+from casd.pool.health import Member, isLocalExhaustion
 from casd.session.dialogue import BackendTimeout
 
 
@@ -354,6 +354,12 @@ class BackendConnector:
         except _CONNECT_ERRORS as e:
             timedOut = not timer.active()
             reason = "timed out" if timedOut else (str(e) or type(e).__name__)
+            if isLocalExhaustion(e):
+                # casd's own shortage says nothing of the member: it must not go DOWN for it.
+                raise BackendUnavailable(
+                    f"connect to {target.describe()} not attempted: casd is out of file"
+                    f" descriptors ({reason})"
+                ) from None
             failed(f"connect {reason}")
             refused = isinstance(e, error.ConnectionRefusedError) and not timedOut
             kind = _Refused if refused else BackendUnavailable
