@@ -76,9 +76,43 @@ def pop3Login(port: int, user: str, password: str):
 
 
 #: The backend commands L{FaultTestMixin} records.
-VERBS = {b"LOGIN", b"AUTHENTICATE", b"USER", b"PASS", b"AUTH", b"ID", b"XCLIENT", b"CAPA"}
+VERBS = {
+    b"LOGIN", b"AUTHENTICATE", b"USER", b"PASS", b"AUTH", b"ID", b"XCLIENT", b"CAPA", b"EHLO",
+    b"MAIL", b"RCPT", b"DATA",
+}
 
 LOGINS = {"imap": (imapLogin, IMAP_TEMPORARY), "pop3": (pop3Login, POP3_TEMPORARY)}
+
+
+class BackendCommands:
+    """
+    Records the command verbs casd sends its backends (never a password), in this process's
+    casd, and can act the moment one is sent.
+
+    @ivar sent: the verbs sent, in order.
+    @ivar onSent: C{(verbs, callable)}: called once, right after casd sent one of C{verbs}.
+    """
+
+    onSent = None
+
+    def __init__(self, testCase) -> None:
+        self.sent: list[bytes] = []
+        for name in ("send", "sendLine"):
+            testCase.patch(BackendDialogue, name, self._recording(getattr(BackendDialogue, name)))
+
+    def _recording(self, original):
+        def recording(dialogue, data):
+            verbs = set()
+            for line in data.split(b"\n"):
+                verbs.update(t.upper() for t in line.split()[:2] if t.upper() in VERBS)
+            self.sent.extend(sorted(verbs))
+            result = original(dialogue, data)
+            if self.onSent is not None and self.onSent[0] & verbs:
+                hook, self.onSent = self.onSent[1], None
+                hook()
+            return result
+
+        return recording
 
 
 class FaultTestMixin:
@@ -97,27 +131,19 @@ class FaultTestMixin:
         )
         self.dovecot.start()
         self.addCleanup(self.dovecot.stop)
-        self.sent: list[bytes] = []
-        for name in ("send", "sendLine"):
-            self.patch(BackendDialogue, name, self._recording(getattr(BackendDialogue, name)))
+        self.recorder = BackendCommands(self)
 
-    #: C{(verbs, callable)}: called once, right after casd sent a backend one of C{verbs}.
-    onSent = None
+    @property
+    def sent(self):
+        return self.recorder.sent
 
-    def _recording(self, original):
-        def recording(dialogue, data):
-            # What casd sent its backends: only the command verbs, never a password.
-            verbs = set()
-            for line in data.split(b"\n"):
-                verbs.update(t.upper() for t in line.split()[:2] if t.upper() in VERBS)
-            self.sent.extend(sorted(verbs))
-            result = original(dialogue, data)
-            if self.onSent is not None and self.onSent[0] & verbs:
-                hook, self.onSent = self.onSent[1], None
-                hook()
-            return result
+    @property
+    def onSent(self):
+        return self.recorder.onSent
 
-        return recording
+    @onSent.setter
+    def onSent(self, value):
+        self.recorder.onSent = value
 
     def casLog(self) -> str:
         return "\n".join(formatEvent(e) or "" for e in self.logged)
