@@ -90,7 +90,9 @@ class BackendCommands:
     casd, and can act the moment one is sent.
 
     @ivar sent: the verbs sent, in order.
-    @ivar onSent: C{(verbs, callable)}: called once, right after casd sent one of C{verbs}.
+    @ivar onSent: C{(verbs, before, after)}: when casd sends one of C{verbs} (once), C{before}
+        is called just before the bytes are written and C{after} just after (either may be
+        C{None}).
     """
 
     onSent = None
@@ -106,10 +108,14 @@ class BackendCommands:
             for line in data.split(b"\n"):
                 verbs.update(t.upper() for t in line.split()[:2] if t.upper() in VERBS)
             self.sent.extend(sorted(verbs))
-            result = original(dialogue, data)
+            before = after = None
             if self.onSent is not None and self.onSent[0] & verbs:
-                hook, self.onSent = self.onSent[1], None
-                hook()
+                (_, before, after), self.onSent = self.onSent, None
+            if before is not None:
+                before()
+            result = original(dialogue, data)
+            if after is not None:
+                after()
             return result
 
         return recording
@@ -213,7 +219,7 @@ trusted = true
             yield task.deferLater(reactor, 0.05, lambda: None)
 
     def killDovecot(self) -> None:
-        os.killpg(self.dovecot.pid, signal.SIGKILL)
+        killGroup(self.dovecot.pid)
         self.dovecot.stop()  # reaps it and waits for its ports to close
 
 
@@ -291,12 +297,18 @@ failure_delay = 0.1
         self.startCAS(self.auth, retry=5.0)
         for protocol, verbs in (("imap", {b"AUTHENTICATE", b"LOGIN"}), ("pop3", {b"AUTH", b"PASS"})):
             self.sent.clear()
-            self.onSent = (verbs, lambda: os.killpg(self.dovecot.pid, signal.SIGKILL))
+            # Stopped before the login is written (so it cannot answer it, whatever the thread
+            # scheduling), killed right after.
+            self.onSent = (
+                verbs,
+                lambda: os.killpg(self.dovecot.pid, signal.SIGSTOP),
+                lambda: os.killpg(self.dovecot.pid, signal.SIGKILL),
+            )
             result = yield self.login(protocol, "bob", USERS["bob"])
             self.assertIsNone(self.onSent, "the login reached Dovecot")
             self.assertTemporary(protocol, result)
             self.assertEqual(len([v for v in self.sent if v in verbs]), 1, self.sent)
-            yield threads.deferToThread(self.dovecot.stop)
+            yield threads.deferToThread(self.killDovecot)
             yield threads.deferToThread(self.dovecot.start)
 
     @defer.inlineCallbacks
@@ -454,3 +466,38 @@ connect_timeout = 2.0
         """
         self.assertTemporary("imap", (yield self.outage(False)))
         self.assertIn("cache_during_outage = false", self.casLog())
+
+
+def killGroup(pgid: int, timeout: float = 10.0) -> None:
+    """
+    SIGKILL process group C{pgid} until none of it is alive (a child forked while the first
+    signal was on its way would escape it), bounded by C{timeout}; zombies are left for their
+    parent to reap.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if not _alive(pgid):
+            return
+        time.sleep(0.02)
+
+
+def _alive(pgid: int) -> list[int]:
+    """
+    The processes of group C{pgid} that are not zombies.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found

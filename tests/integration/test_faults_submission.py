@@ -137,7 +137,7 @@ trusted = true
         gets a temporary failure, tries again in the same session (RSET), and the message is
         stored exactly once.
         """
-        self.recorder.onSent = ({b"XCLIENT", b"AUTH"}, lambda: killServing(self.mbx))
+        self.recorder.onSent = ({b"XCLIENT", b"AUTH"}, None, lambda: killServing(self.mbx))
         codes, accepted = yield threads.deferToThread(self.transaction, "retried", 3)
         self.assertIsNone(self.recorder.onSent, "casd logged in to Postfix")
         self.assertOnlyTemporary(codes)
