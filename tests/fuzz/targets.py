@@ -169,11 +169,18 @@ def protocols() -> dict:
     return _protocols
 
 
+_config: list = []
+
+
 def _context(reactor):
+    from casd.config import parseConfig
     from casd.testing import makeContext
 
-    # A fresh context (fresh penalty, cache and pool state) on a fresh reactor for each input.
-    return makeContext(reactor, users=USERS, config=SESSION_CONFIG, protocols=protocols())
+    if not _config:
+        _config.append(parseConfig(SESSION_CONFIG, "fuzz.toml", protocols().values()))
+    # A fresh context (fresh penalty, cache and pool state) on a fresh reactor for each input;
+    # the configuration, frozen, parsed once.
+    return makeContext(reactor, users=USERS, config=_config[0], protocols=protocols())
 
 
 def _chunks(data: bytes) -> list[bytes]:
