@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 casd: a Client Access Server.
 

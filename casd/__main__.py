@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_tap -*-
 """
 C{python -m casd}: the C{casd} command (L{casd.cli.commands}).
 """

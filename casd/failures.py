@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 The shared failure vocabulary.
 

@@ -1,7 +1,9 @@
+# -*- test-case-name: tests.test_plugin -*-
 """
 The seams of casd: every interface between the core and its plugins lives here.
 """
 
+from attrs import frozen
 from zope.interface import Attribute, Interface
 
 
@@ -12,10 +14,10 @@ class ICASProtocol(Interface):
     configuration schema, default listeners, a factory builder and the protocol's wording of the
     shared failures.  The built-in protocols are registered exactly as a third-party one is.
 
-    This interface is casd's public plugin API, together with what L{buildFactory} receives
-    (L{casd.service.context.CASContext}, L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}),
-    the bases a protocol builds on (L{casd.session.frontend.FrontendProtocol} and its factory,
-    L{casd.session.dialogue.BackendDialogue}), L{casd.auth.sasl}, L{casd.failures} and the fakes of
+    This interface is part of casd's public plugin API, all of which a protocol module imports
+    from L{casd.plugin} (whose L{casd.plugin.ProtocolDescriptor} provides this interface),
+    together with what L{buildFactory} receives (L{casd.service.context.CASContext},
+    L{casd.config.ProtocolSection}, L{casd.config.ListenerConfig}) and the fakes of
     L{casd.testing}; C{docs/writing-a-protocol-plugin.md} lists that surface and builds a plugin
     with it.  It changes only compatibly: a new attribute here gets a default in the core first.
     """
@@ -34,7 +36,7 @@ class ICASProtocol(Interface):
         "C{str}: C{'none'}, C{'starttls'} or C{'implicit'}: the backend TLS mode when none is named."
     )
     healthProbe = Attribute(
-        "A L{casd.pool.health.HealthProbe}: how the health checker tells a healthy backend of this"
+        "A L{HealthProbe}: how the health checker tells a healthy backend of this"
         " protocol (the start of its greeting, e.g. C{b'* OK'}; a request to send first, for"
         " HTTP), or C{None} to check only that backends accept connections."
     )
@@ -105,3 +107,21 @@ class IUserDirectory(Interface):
             directory does not know the name; failing with
             L{casd.failures.DirectoryUnavailable} when it cannot answer.
         """
+
+
+@frozen
+class HealthProbe:
+    """
+    A protocol's active health check (what nginx's and HAProxy's protocol checks do): connect,
+    send C{send} if any, expect the first line to start with C{expect} (ASCII case ignored), then
+    say C{quit} and close.
+
+    @ivar expect: the start of a healthy greeting, e.g. C{b"* OK"} (IMAP), C{b"+OK"} (POP3),
+        C{b"220"} (SMTP), C{b"HTTP/1.1 200"} (HTTP).
+    @ivar send: bytes sent before reading, e.g. an HTTP request; empty for greeting protocols.
+    @ivar quit: bytes sent after a good greeting so the server logs a clean goodbye.
+    """
+
+    expect: bytes
+    send: bytes = b""
+    quit: bytes = b""

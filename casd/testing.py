@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_plugin -*-
 """
 Public fakes for testing casd and protocol plugins without a network, a directory or a mailbox
 server (in the spirit of C{treq.testing} and C{ldaptor.testutil}).
@@ -13,12 +14,15 @@ server (in the spirit of C{treq.testing} and C{ldaptor.testutil}).
 
 The stable API for protocol plugins: L{makeContext}, L{MemoryDirectory}, L{connectFrontend},
 L{acceptBackend}, L{failBackend}, L{ScriptedBackend} (with L{CLOSE} and L{ScriptMismatch}),
-L{TLSStringTransport} and L{TranscriptMixin}.
+L{TLSStringTransport} and L{TranscriptMixin}; for tests against real servers, L{writeSecret}
+(a password file, e.g. a backend's C{master_password_file}) and L{clientTLSContext}.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 
 from zope.interface import implementer
 
@@ -352,3 +356,27 @@ class TranscriptMixin:
         self.transport.clear()
         self.server.dataReceived(data)
         return self.transport.value()
+
+
+def writeSecret(directory: str, name: str, secret: str | bytes) -> str:
+    """
+    Write a password file as casd reads them (C{master_password_file}, LDAP's
+    C{bind_password_file}): the secret on one line, readable by its owner only.
+
+    @return: the file's path.
+    """
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    return path
+
+
+def clientTLSContext(caPath: str) -> ssl.SSLContext:
+    """
+    A TLS context for a test's client (C{imaplib}, C{poplib}, a socket) that verifies casd's
+    certificate against the CA in C{caPath}, as a real client does.
+    """
+    return ssl.create_default_context(cafile=caPath)

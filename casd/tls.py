@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_health,tests.integration.test_imap_dovecot -*-
 """
 TLS contexts: the server side (certificates, SNI) and the client side towards backends (verified
 with service_identity through L{optionsForClientTLS}).  Contexts are built once and shared.

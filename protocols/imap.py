@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imap -*-
 """
 IMAP4rev1 (RFC 3501): the pre-login grammar, the wording of the shared failures and the backend
 login dialogue.  After login casd only relays bytes.
@@ -5,35 +6,24 @@ login dialogue.  After login casd only relays bytes.
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
-from twisted.internet import defer
-from twisted.plugin import IPlugin
-
-from casd.config import Setting
-from casd.failures import (
+from casd.plugin import (
+    MECHANISMS,
     AuthenticationFailed,
+    BackendDialogue,
     BackendUnavailable,
     DirectoryUnavailable,
+    FrontendProtocol,
+    HealthProbe,
     PolicyRefused,
-    ProtocolViolation,
+    PrivacyRequired,
+    ProtocolDescriptor,
+    Setting,
     Throttled,
+    Wording,
+    encodePlain,
 )
-from casd.session.dialogue import BackendDialogue
-from casd.session.frontend import FrontendFactory, FrontendProtocol
-from casd.session.frontend import renderFailure as _render
-from casd.pool.health import HealthProbe
-from casd.interfaces import ICASProtocol
-from casd.auth.sasl import MECHANISMS, SASLRefusal, encodePlain, makeCredentials
-from protocols.imapgrammar import (
-    IMAPSyntaxError,
-    capabilitiesIn,
-    parseList,
-    quote,
-    splitTag,
-    tokenizeParts,
-)
-from protocols.stringgrammar import LiteralFraming
+from protocols.imapgrammar import IMAPSyntaxError, capabilitiesIn, parseList, splitTag
+from protocols.stringgrammar import LiteralFraming, quote, tokenizeParts
 
 #: Most literals one command may carry.
 MAX_LITERALS = 8
@@ -45,14 +35,14 @@ FAILURES = (
     (BackendUnavailable, b"NO [UNAVAILABLE] Mailbox server unavailable, try again later."),
     (Throttled, b"NO [LIMIT] Too many connections or logins, try again later."),
     (PolicyRefused, b"NO [CONTACTADMIN] Access not allowed."),
+    (
+        PrivacyRequired,
+        b"NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS)"
+        b" connections.",
+    ),
 )
 
-
 INTERNAL_FAILURE = b"NO [UNAVAILABLE] Internal error, try again later."
-
-
-def renderFailure(exc: BaseException) -> bytes:
-    return _render(FAILURES, exc, INTERNAL_FAILURE)
 
 
 class IMAPServer(LiteralFraming, FrontendProtocol):
@@ -62,15 +52,17 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
 
     failures = FAILURES
     internalFailure = INTERNAL_FAILURE
+    wording = Wording(
+        unknownCommand=b"Unknown command or not allowed before login.",
+        tooManyErrors=b"Too many invalid IMAP commands.",
+        lineTooLong=b"Too long argument.",
+    )
     maxLiterals = MAX_LITERALS
+    _tag = b""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.maxLiteral = self.section.max_literal_size
-        self._tag = b""
-        self.clientID: list | None = None
-
-    # -- capabilities -----------------------------------------------------------------------
 
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
@@ -85,25 +77,27 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
     def greet(self) -> None:
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] casd ready.\r\n")
 
+    # -- framing ----------------------------------------------------------------------------
+
+    def replyOk(self, tag: bytes, text: bytes) -> None:
+        self.send(tag + b" OK " + text + b"\r\n")
+
+    def replyNo(self, tag: bytes, text: bytes) -> None:
+        self.send(tag + b" NO " + text + b"\r\n")
+
+    def replyBad(self, tag: bytes, text: bytes) -> None:
+        self.send(tag + b" BAD " + text + b"\r\n")
+
+    def replyBye(self, text: bytes) -> None:
+        self.send(b"* BYE " + text + b"\r\n")
+
+    def replyFailure(self, tag: bytes, words: bytes) -> None:
+        self.send(tag + b" " + words + b"\r\n")
+
+    def saslChallenge(self, tag, challenge: bytes) -> None:
+        self.send(b"+ " + challenge + b"\r\n")
+
     # -- reading commands -------------------------------------------------------------------
-
-    def reply(self, tag: bytes, text: bytes) -> None:
-        self.send(tag + b" " + text + b"\r\n")
-
-    def bad(self, tag: bytes, text: bytes) -> None:
-        if self.badCommand():
-            self.send(b"* BYE Too many invalid IMAP commands.\r\n")
-            self.close("too many errors")
-            return
-        self.reply(tag, b"BAD " + text)
-
-    def lineTooLong(self) -> None:
-        self.send(b"* BYE Too long argument.\r\n")
-        self.close()
-
-    def timedOut(self) -> None:
-        self.send(b"* BYE Disconnected for inactivity.\r\n")
-        self.close()
 
     def lineReceived(self, line: bytes) -> None:
         if self.saslInProgress:
@@ -116,7 +110,7 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
                 tag = line.split(b" ", 1)[0] if line.strip() else b"*"
                 if not tag or any(c in b"\x00+{" for c in tag):
                     tag = b"*"
-                self.bad(tag, str(e).encode())
+                self.invalidCommand(tag, str(e).encode())
                 return
         self.collectLine(line)
 
@@ -126,51 +120,39 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
     def literalTooLarge(self, nonSync: bool) -> None:
         if nonSync:
             # The client sends the data regardless: resynchronising is not worth it.
-            self.send(b"* BYE [TOOBIG] Literal too large.\r\n")
+            self.replyBye(b"[TOOBIG] Literal too large.")
             self.close("literal too large")
         else:
-            self.bad(self._tag, b"[TOOBIG] Literal too large.")
+            self.invalidCommand(self._tag, b"[TOOBIG] Literal too large.")
 
     def commandReceived(self, parts: list) -> None:
         try:
             tag, command, rest = splitTag(parts[0])
-            parts = [rest] + parts[1:]
-            handler = getattr(self, "do_" + command.decode("ascii"), None)
-            if handler is None:
-                self.bad(tag, b"Unknown command or not allowed before login.")
-                return
-            handler(tag, tokenizeParts(parts))
+            self.dispatch(command, tag, tokenizeParts([rest] + parts[1:]), token=tag)
         except IMAPSyntaxError as e:
-            self.bad(self._tag, b"Error in IMAP command: " + str(e).encode())
+            self.invalidCommand(self._tag, b"Error in IMAP command: " + str(e).encode())
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _noArguments(self, tag: bytes, args: list) -> bool:
-        if args:
-            self.bad(tag, b"Unexpected arguments.")
-            return False
-        return True
-
-    def do_CAPABILITY(self, tag, args):
-        if self._noArguments(tag, args):
+    def unauth_CAPABILITY(self, tag, args):
+        if self.noArguments(tag, args):
             self.send(b"* CAPABILITY " + self.capabilities() + b"\r\n")
-            self.reply(tag, b"OK Pre-login capabilities listed, post-login capabilities have more.")
+            self.replyOk(tag, b"Pre-login capabilities listed, post-login capabilities have more.")
 
-    def do_NOOP(self, tag, args):
-        if self._noArguments(tag, args):
-            self.reply(tag, b"OK NOOP completed.")
+    def unauth_NOOP(self, tag, args):
+        if self.noArguments(tag, args):
+            self.replyOk(tag, b"NOOP completed.")
 
-    def do_LOGOUT(self, tag, args):
-        if self._noArguments(tag, args):
-            self.send(b"* BYE Logging out\r\n")
-            self.reply(tag, b"OK Logout completed.")
+    def unauth_LOGOUT(self, tag, args):
+        if self.noArguments(tag, args):
+            self.replyBye(b"Logging out")
+            self.replyOk(tag, b"Logout completed.")
             self.close("logout")
 
-    def do_ID(self, tag, args):
+    def unauth_ID(self, tag, args):
         items = parseList(args)
         if items is not None and (len(items) % 2 or any(k is None for k in items[::2])):
             raise IMAPSyntaxError("Invalid ID parameters")
-        self.clientID = items
         if items and self.client.trusted:
             # A proxy in front (another casd, Dovecot) reports the real client and counts hops;
             # counting on stops proxy loops.  Only a trusted client may say so.
@@ -188,76 +170,31 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
                 fields.get(b"x-session-id"),
             )
         self.send(b'* ID ("name" "casd")\r\n')
-        self.reply(tag, b"OK ID completed.")
+        self.replyOk(tag, b"ID completed.")
 
-    def do_STARTTLS(self, tag, args):
-        if not self._noArguments(tag, args):
-            return
-        if self.client.tls:
-            self.bad(tag, b"TLS is already active.")
-            return
-        if not self.tlsAvailable:
-            self.bad(tag, b"TLS support isn't enabled.")
-            return
-        self.reply(tag, b"OK Begin TLS negotiation now.")
-        self.startTLS()
+    def unauth_STARTTLS(self, tag, args):
+        if self.noArguments(tag, args):
+            self.startTLSCommand(tag)
 
-    def _privacyRequired(self, tag) -> bool:
-        if self.client.plaintextAllowed:
-            return False
-        self.reply(
-            tag,
-            b"NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS)"
-            b" connections.",
-        )
-        return True
-
-    def do_LOGIN(self, tag, args):
+    def unauth_LOGIN(self, tag, args):
         if len(args) != 2 or not all(isinstance(a, bytes) for a in args):
-            self.bad(tag, b"Invalid arguments: LOGIN username password")
-            return
-        if self._privacyRequired(tag):
-            return
-        try:
-            credentials = makeCredentials(args[0], args[1])
-        except ProtocolViolation:
-            self.reply(tag, self.renderFailure(AuthenticationFailed()))
-            return
-        self.login(tag, credentials)
-
-    def do_AUTHENTICATE(self, tag, args):
-        if not 1 <= len(args) <= 2 or not all(isinstance(a, bytes) for a in args):
-            self.bad(tag, b"Invalid arguments: AUTHENTICATE mechanism [initial-response]")
-            return
-        self.startSASL(tag, args[0], args[1] if len(args) == 2 else None)
-
-    def saslChallenge(self, tag, challenge: bytes) -> None:
-        self.send(b"+ " + challenge + b"\r\n")
-
-    def saslFailed(self, tag, refusal: SASLRefusal) -> None:
-        if refusal is SASLRefusal.UNSUPPORTED:
-            self.reply(tag, b"NO Unsupported authentication mechanism.")
-        elif refusal is SASLRefusal.PRIVACY_REQUIRED:
-            self._privacyRequired(tag)
-        elif refusal is SASLRefusal.BAD_INITIAL:
-            self.bad(tag, b"Invalid base64 data in initial response.")
-        elif refusal is SASLRefusal.BAD_RESPONSE:
-            self.bad(tag, b"Invalid base64 data in continued response.")
-        elif refusal is SASLRefusal.CANCELLED:
-            self.reply(tag, b"BAD Authentication aborted by client.")
+            self.invalidCommand(tag, b"Invalid arguments: LOGIN username password")
         else:
-            self.reply(tag, self.renderFailure(AuthenticationFailed()))
+            self.passwordLogin(tag, args[0], args[1])
+
+    def unauth_AUTHENTICATE(self, tag, args):
+        if not 1 <= len(args) <= 2 or not all(isinstance(a, bytes) for a in args):
+            self.invalidCommand(tag, b"Invalid arguments: AUTHENTICATE mechanism [initial-response]")
+        else:
+            self.startSASL(tag, args[0], args[1] if len(args) == 2 else None)
 
     # -- login ------------------------------------------------------------------------------
 
     def loginSucceeded(self, tag: bytes, dialogue) -> None:
-        self.reply(tag, b"OK [CAPABILITY " + dialogue.capabilities + b"] Logged in")
-
-    def loginFailed(self, tag: bytes, failure) -> None:
-        self.reply(tag, self.renderFailure(failure))
+        self.replyOk(tag, b"[CAPABILITY " + dialogue.capabilities + b"] Logged in")
 
     def makeDialogue(self, target, user, credentials):
-        return IMAPBackend(target, self.client, user, credentials, self.context, self.clientID)
+        return IMAPBackend(target, self.client, user, credentials, self.context)
 
 
 class IMAPBackend(BackendDialogue):
@@ -270,13 +207,6 @@ class IMAPBackend(BackendDialogue):
     """
 
     capabilities = b""
-
-    def __init__(self, target, client, user, credentials, context, clientID=None) -> None:
-        super().__init__(target, client, user, credentials, context)
-        self.clientID = clientID
-
-    # The dialogue is driven by lines: each state is a method that gets the next line (no
-    # Deferred or generator per reply: this is the hot path of every login).
 
     def _tagged(self, line: bytes, tag: bytes) -> bytes | None:
         """
@@ -308,16 +238,13 @@ class IMAPBackend(BackendDialogue):
         )
 
     def dialogue(self):
-        self.finished = defer.Deferred()
         self.expectLine(self._onGreeting)
-        return self.finished
 
     def _onGreeting(self, line: bytes) -> None:
         if not line[:4].upper() == b"* OK":
             raise self.fail("unexpected greeting " + repr(line[:80]))
         if self.target.tls == "starttls":
-            self.sendLine(b"S STARTTLS")
-            self.expectLine(self._onStartTLS)
+            self.command(b"S STARTTLS", self._onStartTLS)
             return
         self._login(capabilitiesIn(line))
 
@@ -328,11 +255,8 @@ class IMAPBackend(BackendDialogue):
             return
         if status != b"OK":
             raise self.fail("refused STARTTLS")
-        self.lineHandler = None
-        d = self.startTLS()
         # Capabilities seen before TLS are not to be trusted.
-        d.addCallback(lambda _: self._login(None))
-        d.addErrback(self.finished.errback)
+        self.startTLS(lambda: self._login(None))
 
     def _login(self, caps: bytes | None) -> None:
         authc, password, authz = self.loginIdentity()
@@ -343,8 +267,7 @@ class IMAPBackend(BackendDialogue):
             self.expectLine(self._onIDThenLogin)
         else:
             self._initial = initial
-            self.sendLine(self.idCommand())
-            self.expectLine(self._onIDThenContinue)
+            self.command(self.idCommand(), self._onIDThenContinue)
 
     def _onIDThenLogin(self, line: bytes) -> None:
         if self._tagged(line, b"I") is None:
@@ -356,15 +279,13 @@ class IMAPBackend(BackendDialogue):
         if self._tagged(line, b"I") is None:
             self.expectLine()
             return
-        self.sendLine(b"A AUTHENTICATE PLAIN")
-        self.expectLine(self._onContinuation)
+        self.command(b"A AUTHENTICATE PLAIN", self._onContinuation)
 
     def _onContinuation(self, line: bytes) -> None:
         if not line.startswith(b"+"):
             raise self.fail("refused AUTHENTICATE PLAIN")
         initial, self._initial = self._initial, None
-        self.sendLine(initial)
-        self.expectLine(self._onLogin)
+        self.command(initial, self._onLogin)
 
     def _onLogin(self, line: bytes) -> None:
         status = self._tagged(line, b"A")
@@ -379,8 +300,7 @@ class IMAPBackend(BackendDialogue):
         caps = capabilitiesIn(line)
         if caps is None:
             self._caps = None
-            self.sendLine(b"C CAPABILITY")
-            self.expectLine(self._onCapability)
+            self.command(b"C CAPABILITY", self._onCapability)
             return
         self._finish(caps)
 
@@ -396,36 +316,21 @@ class IMAPBackend(BackendDialogue):
 
     def _finish(self, caps: bytes) -> None:
         self.capabilities = caps
-        self.lineHandler = None
-        self.finished.callback(None)
+        self.succeed()
 
 
-@implementer(IPlugin, ICASProtocol)
-class IMAPProtocol:
-    """
-    The descriptor of casd's IMAP proxy.
-    """
-
-    name = "imap"
-    description = "IMAP4rev1 (RFC 3501) proxy: pre-login in casd, then relayed to the mailbox server"
-    defaultListeners = ({"endpoint": "tcp:143", "tls": "starttls"},)
-    defaultBackendPort = 143
-    defaultBackendTLS = "starttls"
-    healthProbe = HealthProbe(expect=b"* OK", quit=b"h LOGOUT\r\n")
-    settings = (
+imap = ProtocolDescriptor(
+    name="imap",
+    description="IMAP4rev1 (RFC 3501) proxy: pre-login in casd, then relayed to the mailbox server",
+    server=IMAPServer,
+    defaultListeners=({"endpoint": "tcp:143", "tls": "starttls"},),
+    defaultBackendPort=143,
+    defaultBackendTLS="starttls",
+    alpnProtocols=("imap",),
+    healthProbe=HealthProbe(expect=b"* OK", quit=b"h LOGOUT\r\n"),
+    settings=(
         Setting(
-            "max_literal_size",
-            "int",
-            8192,
-            "Largest literal accepted before login (bytes).",
-            minimum=1,
+            "max_literal_size", "int", 8192, "Largest literal accepted before login (bytes).", minimum=1
         ),
-    )
-
-    def buildFactory(self, context, section, listener):
-        return FrontendFactory(IMAPServer, context, section, listener, self)
-
-    renderFailure = staticmethod(renderFailure)
-
-
-imap = IMAPProtocol()
+    ),
+)

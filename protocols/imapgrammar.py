@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imap -*-
 """
 The slice of IMAP4rev1 (RFC 3501) grammar casd needs before login: tags, C{NIL} and
 parenthesised lists, on top of the string grammar IMAP shares with ManageSieve (atoms, quoted
@@ -8,39 +9,13 @@ from __future__ import annotations
 
 import re
 
-from protocols.stringgrammar import (
-    ATOM_SPECIALS as _ATOM_SPECIALS,
-    LITERAL_MARKER,
-    LPAREN,
-    RPAREN,
-    Atom,
-    GrammarError,
-    Literal,
-    quote,
-    tokenize as _tokenize,
-)
-
-__all__ = [
-    "LITERAL_MARKER",
-    "IMAPSyntaxError",
-    "Literal",
-    "NIL",
-    "LPAREN",
-    "RPAREN",
-    "splitTag",
-    "tokenize",
-    "tokenizeParts",
-    "parseList",
-    "quote",
-    "capabilitiesIn",
-]
+from protocols.stringgrammar import ATOM_SPECIALS as _ATOM_SPECIALS
+from protocols.stringgrammar import LPAREN, RPAREN, Atom, GrammarError
 
 _TAG_SPECIALS = _ATOM_SPECIALS | {ord("+")}
 
 #: The command does not parse; C{str()} is safe to send to the client.
 IMAPSyntaxError = GrammarError
-
-NIL = object()
 
 
 def splitTag(line: bytes) -> tuple[bytes, bytes, bytes]:
@@ -62,43 +37,25 @@ def splitTag(line: bytes) -> tuple[bytes, bytes, bytes]:
     return tag, command.upper(), rest
 
 
-def tokenize(text: bytes) -> list:
-    """
-    Tokenize arguments: atoms and quoted strings become C{bytes}, C{NIL} becomes L{NIL},
-    parentheses L{LPAREN}/L{RPAREN}.
-    """
-    return [
-        NIL if isinstance(t, Atom) and t.upper() == b"NIL" else t for t in _tokenize(text)
-    ]
-
-
-def tokenizeParts(parts: list) -> list:
-    """
-    Tokenize a command split at its literals: C{bytes} text pieces and L{Literal}s.
-    """
-    tokens: list = []
-    for part in parts:
-        if isinstance(part, Literal):
-            tokens.append(part.value)
-        else:
-            tokens.extend(tokenize(part))
-    return tokens
-
-
 def parseList(tokens: list, maxItems: int = 64) -> list | None:
     """
-    Parse C{NIL} or a flat parenthesised list of strings (the ID command's argument).
+    Parse C{NIL} or a flat parenthesised list of strings (the ID command's argument), from
+    L{protocols.stringgrammar.tokenizeParts}' tokens.
 
     @return: the strings (C{None} for NIL items), or C{None} for NIL.
     """
-    if tokens == [NIL]:
+    if len(tokens) == 1 and _isNIL(tokens[0]):
         return None
     if not tokens or tokens[0] is not LPAREN or tokens[-1] is not RPAREN:
         raise IMAPSyntaxError("Invalid parameters")
     items = tokens[1:-1]
     if len(items) > maxItems or any(t is LPAREN or t is RPAREN for t in items):
         raise IMAPSyntaxError("Invalid parameters")
-    return [None if t is NIL else t for t in items]
+    return [None if _isNIL(t) else t for t in items]
+
+
+def _isNIL(token) -> bool:
+    return isinstance(token, Atom) and token.upper() == b"NIL"
 
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_pop3 -*-
 """
 POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034) and the response codes of
 RFC 2449 and RFC 3206: the pre-login grammar, the wording of the shared failures and the backend
@@ -6,26 +7,21 @@ login dialogue.  After login casd only relays bytes.
 
 from __future__ import annotations
 
-from zope.interface import implementer
-
-from twisted.internet import defer
-from twisted.plugin import IPlugin
-
-from casd.session.dialogue import BackendDialogue
-from casd.config import Setting
-from casd.failures import (
+from casd.plugin import (
+    MECHANISMS,
     AuthenticationFailed,
+    BackendDialogue,
     BackendUnavailable,
     DirectoryUnavailable,
+    FrontendProtocol,
+    HealthProbe,
     PolicyRefused,
     PrivacyRequired,
-    ProtocolViolation,
+    ProtocolDescriptor,
+    Setting,
     Throttled,
+    encodePlain,
 )
-from casd.session.frontend import FrontendFactory, FrontendProtocol, renderFailure
-from casd.pool.health import HealthProbe
-from casd.interfaces import ICASProtocol
-from casd.auth.sasl import MECHANISMS, SASLRefusal, encodePlain, makeCredentials
 
 #: How each failure of the shared vocabulary reads in POP3 (RFC 2449 and RFC 3206 codes).
 FAILURES = (
@@ -41,7 +37,6 @@ FAILURES = (
 )
 
 INTERNAL_FAILURE = b"-ERR [SYS/TEMP] Internal error, try again later."
-
 
 
 def _lineSafe(value: bytes) -> bool:
@@ -60,12 +55,7 @@ class POP3Server(FrontendProtocol):
 
     failures = FAILURES
     internalFailure = INTERNAL_FAILURE
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self._user: bytes | None = None
-
-    # -- capabilities -----------------------------------------------------------------------
+    _user: bytes | None = None
 
     def capabilities(self) -> list[bytes]:
         caps = [b"CAPA"]
@@ -82,156 +72,82 @@ class POP3Server(FrontendProtocol):
     def greet(self) -> None:
         self.send(b"+OK casd ready.\r\n")
 
-    # -- reading commands -------------------------------------------------------------------
+    # -- framing ----------------------------------------------------------------------------
 
-    def ok(self, text: bytes = b"") -> None:
+    def replyOk(self, token, text: bytes = b"") -> None:
         self.send(b"+OK" + (b" " + text if text else b"") + b"\r\n")
 
-    def err(self, text: bytes) -> None:
+    def replyNo(self, token, text: bytes) -> None:
         self.send(b"-ERR " + text + b"\r\n")
 
-    def bad(self, text: bytes) -> None:
-        """
-        An invalid command: counted, and the connection closed at the limit.
-        """
-        if self.badCommand():
-            self.err(b"Too many invalid commands.")
-            self.close("too many errors")
-            return
-        self.err(text)
-
-    def lineTooLong(self) -> None:
-        self.err(b"Line too long.")
-        self.close()
-
-    def timedOut(self) -> None:
-        self.err(b"Disconnected for inactivity.")
-        self.close()
+    def saslChallenge(self, token, challenge: bytes) -> None:
+        self.send(b"+ " + challenge + b"\r\n")
 
     def lineReceived(self, line: bytes) -> None:
         if self.saslInProgress:
             self.saslResponse(line)
             return
         command, _, argument = line.partition(b" ")
-        try:
-            name = command.decode("ascii").upper()
-        except UnicodeDecodeError:
-            name = ""
-        handler = getattr(self, "do_" + name, None) if name.isalpha() else None
-        if handler is None:
-            self.bad(b"Unknown command.")
-            return
-        handler(argument)
+        self.dispatch(command, argument)
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _noArgument(self, argument: bytes) -> bool:
-        if argument.strip():
-            self.bad(b"Unexpected arguments.")
-            return False
-        return True
-
-    def do_CAPA(self, argument):
-        if self._noArgument(argument):
+    def unauth_CAPA(self, argument):
+        if self.noArguments(None, argument.strip()):
             self.send(
                 b"+OK Capability list follows\r\n"
                 + b"".join(c + b"\r\n" for c in self.capabilities())
                 + b".\r\n"
             )
 
-    def do_NOOP(self, argument):
-        if self._noArgument(argument):
-            self.ok()
+    def unauth_NOOP(self, argument):
+        if self.noArguments(None, argument.strip()):
+            self.replyOk(None)
 
-    def do_QUIT(self, argument):
-        self.ok(b"Logging out.")
+    def unauth_QUIT(self, argument):
+        self.replyOk(None, b"Logging out.")
         self.close("logout")
 
-    def do_STLS(self, argument):
-        if not self._noArgument(argument):
-            return
-        if self.client.tls:
-            self.err(b"TLS is already active.")
-            return
-        if not self.tlsAvailable:
-            self.err(b"TLS support isn't enabled.")
-            return
-        self.ok(b"Begin TLS negotiation now.")
-        # A USER sent in clear is forgotten with everything else from before the handshake.
-        self._user = None
-        self.startTLS()
+    def unauth_STLS(self, argument):
+        if self.noArguments(None, argument.strip()) and self.startTLSCommand(None):
+            # A USER sent in clear is forgotten with everything else from before the handshake.
+            self._user = None
 
-    def _privacyRequired(self) -> bool:
-        if self.client.plaintextAllowed:
-            return False
-        self.send(self.renderFailure(PrivacyRequired()) + b"\r\n")
-        return True
-
-    def do_USER(self, argument):
+    def unauth_USER(self, argument):
         if not argument or len(argument.split()) != 1:
-            self.bad(b"Invalid arguments: USER name")
-            return
-        if self._privacyRequired():
-            return
-        self._user = argument
-        self.ok()
+            self.invalidCommand(None, b"Invalid arguments: USER name")
+        elif not self.privacyRequired(None):
+            self._user = argument
+            self.replyOk(None)
 
-    def do_PASS(self, argument):
+    def unauth_PASS(self, argument):
         # RFC 1939: the password is the rest of the line, spaces included.
         user, self._user = self._user, None
         if user is None:
-            self.bad(b"No username given.")
-            return
-        if self._privacyRequired():
-            return
-        try:
-            credentials = makeCredentials(user, argument)
-        except ProtocolViolation:
-            self.loginFailed(None, AuthenticationFailed())
-            return
-        self.login(None, credentials)
+            self.invalidCommand(None, b"No username given.")
+        else:
+            self.passwordLogin(None, user, argument)
 
-    def do_APOP(self, argument):
+    def unauth_APOP(self, argument):
         # APOP needs the clear-text password on the server side, which a directory of hashes
         # does not have; the greeting offers no timestamp, so no client should try it.
-        self.err(b"APOP not supported.")
+        self.replyNo(None, b"APOP not supported.")
 
-    def do_AUTH(self, argument):
+    def unauth_AUTH(self, argument):
         args = argument.split()
         if not args:
             # RFC 1734: a bare AUTH lists the mechanisms (those usable on this connection).
             mechanisms = MECHANISMS if self.client.plaintextAllowed else ()
             self.send(b"+OK\r\n" + b"".join(m.encode("ascii") + b"\r\n" for m in mechanisms) + b".\r\n")
-            return
-        if len(args) > 2:
-            self.bad(b"Invalid arguments: AUTH mechanism [initial-response]")
-            return
-        self.startSASL(None, args[0], args[1] if len(args) == 2 else None)
-
-    # -- SASL and login ---------------------------------------------------------------------
-
-    def saslChallenge(self, token, challenge: bytes) -> None:
-        self.send(b"+ " + challenge + b"\r\n")
-
-    def saslFailed(self, token, refusal: SASLRefusal) -> None:
-        if refusal is SASLRefusal.UNSUPPORTED:
-            self.err(b"Unsupported authentication mechanism.")
-        elif refusal is SASLRefusal.PRIVACY_REQUIRED:
-            self._privacyRequired()
-        elif refusal is SASLRefusal.BAD_INITIAL:
-            self.bad(b"Invalid base64 data in initial response.")
-        elif refusal is SASLRefusal.BAD_RESPONSE:
-            self.bad(b"Invalid base64 data in continued response.")
-        elif refusal is SASLRefusal.CANCELLED:
-            self.err(b"Authentication aborted by client.")
+        elif len(args) > 2:
+            self.invalidCommand(None, b"Invalid arguments: AUTH mechanism [initial-response]")
         else:
-            self.loginFailed(token, AuthenticationFailed())
+            self.startSASL(None, args[0], args[1] if len(args) == 2 else None)
+
+    # -- login ------------------------------------------------------------------------------
 
     def loginSucceeded(self, token, dialogue) -> None:
-        self.ok(b"Logged in.")
-
-    def loginFailed(self, token, failure) -> None:
-        self.send(self.renderFailure(failure) + b"\r\n")
+        self.replyOk(None, b"Logged in.")
 
     def makeDialogue(self, target, user, credentials):
         return POP3Backend(target, self.client, user, credentials, self.context)
@@ -246,18 +162,17 @@ class POP3Backend(BackendDialogue):
     C{PASS} line cannot carry).
     """
 
-    @defer.inlineCallbacks
-    def status(self, what: str):
-        """
-        Read one status line.
+    _xclient = False
 
-        @return: C{(ok, line)}.
+    def status(self, line: bytes, what: str) -> bool:
         """
-        line = yield self.readLine()
+        @return: whether C{line} is C{+OK} (C{False} for C{-ERR}).
+        @raise BackendUnavailable: for anything else.
+        """
         if line.startswith(b"+OK"):
-            return True, line
+            return True
         if line.startswith(b"-ERR"):
-            return False, line
+            return False
         raise self.fail(f"unexpected reply to {what}: {line[:80]!r}")
 
     def refused(self, line: bytes, what: str):
@@ -273,56 +188,65 @@ class POP3Backend(BackendDialogue):
         temporary = b"[SYS/TEMP]" in upper or b"[SYS/PERM]" in upper
         return self.fail(reason, authFailed=not temporary and not self.target.masterUser)
 
-    @defer.inlineCallbacks
     def dialogue(self):
-        ok, greeting = yield self.status("the greeting")
-        if not ok:
-            raise self.fail("greeted with " + repr(greeting[:80]))
-        xclient = greeting[3:].lstrip().upper().startswith(b"[XCLIENT]")
+        self.expectLine(self.greeting)
+
+    def greeting(self, line: bytes) -> None:
+        if not self.status(line, "the greeting"):
+            raise self.fail("greeted with " + repr(line[:80]))
+        self._xclient = line[3:].lstrip().upper().startswith(b"[XCLIENT]")
         if self.target.tls == "starttls":
-            self.sendLine(b"STLS")
-            ok, line = yield self.status("STLS")
-            if not ok:
-                raise self.fail("refused STLS")
-            yield self.startTLS()
-        if xclient:
-            self.sendLine(self.xclientCommand())
-            ok, line = yield self.status("XCLIENT")
-            if not ok:
-                raise self.fail("refused XCLIENT: " + line[:200].decode("utf-8", "replace"))
+            self.command(b"STLS", self.stlsReply)
+        else:
+            self.introduce()
+
+    def stlsReply(self, line: bytes) -> None:
+        if not self.status(line, "STLS"):
+            raise self.fail("refused STLS")
+        self.startTLS(self.introduce)
+
+    def introduce(self) -> None:
+        if self._xclient:
+            self.command(self.xclientCommand(), self.xclientReply)
+        else:
+            self.logIn()
+
+    def xclientReply(self, line: bytes) -> None:
+        if not self.status(line, "XCLIENT"):
+            raise self.fail("refused XCLIENT: " + line[:200].decode("utf-8", "replace"))
+        self.logIn()
+
+    def logIn(self) -> None:
         authc, password, authz = self.loginIdentity()
         if authz or not _lineSafe(authc.encode("utf-8")) or not _lineSafe(password):
-            self.sendLine(b"AUTH PLAIN " + encodePlain(authc, password, authz))
-            ok, line = yield self.status("AUTH")
-            if not ok:
-                raise self.refused(line, "the login")
-            return
-        self.sendLine(b"USER " + authc.encode("utf-8"))
-        ok, line = yield self.status("USER")
-        if not ok:
+            self.command(b"AUTH PLAIN " + encodePlain(authc, password, authz), self.loginReply)
+        else:
+            self.command(b"USER " + authc.encode("utf-8"), self.userReply)
+
+    def userReply(self, line: bytes) -> None:
+        if not self.status(line, "USER"):
             raise self.refused(line, "USER")
-        self.sendLine(b"PASS " + password)
-        ok, line = yield self.status("PASS")
-        if not ok:
+        self.command(b"PASS " + self.loginIdentity()[1], self.loginReply)
+
+    def loginReply(self, line: bytes) -> None:
+        if not self.status(line, "the login"):
             raise self.refused(line, "the login")
+        self.succeed()
 
 
-@implementer(IPlugin, ICASProtocol)
-class POP3Protocol:
-    """
-    The descriptor of casd's POP3 proxy.
-    """
-
-    name = "pop3"
-    description = "POP3 (RFC 1939) proxy: pre-login in casd, then relayed to the mailbox server"
-    defaultListeners = (
+pop3 = ProtocolDescriptor(
+    name="pop3",
+    description="POP3 (RFC 1939) proxy: pre-login in casd, then relayed to the mailbox server",
+    server=POP3Server,
+    defaultListeners=(
         {"endpoint": "tcp:110", "tls": "starttls"},
         {"endpoint": "tcp:995", "tls": "implicit"},
-    )
-    defaultBackendPort = 110
-    defaultBackendTLS = "starttls"
-    healthProbe = HealthProbe(expect=b"+OK", quit=b"QUIT\r\n")
-    settings = (
+    ),
+    defaultBackendPort=110,
+    defaultBackendTLS="starttls",
+    alpnProtocols=("pop3",),
+    healthProbe=HealthProbe(expect=b"+OK", quit=b"QUIT\r\n"),
+    settings=(
         Setting(
             "enabled",
             "bool",
@@ -337,14 +261,5 @@ class POP3Protocol:
             "Capabilities of the mailbox servers announced by CAPA before login (after login"
             " CAPA is the backend's own).",
         ),
-    )
-
-    def buildFactory(self, context, section, listener):
-        return FrontendFactory(POP3Server, context, section, listener, self)
-
-    @staticmethod
-    def renderFailure(exc: BaseException) -> bytes:
-        return renderFailure(FAILURES, exc, INTERNAL_FAILURE)
-
-
-pop3 = POP3Protocol()
+    ),
+)

@@ -1,41 +1,44 @@
+# -*- test-case-name: tests.test_smtp -*-
 """
-SMTP (RFC 5321): casd's front door for mail, as Exchange's Front End Transport service is.
-Two descriptors share one server: C{smtp} (port 25: mail from other servers, filtered, routed by
-recipient) and C{submission} (ports 587 and 465, RFC 6409 and RFC 8314: authenticated users,
-routed by the user).
+SMTP (RFC 5321): the transaction core that casd's two SMTP services share, as Exchange's Front
+End Transport service is.  L{protocols.smtpmx} serves port 25 (mail from other servers,
+filtered, routed by recipient); L{protocols.submission} serves ports 587 and 465 (RFC 6409,
+RFC 8314: authenticated users, routed by the user).  Each is its own server class and
+descriptor, with its own settings, on the L{SMTPServer} and L{SMTPDescriptor} here.
 
 casd never queues mail.  It checks each command itself, opens the backend session when the first
-recipient is accepted (the recipient's mailbox server, or the user's for submission), replays the
-envelope there and streams DATA through with flow control.  The promise: every C{250} casd says
-to a message is the backend's own reply to it, so it means exactly one message accepted by a
-backend; anything else the sender gets as a reply it retries (4xx) or bounces (5xx).
+recipient is accepted (the route the service finds for it, L{SMTPServer.routeRecipient}),
+replays the envelope there and streams DATA through with flow control.  The promise: every
+C{250} casd says to a message is the backend's own reply to it, so it means exactly one message
+accepted by a backend; anything else the sender gets as a reply it retries (4xx) or bounces
+(5xx).
 """
 
 from __future__ import annotations
 
 import weakref
 
-from zope.interface import implementer
+from attrs import field, frozen
 
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IPushProducer
-from twisted.plugin import IPlugin
+from twisted.internet import defer
 
-from casd.failures import (
+from casd.plugin import (
     AuthenticationFailed,
     BackendUnavailable,
     CASFailure,
     DirectoryUnavailable,
+    FrontendFactory,
+    FrontendProtocol,
+    HealthProbe,
     PolicyRefused,
     PrivacyRequired,
+    ProtocolDescriptor,
     Throttled,
+    Wording,
 )
-from casd.session.frontend import FrontendFactory, FrontendProtocol, renderFailure
-from casd.pool.health import HealthProbe
-from casd.interfaces import ICASProtocol
-from casd.auth.sasl import MECHANISMS, SASLRefusal
 from protocols.smtpbackend import SMTPBackend, UnexpectedReply
-from protocols.smtpfilters import ConnectionFilter, SendingLimits, Verdict, policyInt, senderBlocked
+from protocols.smtpdata import BACKEND_LOST, DataPhase, ClientPump
+from protocols.smtpfilters import ConnectionFilter, Verdict, senderBlocked
 from protocols.smtpgrammar import (
     DataStream,
     Reply,
@@ -44,14 +47,6 @@ from protocols.smtpgrammar import (
     renderParameters,
     splitCommand,
     validHeloName,
-)
-from protocols.smtpsettings import (
-    COMMON_SETTINGS,
-    MX_ONLY,
-    MX_SETTINGS,
-    SUBMISSION_ONLY,
-    SUBMISSION_SETTINGS,
-    SectionView,
 )
 
 #: How each failure of the shared vocabulary reads in SMTP (RFC 4954 for AUTH).
@@ -65,36 +60,19 @@ FAILURES = (
 )
 INTERNAL_FAILURE = b"451 4.3.0 Internal error, try again later"
 
-#: Replies to a transaction whose backend went away: never a made-up 250.
-BACKEND_LOST = b"451 4.4.2 Connection to the mailbox server lost, try again later"
-NOT_CONFIRMED = b"451 4.4.2 The mailbox server did not confirm the message, try again later"
-
-
-@implementer(IPushProducer)
-class _ClientPump:
-    """
-    The client's transport as producer of DATA for the backend's transport: a backend that
-    reads slowly pauses reading from the client, so casd never holds more than the transports'
-    buffers of a message.
-    """
-
-    def __init__(self, transport) -> None:
-        self.transport = transport
-        self.paused = False
-
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        # The backend is gone: the client's data is still read, up to its end, and refused.
-        self.resumeProducing()
+#: What the core says in SMTP's name (L{FrontendProtocol.dispatch}, SASL, STARTTLS); each
+#: carries its reply code, except the last words after C{421 4.7.0 host} (L{SMTPServer.replyBye}).
+WORDING = Wording(
+    unknownCommand=b"500 5.5.2 Error: command not recognized",
+    tooManyErrors=b"Error: too many errors",
+    tlsActive=b"503 5.5.1 Error: TLS already active",
+    tlsUnavailable=b"502 5.5.1 Error: command not implemented",
+    tlsGoAhead=b"220 2.0.0 Ready to start TLS",
+    saslUnsupported=b"504 5.5.4 Unrecognized authentication type",
+    saslBadInitial=b"501 5.5.2 Cannot decode response",
+    saslBadResponse=b"501 5.5.2 Cannot decode response",
+    saslCancelled=b"501 5.7.0 Authentication aborted",
+)
 
 
 class Transaction:
@@ -119,7 +97,7 @@ class Transaction:
         self.failed: bytes | None = None
         self.failedGroups: set = set()
         self.stream: DataStream | None = None
-        self.pump: _ClientPump | None = None
+        self.pump: ClientPump | None = None
         self.tooBig = False
         self.refusal: bytes | None = None
 
@@ -130,10 +108,11 @@ class Transaction:
         return b"MAIL FROM:" + self.sender.path() + renderParameters(params)
 
 
-class SMTPServer(FrontendProtocol):
+class SMTPServer(DataPhase, FrontendProtocol):
     """
     The client side of an SMTP session, for the whole session: casd parses every command and
-    drives the backend transaction itself (see the module docstring).
+    drives the backend transaction itself (see the module docstring).  A service subclasses it
+    and implements L{routeRecipient}; its other hooks have neutral defaults.
 
     @ivar helo: the client's EHLO/HELO name, once given.
     @ivar transaction: the L{Transaction} in progress, or C{None}.
@@ -143,10 +122,16 @@ class SMTPServer(FrontendProtocol):
 
     failures = FAILURES
     internalFailure = INTERNAL_FAILURE
+    wording = WORDING
+    #: Every command is one of C{smtp_NAME} (L{FrontendProtocol.dispatch}).
+    state = "smtp"
+    #: Whether the authenticated user is passed on to the backend (XCLIENT LOGIN or master).
+    passUser = False
+    #: ESMTP parameters of MAIL accepted and not passed on (RFC 4954 AUTH on submission).
+    droppedMailParameters: frozenset = frozenset()
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self.submission = self.descriptor.submission
         self.hostname = self.context.config.hostname.encode("idna")
         self.helo: bytes | None = None
         self.esmtp = False
@@ -161,21 +146,69 @@ class SMTPServer(FrontendProtocol):
     def shared(self):
         return self.factory.shared
 
+    # -- the service's hooks --------------------------------------------------------------------
+
+    def connectionChecks(self, host: str, verdict: str):
+        """
+        Checks before the greeting (port 25: pregreet, DNSBL).
+
+        @return: C{None}, or a L{Deferred} firing with C{(reply, reason)} to refuse the client
+            with, or C{None} to greet it.
+        """
+        return None
+
+    def mailRefusal(self) -> bytes | None:
+        """
+        @return: the error reply to MAIL before it is parsed (e.g. authentication required).
+        """
+        return None
+
+    def senderRefusal(self, sender) -> tuple[bytes, bool] | None:
+        """
+        @return: C{(reply, counts as an error)} refusing the sender at MAIL, or C{None}.
+        """
+        return None
+
+    def recipientLimit(self) -> int:
+        return self.section.max_recipients
+
+    def routeRecipient(self, rcpt) -> defer.Deferred:
+        """
+        @return: a L{Deferred} firing with the L{casd.routing.router.Route} for C{rcpt}, or with
+            C{(reply, counts as an error)} refusing it.
+        """
+        raise NotImplementedError()
+
+    def messageAccepted(self, tx: Transaction) -> None:
+        """
+        A backend accepted the message of C{tx}.
+        """
+
+    def requireBackendLogin(self) -> bool:
+        """
+        Whether a backend that cannot be told who the user is, is unusable.
+        """
+        return False
+
     # -- replies ------------------------------------------------------------------------------
 
     def reply(self, line: bytes) -> None:
         self.send(line + b"\r\n")
+
+    def replyOk(self, token, text: bytes) -> None:
+        self.reply(text)
+
+    replyNo = replyBad = replyOk
+
+    def replyBye(self, text: bytes) -> None:
+        self.reply(b"421 4.7.0 " + self.hostname + b" " + text)
 
     def error(self, line: bytes) -> None:
         """
         Reply with an error that counts towards C{max_bad_commands} (unknown commands, syntax,
         sequence, refused recipients: a harvester's tools).
         """
-        if self.badCommand():
-            self.reply(b"421 4.7.0 " + self.hostname + b" Error: too many errors")
-            self.close("too many errors")
-            return
-        self.reply(line)
+        self.invalidCommand(None, line)
 
     def lineTooLong(self) -> None:
         self.reply(b"500 5.5.2 Error: line too long")
@@ -204,41 +237,21 @@ class SMTPServer(FrontendProtocol):
             self.close("throttled")
             return
         self._admitted = host
-        checks = []
-        if verdict == Verdict.ACCEPT and not self.submission:
-            if self.section.pregreet_delay:
-                # A partial greeting, as Postfix's postscreen sends: a client that speaks before
-                # the last line is a bot that does not wait for its turn.
-                self.send(b"220-" + self.hostname + b" ESMTP\r\n")
-                checks.append(
-                    task.deferLater(self.clock, self.section.pregreet_delay, lambda: None)
-                )
-            if self.section.dnsbl_zones:
-                checks.append(self.shared.filter.listed(host))
-        if not checks:
+        d = self.connectionChecks(host, verdict)
+        if d is None:
             self._sayHello()
             return
-        d = defer.gatherResults(checks)
-        d.addCallback(self._checked)
-        d.addErrback(self._checkFailed)
+        d.addCallbacks(self._checked, self._checkFailed)
 
-    def _checked(self, results) -> None:
+    def _checked(self, refusal) -> None:
         if self._closing:
             return
-        zone = next((r for r in results if r), None)
-        if self._talkedEarly:
-            self.reply(b"554 5.5.1 Error: SMTP protocol synchronization")
-            self.close("pregreet")
-        elif zone is not None:
-            self.reply(
-                b"554 5.7.1 Service unavailable; client ["
-                + self.client.peerHost.encode("ascii")
-                + b"] blocked using "
-                + zone.encode("ascii", "replace")
-            )
-            self.close(f"dnsbl {zone}")
-        else:
+        if refusal is None:
             self._sayHello()
+            return
+        reply, reason = refusal
+        self.reply(reply)
+        self.close(reason)
 
     def _checkFailed(self, failure) -> None:
         self.log.failure("SMTP connection checks failed", failure)
@@ -286,11 +299,7 @@ class SMTPServer(FrontendProtocol):
             self.saslResponse(line)
             return
         verb, args = splitCommand(line)
-        handler = getattr(self, "do_" + verb, None) if verb else None
-        if handler is None:
-            self.error(b"500 5.5.2 Error: command not recognized")
-            return
-        handler(args)
+        self.dispatch(verb, args)
 
     def extensions(self) -> list[bytes]:
         limit = self.section.message_size_limit
@@ -300,8 +309,6 @@ class SMTPServer(FrontendProtocol):
         lines.append(b"ENHANCEDSTATUSCODES")
         if self.tlsAvailable:
             lines.append(b"STARTTLS")
-        if self.submission and self.user is None and self.client.plaintextAllowed:
-            lines.append(b"AUTH " + b" ".join(m.encode("ascii") for m in MECHANISMS))
         return lines
 
     def _hello(self, args: bytes, esmtp: bool) -> None:
@@ -320,112 +327,51 @@ class SMTPServer(FrontendProtocol):
         else:
             self.reply(b"250 " + self.hostname)
 
-    def do_EHLO(self, args: bytes) -> None:
+    def smtp_EHLO(self, args: bytes) -> None:
         self._hello(args, True)
 
-    def do_HELO(self, args: bytes) -> None:
+    def smtp_HELO(self, args: bytes) -> None:
         self._hello(args, False)
 
-    def do_NOOP(self, args: bytes) -> None:
+    def smtp_NOOP(self, args: bytes) -> None:
         self.reply(b"250 2.0.0 Ok")
 
-    def do_RSET(self, args: bytes) -> None:
+    def smtp_RSET(self, args: bytes) -> None:
         if args.strip():
             self.error(b"501 5.5.4 Syntax: RSET")
             return
         self._endTransaction()
         self.reply(b"250 2.0.0 Ok")
 
-    def do_QUIT(self, args: bytes) -> None:
+    def smtp_QUIT(self, args: bytes) -> None:
         self.reply(b"221 2.0.0 Bye")
         self.close("quit")
 
-    def do_HELP(self, args: bytes) -> None:
+    def smtp_HELP(self, args: bytes) -> None:
         self.reply(b"214 2.0.0 See RFC 5321")
 
-    def do_VRFY(self, args: bytes) -> None:
+    def smtp_VRFY(self, args: bytes) -> None:
         self.reply(b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
 
     def _notImplemented(self, args: bytes) -> None:
         self.error(b"502 5.5.1 Error: command not implemented")
 
-    do_EXPN = do_ETRN = do_TURN = do_BDAT = _notImplemented
+    smtp_EXPN = smtp_ETRN = smtp_TURN = smtp_BDAT = _notImplemented
 
-    def do_STARTTLS(self, args: bytes) -> None:
+    def smtp_AUTH(self, args: bytes) -> None:
+        self.error(b"503 5.5.1 Error: authentication not enabled")
+
+    def smtp_STARTTLS(self, args: bytes) -> None:
         if args.strip():
             self.error(b"501 5.5.4 Syntax: STARTTLS")
-        elif self.client.tls:
-            self.error(b"503 5.5.1 Error: TLS already active")
-        elif not self.tlsAvailable:
-            self.error(b"502 5.5.1 Error: command not implemented")
-        elif self.transaction is not None:
+        elif self.transaction is not None and self.tlsAvailable:
             self.error(b"503 5.5.1 Error: MAIL transaction in progress")
-        else:
-            self.reply(b"220 2.0.0 Ready to start TLS")
-            self.startTLS()
+        elif self.startTLSCommand(None):
             # RFC 3207 4.2: everything learnt before TLS is forgotten.
             self.helo, self.esmtp = None, False
             if self.session is not None:
                 self.session.quit()
                 self.session = None
-
-    # -- AUTH (submission) ----------------------------------------------------------------------
-
-    def do_AUTH(self, args: bytes) -> None:
-        if not self.submission:
-            self.error(b"503 5.5.1 Error: authentication not enabled")
-            return
-        if self.helo is None or not self.esmtp:
-            self.error(b"503 5.5.1 Error: send EHLO first")
-            return
-        if self.user is not None:
-            self.error(b"503 5.5.1 Error: already authenticated")
-            return
-        if self.transaction is not None:
-            self.error(b"503 5.5.1 Error: MAIL transaction in progress")
-            return
-        words = args.split()
-        if not 1 <= len(words) <= 2:
-            self.error(b"501 5.5.4 Syntax: AUTH mechanism [initial-response]")
-            return
-        self.startSASL(None, words[0], words[1] if len(words) == 2 else None)
-
-    def saslChallenge(self, token, challenge: bytes) -> None:
-        self.reply(b"334 " + challenge)
-
-    def saslFailed(self, token, refusal: SASLRefusal) -> None:
-        if refusal is SASLRefusal.UNSUPPORTED:
-            self.error(b"504 5.5.4 Unrecognized authentication type")
-        elif refusal is SASLRefusal.PRIVACY_REQUIRED:
-            self.reply(self.renderFailure(PrivacyRequired()))
-        elif refusal in (SASLRefusal.BAD_INITIAL, SASLRefusal.BAD_RESPONSE):
-            self.error(b"501 5.5.2 Cannot decode response")
-        elif refusal is SASLRefusal.CANCELLED:
-            self.reply(b"501 5.7.0 Authentication aborted")
-        else:
-            self.reply(self.renderFailure(AuthenticationFailed()))
-
-    def login(self, token, credentials) -> defer.Deferred:
-        """
-        Authenticate only: SMTP opens no backend session at login (see L{do_RCPT}).
-        """
-        d = self.context.authenticator.login(credentials, self.client)
-        d.addCallbacks(self._authenticated, self._authFailed)
-        return self.wait(d)
-
-    def _authenticated(self, user) -> None:
-        if self._closing:
-            return
-        self.user = user
-        self.reply(b"235 2.7.0 Authentication successful")
-
-    def _authFailed(self, failure) -> None:
-        if self._closing:
-            return
-        if not failure.check(CASFailure):
-            self.log.failure("SMTP authentication failed unexpectedly", failure)
-        self.result = type(failure.value).__name__
-        self.reply(self.renderFailure(failure.value))
 
     def makeDialogue(self, target, user=None, credentials=None):
         return SMTPBackend(
@@ -435,18 +381,19 @@ class SMTPServer(FrontendProtocol):
             self.context,
             self.helo,
             self.esmtp,
-            self.submission,
-            self.section.backend_login_required,
+            self.passUser,
+            self.requireBackendLogin(),
         )
 
     # -- MAIL -------------------------------------------------------------------------------------
 
-    def do_MAIL(self, args: bytes) -> None:
+    def smtp_MAIL(self, args: bytes) -> None:
         if self.helo is None:
             self.error(b"503 5.5.1 Error: send HELO/EHLO first")
             return
-        if self.submission and self.user is None:
-            self.error(b"530 5.7.0 Authentication required")
+        refusal = self.mailRefusal()
+        if refusal is not None:
+            self.error(refusal)
             return
         if self.transaction is not None:
             self.error(b"503 5.5.1 Error: nested MAIL command")
@@ -465,15 +412,13 @@ class SMTPServer(FrontendProtocol):
         if senderBlocked(sender.address, self.section.blocked_senders):
             self.error(b"550 5.7.1 " + sender.path() + b": Sender address rejected: Access denied")
             return
-        if self.submission and self.section.enforce_sender and not _owns(self.user, sender):
-            self.error(
-                b"553 5.7.1 " + sender.path() + b": Sender address rejected: not owned by user"
-            )
+        refused = self.senderRefusal(sender)
+        if refused is not None:
+            line, isError = refused
+            (self.error if isError else self.reply)(line)
             return
-        if self.submission and not self.shared.limits.mayStart(self.user):
-            self.reply(b"450 4.7.1 Error: too many messages sent, try again later")
-            return
-        self.transaction = Transaction(sender, tuple((k, v) for k, v in params if k != "AUTH"))
+        kept = tuple((k, v) for k, v in params if k not in self.droppedMailParameters)
+        self.transaction = Transaction(sender, kept)
         self.reply(b"250 2.1.0 Ok")
 
     def _checkMailParameters(self, sender, params) -> bytes | None:
@@ -494,9 +439,7 @@ class SMTPServer(FrontendProtocol):
                     return b"501 5.5.4 Bad BODY parameter"
             elif key == "SMTPUTF8" and self.section.smtputf8 and value is None:
                 pass
-            elif key == "AUTH" and self.submission:
-                pass  # RFC 4954 5: the backend learns the sender's identity from casd instead
-            else:
+            elif key not in self.droppedMailParameters:
                 return b"555 5.5.4 Unsupported option: " + key.encode("ascii")
         return None
 
@@ -507,11 +450,7 @@ class SMTPServer(FrontendProtocol):
 
     # -- RCPT -------------------------------------------------------------------------------------
 
-    def recipientLimit(self) -> int:
-        limit = self.section.max_recipients
-        return policyInt(self.user, "smtp_max_recipients", limit) or limit if self.user else limit
-
-    def do_RCPT(self, args: bytes) -> None:
+    def smtp_RCPT(self, args: bytes) -> None:
         tx = self.transaction
         if tx is None:
             self.error(b"503 5.5.1 Error: need MAIL command")
@@ -542,19 +481,16 @@ class SMTPServer(FrontendProtocol):
         @return: C{(reply, counts as an error)}.
         """
         where = rcpt.path()
-        if self.submission:
-            user = self.user
-        else:
-            user = yield self._localRecipient(rcpt)
-            if isinstance(user, tuple):
-                return user
         try:
-            route = yield self.context.router.locate(user, self.descriptor)
+            route = yield self.routeRecipient(rcpt)
         except CASFailure as e:
             self.log.warn("no route for {rcpt}: {reason}", rcpt=rcpt.address, reason=str(e))
             return b"451 4.4.0 " + where + b": No mailbox server available, try again later", False
+        if isinstance(route, tuple):
+            return route
         group = route.group or (route.targets[0].describe() if route.targets else "")
         rcptLine = b"RCPT TO:" + where
+        unavailable = b"451 4.4.1 " + where + b": Mailbox server unavailable, try again later"
         if tx.session is not None and tx.group == group:
             reply = yield tx.session.rcpt(rcptLine)
         elif tx.recipients:
@@ -567,10 +503,7 @@ class SMTPServer(FrontendProtocol):
             )
         else:
             if group in tx.failedGroups:
-                return (
-                    b"451 4.4.1 " + where + b": Mailbox server unavailable, try again later",
-                    False,
-                )
+                return unavailable, False
             try:
                 session = yield self._sessionFor(route, group)
             except CASFailure as e:
@@ -578,10 +511,7 @@ class SMTPServer(FrontendProtocol):
                     "backend for {rcpt} unavailable: {reason}", rcpt=rcpt.address, reason=str(e)
                 )
                 tx.failedGroups.add(group)
-                return (
-                    b"451 4.4.1 " + where + b": Mailbox server unavailable, try again later",
-                    False,
-                )
+                return unavailable, False
             tx.session, tx.group = session, group
             mail, reply = yield session.begin(tx.mailLine(session.extensions), rcptLine)
             if not mail.positive:
@@ -594,42 +524,6 @@ class SMTPServer(FrontendProtocol):
         return reply.sanitised().render(), reply.permanent
 
     @defer.inlineCallbacks
-    def _localRecipient(self, rcpt):
-        """
-        Recipient filtering on port 25: an accepted domain, then the directory.
-
-        @return: the recipient's L{casd.interfaces.IMailboxUser}, or C{(reply, is an error)}.
-        """
-        where = rcpt.path()
-        domains = self.section.accepted_domains
-        address = rcpt.address
-        if not rcpt.domain and domains:
-            address = f"{rcpt.local}@{domains[0]}"  # <Postmaster> without a domain
-        elif not _accepted(rcpt.domain, domains):
-            # casd is never an open relay.
-            return b"554 5.7.1 " + where + b": Relay access denied", True
-        directory = self.context.directory
-        if directory is None:
-            self.log.error("no directory to look recipients up in: every recipient is deferred")
-            return b"451 4.3.0 " + where + b": Temporary lookup failure, try again later", False
-        try:
-            user = yield directory.lookup(address)
-            delimiter = self.section.recipient_delimiter
-            if user is None and delimiter:
-                local, _, domain = address.rpartition("@")
-                base = local.split(delimiter, 1)[0]
-                if base and base != local:
-                    user = yield directory.lookup(f"{base}@{domain}")
-        except DirectoryUnavailable:
-            return b"451 4.3.0 " + where + b": Temporary lookup failure, try again later", False
-        except Exception:
-            self.log.failure("recipient look-up of {rcpt} failed", rcpt=address)
-            return b"451 4.3.0 " + where + b": Temporary lookup failure, try again later", False
-        if user is None:
-            return b"550 5.1.1 " + where + b": Recipient address rejected: User unknown", True
-        return user
-
-    @defer.inlineCallbacks
     def _sessionFor(self, route, group: str):
         session = self.session
         if session is not None and session.group == group and session.usable:
@@ -637,10 +531,7 @@ class SMTPServer(FrontendProtocol):
         if session is not None:
             session.quit()
             self.session = None
-        session = yield self.context.connector.connect(route, self.makeDialogue)
-        if self._closing or not self.connected:
-            session.quit()
-            raise BackendUnavailable("the client left")
+        session = yield self.connectRoute(route)
         if session.leftover:
             session.drop()
             raise BackendUnavailable(f"backend {session.target.describe()} sent unasked-for data")
@@ -648,7 +539,6 @@ class SMTPServer(FrontendProtocol):
         session.whenLost(lambda: self._backendLost(session))
         self._checkSize(session)
         self.session = session
-        self.backend = session.target.describe()
         return session
 
     def _checkSize(self, session) -> None:
@@ -711,139 +601,9 @@ class SMTPServer(FrontendProtocol):
         if not tx.recipients:
             tx.group = None
 
-    # -- DATA -------------------------------------------------------------------------------------
-
-    def do_DATA(self, args: bytes) -> None:
-        tx = self.transaction
-        if args.strip():
-            self.error(b"501 5.5.4 Syntax: DATA")
-            return
-        if tx is None:
-            self.error(b"503 5.5.1 Error: need RCPT command")
-            return
-        if tx.failed is not None:
-            self.transaction = None
-            self.reply(tx.failed)
-            return
-        if not tx.recipients or tx.session is None:
-            self.transaction = None
-            self.reply(b"554 5.5.1 Error: no valid recipients")
-            return
-        d = tx.session.data()
-        d.addCallbacks(self._dataReply, self._dataFailed, callbackArgs=(tx,), errbackArgs=(tx,))
-        self.wait(d)
-
-    def _dataReply(self, reply: Reply, tx: Transaction) -> None:
-        if self._closing:
-            return
-        if reply.code != 354:
-            self.transaction = None
-            self.send(reply.sanitised().render())
-            return
-        self.reply(b"354 End data with <CR><LF>.<CR><LF>")
-        tx.stream = DataStream(normalise=self.section.bare_line_endings == "normalise")
-        tx.pump = _ClientPump(self.transport)
-        tx.session.transport.registerProducer(tx.pump, True)
-        self.setStreamMode(lambda data: self._dataChunk(tx, data))
-
-    def _dataFailed(self, failure, tx: Transaction) -> None:
-        self._sessionBroken(tx, failure)
-        self.transaction = None
-        if not self._closing:
-            self.reply(BACKEND_LOST)
-
-    def _dataChunk(self, tx: Transaction, data: bytes):
-        self.resetTimeout(self.section.command_timeout)
-        stream = tx.stream
-        out, rest = stream.feed(data)
-        limit = self.section.message_size_limit
-        if limit and stream.size > limit:
-            tx.tooBig = True
-        session = tx.session
-        if session is not None and tx.failed is None and tx.refusal is None:
-            if tx.tooBig:
-                tx.refusal = b"552 5.3.4 Message size exceeds fixed limit"
-            elif stream.bare and not stream.normalise:
-                tx.refusal = (
-                    b"554 5.6.0 Message refused: bare CR or LF in its data, use CRLF line endings"
-                )
-            if tx.refusal is None:
-                session.write(out)
-            else:
-                # The backend must not get this message: it never sees an end of data.
-                session.drop()
-                self._backendLost(session)
-        if rest is None:
-            return None
-        self._endOfData(tx)
-        return rest
-
-    def _endOfData(self, tx: Transaction) -> None:
-        session = tx.session
-        if session is not None and not session.lost:
-            session.transport.unregisterProducer()
-        tx.pump.resumeProducing()
-        tx.stream, tx.pump = None, None
-        refusal = tx.refusal or tx.failed
-        if refusal is not None or session is None:
-            self.transaction = None
-            self.reply(refusal or BACKEND_LOST)
-        else:
-            # The backend's reply to the end of data is the one the client gets.
-            self.resetTimeout(self.section.data_timeout + self.section.command_timeout)
-            d = session.endOfData(self.section.data_timeout)
-            d.addCallbacks(
-                self._finalReply, self._finalFailed, callbackArgs=(tx,), errbackArgs=(tx,)
-            )
-            self.wait(d)
-
-    def _finalReply(self, reply: Reply, tx: Transaction) -> None:
-        self.transaction = None
-        if reply.positive:
-            self.messages += 1
-            if self.submission:
-                self.shared.limits.sent(self.user)
-            self.log.info(
-                "message from {sender} for {count} recipient(s) accepted by {backend}: {reply}",
-                sender=tx.sender.address or "<>",
-                count=len(tx.recipients),
-                backend=tx.session.target.describe(),
-                reply=reply.text[:200].decode("ascii", "replace"),
-            )
-        self.resetTimeout(self.section.command_timeout)
-        if not self._closing:
-            self.send(reply.sanitised().render())
-
-    def _finalFailed(self, failure, tx: Transaction) -> None:
-        self._sessionBroken(tx, failure)
-        self.transaction = None
-        self.resetTimeout(self.section.command_timeout)
-        if not self._closing:
-            self.reply(NOT_CONFIRMED)
-
-
-def _owns(user, sender) -> bool:
-    """
-    Whether C{sender} is C{user}'s own address (C{enforce_sender}).
-    """
-    own = user.address or (user.login if "@" in user.login else "")
-    return bool(own) and sender.address.lower() == own.lower()
-
-
-def _accepted(domain: str, domains) -> bool:
-    """
-    Whether C{domain} is one casd accepts mail for: listed, or below a listed C{.domain}.
-    """
-    for entry in domains:
-        entry = entry.lower()
-        if domain == entry or entry.startswith(".") and domain.endswith(entry):
-            return True
-    return False
-
-
 class SMTPFactory(FrontendFactory):
     """
-    @ivar shared: the filters' state shared by every listener of the protocol.
+    @ivar shared: the filters' state shared by every listener of the service.
     """
 
     def __init__(self, protocolClass, context, section, listener, descriptor, shared) -> None:
@@ -851,60 +611,31 @@ class SMTPFactory(FrontendFactory):
         self.shared = shared
 
 
-class _Shared:
-    def __init__(self, section, context) -> None:
-        def resolver():
-            from twisted.names import client
-
-            servers = [_hostPort(s) for s in section.dnsbl_servers]
-            if servers:
-                return client.Resolver(servers=servers, reactor=context.reactor)
-            return client.Resolver(resolv="/etc/resolv.conf", reactor=context.reactor)
-
-        self.filter = ConnectionFilter(section, context.reactor, resolver)
-        self.limits = SendingLimits(section, context.reactor)
-
-
-def _hostPort(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host:
-        return text, 53
-    return host.strip("[]"), int(port)
-
-
-# -- the descriptors ---------------------------------------------------------------------------
-
-
-@implementer(IPlugin, ICASProtocol)
-class SMTPProtocol:
+class SharedState:
     """
-    The descriptor of one of casd's SMTP services.
-
-    @ivar submission: C{True} for submission (AUTH, routed by the user), C{False} for port 25
-        (filtered, routed by recipient).
+    What every listener of one service's section shares: the connection filter, and what the
+    service adds (L{SMTPDescriptor.makeShared}).
     """
 
-    defaultBackendTLS = "starttls"
-    healthProbe = HealthProbe(expect=b"220", quit=b"QUIT\r\n")
+    def __init__(self, section, context, resolverFactory=None) -> None:
+        self.filter = ConnectionFilter(section, context.reactor, resolverFactory)
 
-    def __init__(
-        self, name, description, defaultListeners, defaultBackendPort, settings, submission
-    ):
-        self.name = name
-        self.description = description
-        self.defaultListeners = defaultListeners
-        self.defaultBackendPort = defaultBackendPort
-        self.settings = settings
-        self.submission = submission
-        self._shared: dict[int, tuple] = {}
 
-    def view(self, section) -> SectionView:
-        """
-        C{section} with the other service's keys at fixed values, for the one server class.
-        """
-        return SectionView(section, MX_ONLY if self.submission else SUBMISSION_ONLY)
+@frozen(eq=False)
+class SMTPDescriptor(ProtocolDescriptor):
+    """
+    The descriptor of one of casd's SMTP services: L{ProtocolDescriptor}, with the filters'
+    state shared by all listeners of a section (L{makeShared}).
+    """
 
-    def sharedState(self, section, context) -> _Shared:
+    defaultBackendTLS: str = "starttls"
+    healthProbe: HealthProbe | None = HealthProbe(expect=b"220", quit=b"QUIT\r\n")
+    _shared: dict = field(factory=dict, init=False, repr=False)
+
+    def makeShared(self, section, context) -> SharedState:
+        return SharedState(section, context)
+
+    def sharedState(self, section, context) -> SharedState:
         """
         The filters' state for C{section}, one for all of its listeners.
         """
@@ -912,35 +643,16 @@ class SMTPProtocol:
             del self._shared[key]
         entry = self._shared.get(id(section))
         if entry is None or entry[0]() is not section:
-            entry = (weakref.ref(section), _Shared(self.view(section), context))
+            if section.preauth_timeout:
+                SMTPServer.log.warn(
+                    "[{name}] preauth_timeout is not used by SMTP: command_timeout bounds a"
+                    " client's silence",
+                    name=self.name,
+                )
+            entry = (weakref.ref(section), self.makeShared(section, context))
             self._shared[id(section)] = entry
         return entry[1]
 
     def buildFactory(self, context, section, listener):
         shared = self.sharedState(section, context)
-        return SMTPFactory(SMTPServer, context, self.view(section), listener, self, shared)
-
-    @staticmethod
-    def renderFailure(exc: BaseException) -> bytes:
-        return renderFailure(FAILURES, exc, INTERNAL_FAILURE)
-
-
-smtp = SMTPProtocol(
-    "smtp",
-    "SMTP (RFC 5321) on port 25: mail from other servers, filtered and routed by recipient to the"
-    " mailbox servers' SMTP, never queued",
-    ({"endpoint": "tcp:25", "tls": "starttls"},),
-    25,
-    COMMON_SETTINGS + MX_SETTINGS,
-    submission=False,
-)
-
-submission = SMTPProtocol(
-    "submission",
-    "Message submission (RFC 6409, RFC 8314) on ports 587 and 465: authenticated users, passed"
-    " on to their mailbox server's submission service",
-    ({"endpoint": "tcp:587", "tls": "starttls"}, {"endpoint": "tcp:465", "tls": "implicit"}),
-    587,
-    COMMON_SETTINGS + SUBMISSION_SETTINGS,
-    submission=True,
-)
+        return SMTPFactory(self.server, context, section, listener, self, shared)

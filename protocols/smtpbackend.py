@@ -1,21 +1,28 @@
+# -*- test-case-name: tests.test_smtpbackend -*-
 """
 The SMTP backend session: the login dialogue (greeting, EHLO, STARTTLS, XCLIENT or XFORWARD, and
 for submission the user passed on) and then the transaction phase that casd drives itself: MAIL
 and RCPT replayed, DATA streamed, every reply read within a bound.  Unlike IMAP there is no
 detaching to the dumb relay: casd must see each reply to keep its promise that a C{250} to a
 message means exactly one message accepted by this backend.
+
+Both phases are driven by lines, in the style of every backend dialogue (C{expectLine}
+callbacks, no generator per reply).  After the login, every reply is matched, in order, to a
+command this session sent: a line the backend sends unasked breaks the session, so a reply can
+never be taken for the answer to another command, and body bytes go only to a session that has
+itself answered C{354} to its own C{DATA} (L{SMTPBackend.write}).
 """
 
 from __future__ import annotations
 
-import ipaddress
+from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from casd.session.dialogue import BackendDialogue
-from casd.failures import BackendUnavailable
-from casd.auth.sasl import encodePlain
+from casd.net import parseAddress
+from casd.plugin import BackendDialogue, BackendUnavailable, encodePlain
 from protocols.smtpgrammar import (
     Reply,
     ReplyParser,
@@ -38,20 +45,35 @@ class UnexpectedReply(Exception):
         self.reply = reply
 
 
+class NotInData(BackendUnavailable):
+    """
+    Body bytes were offered to a session that has not answered C{354} to its own C{DATA}.
+    """
+
+
 def clientAddress(host: str) -> str:
     """
     The client's address as XCLIENT and XFORWARD spell it: C{IPV6:} before an IPv6 address, an
     IPv4-mapped one as plain IPv4.
     """
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    ip = parseAddress(host)
+    if ip is None:
         return UNAVAILABLE
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return "IPV6:" + str(ip)
-    return str(ip)
+    return ("IPV6:" if ip.version == 6 else "") + str(ip)
+
+
+class _Waiter:
+    """
+    One reply the transaction phase waits for.
+    """
+
+    __slots__ = ("deferred", "parser", "timeout", "step")
+
+    def __init__(self, step: str, timeout: float) -> None:
+        self.deferred: defer.Deferred = defer.Deferred()
+        self.parser = ReplyParser()
+        self.timeout = timeout
+        self.step = step
 
 
 class SMTPBackend(BackendDialogue):
@@ -60,11 +82,13 @@ class SMTPBackend(BackendDialogue):
 
     @ivar helo: the client's EHLO/HELO name, passed on after XCLIENT and as XFORWARD HELO.
     @ivar esmtp: whether the client said EHLO (PROTO=ESMTP) rather than HELO.
-    @ivar submission: whether the authenticated user is passed on (port 587/465).
+    @ivar passUser: whether the authenticated user is passed on (submission).
     @ivar requireLogin: whether a backend that cannot be told who the user is, is unusable.
     @ivar extensions: the backend's EHLO keywords once the dialogue is done.
     @ivar passedLogin: how the user reached the backend: C{"xclient"}, C{"master"} or C{""}.
     @ivar lost: whether the connection is gone (L{whenLost} tells when).
+    @ivar inData: whether this session answered C{354} to its C{DATA} and has not been sent the
+        end of the data yet: only then does L{write} pass bytes on.
     @ivar group: the route group this session serves.
     """
 
@@ -79,120 +103,137 @@ class SMTPBackend(BackendDialogue):
         context,
         helo: bytes,
         esmtp: bool,
-        submission: bool,
+        passUser: bool = False,
         requireLogin: bool = True,
     ) -> None:
         super().__init__(target, client, user, None, context)
         self.helo = helo
         self.esmtp = esmtp
-        self.submission = submission
-        self.requireLogin = submission and requireLogin
+        self.passUser = passUser
+        self.requireLogin = passUser and requireLogin
         self.hostname = context.config.hostname.encode("idna")
         self.extensions: dict[str, tuple[bytes, ...]] = {}
         self.passedLogin = ""
         self.xforward: bytes | None = None
         self.transactions = 0
         self.lost = False
+        self.inData = False
+        self._pending: deque[_Waiter] = deque()
 
-    # -- replies ------------------------------------------------------------------------------
+    # -- the login dialogue: one method per reply ----------------------------------------------
 
-    def _readLineWithin(self, timeout: float | None):
-        if timeout is None:
-            return self.readLine()
-        saved, self.replyTimeout = self.replyTimeout, timeout
-        try:
-            return self.readLine()
-        finally:
-            self.replyTimeout = saved
-
-    @defer.inlineCallbacks
-    def readReply(self, timeout: float | None = None):
+    def _expectReply(self, handler) -> None:
         """
-        @param timeout: seconds for each line, instead of the backend reply timeout.
-        @return: a L{Deferred} firing with the next L{Reply}, or failing with
-            L{casd.failures.BackendUnavailable} (timeout, closed, garbage).
+        The next whole reply (one or more lines) of the login dialogue goes to C{handler}.
         """
         parser = ReplyParser()
-        while True:
-            line = yield self._readLineWithin(timeout)
+
+        def onLine(line: bytes) -> None:
             try:
                 reply = parser.feed(line)
             except ReplySyntaxError as e:
                 raise self.fail(str(e))
-            if reply is not None:
-                return reply
+            if reply is None:
+                self.expectLine()
+            else:
+                handler(reply)
 
-    def command(self, line: bytes, timeout: float | None = None):
-        """
-        Send one command line and read its reply.
-        """
+        self.expectLine(onLine)
+
+    def _command(self, line: bytes, handler) -> None:
         self.sendLine(line)
-        return self.readReply(timeout)
+        self._expectReply(handler)
 
-    @defer.inlineCallbacks
-    def pipeline(self, lines):
-        """
-        Send commands together when the backend has PIPELINING (RFC 2920), one by one otherwise.
+    def dialogue(self) -> None:
+        self._expectReply(self._onGreeting)
 
-        @return: their L{Reply}s, in order.
-        """
-        if "PIPELINING" in self.extensions:
-            self.send(b"".join(line + b"\r\n" for line in lines))
-            replies = []
-            for _ in lines:
-                replies.append((yield self.readReply()))
-            return replies
-        replies = []
-        for line in lines:
-            replies.append((yield self.command(line)))
-        return replies
-
-    # -- the login dialogue -----------------------------------------------------------------------
-
-    @defer.inlineCallbacks
-    def _ehlo(self, name: bytes):
-        reply = yield self.command(b"EHLO " + name)
-        if reply.code != 250:
-            raise self.fail(f"refused EHLO ({reply.code})")
-        return ehloKeywords(reply)
-
-    @defer.inlineCallbacks
-    def dialogue(self):
-        greeting = yield self.readReply()
+    def _onGreeting(self, greeting: Reply) -> None:
         if greeting.code != 220:
             raise self.fail(f"greeted with {greeting.code}")
-        extensions = yield self._ehlo(self.hostname)
-        if self.target.tls == "starttls":
-            if "STARTTLS" not in extensions:
-                raise self.fail("offers no STARTTLS")
-            reply = yield self.command(b"STARTTLS")
-            if reply.code != 220:
-                raise self.fail(f"refused STARTTLS ({reply.code})")
-            yield self.startTLS()
-            # What was advertised before TLS is not to be trusted.
-            extensions = yield self._ehlo(self.hostname)
+        self._ehlo(self.hostname, self._onFirstEhlo)
+
+    def _ehlo(self, name: bytes, then) -> None:
+        def onReply(reply: Reply) -> None:
+            if reply.code != 250:
+                raise self.fail(f"refused EHLO ({reply.code})")
+            then(ehloKeywords(reply))
+
+        self._command(b"EHLO " + name, onReply)
+
+    def _onFirstEhlo(self, extensions) -> None:
+        if self.target.tls != "starttls":
+            self._identify(extensions)
+            return
+        if "STARTTLS" not in extensions:
+            raise self.fail("offers no STARTTLS")
+        self._command(b"STARTTLS", self._onStartTLS)
+
+    def _onStartTLS(self, reply: Reply) -> None:
+        if reply.code != 220:
+            raise self.fail(f"refused STARTTLS ({reply.code})")
+        # What was advertised before TLS is not to be trusted.
+        self.startTLS(lambda: self._ehlo(self.hostname, self._identify))
+
+    def _identify(self, extensions) -> None:
+        """
+        Tell the backend who the client is: XCLIENT (then EHLO again, as the client), or
+        XFORWARD before each transaction.
+        """
         if "XCLIENT" in extensions:
             offered = {a.decode("ascii", "replace").upper() for a in extensions["XCLIENT"]}
-            reply = yield self.command(self.xclientLine(offered))
-            if reply.code == 220:
-                # XCLIENT starts a new session (Postfix, Dovecot): EHLO again, as the client.
-                extensions = yield self._ehlo(self.helo or self.hostname)
-            elif reply.code != 250:
-                raise self.fail(f"refused XCLIENT ({reply.code}): allow casd's address for XCLIENT")
-            if "LOGIN" in offered and self.submission:
+            if "LOGIN" in offered and self.passUser:
                 self.passedLogin = "xclient"
-        elif "XFORWARD" in extensions:
+
+            def onXclient(reply: Reply) -> None:
+                if reply.code == 220:
+                    # XCLIENT starts a new session (Postfix, Dovecot): EHLO again.
+                    self._ehlo(self.helo or self.hostname, self._passUser)
+                elif reply.code == 250:
+                    self._passUser(extensions)
+                else:
+                    raise self.fail(
+                        f"refused XCLIENT ({reply.code}): allow casd's address for XCLIENT"
+                    )
+
+            self._command(self.xclientLine(offered), onXclient)
+            return
+        if "XFORWARD" in extensions:
             offered = {a.decode("ascii", "replace").upper() for a in extensions["XFORWARD"]}
             self.xforward = self.xforwardLine(offered)
-        if self.submission and not self.passedLogin:
-            if self.target.masterUser:
-                yield self._masterLogin(extensions)
-            elif self.requireLogin:
-                raise self.fail(
-                    "cannot be told who the user is: it offers no XCLIENT LOGIN and no master_user"
-                    " is configured"
-                )
+        self._passUser(extensions)
+
+    def _passUser(self, extensions) -> None:
+        if not self.passUser or self.passedLogin:
+            self._loggedIn(extensions)
+        elif self.target.masterUser:
+            self._masterLogin(extensions)
+        elif self.requireLogin:
+            raise self.fail(
+                "cannot be told who the user is: it offers no XCLIENT LOGIN and no master_user"
+                " is configured"
+            )
+        else:
+            self._loggedIn(extensions)
+
+    def _masterLogin(self, extensions) -> None:
+        mechanisms = {m.upper() for m in extensions.get("AUTH", ())}
+        if b"PLAIN" not in mechanisms:
+            raise self.fail("offers no AUTH PLAIN for the master user")
+        initial = encodePlain(
+            self.target.masterUser, self.target.masterPassword, self.user.loginForBackend
+        )
+
+        def onAuth(reply: Reply) -> None:
+            if reply.code != 235:
+                raise self.fail(f"refused the master user ({reply.code})")
+            self.passedLogin = "master"
+            self._loggedIn(extensions)
+
+        self._command(b"AUTH PLAIN " + initial, onAuth)
+
+    def _loggedIn(self, extensions) -> None:
         self.extensions = extensions
+        self.succeed()
 
     def _attributes(self) -> list[tuple[str, str | bytes]]:
         c = self.client
@@ -211,7 +252,7 @@ class SMTPBackend(BackendDialogue):
         The XCLIENT command with the attributes the backend offered (Postfix's XCLIENT_README).
         """
         attributes = self._attributes()
-        if self.submission and self.user is not None:
+        if self.passUser and self.user is not None:
             attributes.append(("LOGIN", self.user.loginForBackend))
         c = self.client
         attributes += [("DESTADDR", clientAddress(c.localHost)), ("DESTPORT", str(c.localPort))]
@@ -234,20 +275,7 @@ class SMTPBackend(BackendDialogue):
         ]
         return b"XFORWARD " + b" ".join(words) if words else None
 
-    @defer.inlineCallbacks
-    def _masterLogin(self, extensions):
-        mechanisms = {m.upper() for m in extensions.get("AUTH", ())}
-        if b"PLAIN" not in mechanisms:
-            raise self.fail("offers no AUTH PLAIN for the master user")
-        initial = encodePlain(
-            self.target.masterUser, self.target.masterPassword, self.user.loginForBackend
-        )
-        reply = yield self.command(b"AUTH PLAIN " + initial)
-        if reply.code != 235:
-            raise self.fail(f"refused the master user ({reply.code})")
-        self.passedLogin = "master"
-
-    # -- the transaction phase -------------------------------------------------------------------
+    # -- the transaction phase: replies matched in order to the commands sent -------------------
 
     @property
     def usable(self) -> bool:
@@ -255,16 +283,60 @@ class SMTPBackend(BackendDialogue):
         Whether a new transaction may start on this session: connected, and nothing unasked
         for waiting in it (a backend that timed us out says C{421} before it closes).
         """
-        return not self.lost and self.transport is not None and not self._lines and not self._buffer
+        return not self.lost and self.transport is not None and not self._buffer
 
-    @defer.inlineCallbacks
-    def begin(self, mailLine: bytes, rcptLine: bytes):
+    def readReply(self, step: str, timeout: float | None = None) -> defer.Deferred:
+        """
+        Wait for the reply to the next command sent (in order, after those already waited for).
+
+        @param step: what the reply answers, for the logs.
+        @param timeout: seconds for the reply, instead of the backend reply timeout.
+        @return: a L{Deferred} firing with the L{Reply}, or failing with
+            L{casd.failures.BackendUnavailable} (timeout, closed, garbage).
+        """
+        waiter = _Waiter(step, self.replyTimeout if timeout is None else timeout)
+        if self.lost:
+            waiter.deferred.errback(self._lostFailure())
+            return waiter.deferred
+        self._pending.append(waiter)
+        if len(self._pending) == 1:
+            self._arm(waiter.timeout, f"reply to {step}")
+        return waiter.deferred
+
+    def commands(self, lines) -> defer.Deferred:
+        """
+        Send commands together when the backend has PIPELINING (RFC 2920), else each after the
+        reply to the one before.
+
+        @return: a L{Deferred} firing with their L{Reply}s, in order.
+        """
+        if "PIPELINING" in self.extensions:
+            self.send(b"".join(line + b"\r\n" for line in lines))
+            d = defer.gatherResults([self.readReply(_stepOf(line)) for line in lines], True)
+            return d.addErrback(lambda f: f.value.subFailure)
+        replies: list[Reply] = []
+        d = defer.succeed(None)
+        for line in lines:
+            d.addCallback(lambda _, line=line: self.request(line))
+            d.addCallback(replies.append)
+        return d.addCallback(lambda _: replies)
+
+    def request(self, line: bytes) -> defer.Deferred:
+        """
+        Send one command and wait for its reply.
+        """
+        if self.lost:
+            return defer.fail(self._lostFailure())
+        self.sendLine(line)
+        return self.readReply(_stepOf(line))
+
+    def begin(self, mailLine: bytes, rcptLine: bytes) -> defer.Deferred:
         """
         Start a transaction: RSET when the session served one before, XFORWARD when that is how
         the client's identity travels, MAIL and the first RCPT, pipelined where possible.
 
-        @return: C{(MAIL reply, RCPT reply)}.
-        @raise UnexpectedReply: when RSET or XFORWARD is refused, or a code is out of place.
+        @return: a L{Deferred} firing with C{(MAIL reply, RCPT reply)}, failing with
+            L{UnexpectedReply} when RSET or XFORWARD is refused, or a code is out of place.
         """
         lines = []
         if self.transactions:
@@ -273,43 +345,43 @@ class SMTPBackend(BackendDialogue):
             lines.append(self.xforward)
         lines += [mailLine, rcptLine]
         self.transactions += 1
-        replies = yield self.pipeline(lines)
-        for step, reply in zip(lines[:-2], replies[:-2]):
-            if reply.code != 250:
-                raise UnexpectedReply(step.split(b" ", 1)[0].decode("ascii"), reply)
-        mail, rcpt = replies[-2:]
-        checkFinal("MAIL", mail)
-        checkFinal("RCPT", rcpt)
-        return mail, rcpt
+        return self.commands(lines).addCallback(_checkBegin, lines)
 
-    @defer.inlineCallbacks
-    def rcpt(self, rcptLine: bytes):
-        reply = yield self.command(rcptLine)
-        checkFinal("RCPT", reply)
-        return reply
+    def rcpt(self, rcptLine: bytes) -> defer.Deferred:
+        return self.request(rcptLine).addCallback(checkFinal, "RCPT")
 
-    @defer.inlineCallbacks
-    def data(self):
+    def data(self) -> defer.Deferred:
         """
-        @return: the reply to DATA: C{354}, or a refusal passed on to the client.
+        @return: a L{Deferred} firing with the reply to DATA: C{354} (then this session takes
+            the body through L{write}), or a refusal passed on to the client.
         """
-        reply = yield self.command(b"DATA")
-        if reply.code != 354 and not 400 <= reply.code < 600:
+        return self.request(b"DATA").addCallback(self._dataReply)
+
+    def _dataReply(self, reply: Reply) -> Reply:
+        if reply.code == 354:
+            self.inData = True
+        elif not 400 <= reply.code < 600:
             raise UnexpectedReply("DATA", reply)
         return reply
 
     def write(self, data: bytes) -> None:
+        """
+        Pass body bytes on, only while this session is in its own DATA (see L{inData}).
+
+        @raise NotInData: otherwise: the session is dropped, and the bytes with it.
+        """
+        if not self.inData:
+            self.drop()
+            raise NotInData(f"backend {self.target.describe()}: body bytes outside DATA")
         if not self.lost:
             self.transport.write(data)
 
-    @defer.inlineCallbacks
-    def endOfData(self, timeout: float):
+    def endOfData(self, timeout: float) -> defer.Deferred:
         """
         Read the reply to the end of data (the final C{.} was part of what L{write} sent).
         """
-        reply = yield self.readReply(timeout)
-        checkFinal("end of data", reply)
-        return reply
+        self.inData = False
+        return self.readReply("end of data", timeout).addCallback(checkFinal, "end of data")
 
     def quit(self) -> None:
         """
@@ -318,6 +390,7 @@ class SMTPBackend(BackendDialogue):
         if not self.lost and self.transport is not None:
             self.sendLine(b"QUIT")
             self.transport.loseConnection()
+        self.inData = False
         self.lost = True
 
     def drop(self) -> None:
@@ -327,28 +400,93 @@ class SMTPBackend(BackendDialogue):
         """
         if not self.lost and self.transport is not None:
             self.transport.abortConnection()
+        self.inData = False
         self.lost = True
 
     def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        # Once logged in, the base reads one line per call (the rest would be the relay's);
-        # an SMTP session reads on: pipelined replies come in one segment.
-        while self._done and not self.lost and b"\n" in self._buffer:
-            super().dataReceived(b"")
+        if not self._done:
+            # The login dialogue; what follows its last reply is left over, unasked for.
+            super().dataReceived(data)
+            return
+        self._buffer += data
+        while self._buffer and not self.lost:
+            i = self._buffer.find(b"\n")
+            if i < 0:
+                if len(self._buffer) > self.maxLineLength:
+                    self._broken("line too long")
+                return
+            line, self._buffer = self._buffer[:i], self._buffer[i + 1 :]
+            self._replyLine(line[:-1] if line.endswith(b"\r") else line)
+
+    def _replyLine(self, line: bytes) -> None:
+        if not self._pending:
+            # Nothing was asked: a 421 before closing, or a backend out of step.  Never kept
+            # for the next command to read as its reply.
+            self._broken("sent unasked-for data: " + repr(line[:80]))
+            return
+        waiter = self._pending[0]
+        try:
+            reply = waiter.parser.feed(line)
+        except ReplySyntaxError as e:
+            self._broken(str(e))
+            return
+        if reply is None:
+            return
+        self._pending.popleft()
+        if self._pending:
+            self._arm(self._pending[0].timeout, f"reply to {self._pending[0].step}")
+        else:
+            self._cancelTimer()
+        waiter.deferred.callback(reply)
+
+    def _fire(self, exc: Exception | None, failure: Failure | None = None) -> None:
+        if not self._done:
+            super()._fire(exc, failure)
+            return
+        # A reply timer after the login: the session is broken.
+        self._failPending(failure or Failure(exc))
+        self.drop()
+
+    def _broken(self, reason: str) -> None:
+        self._failPending(Failure(self.fail(reason)))
+        self.drop()
+
+    def _lostFailure(self) -> Failure:
+        return Failure(BackendUnavailable(f"backend {self.target.describe()} closed the connection"))
+
+    def _failPending(self, failure: Failure) -> None:
+        self._cancelTimer()
+        pending, self._pending = self._pending, deque()
+        for waiter in pending:
+            waiter.deferred.errback(failure)
 
     def connectionLost(self, reason) -> None:
         self.lost = True
+        self.inData = False
         super().connectionLost(reason)
-        # After the login the base leaves a reader waiting (and its timer cancelled): SMTP's
-        # transaction phase must hear that the backend is gone.
-        d, self._waiting = self._waiting, None
-        if d is not None:
-            d.errback(BackendUnavailable(f"backend {self.target.describe()} closed the connection"))
+        if self._done:
+            self._failPending(self._lostFailure())
 
 
-def checkFinal(step: str, reply: Reply) -> None:
+def _stepOf(line: bytes) -> str:
+    return line.split(b" ", 1)[0].split(b":", 1)[0].decode("ascii", "replace").upper()
+
+
+def _checkBegin(replies, lines):
+    for step, reply in zip(lines[:-2], replies[:-2]):
+        if reply.code != 250:
+            raise UnexpectedReply(_stepOf(step), reply)
+    mail, rcpt = replies[-2:]
+    checkFinal(mail, "MAIL")
+    checkFinal(rcpt, "RCPT")
+    return mail, rcpt
+
+
+def checkFinal(reply: Reply, step: str) -> Reply:
     """
     @raise UnexpectedReply: unless C{reply} is a positive, transient or permanent completion.
+    @return: C{reply}.
     """
     if not (200 <= reply.code < 300 or 400 <= reply.code < 600):
         raise UnexpectedReply(step, reply)
+    return reply

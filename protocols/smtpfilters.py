@@ -1,19 +1,23 @@
+# -*- test-case-name: tests.test_smtpfilters -*-
 """
 The filters of casd's SMTP front door: who may connect (allow and deny networks, per-address
-connection and rate limits, DNS block lists with bounded time and a cache), who may send
-(blocked senders) and how much an authenticated user may send (per-user limits as a policy).
+connection and rate limits, DNS block lists with bounded time and a cache, and the resolver
+they ask), who may send (blocked senders, an address a user owns), which recipients are taken
+(accepted domains, the recipient look-up cache) and how much an authenticated user may send
+(per-user limits as a policy).
 
 State lives in this node's memory, per listener set of one protocol: limits are per node.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from casd.auth.cache import CachingChecker
+from casd.net import parseAddress
 from casd.session.clientinfo import isTrusted
 
 #: Addresses tracked for rate limits before old entries are swept.
@@ -34,21 +38,11 @@ class Verdict:
     THROTTLE = "throttle"
 
 
-def _ip(host: str):
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip
-
-
 def dnsblName(host: str, zone: str) -> str | None:
     """
     The name to look up for C{host} in C{zone}: reversed octets (IPv4) or nibbles (IPv6).
     """
-    ip = _ip(host)
+    ip = parseAddress(host)
     if ip is None:
         return None
     if ip.version == 4:
@@ -258,3 +252,93 @@ class SendingLimits:
             self._times(user).append(self.clock.seconds())
             if len(self._sent) > MAX_TRACKED:
                 self._sent = {k: q for k, q in self._sent.items() if q}
+
+
+def ownsAddress(user, sender) -> bool:
+    """
+    Whether the envelope sender C{sender} is C{user}'s own address (C{enforce_sender}).
+    """
+    own = user.address or (user.login if "@" in user.login else "")
+    return bool(own) and sender.address.lower() == own.lower()
+
+
+def acceptedDomain(domain: str, domains) -> bool:
+    """
+    Whether C{domain} is one casd accepts mail for: listed, or below a listed C{.domain}.
+    """
+    for entry in domains:
+        entry = entry.lower()
+        if domain == entry or entry.startswith(".") and domain.endswith(entry):
+            return True
+    return False
+
+
+def hostPort(text: str, defaultPort: int = 53) -> tuple[str, int]:
+    """
+    C{host:port}, C{[v6]:port} or a bare host, as a C{(host, port)} pair.
+    """
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return text.strip("[]"), defaultPort
+    return host.strip("[]"), int(port)
+
+
+def dnsblResolverFactory(servers, reactor):
+    """
+    @param servers: C{dnsbl_servers}: C{address:port} strings; empty for C{/etc/resolv.conf}.
+    @return: a callable making the DNSBL resolver on first use.
+    """
+
+    def resolver():
+        from twisted.names import client
+
+        addresses = [hostPort(s) for s in servers]
+        if addresses:
+            return client.Resolver(servers=addresses, reactor=reactor)
+        return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+
+    return resolver
+
+
+class RecipientCache:
+    """
+    Port 25's recipient look-ups, remembered for C{recipient_cache_ttl} seconds (found or
+    unknown) instead of the credential cache's C{cache_ttl}: a mailbox deleted from the
+    directory stops receiving mail within that time, and a recipient looked up within it is
+    still accepted while the directory does not answer.  Failed look-ups are never remembered.
+    """
+
+    def __init__(self, clock, ttl: float, maxSize: int = MAX_TRACKED) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.maxSize = maxSize
+        self._entries: dict[str, tuple[float, object]] = {}
+
+    def lookup(self, directory, address: str):
+        """
+        @param directory: the L{casd.interfaces.IUserDirectory} to ask on a miss; a credential
+            cache in front of it is bypassed (its entries live C{cache_ttl}).
+        @return: a L{Deferred} firing with the user record or C{None}.
+        """
+        key = address.lower()
+        now = self.clock.seconds()
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > now:
+            return defer.succeed(entry[1])
+        if isinstance(directory, CachingChecker):
+            directory = directory.checker
+
+        def found(user):
+            if self.ttl > 0:
+                if len(self._entries) >= self.maxSize:
+                    self._sweep()
+                self._entries[key] = (self.clock.seconds() + self.ttl, user)
+            return user
+
+        return defer.maybeDeferred(directory.lookup, address).addCallback(found)
+
+    def _sweep(self) -> None:
+        now = self.clock.seconds()
+        self._entries = {k: e for k, e in self._entries.items() if e[0] > now}
+        while len(self._entries) >= self.maxSize:
+            self._entries.pop(next(iter(self._entries)))

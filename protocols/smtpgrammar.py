@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtpgrammar -*-
 """
 The slice of SMTP (RFC 5321) grammar casd needs to proxy a mail transaction: command lines,
 envelope paths and their ESMTP parameters, replies (one line or many, RFC 3463 enhanced codes),

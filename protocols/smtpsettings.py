@@ -1,12 +1,14 @@
+# -*- test-case-name: tests.test_smtpmx -*-
 """
-The settings of casd's two SMTP services (C{[smtp]}, C{[submission]}), and the view one server
-class reads them through.
+The settings both of casd's SMTP services have (besides those of every protocol); each
+service declares its own beside its server class (L{protocols.smtpmx}, L{protocols.submission}).
 """
 
 from __future__ import annotations
 
-from casd.config import Setting
+from casd.plugin import Setting
 
+#: The keys both SMTP services have (besides those of every protocol).
 COMMON_SETTINGS = (
     Setting(
         "message_size_limit",
@@ -47,9 +49,18 @@ COMMON_SETTINGS = (
         "data_timeout",
         "float",
         300.0,
-        "Seconds to wait for the backend's reply to the end of data; then the client gets"
+        "Seconds to wait for the backend's reply to the end of data (its only bound: the"
+        " backend login's C{failover_timeout} ends with the login); then the client gets"
         " C{451} and will send the message again.",
         minimum=0.001,
+    ),
+    Setting(
+        "preauth_timeout",
+        "float",
+        0.0,
+        "Not used by SMTP: C{command_timeout} bounds every wait for a client, before and after"
+        " AUTH.  A value other than 0 is ignored, with a warning when casd starts.",
+        minimum=0,
     ),
     Setting(
         "blocked_senders",
@@ -62,7 +73,8 @@ COMMON_SETTINGS = (
         "allow_networks",
         "networks",
         (),
-        "Clients exempt from the connection limits, the pregreet test and DNSBLs.",
+        "Clients exempt from the connection limits (and on port 25 the pregreet test and"
+        " DNSBLs).",
     ),
     Setting("deny_networks", "networks", (), "Clients refused at connection (C{554 5.7.1})."),
     Setting(
@@ -80,121 +92,3 @@ COMMON_SETTINGS = (
         minimum=0,
     ),
 )
-
-MX_SETTINGS = (
-    Setting(
-        "enabled",
-        "bool",
-        False,
-        "Serve SMTP on port 25.  Off unless set, so that a configuration written before casd"
-        " spoke SMTP opens no new port.",
-    ),
-    Setting(
-        "accepted_domains",
-        "strlist",
-        (),
-        "Domains casd takes mail for (C{.domain} for its subdomains); a recipient elsewhere gets"
-        " C{554 5.7.1} (casd is never an open relay), an unknown one here C{550 5.1.1}.",
-    ),
-    Setting(
-        "recipient_delimiter",
-        "str",
-        "",
-        "Separates an address extension (C{user+tag@domain}): an unknown address is looked up"
-        " again without it.",
-    ),
-    Setting(
-        "pregreet_delay",
-        "float",
-        0.0,
-        "Seconds casd waits, after a partial greeting, before the real one; a client that"
-        " talks first is refused (Postfix postscreen's pregreet test); 0 turns it off.",
-        minimum=0,
-    ),
-    Setting(
-        "dnsbl_zones",
-        "strlist",
-        (),
-        "DNS block lists asked about each client (e.g. C{zen.spamhaus.org}); a listed client"
-        " is refused with C{554 5.7.1}.",
-    ),
-    Setting(
-        "dnsbl_timeout",
-        "float",
-        2.0,
-        "Seconds the DNSBL look-ups may take together; no answer in time means not listed.",
-        minimum=0.001,
-    ),
-    Setting("dnsbl_cache_ttl", "float", 300.0, "Seconds a DNSBL answer is remembered.", minimum=0),
-    Setting(
-        "dnsbl_servers",
-        "strlist",
-        (),
-        "DNS servers (C{address:port}) for the DNSBL look-ups; empty means C{/etc/resolv.conf}.",
-    ),
-)
-
-SUBMISSION_SETTINGS = (
-    Setting(
-        "enabled",
-        "bool",
-        False,
-        "Serve submission on ports 587 and 465.  Off unless set, so that a configuration"
-        " written before casd spoke SMTP opens no new port.",
-    ),
-    Setting(
-        "enforce_sender",
-        "bool",
-        False,
-        "Refuse (C{553 5.7.1}) an envelope sender other than the user's own address.",
-    ),
-    Setting(
-        "backend_login_required",
-        "bool",
-        True,
-        "Use only backends that can be told who the user is (XCLIENT LOGIN, or AUTH as the"
-        " backend's C{master_user}); false for one that trusts casd's connections as they are"
-        " (an Exchange receive connector with Externally Secured): then set C{enforce_sender}.",
-    ),
-    Setting(
-        "user_messages_per_hour",
-        "int",
-        0,
-        "Messages one user may send per hour through this node (a user's"
-        " C{smtp_messages_per_hour} policy attribute overrides it); 0 means no limit.",
-        minimum=0,
-    ),
-)
-
-# Keys only the other service has, fixed here so that one server class serves both.
-MX_ONLY = {
-    "accepted_domains": (),
-    "recipient_delimiter": "",
-    "pregreet_delay": 0.0,
-    "dnsbl_zones": (),
-    "dnsbl_timeout": 2.0,
-    "dnsbl_cache_ttl": 0.0,
-    "dnsbl_servers": (),
-}
-
-
-SUBMISSION_ONLY = {
-    "user_messages_per_hour": 0,
-    "enforce_sender": False,
-    "backend_login_required": False,
-}
-
-
-class SectionView:
-    """
-    A protocol section with the other mode's keys at fixed values.
-    """
-
-    def __init__(self, section, fixed) -> None:
-        self._section = section
-        self._fixed = fixed
-
-    def __getattr__(self, name):
-        if name in self._fixed:
-            return self._fixed[name]
-        return getattr(self._section, name)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imap,tests.test_managesieve -*-
 """
 The string grammar that IMAP (RFC 3501) and ManageSieve (RFC 5804) share: atoms, quoted strings
 with backslash escapes, literals (C{{n}} and the non-synchronising C{{n+}} of RFC 7888), and the

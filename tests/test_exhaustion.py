@@ -12,7 +12,7 @@ from casd.failures import BackendUnavailable
 from casd.pool.health import NOT_CHECKED, HealthChecker, isLocalExhaustion, probeMember
 from casd.testing import failBackend
 from tests.test_health import CONFIG as HEALTH_CONFIG
-from tests.test_pool import PoolTestMixin
+from tests.test_connector import PoolTestMixin
 
 
 def emfile():

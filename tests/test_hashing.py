@@ -68,6 +68,21 @@ class HashingTests(SynchronousTestCase):
         e = self.assertRaises(UnknownScheme, splitScheme, "{MD5}secret-hash-value")
         self.assertNotIn("secret", str(e))
 
+    def test_noDeprecatedModules(self):
+        """
+        SHA-crypt needs neither the stdlib's deprecated C{crypt} (gone in Python 3.13) nor
+        passlib: importing and using the module raises no warning turned into an error.
+        """
+        code = (
+            "import sys; from casd.auth.hashing import makeHash, verify; "
+            "h = makeHash('SHA512-CRYPT', b'pw'); assert verify(h, b'pw') and not verify(h, b'x'); "
+            "assert 'crypt' not in sys.modules and 'passlib' not in sys.modules, sys.modules.keys()"
+        )
+        result = subprocess.run(
+            [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+
     def test_schemes(self):
         for scheme in ("BLF-CRYPT", "BCRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "ARGON2ID", "SSHA", "PLAIN"):
             self.assertIn(scheme, SCHEMES)

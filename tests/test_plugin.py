@@ -161,7 +161,7 @@ class TranscriptTests(ExampleOnPath, SynchronousTestCase):
         backend = ScriptedBackend(
             reactor, [(b"", b"+HELLO x\r\n"), (b"LOGIN alice secret\r\n", b"+OK\r\n")]
         ).run()
-        self.assertEqual(transport.value(), b"-ERR unknown command\r\n+OK logged in\r\n")
+        self.assertEqual(transport.value(), b"-ERR Unknown command.\r\n+OK logged in\r\n")
         server.dataReceived(b"anything\r\n")
         self.assertEqual(backend.received(), b"anything\r\n")
 

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from casd.failures import AuthenticationFailed, BackendUnavailable
 from casd.testing import acceptBackend, failBackend
-from tests.test_pool import CONFIG, Hello, PoolTestMixin
+from tests.test_connector import CONFIG, Hello, PoolTestMixin
 
 RETRY_CONFIG = CONFIG.replace("connect_retry_time = 0.0", "connect_retry_time = 2.0")
 

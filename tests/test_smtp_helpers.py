@@ -9,7 +9,7 @@ from twisted.python.failure import Failure
 
 from casd.auth import UserRecord
 from casd.testing import ScriptedBackend, connectFrontend, makeContext
-from protocols.smtp import smtp
+from protocols.smtpmx import smtp
 
 CONFIG = """
 [server]

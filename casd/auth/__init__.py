@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 The one shared authentication layer: credentials from every protocol go through one
 L{twisted.cred.portal.Portal}; checkers return L{UserRecord}s; the realm makes them avatars.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 The shared login path: credentials from any protocol -> one avatar, or one failure of the shared
 vocabulary.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 Several checkers as one: local accounts in the users file first, then the directory.
 

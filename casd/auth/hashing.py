@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_hashing -*-
 """
 Password hashes in Dovecot's C{{SCHEME}hash} notation.
 
@@ -11,16 +12,12 @@ import base64
 import hashlib
 import hmac
 import os
-import warnings
 
 import bcrypt
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        import crypt as _crypt  # stdlib up to 3.12; libc's crypt(3) is the fast SHA-crypt.
-    except ImportError:  # pragma: no cover - Python 3.13+
-        _crypt = None
+# libc's crypt(3) (libxcrypt) for SHA-crypt: the stdlib's crypt module, kept as a package since
+# Python 3.13 removed it (and 3.11 and 3.12 deprecate it).
+import crypt_r
 
 
 class UnknownScheme(ValueError):
@@ -29,14 +26,9 @@ class UnknownScheme(ValueError):
     """
 
 
-def _shaCrypt(prefix: str, password: bytes, hashed: str) -> bool:
-    if _crypt is not None:
-        result = _crypt.crypt(password.decode("utf-8", "surrogateescape"), hashed)
-        return result is not None and hmac.compare_digest(result, hashed)
-    from passlib.hash import sha256_crypt, sha512_crypt  # pragma: no cover
-
-    handler = sha512_crypt if prefix == "$6$" else sha256_crypt  # pragma: no cover
-    return handler.verify(password, hashed)  # pragma: no cover
+def _shaCrypt(password: bytes, hashed: str) -> bool:
+    result = crypt_r.crypt(password.decode("utf-8", "surrogateescape"), hashed)
+    return result is not None and hmac.compare_digest(result, hashed)
 
 
 def _ssha(digest, password: bytes, hashed: str) -> bool:
@@ -66,8 +58,8 @@ def _bcrypt(password: bytes, hashed: str) -> bool:
 _VERIFIERS = {
     "BLF-CRYPT": _bcrypt,
     "BCRYPT": _bcrypt,
-    "SHA512-CRYPT": lambda p, h: _shaCrypt("$6$", p, h),
-    "SHA256-CRYPT": lambda p, h: _shaCrypt("$5$", p, h),
+    "SHA512-CRYPT": _shaCrypt,
+    "SHA256-CRYPT": _shaCrypt,
     "SSHA": lambda p, h: _ssha(hashlib.sha1, p, h),
     "SSHA256": lambda p, h: _ssha(hashlib.sha256, p, h),
     "SSHA512": lambda p, h: _ssha(hashlib.sha512, p, h),
@@ -126,13 +118,7 @@ def makeHash(scheme: str, password: bytes, rounds: int | None = None) -> str:
         method = "$6$" if scheme == "SHA512-CRYPT" else "$5$"
         salt = base64.b64encode(os.urandom(12), b"./").decode("ascii")
         setting = f"{method}rounds={rounds}${salt}" if rounds else f"{method}{salt}"
-        if _crypt is not None:
-            hashed = _crypt.crypt(password.decode("utf-8", "surrogateescape"), setting)
-        else:  # pragma: no cover
-            from passlib.hash import sha256_crypt, sha512_crypt
-
-            handler = sha512_crypt if method == "$6$" else sha256_crypt
-            hashed = handler.using(rounds=rounds or 5000).hash(password)
+        hashed = crypt_r.crypt(password.decode("utf-8", "surrogateescape"), setting)
     elif scheme.startswith("SSHA"):
         digest = {"SSHA": hashlib.sha1, "SSHA256": hashlib.sha256, "SSHA512": hashlib.sha512}[scheme]
         salt = os.urandom(8)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """
 The LDAP checker: passwords verified by the organisation's directory (OpenLDAP, Active Directory).
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 from attrs import frozen
 from zope.interface import implementer
 
-from ldaptor.protocols.ldap.distinguishedname import DistinguishedName
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -35,27 +35,15 @@ from casd.auth.ldapclient import (
     LDAPURL,
     PoolSettings,
 )
-from casd.auth.ldapfilter import DNTemplate, FilterTemplate, TemplateError, checkLogin
+from casd.auth.ldapfilter import DNTemplate, FilterTemplate, checkLogin
+from casd.auth.ldapsettings import SettingProblem, checkSettings, parsePolicy
 from casd.failures import DirectoryUnavailable
 from casd.interfaces import IUserDirectory, IUserRecordChecker
+from casd.tls import ClientTLS
 
 #: Bind results that mean "these credentials are refused"; any other failure is the directory's
 #: trouble (busy, unavailable, unwilling, a protocol error), a temporary failure.
 REFUSED = {48: "inappropriate authentication", INVALID_CREDENTIALS: "invalid credentials"}
-
-
-class SettingProblem(ValueError):
-    """
-    An C{[ldap]} setting is unusable.
-
-    @ivar key: the key within C{[ldap]}.
-    @ivar message: what was expected.
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
 
 
 @frozen
@@ -243,59 +231,6 @@ class LDAPChecker:
 # -- configuration ---------------------------------------------------------------------------
 
 
-def _policy(items) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for item in items:
-        key, sep, attribute = item.partition("=")
-        if not sep:
-            key, attribute = item.lower(), item
-        key, attribute = key.strip(), attribute.strip()
-        if not key or not attribute or " " in attribute:
-            raise SettingProblem(
-                "policy_attributes", f"expected NAME=ATTRIBUTE or ATTRIBUTE, got {item!r}"
-            )
-        pairs.append((key, attribute))
-    return tuple(pairs)
-
-
-def checkSettings(values) -> None:
-    """
-    Validate the C{[ldap]} section beyond its types (called by L{casd.config.parseConfig}).
-
-    @param values: the section's L{casd.config.Values}.
-    @raise SettingProblem: naming the key at fault.
-    """
-    if not values.urls:
-        return
-    for url in values.urls:
-        try:
-            LDAPURL.parse(url)
-        except ValueError as e:
-            raise SettingProblem("urls", str(e)) from None
-    if not values.base_dn:
-        raise SettingProblem("base_dn", "expected the DN under which users are searched")
-    try:
-        DistinguishedName(values.base_dn)
-    except Exception:
-        raise SettingProblem(
-            "base_dn", f'expected a DN such as "ou=people,dc=example,dc=com", got {values.base_dn!r}'
-        ) from None
-    if values.bind_dn and not values.bind_password_file:
-        raise SettingProblem("bind_password_file", "expected a file, required with bind_dn")
-    for key in ("filter", "lookup_filter"):
-        if getattr(values, key) or key == "filter":
-            try:
-                FilterTemplate(getattr(values, key))
-            except TemplateError as e:
-                raise SettingProblem(key, str(e)) from None
-    if values.dn_template:
-        try:
-            DNTemplate(values.dn_template)
-        except TemplateError as e:
-            raise SettingProblem("dn_template", str(e)) from None
-    _policy(values.policy_attributes)
-
-
 def readSecret(path: str) -> bytes:
     """
     A password from a file: its first line, without the line end.
@@ -312,8 +247,6 @@ def checkerFromConfig(values, clock, endpointFor=None) -> LDAPChecker:
     @param endpointFor: for tests: C{callable(LDAPURL) -> IStreamClientEndpoint}.
     @raise SettingProblem: when a file it names is unusable.
     """
-    from casd.tls import ClientTLS
-
     checkSettings(values)
     try:
         tls = ClientTLS(values.ca_file)
@@ -346,7 +279,7 @@ def checkerFromConfig(values, clock, endpointFor=None) -> LDAPChecker:
         disabledValues=tuple(values.disabled_values),
         enabledValues=tuple(values.enabled_values),
         disabledBitmask=values.disabled_bitmask,
-        policy=_policy(values.policy_attributes),
+        policy=parsePolicy(values.policy_attributes),
     )
     return LDAPChecker(
         LDAPConnectionPool(clock, settings, endpointFor),

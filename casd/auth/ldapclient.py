@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """
 casd's LDAP client: a pool of persistent connections to a list of LDAP servers, built on ldaptor's
 L{LDAPClient} and L{LDAPEntry} and hidden behind L{IDirectoryClient}, so the checker above it never
@@ -21,7 +22,6 @@ connection was found dropped is tried once more on a fresh one.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import deque
 from typing import Callable, Mapping
@@ -34,17 +34,12 @@ from ldaptor.protocols.ldap import ldaperrors
 from ldaptor.protocols.ldap.ldapclient import LDAPClient, LDAPClientConnectionLostException
 from ldaptor.protocols.ldap.ldapsyntax import LDAPEntry
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from casd.failures import DirectoryUnavailable
+from casd.net import clientEndpoint
 
 SCOPES = {
     "base": pureldap.LDAP_SCOPE_baseObject,
@@ -436,17 +431,8 @@ class LDAPConnectionPool:
     # -- connecting -------------------------------------------------------------------------
 
     def _defaultEndpoint(self, url: LDAPURL):
-        timeout = self.settings.connectTimeout
-        try:
-            ip = ipaddress.ip_address(url.host)
-        except ValueError:
-            endpoint = HostnameEndpoint(self.clock, url.host, url.port, timeout=timeout)
-        else:
-            kind = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
-            endpoint = kind(self.clock, url.host, url.port, timeout=timeout)
-        if url.scheme == "ldaps":
-            endpoint = wrapClientTLS(self.settings.tlsOptions(url.host), endpoint)
-        return endpoint
+        tls = self.settings.tlsOptions(url.host) if url.scheme == "ldaps" else None
+        return clientEndpoint(self.clock, url.host, url.port, self.settings.connectTimeout, tls)
 
     def _order(self) -> list[LDAPURL]:
         now = self.clock.seconds()

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_ldap -*-
 """
 LDAP search filters and DNs built from configured templates with a user's login in them.
 

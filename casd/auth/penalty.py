@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 Brute-force defence, in the spirit of Dovecot's auth penalty.
 
@@ -29,6 +30,7 @@ from collections import OrderedDict, deque
 from twisted.logger import Logger
 
 from casd.auth.cache import credentialDigest
+from casd.net import parseAddress
 
 #: Distinct recent failures remembered per address and per user, to spot repeats.
 RECENT = 8
@@ -101,12 +103,9 @@ class LoginPenalty:
         """
         The key an address counts under: its network of the configured prefix length.
         """
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
+        ip = parseAddress(host)
+        if ip is None:
             return host
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         prefix = self.ipv4Prefix if ip.version == 4 else self.ipv6Prefix
         return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

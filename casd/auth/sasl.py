@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth,tests.test_imap -*-
 """
 SASL decoding shared by every protocol: one place turns PLAIN and LOGIN exchanges (and the
 protocol's own plaintext commands) into one L{Credentials} object.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 The users file: casd's embedded default directory, in the spirit of Dovecot's passwd-file.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config,tests.integration.test_locate -*-
 """
 The C{casd} command: operator tools beside C{twistd cas}.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_locate -*-
 """
 C{casd locate USER}: the route casd would take for a user, and why.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 casd's configuration: one TOML file, parsed once into frozen, validated objects.
 
@@ -17,7 +18,7 @@ from attrs import field, frozen
 
 from twisted.internet.endpoints import serverFromString
 from twisted.python.filepath import FilePath
-from twisted.test.proto_helpers import MemoryReactor
+from twisted.internet.testing import MemoryReactor
 from casd.config.settings import (  # re-exported: importers use casd.config
     AUTH_SETTINGS,
     BACKEND_PROTOCOL_SETTINGS,
@@ -422,7 +423,7 @@ def readRouteMap(path: str, mapFile: str, known) -> dict[str, str]:
 def _readLDAP(path, data, base) -> Values:
     ldap = readSection(path, "ldap", data.get("ldap", {}), LDAP_SETTINGS, base)
     if ldap.urls:
-        from casd.auth.ldap import SettingProblem, checkSettings
+        from casd.auth.ldapsettings import SettingProblem, checkSettings
 
         _requireFile(path, "ldap.ca_file", ldap.ca_file, "CA file")
         _requireFile(path, "ldap.bind_password_file", ldap.bind_password_file, "password file")

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 The configuration reference, generated from the L{casd.config.Setting} tables and the protocols'
 own settings, so the documentation cannot drift from the code (C{docs/configuration.md} is this

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_config -*-
 """
 The declaration of every core configuration key: one L{Setting} each (type, default, one line of
 documentation), and the generic validation of a TOML table against such a declaration.

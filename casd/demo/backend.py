@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_demo -*-
 """
 casd's in-process DEMO mailbox backend.  DEMO ONLY: never use it to hold real mail.
 
@@ -46,12 +47,11 @@ from casd.demo.store import (  # noqa: F401  (re-exported: the demo's public nam
     DemoAccount,
     DemoMailbox,
     DemoMailStore,
-    DemoMessage,
     DemoRealm,
     POP3Inbox,
-    _normalizeFlag,
     ownerOf,
 )
+from casd.demo.message import DemoMessage, _normalizeFlag  # noqa: F401  (DemoMessage re-exported)
 
 __all__ = [
     "DEMO_FROM",
@@ -328,7 +328,7 @@ def _portal(checker: ICredentialsChecker, store: DemoMailStore) -> Portal:
     return Portal(DemoRealm(store), [checker])
 
 
-def demoIMAPFactory(checker: ICredentialsChecker, store: DemoMailStore, reactor=None) -> IProtocolFactory:
+def demoIMAPFactory(checker: ICredentialsChecker, store: DemoMailStore, reactor) -> IProtocolFactory:
     """
     A factory of demo IMAP4rev1 servers over C{store}, accepting the users C{checker} accepts
     (by C{LOGIN}, C{AUTHENTICATE PLAIN} or C{AUTHENTICATE LOGIN}, without TLS: loopback only).
@@ -336,10 +336,9 @@ def demoIMAPFactory(checker: ICredentialsChecker, store: DemoMailStore, reactor=
     @param checker: an C{ICredentialsChecker} for C{IUsernamePassword}.  Twisted's usual
         checkers get the username as C{bytes}, as Twisted's servers give it; a casd checker
         (L{IUserRecordChecker}) gets it as UTF-8-decoded C{str}, as casd's frontends give it.
-    @param reactor: the reactor for timeouts and scheduling; the global one if L{None}.
+    @param reactor: the reactor for timeouts and scheduling (the service's, never the global
+        one: the demo runs inside casd's process and tests).
     """
-    if reactor is None:
-        from twisted.internet import reactor
     return _DemoIMAPFactory(_portal(checker, store), reactor)
 
 
@@ -408,15 +407,14 @@ class _DemoPOP3Factory(protocol.ServerFactory):
         return p
 
 
-def demoPOP3Factory(checker: ICredentialsChecker, store: DemoMailStore, reactor=None) -> IProtocolFactory:
+def demoPOP3Factory(checker: ICredentialsChecker, store: DemoMailStore, reactor) -> IProtocolFactory:
     """
     A factory of demo POP3 servers (C{USER}/C{PASS}) serving each user's demo INBOX from
     C{store}, accepting the users C{checker} accepts.
 
     @param checker: an C{ICredentialsChecker} for C{IUsernamePassword}, as for
         L{demoIMAPFactory}.
-    @param reactor: the reactor for timeouts and scheduling; the global one if L{None}.
+    @param reactor: the reactor for timeouts and scheduling (the service's, never the global
+        one).
     """
-    if reactor is None:
-        from twisted.internet import reactor
     return _DemoPOP3Factory(_portal(checker, store), reactor)

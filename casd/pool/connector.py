@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_connector -*-
 """
 The backend pool: opens logged-in sessions to mailbox servers, each through the protocol's
 L{casd.session.dialogue.BackendDialogue}.
@@ -19,17 +20,12 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet import defer, error, task
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
+from casd.net import clientEndpoint
 from casd.pool.health import Member, isLocalExhaustion
 from casd.session.dialogue import BackendTimeout
 
@@ -203,6 +199,17 @@ class BackendConnector:
             # The relay sees the backend go and closes the client: it reconnects elsewhere.
             dialogue.transport.loseConnection()
 
+    def available(self, route) -> bool:
+        """
+        Whether L{connect} would try a member of C{route} now: one that is neither DOWN (as the
+        health checks and past connects know it) nor draining.  Opens no connection.
+        """
+        for target in route.targets:
+            member = self.members.get(target.key)
+            if target.server not in self.draining and (member is None or member.available()):
+                return True
+        return False
+
     # -- connecting -------------------------------------------------------------------------
 
     def timeoutsFor(self, target) -> tuple[float, float, float, float]:
@@ -226,14 +233,8 @@ class BackendConnector:
         """
         if timeout is None:
             timeout = self.timeoutsFor(target)[0]
-        if target.isAddress:
-            kind = TCP6ClientEndpoint if ":" in target.host else TCP4ClientEndpoint
-            endpoint = kind(self.reactor, target.host, target.port, timeout=timeout)
-        else:
-            endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
-        if target.tls == "implicit":
-            endpoint = wrapClientTLS(self.clientTLS.optionsFor(target.tlsName), endpoint)
-        return endpoint
+        tls = self.clientTLS.optionsFor(target.tlsName) if target.tls == "implicit" else None
+        return clientEndpoint(self.reactor, target.host, target.port, timeout, tls)
 
     @defer.inlineCallbacks
     def connect(self, route, makeDialogue: Callable):

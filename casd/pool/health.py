@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_health -*-
 """
 Backend health: the state of each member (one backend server as one protocol reaches it), kept
 by HAProxy's rules, and the service that checks members actively at the protocol level.
@@ -15,13 +16,12 @@ from __future__ import annotations
 
 import errno
 
-from attrs import frozen
-
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from casd.interfaces import HealthProbe
 from casd.routing.router import targetFor
 
 UP = "UP"
@@ -42,24 +42,6 @@ def isLocalExhaustion(exc) -> bool:
     """
     number = exc.osError if isinstance(exc, error.ConnectError) else getattr(exc, "errno", None)
     return number in _LOCAL_ERRNOS
-
-
-@frozen
-class HealthProbe:
-    """
-    A protocol's active health check (what nginx's and HAProxy's protocol checks do): connect,
-    send C{send} if any, expect the first line to start with C{expect} (ASCII case ignored), then
-    say C{quit} and close.
-
-    @ivar expect: the start of a healthy greeting, e.g. C{b"* OK"} (IMAP), C{b"+OK"} (POP3),
-        C{b"220"} (SMTP), C{b"HTTP/1.1 200"} (HTTP).
-    @ivar send: bytes sent before reading, e.g. an HTTP request; empty for greeting protocols.
-    @ivar quit: bytes sent after a good greeting so the server logs a clean goodbye.
-    """
-
-    expect: bytes
-    send: bytes = b""
-    quit: bytes = b""
 
 
 class Member:

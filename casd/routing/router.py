@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_router -*-
 """
 Mailbox location: a chain of small locators, each answering "here" (a L{Route}), "not mine"
 (C{None}) or "unavailable" (L{casd.failures.BackendUnavailable}), tried in order like

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_tap -*-
 """
 The shared context every protocol factory receives: the one place the core's services meet.
 """

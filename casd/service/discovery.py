@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_plugin -*-
 """
 Protocol discovery: every L{ICASProtocol} provider in any C{twisted/plugins/} module on the path.
 """

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_tap -*-
 """
 PROXY protocol (v1 and v2) listeners, on Twisted's own parser.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_health -*-
 """
 The operator's handle on a running node: C{SIGHUP} re-reads the configuration file and applies
 its routing and backend sections (C{[routing]} and the map file, C{[backend]}, C{[backends]},

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_tap -*-
 """
 The composition root: C{twistd cas} options and the service tree.
 """
@@ -124,7 +125,7 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
     (N > 1), the parent's tree instead: L{casd.service.workers.WorkerPool}.
 
     @param adopted: in a worker process, listener name -> a reactor whose C{listen*} adopts the
-        socket the parent bound (L{casd.service.workers.adoptingReactors}).
+        socket the parent bound (L{casd.service.worker.adoptingReactors}).
     """
     if reactor is None:
         from twisted.internet import reactor

@@ -1,40 +1,40 @@
+# -*- test-case-name: tests.integration.test_workers -*-
 """
 Multi-core casd: C{twistd cas --config FILE --workers N}.
 
-The parent process binds every listener of the configuration once (so a bind error stops it at
-start-up, and privileged ports are bound before privileges are dropped) and never accepts on
-them; it starts N worker processes that inherit the listening sockets and adopt them with
+The parent process binds every listener of the configuration once, in
+C{privilegedStartService} (so a bind error stops it at start-up, and with C{--uid}/C{--gid}
+privileged ports are bound before twistd drops privileges), and never accepts on them; once
+privileges are dropped, it starts N worker processes that inherit the listening sockets and adopt them with
 C{IReactorSocket.adoptStreamPort}.  The kernel hands each new connection to whichever worker
 accepts first, the way nginx's workers share their listening sockets.  Every worker reads the
 same configuration file and builds the same service tree as a single-process casd.
 
 The parent:
-  - relays the workers' log events (one JSON line each on their standard output, formatted by
-    the worker) into its own log, each marked with the worker's number, so there is one log and
-    one place that rotates it;
+  - relays the workers' log events into its own log as the structured events they are (each
+    worker writes them with C{jsonFileLogObserver} on its standard output; the parent reads them
+    back with C{eventFromJSON}), each marked with the worker's number in C{casd_worker} and
+    C{log_system}, so there is one log, one place that rotates it, and observers of the parent
+    see the workers' fields;
   - restarts a worker that dies (after a pause, longer when it dies young);
   - forwards C{SIGHUP} (reload) to the workers;
   - stops them when it stops: it closes their standard input (they stop gracefully on end of
     file), then C{SIGTERM}, then C{SIGKILL}, each after a bounded wait.
 
-A worker also stops on end of file of its standard input, so workers never outlive their parent,
-even one killed with C{SIGKILL}.
+A worker (L{casd.service.worker}) also stops on end of file of its standard input, so workers
+never outlive their parent, even one killed with C{SIGKILL}.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
-import socket
 import sys
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, eventAsText
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger, eventFromJSON
 
 #: Seconds the workers get to stop after their standard input closed, before C{SIGTERM}.
 STOP_GRACE = 10.0
@@ -117,26 +117,20 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 self.log.warn("worker {index}: {line}", index=self.index, line=line)
 
     def _relay(self, line: bytes) -> None:
-        try:
-            when, levelName, namespace, text = json.loads(line)
-            level = LogLevel.levelWithName(levelName)
-        except (ValueError, TypeError, KeyError, InvalidLogLevelError):
-            text = line.decode("utf-8", "replace").strip()
-            if text:
-                self.log.info("worker {index}: {line}", index=self.index, line=text)
+        # jsonFileLogObserver's records: a record separator, the JSON event, a line feed.
+        text = line.decode("utf-8", "replace").lstrip("\x1e").strip()
+        if not text:
             return
-        # Already formatted by the worker: the parent only stamps and writes it.
-        self.log.observer(
-            {
-                "log_format": "{casd_text}",
-                "casd_text": text,
-                "casd_worker": self.index,
-                "log_level": level,
-                "log_namespace": namespace,
-                "log_system": f"worker{self.index}:{namespace}#{levelName}",
-                "log_time": when,
-            }
-        )
+        try:
+            event = eventFromJSON(text)
+            namespace = event.get("log_namespace", "-")
+            levelName = event["log_level"].name
+        except (ValueError, TypeError, KeyError, AttributeError):
+            self.log.info("worker {index}: {line}", index=self.index, line=text)
+            return
+        event["casd_worker"] = self.index
+        event["log_system"] = f"worker{self.index}:{namespace}#{levelName}"
+        self.log.observer(event)
 
     def processEnded(self, reason) -> None:
         if self._buffer:
@@ -167,8 +161,14 @@ class WorkerPool(service.Service):
         self._restarts: dict[int, object] = {}
         self._previousHup = None
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
+        # Before twistd drops privileges (--uid/--gid): ports below 1024 bind here.
         self.ports = bindListeners(self.reactor, self.config)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self.ports:
+            self.ports = bindListeners(self.reactor, self.config)
         super().startService()
         self._stopping = False
         for index in range(1, self.count + 1):
@@ -192,7 +192,7 @@ class WorkerPool(service.Service):
         self._restarts.pop(index, None)
         fds = {port.fileno(): port.fileno() for port in self.ports.values()}
         listeners = [f"--listener={name}={port.fileno()}" for name, port in self.ports.items()]
-        args = [self.executable, "-m", "casd.service.workers", "--config", self.configPath, f"--index={index}"] + listeners
+        args = [self.executable, "-m", "casd.service.worker", "--config", self.configPath, f"--index={index}"] + listeners
         env = dict(os.environ)
         # The worker imports what the parent imported (this checkout's casd and plugins).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -257,139 +257,3 @@ def makeParentService(options, reactor) -> service.MultiService:
     pool.setName("workers")
     pool.setServiceParent(top)
     return top
-
-
-# -- the worker process -------------------------------------------------------------------------
-
-
-class _AdoptingReactor:
-    """
-    A reactor for C{serverFromString} in a worker: listening adopts the inherited socket instead
-    of binding a new one, so every endpoint kind that ends in C{listenTCP}, C{listenSSL} or
-    C{listenUNIX} (C{tcp:}, C{tcp6:}, C{ssl:}, C{unix:}, C{haproxy:tcp:...}) works unchanged.
-    Everything else is the real reactor's.
-    """
-
-    def __init__(self, reactor, fd: int) -> None:
-        self._reactor = reactor
-        self._fd = fd
-
-    def __getattr__(self, name):
-        return getattr(self._reactor, name)
-
-    def _adopt(self, factory):
-        probe = socket.socket(fileno=self._fd)
-        try:
-            family = probe.family
-        finally:
-            probe.detach()
-        return self._reactor.adoptStreamPort(self._fd, family, factory)
-
-    def listenTCP(self, port, factory, backlog=50, interface=""):
-        return self._adopt(factory)
-
-    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
-        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
-
-    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
-        return self._adopt(factory)
-
-
-def adoptingReactors(reactor, fds: dict) -> dict:
-    """
-    @param fds: listener name -> inherited listening socket.
-    @return: listener name -> a reactor whose C{listen*} adopts that socket.
-    """
-    return {name: _AdoptingReactor(reactor, fd) for name, fd in fds.items()}
-
-
-def _relayObserver(out):
-    """
-    A worker's log observer: one JSON array a line, C{[time, level, namespace, text]}, the text
-    formatted here (with any traceback), so the parent does no more than for its own events.
-    """
-    dumps = json.dumps
-
-    def observe(event):
-        level = event.get("log_level", LogLevel.info)
-        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-        out.write(
-            dumps([event.get("log_time"), level.name, event.get("log_namespace", "-"), text]) + "\n"
-        )
-        out.flush()
-
-    return observe
-
-
-class _ParentWatch:
-    """
-    Reads the worker's standard input, a pipe from the parent: end of file means the parent
-    stopped (or died), so the worker stops.
-    """
-
-    def __init__(self, reactor) -> None:
-        self.reactor = reactor
-
-    def fileno(self) -> int:
-        return 0
-
-    def logPrefix(self) -> str:
-        return "parent-watch"
-
-    def doRead(self):
-        try:
-            data = os.read(0, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data = b""
-        if not data:
-            return error.ConnectionDone()
-        return None
-
-    def connectionLost(self, reason) -> None:
-        if self.reactor.running:
-            self.reactor.stop()
-
-
-def workerMain(argv=None) -> int:
-    """
-    The worker process: C{python -m casd.service.workers --config FILE --index N --listener NAME=FD ...}.
-    """
-    parser = argparse.ArgumentParser(prog="casd worker")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--index", type=int, default=1)
-    parser.add_argument("--listener", action="append", default=[])
-    args = parser.parse_args(argv)
-    fds = {}
-    for item in args.listener:
-        name, _, fd = item.rpartition("=")
-        fds[name] = int(fd)
-
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
-
-    from casd.service.tap import Options, makeService
-
-    globalLogBeginner.beginLoggingTo([_relayObserver(sys.stdout)], redirectStandardIO=False)
-    options = Options()
-    options.parseOptions(["--config", args.config])
-    top = makeService(options, reactor, adopted=adoptingReactors(reactor, fds))
-    os.set_blocking(0, False)
-    reactor.addReader(_ParentWatch(reactor))
-
-    def started():
-        # Ctrl-C in a terminal reaches the whole process group: the parent decides.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        top.startService()
-        for fd in fds.values():
-            os.close(fd)  # adoptStreamPort listens on duplicates
-
-    reactor.callWhenRunning(started)
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.run()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(workerMain())

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 What casd knows about a client connection, carried through the whole session.
 """
@@ -14,6 +15,8 @@ import attr
 from attrs import frozen
 
 from twisted.internet.address import IPv4Address, IPv6Address
+
+from casd.net import parseAddress
 
 
 def newSessionId() -> str:
@@ -51,13 +54,8 @@ def isTrusted(host: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
 
 
 def _isTrusted(host: str, networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    ip = parseAddress(host)
+    return ip is not None and any(ip in net for net in networks)
 
 
 @frozen
@@ -112,11 +110,9 @@ class ClientInfo:
         not parse are ignored; the caller checks that the proxy is trusted.
         """
         changes = {}
-        if host is not None:
-            try:
-                changes["peerHost"] = ipaddress.ip_address(host).compressed
-            except ValueError:
-                pass
+        ip = parseAddress(host) if host is not None else None
+        if ip is not None:
+            changes["peerHost"] = ip.compressed
         if port is not None and port.isdigit() and 0 < int(port) < 65536:
             changes["peerPort"] = int(port)
         if sessionId is not None and _SESSION_ID.fullmatch(sessionId):

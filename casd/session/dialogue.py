@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_dialogue,tests.test_connector,tests.test_imap,tests.test_pop3,tests.test_managesieve -*-
 """
 The base of every protocol's backend login dialogue: an explicit sequence of commands and
 replies (greeting, STARTTLS, client address, login) over one backend connection, returning a
@@ -7,7 +8,6 @@ opens the connection and sets the timeouts.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from typing import Callable
 
@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
+from casd.net import parseAddress
 from casd.session.relay import writeThrough
 
 
@@ -32,11 +33,12 @@ class BackendTimeout(BackendUnavailable):
 @implementer(IHandshakeListener)
 class BackendDialogue(Protocol):
     """
-    The base of a protocol's backend login dialogue: an explicit sequence of commands and
-    replies (greeting, STARTTLS, client address, login) written as L{dialogue}, returning a
-    L{Deferred} through L{loggedIn}.  It knows nothing of any protocol's syntax.
-
-    Subclasses implement L{dialogue} with L{readLine}, L{sendLine} and L{startTLS}.
+    The base of a protocol's backend login dialogue, driven by lines: each step is a method
+    that gets the next line from the backend (no L{Deferred} or generator per reply: this is
+    the hot path of every login).  L{dialogue} starts it, usually with
+    C{self.expectLine(self.greeting)}; a step sends the next command with L{command}, fails by
+    raising L{fail}'s exception, starts TLS with L{startTLS} and ends the dialogue with
+    L{succeed}.
 
     @ivar loggedIn: fires with this protocol once the backend accepted the login, or fails with
         a L{casd.failures.CASFailure}.
@@ -44,13 +46,20 @@ class BackendDialogue(Protocol):
     @ivar greeted: whether the backend sent a line (it is alive at the protocol level); a
         failure before that counts against the member's health.
     @ivar proxyTTL: the proxy TTL to announce to the backend (IMAP ID C{x-proxy-ttl}), 0 for none.
-    @ivar bannerTimeout: seconds for the first line; L{replyTimeout} for each later one.
+    @ivar tlsTimeout: seconds for a TLS handshake; L{bannerTimeout} for the first line,
+        L{replyTimeout} for each later one.  The pool sets all three, and L{deadline}, from the
+        target's settings before it connects
+        (L{casd.pool.connector.BackendConnector.timeoutsFor}).
     """
 
     log = Logger()
     relay = None
     greeted = False
     proxyTTL = 0
+    tlsTimeout = bannerTimeout = replyTimeout = 30.0
+    #: Absolute time by which the whole dialogue must be done (the pool's failover budget); no
+    #: step's timer is armed past it.
+    deadline = float("inf")
     #: Order of the session in its pool, once logged in (the oldest is closed first on drain).
     sessionNumber = 0
     #: Longest line accepted from a backend during the dialogue.
@@ -60,6 +69,8 @@ class BackendDialogue(Protocol):
     bytesSent = 0
     #: Why the connection closed (a L{Failure}), once it did.
     closedBy = None
+    #: The step that gets the next line (see L{expectLine}); C{None} while none waits for one.
+    lineHandler = None
 
     def __init__(self, target, client, user, credentials, context) -> None:
         self.target = target
@@ -68,21 +79,13 @@ class BackendDialogue(Protocol):
         self.credentials = credentials
         self.context = context
         self.clock = context.reactor
-        settings = context.config.backend
-        self.replyTimeout = settings.reply_timeout
-        self.tlsTimeout = settings.tls_timeout
-        self.bannerTimeout = getattr(settings, "banner_timeout", 0) or self.replyTimeout
         self._lost: list[Callable[[], None]] = []
         self.loggedIn: defer.Deferred = defer.Deferred()
         self._buffer = b""
         self._lines: deque[bytes] = deque()
-        self._waiting: defer.Deferred | None = None
         self._handshake: defer.Deferred | None = None
         self._timer = None
         self._timerWhat = ""
-        #: Absolute time by which the whole dialogue must be done (the pool's failover budget);
-        #: no step's timer is armed past it.
-        self.deadline = float("inf")
         self._done = False
         self.leftover = b""
 
@@ -90,8 +93,8 @@ class BackendDialogue(Protocol):
 
     def dialogue(self):
         """
-        The login dialogue; return a L{Deferred} that fires when the backend accepted the login.
-        Failures are L{casd.failures.CASFailure}s.
+        Start the login dialogue, once connected (and after the handshake, for implicit TLS):
+        usually C{self.expectLine(self.greeting)}.
         """
         raise NotImplementedError()
 
@@ -100,13 +103,22 @@ class BackendDialogue(Protocol):
         writeThrough(self.transport)
         if self.target.tls == "implicit":
             d = self._awaitHandshake()
-            d.addCallback(lambda _: self.dialogue())
+            d.addCallback(lambda _: self._start())
+            d.addErrback(self._failed)
         else:
-            try:
-                d = self.dialogue()
-            except Exception:
-                d = defer.fail()
-        d.addCallbacks(self._succeeded, self._failed)
+            self._start()
+
+    def _start(self) -> None:
+        try:
+            self.dialogue()
+        except Exception:
+            self._failed(Failure())
+
+    def succeed(self) -> None:
+        """
+        The backend accepted the login: L{loggedIn} fires, the relay takes over.
+        """
+        self._succeeded(None)
 
     def _succeeded(self, _):
         if self._done:
@@ -114,6 +126,9 @@ class BackendDialogue(Protocol):
         self._done = True
         self.lineHandler = None
         self._cancelTimer()
+        # The failover deadline bounds the login only: a protocol that keeps reading after it
+        # (SMTP's transactions) is bound by its per-phase timeouts alone.
+        self.deadline = float("inf")
         self.leftover = self._buffer + b"".join(line + b"\r\n" for line in self._lines)
         self._buffer = b""
         self._lines.clear()
@@ -147,14 +162,19 @@ class BackendDialogue(Protocol):
         self.bytesSent += len(data)
         self.transport.write(data)
 
-    #: When set, each line from the backend goes to this callable (a line-driven dialogue, no
-    #: Deferred per reply) instead of to L{readLine}; an exception it raises fails the dialogue.
-    lineHandler = None
+    def command(self, line: bytes, handler) -> None:
+        """
+        Send C{line} and give the reply's first line to C{handler} (L{expectLine}).
+        """
+        self.sendLine(line)
+        self.expectLine(handler)
 
     def expectLine(self, handler=None) -> None:
         """
-        For a line-driven dialogue: the next line goes to C{handler} (or the current
-        L{lineHandler}) within the reply timeout (the greeting's before the first line).
+        The next line goes to C{handler} (or again to the current L{lineHandler}) within the
+        reply timeout (the banner timeout before the first line).  An exception the handler
+        raises fails the dialogue (a L{casd.failures.CASFailure} as it is, anything else as a
+        protocol error).
         """
         if handler is not None:
             self.lineHandler = handler
@@ -172,30 +192,21 @@ class BackendDialogue(Protocol):
             self.lineHandler = None
             self._fire(None, Failure())
 
-    def readLine(self) -> defer.Deferred:
+    def startTLS(self, then: Callable[[], None]) -> None:
         """
-        @return: a L{Deferred} firing with the next line (without its line ending) within the
-            reply timeout, or failing with L{BackendTimeout}.
-        """
-        if self._lines:
-            return defer.succeed(self._lines.popleft())
-        self._waiting = defer.Deferred()
-        if self.greeted:
-            self._arm(self.replyTimeout, "reply")
-        else:
-            self._arm(self.bannerTimeout, "greeting")
-        return self._waiting
+        Start TLS towards the backend, verifying its certificate for the target's C{tlsName},
+        within C{tlsTimeout}; lines read before are forgotten.
 
-    def startTLS(self) -> defer.Deferred:
+        @param then: the step to run once the handshake completed (its exceptions fail the
+            dialogue, as a step's do).
         """
-        Start TLS towards the backend, verifying its certificate for the target's C{tlsName}.
-
-        @return: a L{Deferred} firing when the handshake completed within C{tls_timeout}.
-        """
+        self.lineHandler = None
         self._buffer = b""
         self._lines.clear()
         self.transport.startTLS(self.context.clientTLS.optionsFor(self.target.tlsName))
-        return self._awaitHandshake()
+        d = self._awaitHandshake()
+        d.addCallback(lambda _: then())
+        d.addErrback(self._failed)
 
     def _awaitHandshake(self) -> defer.Deferred:
         self._handshake = defer.Deferred()
@@ -228,12 +239,11 @@ class BackendDialogue(Protocol):
         """
         c = self.client
         fields = []
-        try:
+        ip = parseAddress(c.peerHost)
+        if ip is not None:
             # Only an address: a UNIX socket's name could carry spaces or line breaks.
-            fields.append(b"ADDR=" + ipaddress.ip_address(c.peerHost).compressed.encode("ascii"))
+            fields.append(b"ADDR=" + ip.compressed.encode("ascii"))
             fields.append(b"PORT=%d" % (c.peerPort,))
-        except ValueError:
-            pass
         fields.append(b"SESSION=" + c.sessionId.encode("ascii"))
         if self.proxyTTL:
             fields.append(b"TTL=%d" % (self.proxyTTL,))
@@ -293,13 +303,10 @@ class BackendDialogue(Protocol):
 
     def _fire(self, exc: Exception | None, failure: Failure | None = None) -> None:
         failure = failure or Failure(exc)
-        for attr in ("_waiting", "_handshake"):
-            d = getattr(self, attr)
-            if d is not None:
-                setattr(self, attr, None)
-                d.errback(failure)
-                return
-        if not self._done:
+        d, self._handshake = self._handshake, None
+        if d is not None:
+            d.errback(failure)  # to _failed, through startTLS's or connectionMade's errback
+        elif not self._done:
             self._failed(failure)
 
     def dataReceived(self, data: bytes) -> None:
@@ -320,11 +327,7 @@ class BackendDialogue(Protocol):
             if handler is not None:
                 self._deliver(handler, line)
             else:
-                d, self._waiting = self._waiting, None
-                if d is not None:
-                    d.callback(line)
-                else:
-                    self._lines.append(line)
+                self._lines.append(line)
             if self._done:
                 return
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imap,tests.test_pop3,tests.test_managesieve,tests.test_plugin -*-
 """
 The base of every client-side protocol: the limits, timers, TLS, the shared login path and the
 hand-off to the relay live here once (nginx's C{ngx_mail_read_command}, Dovecot's
@@ -6,6 +7,7 @@ C{login-common}); a protocol module adds only its grammar and its wording.
 
 from __future__ import annotations
 
+from attrs import frozen
 from zope.interface import implementer
 
 from twisted.internet import defer
@@ -13,38 +15,52 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from casd.auth.sasl import makeCredentials
+from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation
 from casd.session.clientinfo import ClientInfo
-from casd.failures import CASFailure, ProtocolViolation
 from casd.session.relay import Relay, writeThrough
-from casd.auth.sasl import MECHANISMS, SASLCancelled, SASLExchange, SASLRefusal, encodeBase64
+from casd.session.sasldriver import SASLDriver
+from casd.session.steps import SessionSteps
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
 PAUSE_BUFFER = 65536
 
 
-def renderFailure(table, exc: BaseException, fallback: bytes) -> bytes:
+@frozen
+class Wording:
     """
-    Word a failure of the shared vocabulary in a protocol's terms.
+    A protocol's words for what the core says in its name, without framing (the protocol's
+    L{FrontendProtocol.replyOk}, C{replyNo}, C{replyBad} and C{replyBye} frame them).  The
+    defaults are Dovecot's; a protocol names only those it words differently, e.g.
+    C{Wording(tooManyErrors=b"Too many invalid IMAP commands.")}.
+    """
 
-    @param table: C{(exception class, words)} pairs; the first match wins, so list a subclass
-        before its base.
-    @param fallback: the words for anything the table does not name (an internal error).
-    """
-    for kind, words in table:
-        if isinstance(exc, kind):
-            return words
-    return fallback
+    unknownCommand: bytes = b"Unknown command."
+    unexpectedArguments: bytes = b"Unexpected arguments."
+    tooManyErrors: bytes = b"Too many invalid commands."
+    lineTooLong: bytes = b"Line too long."
+    timedOut: bytes = b"Disconnected for inactivity."
+    tlsActive: bytes = b"TLS is already active."
+    tlsUnavailable: bytes = b"TLS support isn't enabled."
+    tlsGoAhead: bytes = b"Begin TLS negotiation now."
+    saslUnsupported: bytes = b"Unsupported authentication mechanism."
+    saslBadInitial: bytes = b"Invalid base64 data in initial response."
+    saslBadResponse: bytes = b"Invalid base64 data in continued response."
+    saslCancelled: bytes = b"Authentication aborted by client."
 
 
 @implementer(IHalfCloseableProtocol)
-class FrontendProtocol(Protocol):
+class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     """
     One client connection, from the greeting to the end of the relayed session.
 
-    Subclasses implement L{greet}, L{lineReceived} (and L{rawReceived} when they use
-    L{setRawMode}), L{lineTooLong}, L{timedOut} and L{makeDialogue}; to log in they call
-    L{login} (or L{startSASL}) and implement L{loginSucceeded}, L{loginFailed} (and
-    L{saslChallenge}, L{saslFailed}).  L{failures} words the shared failures.
+    A protocol implements L{greet}, L{lineReceived} (and L{rawReceived} when it uses
+    L{setRawMode}), L{makeDialogue}, L{loginSucceeded}, L{saslChallenge} when it offers SASL,
+    and its framing of replies: L{replyOk}, L{replyNo}, L{replyBad}, L{replyBye}.  It hands each
+    command to L{dispatch}, which runs its C{<state>_<NAME>} method; those call L{login},
+    L{passwordLogin} or L{startSASL}, L{startTLSCommand} and L{invalidCommand}.  The core says
+    the rest (bad commands, long lines, time-outs, SASL refusals, login failures) in the
+    protocol's L{wording} and L{failures}.
 
     @ivar context: the shared L{casd.service.context.CASContext}.
     @ivar section: this protocol's L{casd.config.ProtocolSection} (limits, timeouts, own keys).
@@ -64,11 +80,15 @@ class FrontendProtocol(Protocol):
     #: router refuses a session whose TTL is spent, so proxies that loop stop.
     proxyTTL: int | None = None
 
-    #: The protocol's words for the shared failures: C{(exception class, bytes)} pairs for
-    #: L{renderFailure}, first match wins (e.g. IMAP's C{NO [UNAVAILABLE] ...}).
+    #: The protocol's words for the shared failures: C{(exception class, bytes)} pairs, first
+    #: match wins (e.g. IMAP's C{NO [UNAVAILABLE] ...}); see L{renderFailure}.
     failures: tuple = ()
     #: The words for a failure that L{failures} does not name.
     internalFailure = b"Internal error, try again later."
+    #: The protocol's words for what the core says itself (L{Wording}).
+    wording = Wording()
+    #: The state whose commands L{dispatch} runs: command C{NAME} is method C{<state>_<NAME>}.
+    state = "unauth"
 
     def __init__(self, context, section, listener, descriptor) -> None:
         self.context = context
@@ -86,8 +106,6 @@ class FrontendProtocol(Protocol):
         self._logged = False
         self._badCommands = 0
         self._preauth = None
-        self._sasl: SASLExchange | None = None
-        self._saslToken = None
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -100,17 +118,53 @@ class FrontendProtocol(Protocol):
     def rawReceived(self, data: bytes) -> None:
         raise NotImplementedError()
 
-    def lineTooLong(self) -> None:
+    def replyOk(self, token, text: bytes) -> None:
         """
-        A line exceeded C{max_line_length}: say so in the protocol's words and call L{close}.
+        Send a success reply with C{text} (IMAP C{tag OK text}, POP3 C{+OK text}).
+
+        @param token: what the protocol passed to L{dispatch} (e.g. the IMAP tag).
         """
         raise NotImplementedError()
 
-    def timedOut(self) -> None:
+    def replyNo(self, token, text: bytes) -> None:
         """
-        The pre-authentication timeout expired: say so and call L{close}.
+        Send a refusal of a well-formed command (IMAP C{NO}, POP3 C{-ERR}).
         """
         raise NotImplementedError()
+
+    def replyBad(self, token, text: bytes) -> None:
+        """
+        Send the reply to a command that is wrong here (IMAP C{BAD}); L{invalidCommand} counts
+        them.  By default, L{replyNo}.
+        """
+        self.replyNo(token, text)
+
+    def replyBye(self, text: bytes) -> None:
+        """
+        Send the last words before the core closes the connection (IMAP C{* BYE}).  By default,
+        L{replyNo}.
+        """
+        self.replyNo(None, text)
+
+    def replyFailure(self, token, words: bytes) -> None:
+        """
+        Send a rendered failure (a line of L{failures}); IMAP puts the tag before it.
+        """
+        self.send(words + b"\r\n")
+
+    def lineTooLong(self) -> None:
+        """
+        A line exceeded C{max_line_length}: say so and close.
+        """
+        self.replyBye(self.wording.lineTooLong)
+        self.close()
+
+    def timedOut(self) -> None:
+        """
+        The pre-authentication timeout expired: say so and close.
+        """
+        self.replyBye(self.wording.timedOut)
+        self.close()
 
     def makeDialogue(self, target, user, credentials):
         """
@@ -130,23 +184,10 @@ class FrontendProtocol(Protocol):
 
     def loginFailed(self, token, failure: CASFailure) -> None:
         """
-        The login failed: send the client L{renderFailure} of C{failure}, in the protocol's
-        framing.  C{self.result} already names the failure for the session log.
+        The login failed: send the client L{renderFailure} of C{failure} (L{replyFailure}).
+        After L{login}, C{self.result} already names the failure for the session log.
         """
-        raise NotImplementedError()
-
-    def saslChallenge(self, token, challenge: bytes) -> None:
-        """
-        Send a SASL challenge, already base64-encoded, in the protocol's framing (C{+ ...} in
-        IMAP and POP3, a string in ManageSieve).  The client's answer goes to L{saslResponse}.
-        """
-        raise NotImplementedError()
-
-    def saslFailed(self, token, refusal: SASLRefusal) -> None:
-        """
-        A SASL exchange ended without credentials; say why in the protocol's words.
-        """
-        raise NotImplementedError()
+        self.replyFailure(token, self.renderFailure(failure))
 
     # -- connection -------------------------------------------------------------------------
 
@@ -212,9 +253,13 @@ class FrontendProtocol(Protocol):
 
     def renderFailure(self, exc: BaseException) -> bytes:
         """
-        @return: the protocol's words for C{exc}, from L{failures}.
+        @return: the protocol's words for C{exc}: the first entry of L{failures} whose class it
+            is an instance of (list a subclass before its base), else L{internalFailure}.
         """
-        return renderFailure(self.failures, exc, self.internalFailure)
+        for kind, words in self.failures:
+            if isinstance(exc, kind):
+                return words
+        return self.internalFailure
 
     def badCommand(self) -> bool:
         """
@@ -224,6 +269,95 @@ class FrontendProtocol(Protocol):
         """
         self._badCommands += 1
         return self._badCommands >= self.section.max_bad_commands
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def dispatch(self, name, *args, token=None) -> None:
+        """
+        Run command C{name} (C{str} or C{bytes}, any case) in the current L{state}: the method
+        C{<state>_<NAME>}, called with C{args}.  A name that is not one of them goes to
+        L{unknownCommand}.
+
+        @param token: what L{unknownCommand} replies to (e.g. the IMAP tag).
+        """
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        name = name.upper()
+        handler = None
+        if name.isascii() and name.isalpha():
+            handler = getattr(self, self.state + "_" + name, None)
+        if handler is None:
+            self.unknownCommand(token, name)
+        else:
+            handler(*args)
+
+    def unknownCommand(self, token, name: str) -> None:
+        """
+        A command the current state does not know: an invalid command.
+        """
+        self.invalidCommand(token, self.wording.unknownCommand)
+
+    def invalidCommand(self, token, text: bytes) -> None:
+        """
+        Refuse an invalid command with L{replyBad} and count it: at C{max_bad_commands}, say
+        C{tooManyErrors} with L{replyBye} and close instead.
+        """
+        if self.badCommand():
+            self.replyBye(self.wording.tooManyErrors)
+            self.close("too many errors")
+        else:
+            self.replyBad(token, text)
+
+    def noArguments(self, token, args) -> bool:
+        """
+        @return: whether C{args} is empty; if not, the command is invalid and was refused.
+        """
+        if args:
+            self.invalidCommand(token, self.wording.unexpectedArguments)
+            return False
+        return True
+
+    def startTLSCommand(self, token) -> bool:
+        """
+        STARTTLS (POP3 C{STLS}): refuse it with L{replyBad} when TLS is on already or not
+        offered on this listener; else say go ahead (L{replyOk}) and L{startTLS}.
+
+        @return: whether TLS started (the protocol forgets what it learnt in clear).
+        """
+        if self.client.tls:
+            self.replyBad(token, self.wording.tlsActive)
+            return False
+        if not self.tlsAvailable:
+            self.replyBad(token, self.wording.tlsUnavailable)
+            return False
+        self.replyOk(token, self.wording.tlsGoAhead)
+        self.startTLS()
+        return True
+
+    def privacyRequired(self, token) -> bool:
+        """
+        @return: whether a plaintext login must be refused here (before TLS, from an untrusted
+            client); if so, the client was told (L{PrivacyRequired}, through L{loginFailed}).
+        """
+        if self.client.plaintextAllowed:
+            return False
+        self.loginFailed(token, PrivacyRequired())
+        return True
+
+    def passwordLogin(self, token, user: bytes, password: bytes) -> None:
+        """
+        A plaintext login (IMAP C{LOGIN}, POP3 C{USER}/C{PASS}): refused before TLS unless
+        allowed (L{privacyRequired}), refused as a failed login when the name or password
+        cannot be credentials (L{casd.auth.sasl.makeCredentials}), else L{login}.
+        """
+        if self.privacyRequired(token):
+            return
+        try:
+            credentials = makeCredentials(user, password)
+        except ProtocolViolation:
+            self.loginFailed(token, AuthenticationFailed())
+            return
+        self.login(token, credentials)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -328,81 +462,6 @@ class FrontendProtocol(Protocol):
         self._sasl = self._saslToken = None
         self.transport.startTLS(self.context.serverTLS.options)
         self.client = self.client.withTLS()
-
-    # -- SASL: one driver for every protocol; each frames challenges and responses its way ----
-
-    @property
-    def saslInProgress(self) -> bool:
-        """
-        Whether a SASL exchange waits for the client's next response (see L{saslResponse}).
-        """
-        return self._sasl is not None
-
-    def startSASL(self, token, mechanism, initial: bytes | None = None) -> None:
-        """
-        Begin a SASL exchange (IMAP C{AUTHENTICATE}, POP3 and SMTP C{AUTH}, ...).  It ends in
-        L{login} with the credentials, or in L{saslFailed}; in between, L{saslChallenge} sends
-        each challenge and the protocol hands each client response to L{saslResponse}.
-
-        @param token: passed back to the hooks (e.g. the IMAP tag).
-        @param mechanism: the mechanism name the client asked for (C{str} or C{bytes}).
-        @param initial: the initial response as the client sent it (base64, C{=} for an empty
-            one), or C{None}.
-        """
-        if isinstance(mechanism, bytes):
-            mechanism = mechanism.decode("ascii", "replace")
-        mechanism = mechanism.upper()
-        if mechanism not in MECHANISMS:
-            self.saslFailed(token, SASLRefusal.UNSUPPORTED)
-            return
-        if not self.client.plaintextAllowed:
-            # PLAIN and LOGIN carry the password itself: only over TLS or from trusted clients.
-            self.saslFailed(token, SASLRefusal.PRIVACY_REQUIRED)
-            return
-        exchange = SASLExchange(mechanism)
-        try:
-            decoded = SASLExchange.decodeInitial(initial) if initial is not None else None
-        except ProtocolViolation:
-            self.saslFailed(token, SASLRefusal.BAD_INITIAL)
-            return
-        self._saslStep(token, exchange, exchange.start, decoded)
-
-    def saslResponse(self, response: bytes) -> None:
-        """
-        The client's response to the last challenge, unframed (the base64 text, or C{*}).
-        """
-        exchange, token = self._sasl, self._saslToken
-        self._sasl = self._saslToken = None
-        try:
-            decoded = exchange.decode(response)
-        except SASLCancelled:
-            self.saslFailed(token, SASLRefusal.CANCELLED)
-            return
-        except ProtocolViolation:
-            self.saslFailed(token, SASLRefusal.BAD_RESPONSE)
-            return
-        self._saslStep(token, exchange, exchange.respond, decoded)
-
-    def abortSASL(self, refusal: SASLRefusal) -> None:
-        """
-        End the exchange in progress with L{saslFailed} (e.g. the client's response did not
-        parse in the protocol's framing).
-        """
-        token = self._saslToken
-        self._sasl = self._saslToken = None
-        self.saslFailed(token, refusal)
-
-    def _saslStep(self, token, exchange, step, data) -> None:
-        try:
-            result = step(data)
-        except ProtocolViolation:
-            self.saslFailed(token, SASLRefusal.MALFORMED)
-            return
-        if isinstance(result, bytes):
-            self._sasl, self._saslToken = exchange, token
-            self.saslChallenge(token, encodeBase64(result))
-        else:
-            self.login(token, result)
 
     # -- login and relay --------------------------------------------------------------------
 

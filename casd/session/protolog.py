@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imap -*-
 """
 The protocol log: one line per session, the same fields for every protocol.  A password, hash,
 cookie or token is never a field.

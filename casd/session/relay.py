@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_relay -*-
 """
 The relay: after login, a dumb splice of bytes both ways (Dovecot's C{login_proxy_detach()},
 Twisted's C{portforward}).
@@ -154,7 +155,7 @@ class Relay:
             writeThrough(transport)
             # Under TLS the reads stay Twisted's default size: a larger read below the TLS layer
             # stalled an IDLE session relayed between two TLS connections
-            # (tests.test_imap_dovecot test_idleSeesDelivery).
+            # (tests.integration.test_imap_dovecot test_idleSeesDelivery).
             if hasattr(transport, "bufferSize"):
                 transport.bufferSize = RELAY_READ_SIZE
         self.client.registerProducer(self.server, True)

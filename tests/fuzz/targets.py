@@ -252,7 +252,7 @@ def backendTarget(protocolName: str, login: bytes) -> Callable[[bytes], None]:
 
 def imapGrammar(data: bytes) -> None:
     from protocols import imapgrammar as g
-    from protocols.stringgrammar import GrammarError
+    from protocols.stringgrammar import GrammarError, tokenize
 
     for line in data.split(b"\n"):
         g.capabilitiesIn(line)
@@ -261,7 +261,7 @@ def imapGrammar(data: bytes) -> None:
         except GrammarError:
             pass
         try:
-            g.parseList(g.tokenize(line))
+            g.parseList(tokenize(line))
         except GrammarError:
             pass
 

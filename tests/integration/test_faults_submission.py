@@ -19,7 +19,7 @@ from tests.integration.test_faults import BackendCommands
 from tests.support.casdnode import CASNode
 from tests.support.postfix import Postfix
 from tests.support.procs import freePort
-from tests.test_smtp_postfix import Client, message
+from tests.integration.test_smtp_postfix import Client, message
 
 
 class SubmissionFaultTests(TestCase):

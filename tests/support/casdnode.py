@@ -1,5 +1,6 @@
 """
-A casd node running in the test process on the real reactor, from a TOML text.
+A casd node running in the test process on the real reactor, from a TOML text; and
+L{DovecotFront}, a casd in front of a private Dovecot.
 """
 
 import os
@@ -56,3 +57,144 @@ class CASNode:
         yield self.service.stopService()
         # Let aborted connections and backend sockets finish closing.
         yield task.deferLater(self.reactor, 0.05, lambda: None)
+
+
+#: The users of L{DovecotFront}: in Dovecot's passwd-file and in casd's users file.
+USERS = {"alice": "alice-pw", "bob": "bob-pw"}
+#: Dovecot's master user, which casd logs in as when a route says so.
+MASTER = ("casd-master", "master-pw")
+
+
+class DovecotFront:
+    """
+    A mixin for C{TestCase}s: a casd in front of a private Dovecot, the set-up every
+    real-Dovecot test of a protocol shares.  A test CA issues Dovecot's certificate
+    (C{127.0.0.1}, C{mbx.test}) and casd's (C{localhost}, C{127.0.0.1}); casd's users file holds
+    L{USERS} (alice's hash bcrypt, bob's SHA512-CRYPT) and C{carol}, whose mailbox server
+    C{nowhere} refuses connections; Dovecot knows the master user L{MASTER}.
+
+    Set C{protocol} (casd's name for it) and C{dovecotProtocol} (Dovecot's); then
+    L{startCAS}.
+
+    @ivar tmp: the test's directory.
+    @ivar ca: the L{tests.support.certs.CertificateAuthority}.
+    @ivar dovecot: the running L{tests.support.dovecot.Dovecot}.
+    @ivar port: casd's listener (STARTTLS offered); C{tlsPort}: its implicit-TLS one.
+    """
+
+    protocol = "imap"
+    dovecotProtocol = "imap"
+
+    def setUp(self):
+        super().setUp()
+        from casd.auth.hashing import makeHash
+        from casd.testing import writeSecret
+        from tests.support.certs import CertificateAuthority
+        from tests.support.dovecot import Dovecot
+
+        self.tmp = os.path.abspath(self.mktemp())
+        os.makedirs(self.tmp)
+        self.ca = CertificateAuthority.create(os.path.join(self.tmp, "ca"))
+        self.dovecot = Dovecot(
+            os.path.join(self.tmp, "dovecot"),
+            USERS,
+            masterUsers=dict([MASTER]),
+            tls=self.ca.issue(["127.0.0.1", "mbx.test"], "backend"),
+            protocols=(self.dovecotProtocol,),
+        )
+        self.dovecot.start()
+        self.addCleanup(self.dovecot.stop)
+        self.frontCert = self.ca.issue(["localhost", "127.0.0.1"], "front")
+        self.usersPath = os.path.join(self.tmp, "users")
+        with open(self.usersPath, "w") as f:
+            f.write(f"alice:{makeHash('BLF-CRYPT', b'alice-pw', rounds=4)}:address=alice@example.com\n")
+            f.write(f"bob:{makeHash('SHA512-CRYPT', b'bob-pw')}\n")
+            f.write(f"carol:{makeHash('SHA512-CRYPT', b'carol-pw')}:mailhost=nowhere\n")
+        self.masterSecret = writeSecret(self.tmp, "master", MASTER[1])
+
+    def startCAS(self, backendTLS="starttls", master=False, backendPort=None, ca=None, extra=""):
+        """
+        Start casd for C{protocol} in this process, routing everyone to Dovecot (C{mbx}).
+
+        @param backendTLS: how casd reaches Dovecot: C{starttls}, C{implicit} or C{none}.
+        @param master: log in to Dovecot as L{MASTER}.
+        @param backendPort: Dovecot's port to use instead of the one for C{backendTLS}.
+        @param ca: the CA file casd verifies Dovecot with (default: the test CA).
+        @param extra: more TOML, appended.
+        """
+        from twisted.internet import reactor
+
+        from tests.support.procs import freePort
+
+        self.port = freePort()
+        self.tlsPort = freePort()
+        cert, key = self.frontCert
+        name = self.protocol
+        if backendPort is None:
+            d = self.dovecot
+            backendPort = {
+                ("imap", False): d.imapPort,
+                ("imap", True): d.imapsPort,
+                ("pop3", False): d.pop3Port,
+                ("pop3", True): d.pop3sPort,
+                ("sieve", False): d.sievePort,
+            }[self.dovecotProtocol, backendTLS == "implicit"]
+        masterLines = (
+            f'master_user = "{MASTER[0]}"\nmaster_password_file = "{self.masterSecret}"\n'
+            if master
+            else ""
+        )
+        config = f"""
+[server]
+hostname = "cas.test"
+
+[tls]
+certificate = "{cert}"
+key = "{key}"
+
+[auth]
+users_file = "{self.usersPath}"
+failure_delay = 0.2
+
+[routing]
+default_backend = "mbx"
+
+[backend]
+ca_file = "{ca or self.ca.caPath}"
+connect_timeout = 2.0
+reply_timeout = 5.0
+# A refused member is retried this long ("nowhere", where nothing listens, in test_backendDown).
+connect_retry_time = 1.0
+
+[backends.mbx]
+host = "127.0.0.1"
+[backends.mbx.{name}]
+port = {backendPort}
+tls = "{backendTLS}"
+{masterLines}
+[backends.nowhere]
+host = "127.0.0.1"
+[backends.nowhere.{name}]
+port = {freePort()}
+tls = "none"
+{"" if name == "imap" else chr(10) + "[imap]" + chr(10) + "enabled = false" + chr(10)}
+[{name}]
+enabled = true
+[[{name}.listen]]
+endpoint = "tcp:{self.port}:interface=127.0.0.1"
+[[{name}.listen]]
+endpoint = "tcp:{self.tlsPort}:interface=127.0.0.1"
+tls = "implicit"
+{extra}
+"""
+        self.cas = CASNode(os.path.join(self.tmp, "cas"), config).start(reactor)
+        self.addCleanup(self.cas.stop)
+        return self.cas
+
+    def clientContext(self):
+        """
+        A client's TLS context that trusts the test CA.
+        """
+        from casd.testing import clientTLSContext
+
+        return clientTLSContext(self.ca.caPath)

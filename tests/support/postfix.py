@@ -319,6 +319,11 @@ class Postfix:
             "message_size_limit = %d" % (self.messageSizeLimit,),
             "biff = no",
             "smtpd_timeout = 30s",
+            # An smtpd killed before it took a connection (the master starts one more when
+            # casd's two health probes of this port come at once) makes the master stop the
+            # service for this long ("bad command startup -- throttling"; 60s by default):
+            # should a test kill one, the next connection must not wait a minute.
+            "service_throttle_time = 1s",
         ]
         if self.tls:
             cert, key = self.tls
@@ -353,22 +358,55 @@ class Postfix:
 
     def killSMTPD(self):
         """
-        Kill (SIGKILL) every C{smtpd} of this instance: a mailbox server's SMTP service dying in
-        the middle of a session.
+        Kill (SIGKILL) every C{smtpd} of this instance that is serving a connection: a mailbox
+        server's SMTP service dying in the middle of a session.  An idle C{smtpd} is left
+        alone: one that never took a connection (the master starts one more when two clients,
+        say casd's health probes, come at once) would, killed, make the master stop the service
+        ("bad command startup -- throttling"; see C{service_throttle_time}).
 
         @return: how many were killed.
         """
+        established = self._establishedSockets()
         killed = 0
         for pid in self._children():
             try:
                 with open("/proc/%d/comm" % (pid,)) as f:
                     if f.read().strip() != "smtpd":
                         continue
+                if not self._socketInodes(pid) & established:
+                    continue
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
             except (OSError, ValueError):
                 continue
         return killed
+
+    def _establishedSockets(self):
+        """
+        Socket inodes of the established TCP connections to this instance's port.
+        """
+        inodes = set()
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == self.port:
+                    inodes.add(inode)
+        return inodes
+
+    @staticmethod
+    def _socketInodes(pid):
+        inodes = set()
+        directory = "/proc/%d/fd" % (pid,)
+        for fd in os.listdir(directory):
+            try:
+                target = os.readlink(os.path.join(directory, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        return inodes
 
     def _children(self):
         if self.pid is None:

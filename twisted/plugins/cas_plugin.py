@@ -15,7 +15,7 @@ cas = ServiceMaker(
 )
 
 imap = LazyProtocol("imap", "IMAP4rev1 proxy", "protocols.imap.imap")
-smtp = LazyProtocol("smtp", "SMTP front end on port 25", "protocols.smtp.smtp")
-submission = LazyProtocol("submission", "SMTP submission on 587/465", "protocols.smtp.submission")
+smtp = LazyProtocol("smtp", "SMTP front end on port 25", "protocols.smtpmx.smtp")
+submission = LazyProtocol("submission", "SMTP submission on 587/465", "protocols.submission.submission")
 pop3 = LazyProtocol("pop3", "POP3 proxy", "protocols.pop3.pop3")
 managesieve = LazyProtocol("managesieve", "ManageSieve proxy", "protocols.managesieve.managesieve")

@@ -80,6 +80,9 @@ class HelloTests(SynchronousTestCase):
         ScriptedBackend(self.reactor, [(b"", b"* OK not hello\r\n")]).run()
         self.assertEqual(self.transport.value(), b"-ERR server unavailable, try again later\r\n")
 
+    def test_unknownCommand(self):
+        self.assertEqual(self.send(b"NOPE\r\n"), b"-ERR Unknown command.\r\n")
+
     def test_limitsComeFromTheCore(self):
-        self.assertEqual(self.send(b"x" * 9000), b"-ERR line too long\r\n")
+        self.assertEqual(self.send(b"x" * 9000), b"-ERR Line too long.\r\n")
         self.assertTrue(self.transport.disconnecting)

@@ -2,6 +2,6 @@
 Makes the HELLO protocol discoverable by casd (and nothing else).
 """
 
-from casd.service.discovery import LazyProtocol
+from casd.plugin import LazyProtocol
 
 hello = LazyProtocol("hello", "HELLO example protocol", "casd_hello.protocol.hello")

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_smtpgrammar -*-
 """
 SMTP grammar: commands, envelope paths, replies, EHLO keywords, xtext, and the DATA stream that
 keeps SMTP smuggling out.

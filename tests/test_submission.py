@@ -1,22 +1,19 @@
+# -*- test-case-name: tests.test_submission -*-
 """
-Submission (ports 587/465): AUTH only after TLS, the user passed on to the backend (XCLIENT
-LOGIN or a master user), per-user limits; and the connection filters of port 25: allow and deny
-networks, per-address limits, the pregreet test, DNS block lists.
+Submission (L{protocols.submission}, ports 587/465): AUTH only after TLS, the user passed on to
+the backend (XCLIENT LOGIN or a master user), per-user limits, AUTH refused when the user's
+route is known to be down, STARTTLS and implicit TLS.
 """
 
 import os
 from base64 import b64decode, b64encode
 
-from twisted.internet import defer
-from twisted.names import dns
-from twisted.names.error import DomainError
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
 from casd.failures import DirectoryUnavailable
 from casd.testing import ScriptedBackend
-from protocols.smtp import smtp, submission
-from protocols.smtpfilters import dnsblName, senderBlocked
+from protocols.submission import submission
 from tests.support.certs import CertificateAuthority
 from tests.test_smtp_helpers import CONFIG, EHLO_PLAIN, HELO, SMTPTestMixin
 
@@ -308,6 +305,64 @@ class SubmissionTests(SMTPTestMixin, SynchronousTestCase):
         )
 
 
+class RouteDownTests(SMTPTestMixin, SynchronousTestCase):
+    """
+    AUTH when the health checks already know that no member of the user's route is up: 454,
+    no connection (issue 15 defect 6); otherwise the usual flow.
+    """
+
+    descriptor = submission
+
+    def markDown(self, login: str) -> None:
+        user = self.successResultOf(self.context.directory.lookup(login))
+        route = self.successResultOf(self.context.router.locate(user, submission))
+        for target in route.targets:
+            member = self.context.connector.member(target)
+            member.activelyChecked = True
+            for _ in range(member.settings.fall):
+                member.checked(False, "connection refused")
+            self.assertFalse(member.available())
+
+    def test_authRefusedWhenRouteDown(self):
+        self.markDown("alice")
+        self.ready(TRUSTED)
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"454 4.7.0 Mailbox server unavailable, try again later\r\n",
+        )
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertIsNone(self.server.user)
+        self.assertEqual(
+            self.send(b"MAIL FROM:<alice@example.com>\r\n"),
+            b"530 5.7.0 Authentication required\r\n",
+        )
+        # A later AUTH, once the route is up again, succeeds.
+        for member in self.context.connector.members.values():
+            for _ in range(member.settings.rise):
+                member.checked(True)
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"235 2.7.0 Authentication successful\r\n",
+        )
+
+    def test_otherUsersUnaffected(self):
+        self.markDown("bob")
+        self.ready(TRUSTED)
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"),
+            b"235 2.7.0 Authentication successful\r\n",
+        )
+
+    def test_wrongPasswordStill535(self):
+        self.markDown("alice")
+        self.ready(TRUSTED)
+        wrong = b64encode(b"\x00alice\x00nope")
+        self.assertEqual(
+            self.send(b"AUTH PLAIN " + wrong + b"\r\n"),
+            b"535 5.7.8 Authentication credentials invalid\r\n",
+        )
+
+
 class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
     descriptor = submission
 
@@ -354,148 +409,3 @@ class StartTLSTests(SMTPTestMixin, SynchronousTestCase):
             self.send(b"AUTH PLAIN " + PLAIN + b"\r\n"), b"235 2.7.0 Authentication successful\r\n"
         )
         self.assertEqual(self.send(b"STARTTLS\r\n"), b"503 5.5.1 Error: TLS already active\r\n")
-
-
-class FakeResolver:
-    """
-    Answers DNSBL queries from a table; C{None} means "never answers".
-    """
-
-    def __init__(self, listed=(), silent=()):
-        self.listed = set(listed)
-        self.silent = set(silent)
-        self.queries = []
-
-    def lookupAddress(self, name, timeout=None):
-        self.queries.append(name)
-        if name in self.silent:
-            return defer.Deferred()
-        if name in self.listed:
-            rr = dns.RRHeader(name, dns.A, payload=dns.Record_A("127.0.0.2"))
-            return defer.succeed(([rr], [], []))
-        return defer.fail(DomainError(name))
-
-
-class FilterTests(SMTPTestMixin, SynchronousTestCase):
-    def withFilters(self, settings: str):
-        self.reconfigure(CONFIG.replace("max_recipients = 3", "max_recipients = 3\n" + settings))
-
-    def test_denyNetworks(self):
-        self.withFilters('deny_networks = ["198.51.100.0/24"]')
-        self.assertEqual(self.connect(), b"554 5.7.1 Access denied\r\n")
-        self.assertTrue(self.transport.disconnecting)
-        self.assertEqual(
-            self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n"
-        )
-
-    def test_connectionsPerAddress(self):
-        self.withFilters("max_connections_per_address = 2")
-        first = self.connect()
-        second = self.connect()
-        self.assertEqual(first, second)
-        keep = self.server
-        self.assertEqual(
-            self.connect(),
-            b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n",
-        )
-        self.assertEqual(
-            self.connect(peer=("203.0.113.1", 1)), b"220 cas.example.net ESMTP ready\r\n"
-        )
-        keep.connectionLost(None)
-        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
-
-    def test_allowNetworksSkipLimits(self):
-        self.withFilters('max_connections_per_address = 1\nallow_networks = ["198.51.100.7/32"]')
-        self.connect()
-        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
-
-    def test_connectionRate(self):
-        self.withFilters("connection_rate_limit = 2\nmax_connections_per_address = 0")
-        self.connect()
-        self.connect()
-        self.assertTrue(self.connect().startswith(b"421 4.7.0"))
-        self.reactor.advance(61)
-        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
-
-    def test_pregreetTalker(self):
-        self.withFilters("pregreet_delay = 3.0")
-        self.assertEqual(self.connect(), b"220-cas.example.net ESMTP\r\n")
-        self.assertEqual(self.send(b"EHLO bot.example\r\nMAIL FROM:<x@y.example>\r\n"), b"")
-        self.reactor.advance(3)
-        self.assertEqual(self.out(), b"554 5.5.1 Error: SMTP protocol synchronization\r\n")
-        self.assertTrue(self.transport.disconnecting)
-
-    def test_pregreetPatientClient(self):
-        self.withFilters("pregreet_delay = 3.0")
-        self.connect()
-        self.reactor.advance(3)
-        self.assertEqual(self.out(), b"220 cas.example.net ESMTP ready\r\n")
-        self.assertTrue(self.send(b"EHLO ok.example\r\n").startswith(b"250-"))
-
-    def dnsbl(self, resolver):
-        self.withFilters('dnsbl_zones = ["bl.example", "other.example"]\ndnsbl_timeout = 2.0')
-        section = self.context.config.protocols["smtp"]
-        smtp.sharedState(section, self.context).filter.resolver = resolver
-
-    def test_dnsblListed(self):
-        resolver = FakeResolver(listed={"7.100.51.198.other.example"})
-        self.dnsbl(resolver)
-        self.assertEqual(
-            self.connect(),
-            b"554 5.7.1 Service unavailable; client [198.51.100.7] blocked using other.example\r\n",
-        )
-        self.assertEqual(
-            set(resolver.queries), {"7.100.51.198.bl.example", "7.100.51.198.other.example"}
-        )
-        # Cached: no second look-up.
-        self.connect()
-        self.assertEqual(len(resolver.queries), 2)
-
-    def test_dnsblNotListed(self):
-        resolver = FakeResolver()
-        self.dnsbl(resolver)
-        self.assertEqual(self.connect(), b"220 cas.example.net ESMTP ready\r\n")
-
-    def test_dnsblBoundedTime(self):
-        resolver = FakeResolver(silent={"7.100.51.198.bl.example", "7.100.51.198.other.example"})
-        self.dnsbl(resolver)
-        self.assertEqual(self.connect(), b"")
-        self.reactor.advance(1.9)
-        self.assertEqual(self.out(), b"")
-        self.reactor.advance(0.2)
-        self.assertEqual(self.out(), b"220 cas.example.net ESMTP ready\r\n")
-        # A timeout is not remembered as an answer.
-        self.connect()
-        self.assertEqual(len(resolver.queries), 4)
-
-    def test_dnsblNames(self):
-        self.assertEqual(dnsblName("192.0.2.1", "zen.example."), "1.2.0.192.zen.example")
-        self.assertEqual(
-            dnsblName("2001:db8::1", "bl.example"),
-            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.example",
-        )
-        self.assertIsNone(dnsblName("not-an-ip", "bl.example"))
-
-    def test_senderBlocked(self):
-        blocked = ("bad@example.org", "@spam.example", "junk.example", ".bulk.example")
-        self.assertTrue(senderBlocked("Bad@Example.org", blocked))
-        self.assertTrue(senderBlocked("x@spam.example", blocked))
-        self.assertTrue(senderBlocked("x@junk.example", blocked))
-        self.assertTrue(senderBlocked("x@a.bulk.example", blocked))
-        self.assertFalse(senderBlocked("x@bulk.example", blocked))
-        self.assertFalse(senderBlocked("good@example.org", blocked))
-        self.assertFalse(senderBlocked("", blocked))
-
-    def test_submissionConnectionLimit(self):
-        self.reconfigure(
-            CONFIG.replace(
-                "user_messages_per_hour = 2",
-                "user_messages_per_hour = 2\nmax_connections_per_address = 1",
-            )
-        )
-        self.descriptor = submission
-        self.connect()
-        self.assertEqual(
-            self.connect(),
-            b"421 4.7.0 cas.example.net Too many connections from your address, try again later\r\n",
-        )

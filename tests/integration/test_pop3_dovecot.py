@@ -6,20 +6,14 @@ import os
 import poplib
 import shutil
 import socket
-import ssl
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from casd.auth.hashing import makeHash
-from tests.support.casdnode import CASNode
-from tests.support.certs import CertificateAuthority
-from tests.support.dovecot import Dovecot
-from tests.support.procs import freePort
+from tests.support.casdnode import DovecotFront
 
-USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 # Over 1 MiB, with lines that start with "." so that dot-stuffing is exercised end to end.
 BIG = b"".join(
     (b"." if i % 1000 == 0 else b"") + b"%07d abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ!\r\n" % i
@@ -52,89 +46,14 @@ class POP3FromClientAddress(_FromClientAddress, poplib.POP3):
     pass
 
 
-class DovecotPOP3Tests(TestCase):
+class DovecotPOP3Tests(DovecotFront, TestCase):
     timeout = 60
+    protocol = dovecotProtocol = "pop3"
 
     def setUp(self):
-        self.tmp = os.path.abspath(self.mktemp())
-        os.makedirs(self.tmp)
-        self.ca = CertificateAuthority.create(os.path.join(self.tmp, "ca"))
-        backendCert = self.ca.issue(["127.0.0.1", "mbx.test"], "backend")
-        self.dovecot = Dovecot(
-            os.path.join(self.tmp, "dovecot"),
-            USERS,
-            masterUsers={"casd-master": "master-pw"},
-            tls=backendCert,
-            protocols=("pop3",),
-        )
-        self.dovecot.start()
-        self.addCleanup(self.dovecot.stop)
+        super().setUp()
         self.dovecot.deliver("alice", message("small"))
         self.dovecot.deliver("alice", message("big", BIG))
-        self.frontCert = self.ca.issue(["localhost", "127.0.0.1"], "front")
-        self.usersPath = os.path.join(self.tmp, "users")
-        with open(self.usersPath, "w") as f:
-            f.write(f"alice:{makeHash('BLF-CRYPT', b'alice-pw', rounds=4)}\n")
-            f.write(f"bob:{makeHash('SHA512-CRYPT', b'bob-pw')}\n")
-            f.write(f"carol:{makeHash('SHA512-CRYPT', b'carol-pw')}:mailhost=nowhere\n")
-        with open(os.path.join(self.tmp, "master"), "w") as f:
-            f.write("master-pw\n")
-
-    def startCAS(self, backendTLS="starttls", master=False):
-        self.port = freePort()
-        self.tlsPort = freePort()
-        cert, key = self.frontCert
-        port = self.dovecot.pop3sPort if backendTLS == "implicit" else self.dovecot.pop3Port
-        masterLines = (
-            f'master_user = "casd-master"\nmaster_password_file = "{self.tmp}/master"\n'
-            if master
-            else ""
-        )
-        config = f"""
-[tls]
-certificate = "{cert}"
-key = "{key}"
-
-[auth]
-users_file = "{self.usersPath}"
-failure_delay = 0.2
-
-[routing]
-default_backend = "mbx"
-
-[backend]
-ca_file = "{self.ca.caPath}"
-connect_timeout = 2.0
-reply_timeout = 5.0
-
-[backends.mbx]
-host = "127.0.0.1"
-[backends.mbx.pop3]
-port = {port}
-tls = "{backendTLS}"
-{masterLines}
-[backends.nowhere]
-host = "127.0.0.1"
-[backends.nowhere.pop3]
-port = {freePort()}
-tls = "none"
-
-[imap]
-enabled = false
-
-[pop3]
-enabled = true
-[[pop3.listen]]
-endpoint = "tcp:{self.port}:interface=127.0.0.1"
-[[pop3.listen]]
-endpoint = "tcp:{self.tlsPort}:interface=127.0.0.1"
-tls = "implicit"
-"""
-        self.cas = CASNode(os.path.join(self.tmp, "cas"), config).start(reactor)
-        self.addCleanup(self.cas.stop)
-
-    def clientContext(self):
-        return ssl.create_default_context(cafile=self.ca.caPath)
 
     def pop3Client(self, tls="starttls"):
         if tls == "implicit":

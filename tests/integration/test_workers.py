@@ -3,20 +3,27 @@ C{twistd cas --workers N} over real sockets: the workers share the parent's list
 both serve sessions, stop with the parent, and never outlive it, even when it is killed.
 """
 
+import io
 import os
+import pwd
+import re
 import signal
+import socket
+import subprocess
 import sys
 import time
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.logger import Logger, LogLevel, formatEvent, jsonFileLogObserver
 from twisted.trial.unittest import TestCase
 
 from casd.auth.hashing import makeHash
-from casd.service.workers import _AdoptingReactor, adoptingReactors
+from casd.service.worker import _AdoptingReactor, adoptingReactors
+from casd.service.workers import _WorkerProcess
 from tests.support.procs import freePort, pidAlive
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: Bound of every wait in these tests (seconds).
 WAIT = 30.0
@@ -91,6 +98,58 @@ class Twistd(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
+def lowFreePort() -> int:
+    """
+    A free port below 1024 on 127.0.0.1 (binding one takes root).
+    """
+    for port in range(1023, 600, -1):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port below 1024")
+
+
+def uidsOf(pid) -> set:
+    """
+    The real, effective, saved and file-system user ids of process C{pid}.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return {int(u) for u in line.split()[1:]}
+    return set()
+
+
+def interpreterFor(user):
+    """
+    An interpreter that C{user} can run, with this environment's packages: this one, or else the
+    system's C{python3} of the same version (a virtualenv's interpreter may live under a home
+    that only root may enter).
+
+    @return: C{(executable, PYTHONPATH)}.
+    """
+    sitePackages = [p for p in sys.path if p.endswith("site-packages")]
+    path = os.pathsep.join([ROOT, *sitePackages])
+    version = "%d.%d" % sys.version_info[:2]
+    for python in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
+        try:
+            check = subprocess.run(
+                [python, "-c", "import sys, twisted, casd; print(sys.version_info[:2])"],
+                user=user.pw_uid, group=user.pw_gid, env=dict(os.environ, PYTHONPATH=path),
+                capture_output=True, text=True, cwd="/", timeout=WAIT,
+            )
+        except OSError:  # not executable for the user
+            continue
+        if check.returncode == 0 and check.stdout.strip() == str(tuple(sys.version_info[:2])):
+            return python, path
+    raise RuntimeError(f"no python{sys.version_info[0]}.{sys.version_info[1]} that {user.pw_name} can run")
+
+
 def childrenOf(pid):
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -136,15 +195,15 @@ tls = "none"
             )
 
     @defer.inlineCallbacks
-    def startParent(self, workers=2):
+    def startParent(self, workers=2, twistdArgs=(), python=sys.executable, pythonPath=ROOT):
         proc = Twistd()
         args = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"),
+            python, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"), *twistdArgs,
             "cas", "--config", self.config, "--workers", str(workers),
         ]
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        transport = reactor.spawnProcess(proc, sys.executable, args, env=env, path=self.dir)
+        env = dict(os.environ, PYTHONPATH=pythonPath)
+        transport = reactor.spawnProcess(proc, python, args, env=env, path=self.dir)
         self.parentPid = transport.pid
         self.proc = proc
 
@@ -221,6 +280,40 @@ tls = "none"
         yield self.quiet()
 
     @defer.inlineCallbacks
+    def test_privilegedPortThenDropPrivileges(self):
+        """
+        As root, C{--workers 2 --uid nobody --gid nogroup} on a port below 1024: the parent
+        binds it before twistd drops privileges, and the workers, running as nobody, serve
+        IMAP on it.
+        """
+        if os.getuid() != 0:
+            self.fail("this test runs as root (CI runs the suite as root)")
+        nobody = pwd.getpwnam("nobody")
+        # The workers (as nobody) read the configuration and the users file.
+        d = self.dir
+        while d.startswith(os.getcwd() + os.sep):
+            os.chmod(d, os.stat(d).st_mode | 0o055)
+            d = os.path.dirname(d)
+        self.port = lowFreePort()
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(re.sub(r"tcp:\d+:interface", f"tcp:{self.port}:interface", text))
+        python, pythonPath = interpreterFor(nobody)
+        proc = yield self.startParent(
+            2, ("--uid", "nobody", "--gid", "nogroup"), python=python, pythonPath=pythonPath
+        )
+        for pid in [self.parentPid] + self.workerPids:
+            self.assertEqual(uidsOf(pid), {nobody.pw_uid}, proc.output.decode(errors="replace"))
+        client = yield self.login()
+        self.assertIn(b"a OK", client.received)
+        client.transport.loseConnection()
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
     def test_workersDieWithKilledParent(self):
         """
         A parent killed with SIGKILL cannot stop its workers: they notice the end of their
@@ -257,6 +350,41 @@ tls = "none"
         yield proc.ended
         yield self.waitGone(pids)
         yield self.quiet()
+
+
+class WorkerLogTests(TestCase):
+    """
+    A worker's log events reach the parent's observers as the structured events they were.
+    """
+
+    def test_structuredEvents(self):
+        out = io.StringIO()
+        workerLog = Logger(namespace="casd.session", observer=jsonFileLogObserver(out))
+        workerLog.info("{user} logged in from {peer}", user="alice", peer="192.0.2.7")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            workerLog.failure("oops")
+        events = []
+
+        class Pool:
+            reactor = task.Clock()
+
+        worker = _WorkerProcess(Pool(), 3)
+        worker.log = Logger(observer=events.append)
+        data = out.getvalue().encode()
+        # Lines arrive in arbitrary chunks.
+        worker.outReceived(data[:7])
+        worker.outReceived(data[7:] + b"not json\n")
+        self.assertEqual(len(events), 3)
+        first = events[0]
+        self.assertEqual((first["user"], first["peer"], first["casd_worker"]), ("alice", "192.0.2.7", 3))
+        self.assertEqual(first["log_level"], LogLevel.info)
+        self.assertEqual(first["log_system"], "worker3:casd.session#info")
+        self.assertEqual(formatEvent(first), "alice logged in from 192.0.2.7")
+        self.assertEqual(events[1]["log_level"], LogLevel.critical)
+        self.assertIn("ZeroDivisionError", events[1]["log_failure"].getTraceback())
+        self.assertEqual(formatEvent(events[2]), "worker 3: not json")
 
 
 class AdoptingReactorTests(TestCase):

@@ -15,7 +15,7 @@ from casd.cli.locate import describeRoute
 from casd.routing.router import rendezvousOrder
 from casd.testing import makeContext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIG = """
 [server]

@@ -1,7 +1,9 @@
+# -*- test-case-name: tests.integration.test_smtp_postfix -*-
 """
-SMTP through casd to two real Postfix instances standing for two mailbox servers' SMTP services,
-with real clients (Python's smtplib and swaks).  What each Postfix really received is read from
-its queue: every accepted message stays there on hold.
+SMTP (port 25, L{protocols.smtpmx}) and submission (L{protocols.submission}) through casd to two
+real Postfix instances standing for two mailbox servers' SMTP services, with real clients
+(Python's smtplib and swaks) and a raw one.  What each Postfix really received is read from its
+queue: every accepted message stays there on hold.
 """
 
 import os
@@ -9,8 +11,11 @@ import shutil
 import smtplib
 import socket
 import ssl
+import time
+from base64 import b64encode
 
 from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
@@ -66,8 +71,17 @@ class Client:
         self.sock.close()
 
 
-class PostfixTests(TestCase):
+class PostfixCase(TestCase):
+    """
+    casd in front of mbx1 (STARTTLS, XCLIENT) and mbx2 (XFORWARD only).
+
+    @cvar failoverTimeout: C{[backend] failover_timeout}, when not casd's default.
+    @cvar healthInterval: C{[health] interval}, when not casd's default.
+    """
+
     timeout = 60
+    failoverTimeout = None
+    healthInterval = None
 
     def setUp(self):
         self.tmp = os.path.abspath(self.mktemp())
@@ -89,6 +103,10 @@ class PostfixTests(TestCase):
         cert, key = self.ca.issue(["localhost", "127.0.0.1"], "front")
         self.port = freePort()
         self.submissionPort = freePort()
+        failover = (
+            f"failover_timeout = {self.failoverTimeout}" if self.failoverTimeout else ""
+        )
+        health = f"[health]\ninterval = {self.healthInterval}\n" if self.healthInterval else ""
         config = f"""
 [server]
 hostname = "cas.example.net"
@@ -105,6 +123,7 @@ failure_delay = 0
 ca_file = "{self.ca.caPath}"
 connect_timeout = 2.0
 reply_timeout = 5.0
+{failover}
 
 [backends.mbx1]
 host = "127.0.0.1"
@@ -121,6 +140,7 @@ host = "127.0.0.1"
 port = {self.mbx2.port}
 tls = "none"
 
+{health}
 [imap]
 enabled = false
 
@@ -151,6 +171,9 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
 
     def messageIds(self, postfix):
         return [m.header("Message-ID") for m in postfix.messages()]
+
+
+class PostfixTests(PostfixCase):
 
     @inlineCallbacks
     def test_routingByRecipientWithSmtplib(self):
@@ -247,38 +270,77 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
         self.assertIn(".dot line", stored.body)
         self.assertEqual(self.mbx2.messages(), [])
 
+    def killedMidData(self, secondBody: bytes):
+        """
+        A session whose first message's backend smtpd is killed in the middle of its DATA,
+        then a second message with C{secondBody}; every reply is kept.
+        """
+        c = Client(self.port)
+        replies = [c.reply(), c.command(b"EHLO " + HELO.encode())]
+        replies += [
+            c.command(b"MAIL FROM:<s@example.org>"),
+            c.command(b"RCPT TO:<alice@example.com>"),
+            c.command(b"DATA"),
+        ]
+        c.send(message("killed", "part one\r\n"))
+        killed = self.mbx1.killSMTPD()
+        c.send(b"part two\r\n.\r\n")
+        replies.append(c.reply())
+        replies += [
+            c.command(b"MAIL FROM:<s@example.org>"),
+            c.command(b"RCPT TO:<alice@example.com>"),
+            c.command(b"DATA"),
+        ]
+        if replies[-1].startswith(b"354"):
+            c.send(secondBody + b".\r\n")
+            replies.append(c.reply())
+        replies.append(c.command(b"QUIT"))
+        c.close()
+        return killed, [r[:3] for r in replies], replies
+
     @inlineCallbacks
     def test_backendKilledAfter354(self):
         """
         The mailbox server's smtpd dies in the middle of DATA: the client gets 451, nothing is
-        stored; the next message of the same session reaches a new smtpd and is stored once.
+        stored; the next message of the same session reaches a new smtpd, which itself answers
+        354 before any of its body is sent, and is stored once.
         """
-
-        def session():
-            c = Client(self.port)
-            c.reply()
-            c.command(b"EHLO " + HELO.encode())
-            assert c.command(b"MAIL FROM:<s@example.org>").startswith(b"250")
-            assert c.command(b"RCPT TO:<alice@example.com>").startswith(b"250")
-            assert c.command(b"DATA").startswith(b"354")
-            c.send(message("killed", "part one\r\n"))
-            killed = self.mbx1.killSMTPD()
-            c.send(b"part two\r\n.\r\n")
-            failed = c.reply()
-            c.command(b"MAIL FROM:<s@example.org>")
-            c.command(b"RCPT TO:<alice@example.com>")
-            c.command(b"DATA")
-            c.send(message("after") + b".\r\n")
-            after = c.reply()
-            c.command(b"QUIT")
-            c.close()
-            return killed, failed, after
-
-        killed, failed, after = yield self.inThread(session)
+        killed, codes, replies = yield self.inThread(self.killedMidData, message("after"))
         self.assertGreaterEqual(killed, 1)
-        self.assertTrue(failed.startswith(b"451 4.4.2 "), failed)
-        self.assertTrue(after.startswith(b"250 2.0.0 Ok: queued as"), after)
+        self.assertEqual(
+            codes,
+            [b"220", b"250", b"250", b"250", b"354", b"451", b"250", b"250", b"354", b"250", b"221"],
+            replies,
+        )
+        self.assertTrue(replies[5].startswith(b"451 4.4.2 "), replies[5])
+        self.assertTrue(replies[9].startswith(b"250 2.0.0 Ok: queued as"), replies[9])
         self.assertEqual(self.messageIds(self.mbx1), ["<after@example.org>"])
+
+    @inlineCallbacks
+    def test_bodyNeverCommandsAfterBackendKilled(self):
+        """
+        The same race, with a second message whose body carries SMTP commands: they stay its
+        body (stored as text, once), and none is executed, by casd or by Postfix: no message
+        from the forged sender, none for carol.
+        """
+        body = message(
+            "carrier",
+            "MAIL FROM:<forged@example.org>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n"
+            "forged body\r\n",
+        )
+        killed, codes, replies = yield self.inThread(self.killedMidData, body)
+        self.assertGreaterEqual(killed, 1)
+        self.assertEqual(
+            codes,
+            [b"220", b"250", b"250", b"250", b"354", b"451", b"250", b"250", b"354", b"250", b"221"],
+            replies,
+        )
+        [stored] = self.mbx1.messages()
+        self.assertEqual(stored.header("Message-ID"), "<carrier@example.org>")
+        self.assertEqual(stored.sender, "s@example.org")
+        self.assertEqual(stored.recipients, ("alice@example.com",))
+        self.assertIn("RCPT TO:<carol@example.com>", stored.body)
+        self.assertEqual(self.mbx2.messages(), [])
 
     @inlineCallbacks
     def test_smuggling(self):
@@ -398,3 +460,91 @@ endpoint = "tcp:{self.submissionPort}:interface=127.0.0.1"
         self.assertEqual(stored.recipients, ("friend@elsewhere.example",))
         self.assertEqual(stored.attributes["sasl_username"], "alice")
         self.assertEqual(stored.attributes["sasl_method"], "XCLIENT")
+
+
+class LongTransactionTests(PostfixCase):
+    """
+    After the backend login only the per-phase timeouts apply (issue 15 defect 2): the
+    failover deadline, 2 s here, bounds the login and nothing after it.
+    """
+
+    failoverTimeout = 2.0
+
+    @inlineCallbacks
+    def test_slowSenderPastFailoverDeadline(self):
+        """
+        A message whose DATA takes longer than failover_timeout is accepted once and stored
+        once; a second transaction after the deadline, on the same backend session, works.
+        """
+
+        def session():
+            c = Client(self.port)
+            replies = [c.reply(), c.command(b"EHLO " + HELO.encode())]
+            replies += [
+                c.command(b"MAIL FROM:<s@example.org>"),
+                c.command(b"RCPT TO:<alice@example.com>"),
+                c.command(b"DATA"),
+            ]
+            c.send(message("slow", "first half\r\n"))
+            time.sleep(2.5)  # the slow sender: past the 2 s failover deadline
+            c.send(b"second half\r\n.\r\n")
+            replies.append(c.reply())
+            time.sleep(1.0)
+            replies += [
+                c.command(b"MAIL FROM:<s@example.org>"),
+                c.command(b"RCPT TO:<carol@example.com>"),
+                c.command(b"DATA"),
+            ]
+            c.send(message("later") + b".\r\n")
+            replies.append(c.reply())
+            replies.append(c.command(b"QUIT"))
+            c.close()
+            return replies
+
+        replies = yield self.inThread(session)
+        self.assertEqual(
+            [r[:3] for r in replies],
+            [b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"],
+            replies,
+        )
+        self.assertTrue(replies[5].startswith(b"250 2.0.0 Ok: queued as"), replies[5])
+        stored = self.mbx1.messages()
+        self.assertEqual(
+            sorted(m.header("Message-ID") for m in stored),
+            ["<later@example.org>", "<slow@example.org>"],
+        )
+        [slow] = [m for m in stored if m.header("Message-ID") == "<slow@example.org>"]
+        self.assertEqual(slow.body, ("first half", "second half"))
+
+
+class RouteDownTests(PostfixCase):
+    """
+    Submission when the health checks know that the user's mailbox server is down (issue 15
+    defect 6): AUTH says 454, not 235 and then 451 at RCPT.
+    """
+
+    healthInterval = 0.2
+
+    def auth(self) -> tuple:
+        """
+        @return: the reply to AUTH (after STARTTLS): C{(code, text)}.
+        """
+        c = smtplib.SMTP("127.0.0.1", self.submissionPort, local_hostname=HELO, timeout=10)
+        c.starttls(context=ssl.create_default_context(cafile=self.ca.caPath))
+        c.ehlo()
+        reply = c.docmd("AUTH", "PLAIN " + b64encode(b"\x00alice\x00alice-pw").decode())
+        c.quit()
+        return reply
+
+    @inlineCallbacks
+    def test_authRefusedWhileDown(self):
+        self.assertEqual((yield self.inThread(self.auth))[0], 235)
+        self.mbx1.stop()
+        # Bounded poll: the health checks take mbx1 DOWN within a few intervals.
+        deadline = time.monotonic() + 15
+        while True:
+            reply = yield self.inThread(self.auth)
+            if reply[0] != 235 or time.monotonic() > deadline:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(reply, (454, b"4.7.0 Mailbox server unavailable, try again later"))

@@ -5,8 +5,6 @@ IMAP through casd to a real Dovecot, with real clients: imaplib, curl, Twisted's
 import imaplib
 import os
 import shutil
-import socket
-import ssl
 import time
 
 from twisted.internet import defer, protocol, reactor, task, threads
@@ -14,13 +12,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.mail import imap4
 from twisted.trial.unittest import TestCase
 
-from casd.auth.hashing import makeHash
-from tests.support.casdnode import CASNode
-from tests.support.certs import CertificateAuthority, selfSigned
-from tests.support.dovecot import Dovecot
-from tests.support.procs import freePort
+from tests.support.casdnode import DovecotFront
+from tests.support.certs import CertificateAuthority
 
-USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 BIG = b"".join(b"%07d abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ!\r\n" % i for i in range(14400))
 
 
@@ -35,93 +29,13 @@ def message(subject: str, body: bytes = b"hello\r\n") -> bytes:
     )
 
 
-class DovecotProxyTests(TestCase):
+class DovecotProxyTests(DovecotFront, TestCase):
     timeout = 60
 
     def setUp(self):
-        cls = self
-        cls.tmp = os.path.abspath(self.mktemp())
-        os.makedirs(cls.tmp)
-        cls.ca = CertificateAuthority.create(os.path.join(cls.tmp, "ca"))
-        backendCert = cls.ca.issue(["127.0.0.1", "mbx.test"], "backend")
-        cls.dovecot = Dovecot(
-            os.path.join(cls.tmp, "dovecot"),
-            USERS,
-            masterUsers={"casd-master": "master-pw"},
-            tls=backendCert,
-            protocols=("imap",),
-        )
-        cls.dovecot.start()
-        cls.dovecot.deliver("alice", message("small"))
-        cls.dovecot.deliver("alice", message("big", BIG))
-        cls.frontCert = cls.ca.issue(["localhost", "127.0.0.1"], "front")
-        users = os.path.join(cls.tmp, "users")
-        with open(users, "w") as f:
-            f.write(f"alice:{makeHash('BLF-CRYPT', b'alice-pw', rounds=4)}:address=alice@example.com\n")
-            f.write(f"bob:{makeHash('SHA512-CRYPT', b'bob-pw')}\n")
-            f.write(f"carol:{makeHash('SHA512-CRYPT', b'carol-pw')}:mailhost=nowhere\n")
-        with open(os.path.join(cls.tmp, "master"), "w") as f:
-            f.write("master-pw\n")
-        cls.usersPath = users
-        self.addCleanup(self.dovecot.stop)
-
-    def startCAS(self, backendTLS="starttls", extra="", master=False, backendPort=None, ca=None):
-        self.port = freePort()
-        self.tlsPort = freePort()
-        cert, key = self.frontCert
-        port = backendPort or (
-            self.dovecot.imapsPort if backendTLS == "implicit" else self.dovecot.imapPort
-        )
-        masterLines = (
-            f'master_user = "casd-master"\nmaster_password_file = "{self.tmp}/master"\n' if master else ""
-        )
-        config = f"""
-[server]
-hostname = "cas.test"
-
-[tls]
-certificate = "{cert}"
-key = "{key}"
-
-[auth]
-users_file = "{self.usersPath}"
-failure_delay = 0.2
-
-[routing]
-default_backend = "mbx"
-
-[backend]
-ca_file = "{ca or self.ca.caPath}"
-connect_timeout = 2.0
-reply_timeout = 5.0
-# A refused member is retried this long (carol's, where nothing listens, in test_backendDown).
-connect_retry_time = 1.0
-
-[backends.mbx]
-host = "127.0.0.1"
-[backends.mbx.imap]
-port = {port}
-tls = "{backendTLS}"
-{masterLines}
-[backends.nowhere]
-host = "127.0.0.1"
-[backends.nowhere.imap]
-port = {freePort()}
-tls = "none"
-
-[imap]
-[[imap.listen]]
-endpoint = "tcp:{self.port}:interface=127.0.0.1"
-[[imap.listen]]
-endpoint = "tcp:{self.tlsPort}:interface=127.0.0.1"
-tls = "implicit"
-{extra}
-"""
-        self.cas = CASNode(os.path.join(self.tmp, "cas"), config).start(reactor)
-        self.addCleanup(self.cas.stop)
-
-    def clientContext(self):
-        return ssl.create_default_context(cafile=self.ca.caPath)
+        super().setUp()
+        self.dovecot.deliver("alice", message("small"))
+        self.dovecot.deliver("alice", message("big", BIG))
 
     def imapClient(self, tls="starttls"):
         if tls == "implicit":

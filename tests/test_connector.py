@@ -71,21 +71,19 @@ class Hello(BackendDialogue):
     """
 
     def dialogue(self):
-        d = self.readLine()
+        self.expectLine(self.greeting)
 
-        def greeted(line):
-            if line != b"HELLO":
-                raise self.fail("bad greeting")
-            self.sendLine(b"LOGIN")
-            return self.readLine()
+    def greeting(self, line):
+        if line != b"HELLO":
+            raise self.fail("bad greeting")
+        self.command(b"LOGIN", self.replied)
 
-        def replied(line):
-            if line == b"NO":
-                raise self.fail("refused", authFailed=True)
-            if line != b"OK":
-                raise self.fail("temporary")
-
-        return d.addCallback(greeted).addCallback(replied)
+    def replied(self, line):
+        if line == b"NO":
+            raise self.fail("refused", authFailed=True)
+        if line != b"OK":
+            raise self.fail("temporary")
+        self.succeed()
 
 
 class PoolTestMixin:

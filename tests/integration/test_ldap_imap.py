@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from casd.testing import writeSecret
 from tests.support.casdnode import CASNode
 from tests.support.certs import CertificateAuthority
 from tests.support.dovecot import Dovecot
@@ -49,10 +50,8 @@ class LDAPThroughIMAPTests(TestCase):
         )
         self.dovecot.start()
         self.addCleanup(self.dovecot.stop)
-        with open(os.path.join(self.tmp, "service.secret"), "w") as f:
-            f.write(SERVICE_PASSWORD + "\n")
-        with open(os.path.join(self.tmp, "master.secret"), "w") as f:
-            f.write("master-pw\n")
+        writeSecret(self.tmp, "service.secret", SERVICE_PASSWORD)
+        writeSecret(self.tmp, "master.secret", "master-pw")
         self.port = freePort()
         cert, key = self.ca.issue(["127.0.0.1"], "casd")
         config = f"""

@@ -24,7 +24,7 @@ from tests.support.casdnode import CASNode
 from tests.support.certs import CertificateAuthority
 from tests.support.procs import freePort, stopPid, waitForPort
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def twistdCommand(*args):

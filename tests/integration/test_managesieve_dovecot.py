@@ -7,21 +7,15 @@ client's own address).
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from casd.auth.hashing import makeHash
 from protocols.stringgrammar import LITERAL_MARKER
-from tests.support.casdnode import CASNode
-from tests.support.certs import CertificateAuthority
-from tests.support.dovecot import Dovecot
-from tests.support.procs import freePort
+from tests.support.casdnode import DovecotFront
 
-USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 CLIENT_ADDRESS = "127.0.0.2"
 SCRIPT = b'require ["fileinto"];\r\nif header :contains "subject" "casd" {\r\n  fileinto "casd";\r\n}\r\n'
 
@@ -68,74 +62,15 @@ class SieveClient:
         self.sock.close()
 
 
-class DovecotManageSieveTests(TestCase):
+class DovecotManageSieveTests(DovecotFront, TestCase):
     timeout = 60
+    protocol = "managesieve"
+    dovecotProtocol = "sieve"
 
     def setUp(self):
-        self.tmp = os.path.abspath(self.mktemp())
-        os.makedirs(self.tmp)
-        self.ca = CertificateAuthority.create(os.path.join(self.tmp, "ca"))
-        backendCert = self.ca.issue(["127.0.0.1", "mbx.test"], "backend")
-        self.dovecot = Dovecot(
-            os.path.join(self.tmp, "dovecot"),
-            USERS,
-            masterUsers={"casd-master": "master-pw"},
-            tls=backendCert,
-            protocols=("sieve",),
-        )
-        self.dovecot.start()
-        self.addCleanup(self.dovecot.stop)
-        self.frontCert = self.ca.issue(["localhost", "127.0.0.1"], "front")
-        self.usersPath = os.path.join(self.tmp, "users")
-        with open(self.usersPath, "w") as f:
-            f.write(f"alice:{makeHash('BLF-CRYPT', b'alice-pw', rounds=4)}\n")
-            f.write(f"bob:{makeHash('SHA512-CRYPT', b'bob-pw')}\n")
-        with open(os.path.join(self.tmp, "master"), "w") as f:
-            f.write("master-pw\n")
+        super().setUp()
         self.sieveConnect = shutil.which("sieve-connect")
         self.assertIsNotNone(self.sieveConnect, "sieve-connect is missing: apt-get install sieve-connect")
-
-    def startCAS(self, master=False):
-        self.port = freePort()
-        cert, key = self.frontCert
-        masterLines = (
-            f'master_user = "casd-master"\nmaster_password_file = "{self.tmp}/master"\n'
-            if master
-            else ""
-        )
-        config = f"""
-[tls]
-certificate = "{cert}"
-key = "{key}"
-
-[auth]
-users_file = "{self.usersPath}"
-failure_delay = 0.2
-
-[routing]
-default_backend = "mbx"
-
-[backend]
-ca_file = "{self.ca.caPath}"
-connect_timeout = 2.0
-reply_timeout = 5.0
-
-[backends.mbx]
-host = "127.0.0.1"
-[backends.mbx.managesieve]
-port = {self.dovecot.sievePort}
-tls = "starttls"
-{masterLines}
-[imap]
-enabled = false
-
-[managesieve]
-enabled = true
-[[managesieve.listen]]
-endpoint = "tcp:{self.port}:interface=127.0.0.1"
-"""
-        self.cas = CASNode(os.path.join(self.tmp, "cas"), config).start(reactor)
-        self.addCleanup(self.cas.stop)
 
     def sieveConnectRun(self, *args, user="alice", password="alice-pw"):
         command = [
@@ -205,7 +140,7 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1"
 
             c = SieveClient(self.port)
             greeting, ok = c.response()
-            caps, tlsOK = c.starttls(ssl.create_default_context(cafile=self.ca.caPath))
+            caps, tlsOK = c.starttls(self.clientContext())
             blob = base64.b64encode(b"\0alice\0alice-pw")
             _, login = c.command(b'AUTHENTICATE "PLAIN" {%d+}\r\n%s\r\n' % (len(blob), blob))
             _, put = c.command(b'PUTSCRIPT "lit" {%d+}\r\n%s\r\n' % (len(SCRIPT), SCRIPT))
@@ -251,7 +186,7 @@ endpoint = "tcp:{self.port}:interface=127.0.0.1"
 
             c = SieveClient(self.port)
             c.response()
-            c.starttls(ssl.create_default_context(cafile=self.ca.caPath))
+            c.starttls(self.clientContext())
             blob = base64.b64encode(b"\0alice\0nope")
             _, answer = c.command(b'AUTHENTICATE "PLAIN" "%s"\r\n' % (blob,))
             c.close()

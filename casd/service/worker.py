@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.integration.test_workers -*-
+"""
+The worker process of C{twistd cas --workers N} (its parent is L{casd.service.workers}): it
+adopts the listening sockets the parent bound, builds the same service tree as a
+single-process casd, and sends its log events to the parent as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+
+from twisted.internet import error
+from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from casd.service.tap import Options, makeService
+
+
+class _AdoptingReactor:
+    """
+    A reactor for C{serverFromString} in a worker: listening adopts the inherited socket instead
+    of binding a new one, so every endpoint kind that ends in C{listenTCP}, C{listenSSL} or
+    C{listenUNIX} (C{tcp:}, C{tcp6:}, C{ssl:}, C{unix:}, C{haproxy:tcp:...}) works unchanged.
+    Everything else is the real reactor's.
+    """
+
+    def __init__(self, reactor, fd: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+    def _adopt(self, factory):
+        probe = socket.socket(fileno=self._fd)
+        try:
+            family = probe.family
+        finally:
+            probe.detach()
+        return self._reactor.adoptStreamPort(self._fd, family, factory)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        return self._adopt(factory)
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
+        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
+
+    def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
+        return self._adopt(factory)
+
+
+def adoptingReactors(reactor, fds: dict) -> dict:
+    """
+    @param fds: listener name -> inherited listening socket.
+    @return: listener name -> a reactor whose C{listen*} adopts that socket.
+    """
+    return {name: _AdoptingReactor(reactor, fd) for name, fd in fds.items()}
+
+
+class _ParentWatch:
+    """
+    Reads the worker's standard input, a pipe from the parent: end of file means the parent
+    stopped (or died), so the worker stops.
+    """
+
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:
+        return "parent-watch"
+
+    def doRead(self):
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            return error.ConnectionDone()
+        return None
+
+    def connectionLost(self, reason) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def workerMain(argv=None) -> int:
+    """
+    The worker process: C{python -m casd.service.worker --config FILE --index N --listener NAME=FD ...}.
+    """
+    parser = argparse.ArgumentParser(prog="casd worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, default=1)
+    parser.add_argument("--listener", action="append", default=[])
+    args = parser.parse_args(argv)
+    fds = {}
+    for item in args.listener:
+        name, _, fd = item.rpartition("=")
+        fds[name] = int(fd)
+
+    from twisted.internet import reactor
+
+    # Structured events to the parent, which reads them back with eventFromJSON.
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    options = Options()
+    options.parseOptions(["--config", args.config])
+    top = makeService(options, reactor, adopted=adoptingReactors(reactor, fds))
+    os.set_blocking(0, False)
+    reactor.addReader(_ParentWatch(reactor))
+
+    def started():
+        # Ctrl-C in a terminal reaches the whole process group: the parent decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        top.startService()
+        for fd in fds.values():
+            os.close(fd)  # adoptStreamPort listens on duplicates
+
+    reactor.callWhenRunning(started)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(workerMain())
