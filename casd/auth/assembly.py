@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_auth,tests.test_cache_outage -*-
 """
 Assembling the authentication layer from the configuration: the checkers (users file, then LDAP),
 chained, behind the credential cache, in one portal, with the login penalty.

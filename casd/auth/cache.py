@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_auth,tests.test_cache_outage -*-
 """
 The credential cache, shared by every checker: a login storm (thousands of logins a minute at
 Monday 9:00, clients reconnecting every few minutes) must not become as many LDAP binds or bcrypt

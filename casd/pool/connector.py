@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connector -*-
+# -*- test-case-name: tests.test_connector,tests.test_retry,tests.test_exhaustion -*-
 """
 The backend pool: opens logged-in sessions to mailbox servers, each through the protocol's
 L{casd.session.dialogue.BackendDialogue}.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.test_health,tests.test_serves,tests.test_exhaustion -*-
 """
 Backend health: the state of each member (one backend server as one protocol reaches it), kept
 by HAProxy's rules, and the service that checks members actively at the protocol level.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.integration.test_tap -*-
+# -*- test-case-name: tests.integration.test_tap,tests.test_fuzz -*-
 """
 PROXY protocol (v1 and v2) listeners, on Twisted's own parser.
 

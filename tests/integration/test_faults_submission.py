@@ -8,7 +8,6 @@ message the client sends again is stored exactly once.
 from __future__ import annotations
 
 import os
-import signal
 
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
@@ -137,47 +136,9 @@ trusted = true
         gets a temporary failure, tries again in the same session (RSET), and the message is
         stored exactly once.
         """
-        self.recorder.onSent = ({b"XCLIENT", b"AUTH"}, None, lambda: killServing(self.mbx))
+        self.recorder.onSent = ({b"XCLIENT", b"AUTH"}, None, self.mbx.killSMTPD)
         codes, accepted = yield threads.deferToThread(self.transaction, "retried", 3)
         self.assertIsNone(self.recorder.onSent, "casd logged in to Postfix")
         self.assertOnlyTemporary(codes)
         self.assertTrue(accepted, codes)
         self.assertEqual(self.storedIds(), ["<retried@example.org>"])
-
-
-def killServing(postfix) -> int:
-    """
-    SIGKILL the C{smtpd} processes of C{postfix} that hold an established connection: only
-    those (killing a spare smtpd that has not served yet makes Postfix's master throttle the
-    service for a minute, "bad command startup").
-
-    @return: how many were killed.
-    """
-    established = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == postfix.port and fields[3] == "01":
-                established.add(fields[9])
-    killed = 0
-    for pid in postfix._children():
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "smtpd":
-                    continue
-            sockets = {
-                os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
-                for fd in os.listdir(f"/proc/{pid}/fd")
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
-            }
-        except OSError:
-            continue
-        if sockets & established:
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-    return killed
