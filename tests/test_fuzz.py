@@ -151,3 +151,50 @@ class StringGrammarProperties(SynchronousTestCase):
         from protocols.stringgrammar import quote, tokenize
 
         self.assertEqual(tokenize(quote(value)), [value])
+
+
+class FoundByFuzzing(SynchronousTestCase):
+    """
+    The inputs the fuzzers found that raised out of a parser, now answered properly.
+    """
+
+    def test_imapNonASCIICommand(self):
+        """
+        A command word with a byte above 127 is a syntax error (BAD), not a traceback.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from casd.testing import connectFrontend, makeContext
+        from protocols.imap import imap
+
+        context = makeContext(MemoryReactorClock(), users={"alice": "pw"})
+        server, transport = connectFrontend(imap, context)
+        transport.clear()
+        server.dataReceived(b"a LOG\xf9N alice pw\r\n")
+        self.assertTrue(transport.value().startswith(b"a BAD "), transport.value())
+        self.assertFalse(transport.disconnecting)
+
+    def test_proxyHeaderNotText(self):
+        """
+        A PROXY v1 header whose address is not text, or whose port is not a number, closes the
+        connection like any invalid header; nothing reaches the protocol behind.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from casd.service.proxyproto import ProxyProtocolFactory
+
+        for header in (
+            b"PROXY TCP6 \xb2\x01 ::1 40000 143\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 4301\na\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 x 143\r\n",
+        ):
+            made = []
+            factory = ProxyProtocolFactory(Factory.forProtocol(Protocol), MemoryReactorClock())
+            factory.wrappedFactory.buildProtocol = lambda addr: made.append(addr) or Protocol()
+            protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            protocol.dataReceived(header)
+            self.assertTrue(transport.disconnecting, header)
