@@ -132,6 +132,8 @@ def makeContext(reactor, users=None, config: str = DEFAULT_CONFIG, protocols=Non
     """
     Build a L{CASContext} on a fake reactor with an in-memory directory.
 
+    @param config: the configuration: TOML text, or an already parsed L{casd.config.CASConfig}
+        (to build many contexts from one, as the fuzz targets do).
     @param protocols: the descriptors the configuration may use; by default casd's own.
     @return: the context; its directory is at C{context.directory}.
     """
@@ -141,7 +143,7 @@ def makeContext(reactor, users=None, config: str = DEFAULT_CONFIG, protocols=Non
         protocols = discoverProtocols()
     elif not isinstance(protocols, dict):
         protocols = {p.name: p for p in protocols}
-    cfg = parseConfig(config, "test.toml", protocols.values())
+    cfg = parseConfig(config, "test.toml", protocols.values()) if isinstance(config, str) else config
     directory = directory if directory is not None else MemoryDirectory(users)
     portal = Portal(MailboxRealm(), [directory])
     clientTLS = ClientTLS(cfg.backend.ca_file) if cfg.backend.ca_file else _NoClientTLS()

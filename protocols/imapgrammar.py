@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imap -*-
+# -*- test-case-name: tests.test_imap,tests.test_fuzz -*-
 """
 The slice of IMAP4rev1 (RFC 3501) grammar casd needs before login: tags, C{NIL} and
 parenthesised lists, on top of the string grammar IMAP shares with ManageSieve (atoms, quoted
@@ -31,7 +31,8 @@ def splitTag(line: bytes) -> tuple[bytes, bytes, bytes]:
     if not sep or not rest:
         raise IMAPSyntaxError("Error in IMAP command received by server.")
     command, _, rest = rest.partition(b" ")
-    if not command or any(c in _ATOM_SPECIALS for c in command):
+    # An atom is 7-bit (RFC 3501 ATOM-CHAR): a command holding other bytes is no command.
+    if not command or not command.isascii() or any(c in _ATOM_SPECIALS for c in command):
         raise IMAPSyntaxError("Error in IMAP command received by server.")
     return tag, command.upper(), rest
 

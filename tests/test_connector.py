@@ -31,6 +31,8 @@ banner_timeout = 2.0
 reply_timeout = 6.0
 max_tries = 3
 failover_timeout = 30.0
+# Retrying members that refused: tests/test_retry.py.
+connect_retry_time = 0.0
 
 [health]
 fall = 2

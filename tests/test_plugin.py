@@ -286,7 +286,8 @@ class ScriptedBackendTests(SynchronousTestCase):
     """
 
     CONFIG = (
-        '[routing]\ndefault_backend = "mbx"\n[backends.mbx]\nhost = "192.0.2.10"\n'
+        '[routing]\ndefault_backend = "mbx"\n[backend]\nconnect_retry_time = 0.0\n'
+        '[backends.mbx]\nhost = "192.0.2.10"\n'
         '[backends.mbx.pop3]\ntls = "none"\n[pop3]\nenabled = true\n'
         '[[pop3.listen]]\nendpoint = "tcp:1110"\ntrusted = true\n'
     )

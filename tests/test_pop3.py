@@ -33,6 +33,8 @@ tls = "none"
 
 [backend]
 reply_timeout = 5.0
+# A refused connection fails at once here; its retries: tests/test_retry.py.
+connect_retry_time = 0.0
 
 [pop3]
 enabled = true

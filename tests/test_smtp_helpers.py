@@ -23,6 +23,8 @@ default_backend = "mbx1"
 
 [backend]
 reply_timeout = 5.0
+# A refused connection fails at once here; its retries: tests/test_retry.py.
+connect_retry_time = 0.0
 
 [backends.mbx1]
 host = "192.0.2.10"

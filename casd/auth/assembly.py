@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_auth,tests.test_cache_outage -*-
 """
 Assembling the authentication layer from the configuration: the checkers (users file, then LDAP),
 chained, behind the credential cache, in one portal, with the login penalty.
@@ -58,7 +58,7 @@ def wrapCheckers(checkers, config, clock):
     auth = config.auth
     if auth.cache_ttl > 0 or auth.cache_negative_ttl > 0:
         cache = CredentialCache(clock, auth.cache_ttl, auth.cache_negative_ttl, auth.cache_size)
-        checker = CachingChecker(checker, cache)
+        checker = CachingChecker(checker, cache, serveDuringOutage=auth.cache_during_outage)
     return checker
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_auth,tests.test_cache_outage -*-
 """
 The credential cache, shared by every checker: a login storm (thousands of logins a minute at
 Monday 9:00, clients reconnecting every few minutes) must not become as many LDAP binds or bcrypt
@@ -14,8 +14,15 @@ directory.  Directory trouble is never cached.  Concurrent identical logins shar
 
 The cache is bounded (least recently used entries go first) and keeps hit and miss counters.
 
-Trade-off, documented for operators: after a password change the I{old} password keeps working
-until its cached success expires (at most C{ttl} seconds), as with Dovecot's auth cache.
+Trade-offs, documented for operators: after a password change the I{old} password keeps working
+until its cached success expires (at most C{ttl} seconds), as with Dovecot's auth cache; a deleted
+or disabled account keeps logging in, and a look-up keeps finding it, for as long.
+
+While the directory fails (the last query to it failed with anything but a refusal),
+L{CachingChecker} answers from cached successes only when C{serveDuringOutage} is set
+(C{[auth] cache_during_outage}): users who logged in within C{ttl} keep working through a
+directory outage.  Without it, every login during an outage goes to the directory and gets its
+temporary failure; the cache answers again once the directory does.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from casd.interfaces import IUserDirectory, IUserRecordChecker
@@ -170,20 +178,50 @@ class CredentialCache:
 class CachingChecker:
     """
     Puts a L{CredentialCache} in front of a checker (and of its look-ups).
+
+    @ivar serveDuringOutage: whether cached successes and look-ups answer while the directory
+        fails (C{[auth] cache_during_outage}).
+    @ivar directoryFailing: whether the last query to the checker failed with anything but a
+        refusal; the next one that does not clears it.
     """
 
     credentialInterfaces = (IUsernamePassword,)
+    log = Logger()
 
-    def __init__(self, checker, cache: CredentialCache) -> None:
+    def __init__(self, checker, cache: CredentialCache, serveDuringOutage: bool = True) -> None:
         self.checker = checker
         self.cache = cache
+        self.serveDuringOutage = serveDuringOutage
+        self.directoryFailing = False
         self._inFlight: dict[bytes, list[defer.Deferred]] = {}
+
+    def _cacheAnswers(self) -> bool:
+        return self.serveDuringOutage or not self.directoryFailing
+
+    def _observe(self, result):
+        """
+        Follow the directory's state from the result of a query to it.
+        """
+        failing = isinstance(result, Failure) and not result.check(UnauthorizedLogin)
+        if failing and not self.directoryFailing:
+            self.directoryFailing = True
+            self.log.warn(
+                "directory failing ({reason}): {what}",
+                reason=result.getErrorMessage() or result.type.__name__,
+                what="logins and look-ups cached within cache_ttl are answered from the cache"
+                if self.serveDuringOutage
+                else "the cache does not answer until it is back (cache_during_outage = false)",
+            )
+        elif not failing and self.directoryFailing:
+            self.directoryFailing = False
+            self.log.info("directory answering again")
+        return result
 
     def requestAvatarId(self, credentials):
         cache = self.cache
         username, password = credentials.username, credentials.password
         digest = cache.digest(username, password)
-        cached = cache.get(username, password, digest)
+        cached = cache.get(username, password, digest) if self._cacheAnswers() else None
         if cached is not None:
             ok, value = cached
             if ok:
@@ -213,7 +251,8 @@ class CachingChecker:
                     waiter.callback(result)
             return result
 
-        return defer.maybeDeferred(self.checker.requestAvatarId, credentials).addBoth(done)
+        d = defer.maybeDeferred(self.checker.requestAvatarId, credentials)
+        return d.addBoth(self._observe).addBoth(done)
 
     def cachedSuccess(self, credentials):
         """
@@ -230,7 +269,7 @@ class CachingChecker:
         return avatarId
 
     def lookup(self, name: str):
-        cached = self.cache.getLookup(name)
+        cached = self.cache.getLookup(name) if self._cacheAnswers() else None
         if cached is not None:
             self.cache.lookupHits += 1
             return defer.succeed(cached[0])
@@ -240,7 +279,8 @@ class CachingChecker:
             self.cache.putLookup(name, record)
             return record
 
-        return defer.maybeDeferred(self.checker.lookup, name).addCallback(found)
+        d = defer.maybeDeferred(self.checker.lookup, name).addBoth(self._observe)
+        return d.addCallback(found)
 
     def close(self):
         close = getattr(self.checker, "close", None)

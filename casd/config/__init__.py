@@ -129,6 +129,14 @@ class BackendServer:
     weight: int = 1
     healthCheck: bool = True
     timeouts: Mapping[str, float] = field(factory=dict)
+    #: The protocols this server serves; C{None} means every protocol.
+    serves: frozenset[str] | None = None
+
+    def servesProtocol(self, name: str) -> bool:
+        """
+        Whether this server serves protocol C{name} (C{[backends.NAME] protocols}).
+        """
+        return self.serves is None or name in self.serves
 
 
 @frozen
@@ -313,6 +321,7 @@ def _readBackends(path, data, protocols, base) -> dict[str, BackendServer]:
         v = readSection(path, prefix, item, BACKEND_SERVER_SETTINGS, base, extra=names)
         if not v.host:
             raise ConfigError(path, f"{prefix}.host", "expected a host name or address, it is missing")
+        serves = _readServes(path, prefix, item, v.protocols, names)
         perProtocol = {}
         for protocol in protocols:
             sub = item.get(protocol.name, {})
@@ -343,8 +352,39 @@ def _readBackends(path, data, protocols, base) -> dict[str, BackendServer]:
             weight=v.weight,
             healthCheck=v.health_check,
             timeouts={k: getattr(v, k) for k in TIMEOUT_KEYS if getattr(v, k)},
+            serves=serves,
         )
     return servers
+
+
+def _readServes(path, prefix, item, listed, names) -> frozenset[str] | None:
+    """
+    The C{protocols} a C{[backends.NAME]} serves: C{None} for C{["*"]}, every protocol.
+
+    @raise ConfigError: for an unknown name, an empty list, or a C{[backends.NAME.PROTOCOL]}
+        table of a protocol the server does not serve.
+    """
+    if tuple(listed) == ("*",):
+        return None
+    if not listed:
+        raise ConfigError(path, f"{prefix}.protocols", 'expected at least one protocol, or ["*"]')
+    for name in listed:
+        if name not in names:
+            raise ConfigError(
+                path,
+                f"{prefix}.protocols",
+                f"expected names of protocols ({', '.join(sorted(names))}) or [\"*\"], got {name!r}",
+            )
+    serves = frozenset(listed)
+    for name in sorted(names - serves):
+        if name in item:
+            raise ConfigError(
+                path,
+                f"{prefix}.{name}",
+                f"a [{prefix}.{name}] table for a protocol the server does not serve: expected"
+                f" {name!r} in {prefix}.protocols",
+            )
+    return serves
 
 
 def _readGroups(path, data, servers, base) -> dict[str, BackendGroup]:

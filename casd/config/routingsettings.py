@@ -75,7 +75,7 @@ SITE_SETTINGS = (
 )
 
 HEALTH_SETTINGS = (
-    Setting("enabled", "bool", True, "Actively check every [backends.NAME] for each enabled protocol."),
+    Setting("enabled", "bool", True, "Actively check every [backends.NAME] for each enabled protocol it serves (its protocols)."),
     Setting("interval", "float", 5.0, "Seconds between two checks of one member.", minimum=0.01),
     Setting(
         "timeout",
@@ -137,6 +137,16 @@ BACKEND_SETTINGS = (
         minimum=0.001,
     ),
     Setting(
+        "connect_retry_time",
+        "float",
+        10.0,
+        "Seconds during which members of a route that refused the connection, or closed it before"
+        " anything was said or sent (a restarting server), are tried again with a short back-off"
+        " (50 ms doubling to 1 s), within failover_timeout; 0 disables.  A connection on which a"
+        " byte of the login was sent is never tried again.",
+        minimum=0,
+    ),
+    Setting(
         "drain_close_period",
         "float",
         0.0,
@@ -168,6 +178,13 @@ BACKEND_SERVER_SETTINGS = (
         "Drain: no new sessions; existing ones go on (see C{[backend] drain_close_period}).",
     ),
     Setting("weight", "int", 1, "Share of a hashed group's users, relative to the others.", minimum=1),
+    Setting(
+        "protocols",
+        "strlist",
+        ("*",),
+        "Protocols this server serves, e.g. [\"imap\", \"pop3\", \"managesieve\"]: only these are"
+        " health-checked and routed to it; [\"*\"] (the default) means every protocol casd serves.",
+    ),
     Setting("health_check", "bool", True, "Check this server actively ([health])."),
     Setting("connect_timeout", "float", 0.0, "Overrides [backend] connect_timeout when not 0.", minimum=0),
     Setting("tls_timeout", "float", 0.0, "Overrides [backend] tls_timeout when not 0.", minimum=0),

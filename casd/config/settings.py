@@ -288,7 +288,8 @@ AUTH_SETTINGS = (
         "float",
         300.0,
         "Seconds a successful login is remembered, so the same user with the same password is not"
-        " checked again (an old password works that long after a change); 0 disables the cache.",
+        " checked again (an old password, a deleted or a disabled account works that long after the"
+        " change); 0 disables the cache.",
         minimum=0,
     ),
     Setting(
@@ -299,6 +300,14 @@ AUTH_SETTINGS = (
         minimum=0,
     ),
     Setting("cache_size", "int", 100000, "Most entries the credential cache holds.", minimum=1),
+    Setting(
+        "cache_during_outage",
+        "bool",
+        True,
+        "While the directory fails, answer logins and look-ups cached within cache_ttl from the"
+        " cache, so users keep working through an outage (a deleted or disabled account too, up"
+        " to cache_ttl); false: every login waits for the directory and gets its temporary failure.",
+    ),
 )
 
 LDAP_SETTINGS = (

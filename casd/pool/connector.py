@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connector -*-
+# -*- test-case-name: tests.test_connector,tests.test_retry,tests.test_exhaustion -*-
 """
 The backend pool: opens logged-in sessions to mailbox servers, each through the protocol's
 L{casd.session.dialogue.BackendDialogue}.
@@ -8,20 +8,53 @@ The pool (L{BackendConnector}) keeps one L{casd.pool.health.Member} per backend 
 order; the pool skips those DOWN or draining, and fails over along the rest within a bounded
 number of tries and a bounded total time, each try bounded by the connect, TLS, banner and
 reply timeouts.  TLS towards backends is verified with service_identity.
+
+A member that refuses the connection, or closes it before it said or was sent anything, is
+probably restarting: once every candidate was tried, such members are tried again with a short
+back-off for C{connect_retry_time} seconds, within C{failover_timeout}.  Nothing of a login is ever
+sent twice: a connection on which the dialogue wrote a byte is never retried.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
 from casd.net import clientEndpoint
-from casd.pool.health import Member
+from casd.pool.health import Member, isLocalExhaustion
+from casd.session.dialogue import BackendTimeout
+
+
+class _Refused(BackendUnavailable):
+    """
+    A member refused the connection, or closed it before it said or was sent anything: it may
+    be restarting, and trying it again cannot repeat any part of a login.
+    """
+
+
+#: The first pause before members that refused are tried again; each later one doubles, up to
+#: L{_RETRY_MAX_DELAY}.
+_RETRY_FIRST_DELAY = 0.05
+_RETRY_MAX_DELAY = 1.0
+
+
+def _closedUntouched(dialogue) -> bool:
+    """
+    Whether the backend closed C{dialogue}'s connection (not casd, not a TLS error) before
+    the dialogue wrote anything.
+    """
+    closed = dialogue.closedBy
+    return (
+        not dialogue.bytesSent
+        and closed is not None
+        and closed.check(error.ConnectionDone, error.ConnectionLost) is not None
+        and closed.check(error.ConnectionAborted) is None
+    )
 
 
 class _DialogueFactory(Factory):
@@ -230,7 +263,7 @@ class BackendConnector:
             raise BackendUnavailable(
                 f"no member of {what} available: " + (", ".join(skipped) or "no members")
             )
-        last, tries = None, 0
+        last, tries, refused = None, 0, []
         for target, member in candidates:
             remaining = deadline - clock.seconds()
             if tries >= self.settings.max_tries or remaining <= 0:
@@ -240,19 +273,66 @@ class BackendConnector:
                 dialogue = yield self._attempt(route, target, member, makeDialogue, remaining)
             except AuthenticationFailed:
                 raise
+            except _Refused as e:
+                last = e
+                refused.append((target, member))
+                self.log.warn("{reason}", reason=str(e))
+                continue
             except BackendUnavailable as e:
                 last = e
                 self.log.warn("{reason}", reason=str(e))
                 continue
             return dialogue
+        retries = 0
+        if refused:
+            retryUntil = min(deadline, clock.seconds() + self.settings.connect_retry_time)
+            delay = _RETRY_FIRST_DELAY
+            while refused and clock.seconds() + delay < retryUntil:
+                yield task.deferLater(clock, delay)
+                delay = min(2 * delay, _RETRY_MAX_DELAY)
+                for target, member in list(refused):
+                    remaining = deadline - clock.seconds()
+                    if remaining <= 0 or target.server in self.draining:
+                        refused.remove((target, member))
+                        continue
+                    retries += 1
+                    try:
+                        dialogue = yield self._attempt(
+                            route, target, member, makeDialogue, remaining, passive=False
+                        )
+                    except AuthenticationFailed:
+                        raise
+                    except _Refused as e:
+                        last = e
+                        continue
+                    except BackendUnavailable as e:
+                        last = e
+                        refused.remove((target, member))
+                        continue
+                    self.log.info(
+                        "backend {backend} took the session after {retries} retries",
+                        backend=target.describe(),
+                        retries=retries,
+                    )
+                    return dialogue
+        again = f", {retries} retries of members that refused" if retries else ""
         raise BackendUnavailable(
-            f"{route.group or 'route'}: {tries} of {len(candidates)} available members tried"
+            f"{route.group or 'route'}: {tries} of {len(candidates)} available members tried{again}"
             f" within the failover limits, last: {last or 'failover time spent'}"
         )
 
     @defer.inlineCallbacks
-    def _attempt(self, route, target, member, makeDialogue, remaining: float):
+    def _attempt(self, route, target, member, makeDialogue, remaining: float, passive=True):
+        """
+        One try of one member.
+
+        @param passive: whether a failure counts against the member's health; a session's
+            retries of a member count once, with its first try.
+        @raise _Refused: when the member refused the connection or closed it before anything
+            was said or sent.
+        """
         clock = self.reactor
+        failed = member.connectFailed if passive else (lambda reason: None)
         deadline = clock.seconds() + remaining
         connectTimeout, tlsTimeout, bannerTimeout, replyTimeout = self.timeoutsFor(target)
         connectTimeout = min(connectTimeout, remaining)
@@ -273,9 +353,18 @@ class BackendConnector:
         try:
             dialogue = yield connecting
         except _CONNECT_ERRORS as e:
-            reason = "timed out" if not timer.active() else (str(e) or type(e).__name__)
-            member.connectFailed(f"connect {reason}")
-            raise BackendUnavailable(f"connect to {target.describe()} failed: {reason}") from None
+            timedOut = not timer.active()
+            reason = "timed out" if timedOut else (str(e) or type(e).__name__)
+            if isLocalExhaustion(e):
+                # casd's own shortage says nothing of the member: it must not go DOWN for it.
+                raise BackendUnavailable(
+                    f"connect to {target.describe()} not attempted: casd is out of file"
+                    f" descriptors ({reason})"
+                ) from None
+            failed(f"connect {reason}")
+            refused = isinstance(e, error.ConnectionRefusedError) and not timedOut
+            kind = _Refused if refused else BackendUnavailable
+            raise kind(f"connect to {target.describe()} failed: {reason}") from None
         finally:
             if timer.active():
                 timer.cancel()
@@ -287,7 +376,9 @@ class BackendConnector:
             if dialogue.greeted:
                 member.connectSucceeded()
             else:
-                member.connectFailed(str(e))
+                failed(str(e))
+                if _closedUntouched(dialogue) and not isinstance(e, BackendTimeout):
+                    raise _Refused(str(e)) from None
             raise
         member.connectSucceeded()
         self._sessionCounter += 1

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.test_health,tests.test_serves,tests.test_exhaustion -*-
 """
 Backend health: the state of each member (one backend server as one protocol reaches it), kept
 by HAProxy's rules, and the service that checks members actively at the protocol level.
@@ -14,6 +14,8 @@ starts the wait again.  Every change of state is logged once.
 
 from __future__ import annotations
 
+import errno
+
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, Protocol
@@ -24,6 +26,22 @@ from casd.routing.router import targetFor
 
 UP = "UP"
 DOWN = "DOWN"
+
+#: What L{probeMember} fires with when casd itself could not try (out of descriptors): no
+#: verdict on the member.
+NOT_CHECKED = "not checked: casd is out of file descriptors"
+
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def isLocalExhaustion(exc) -> bool:
+    """
+    Whether a failed connection attempt failed on this host, for want of descriptors or memory
+    (C{EMFILE}, C{ENFILE}, C{ENOBUFS}, C{ENOMEM}), before reaching the member: no evidence about
+    the member's health.
+    """
+    number = exc.osError if isinstance(exc, error.ConnectError) else getattr(exc, "errno", None)
+    return number in _LOCAL_ERRNOS
 
 
 class Member:
@@ -185,8 +203,9 @@ def probeMember(clock, endpoint, probe: HealthProbe | None, timeout: float) -> d
 
     @param endpoint: how to reach it (TLS included for implicit-TLS members).
     @param probe: the protocol's L{HealthProbe}, or C{None} to check only that it accepts.
-    @return: a L{Deferred} firing with C{None} when healthy, else with a short reason, always
-        within C{timeout} seconds; cancelling it abandons the check, connection included.
+    @return: a L{Deferred} firing with C{None} when healthy, else with a short reason
+        (L{NOT_CHECKED} when casd could not even try), always within C{timeout} seconds;
+        cancelling it abandons the check, connection included.
     """
     state: dict = {"protocol": None, "connecting": None}
 
@@ -220,6 +239,8 @@ def probeMember(clock, endpoint, probe: HealthProbe | None, timeout: float) -> d
     def connectFailed(failure):
         if failure.check(error.ConnectingCancelledError, defer.CancelledError):
             return None  # our own timeout, already reported
+        if isLocalExhaustion(failure.value):
+            return done(NOT_CHECKED)
         done(f"connect failed: {failure.getErrorMessage() or failure.type.__name__}")
 
     timer = clock.callLater(timeout, timedOut)
@@ -232,9 +253,10 @@ def probeMember(clock, endpoint, probe: HealthProbe | None, timeout: float) -> d
 
 class HealthChecker(service.Service):
     """
-    Checks every configured backend server, for each enabled protocol, every C{interval}
-    seconds with the protocol's L{HealthProbe} (from its L{casd.interfaces.ICASProtocol}
-    descriptor), and feeds the results to the connector's L{Member}s.
+    Checks every configured backend server, for each enabled protocol it serves (its
+    C{protocols}), every C{interval} seconds with the protocol's L{HealthProbe} (from its
+    L{casd.interfaces.ICASProtocol} descriptor), and feeds the results to the connector's
+    L{Member}s.
 
     Each member has its own timer, re-armed when its check ends, so a slow member never makes
     checks overlap; first checks are spread over the first interval so a large pool does not
@@ -269,7 +291,7 @@ class HealthChecker(service.Service):
                 continue
             for name, section in config.protocols.items():
                 descriptor = self.protocols.get(name)
-                if not section.enabled or descriptor is None:
+                if not section.enabled or descriptor is None or not server.servesProtocol(name):
                     continue
                 target = targetFor(server, descriptor)
                 planned[target.key] = (target, getattr(descriptor, "healthProbe", None))
@@ -341,6 +363,7 @@ class HealthChecker(service.Service):
             return  # forgotten or stopped meanwhile
         del self._inflight[key]
         target, _ = self._checks[key]
-        self.connector.member(target).checked(reason is None, reason or "")
+        if reason != NOT_CHECKED:
+            self.connector.member(target).checked(reason is None, reason or "")
         if self.running:
             self._schedule([key])

@@ -173,16 +173,41 @@ def routeTo(config: CASConfig, name: str, user, protocol, reason: str, hashed: b
     group = config.groups.get(name)
     if group is None:
         server = config.backends[name]
+        if not server.servesProtocol(protocol.name):
+            raise _servesNone(f"server {name}", protocol, reason)
         return Route((targetFor(server, protocol),), f"{reason}: server {name}", name, server.site)
     members = [config.backends[m] for m in group.members]
+    members = [s for s in members if s.servesProtocol(protocol.name)]
+    if not members:
+        raise _servesNone(f"group {name}", protocol, reason)
     if hashed or group.balance == "hash":
         order = rendezvousOrder(hashKey(user), [(s.name, s.weight) for s in members])
         how = "rendezvous hashing"
     else:
-        order = list(group.members)
+        order = [s.name for s in members]
         how = "preference order"
     targets = tuple(targetFor(config.backends[n], protocol) for n in order)
     return Route(targets, f"{reason}: group {name} ({how})", name, group.site)
+
+
+_log = Logger()
+_servesNoneWarned: set = set()
+
+
+def _servesNone(what: str, protocol, reason: str) -> BackendUnavailable:
+    """
+    The failure of a route to servers none of which serves C{protocol} (C{[backends.NAME]
+    protocols}), logged once per route and protocol: a configuration problem.
+    """
+    message = f"{what} ({reason}) has no member that serves {protocol.name}"
+    if (what, protocol.name) not in _servesNoneWarned:
+        _servesNoneWarned.add((what, protocol.name))
+        _log.warn(
+            "{problem}: its {protocol} sessions get a temporary failure (see [backends.NAME] protocols)",
+            problem=message,
+            protocol=protocol.name,
+        )
+    return BackendUnavailable(message)
 
 
 # -- locators ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.integration.test_tap -*-
+# -*- test-case-name: tests.integration.test_tap,tests.test_fuzz -*-
 """
 PROXY protocol (v1 and v2) listeners, on Twisted's own parser.
 
@@ -80,6 +80,11 @@ class _StartAfterHeader(HAProxyProtocolWrapper):
         wrapped, self.wrappedProtocol = self.wrappedProtocol, _Collect(pending)
         try:
             super().dataReceived(data)
+        except ValueError:
+            # Twisted's v1 parser decodes the addresses and ports without checking them (a
+            # UnicodeDecodeError, int()'s ValueError): an invalid header like any other.
+            self.transport.abortConnection()
+            return
         finally:
             self.wrappedProtocol = wrapped
         if self._proxyInfo is not None and before is None:

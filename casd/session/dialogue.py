@@ -64,6 +64,11 @@ class BackendDialogue(Protocol):
     sessionNumber = 0
     #: Longest line accepted from a backend during the dialogue.
     maxLineLength = 65536
+    #: Bytes the dialogue wrote (L{send}, L{sendLine}): the pool retries a connection only
+    #: while it is 0, so no byte of a login is ever sent twice.
+    bytesSent = 0
+    #: Why the connection closed (a L{Failure}), once it did.
+    closedBy = None
     #: The step that gets the next line (see L{expectLine}); C{None} while none waits for one.
     lineHandler = None
 
@@ -150,9 +155,11 @@ class BackendDialogue(Protocol):
     # -- primitives ---------------------------------------------------------------------
 
     def sendLine(self, line: bytes) -> None:
+        self.bytesSent += len(line) + 2
         self.transport.write(line + b"\r\n")
 
     def send(self, data: bytes) -> None:
+        self.bytesSent += len(data)
         self.transport.write(data)
 
     def command(self, line: bytes, handler) -> None:
@@ -325,6 +332,7 @@ class BackendDialogue(Protocol):
                 return
 
     def connectionLost(self, reason) -> None:
+        self.closedBy = reason
         self._cancelTimer()
         lost, self._lost = self._lost, []
         for f in lost:

@@ -39,6 +39,7 @@ ROWS = [
     ("submission-587", "submission", "starttls", "SMTP"),
     ("submission-465", "submission", "implicit", None),
     ("managesieve-4190", "managesieve", "starttls", "SIEVE"),
+    ("https-443", "http", "implicit", None),
 ]
 
 CONFIG = """

@@ -164,6 +164,8 @@ default_backend = "mbx"
 ca_file = "{ca or self.ca.caPath}"
 connect_timeout = 2.0
 reply_timeout = 5.0
+# A refused member is retried this long ("nowhere", where nothing listens, in test_backendDown).
+connect_retry_time = 1.0
 
 [backends.mbx]
 host = "127.0.0.1"
