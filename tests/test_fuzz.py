@@ -183,6 +183,8 @@ class FoundByFuzzing(SynchronousTestCase):
         from twisted.internet.protocol import Factory, Protocol
         from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+        from ipaddress import ip_network
+
         from casd.service.proxyproto import ProxyProtocolFactory
 
         for header in (
@@ -191,7 +193,9 @@ class FoundByFuzzing(SynchronousTestCase):
             b"PROXY TCP4 1.2.3.4 5.6.7.8 x 143\r\n",
         ):
             made = []
-            factory = ProxyProtocolFactory(Factory.forProtocol(Protocol), MemoryReactorClock())
+            factory = ProxyProtocolFactory(
+                Factory.forProtocol(Protocol), MemoryReactorClock(), trusted=(ip_network("127.0.0.0/8"),)
+            )
             factory.wrappedFactory.buildProtocol = lambda addr: made.append(addr) or Protocol()
             protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
             transport = StringTransport()

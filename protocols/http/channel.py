@@ -97,6 +97,8 @@ class ProxyChannel(http.HTTPChannel):
 
     def _headersTooSlow(self) -> None:
         self._headerTimer = None
+        if self.transport.disconnecting:
+            return  # already answered (Twisted's own 400) and closing
         self.site.logger.info("client {client}: request headers too slow", client=self.client.peerHost)
         self._respondToBadRequestAndDisconnect()
 

@@ -15,6 +15,7 @@ C{tests/fuzz/corpus/NAME/} by C{python -m tests.fuzz.run --write-seeds}).
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Callable
 
 from attrs import frozen
@@ -326,6 +327,9 @@ def sasl(data: bytes) -> None:
             pass
 
 
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
 def proxyHeader(data: bytes) -> None:
     from casd.service.proxyproto import ProxyProtocolFactory
     from twisted.internet.protocol import Factory, Protocol
@@ -338,7 +342,7 @@ def proxyHeader(data: bytes) -> None:
 
     reactor = MemoryReactorClock()
     with _LogWatch():
-        factory = ProxyProtocolFactory(Factory.forProtocol(Inner), reactor)
+        factory = ProxyProtocolFactory(Factory.forProtocol(Inner), reactor, trusted=_LOOPBACK)
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(transport)
@@ -409,6 +413,106 @@ IMAP_LOGIN = b"a LOGIN alice pw\r\n"
 POP3_LOGIN = b"USER alice\r\nPASS pw\r\n"
 SIEVE_LOGIN = b'AUTHENTICATE "PLAIN" "AGFsaWNlAHB3"\r\n'
 SUBMISSION_LOGIN = b"EHLO x.example\r\nAUTH PLAIN AGFsaWNlAHB3\r\n"
+
+# -- the HTTPS front end and Autodiscover --------------------------------------------------------
+
+HTTP_CONFIG = """
+[routing]
+default_backend = "web"
+[backends.web]
+host = "127.0.0.1"
+[backends.web.http]
+port = 8080
+[http]
+enabled = true
+plain_http = "serve"
+[[http.listen]]
+endpoint = "tcp:8081"
+tls = "none"
+trusted = true
+[[http.vdir]]
+path = "/EWS"
+identity = "header"
+"""
+
+HTTP_TOKENS = (
+    b"GET ", b"POST ", b"OPTIONS ", b"RPC_IN_DATA ", b"/EWS/", b"/owa/", b"/autodiscover/autodiscover.xml",
+    b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", b"Host: h\r\n", b"Content-Length: ", b"Transfer-Encoding: chunked\r\n",
+    b"Authorization: Basic YWxpY2U6c2VjcmV0\r\n", b"Cookie: __Host-casd=", b"X-AnchorMailbox: ",
+    b"Expect: 100-continue\r\n", b"\r\n", b"\n", b" ", b"\t", b"0\r\n\r\n", b"5\r\nhello\r\n", b"\x00",
+)
+
+
+class _TCPLikeTransport(StringTransport):
+    """
+    A L{StringTransport} that, like Twisted's TCP transport, lets a producer be unregistered
+    twice (an HTTP channel answering 400 does so).
+    """
+
+    def unregisterProducer(self):
+        if self.producer is not None:
+            super().unregisterProducer()
+
+
+def httpRequests(data: bytes) -> None:
+    """
+    Bytes from a client on the HTTP front end's connection (request line, headers, bodies,
+    pipelining, smuggling attempts), with a backend that never answers.
+    """
+    from casd.testing import makeContext
+    from protocols.http import http
+
+    reactor = MemoryReactorClock()
+    with _LogWatch():
+        context = makeContext(reactor, users={"alice": "secret"}, config=HTTP_CONFIG)
+        section = context.config.protocols["http"]
+        peer = IPv4Address("TCP", "198.51.100.7", 40000)
+        client = http.buildFactory(context, section, section.listeners[0]).buildProtocol(peer)
+        transport = _TCPLikeTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 443), peerAddress=peer)
+        client.makeConnection(transport)
+        for chunk in _chunks(data):
+            if transport.disconnecting:
+                break
+            client.dataReceived(chunk)
+            reactor.advance(0)
+        if transport.disconnecting:
+            # What the reactor does next for a closing connection.
+            client.connectionLost(Failure(ConnectionDone()))
+            reactor.advance(120)
+        else:
+            reactor.advance(120)
+            client.connectionLost(Failure(ConnectionDone()))
+
+
+def autodiscoverXML(data: bytes) -> None:
+    """
+    A request body for Outlook's POX, the mobilesync schema and the SOAP service: their parsers
+    refuse with the protocol's own errors, nothing else.
+    """
+    from protocols.http.autodiscover import pox, soap
+
+    try:
+        pox.parseRequest(data)
+    except pox.PoxError:
+        pass
+    try:
+        soap.parseRequest(data)
+    except (soap.SoapFault, soap.InvalidRequest):
+        pass
+
+
+XML_TOKENS = (
+    b"<?xml version=\"1.0\"?>", b"<!DOCTYPE x [<!ENTITY a \"b\">]>", b"&a;", b"<Autodiscover", b"</Autodiscover>",
+    b' xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"',
+    b' xmlns="http://schemas.microsoft.com/exchange/autodiscover/mobilesync/requestschema/2006"',
+    b"<Request>", b"</Request>", b"<EMailAddress>", b"</EMailAddress>", b"<LegacyDN>", b"alice@example.com",
+    b"<AcceptableResponseSchema>", b"</AcceptableResponseSchema>",
+    b"http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a",
+    b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">', b"<s:Body>", b"</s:Body>",
+    b"</s:Envelope>", b'<a:GetUserSettingsRequestMessage xmlns:a="http://schemas.microsoft.com/exchange/2010/Autodiscover">',
+    b"<a:Mailbox>", b"</a:Mailbox>", b"<", b">", b"/", b'"', b"\x00", b"\xff",
+)
+
 
 TARGETS: dict[str, FuzzTarget] = {
     t.name: t
@@ -506,6 +610,32 @@ TARGETS: dict[str, FuzzTarget] = {
                 b"PROXY TCP6 2001:db8::1 ::1 40000 143\r\n",
                 b"PROXY UNKNOWN\r\n",
                 b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x01\x7f\x00\x00\x01\x9c\x40\x00\x8f",
+            ),
+        ),
+        FuzzTarget(
+            "http",
+            httpRequests,
+            HTTP_TOKENS,
+            (
+                b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: Basic YWxpY2U6c2VjcmV0\r\n\r\n",
+                b"POST /EWS/ HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                b"GET /owa/healthcheck.htm HTTP/1.1\r\nHost: h\r\n\r\nGET /nope HTTP/1.1\r\nHost: h\r\n\r\n",
+            ),
+        ),
+        FuzzTarget(
+            "autodiscover-xml",
+            autodiscoverXML,
+            XML_TOKENS,
+            (
+                b'<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006">'
+                b"<Request><EMailAddress>alice@example.com</EMailAddress><AcceptableResponseSchema>"
+                b"http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
+                b"</AcceptableResponseSchema></Request></Autodiscover>",
+                b'<!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>',
+                b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+                b'<a:GetUserSettingsRequestMessage xmlns:a="http://schemas.microsoft.com/exchange/2010/Autodiscover">'
+                b"<a:Request><a:Users><a:User><a:Mailbox>alice@example.com</a:Mailbox></a:User></a:Users>"
+                b"</a:Request></a:GetUserSettingsRequestMessage></s:Body></s:Envelope>",
             ),
         ),
         FuzzTarget(
