@@ -138,6 +138,8 @@ class SMTPServer(DataPhase, FrontendProtocol):
         self.transaction: Transaction | None = None
         self.session: SMTPBackend | None = None
         self.messages = 0
+        #: NOOP, RSET, VRFY and HELP since the last accepted message (Postfix's junk commands).
+        self.junk = 0
         self.greeted = False
         self._talkedEarly = False
         self._admitted: str | None = None
@@ -333,10 +335,29 @@ class SMTPServer(DataPhase, FrontendProtocol):
     def smtp_HELO(self, args: bytes) -> None:
         self._hello(args, False)
 
+    def junkCommand(self) -> bool:
+        """
+        Count a command that moves no mail (NOOP, RSET, VRFY, HELP): a client may hold a session
+        open with them for ever, so past C{junk_command_limit} of them since its last accepted
+        message (Postfix's C{smtpd_junk_command_limit}) it is told C{421} and closed.
+
+        @return: whether the session goes on.
+        """
+        self.junk += 1
+        limit = self.section.junk_command_limit
+        if limit and self.junk > limit:
+            self.reply(b"421 4.7.0 Too many commands that move no mail, closing the connection")
+            self.close("too many junk commands")
+            return False
+        return True
+
     def smtp_NOOP(self, args: bytes) -> None:
-        self.reply(b"250 2.0.0 Ok")
+        if self.junkCommand():
+            self.reply(b"250 2.0.0 Ok")
 
     def smtp_RSET(self, args: bytes) -> None:
+        if not self.junkCommand():
+            return
         if args.strip():
             self.error(b"501 5.5.4 Syntax: RSET")
             return
@@ -348,10 +369,12 @@ class SMTPServer(DataPhase, FrontendProtocol):
         self.close("quit")
 
     def smtp_HELP(self, args: bytes) -> None:
-        self.reply(b"214 2.0.0 See RFC 5321")
+        if self.junkCommand():
+            self.reply(b"214 2.0.0 See RFC 5321")
 
     def smtp_VRFY(self, args: bytes) -> None:
-        self.reply(b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+        if self.junkCommand():
+            self.reply(b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
 
     def _notImplemented(self, args: bytes) -> None:
         self.error(b"502 5.5.1 Error: command not implemented")

@@ -153,6 +153,7 @@ class DataPhase:
         self.transaction = None
         if reply.positive:
             self.messages += 1
+            self.junk = 0
             self.messageAccepted(tx)
             self.log.info(
                 "message from {sender} for {count} recipient(s) accepted by {backend}: {reply}",

@@ -11,6 +11,16 @@ from casd.plugin import Setting
 #: The keys both SMTP services have (besides those of every protocol).
 COMMON_SETTINGS = (
     Setting(
+        "junk_command_limit",
+        "int",
+        100,
+        "Commands that move no mail (NOOP, RSET, VRFY, HELP) a client may send since its last"
+        " accepted message; the next one is answered C{421 4.7.0} and the connection closed, so"
+        " that no client holds a session open for ever (Postfix's C{smtpd_junk_command_limit});"
+        " 0: no limit.",
+        minimum=0,
+    ),
+    Setting(
         "message_size_limit",
         "int",
         10240000,

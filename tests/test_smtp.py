@@ -66,6 +66,23 @@ class GreetingAndCommandTests(SMTPTestMixin, SynchronousTestCase):
             b"250 2.0.0 Ok\r\n502 5.5.1 Error: command not implemented\r\n",
         )
 
+    def test_junkCommandLimit(self):
+        """
+        A client that only keeps the session alive (NOOP, RSET, VRFY, HELP) is told 421 and
+        closed after C{junk_command_limit} of them, however slowly it sends them.
+        """
+        self.reconfigure(CONFIG.replace("max_recipients = 3", "max_recipients = 3\njunk_command_limit = 3"))
+        self.connect()
+        self.assertEqual(self.send(b"NOOP\r\nRSET\r\n"), b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n")
+        self.reactor.advance(20)
+        self.assertEqual(self.send(b"HELP\r\n"), b"214 2.0.0 See RFC 5321\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(
+            self.send(b"NOOP\r\n"),
+            b"421 4.7.0 Too many commands that move no mail, closing the connection\r\n",
+        )
+        self.assertTrue(self.transport.disconnecting)
+
     def test_sequenceErrors(self):
         self.connect()
         self.assertEqual(
