@@ -119,7 +119,12 @@ class BenchDovecot(Dovecot):
     """
     The backend: the test fixture's Dovecot tuned for many sessions (login processes in
     high-performance mode, IMAP/POP3 processes reused, no per-user connection cap).
+
+    @ivar imapClients: clients one IMAP process serves at once (1, Dovecot's default; the soak's
+        10,000 held sessions need more, or 10,000 processes).
     """
+
+    imapClients = 1
 
     def _config(self, usersPath, mastersPath):
         text = super()._config(usersPath, mastersPath)
@@ -139,8 +144,8 @@ class BenchDovecot(Dovecot):
                 # Reused mail processes: the backend's fork cost is not what is measured.  They
                 # all wait on one socket, so the thousands the idle phase needs must go soon
                 # after it (idle_kill), or every later login wakes them all.
-                "service imap {\n  service_count = 1000\n  process_limit = 6000\n  idle_kill = %d secs\n}"
-                % DOVECOT_IDLE_KILL,
+                "service imap {\n  service_count = 1000\n  process_limit = 6000\n  idle_kill = %d secs\n"
+                "  client_limit = %d\n}" % (DOVECOT_IDLE_KILL, self.imapClients),
                 "service pop3 {\n  service_count = 1000\n  process_limit = 6000\n  idle_kill = %d secs\n}"
                 % DOVECOT_IDLE_KILL,
                 # The test fixture looks for new mail every second when inotify is unavailable;
@@ -158,7 +163,9 @@ class BenchDovecot(Dovecot):
         return ProcessGroup(self.pid, True) if self.pid else None
 
 
-def startDovecot(work: str, users: int, bulkUsers: int, bulkMessages: int, pop3: bool) -> BenchDovecot:
+def startDovecot(
+    work: str, users: int, bulkUsers: int, bulkMessages: int, pop3: bool, imapClients: int = 1
+) -> BenchDovecot:
     """
     Start Dovecot with C{users} users, each with a few small messages, the first C{bulkUsers} with
     C{bulkMessages} more of 1 MiB each.
@@ -167,6 +174,7 @@ def startDovecot(work: str, users: int, bulkUsers: int, bulkMessages: int, pop3:
     dovecot = BenchDovecot(
         os.path.join(work, "dovecot"), accounts, protocols=("imap", "pop3") if pop3 else ("imap",)
     )
+    dovecot.imapClients = imapClients
     if os.path.isdir(dovecot.mailRoot):
         shutil.rmtree(dovecot.mailRoot)
     dovecot.start()

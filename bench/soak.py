@@ -494,7 +494,8 @@ def main(argv=None) -> None:
     users = max(args.users, 1)
     usersPath, _ = writeUsers(args.work, users, "SSHA256")
     cert, key, _ = writeCertificate(args.work)
-    dovecot = startDovecot(args.work, users, 0, 0, pop3=True)
+    # Over a few thousand held sessions, one IMAP process per session would not fit in memory.
+    dovecot = startDovecot(args.work, users, 0, 0, pop3=True, imapClients=1 if args.sessions <= 4000 else 50)
     results: dict = {}
     try:
         for phase in phases:

@@ -67,6 +67,7 @@ class ServeDuringOutageTests(OutageTestMixin, SynchronousTestCase):
         checks = self.directory.checks
         self.assertEqual(self.login("alice", "a-pw").login, "alice")
         self.assertEqual(self.result(self.checker.lookup("alice")).login, "alice")
+        self.assertEqual(self.checker.cachedSuccess(Credentials("alice", b"a-pw")).login, "alice")
         self.assertEqual(self.directory.checks, checks)
         # Never a wrong password: a password the cache does not know gets the outage.
         self.assertIsInstance(self.login("alice", "other").value, DirectoryUnavailable)
@@ -93,6 +94,8 @@ class NoServeDuringOutageTests(OutageTestMixin, SynchronousTestCase):
         self.assertIsInstance(self.result(self.checker.lookup("alice")).value, DirectoryUnavailable)
         self.assertGreater(self.directory.checks, checks)
         self.assertIn("cache_during_outage = false", self.warnings()[0]["what"])
+        # The authenticator's synchronous lane is closed too.
+        self.assertIsNone(self.checker.cachedSuccess(Credentials("alice", b"a-pw")))
 
     def test_cacheBackWithDirectory(self):
         self.startOutage()

@@ -261,8 +261,11 @@ class CachingChecker:
         A hit is counted; anything else (a miss, a cached refusal) counts nothing and is left to
         L{requestAvatarId}.
 
-        @return: the avatar ID, or C{None}.
+        @return: the avatar ID, or C{None} (also while the directory fails and the cache must not
+            answer: C{cache_during_outage = false}).
         """
+        if not self._cacheAnswers():
+            return None
         avatarId = self.cache.success(credentials.username, credentials.password)
         if avatarId is not None:
             self.cache.hits += 1

@@ -64,35 +64,39 @@ def adoptingReactors(reactor, fds: dict) -> dict:
 class _ParentWatch:
     """
     Reads the worker's standard input, a pipe from the parent: end of file means the parent
-    stopped (or died), so the worker stops.  A parent that stopped asks for a graceful stop (the
-    sessions finish, up to C{[server] shutdown_grace}); a parent that died (the worker was
-    re-parented) leaves its listening sockets to a new casd, so the orphan stops at once.
+    stopped (or died), so the worker stops.  A parent that stops writes C{stop} first and asks
+    for a graceful stop (the sessions finish, up to C{[server] shutdown_grace}); an end of file
+    without it is a parent that died, which leaves the listening sockets to the casd started in
+    its place, so the orphan stops at once.
     """
 
-    def __init__(self, reactor, onOrphaned=lambda: None) -> None:
+    def __init__(self, reactor, onOrphaned=lambda: None, fd: int = 0) -> None:
         self.reactor = reactor
-        self.parent = os.getppid()
         self.onOrphaned = onOrphaned
+        self.fd = fd
+        self.stopAsked = False
 
     def fileno(self) -> int:
-        return 0
+        return self.fd
 
     def logPrefix(self) -> str:
         return "parent-watch"
 
     def doRead(self):
         try:
-            data = os.read(0, 4096)
+            data = os.read(self.fd, 4096)
         except BlockingIOError:
             return None
         except OSError:
             data = b""
         if not data:
             return error.ConnectionDone()
+        if b"stop" in data:
+            self.stopAsked = True
         return None
 
     def connectionLost(self, reason) -> None:
-        if os.getppid() != self.parent:
+        if not self.stopAsked:
             self.onOrphaned()
         if self.reactor.running:
             self.reactor.stop()

@@ -40,6 +40,9 @@ from twisted.logger import Logger, eventFromJSON
 STOP_GRACE = 10.0
 #: Seconds after C{SIGTERM} before C{SIGKILL}.
 KILL_GRACE = 5.0
+
+#: What the parent writes on a worker's standard input before closing it to stop it.
+STOP_WORD = b"stop\n"
 #: Pause before a dead worker is started again; a worker that died within L{YOUNG} seconds of
 #: its start waits L{RESTART_DELAY_YOUNG} instead, so a broken worker does not spin.
 RESTART_DELAY = 1.0
@@ -231,6 +234,8 @@ class WorkerPool(service.Service):
         self._restarts.clear()
         workers = list(self.workers.values())
         for worker in workers:
+            # "stop" then end of file: a stop asked for (graceful), not a parent that died.
+            worker.transport.write(STOP_WORD)
             worker.transport.closeStdin()
         timers = [
             # The workers let their sessions finish for [server] shutdown_grace seconds first.

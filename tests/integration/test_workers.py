@@ -16,7 +16,7 @@ import time
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger, LogLevel, formatEvent, jsonFileLogObserver
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from casd.auth.hashing import makeHash
 from casd.service.worker import _AdoptingReactor, adoptingReactors
@@ -406,3 +406,39 @@ class AdoptingReactorTests(TestCase):
         self.assertEqual(port.getHost().port, s.getsockname()[1])
         # Anything but listening is the real reactor's.
         self.assertIs(adopting.callLater.__self__, reactor)
+
+
+class ParentWatchTests(SynchronousTestCase):
+    """
+    How a worker tells a parent that stopped it from a parent that died.
+    """
+
+    def watch(self, written):
+        from casd.service.worker import _ParentWatch
+
+        class Reactor:
+            running = False
+
+        orphaned = []
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        os.write(w, written)
+        os.close(w)
+        watch = _ParentWatch(Reactor(), lambda: orphaned.append(True), fd=r)
+        while True:
+            reason = watch.doRead()
+            if reason is not None:
+                watch.connectionLost(reason)
+                return orphaned
+
+    def test_stopAsked(self):
+        """
+        "stop", then end of file: the parent stopped the worker (graceful).
+        """
+        self.assertEqual(self.watch(b"stop\n"), [])
+
+    def test_parentDied(self):
+        """
+        End of file alone: the parent died; the worker stops at once.
+        """
+        self.assertEqual(self.watch(b""), [True])
