@@ -86,8 +86,14 @@ class LoginPenalty:
         """
         @param auth: the validated C{[auth]} section.
         """
-        return cls(
-            clock,
+        return cls(clock, **cls.rulesOf(auth))
+
+    @staticmethod
+    def rulesOf(auth) -> dict:
+        """
+        @return: the keyword arguments of the penalty's rules in the C{[auth]} section.
+        """
+        return dict(
             initialDelay=auth.failure_delay,
             maxDelay=auth.failure_delay_max,
             ipv4Prefix=auth.penalty_ipv4_prefix,

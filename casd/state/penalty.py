@@ -45,20 +45,7 @@ class SharedLoginPenalty(LoginPenalty):
 
     @classmethod
     def fromConfig(cls, clock, auth, state=None, keys=None) -> SharedLoginPenalty:
-        return cls(
-            clock,
-            state,
-            keys,
-            initialDelay=auth.failure_delay,
-            maxDelay=auth.failure_delay_max,
-            ipv4Prefix=auth.penalty_ipv4_prefix,
-            ipv6Prefix=auth.penalty_ipv6_prefix,
-            expiry=auth.penalty_expiry,
-            userLockout=auth.user_lockout_threshold,
-            addressLockout=auth.address_lockout_threshold,
-            lockoutDuration=auth.lockout_duration,
-            maxEntries=auth.penalty_max_entries,
-        )
+        return cls(clock, state, keys, **cls.rulesOf(auth))
 
     def storeSettings(self) -> dict:
         """
