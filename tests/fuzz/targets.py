@@ -416,24 +416,8 @@ SUBMISSION_LOGIN = b"EHLO x.example\r\nAUTH PLAIN AGFsaWNlAHB3\r\n"
 
 # -- the HTTPS front end and Autodiscover --------------------------------------------------------
 
-HTTP_CONFIG = """
-[routing]
-default_backend = "web"
-[backends.web]
-host = "127.0.0.1"
-[backends.web.http]
-port = 8080
-[http]
-enabled = true
-plain_http = "serve"
-[[http.listen]]
-endpoint = "tcp:8081"
-tls = "none"
-trusted = true
-[[http.vdir]]
-path = "/EWS"
-identity = "header"
-"""
+# The HTTP front end's unit-test configuration: one vdir, a backend that never answers.
+from tests.test_http_site import CONFIG as HTTP_CONFIG  # noqa: E402
 
 HTTP_TOKENS = (
     b"GET ", b"POST ", b"OPTIONS ", b"RPC_IN_DATA ", b"/EWS/", b"/owa/", b"/autodiscover/autodiscover.xml",

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 
@@ -197,6 +198,41 @@ def stopPid(pid, timeout=5.0, processGroup=False):
                 time.sleep(0.02)
             return
         time.sleep(0.02)
+
+
+class ServerProcess:
+    """
+    A private server run as a child process in its own session, its output in C{logPath},
+    listening on C{(host, port)}; L{launch} starts it and waits for the port, L{stop} stops it
+    by its process group.  Subclasses set C{directory}, C{host}, C{port}, C{logPath} and give
+    C{logText()}.
+    """
+
+    pid = None
+    _process = None
+
+    def launch(self, args, env, what, timeout):
+        self._log = open(self.logPath, "ab")
+        self._process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env, cwd=self.directory,
+        )
+        self.pid = self._process.pid
+        try:
+            waitForPort(self.host, self.port, timeout=timeout, alive=lambda: self._process.poll() is None)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"{what} did not start:\n" + self.logText())
+        return self
+
+    def stop(self):
+        if self.pid is not None:
+            stopPid(self.pid, processGroup=True)
+            self.pid = None
+        if self._process is not None:
+            self._process.wait()
+            self._process = None
+            self._log.close()
 
 
 def readPidFile(path, timeout=10.0, alive=None):

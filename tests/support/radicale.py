@@ -8,13 +8,12 @@ twisted web --wsgi radicale.application}), stopped by PID.
 """
 
 import os
-import subprocess
 import sys
 
-from .procs import freePort, stopPid, waitForPort
+from .procs import ServerProcess, freePort
 
 
-class Radicale:
+class Radicale(ServerProcess):
     """
     @ivar port: the listening port.
     @ivar pid: the process ID while running.
@@ -64,28 +63,7 @@ class Radicale:
             "--wsgi", "radicale.application",
         ]
         env = dict(os.environ, RADICALE_CONFIG=configPath)
-        self._log = open(self.logPath, "ab")
-        self._process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, env=env, cwd=self.directory,
-        )
-        self.pid = self._process.pid
-        try:
-            waitForPort(self.host, self.port, timeout=timeout,
-                        alive=lambda: self._process.poll() is None)
-        except RuntimeError:
-            self.stop()
-            raise RuntimeError("Radicale did not start:\n" + self.logText())
-        return self
-
-    def stop(self):
-        if self.pid is not None:
-            stopPid(self.pid, processGroup=True)
-            self.pid = None
-        if self._process is not None:
-            self._process.wait()
-            self._process = None
-            self._log.close()
+        return self.launch(args, env, 'Radicale', timeout)
 
     def logText(self):
         try:

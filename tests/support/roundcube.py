@@ -16,9 +16,8 @@ requests.  Roundcube's own logout leads to casd's logoff (C{logoffURL}).
 
 import os
 import shutil
-import subprocess
 
-from .procs import freePort, requireBinary, stopPid, waitForPort
+from .procs import ServerProcess, freePort, requireBinary
 
 ROUNDCUBE = "/usr/share/roundcube"
 PUBLIC_INDEX = "/var/lib/roundcube/public_html/index.php"
@@ -93,7 +92,7 @@ def _php(value):
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class Roundcube:
+class Roundcube(ServerProcess):
     """
     @ivar port: the HTTP port of C{php -S}.
     @ivar pid: the PHP server's process ID while running.
@@ -188,29 +187,7 @@ class Roundcube:
         self.port = freePort()
         # Several workers: a browser loads assets and the message list in parallel.
         env = dict(os.environ, ROUNDCUBE_CONFIG_DIR=self.configDir, PHP_CLI_SERVER_WORKERS="4")
-        self._log = open(self.logPath, "ab")
-        self._process = subprocess.Popen(
-            [php, "-S", "%s:%d" % (self.host, self.port), "-t", self.docroot],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, cwd=self.directory,
-        )
-        self.pid = self._process.pid
-        try:
-            waitForPort(self.host, self.port, timeout=timeout,
-                        alive=lambda: self._process.poll() is None)
-        except RuntimeError:
-            self.stop()
-            raise RuntimeError("php -S did not start:\n" + self.logText())
-        return self
-
-    def stop(self):
-        if self.pid is not None:
-            stopPid(self.pid, processGroup=True)
-            self.pid = None
-        if self._process is not None:
-            self._process.wait()
-            self._process = None
-            self._log.close()
+        return self.launch([php, "-S", "%s:%d" % (self.host, self.port), "-t", self.docroot], env, 'php -S', timeout)
 
     def logText(self):
         text = ""
