@@ -331,8 +331,7 @@ def rerender(args) -> int:
     stamp = datetime.datetime.fromtimestamp(os.path.getmtime(args.render), datetime.timezone.utc)
     text = report.render(results, params, stamp, targets, protocols, casdProtocols())
     output = args.output or os.path.join(HERE, "RESULTS.md")
-    with open(output, "w") as f:
-        f.write(text)
+    report.writeResults(output, text)
     print(text)
     return 0
 
@@ -446,8 +445,7 @@ def main(argv=None) -> int:
                             )
         output = args.output or (os.path.join(work, "RESULTS-quick.md") if args.quick else os.path.join(HERE, "RESULTS.md"))
         text = report.render(results, params, stamp, targets, protocols, casdProtos)
-        with open(output, "w") as f:
-            f.write(text)
+        report.writeResults(output, text)
         with open(os.path.join(work, "results.json"), "w") as f:
             json.dump({"|".join(map(str, k)): v for k, v in results.items()}, f, indent=1)
         print(text)

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 
+from bench import report
 from bench.measure import ProcessGroup, cpuDelta
 from tests.support.nginx import NginxServer
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
@@ -304,20 +305,11 @@ def render(results, args) -> str:
     return "\n".join(rows) + "\n"
 
 
-BEGIN, END = "<!-- bench.http begin -->", "<!-- bench.http end -->"
-
-
 def writeResults(text: str) -> None:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    with open(path) as f:
-        current = f.read()
-    block = f"{BEGIN}\n{text}{END}\n"
-    if BEGIN in current:
-        current = current.split(BEGIN)[0] + block + current.split(END, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    with open(path, "w") as f:
-        f.write(current)
+    report.writeBlock(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+        text, "<!-- bench.http begin -->", "<!-- bench.http end -->",
+    )
 
 
 if __name__ == "__main__":

@@ -235,3 +235,37 @@ def _targets(results, protocols) -> list[str]:
         " was tried.",
     ]
     return out
+
+
+
+#: The part of C{bench/RESULTS.md} that L{render} writes; what follows it (sections written by
+#: the other benchmarks of C{bench/} or by hand) is kept when a run rewrites the file.
+BEGIN, END = "<!-- bench.run begin -->", "<!-- bench.run end -->"
+
+
+def writeBlock(path: str, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """
+    Put C{text} into the file C{path} between the markers C{begin} and C{end}, keeping whatever
+    the file holds outside them; a file without the markers gets the block appended.
+    """
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    try:
+        with open(path) as f:
+            current = f.read()
+    except FileNotFoundError:
+        current = ""
+    if begin in current and end in current:
+        before, rest = current.split(begin, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        current = before + block + ("\n" + after if after else "")
+    else:
+        current = (current.rstrip("\n") + "\n\n" if current.strip() else "") + block
+    with open(path, "w") as f:
+        f.write(current)
+
+
+def writeResults(path: str, text: str) -> None:
+    """
+    Write a run's rendered C{text} to C{path} (see L{writeBlock}).
+    """
+    writeBlock(path, text)
