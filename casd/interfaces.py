@@ -29,6 +29,11 @@ class ICASProtocol(Interface):
         refused with the C{no_application_protocol} alert (the ALPACA countermeasure); a client
         without ALPN is served.  Default C{()}: the listener ignores the client's ALPN, as a
         server without ALPN support does (L{casd.tls.alpnProtocolsOf}).
+      - C{tlsClientCAFile}: a callable of the protocol's configuration section returning the
+        path of a PEM file of CAs, or C{""}.  With a path, the protocol's TLS listeners ask
+        clients for a certificate issued by one of those CAs, without requiring one and letting
+        any certificate through: the protocol judges what it proves (the HTTP front end's
+        C{cert} logon does).  Default: no certificate is asked for (L{casd.tls.clientCAFileOf}).
     """
 
     name = Attribute(

@@ -55,19 +55,11 @@ log = Logger()
 
 
 def _loadChain(path: str, keyPath: str):
-    with open(path, "rb") as f:
-        pem = f.read()
+    certificates = readCAFile(path)
     with open(keyPath, "rb") as f:
         keyPem = f.read()
-    blocks = [
-        b"-----BEGIN CERTIFICATE-----" + block
-        for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-    ]
-    if not blocks:
-        raise ValueError("no certificate in file")
-    leaf = PrivateCertificate.loadPEM(blocks[0] + keyPem)
-    chain = [Certificate.loadPEM(b).original for b in blocks[1:]]
-    return leaf, chain
+    leaf = PrivateCertificate.loadPEM(crypto.dump_certificate(crypto.FILETYPE_PEM, certificates[0]) + keyPem)
+    return leaf, list(certificates[1:])
 
 
 _VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
@@ -119,10 +111,12 @@ class _ServerOptions(CertificateOptions):
     """
 
     def __init__(
-        self, *args, alpn: tuple[bytes, ...] = (), sessionContext: bytes = b"casd", keyring=None, **kwargs
+        self, *args, alpn: tuple[bytes, ...] = (), sessionContext: bytes = b"casd", keyring=None,
+        clientCAs: tuple = (), **kwargs
     ):
         super().__init__(*args, **kwargs)
         self._alpn = alpn
+        self._clientCAs = clientCAs
         self._keyring = keyring
         self._sessionContext = sessionContext[:32]
         # No client-initiated renegotiation.  An EOF without close_notify (clients that just
@@ -141,7 +135,33 @@ class _ServerOptions(CertificateOptions):
             raise SSL.Error("cannot set the key exchange groups")
         if self._keyring is not None:
             self._keyring.install(ctx)
+        if self._clientCAs:
+            # Ask for a certificate (naming these CAs) without requiring one, and let any through:
+            # what a certificate proves is decided by the protocol that reads it, against its
+            # own trust (protocols.http.clientcert), never by its mere presence.
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _anyCertificate)
+            ctx.set_client_ca_list([ca.get_subject() for ca in self._clientCAs])
         return ctx
+
+
+def _anyCertificate(connection, certificate, errno, depth, ok) -> bool:
+    return True
+
+
+def readCAFile(path: str) -> tuple:
+    """
+    @return: the certificates of a PEM file (pyOpenSSL C{X509}s).
+    @raise ValueError: when it holds none.
+    @raise OSError: when it cannot be read.
+    """
+    with open(path, "rb") as f:
+        pem = f.read()
+    blocks = [
+        b"-----BEGIN CERTIFICATE-----" + block for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+    ]
+    if not blocks:
+        raise ValueError("no certificate in file")
+    return tuple(Certificate.loadPEM(b).original for b in blocks)
 
 
 def alpnProtocolsOf(descriptor) -> tuple[bytes, ...]:
@@ -150,6 +170,15 @@ def alpnProtocolsOf(descriptor) -> tuple[bytes, ...]:
         that does not declare them has none).
     """
     return tuple(name.encode("ascii") for name in getattr(descriptor, "alpnProtocols", ()))
+
+
+def clientCAFileOf(descriptor, section) -> str:
+    """
+    @return: the PEM file of CAs whose client certificates a protocol's listeners ask for, by
+        its configuration C{section} (C{ICASProtocol.tlsClientCAFile}), or C{""}: none asked.
+    """
+    hook = getattr(descriptor, "tlsClientCAFile", None)
+    return hook(section) if hook is not None else ""
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -214,9 +243,7 @@ class ServerTLS:
         if not (config.enabled and self.options is not None):
             return False
         fresh = ServerTLS(config, self.path)
-        built = {
-            key: fresh._build(key[1], b"casd-" + key[0].encode("utf-8")) for key in self._byProtocol
-        }
+        built = {key: fresh._build(*self._buildArguments(key)) for key in self._byProtocol}
         # Everything built: only now does anything change.
         self.config, self.keyring, self._chains = fresh.config, fresh.keyring, fresh._chains
         self.options.current = fresh.options.current
@@ -251,11 +278,23 @@ class ServerTLS:
         )
         return keyring
 
-    def _build(self, alpn: tuple[bytes, ...], sessionContext: bytes):
+    def _buildArguments(self, key):
+        """
+        @param key: a key of C{_byProtocol}: the protocol's name, ALPN ids and client CA file.
+        @return: the arguments of L{_build} for it (the CA file read now).
+        """
+        name, alpn, clientCAFile = key
+        try:
+            clientCAs = readCAFile(clientCAFile) if clientCAFile else ()
+        except (OSError, ValueError, crypto.Error) as e:
+            raise ConfigError(self.path, f"{name}: client CA file", f"{clientCAFile}: {e}") from None
+        return alpn, b"casd-" + name.encode("utf-8"), clientCAs
+
+    def _build(self, alpn: tuple[bytes, ...], sessionContext: bytes, clientCAs: tuple = ()):
         try:
             contexts: dict[bytes, SSL.Context] = {}
             for entry in self.config.sni:
-                context = self._options(entry, alpn, sessionContext).getContext()
+                context = self._options(entry, alpn, sessionContext, clientCAs=clientCAs).getContext()
                 for name in entry.names:
                     contexts[name.encode("idna")] = context
 
@@ -265,7 +304,8 @@ class ServerTLS:
                 return contexts.get(serverName.lower())
 
             options = self._options(
-                self.config, alpn, sessionContext, contextForServerName=contextFor if contexts else None
+                self.config, alpn, sessionContext, clientCAs=clientCAs,
+                contextForServerName=contextFor if contexts else None,
             )
             options.getContext()
         except (ValueError, SSL.Error, crypto.Error, OSError) as e:
@@ -288,19 +328,23 @@ class ServerTLS:
             **extra,
         )
 
-    def optionsFor(self, descriptor):
+    def optionsFor(self, descriptor, clientCAFile: str = ""):
         """
         @param descriptor: the listener's L{casd.interfaces.ICASProtocol}.
+        @param clientCAFile: a PEM file of CAs: ask clients for a certificate issued by one of
+            them (not requiring one, and letting any through: the protocol judges it); C{""}:
+            ask for none (see C{ICASProtocol.tlsClientCAFile}).
         @return: the server options for that protocol's listeners, implicit TLS and STARTTLS
             alike (its ALPN ids; session id context its name), built once; C{None} without a
             certificate.
+        @raise ConfigError: when C{clientCAFile} holds no usable certificate.
         """
         if self.options is None:
             return None
-        key = (descriptor.name, alpnProtocolsOf(descriptor))
+        key = (descriptor.name, alpnProtocolsOf(descriptor), clientCAFile)
         options = self._byProtocol.get(key)
         if options is None:
-            options = self._byProtocol[key] = _Reloadable(self._build(key[1], b"casd-" + key[0].encode("utf-8")))
+            options = self._byProtocol[key] = _Reloadable(self._build(*self._buildArguments(key)))
         return options
 
     @property

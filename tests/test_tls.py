@@ -361,6 +361,48 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.issuer(tls.options), before)
 
 
+    def test_clientCertificatesAsked(self):
+        """
+        With a client CA file, the protocol's context asks for a certificate without requiring
+        one, names that file's CAs to the client, and is kept apart from the protocol's context
+        without one; the CA file is read again at a reload; an unusable one is a L{ConfigError}.
+        """
+        from OpenSSL import SSL
+
+        from casd.config import ConfigError
+
+        class HTTP:
+            name = "http"
+
+        tls = ServerTLS(self.config)
+        plain = tls.optionsFor(HTTP())
+        asking = tls.optionsFor(HTTP(), self.cas[1].caPath)
+        self.assertEqual(plain.getContext().get_verify_mode(), SSL.VERIFY_NONE)
+        self.assertEqual(asking.getContext().get_verify_mode(), SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE)
+        names = SSL.Connection(asking.getContext(), None).get_client_ca_list()
+        self.assertEqual([n.CN for n in names], ["CA 2"])
+        self.assertIs(tls.optionsFor(HTTP(), self.cas[1].caPath), asking)
+        with open(self.cas[1].caPath, "w") as f:
+            f.write("not a certificate\n")
+        self.assertRaises(ConfigError, tls.reload, self.config)
+        self.assertRaises(ConfigError, tls.optionsFor, HTTP(), self.key)
+
+    def test_clientCAFileOf(self):
+        """
+        A protocol without C{tlsClientCAFile} asks for no certificate; the HTTP front end asks
+        when a vdir accepts C{cert}.
+        """
+        from casd.config import Values
+        from casd.tls import clientCAFileOf
+        from protocols.http import http
+
+        self.assertEqual(clientCAFileOf(object(), None), "")
+        section = Values({"vdir": [Values({"auth": ("basic",)})], "client_ca_file": "cas.pem"})
+        self.assertEqual(clientCAFileOf(http, section), "")
+        section = Values({"vdir": [Values({"auth": ("basic",)}), Values({"auth": ("Forms", "CERT")})], "client_ca_file": "cas.pem"})
+        self.assertEqual(clientCAFileOf(http, section), "cas.pem")
+
+
 class ContextTests(SynchronousTestCase):
     def test_selector(self):
         select = alpnSelector((b"imap",))

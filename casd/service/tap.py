@@ -33,7 +33,7 @@ from casd.service.proxyproto import listenerEndpoint
 from casd.routing.router import defaultRouter
 from casd.state.keys import SecretError
 from casd.state.service import StateService
-from casd.tls import ClientTLS, ServerTLS
+from casd.tls import ClientTLS, ServerTLS, clientCAFileOf
 
 log = Logger()
 
@@ -199,7 +199,11 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
                 sessionSets.append(factory.sessions)
             if listener.wrapTLS:
                 # The protocol's own contexts: its ALPN ids, its session id context.
-                factory = TLSMemoryBIOFactory(context.serverTLS.optionsFor(descriptor), False, factory)
+                try:
+                    tlsOptions = context.serverTLS.optionsFor(descriptor, clientCAFileOf(descriptor, section))
+                except ConfigError as e:
+                    raise SystemExit(f"casd: configuration error: {e}")
+                factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
             if metrics is not None:
                 factory = metrics.counting(factory, name)
             listenReactor = adopted[listener.name] if adopted is not None else reactor

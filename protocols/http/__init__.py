@@ -88,6 +88,15 @@ class HTTPProtocol:
     #: Only HTTP/1.1 is offered in ALPN: Twisted's HTTP/2 cuts idle streams at the site
     #: timeout, which would end long polls (ActiveSync Ping, RPC channels).
     alpnProtocols = ("http/1.1",)
+    def tlsClientCAFile(self, section) -> str:
+        """
+        Client certificates are asked for on the TLS listeners when a vdir accepts C{cert}
+        logon: the CAs of C{client_ca_file} are named to the client.
+        """
+        if any("cert" in [m.lower() for m in values.auth] for values in section.vdir):
+            return section.client_ca_file
+        return ""
+
     healthProbe = HealthProbe(
         expect=b"HTTP/1.",
         send=b"OPTIONS * HTTP/1.1\r\nHost: casd-health\r\nConnection: close\r\n\r\n",

@@ -180,8 +180,9 @@ CERT_SETTINGS = (
         "path",
         "",
         "PEM file of the CAs whose client certificates vdirs with C{auth} C{cert} accept (the"
-        " certificate's UPN or e-mail address names the user in the directory).  The TLS"
-        " listeners must also ask clients for certificates.",
+        " certificate's UPN or e-mail address names the user in the directory).  When a vdir"
+        " accepts C{cert}, the HTTP TLS listeners ask clients for a certificate issued by one"
+        " of these CAs (without requiring one: other vdirs and methods work without).",
     ),
 )
 

@@ -51,6 +51,9 @@ host = "127.0.0.1"
 [backends.web.http]
 port = {nginx}
 
+[imap]
+enabled = false
+
 [http]
 enabled = true
 
@@ -285,6 +288,9 @@ tls_name = "mbx.example.com"
 port = {nginx}
 tls = "implicit"
 
+[imap]
+enabled = false
+
 [http]
 enabled = true
 plain_http = "serve"
@@ -359,3 +365,123 @@ class TLSBackendTests(SynchronousTestCase):
         self.assertTrue(body.startswith(b"127.0.0.1|http|"), body)
         status, body = self.get("/impostor/echo/x")
         self.assertEqual(status, 502, body)
+
+
+CERT_CONFIG = """
+[server]
+hostname = "cas-test"
+
+[tls]
+certificate = "{cert}"
+key = "{key}"
+
+[auth]
+users_file = "{users}"
+failure_delay = 0.1
+
+[routing]
+default_backend = "web"
+
+[backends.web]
+host = "127.0.0.1"
+
+[backends.web.http]
+port = {nginx}
+
+[imap]
+enabled = false
+
+[http]
+enabled = true
+client_ca_file = "{clientCA}"
+
+[[http.listen]]
+endpoint = "tcp:{port}:interface=127.0.0.1"
+tls = "implicit"
+
+[[http.vdir]]
+path = "/cert"
+backend_path = "/echo"
+auth = ["cert"]
+identity = "header"
+
+[[http.vdir]]
+path = "/EWS"
+backend_path = "/echo"
+"""
+
+
+class ClientCertificateTests(SynchronousTestCase):
+    """
+    A vdir with C{auth = ["cert"]} in a real casd: its TLS listener asks curl for a certificate,
+    and the certificate's e-mail address names the user to the backend (nginx's echo).
+    """
+
+    def setUp(self):
+        self.curl = requireBinary("curl")
+        directory = os.path.abspath(self.mktemp())
+        ca = CertificateAuthority.create(os.path.join(directory, "ca"))
+        self.caPath = ca.caPath
+        cert, key = ca.issue(["localhost", "127.0.0.1"], "server")
+        clients = CertificateAuthority.create(os.path.join(directory, "clients"), name="client CA")
+        self.client = clients.issue(["demo@example.com"], "demo")
+        self.unknown = clients.issue(["nobody@example.com"], "nobody")
+        strangers = CertificateAuthority.create(os.path.join(directory, "strangers"), name="other CA")
+        self.stranger = strangers.issue(["demo@example.com"], "forged")
+        self.nginx = NginxServer().start()
+        self.addCleanup(self.nginx.remove)
+        self.port = freePort()
+        config = os.path.join(directory, "casd.toml")
+        users = os.path.join(os.path.dirname(DEMO_CONFIG), "users")
+        with open(config, "w") as f:
+            f.write(CERT_CONFIG.format(
+                cert=cert, key=key, users=users, nginx=self.nginx.port, port=self.port,
+                clientCA=clients.caPath,
+            ))
+        log = open(os.path.join(directory, "casd.log"), "wb")
+        self.addCleanup(log.close)
+        casd = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "cas", "--config", config],
+            stdout=log, stderr=subprocess.STDOUT, cwd=directory,
+        )
+
+        def stop():
+            stopPid(casd.pid)
+            casd.wait()
+
+        self.addCleanup(stop)
+        waitForPort("127.0.0.1", self.port, 30, alive=lambda: pidAlive(casd.pid))
+
+    def get(self, path, pair=None, *extra):
+        args = [self.curl, "-sS", "--cacert", self.caPath, "-w", "\n%{http_code}", *extra]
+        if pair is not None:
+            args += ["--cert", pair[0], "--key", pair[1]]
+        r = subprocess.run(
+            args + [f"https://127.0.0.1:{self.port}{path}"],
+            capture_output=True, text=True, timeout=30,
+        )
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def test_certificateNamesTheUser(self):
+        """
+        curl's certificate (rfc822Name demo@example.com, from the configured client CA) logs on
+        the directory's C{demo}, named to the backend in C{X-Remote-User}.
+        """
+        code, body = self.get("/cert/x", self.client)
+        self.assertEqual(code, 200, body)
+        self.assertEqual(body.split("|")[3], "demo")
+
+    def test_noOrForeignCertificate(self):
+        """
+        Without a certificate, with one from another CA (the same name), or with one naming no
+        user, the vdir answers 403; the handshake itself succeeds, so a vdir without C{cert}
+        still answers on the same listener.
+        """
+        self.assertEqual(self.get("/cert/x")[0], 403)
+        self.assertEqual(self.get("/cert/x", self.stranger)[0], 403)
+        self.assertEqual(self.get("/cert/x", self.unknown)[0], 403)
+        code, body = self.get("/EWS/x", None, "-u", "demo:demo")
+        self.assertEqual(code, 200, body)
+        self.assertEqual(self.get("/EWS/x", self.stranger, "-u", "demo:demo")[0], 200)

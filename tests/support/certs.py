@@ -36,7 +36,8 @@ def _subjectAltNames(names):
         try:
             entries.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
-            entries.append(x509.DNSName(name))
+            # An e-mail address (a client certificate's rfc822Name), else a host name.
+            entries.append(x509.RFC822Name(name) if "@" in name else x509.DNSName(name))
     return x509.SubjectAlternativeName(entries)
 
 
@@ -168,7 +169,8 @@ class CertificateAuthority:
 
         @param names: Host names and/or IP addresses (e.g. C{"localhost"},
             C{"127.0.0.1"}); the first is also the subject CN.  IP
-            addresses become IP SANs, everything else DNS SANs.
+            addresses become IP SANs, e-mail addresses rfc822Name SANs (a
+            client certificate), everything else DNS SANs.
         @param basename: Files are written as C{<basename>.pem} and
             C{<basename>.key} in the CA's directory.
         @param keyType: C{"ec"} or C{"rsa"}; defaults to the CA's type.
