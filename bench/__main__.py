@@ -57,6 +57,9 @@ class Parameters:
         self.idleConcurrency = 50
         self.idleSeconds = 120.0
         self.hashScheme = "SSHA256"
+        #: With C{--pin}: the CPU of the proxies under test, and those of the rest of the run.
+        self.proxyCPUs: set[int] = set()
+        self.otherCPUs: set[int] = set()
 
     def describe(self) -> list[tuple[str, str]]:
         return [
@@ -68,7 +71,15 @@ class Parameters:
             ("login storm", f"concurrency {self.loginConcurrency}, {self.loginSeconds:g} s per run"),
             ("bulk", f"{self.bulkConnections} connections, {self.bulkBytes // MIB} MiB per run"),
             ("idle", f"{self.idleSessions} sessions in IDLE, fresh proxy processes"),
+            ("CPU pinning", (
+                f"the proxy under test (all its processes) on CPU {_cpuList(self.proxyCPUs)}; the load"
+                f" generators, Dovecot and nginx's auth_http on CPU {_cpuList(self.otherCPUs)}"
+            ) if self.proxyCPUs else "none (the kernel schedules every process on both CPUs)"),
         ]
+
+
+def _cpuList(cpus) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 def _hasUvloop() -> bool:
@@ -346,6 +357,11 @@ def main(argv=None) -> int:
     parser.add_argument("--protocols", default="", help="imap,pop3 (default: imap, and pop3 when casd has it)")
     parser.add_argument("--no-tls", action="store_true", help="skip the TLS variants")
     parser.add_argument("--output", help="results file (default bench/RESULTS.md; quick: bench/scratch/RESULTS-quick.md)")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="pin the proxy under test to the last CPU and everything else to the others (taskset-like):"
+        " its sessions/s is then what one core sustains",
+    )
     parser.add_argument("--hold", action="store_true", help="after setup, keep the servers up until Enter")
     parser.add_argument("--render", metavar="JSON", help="only re-render a saved bench/scratch/results.json")
     args = parser.parse_args(argv)
@@ -366,6 +382,14 @@ def main(argv=None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (65536, max(hard, 65536)))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs at least 2 CPUs")
+        params.proxyCPUs, params.otherCPUs = {cpus[-1]}, set(cpus[:-1])
+        # Dovecot, auth_http and the load generators inherit this process's CPUs.
+        os.sched_setaffinity(0, params.otherCPUs)
 
     casdProtos = casdProtocols()
     protocols = args.protocols.split(",") if args.protocols else (["imap"] + (["pop3"] if "pop3" in casdProtos else []))
@@ -405,6 +429,7 @@ def main(argv=None) -> int:
             targets = [t for t in targets if t.name in wanted]
         for t in targets:
             print(f"bench: starting {t.name}", flush=True)
+            t.server.cpus = params.proxyCPUs
             t.server.start()
             started.append(t.server)
         print("bench: warming Dovecot up (every user logs in once)", flush=True)

@@ -47,6 +47,8 @@ class Process:
 
     name = "server"
     withChildren = True
+    #: The CPUs the server runs on (its children and threads inherit them); empty: any.
+    cpus: set = frozenset()
 
     def __init__(self, work: str) -> None:
         self.work = work
@@ -79,6 +81,7 @@ class Process:
             start_new_session=True,
             cwd=self.work,
             env=self.environment(),
+            preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
         )
         log.close()
         alive = lambda: self.process.poll() is None  # noqa: E731
