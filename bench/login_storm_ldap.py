@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -225,6 +226,34 @@ BASE_DN = "ou=people,dc=example,dc=com"
 FILTER = "(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))"
 
 
+#: Signals that start and stop (writing the statistics to C{$STATS_ENV}) the profiler of a casd
+#: run with C{--profiled-twistd}: real-time signals, which casd uses for nothing (C{SIGUSR1}
+#: drains it, C{SIGUSR2} reopens its log).
+PROFILE_START, PROFILE_STOP = signal.SIGRTMIN + 1, signal.SIGRTMIN + 2
+STATS_ENV = "CASD_LDAP_STORM_STATS"
+
+
+def _profiledTwistd(argv: list[str]) -> None:
+    """
+    Run C{twistd} with C{argv}, counting calls (cProfile, the reactor's thread) between
+    L{PROFILE_START} and L{PROFILE_STOP}; each stop writes the statistics so far.
+    """
+    import cProfile
+
+    profile = cProfile.Profile()
+    signal.signal(PROFILE_START, lambda *_: profile.enable())
+
+    def stop(*_):
+        profile.disable()
+        profile.dump_stats(os.environ[STATS_ENV])
+
+    signal.signal(PROFILE_STOP, stop)
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", *argv]
+    run()
+
+
 def _servers():
     """
     The server classes, built on L{bench.servers.Process} (imported late: C{--stub-backend} runs
@@ -240,10 +269,12 @@ def _servers():
 
         name = "casd"
 
-        def __init__(self, work, slapd, caPath, secretPath, backendPort) -> None:
+        def __init__(self, work, slapd, caPath, secretPath, backendPort, profiled=False) -> None:
             super().__init__(work)
             self.slapd, self.caPath, self.secretPath = slapd, caPath, secretPath
             self.backendPort = backendPort
+            self.profiled = profiled
+            self.statsPath = os.path.join(work, "calls.prof")
 
         def choosePorts(self):
             self.ports = {"imap": freePort()}
@@ -279,14 +310,36 @@ endpoint = "tcp:{self.ports['imap']}:interface=127.0.0.1:backlog=1024"
                 )
 
         def command(self):
+            # Profiled: this script's --profiled-twistd mode counts calls between two signals.
+            start = ["-m", "bench.login_storm_ldap", "--profiled-twistd"] if self.profiled else [
+                "-c", "from twisted.scripts.twistd import run; run()"
+            ]  # fmt: skip
             return [
-                sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-                "--pidfile=", "--logfile", os.path.join(self.work, "casd.log"),
-                "cas", "--config", os.path.join(self.work, "casd.toml"),
+                sys.executable, *start, "-n", "--pidfile=", "--logfile",
+                os.path.join(self.work, "casd.log"), "cas", "--config", os.path.join(self.work, "casd.toml"),
             ]  # fmt: skip
 
         def environment(self):
-            return dict(os.environ, PYTHONPATH=ROOT)
+            return dict(os.environ, PYTHONPATH=ROOT, **{STATS_ENV: self.statsPath})
+
+        def calls(self, stop: bool):
+            """
+            Profiled: start counting, or stop and return the L{pstats.Stats} so far (cumulative).
+            """
+            import pstats
+
+            if not stop:
+                if os.path.exists(self.statsPath):
+                    os.unlink(self.statsPath)
+                os.kill(self.process.pid, PROFILE_START)
+                return None
+            time.sleep(0.5)  # the last sessions' close
+            os.kill(self.process.pid, PROFILE_STOP)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(self.statsPath) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)
+            return pstats.Stats(self.statsPath)
 
     class LDAPAuthHTTP(AuthHTTP):
         """
@@ -466,6 +519,49 @@ def _versions() -> list[tuple[str, str]]:
     return out
 
 
+def _printCalls(profiles, top: int) -> None:
+    """
+    Calls per login in each phase (the profile is cumulative: warm is the difference), and the
+    functions called most per cold login, with their calls per warm login beside.
+    """
+    (cold, coldSessions), (warm, warmSessions) = profiles["cold"], profiles["warm"]
+    warmCalls = warm.total_calls - cold.total_calls
+    print(
+        json.dumps(
+            {
+                "coldCallsPerLogin": round(cold.total_calls / coldSessions, 1),
+                "warmCallsPerLogin": round(warmCalls / warmSessions, 1),
+            }
+        )
+    )
+    coldStats = cold.stats
+    warmStats = warm.stats
+
+    def package(path):
+        if path.startswith(ROOT) and "site-packages" not in path:
+            return os.path.relpath(path, ROOT).split(os.sep)[0] + "/" + os.path.basename(path)
+        if "site-packages/" in path:
+            return path.rsplit("site-packages/", 1)[-1].split("/")[0]
+        return "builtins" if path == "~" else "stdlib"
+
+    groups: dict[str, list[float]] = {}
+    for key, (_, calls, *_rest) in warmStats.items():
+        coldCalls = coldStats.get(key, (0, 0))[1]
+        sums = groups.setdefault(package(key[0]), [0.0, 0.0])
+        sums[0] += coldCalls / coldSessions
+        sums[1] += (calls - coldCalls) / warmSessions
+    print("   cold    warm  calls per login by where the function lives")
+    for name, (c, w) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"{c:7.1f} {w:7.1f}  {name}")
+    rows = sorted(coldStats.items(), key=lambda kv: -kv[1][1])[:top]
+    print("   cold    warm  function (calls per login)")
+    for key, (_, calls, *_rest) in rows:
+        path, line, name = key
+        extra = (warmStats.get(key, (0, calls))[1] - calls) / warmSessions
+        where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
+        print(f"{calls / coldSessions:7.2f} {extra:7.2f}  {where}:{line}({name})")
+
+
 # -- the command ----------------------------------------------------------------------------
 
 
@@ -479,12 +575,24 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="write the section of bench/RESULTS.md")
     parser.add_argument("--json", metavar="PATH", help="also write every per-run figure here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--callcount",
+        action="store_true",
+        help="count casd's Python calls per login in each phase (cProfile: CPU figures inflated; one run, casd only)",
+    )
+    parser.add_argument("--top", type=int, default=30, help="with --callcount: the functions called most")
     parser.add_argument("--stub-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--profiled-twistd"]:
+        _profiledTwistd(argv[1:])
+        return 0
     args = parser.parse_args(argv)
     if args.stub_backend:
         _run(_stubMain(args.stub_backend))
         return 0
     targets = [t for t in args.targets.split(",") if t]
+    if args.callcount:
+        targets, args.runs = ["casd"], 1
     if (
         not 1 <= args.users <= 100_000
         or not 1 <= args.concurrency <= 1000
@@ -529,7 +637,7 @@ def main(argv=None) -> int:
 
         proxies = {}
         if "casd" in targets:
-            casd = CASD(os.path.join(work, "casd"), slapd, ca.caPath, secretPath, backendPort)
+            casd = CASD(os.path.join(work, "casd"), slapd, ca.caPath, secretPath, backendPort, args.callcount)
             servers.append(casd)
             proxies["casd"] = (casd, None)
         if "nginx" in targets:
@@ -545,6 +653,7 @@ def main(argv=None) -> int:
         counter = _SlapdCounter(slapd)
         rng = random.Random(3)
         runs = []
+        profiles = {}
         for run in range(1, args.runs + 1):
             # Alternate which proxy goes first, so that neither always meets a fresher machine.
             order = targets if run % 2 else list(reversed(targets))
@@ -559,11 +668,15 @@ def main(argv=None) -> int:
                 rng.shuffle(cold)
                 warm = [u for _ in range(args.warm_rounds) for u in rng.sample(users, len(users))]
                 for phase, logins in (("cold", cold), ("warm", warm)):
+                    if args.callcount:
+                        server.calls(stop=False)
                     result = _measure(
                         server.ports["imap"], logins, args.concurrency, server.group,
                         companion.group if companion else None, slapdGroup, counter,
                     )  # fmt: skip
                     result.update(run=run, target=target, phase=phase)
+                    if args.callcount:
+                        profiles[phase] = (server.calls(stop=True), result["ok"])
                     runs.append(result)
                     print(
                         f"run {run} {target} {phase}: {result['sessionsPerSecond']}/s,"
@@ -585,6 +698,9 @@ def main(argv=None) -> int:
             "versions": _versions(),
             "runs": runs,
         }
+        if args.callcount:
+            _printCalls(profiles, args.top)
+            return 0
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
