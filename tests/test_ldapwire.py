@@ -1,7 +1,8 @@
 """
 Tests for L{casd.auth.ldapwire}: the replies of a login decoded exactly as ldaptor decodes them,
-everything else left to ldaptor, malformed input refused; the search collected without
-L{LDAPEntry}; and ldaptor's client fed through it byte by byte.
+everything else left to ldaptor, malformed input refused; its requests encoded to ldaptor's very
+bytes; the search collected without L{LDAPEntry}; and ldaptor's client fed through it byte by
+byte.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from casd.auth import ldapwire
 from casd.auth.ldapclient import _Client
 
 DN = b"uid=alice,ou=people,dc=example,dc=com"
+BASE = "ou=people,dc=example,dc=com"
 
 
 def wire(value, id=7, controls=None) -> bytes:
@@ -124,6 +126,66 @@ class DecodeTests(SynchronousTestCase):
         self.assertRaises(ValueError, ldapwire.messageSize, b"\x30\x80")
 
 
+class EncodeTests(SynchronousTestCase):
+    def test_bindRequest(self):
+        """
+        A bind request is encoded as ldaptor encodes it: anonymous, a user, long and non-ASCII
+        values (multi-byte lengths).
+        """
+        for dn, password in (
+            ("", b""),
+            (DN.decode(), b"secret"),
+            ("cn=" + "x" * 200 + ",dc=example,dc=com", b"p" * 300),
+            ("uid=jos\u00e9,ou=people,dc=example,dc=com", "m\u00f8t de passe".encode()),
+        ):
+            self.assertEqual(
+                ldapwire.bindRequest(dn, password).toWire(),
+                pureldap.LDAPBindRequest(dn=dn, auth=password).toWire(),
+            )
+
+    def test_searchRequest(self):
+        """
+        A search request is encoded as ldaptor encodes it, for every scope and a range of limits.
+        """
+        filter = pureldap.LDAPFilter_and(
+            [
+                pureldap.LDAPFilter_equalityMatch(
+                    attributeDesc=pureldap.LDAPAttributeDescription("objectClass"),
+                    assertionValue=pureldap.LDAPAssertionValue("inetOrgPerson"),
+                ),
+                pureldap.LDAPFilter_present("uid"),
+            ]
+        )
+        for scope in (0, 1, 2):
+            for sizeLimit, timeLimit in ((0, 1), (2, 10), (127, 128), (255, 256), (70000, 2**31 - 1)):
+                for attributes in (["1.1"], ["uid", "mail", "mailHost", "accountStatus"]):
+                    ours = ldapwire.searchRequest(BASE, scope, sizeLimit, timeLimit, filter, attributes)
+                    theirs = pureldap.LDAPSearchRequest(
+                        baseObject=BASE,
+                        scope=scope,
+                        derefAliases=pureldap.LDAP_DEREF_neverDerefAliases,
+                        sizeLimit=sizeLimit,
+                        timeLimit=timeLimit,
+                        typesOnly=0,
+                        filter=filter,
+                        attributes=attributes,
+                    )
+                    self.assertEqual(ours.toWire(), theirs.toWire(), (scope, sizeLimit, timeLimit))
+
+    def test_sentAsOperation(self):
+        """
+        ldaptor's client sends an encoded request in a message of its own, with a message id.
+        """
+        client = _Client()
+        transport = StringTransport()
+        client.makeConnection(transport)
+        d = client.send(ldapwire.bindRequest(DN.decode(), b"secret"))
+        message = ldaptorDecode(transport.value())
+        self.assertEqual((message.value.dn, message.value.auth), (DN, b"secret"))
+        client.dataReceived(wire(pureldap.LDAPBindResponse(resultCode=0), id=message.id))
+        self.assertEqual(self.successResultOf(d).resultCode, 0)
+
+
 class ClientTests(SynchronousTestCase):
     """
     casd's ldaptor client reading through L{ldapwire}.
@@ -159,9 +221,7 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual((answer.resultCode, answer.errorMessage), (49, b"invalid credentials"))
 
     def search(self):
-        request = pureldap.LDAPSearchRequest(
-            baseObject="ou=people,dc=example,dc=com", filter=pureldap.LDAPFilter_present("uid"), attributes=["uid"]
-        )
+        request = ldapwire.searchRequest(BASE, 2, 2, 10, pureldap.LDAPFilter_present("uid"), ["uid"])
         d = ldapwire.search(self.client, request)
         return d, self.lastRequestID()
 

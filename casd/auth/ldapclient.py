@@ -342,7 +342,7 @@ class _Connection:
         )
 
     def bind(self, dn: str, password: bytes) -> defer.Deferred:
-        request = pureldap.LDAPBindRequest(dn=dn, auth=password)
+        request = ldapwire.bindRequest(dn, password)
 
         def answered(msg):
             if not isinstance(msg, pureldap.LDAPBindResponse):
@@ -357,16 +357,8 @@ class _Connection:
 
     def search(self, base: str, scope: int, filter, attributes, sizeLimit: int = 0) -> defer.Deferred:
         def start():
-            request = pureldap.LDAPSearchRequest(
-                baseObject=base,
-                scope=scope,
-                derefAliases=pureldap.LDAP_DEREF_neverDerefAliases,
-                sizeLimit=sizeLimit,
-                timeLimit=max(1, math.ceil(self.timeout)),
-                typesOnly=0,
-                filter=filter,
-                attributes=list(attributes) or ["1.1"],
-            )
+            timeLimit = max(1, math.ceil(self.timeout))
+            request = ldapwire.searchRequest(base, scope, sizeLimit, timeLimit, filter, attributes or ["1.1"])
             return ldapwire.search(self.client, request)
 
         def found(results):

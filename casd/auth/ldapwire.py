@@ -12,7 +12,9 @@ referrals or SASL credentials, a search reference, an unknown operation) is left
 decoder, so nothing is read differently.
 
 L{search} sends a search and collects its entries without ldaptor's L{LDAPEntry} (which parses
-every entry's DN and builds a case-insensitive dictionary per entry).
+every entry's DN and builds a case-insensitive dictionary per entry).  L{bindRequest} and
+L{searchRequest} encode the two requests of a login directly (the same bytes as ldaptor's, about
+300 Python calls fewer), for ldaptor's client to send like any other operation.
 """
 
 from __future__ import annotations
@@ -184,7 +186,71 @@ def decodeResponse(data: bytes):
     return pureldap.LDAPMessage(value, id=messageID)
 
 
-def search(client, request: pureldap.LDAPSearchRequest) -> defer.Deferred:
+# -- requests -----------------------------------------------------------------------------------
+
+
+def _encodeLength(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(body),)) + body
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + _encodeLength(len(content)) + content
+
+
+def _integer(tag: int, n: int) -> bytes:
+    return _tlv(tag, n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True))
+
+
+def _string(value) -> bytes:
+    return _tlv(_OCTETS, value.encode("utf-8") if isinstance(value, str) else value)
+
+
+class Encoded:
+    """
+    A request already encoded, sent by ldaptor's client as it sends its own operation objects
+    (it asks them C{needs_answer} and C{toWire()}).
+    """
+
+    needs_answer = 1
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def toWire(self) -> bytes:
+        return self.data
+
+
+def bindRequest(dn, password: bytes) -> Encoded:
+    """
+    A simple bind (LDAPv3) as C{dn} with C{password}.
+    """
+    return Encoded(_tlv(0x60, b"\x02\x01\x03" + _string(dn) + _tlv(0x80, password)))
+
+
+def searchRequest(base, scope: int, sizeLimit: int, timeLimit: int, filter, attributes) -> Encoded:
+    """
+    A search never dereferencing aliases, for C{attributes} (names) with C{filter} (an ldaptor
+    filter object, which encodes itself).
+    """
+    return Encoded(
+        _tlv(
+            0x63,
+            _string(base)
+            + _integer(_ENUMERATED, scope)
+            + _integer(_ENUMERATED, pureldap.LDAP_DEREF_neverDerefAliases)
+            + _integer(_INTEGER, sizeLimit)
+            + _integer(_INTEGER, timeLimit)
+            + b"\x01\x01\x00"
+            + filter.toWire()
+            + _tlv(_SEQUENCE, b"".join(_string(a) for a in attributes)),
+        )
+    )
+
+
+def search(client, request) -> defer.Deferred:
     """
     Send C{request} on ldaptor's C{client} and collect its entries.
 
