@@ -17,6 +17,7 @@ from ldaptor.protocols.ldap.ldapclient import LDAPClient
 
 from casd.auth import ldapwire
 from casd.auth.ldapclient import _Client
+from casd.auth.ldapfilter import FilterTemplate
 
 DN = b"uid=alice,ou=people,dc=example,dc=com"
 BASE = "ou=people,dc=example,dc=com"
@@ -171,6 +172,24 @@ class EncodeTests(SynchronousTestCase):
                         attributes=attributes,
                     )
                     self.assertEqual(ours.toWire(), theirs.toWire(), (scope, sizeLimit, timeLimit))
+
+    def test_filterTemplate(self):
+        """
+        L{FilterTemplate.wire} gives the encoding of L{FilterTemplate.build}'s filter, for every
+        kind of filter and logins holding filter syntax, non-ASCII text and long values.
+        """
+        templates = [
+            "(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))",
+            "(|(uid={user})(mail={login})(o={domain})(cn=*{user}*))",
+            "(&(!(accountStatus=disabled))(sn>={user})(sn<={user}z)(cn~={user}))",
+            "(&(cn=a*{user}*b*c)(cn=*{domain})(cn={user}*)(mail=*))",
+            "(&(uid={login})(objectClass=*)(cn:dn:=x)(cn:caseExactMatch:=y))",
+        ]
+        logins = ["alice", "bob@example.org", "a)(uid=*", "x\\y*", "jos\u00e9@exampl\u00e9.fr", "l" * 200]
+        for text in templates:
+            template = FilterTemplate(text)
+            for login in logins:
+                self.assertEqual(template.wire(login), template.build(login).toWire(), (text, login))
 
     def test_sentAsOperation(self):
         """

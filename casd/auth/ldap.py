@@ -172,7 +172,7 @@ class LDAPChecker:
         """
         filter = filter or self.filter
         entries = yield self.client.search(
-            self.baseDN, self.scope, filter.build(login), self.attributes.requested, sizeLimit=2
+            self.baseDN, self.scope, filter.wire(login), self.attributes.requested, sizeLimit=2
         )
         if len(entries) > 1:
             self.log.warn(

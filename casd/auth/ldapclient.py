@@ -66,7 +66,8 @@ class IDirectoryClient(Interface):
         Search as the service account.
 
         @param scope: one of L{SCOPES}' values.
-        @param filter: a filter object from L{casd.auth.ldapfilter.FilterTemplate.build}.
+        @param filter: an encoded filter (L{casd.auth.ldapfilter.FilterTemplate.wire}) or a
+            filter object (L{casd.auth.ldapfilter.FilterTemplate.build}).
         @return: a L{Deferred} firing with a C{list} of L{DirectoryEntry}.
         """
 

@@ -196,16 +196,22 @@ def _encodeLength(n: int) -> bytes:
     return bytes((0x80 | len(body),)) + body
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
+def tlv(tag: int, content: bytes) -> bytes:
+    """
+    A BER element: C{tag}, the length of C{content}, C{content}.
+    """
     return bytes((tag,)) + _encodeLength(len(content)) + content
 
 
 def _integer(tag: int, n: int) -> bytes:
-    return _tlv(tag, n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True))
+    return tlv(tag, n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True))
 
 
-def _string(value) -> bytes:
-    return _tlv(_OCTETS, value.encode("utf-8") if isinstance(value, str) else value)
+def octetString(value) -> bytes:
+    """
+    An OCTET STRING of C{value} (text in UTF-8).
+    """
+    return tlv(_OCTETS, value.encode("utf-8") if isinstance(value, str) else value)
 
 
 class Encoded:
@@ -227,25 +233,25 @@ def bindRequest(dn, password: bytes) -> Encoded:
     """
     A simple bind (LDAPv3) as C{dn} with C{password}.
     """
-    return Encoded(_tlv(0x60, b"\x02\x01\x03" + _string(dn) + _tlv(0x80, password)))
+    return Encoded(tlv(0x60, b"\x02\x01\x03" + octetString(dn) + tlv(0x80, password)))
 
 
 def searchRequest(base, scope: int, sizeLimit: int, timeLimit: int, filter, attributes) -> Encoded:
     """
-    A search never dereferencing aliases, for C{attributes} (names) with C{filter} (an ldaptor
-    filter object, which encodes itself).
+    A search never dereferencing aliases, for C{attributes} (names) with C{filter}: its encoding
+    (L{casd.auth.ldapfilter.FilterTemplate.wire}) or an ldaptor filter object.
     """
     return Encoded(
-        _tlv(
+        tlv(
             0x63,
-            _string(base)
+            octetString(base)
             + _integer(_ENUMERATED, scope)
             + _integer(_ENUMERATED, pureldap.LDAP_DEREF_neverDerefAliases)
             + _integer(_INTEGER, sizeLimit)
             + _integer(_INTEGER, timeLimit)
             + b"\x01\x01\x00"
-            + filter.toWire()
-            + _tlv(_SEQUENCE, b"".join(_string(a) for a in attributes)),
+            + (filter if isinstance(filter, bytes) else filter.toWire())
+            + tlv(_SEQUENCE, b"".join(octetString(a) for a in attributes)),
         )
     )
 
