@@ -30,6 +30,12 @@ import collections
 import sys
 from urllib.parse import unquote
 
+try:
+    import ldap
+    from ldap.filter import escape_filter_chars
+except ImportError:  # only --ldap needs it (bench/run installs it)
+    ldap = None
+
 
 def _answer(lines: list[bytes]) -> bytes:
     return b"HTTP/1.0 200 OK\r\n" + b"".join(l + b"\r\n" for l in lines) + b"\r\n"
@@ -124,8 +130,6 @@ class _Channel:
         return future
 
     def _readable(self) -> None:
-        import ldap
-
         while True:
             try:
                 kind, data, msgid, _ = self.connection.result3(ldap.RES_ANY, 1, 0)
@@ -204,8 +208,6 @@ class LDAPDirectory:
         as the service account or anonymously (what casd does before a bind connection's first
         user bind).
         """
-        import ldap
-
         connection = ldap.initialize(self.url)
         connection.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
         connection.set_option(ldap.OPT_REFERRALS, 0)
@@ -226,9 +228,6 @@ class LDAPDirectory:
         @return: whether C{password} is C{login}'s (an unknown or disabled user: C{False}).
         @raise ldap.LDAPError: when the directory cannot tell.
         """
-        import ldap
-        from ldap.filter import escape_filter_chars
-
         if not login or not password:
             return False
         if self.search.dead:
@@ -308,6 +307,8 @@ def _arguments(argv):
     args = parser.parse_args(argv)
     if args.ldap and not args.base:
         parser.error("--ldap needs --base")
+    if args.ldap and ldap is None:
+        parser.error("--ldap needs python-ldap (pip install python-ldap)")
     return args
 
 
@@ -351,10 +352,10 @@ def main(argv=None) -> None:
 
     try:
         import uvloop
-
-        uvloop.run(serve())
     except ImportError:
         asyncio.run(serve())
+    else:
+        uvloop.run(serve())
 
 
 if __name__ == "__main__":
