@@ -536,24 +536,41 @@ class LDAPConnectionPool:
         self._open(serviceBind=True).addBoth(done)
         return waiter
 
-    @defer.inlineCallbacks
     def search(self, base, scope, filter, attributes, sizeLimit=0):
-        for attempt in (0, 1):
-            connection = yield self._searchConnection()
-            reused = connection.served > 0
+        def operation(connection):
             connection.served += 1
             self.stats["searches"] += 1
+            return connection.search(base, scope, filter, attributes, sizeLimit)
+
+        return self._retrying(self._searchConnection, operation)
+
+    def _retrying(self, acquire, operation, release=None, attempt=0) -> defer.Deferred:
+        """
+        Run C{operation(connection)} on a connection from C{acquire()} (given back to C{release}
+        after); when a reused connection is found dropped, once more on a fresh one.  (Callbacks,
+        not C{inlineCallbacks}: a login runs two of these.)
+        """
+
+        def run(connection):
+            reused = connection.served > 0
             try:
-                entries = yield connection.search(base, scope, filter, attributes, sizeLimit)
-            except _Dropped:
-                if reused and attempt == 0:
+                d = operation(connection)
+            except Exception:
+                d = defer.fail()
+            if release is not None:
+                d.addBoth(lambda result: (release(connection), result)[1])
+
+            def failed(f):
+                if f.check(_Dropped) and reused and attempt == 0:
                     self.stats["retries"] += 1
-                    continue
-                raise
-            except _TimedOut:
-                self.stats["timeouts"] += 1
-                raise
-            return entries
+                    return self._retrying(acquire, operation, release, 1)
+                if f.check(_TimedOut):
+                    self.stats["timeouts"] += 1
+                return f
+
+            return d.addErrback(failed)
+
+        return acquire().addCallback(run)
 
     # -- the bind connections ---------------------------------------------------------------
 
@@ -639,24 +656,8 @@ class LDAPConnectionPool:
             connection.close()
         self._dispatch()
 
-    @defer.inlineCallbacks
     def _withBindConnection(self, operation):
-        for attempt in (0, 1):
-            connection = yield self._acquire()
-            reused = connection.served > 0
-            try:
-                result = yield operation(connection)
-            except _Dropped:
-                if reused and attempt == 0:
-                    self.stats["retries"] += 1
-                    continue
-                raise
-            except _TimedOut:
-                self.stats["timeouts"] += 1
-                raise
-            finally:
-                self._release(connection)
-            return result
+        return self._retrying(self._acquire, operation, self._release)
 
     def bind(self, dn, password):
         self.stats["binds"] += 1
