@@ -164,16 +164,20 @@ class LDAPChecker:
             raise UnauthorizedLogin(f"wrong password: {REFUSED[code]}{detail}")
         raise DirectoryUnavailable(f"the directory answered the bind of {login!r} with result {code}")
 
-    @defer.inlineCallbacks
-    def _find(self, login: str, filter: FilterTemplate | None = None):
+    def _find(self, login: str, filter: FilterTemplate | None = None) -> defer.Deferred:
         """
-        @return: the one L{DirectoryEntry} C{login} names, C{None} when none does, C{False} when
-            several do.
+        @return: a L{Deferred} firing with the one L{DirectoryEntry} C{login} names, C{None} when
+            none does, C{False} when several do.
         """
         filter = filter or self.filter
-        entries = yield self.client.search(
-            self.baseDN, self.scope, filter.build(login), self.attributes.requested, sizeLimit=2
-        )
+        try:
+            encoded = filter.wire(login)
+        except Exception:
+            return defer.fail()
+        d = self.client.search(self.baseDN, self.scope, encoded, self.attributes.requested, sizeLimit=2)
+        return d.addCallback(self._one, login)
+
+    def _one(self, entries, login: str):
         if len(entries) > 1:
             self.log.warn(
                 "login {login!r} matches several directory entries ({dns}): refused; make the"
@@ -184,35 +188,40 @@ class LDAPChecker:
             return False
         return entries[0] if entries else None
 
-    @defer.inlineCallbacks
-    def requestAvatarId(self, credentials):
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        # Callbacks, not inlineCallbacks: this runs for every login the cache does not answer.
         login = credentials.username
         problem = checkLogin(login)
         if problem:
-            raise UnknownUser(problem)
+            return defer.fail(UnknownUser(problem))
         # An empty password would make the bind "unauthenticated", which some servers accept:
         # the classic LDAP login bypass.  Never send one.
         if not credentials.password:
-            raise UnauthorizedLogin("empty password")
+            return defer.fail(UnauthorizedLogin("empty password"))
         if self.dnTemplate is not None:
-            dn = self.dnTemplate.build(login)
-            code, message, entry = yield self.client.bindAndRead(
-                dn, credentials.password, self.attributes.requested
-            )
-            self._refused(code, message, login)
-            if entry is None:
-                self.log.warn(
-                    "{dn} bound but could not read its own entry: no routing attributes", dn=dn
-                )
-                entry = DirectoryEntry(dn)
-        else:
-            entry = yield self._find(login)
-            if entry is None:
-                raise UnknownUser("unknown user")
-            if entry is False:
-                raise UnauthorizedLogin("login matches several directory entries")
-            code, message = yield self.client.bind(entry.dn, credentials.password)
-            self._refused(code, message, login)
+            return self._bindDirectly(login, credentials.password)
+        return self._find(login).addCallback(self._bindFound, login, credentials.password)
+
+    def _bindFound(self, entry, login: str, password: bytes):
+        if entry is None:
+            raise UnknownUser("unknown user")
+        if entry is False:
+            raise UnauthorizedLogin("login matches several directory entries")
+        return self.client.bind(entry.dn, password).addCallback(self._bound, login, entry)
+
+    def _bound(self, answer, login: str, entry: DirectoryEntry) -> UserRecord:
+        code, message = answer
+        self._refused(code, message, login)
+        return self.attributes.record(login, entry)
+
+    @defer.inlineCallbacks
+    def _bindDirectly(self, login: str, password: bytes):
+        dn = self.dnTemplate.build(login)
+        code, message, entry = yield self.client.bindAndRead(dn, password, self.attributes.requested)
+        self._refused(code, message, login)
+        if entry is None:
+            self.log.warn("{dn} bound but could not read its own entry: no routing attributes", dn=dn)
+            entry = DirectoryEntry(dn)
         return self.attributes.record(login, entry)
 
     @defer.inlineCallbacks

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_ldap -*-
 """
 casd's LDAP client: a pool of persistent connections to a list of LDAP servers, built on ldaptor's
-L{LDAPClient} and L{LDAPEntry} and hidden behind L{IDirectoryClient}, so the checker above it never
-sees the library.
+L{LDAPClient} (the replies of a login decoded by L{casd.auth.ldapwire}) and hidden behind
+L{IDirectoryClient}, so the checker above it never sees the library.
 
 ldaptor 21.2 has sharp edges this module files off:
   - its C{startTLS()} without arguments does not verify the server's certificate: StartTLS here is
@@ -32,12 +32,12 @@ from zope.interface import Interface, implementer
 from ldaptor.protocols import pureber, pureldap
 from ldaptor.protocols.ldap import ldaperrors
 from ldaptor.protocols.ldap.ldapclient import LDAPClient, LDAPClientConnectionLostException
-from ldaptor.protocols.ldap.ldapsyntax import LDAPEntry
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from casd.auth import ldapwire
 from casd.failures import DirectoryUnavailable
 from casd.net import clientEndpoint
 
@@ -46,9 +46,6 @@ SCOPES = {
     "one": pureldap.LDAP_SCOPE_singleLevel,
     "sub": pureldap.LDAP_SCOPE_wholeSubtree,
 }
-
-#: The first byte of every LDAPMessage (a BER SEQUENCE).
-_SEQUENCE = 0x30
 
 #: Largest reply buffered (bytes): an entry of casd's few attributes is far smaller.
 MAX_MESSAGE = 4 * 1024 * 1024
@@ -69,7 +66,8 @@ class IDirectoryClient(Interface):
         Search as the service account.
 
         @param scope: one of L{SCOPES}' values.
-        @param filter: a filter object from L{casd.auth.ldapfilter.FilterTemplate.build}.
+        @param filter: an encoded filter (L{casd.auth.ldapfilter.FilterTemplate.wire}) or a
+            filter object (L{casd.auth.ldapfilter.FilterTemplate.build}).
         @return: a L{Deferred} firing with a C{list} of L{DirectoryEntry}.
         """
 
@@ -230,18 +228,21 @@ class _Client(LDAPClient):
     def dataReceived(self, data: bytes) -> None:
         # ldaptor's own loop prints and skips elements it does not know, and raises on others;
         # here anything but a well-formed LDAPMessage ends the connection.
+        # The replies of a login are decoded by ldapwire; others by ldaptor.
         self.buffer += data
         try:
             while self.buffer:
-                if self.buffer[0] != _SEQUENCE:
-                    raise ValueError("not an LDAPMessage")
-                try:
-                    message, used = pureber.berDecodeObject(self.berdecoder, self.buffer)
-                except pureber.BERExceptionInsufficientData:
-                    if len(self.buffer) > MAX_MESSAGE:
-                        raise ValueError("message too large") from None
+                size = ldapwire.messageSize(self.buffer)
+                if size is not None and size > MAX_MESSAGE:
+                    raise ValueError("message too large")
+                if size is None or size > len(self.buffer):
                     return
-                self.buffer = self.buffer[used:]
+                raw, self.buffer = self.buffer[:size], self.buffer[size:]
+                message = ldapwire.decodeResponse(raw)
+                if message is None:
+                    message, used = pureber.berDecodeObject(self.berdecoder, raw)
+                    if used != size:
+                        raise ValueError("not one LDAPMessage")
                 self.handle(message)
         except Exception as e:
             self.log.warn(
@@ -342,7 +343,7 @@ class _Connection:
         )
 
     def bind(self, dn: str, password: bytes) -> defer.Deferred:
-        request = pureldap.LDAPBindRequest(dn=dn, auth=password)
+        request = ldapwire.bindRequest(dn, password)
 
         def answered(msg):
             if not isinstance(msg, pureldap.LDAPBindResponse):
@@ -357,15 +358,9 @@ class _Connection:
 
     def search(self, base: str, scope: int, filter, attributes, sizeLimit: int = 0) -> defer.Deferred:
         def start():
-            entry = LDAPEntry(self.client, base)
-            return entry.search(
-                filterObject=filter,
-                attributes=list(attributes) or ["1.1"],
-                scope=scope,
-                sizeLimit=sizeLimit,
-                sizeLimitIsNonFatal=True,
-                timeLimit=max(1, math.ceil(self.timeout)),
-            )
+            timeLimit = max(1, math.ceil(self.timeout))
+            request = ldapwire.searchRequest(base, scope, sizeLimit, timeLimit, filter, attributes or ["1.1"])
+            return ldapwire.search(self.client, request)
 
         def found(results):
             return [_entry(r) for r in results]
@@ -387,9 +382,10 @@ def _text(value) -> str:
 
 def _entry(result) -> DirectoryEntry:
     attributes = {}
-    for key in result.keys():
-        attributes[_text(key).lower()] = tuple(_text(v) for v in result[key])
-    return DirectoryEntry(result.dn.getText(), attributes)
+    for key, values in result.attributes:
+        name = _text(key).lower()
+        attributes[name] = attributes.get(name, ()) + tuple(_text(v) for v in values)
+    return DirectoryEntry(_text(result.objectName), attributes)
 
 
 @implementer(IDirectoryClient)
@@ -540,24 +536,41 @@ class LDAPConnectionPool:
         self._open(serviceBind=True).addBoth(done)
         return waiter
 
-    @defer.inlineCallbacks
     def search(self, base, scope, filter, attributes, sizeLimit=0):
-        for attempt in (0, 1):
-            connection = yield self._searchConnection()
-            reused = connection.served > 0
+        def operation(connection):
             connection.served += 1
             self.stats["searches"] += 1
+            return connection.search(base, scope, filter, attributes, sizeLimit)
+
+        return self._retrying(self._searchConnection, operation)
+
+    def _retrying(self, acquire, operation, release=None, attempt=0) -> defer.Deferred:
+        """
+        Run C{operation(connection)} on a connection from C{acquire()} (given back to C{release}
+        after); when a reused connection is found dropped, once more on a fresh one.  (Callbacks,
+        not C{inlineCallbacks}: a login runs two of these.)
+        """
+
+        def run(connection):
+            reused = connection.served > 0
             try:
-                entries = yield connection.search(base, scope, filter, attributes, sizeLimit)
-            except _Dropped:
-                if reused and attempt == 0:
+                d = operation(connection)
+            except Exception:
+                d = defer.fail()
+            if release is not None:
+                d.addBoth(lambda result: (release(connection), result)[1])
+
+            def failed(f):
+                if f.check(_Dropped) and reused and attempt == 0:
                     self.stats["retries"] += 1
-                    continue
-                raise
-            except _TimedOut:
-                self.stats["timeouts"] += 1
-                raise
-            return entries
+                    return self._retrying(acquire, operation, release, 1)
+                if f.check(_TimedOut):
+                    self.stats["timeouts"] += 1
+                return f
+
+            return d.addErrback(failed)
+
+        return acquire().addCallback(run)
 
     # -- the bind connections ---------------------------------------------------------------
 
@@ -643,24 +656,8 @@ class LDAPConnectionPool:
             connection.close()
         self._dispatch()
 
-    @defer.inlineCallbacks
     def _withBindConnection(self, operation):
-        for attempt in (0, 1):
-            connection = yield self._acquire()
-            reused = connection.served > 0
-            try:
-                result = yield operation(connection)
-            except _Dropped:
-                if reused and attempt == 0:
-                    self.stats["retries"] += 1
-                    continue
-                raise
-            except _TimedOut:
-                self.stats["timeouts"] += 1
-                raise
-            finally:
-                self._release(connection)
-            return result
+        return self._retrying(self._acquire, operation, self._release)
 
     def bind(self, dn, password):
         self.stats["binds"] += 1
