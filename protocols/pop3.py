@@ -159,10 +159,15 @@ class POP3Backend(BackendDialogue):
     STLS, C{XCLIENT} with the client's address when the greeting offers it (Dovecot's
     C{[XCLIENT]} for proxies in its C{login_trusted_networks}), then C{USER}/C{PASS} with the
     user's credentials, or C{AUTH PLAIN} as a master user (or when the password holds bytes a
-    C{PASS} line cannot carry).
+    C{PASS} line cannot carry).  When the greeting offers C{XCLIENT}, the login is pipelined
+    behind it (see L{introduce}).
     """
 
     _xclient = False
+    #: Whether the login went out in one write with XCLIENT (L{introduce}).
+    _pipelined = False
+    #: Whether the pipelined login is C{USER} and C{PASS} (else C{AUTH PLAIN}).
+    _viaUser = False
 
     def status(self, line: bytes, what: str) -> bool:
         """
@@ -207,26 +212,58 @@ class POP3Backend(BackendDialogue):
 
     def introduce(self) -> None:
         if self._xclient:
-            self.command(self.xclientCommand(), self.xclientReply)
+            # A server that offers XCLIENT is Dovecot's pop3-login (or speaks like it), which
+            # announces PIPELINING (RFC 2449) in every CAPA: XCLIENT and the whole login go out
+            # in one write, as Dovecot's own proxy sends XCLIENT and USER, and the replies are
+            # read in order.  One round trip instead of three.
+            self._pipelined = True
+            self.send(self.xclientCommand() + b"\r\n" + self.loginCommands())
+            self.expectLine(self.xclientReply)
         else:
             self.logIn()
 
     def xclientReply(self, line: bytes) -> None:
         if not self.status(line, "XCLIENT"):
             raise self.fail("refused XCLIENT: " + line[:200].decode("utf-8", "replace"))
-        self.logIn()
+        if self._pipelined:
+            self.expectLine(self.userReply if self._viaUser else self.loginReply)
+        else:
+            self.logIn()
+
+    def _loginPlain(self) -> bool:
+        """
+        Whether the login goes by C{AUTH PLAIN} (a master user, or credentials a C{USER} or
+        C{PASS} line cannot carry) rather than C{USER}/C{PASS}.
+        """
+        authc, password, authz = self.loginIdentity()
+        return bool(authz) or not _lineSafe(authc.encode("utf-8")) or not _lineSafe(password)
+
+    def loginCommands(self) -> bytes:
+        """
+        The whole login, pipelined: C{AUTH PLAIN} with its initial response, or C{USER} and
+        C{PASS}.
+        """
+        authc, password, authz = self.loginIdentity()
+        self._viaUser = not self._loginPlain()
+        if self._viaUser:
+            return b"USER " + authc.encode("utf-8") + b"\r\nPASS " + password + b"\r\n"
+        return b"AUTH PLAIN " + encodePlain(authc, password, authz) + b"\r\n"
 
     def logIn(self) -> None:
         authc, password, authz = self.loginIdentity()
-        if authz or not _lineSafe(authc.encode("utf-8")) or not _lineSafe(password):
+        if self._loginPlain():
             self.command(b"AUTH PLAIN " + encodePlain(authc, password, authz), self.loginReply)
         else:
             self.command(b"USER " + authc.encode("utf-8"), self.userReply)
 
     def userReply(self, line: bytes) -> None:
         if not self.status(line, "USER"):
+            # Pipelined, the PASS went out too: the connection is aborted with its reply unread.
             raise self.refused(line, "USER")
-        self.command(b"PASS " + self.loginIdentity()[1], self.loginReply)
+        if self._pipelined:
+            self.expectLine(self.loginReply)
+        else:
+            self.command(b"PASS " + self.loginIdentity()[1], self.loginReply)
 
     def loginReply(self, line: bytes) -> None:
         if not self.status(line, "the login"):

@@ -189,6 +189,45 @@ class DovecotPOP3Tests(DovecotFront, TestCase):
         self.assertEqual((yield threads.deferToThread(session)), b"-ERR [AUTH] Authentication failed.")
 
     @defer.inlineCallbacks
+    def test_backendRefusesPipelinedLogin(self):
+        """
+        Dovecot offers XCLIENT, so casd sends XCLIENT, USER and PASS in one write: a user casd
+        accepts but Dovecot does not know is refused with the authentication failure, the
+        password in no log line of casd.
+        """
+        from casd.auth.hashing import makeHash
+
+        with open(self.usersPath, "a") as f:
+            f.write(f"dave:{makeHash('SHA512-CRYPT', b'dave-pw')}\n")
+        self.startCAS()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def session():
+            c = self.pop3Client()
+            c.user("dave")
+            try:
+                c.pass_("dave-pw")
+            except poplib.error_proto as e:
+                c.quit()
+                return e.args[0]
+            return b"logged in?!"
+
+        self.assertEqual((yield threads.deferToThread(session)), b"-ERR [AUTH] Authentication failed.")
+        # Dovecot took the pipelined XCLIENT before the login: the client's own address.
+        expected = f"passwd-file(dave,{CLIENT_ADDRESS},"
+        for _ in range(50):
+            if expected in self.dovecot.logText():
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIn(expected, self.dovecot.logText())
+        from twisted.logger import formatEvent
+
+        for event in events:
+            self.assertNotIn("dave-pw", formatEvent(event))
+
+    @defer.inlineCallbacks
     def test_backendDown(self):
         self.startCAS()
 
