@@ -9,6 +9,7 @@ opens the connection and sets the timeouts.
 from __future__ import annotations
 
 from collections import deque
+from functools import lru_cache
 from typing import Callable
 
 from zope.interface import implementer
@@ -28,6 +29,17 @@ class BackendTimeout(BackendUnavailable):
     """
     A backend did not answer in time.
     """
+
+
+@lru_cache(maxsize=4096)
+def _xclientAddress(host: str) -> bytes | None:
+    """
+    C{ADDR=} and the client's address for L{BackendDialogue.xclientCommand}, or C{None} when
+    C{host} is no address; remembered per address (parsing one costs about 30 calls, and a login
+    storm comes from few addresses).
+    """
+    ip = parseAddress(host)
+    return None if ip is None else b"ADDR=" + ip.compressed.encode("ascii")
 
 
 @implementer(IHandshakeListener)
@@ -239,10 +251,10 @@ class BackendDialogue(Protocol):
         """
         c = self.client
         fields = []
-        ip = parseAddress(c.peerHost)
-        if ip is not None:
+        address = _xclientAddress(c.peerHost)
+        if address is not None:
             # Only an address: a UNIX socket's name could carry spaces or line breaks.
-            fields.append(b"ADDR=" + ip.compressed.encode("ascii"))
+            fields.append(address)
             fields.append(b"PORT=%d" % (c.peerPort,))
         fields.append(b"SESSION=" + c.sessionId.encode("ascii"))
         if self.proxyTTL:
