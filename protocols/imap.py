@@ -22,7 +22,7 @@ from casd.plugin import (
     Wording,
     encodePlain,
 )
-from protocols.imapgrammar import IMAPSyntaxError, capabilitiesIn, parseList, splitTag
+from protocols.imapgrammar import IMAPSyntaxError, capabilitiesIn, parseList, simpleCommand, splitTag
 from protocols.stringgrammar import LiteralFraming, quote, tokenizeParts
 
 #: Most literals one command may carry.
@@ -45,6 +45,22 @@ FAILURES = (
 INTERNAL_FAILURE = b"NO [UNAVAILABLE] Internal error, try again later."
 
 
+def _capabilities(tlsAvailable: bool, plaintextAllowed: bool) -> bytes:
+    caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
+    if tlsAvailable:
+        caps.append(b"STARTTLS")
+    if plaintextAllowed:
+        caps.extend(b"AUTH=" + m.encode() for m in MECHANISMS)
+    else:
+        caps.append(b"LOGINDISABLED")
+    return b" ".join(caps)
+
+
+#: The pre-login capability list, by whether STARTTLS is offered and plaintext logins allowed:
+#: rendered once, not in every greeting.
+_CAPABILITIES = {(tls, plain): _capabilities(tls, plain) for tls in (False, True) for plain in (False, True)}
+
+
 class IMAPServer(LiteralFraming, FrontendProtocol):
     """
     The client side of an IMAP session before login.
@@ -65,14 +81,8 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
         self.maxLiteral = self.section.max_literal_size
 
     def capabilities(self) -> bytes:
-        caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
-        if self.tlsAvailable:
-            caps.append(b"STARTTLS")
-        if self.client.plaintextAllowed:
-            caps.extend(b"AUTH=" + m.encode() for m in MECHANISMS)
-        else:
-            caps.append(b"LOGINDISABLED")
-        return b" ".join(caps)
+        # (As booleans: the key of the table.)
+        return _CAPABILITIES[not not self.tlsAvailable, not not self.client.plaintextAllowed]
 
     def greet(self) -> None:
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] casd ready.\r\n")
@@ -104,6 +114,16 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
             self.saslResponse(line)
             return
         if not self.inCommand:
+            simple = simpleCommand(line)
+            if simple is not None:
+                # The common login commands, without the full grammar (same result).
+                tag, command, args = simple
+                self._tag = tag
+                try:
+                    self.dispatch(command, tag, args, token=tag)
+                except IMAPSyntaxError as e:
+                    self.invalidCommand(tag, b"Error in IMAP command: " + str(e).encode())
+                return
             try:
                 self._tag = splitTag(line)[0]
             except IMAPSyntaxError as e:
@@ -177,7 +197,8 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
             self.startTLSCommand(tag)
 
     def unauth_LOGIN(self, tag, args):
-        if len(args) != 2 or not all(isinstance(a, bytes) for a in args):
+        # Arguments are strings, or the parentheses' markers (not bytes).
+        if len(args) != 2 or not (isinstance(args[0], bytes) and isinstance(args[1], bytes)):
             self.invalidCommand(tag, b"Invalid arguments: LOGIN username password")
         else:
             self.passwordLogin(tag, args[0], args[1])
