@@ -6,6 +6,8 @@ login dialogue.  After login casd only relays bytes.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from casd.plugin import (
     MECHANISMS,
     AuthenticationFailed,
@@ -218,6 +220,14 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
         return IMAPBackend(target, self.client, user, credentials, self.context)
 
 
+@lru_cache(maxsize=4096)
+def _quotedHost(host: str) -> bytes:
+    """
+    An address as a quoted string for C{ID}, rendered once per address.
+    """
+    return quote(host)
+
+
 class IMAPBackend(BackendDialogue):
     """
     The login dialogue with an IMAP mailbox server: greeting, STARTTLS, ID with the client's
@@ -231,13 +241,14 @@ class IMAPBackend(BackendDialogue):
 
     def _tagged(self, line: bytes, tag: bytes) -> bytes | None:
         """
+        @param tag: casd's tag (one letter) and the space after it, e.g. C{b"A "}.
         @return: the status (C{b"OK"}, C{b"NO"}, C{b"BAD"}) when C{line} is the tagged reply to
             C{tag}, C{None} for an untagged line.
         @raise BackendUnavailable: when the backend says BYE.
         """
-        if line.startswith(tag) and line[len(tag) : len(tag) + 1] == b" ":
-            return line[len(tag) + 1 :].split(b" ", 1)[0].upper()
-        if line.startswith(b"* BYE"):
+        if line[:2] == tag:
+            return line[2:].split(b" ", 1)[0].upper()
+        if line[:5] == b"* BYE":
             raise self.fail("said BYE: " + line[:200].decode("utf-8", "replace"))
         return None
 
@@ -250,9 +261,9 @@ class IMAPBackend(BackendDialogue):
             b'I ID ("x-originating-ip" %s "x-originating-port" "%d"'
             b' "x-connected-ip" %s "x-connected-port" "%d"%s "x-session-id" "%s")'
         ) % (
-            quote(c.peerHost),
+            _quotedHost(c.peerHost),
             c.peerPort,
-            quote(c.localHost),
+            _quotedHost(c.localHost),
             c.localPort,
             ttl,
             c.sessionId.encode("ascii"),
@@ -270,7 +281,7 @@ class IMAPBackend(BackendDialogue):
         self._login(capabilitiesIn(line))
 
     def _onStartTLS(self, line: bytes) -> None:
-        status = self._tagged(line, b"S")
+        status = self._tagged(line, b"S ")
         if status is None:
             self.expectLine()
             return
@@ -291,13 +302,13 @@ class IMAPBackend(BackendDialogue):
             self.command(self.idCommand(), self._onIDThenContinue)
 
     def _onIDThenLogin(self, line: bytes) -> None:
-        if self._tagged(line, b"I") is None:
+        if self._tagged(line, b"I ") is None:
             self.expectLine()  # the untagged * ID reply
             return
         self.expectLine(self._onLogin)
 
     def _onIDThenContinue(self, line: bytes) -> None:
-        if self._tagged(line, b"I") is None:
+        if self._tagged(line, b"I ") is None:
             self.expectLine()
             return
         self.command(b"A AUTHENTICATE PLAIN", self._onContinuation)
@@ -309,7 +320,7 @@ class IMAPBackend(BackendDialogue):
         self.command(initial, self._onLogin)
 
     def _onLogin(self, line: bytes) -> None:
-        status = self._tagged(line, b"A")
+        status = self._tagged(line, b"A ")
         if status is None:
             self.expectLine()
             return
@@ -326,7 +337,7 @@ class IMAPBackend(BackendDialogue):
         self._finish(caps)
 
     def _onCapability(self, line: bytes) -> None:
-        if self._tagged(line, b"C") is None:
+        if self._tagged(line, b"C ") is None:
             if line[:13].upper() == b"* CAPABILITY ":
                 self._caps = line[13:]
             self.expectLine()
