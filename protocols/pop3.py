@@ -7,6 +7,8 @@ login dialogue.  After login casd only relays bytes.
 
 from __future__ import annotations
 
+import re
+
 from casd.plugin import (
     MECHANISMS,
     AuthenticationFailed,
@@ -45,7 +47,10 @@ def _lineSafe(value: bytes) -> bool:
     would end the command early, or start another), no white space around it (which a
     server may strip).
     """
-    return bool(value) and not any(c in value for c in b"\r\n\x00") and value.strip() == value
+    return bool(value) and _LINE_BREAK.search(value) is None and value.strip() == value
+
+
+_LINE_BREAK = re.compile(b"[\r\n\x00]")
 
 
 class POP3Server(FrontendProtocol):
@@ -163,9 +168,9 @@ class POP3Backend(BackendDialogue):
     behind it (see L{introduce}).
     """
 
+    #: Whether the greeting offered XCLIENT: then the login goes out in the same write
+    #: (L{introduce}).
     _xclient = False
-    #: Whether the login went out in one write with XCLIENT (L{introduce}).
-    _pipelined = False
     #: Whether the pipelined login is C{USER} and C{PASS} (else C{AUTH PLAIN}).
     _viaUser = False
 
@@ -174,9 +179,9 @@ class POP3Backend(BackendDialogue):
         @return: whether C{line} is C{+OK} (C{False} for C{-ERR}).
         @raise BackendUnavailable: for anything else.
         """
-        if line.startswith(b"+OK"):
+        if line[:3] == b"+OK":
             return True
-        if line.startswith(b"-ERR"):
+        if line[:4] == b"-ERR":
             return False
         raise self.fail(f"unexpected reply to {what}: {line[:80]!r}")
 
@@ -216,8 +221,8 @@ class POP3Backend(BackendDialogue):
             # announces PIPELINING (RFC 2449) in every CAPA: XCLIENT and the whole login go out
             # in one write, as Dovecot's own proxy sends XCLIENT and USER, and the replies are
             # read in order.  One round trip instead of three.
-            self._pipelined = True
-            self.send(self.xclientCommand() + b"\r\n" + self.loginCommands())
+            commands = [self.xclientCommand(), *self.loginCommands(*self.loginIdentity()), b""]
+            self.send(b"\r\n".join(commands))
             self.expectLine(self.xclientReply)
         else:
             self.logIn()
@@ -225,42 +230,31 @@ class POP3Backend(BackendDialogue):
     def xclientReply(self, line: bytes) -> None:
         if not self.status(line, "XCLIENT"):
             raise self.fail("refused XCLIENT: " + line[:200].decode("utf-8", "replace"))
-        if self._pipelined:
-            self.expectLine(self.userReply if self._viaUser else self.loginReply)
-        else:
-            self.logIn()
+        self.expectLine(self.userReply if self._viaUser else self.loginReply)
 
-    def _loginPlain(self) -> bool:
+    def loginCommands(self, authc: str, password: bytes, authz: str) -> list[bytes]:
         """
-        Whether the login goes by C{AUTH PLAIN} (a master user, or credentials a C{USER} or
-        C{PASS} line cannot carry) rather than C{USER}/C{PASS}.
+        The login's commands: C{AUTH PLAIN} with its initial response (a master user, or
+        credentials a C{USER} or C{PASS} line cannot carry), else C{USER} and C{PASS}.
+        Sets L{_viaUser}.
         """
-        authc, password, authz = self.loginIdentity()
-        return bool(authz) or not _lineSafe(authc.encode("utf-8")) or not _lineSafe(password)
-
-    def loginCommands(self) -> bytes:
-        """
-        The whole login, pipelined: C{AUTH PLAIN} with its initial response, or C{USER} and
-        C{PASS}.
-        """
-        authc, password, authz = self.loginIdentity()
-        self._viaUser = not self._loginPlain()
+        user = authc.encode("utf-8")
+        self._viaUser = not authz and _lineSafe(user) and _lineSafe(password)
         if self._viaUser:
-            return b"USER " + authc.encode("utf-8") + b"\r\nPASS " + password + b"\r\n"
-        return b"AUTH PLAIN " + encodePlain(authc, password, authz) + b"\r\n"
+            return [b"USER " + user, b"PASS " + password]
+        return [b"AUTH PLAIN " + encodePlain(authc, password, authz)]
 
     def logIn(self) -> None:
-        authc, password, authz = self.loginIdentity()
-        if self._loginPlain():
-            self.command(b"AUTH PLAIN " + encodePlain(authc, password, authz), self.loginReply)
-        else:
-            self.command(b"USER " + authc.encode("utf-8"), self.userReply)
+        # One command at a time: USER (its reply sends PASS), or AUTH PLAIN.
+        first = self.loginCommands(*self.loginIdentity())[0]
+        self.command(first, self.userReply if self._viaUser else self.loginReply)
 
     def userReply(self, line: bytes) -> None:
         if not self.status(line, "USER"):
             # Pipelined, the PASS went out too: the connection is aborted with its reply unread.
             raise self.refused(line, "USER")
-        if self._pipelined:
+        if self._xclient:
+            # Pipelined: the PASS went out with the USER.
             self.expectLine(self.loginReply)
         else:
             self.command(b"PASS " + self.loginIdentity()[1], self.loginReply)

@@ -266,16 +266,13 @@ class BackendDialogue(Protocol):
         session id, which Dovecot then logs as its own, and the proxy TTL when there is one.
         """
         c = self.client
-        fields = []
+        session = c.sessionId.encode("ascii")
+        ttl = b" TTL=%d" % (self.proxyTTL,) if self.proxyTTL else b""
         address = _xclientAddress(c.peerHost)
-        if address is not None:
+        if address is None:
             # Only an address: a UNIX socket's name could carry spaces or line breaks.
-            fields.append(address)
-            fields.append(b"PORT=%d" % (c.peerPort,))
-        fields.append(b"SESSION=" + c.sessionId.encode("ascii"))
-        if self.proxyTTL:
-            fields.append(b"TTL=%d" % (self.proxyTTL,))
-        return b"XCLIENT " + b" ".join(fields)
+            return b"XCLIENT SESSION=%s%s" % (session, ttl)
+        return b"XCLIENT %s PORT=%d SESSION=%s%s" % (address, c.peerPort, session, ttl)
 
     def abort(self, reason: str) -> None:
         """
