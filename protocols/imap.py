@@ -78,9 +78,10 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
     maxLiterals = MAX_LITERALS
     _tag = b""
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.maxLiteral = self.section.max_literal_size
+    @property
+    def maxLiteral(self) -> int:
+        # Read when a literal comes (rarely), not for every session.
+        return self.section.max_literal_size
 
     def capabilities(self) -> bytes:
         # (As booleans: the key of the table.)
