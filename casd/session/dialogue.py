@@ -346,38 +346,37 @@ class BackendDialogue(Protocol):
         self._buffer += data
         self._reading = True
         try:
-            self._readLines()
+            while True:
+                buffer = self._buffer
+                i = buffer.find(b"\n")
+                if i < 0:
+                    if buffer and len(buffer) > self.maxLineLength:
+                        self._buffer = b""
+                        self._fire(BackendUnavailable(f"backend {self.target.describe()}: line too long"))
+                    break
+                line = buffer[:i]
+                self._buffer = buffer[i + 1 :]
+                self.greeted = True
+                if line[-1:] == b"\r":
+                    line = line[:-1]
+                handler = self.lineHandler
+                if handler is None:
+                    self._lines.append(line)
+                else:
+                    # (_deliver, inline: this runs for every line of every login.)
+                    try:
+                        handler(line)
+                    except Exception:
+                        self.lineHandler = None
+                        self._fire(None, Failure())
+                if self._done:
+                    return
         finally:
             self._reading = False
         if self._armPending and not self._done:
-            self._armForLine()
-
-    def _readLines(self) -> None:
-        while True:
-            buffer = self._buffer
-            i = buffer.find(b"\n")
-            if i < 0:
-                if buffer and len(buffer) > self.maxLineLength:
-                    self._buffer = b""
-                    self._fire(BackendUnavailable(f"backend {self.target.describe()}: line too long"))
-                return
-            line = buffer[:i]
-            self._buffer = buffer[i + 1 :]
-            self.greeted = True
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            handler = self.lineHandler
-            if handler is None:
-                self._lines.append(line)
-            else:
-                # (_deliver, inline: this runs for every line of every login.)
-                try:
-                    handler(line)
-                except Exception:
-                    self.lineHandler = None
-                    self._fire(None, Failure())
-            if self._done:
-                return
+            # The steps' expectLine() calls of this read, as one timer update (a line came, so
+            # the reply timeout).
+            self._arm(self.replyTimeout, "reply")
 
     def connectionLost(self, reason) -> None:
         self.closedBy = reason
