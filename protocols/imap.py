@@ -6,6 +6,7 @@ login dialogue.  After login casd only relays bytes.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from casd.plugin import (
@@ -45,6 +46,9 @@ FAILURES = (
 )
 
 INTERNAL_FAILURE = b"NO [UNAVAILABLE] Internal error, try again later."
+
+#: A backend greeting's capability list: its group 1 matched when it lists SASL-IR.
+_GREETING_SASL_IR = re.compile(rb"\[CAPABILITY (?:[^\]]* )?(SASL-IR)[ \]]|\[CAPABILITY [^\]]*\]", re.IGNORECASE)
 
 
 def _capabilities(tlsAvailable: bool, plaintextAllowed: bool) -> bytes:
@@ -279,7 +283,9 @@ class IMAPBackend(BackendDialogue):
         if self.target.tls == "starttls":
             self.command(b"S STARTTLS", self._onStartTLS)
             return
-        self._login(capabilitiesIn(line))
+        # Pipelined unless the greeting lists capabilities without SASL-IR.
+        m = _GREETING_SASL_IR.search(line)
+        self._login(m is None or m.lastindex is not None)
 
     def _onStartTLS(self, line: bytes) -> None:
         status = self._tagged(line, b"S ")
@@ -289,12 +295,17 @@ class IMAPBackend(BackendDialogue):
         if status != b"OK":
             raise self.fail("refused STARTTLS")
         # Capabilities seen before TLS are not to be trusted.
-        self.startTLS(lambda: self._login(None))
+        self.startTLS(lambda: self._login(True))
 
-    def _login(self, caps: bytes | None) -> None:
+    def _login(self, saslIR: bool) -> None:
+        """
+        @param saslIR: whether to send the initial response with C{AUTHENTICATE} (SASL-IR,
+            RFC 4959), pipelined behind C{ID}; else wait for C{ID}'s reply and the
+            continuation.
+        """
         authc, password, authz = self.loginIdentity()
         initial = encodePlain(authc, password, authz)
-        if caps is None or b"SASL-IR" in caps.upper().split():
+        if saslIR:
             # One round trip: ID and the login pipelined.
             self.send(self.idCommand() + b"\r\nA AUTHENTICATE PLAIN " + initial + b"\r\n")
             self.expectLine(self._onIDThenLogin)
