@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imap -*-
+# -*- test-case-name: tests.test_imap,tests.test_imapbackend -*-
 """
 IMAP4rev1 (RFC 3501): the pre-login grammar, the wording of the shared failures and the backend
 login dialogue.  After login casd only relays bytes.
@@ -48,7 +48,9 @@ FAILURES = (
 INTERNAL_FAILURE = b"NO [UNAVAILABLE] Internal error, try again later."
 
 #: A backend greeting's capability list: its group 1 matched when it lists SASL-IR.
-_GREETING_SASL_IR = re.compile(rb"\[CAPABILITY (?:[^\]]* )?(SASL-IR)[ \]]|\[CAPABILITY [^\]]*\]", re.IGNORECASE)
+_GREETING_SASL_IR = re.compile(
+    rb"\[CAPABILITY (?:[^\]]* )?(SASL-IR)[ \]]|\[CAPABILITY [^\]]*\]", re.IGNORECASE
+)
 
 
 def _capabilities(tlsAvailable: bool, plaintextAllowed: bool) -> bytes:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imap,tests.test_fuzz -*-
+# -*- test-case-name: tests.test_imap,tests.test_imapgrammar,tests.test_fuzz -*-
 """
 The slice of IMAP4rev1 (RFC 3501) grammar casd needs before login: tags, C{NIL} and
 parenthesised lists, on top of the string grammar IMAP shares with ManageSieve (atoms, quoted

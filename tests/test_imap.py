@@ -339,51 +339,6 @@ class LoginTests(IMAPTestMixin, SynchronousTestCase):
         self.assertIs(bt.producer, self.transport)
         self.assertIsNone(backend.credentials)
 
-    def test_greetingWithoutSASLIR(self):
-        """
-        A backend whose greeting lists capabilities without SASL-IR gets ID, then AUTHENTICATE
-        PLAIN, then the initial response after the continuation, each after the previous reply.
-        """
-        initial = b64encode(b"\x00alice@example.com\x00secret")
-        for greeting in [
-            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready",
-            b"* OK [CAPABILITY IMAP4rev1 SASL-IRX] ready",
-        ]:
-            self.connect(1)
-            self.send(b"a LOGIN alice secret\r\n")
-            backend, bt = acceptBackend(self.reactor)
-            backend.dataReceived(greeting + b"\r\n")
-            self.assertTrue(bt.value().startswith(b"I ID ("), greeting)
-            self.assertEqual(bt.value().count(b"\r\n"), 1, greeting)
-            bt.clear()
-            backend.dataReceived(b"* ID NIL\r\nI OK\r\n")
-            self.assertEqual(bt.value(), b"A AUTHENTICATE PLAIN\r\n")
-            bt.clear()
-            backend.dataReceived(b"+ \r\n")
-            self.assertEqual(bt.value(), initial + b"\r\n")
-            backend.dataReceived(b"A OK [CAPABILITY IMAP4rev1] done\r\n")
-            self.assertEqual(self.transport.value(), b"a OK [CAPABILITY IMAP4rev1] Logged in\r\n")
-
-    def test_greetingWithSASLIROrNoCapabilities(self):
-        """
-        ID and AUTHENTICATE PLAIN with its initial response go out together when the greeting
-        lists SASL-IR (in any case, anywhere in the list) or lists no capabilities at all.
-        """
-        for greeting in [
-            b"* OK [CAPABILITY SASL-IR IMAP4rev1] ready",
-            b"* OK [CAPABILITY IMAP4rev1 sasl-ir] ready",
-            b"* ok [capability IMAP4rev1 LITERAL+ SASL-IR ID] ready",
-            b"* OK ready",
-            b"* OK [CAPABILITY] ready",
-        ]:
-            self.connect(1)
-            self.send(b"a LOGIN alice secret\r\n")
-            backend, bt = acceptBackend(self.reactor)
-            backend.dataReceived(greeting + b"\r\n")
-            lines = bt.value().split(b"\r\n")
-            self.assertTrue(lines[0].startswith(b"I ID ("), greeting)
-            self.assertEqual(lines[1:], [b"A AUTHENTICATE PLAIN " + b64encode(b"\x00alice@example.com\x00secret"), b""])
-
     def test_pipelinedAfterLoginSplitAcrossSegments(self):
         self.connect(1)
         self.send(b"a LOGIN alice secret\r\nb NO")
