@@ -6,7 +6,8 @@ and CPU figures are not (a machine shared with other work).
 
 Starts a small Dovecot and casd (as the benchmark does, under C{twistd -n cas}, but inside this
 module's C{wrap} mode, which turns cProfile on at L{START} and off, writing the statistics, at
-L{STOP}: real-time signals, as casd itself takes C{SIGUSR1} (drain) and C{SIGUSR2} (log reopen)), warms casd's credential cache (every user logs in once), then counts the calls of
+L{STOP}: real-time signals, as casd itself takes C{SIGUSR1} (drain) and C{SIGUSR2} (log
+reopen)), warms casd's credential cache (every user logs in once), then counts the calls of
 C{--sessions} logins, one session at a time.  Prints the calls per login and the functions called
 most per login.  Only casd's process is profiled.
 """
@@ -24,7 +25,7 @@ import time
 
 from bench.servers import HERE, ROOT
 
-#: Written by the profiled casd at SIGUSR2.
+#: Written by the profiled casd at L{STOP}.
 STATS_ENV = "CASD_CALLCOUNT_STATS"
 
 #: Signals that switch the profile on and off (casd handles SIGUSR1 and SIGUSR2 itself).
