@@ -1,10 +1,13 @@
-# -*- test-case-name: tests.test_imap -*-
+# -*- test-case-name: tests.test_imap,tests.test_imapbackend -*-
 """
 IMAP4rev1 (RFC 3501): the pre-login grammar, the wording of the shared failures and the backend
 login dialogue.  After login casd only relays bytes.
 """
 
 from __future__ import annotations
+
+import re
+from functools import lru_cache
 
 from casd.plugin import (
     MECHANISMS,
@@ -22,7 +25,7 @@ from casd.plugin import (
     Wording,
     encodePlain,
 )
-from protocols.imapgrammar import IMAPSyntaxError, capabilitiesIn, parseList, splitTag
+from protocols.imapgrammar import IMAPSyntaxError, capabilitiesIn, parseList, simpleCommand, splitTag
 from protocols.stringgrammar import LiteralFraming, quote, tokenizeParts
 
 #: Most literals one command may carry.
@@ -44,6 +47,27 @@ FAILURES = (
 
 INTERNAL_FAILURE = b"NO [UNAVAILABLE] Internal error, try again later."
 
+#: A backend greeting's capability list: its group 1 matched when it lists SASL-IR.
+_GREETING_SASL_IR = re.compile(
+    rb"\[CAPABILITY (?:[^\]]* )?(SASL-IR)[ \]]|\[CAPABILITY [^\]]*\]", re.IGNORECASE
+)
+
+
+def _capabilities(tlsAvailable: bool, plaintextAllowed: bool) -> bytes:
+    caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
+    if tlsAvailable:
+        caps.append(b"STARTTLS")
+    if plaintextAllowed:
+        caps.extend(b"AUTH=" + m.encode() for m in MECHANISMS)
+    else:
+        caps.append(b"LOGINDISABLED")
+    return b" ".join(caps)
+
+
+#: The pre-login capability list, by whether STARTTLS is offered and plaintext logins allowed:
+#: rendered once, not in every greeting.
+_CAPABILITIES = {(tls, plain): _capabilities(tls, plain) for tls in (False, True) for plain in (False, True)}
+
 
 class IMAPServer(LiteralFraming, FrontendProtocol):
     """
@@ -60,19 +84,14 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
     maxLiterals = MAX_LITERALS
     _tag = b""
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.maxLiteral = self.section.max_literal_size
+    @property
+    def maxLiteral(self) -> int:
+        # Read when a literal comes (rarely), not for every session.
+        return self.section.max_literal_size
 
     def capabilities(self) -> bytes:
-        caps = [b"IMAP4rev1", b"SASL-IR", b"LITERAL+", b"ID"]
-        if self.tlsAvailable:
-            caps.append(b"STARTTLS")
-        if self.client.plaintextAllowed:
-            caps.extend(b"AUTH=" + m.encode() for m in MECHANISMS)
-        else:
-            caps.append(b"LOGINDISABLED")
-        return b" ".join(caps)
+        # (As booleans: the key of the table.)
+        return _CAPABILITIES[not not self.tlsAvailable, not not self.client.plaintextAllowed]
 
     def greet(self) -> None:
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] casd ready.\r\n")
@@ -104,6 +123,16 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
             self.saslResponse(line)
             return
         if not self.inCommand:
+            simple = simpleCommand(line)
+            if simple is not None:
+                # The common login commands, without the full grammar (same result).
+                tag, command, args = simple
+                self._tag = tag
+                try:
+                    self.dispatch(command, tag, args, token=tag)
+                except IMAPSyntaxError as e:
+                    self.invalidCommand(tag, b"Error in IMAP command: " + str(e).encode())
+                return
             try:
                 self._tag = splitTag(line)[0]
             except IMAPSyntaxError as e:
@@ -177,7 +206,8 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
             self.startTLSCommand(tag)
 
     def unauth_LOGIN(self, tag, args):
-        if len(args) != 2 or not all(isinstance(a, bytes) for a in args):
+        # Arguments are strings, or the parentheses' markers (not bytes).
+        if len(args) != 2 or not (isinstance(args[0], bytes) and isinstance(args[1], bytes)):
             self.invalidCommand(tag, b"Invalid arguments: LOGIN username password")
         else:
             self.passwordLogin(tag, args[0], args[1])
@@ -197,6 +227,14 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
         return IMAPBackend(target, self.client, user, credentials, self.context)
 
 
+@lru_cache(maxsize=4096)
+def _quotedHost(host: str) -> bytes:
+    """
+    An address as a quoted string for C{ID}, rendered once per address.
+    """
+    return quote(host)
+
+
 class IMAPBackend(BackendDialogue):
     """
     The login dialogue with an IMAP mailbox server: greeting, STARTTLS, ID with the client's
@@ -210,13 +248,14 @@ class IMAPBackend(BackendDialogue):
 
     def _tagged(self, line: bytes, tag: bytes) -> bytes | None:
         """
+        @param tag: casd's tag (one letter) and the space after it, e.g. C{b"A "}.
         @return: the status (C{b"OK"}, C{b"NO"}, C{b"BAD"}) when C{line} is the tagged reply to
             C{tag}, C{None} for an untagged line.
         @raise BackendUnavailable: when the backend says BYE.
         """
-        if line.startswith(tag) and line[len(tag) : len(tag) + 1] == b" ":
-            return line[len(tag) + 1 :].split(b" ", 1)[0].upper()
-        if line.startswith(b"* BYE"):
+        if line[:2] == tag:
+            return line[2:].split(b" ", 1)[0].upper()
+        if line[:5] == b"* BYE":
             raise self.fail("said BYE: " + line[:200].decode("utf-8", "replace"))
         return None
 
@@ -229,9 +268,9 @@ class IMAPBackend(BackendDialogue):
             b'I ID ("x-originating-ip" %s "x-originating-port" "%d"'
             b' "x-connected-ip" %s "x-connected-port" "%d"%s "x-session-id" "%s")'
         ) % (
-            quote(c.peerHost),
+            _quotedHost(c.peerHost),
             c.peerPort,
-            quote(c.localHost),
+            _quotedHost(c.localHost),
             c.localPort,
             ttl,
             c.sessionId.encode("ascii"),
@@ -246,22 +285,29 @@ class IMAPBackend(BackendDialogue):
         if self.target.tls == "starttls":
             self.command(b"S STARTTLS", self._onStartTLS)
             return
-        self._login(capabilitiesIn(line))
+        # Pipelined unless the greeting lists capabilities without SASL-IR.
+        m = _GREETING_SASL_IR.search(line)
+        self._login(m is None or m.lastindex is not None)
 
     def _onStartTLS(self, line: bytes) -> None:
-        status = self._tagged(line, b"S")
+        status = self._tagged(line, b"S ")
         if status is None:
             self.expectLine()
             return
         if status != b"OK":
             raise self.fail("refused STARTTLS")
         # Capabilities seen before TLS are not to be trusted.
-        self.startTLS(lambda: self._login(None))
+        self.startTLS(lambda: self._login(True))
 
-    def _login(self, caps: bytes | None) -> None:
+    def _login(self, saslIR: bool) -> None:
+        """
+        @param saslIR: whether to send the initial response with C{AUTHENTICATE} (SASL-IR,
+            RFC 4959), pipelined behind C{ID}; else wait for C{ID}'s reply and the
+            continuation.
+        """
         authc, password, authz = self.loginIdentity()
         initial = encodePlain(authc, password, authz)
-        if caps is None or b"SASL-IR" in caps.upper().split():
+        if saslIR:
             # One round trip: ID and the login pipelined.
             self.send(self.idCommand() + b"\r\nA AUTHENTICATE PLAIN " + initial + b"\r\n")
             self.expectLine(self._onIDThenLogin)
@@ -270,13 +316,13 @@ class IMAPBackend(BackendDialogue):
             self.command(self.idCommand(), self._onIDThenContinue)
 
     def _onIDThenLogin(self, line: bytes) -> None:
-        if self._tagged(line, b"I") is None:
+        if self._tagged(line, b"I ") is None:
             self.expectLine()  # the untagged * ID reply
             return
         self.expectLine(self._onLogin)
 
     def _onIDThenContinue(self, line: bytes) -> None:
-        if self._tagged(line, b"I") is None:
+        if self._tagged(line, b"I ") is None:
             self.expectLine()
             return
         self.command(b"A AUTHENTICATE PLAIN", self._onContinuation)
@@ -288,7 +334,7 @@ class IMAPBackend(BackendDialogue):
         self.command(initial, self._onLogin)
 
     def _onLogin(self, line: bytes) -> None:
-        status = self._tagged(line, b"A")
+        status = self._tagged(line, b"A ")
         if status is None:
             self.expectLine()
             return
@@ -305,7 +351,7 @@ class IMAPBackend(BackendDialogue):
         self._finish(caps)
 
     def _onCapability(self, line: bytes) -> None:
-        if self._tagged(line, b"C") is None:
+        if self._tagged(line, b"C ") is None:
             if line[:13].upper() == b"* CAPABILITY ":
                 self._caps = line[13:]
             self.expectLine()

@@ -7,6 +7,8 @@ login dialogue.  After login casd only relays bytes.
 
 from __future__ import annotations
 
+import re
+
 from casd.plugin import (
     MECHANISMS,
     AuthenticationFailed,
@@ -45,7 +47,10 @@ def _lineSafe(value: bytes) -> bool:
     would end the command early, or start another), no white space around it (which a
     server may strip).
     """
-    return bool(value) and not any(c in value for c in b"\r\n\x00") and value.strip() == value
+    return bool(value) and _LINE_BREAK.search(value) is None and value.strip() == value
+
+
+_LINE_BREAK = re.compile(b"[\r\n\x00]")
 
 
 class POP3Server(FrontendProtocol):
@@ -159,19 +164,24 @@ class POP3Backend(BackendDialogue):
     STLS, C{XCLIENT} with the client's address when the greeting offers it (Dovecot's
     C{[XCLIENT]} for proxies in its C{login_trusted_networks}), then C{USER}/C{PASS} with the
     user's credentials, or C{AUTH PLAIN} as a master user (or when the password holds bytes a
-    C{PASS} line cannot carry).
+    C{PASS} line cannot carry).  When the greeting offers C{XCLIENT}, the login is pipelined
+    behind it (see L{introduce}).
     """
 
+    #: Whether the greeting offered XCLIENT: then the login goes out in the same write
+    #: (L{introduce}).
     _xclient = False
+    #: Whether the pipelined login is C{USER} and C{PASS} (else C{AUTH PLAIN}).
+    _viaUser = False
 
     def status(self, line: bytes, what: str) -> bool:
         """
         @return: whether C{line} is C{+OK} (C{False} for C{-ERR}).
         @raise BackendUnavailable: for anything else.
         """
-        if line.startswith(b"+OK"):
+        if line[:3] == b"+OK":
             return True
-        if line.startswith(b"-ERR"):
+        if line[:4] == b"-ERR":
             return False
         raise self.fail(f"unexpected reply to {what}: {line[:80]!r}")
 
@@ -207,26 +217,47 @@ class POP3Backend(BackendDialogue):
 
     def introduce(self) -> None:
         if self._xclient:
-            self.command(self.xclientCommand(), self.xclientReply)
+            # A server that offers XCLIENT is Dovecot's pop3-login (or speaks like it), which
+            # announces PIPELINING (RFC 2449) in every CAPA: XCLIENT and the whole login go out
+            # in one write, as Dovecot's own proxy sends XCLIENT and USER, and the replies are
+            # read in order.  One round trip instead of three.
+            commands = [self.xclientCommand(), *self.loginCommands(*self.loginIdentity()), b""]
+            self.send(b"\r\n".join(commands))
+            self.expectLine(self.xclientReply)
         else:
             self.logIn()
 
     def xclientReply(self, line: bytes) -> None:
         if not self.status(line, "XCLIENT"):
             raise self.fail("refused XCLIENT: " + line[:200].decode("utf-8", "replace"))
-        self.logIn()
+        self.expectLine(self.userReply if self._viaUser else self.loginReply)
+
+    def loginCommands(self, authc: str, password: bytes, authz: str) -> list[bytes]:
+        """
+        The login's commands: C{AUTH PLAIN} with its initial response (a master user, or
+        credentials a C{USER} or C{PASS} line cannot carry), else C{USER} and C{PASS}.
+        Sets L{_viaUser}.
+        """
+        user = authc.encode("utf-8")
+        self._viaUser = not authz and _lineSafe(user) and _lineSafe(password)
+        if self._viaUser:
+            return [b"USER " + user, b"PASS " + password]
+        return [b"AUTH PLAIN " + encodePlain(authc, password, authz)]
 
     def logIn(self) -> None:
-        authc, password, authz = self.loginIdentity()
-        if authz or not _lineSafe(authc.encode("utf-8")) or not _lineSafe(password):
-            self.command(b"AUTH PLAIN " + encodePlain(authc, password, authz), self.loginReply)
-        else:
-            self.command(b"USER " + authc.encode("utf-8"), self.userReply)
+        # One command at a time: USER (its reply sends PASS), or AUTH PLAIN.
+        first = self.loginCommands(*self.loginIdentity())[0]
+        self.command(first, self.userReply if self._viaUser else self.loginReply)
 
     def userReply(self, line: bytes) -> None:
         if not self.status(line, "USER"):
+            # Pipelined, the PASS went out too: the connection is aborted with its reply unread.
             raise self.refused(line, "USER")
-        self.command(b"PASS " + self.loginIdentity()[1], self.loginReply)
+        if self._xclient:
+            # Pipelined: the PASS went out with the USER.
+            self.expectLine(self.loginReply)
+        else:
+            self.command(b"PASS " + self.loginIdentity()[1], self.loginReply)
 
     def loginReply(self, line: bytes) -> None:
         if not self.status(line, "the login"):

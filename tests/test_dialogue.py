@@ -131,6 +131,30 @@ class DialogueTests(SynchronousTestCase):
         self.dialogue.dataReceived(b"OK\r\n")
         self.assertEqual(self.successResultOf(self.loggedIn).leftover, b"")
 
+    def test_queuedLinesLeftOverInOrder(self):
+        """
+        Lines read while no step waited (here: before the handshake completed) go to the next
+        step; what follows the login reply is left over in the order it came, the partial line
+        last.
+        """
+        self.dialogue.dataReceived(b"HI TLS\r\nGO\r\n")
+        self.dialogue.dataReceived(b"OK\r\n* one\r\n* two\r\npart")
+        self.dialogue.handshakeCompleted()
+        self.assertEqual(self.successResultOf(self.loggedIn).leftover, b"* one\r\n* two\r\npart")
+
+    def test_oneTimerForTheDialogue(self):
+        """
+        The dialogue's steps share one timer, pushed forward rather than replaced.
+        """
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        timer = self.dialogue._timer
+        self.dialogue.dataReceived(b"HI\r\n")
+        self.assertIs(self.dialogue._timer, timer)
+        self.assertEqual(timer.getTime(), 5.0)
+        self.dialogue.dataReceived(b"OK\r\n")
+        self.successResultOf(self.loggedIn)
+        self.assertFalse(timer.active())
+
     def test_handshakeTimeout(self):
         self.dialogue.dataReceived(b"HI TLS\r\nGO\r\n")
         self.reactor.advance(3.0)

@@ -367,16 +367,37 @@ class BackendDialogueTests(POP3TestMixin, SynchronousTestCase):
         return self.backend(script)
 
     def test_xclientWhenOffered(self):
+        """
+        A greeting that offers XCLIENT (Dovecot's pop3-login, which always announces PIPELINING)
+        gets XCLIENT and the whole login in one write: one round trip instead of three.
+        """
         self.login(
             [
                 (b"", b"+OK [XCLIENT] Dovecot ready.\r\n"),
                 (
-                    re.compile(b"XCLIENT ADDR=203\\.0\\.113\\.5 PORT=51234 SESSION=[-_A-Za-z0-9]{12} TTL=4\r\n"),
-                    b"+OK Updated\r\n",
+                    re.compile(
+                        b"XCLIENT ADDR=203\\.0\\.113\\.5 PORT=51234 SESSION=[-_A-Za-z0-9]{12} TTL=4\r\n"
+                        b"USER alice@example\\.com\r\nPASS secret\r\n"
+                    ),
+                    b"+OK Updated\r\n+OK\r\n+OK Logged in.\r\n",
                 ),
             ]
-            + LOGIN[1:]
         )
+        self.assertEqual(self.transport.value(), b"+OK Logged in.\r\n")
+
+    def test_xclientRepliesOneByOne(self):
+        """
+        The pipelined replies may arrive one read at a time.
+        """
+        backend = self.login(
+            [
+                (b"", b"+OK [XCLIENT] Dovecot ready.\r\n"),
+                (re.compile(b"XCLIENT .*\r\nUSER .*\r\nPASS secret\r\n", re.S), b"+OK Updated\r\n"),
+                (b"", b"+OK\r\n"),
+            ]
+        )
+        self.assertEqual(self.transport.value(), b"")
+        backend.step(b"", b"+OK Logged in.\r\n")
         self.assertEqual(self.transport.value(), b"+OK Logged in.\r\n")
 
     def test_xclientCarriesSessionId(self):
@@ -387,23 +408,70 @@ class BackendDialogueTests(POP3TestMixin, SynchronousTestCase):
             backend.received(),
             b"XCLIENT ADDR=203.0.113.5 PORT=51234 SESSION="
             + self.server.client.sessionId.encode()
-            + b" TTL=4\r\n",
+            + b" TTL=4\r\nUSER alice@example.com\r\nPASS secret\r\n",
         )
 
     def test_noXCLIENTUnlessOffered(self):
+        """
+        Without XCLIENT in the greeting nothing says the server takes pipelined commands: USER
+        and PASS each wait for the previous reply (the script checks each write alone).
+        """
         self.login(LOGIN)
         self.assertEqual(self.transport.value(), b"+OK Logged in.\r\n")
 
     def test_xclientRefused(self):
-        self.login(
+        backend = self.login(
             [
                 (b"", b"+OK [XCLIENT] Dovecot ready.\r\n"),
-                (re.compile(b"XCLIENT .*\r\n"), b"-ERR You aren't allowed to specify XCLIENT\r\n"),
+                (
+                    re.compile(b"XCLIENT .*\r\n", re.S),
+                    b"-ERR You aren't allowed to specify XCLIENT\r\n+OK\r\n+OK Logged in.\r\n",
+                ),
             ]
         )
         self.assertEqual(
             self.transport.value(), b"-ERR [SYS/TEMP] Mailbox server unavailable, try again later.\r\n"
         )
+        # The session the backend may have opened anyway is not used.
+        self.assertTrue(backend.transport.disconnecting)
+        self.assertIsNone(self.server.relay)
+
+    def test_pipelinedUserRefused(self):
+        """
+        A refused pipelined USER fails the login as a refused USER does; the PASS's reply is
+        not waited for.
+        """
+        backend = self.login(
+            [
+                (b"", b"+OK [XCLIENT] Dovecot ready.\r\n"),
+                (re.compile(b"XCLIENT .*", re.S), b"+OK Updated\r\n-ERR [AUTH] No such user.\r\n"),
+            ]
+        )
+        self.assertEqual(self.transport.value(), b"-ERR [AUTH] Authentication failed.\r\n")
+        self.assertTrue(backend.transport.disconnecting)
+
+    def test_pipelinedPassRefused(self):
+        for reply, client in [
+            (b"-ERR [AUTH] Authentication failed.", b"-ERR [AUTH] Authentication failed.\r\n"),
+            (b"-ERR [SYS/TEMP] Try later", b"-ERR [SYS/TEMP] Mailbox server unavailable, try again later.\r\n"),
+            (b"-ERR [IN-USE] Mailbox is locked", b"-ERR [IN-USE] Too many sessions or logins, try again later.\r\n"),
+        ]:
+            self.login(
+                [
+                    (b"", b"+OK [XCLIENT] Dovecot ready.\r\n"),
+                    (re.compile(b"XCLIENT .*", re.S), b"+OK Updated\r\n+OK\r\n" + reply + b"\r\n"),
+                ]
+            )
+            self.assertEqual(self.transport.value(), client, reply)
+
+    def test_pipelinedGarbage(self):
+        self.login(
+            [
+                (b"", b"+OK [XCLIENT] Dovecot ready.\r\n"),
+                (re.compile(b"XCLIENT .*", re.S), b"+OK Updated\r\n* what\r\n"),
+            ]
+        )
+        self.assertIn(b"[SYS/TEMP]", self.transport.value())
 
     def test_greetingErr(self):
         self.login([(b"", b"-ERR [SYS/TEMP] Too many connections\r\n")])
@@ -481,10 +549,13 @@ class BackendTLSAndMasterTests(POP3TestMixin, SynchronousTestCase):
             [
                 (b"", b"+OK [XCLIENT] Dovecot ready.\r\n"),
                 (b"STLS\r\n", b"+OK Begin TLS negotiation now.\r\n"),
-                (re.compile(b"XCLIENT ADDR=198\\.51\\.100\\.7 PORT=40000 SESSION=\\S+ TTL=4\r\n"), b"+OK Updated\r\n"),
                 (
-                    b"AUTH PLAIN " + b64encode(b"alice@example.com\0proxy\0m4ster") + b"\r\n",
-                    b"+OK Logged in.\r\n",
+                    # Pipelined: XCLIENT and the login in one write.
+                    re.compile(
+                        b"XCLIENT ADDR=198\\.51\\.100\\.7 PORT=40000 SESSION=\\S+ TTL=4\r\n"
+                        + re.escape(b"AUTH PLAIN " + b64encode(b"alice@example.com\0proxy\0m4ster") + b"\r\n")
+                    ),
+                    b"+OK Updated\r\n+OK Logged in.\r\n",
                 ),
             ]
         )

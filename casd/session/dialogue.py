@@ -9,6 +9,7 @@ opens the connection and sets the timeouts.
 from __future__ import annotations
 
 from collections import deque
+from functools import lru_cache
 from typing import Callable
 
 from zope.interface import implementer
@@ -28,6 +29,17 @@ class BackendTimeout(BackendUnavailable):
     """
     A backend did not answer in time.
     """
+
+
+@lru_cache(maxsize=4096)
+def _xclientAddress(host: str) -> bytes | None:
+    """
+    C{ADDR=} and the client's address for L{BackendDialogue.xclientCommand}, or C{None} when
+    C{host} is no address; remembered per address (parsing one costs about 30 calls, and a login
+    storm comes from few addresses).
+    """
+    ip = parseAddress(host)
+    return None if ip is None else b"ADDR=" + ip.compressed.encode("ascii")
 
 
 @implementer(IHandshakeListener)
@@ -85,7 +97,13 @@ class BackendDialogue(Protocol):
         self._lines: deque[bytes] = deque()
         self._handshake: defer.Deferred | None = None
         self._timer = None
+        #: When L{_timer} is due (absolute, the clock's time).
+        self._timerAt = 0.0
         self._timerWhat = ""
+        #: Inside L{dataReceived}: a step's L{expectLine} arms the timer once the read's lines
+        #: are all handled (L{_armPending}), not once per line.
+        self._reading = False
+        self._armPending = False
         self._done = False
         self.leftover = b""
 
@@ -129,9 +147,11 @@ class BackendDialogue(Protocol):
         # The failover deadline bounds the login only: a protocol that keeps reading after it
         # (SMTP's transactions) is bound by its per-phase timeouts alone.
         self.deadline = float("inf")
-        self.leftover = self._buffer + b"".join(line + b"\r\n" for line in self._lines)
+        self.leftover = self._buffer
+        if self._lines:
+            self.leftover = b"".join(line + b"\r\n" for line in self._lines) + self._buffer
+            self._lines.clear()
         self._buffer = b""
-        self._lines.clear()
         # Drop the password now that the backend took the session.
         self.credentials = None
         self.loggedIn.callback(self)
@@ -178,12 +198,20 @@ class BackendDialogue(Protocol):
         """
         if handler is not None:
             self.lineHandler = handler
+        if self._reading:
+            # Armed once dataReceived handled every line it has (the same deadline: no time
+            # passes in between).
+            self._armPending = True
+        else:
+            self._armForLine()
+        while self._lines and self.lineHandler is not None and not self._done:
+            self._deliver(self.lineHandler, self._lines.popleft())
+
+    def _armForLine(self) -> None:
         if self.greeted:
             self._arm(self.replyTimeout, "reply")
         else:
             self._arm(self.bannerTimeout, "greeting")
-        while self._lines and self.lineHandler is not None and not self._done:
-            self._deliver(self.lineHandler, self._lines.popleft())
 
     def _deliver(self, handler, line: bytes) -> None:
         try:
@@ -238,16 +266,13 @@ class BackendDialogue(Protocol):
         session id, which Dovecot then logs as its own, and the proxy TTL when there is one.
         """
         c = self.client
-        fields = []
-        ip = parseAddress(c.peerHost)
-        if ip is not None:
+        session = c.sessionId.encode("ascii")
+        ttl = b" TTL=%d" % (self.proxyTTL,) if self.proxyTTL else b""
+        address = _xclientAddress(c.peerHost)
+        if address is None:
             # Only an address: a UNIX socket's name could carry spaces or line breaks.
-            fields.append(b"ADDR=" + ip.compressed.encode("ascii"))
-            fields.append(b"PORT=%d" % (c.peerPort,))
-        fields.append(b"SESSION=" + c.sessionId.encode("ascii"))
-        if self.proxyTTL:
-            fields.append(b"TTL=%d" % (self.proxyTTL,))
-        return b"XCLIENT " + b" ".join(fields)
+            return b"XCLIENT SESSION=%s%s" % (session, ttl)
+        return b"XCLIENT %s PORT=%d SESSION=%s%s" % (address, c.peerPort, session, ttl)
 
     def abort(self, reason: str) -> None:
         """
@@ -276,21 +301,29 @@ class BackendDialogue(Protocol):
 
     def _arm(self, seconds: float, what: str) -> None:
         # One timer for the whole dialogue, pushed forward for each step: DelayedCall.reset() to
-        # a later time is arithmetic, where cancel() and callLater() each touch the reactor's heap.
-        remaining = self.deadline - self.clock.seconds()
-        if remaining < seconds:
-            seconds, what = max(0.0, remaining), "failover time spent: " + what
+        # a later time is arithmetic, where cancel() and callLater() each touch the reactor's heap;
+        # a step whose time is the one already set (the failover deadline, usually) leaves it.
+        self._armPending = False
+        now = self.clock.seconds()
+        at = now + seconds
+        if at > self.deadline:
+            at, what = self.deadline, "failover time spent: " + what
         self._timerWhat = what
         timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(seconds)
+        if timer is not None and at == self._timerAt:
+            return
+        self._timerAt = at
+        delay = at - now if at > now else 0.0
+        if timer is not None:
+            timer.reset(delay)
         else:
-            self._timer = self.clock.callLater(seconds, self._timedOut)
+            self._timer = self.clock.callLater(delay, self._timedOut)
 
     def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
+        # _timer is None once it ran (_timedOut) or was cancelled here.
+        if self._timer is not None:
             self._timer.cancel()
-        self._timer = None
+            self._timer = None
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -311,25 +344,39 @@ class BackendDialogue(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
-        while True:
-            i = self._buffer.find(b"\n")
-            if i < 0:
-                if len(self._buffer) > self.maxLineLength:
-                    self._buffer = b""
-                    self._fire(BackendUnavailable(f"backend {self.target.describe()}: line too long"))
-                return
-            line = self._buffer[:i]
-            self._buffer = self._buffer[i + 1 :]
-            self.greeted = True
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            handler = self.lineHandler
-            if handler is not None:
-                self._deliver(handler, line)
-            else:
-                self._lines.append(line)
-            if self._done:
-                return
+        self._reading = True
+        try:
+            while True:
+                buffer = self._buffer
+                i = buffer.find(b"\n")
+                if i < 0:
+                    if buffer and len(buffer) > self.maxLineLength:
+                        self._buffer = b""
+                        self._fire(BackendUnavailable(f"backend {self.target.describe()}: line too long"))
+                    break
+                line = buffer[:i]
+                self._buffer = buffer[i + 1 :]
+                self.greeted = True
+                if line[-1:] == b"\r":
+                    line = line[:-1]
+                handler = self.lineHandler
+                if handler is None:
+                    self._lines.append(line)
+                else:
+                    # (_deliver, inline: this runs for every line of every login.)
+                    try:
+                        handler(line)
+                    except Exception:
+                        self.lineHandler = None
+                        self._fire(None, Failure())
+                if self._done:
+                    return
+        finally:
+            self._reading = False
+        if self._armPending and not self._done:
+            # The steps' expectLine() calls of this read, as one timer update (a line came, so
+            # the reply timeout).
+            self._arm(self.replyTimeout, "reply")
 
     def connectionLost(self, reason) -> None:
         self.closedBy = reason

@@ -9,7 +9,7 @@ import socket
 
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.support.casdnode import DovecotFront
@@ -61,6 +61,25 @@ class DovecotPOP3Tests(DovecotFront, TestCase):
         c = POP3FromClientAddress("127.0.0.1", self.port, timeout=10)
         c.stls(self.clientContext())
         return c
+
+    def refusedLogin(self, user: str, password: str):
+        """
+        Log in as C{user} with C{password} in a thread, expecting a refusal.
+
+        @return: a L{defer.Deferred} firing with the reply to C{PASS}.
+        """
+
+        def session():
+            c = self.pop3Client()
+            c.user(user)
+            try:
+                c.pass_(password)
+            except poplib.error_proto as e:
+                c.quit()
+                return e.args[0]
+            return b"logged in?!"
+
+        return threads.deferToThread(session)
 
     def sessions(self):
         """
@@ -175,34 +194,41 @@ class DovecotPOP3Tests(DovecotFront, TestCase):
     @defer.inlineCallbacks
     def test_wrongPassword(self):
         self.startCAS()
+        reply = yield self.refusedLogin("alice", "nope")
+        self.assertEqual(reply, b"-ERR [AUTH] Authentication failed.")
 
-        def session():
-            c = self.pop3Client()
-            c.user("alice")
-            try:
-                c.pass_("nope")
-            except poplib.error_proto as e:
-                c.quit()
-                return e.args[0]
-            return b"logged in?!"
+    @defer.inlineCallbacks
+    def test_backendRefusesPipelinedLogin(self):
+        """
+        Dovecot offers XCLIENT, so casd sends XCLIENT, USER and PASS in one write: a user casd
+        accepts but Dovecot does not know is refused with the authentication failure, the
+        password in no log line of casd.
+        """
+        from casd.auth.hashing import makeHash
 
-        self.assertEqual((yield threads.deferToThread(session)), b"-ERR [AUTH] Authentication failed.")
+        with open(self.usersPath, "a") as f:
+            f.write(f"dave:{makeHash('SHA512-CRYPT', b'dave-pw')}\n")
+        self.startCAS()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reply = yield self.refusedLogin("dave", "dave-pw")
+        self.assertEqual(reply, b"-ERR [AUTH] Authentication failed.")
+        # Dovecot took the pipelined XCLIENT before the login: the client's own address.
+        expected = f"passwd-file(dave,{CLIENT_ADDRESS},"
+        for _ in range(50):
+            if expected in self.dovecot.logText():
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertIn(expected, self.dovecot.logText())
+        for event in events:
+            self.assertNotIn("dave-pw", formatEvent(event))
 
     @defer.inlineCallbacks
     def test_backendDown(self):
         self.startCAS()
-
-        def session():
-            c = self.pop3Client()
-            c.user("carol")  # routed to a port where nothing listens
-            try:
-                c.pass_("carol-pw")
-            except poplib.error_proto as e:
-                c.quit()
-                return e.args[0]
-            return b"logged in?!"
-
-        reply = yield threads.deferToThread(session)
+        # carol is routed to a port where nothing listens.
+        reply = yield self.refusedLogin("carol", "carol-pw")
         self.assertTrue(reply.startswith(b"-ERR [SYS/TEMP]"), reply)
 
     @defer.inlineCallbacks
