@@ -24,6 +24,8 @@ from OpenSSL.SSL import Error, WantReadError
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from casd.tlslayer import TLSProtocol
+
 
 def tlsLayer(transport):
     """
@@ -96,7 +98,15 @@ class _WholeChunkBufferingTLS(_WholeChunkWrites, BufferingTLSTransport):
     pass
 
 
-_WHOLE = {TLSMemoryBIOProtocol: _WholeChunkTLS, BufferingTLSTransport: _WholeChunkBufferingTLS}
+class _WholeChunkTLSProtocol(_WholeChunkWrites, TLSProtocol):
+    pass
+
+
+_WHOLE = {
+    TLSMemoryBIOProtocol: _WholeChunkTLS,
+    BufferingTLSTransport: _WholeChunkBufferingTLS,
+    TLSProtocol: _WholeChunkTLSProtocol,
+}
 
 
 def wholeChunks(transport) -> bool:

@@ -1,0 +1,207 @@
+# -*- test-case-name: tests.test_tlslayer -*-
+"""
+The TLS layer of casd's connections: Twisted's, with its per-connection interface declarations
+made once.
+
+When a L{TLSMemoryBIOProtocol} is connected, its C{makeConnection} declares the interfaces of
+the transport below as its own with C{directlyProvides(self, interface)}, once per interface (a
+TCP transport has nine), each call replacing the last.  zope.interface shares such declarations
+only while an object holding one is alive (a weak cache), so on a server whose connections come
+and go each of the nine is built again, resolution order and all: about 200 Python calls per TLS
+connection, a tenth of a proxied TLS login.  L{TLSProtocol} ends in the same declaration (the
+last interface for a STARTTLS layer; all of the transport's, through
+L{ProtocolWrapper.makeConnection}, for a layer that connects its protocol) but takes it from a
+table built once per transport declaration (L{_declarationsFor}).
+
+L{TLSProtocol} is used by casd's TLS listeners (L{TLSFactory}), STARTTLS on a TCP transport
+(L{startTLS}, Twisted's own C{startTLS} with this protocol) and implicit TLS towards backends
+(L{wrapClientTLS}).  Its C{makeConnection} repeats Twisted's; L{makeConnectionMatches} compares
+the hashes of Twisted's sources with those they were copied from (L{COPIED}:
+L{changedInTwisted}), and the tests fail on a Twisted where they changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+from zope.interface import implementer, providedBy
+from zope.interface.declarations import Provides
+
+from twisted.internet import _newtls
+from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+#: SHA-256 of the sources, in Twisted 26.10.0, of what L{TLSProtocol.makeConnection} and
+#: L{startTLS} repeat.
+COPIED = {
+    (TLSMemoryBIOProtocol, "makeConnection"): (
+        "c83b193e6cb07f9f9cef7fd04be06e64ede1cfcc17431f51da8cdcead4723ac1"
+    ),
+    (ProtocolWrapper, "makeConnection"): (
+        "1954239c5d3014a3d397228da181c3ac39e06caf17d150003d4220527e05b03f"
+    ),
+    (_newtls, "startTLS"): "da00d9cb1d682795edba5a67f67994cfe89507ebf14bc4b052bdcaa447ac0e5e",
+}
+
+#: (protocol class, transport's declaration) -> (the declaration of the last interface only,
+#: the declaration of all of them).  Holding them here keeps zope.interface's weak cache of
+#: them alive too.  A handful of entries: one per kind of transport.
+_DECLARATIONS: dict = {}
+
+
+def _sourceHash(function) -> str:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()
+
+
+def changedInTwisted() -> list[str]:
+    """
+    @return: the names of the Twisted functions L{TLSProtocol.makeConnection} and L{startTLS}
+        repeat whose source is not the one they were copied from (L{COPIED}); empty when all are.
+    """
+    return [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for (owner, name), digest in COPIED.items()
+        if _sourceHash(getattr(owner, name)) != digest
+    ]
+
+
+def _declarationsFor(cls, transport):
+    """
+    @return: for a C{cls} instance over C{transport}, the declaration Twisted's loop of
+        C{directlyProvides} leaves (the transport's last interface) and the one
+        L{ProtocolWrapper.makeConnection} makes (all of them).
+    """
+    spec = providedBy(transport)
+    key = (cls, spec)
+    found = _DECLARATIONS.get(key)
+    if found is None:
+        if len(_DECLARATIONS) >= 256:
+            _DECLARATIONS.clear()
+        interfaces = list(spec)
+        last = Provides(cls, interfaces[-1]) if interfaces else None
+        found = _DECLARATIONS[key] = (last, Provides(cls, spec))
+    return found
+
+
+class TLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS protocol (L{BufferingTLSTransport}), its interface declarations made once.
+    """
+
+    def makeConnection(self, transport):
+        """
+        C{TLSMemoryBIOProtocol.makeConnection}, with the declarations of L{_declarationsFor}.
+        """
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+
+        last, every = _declarationsFor(self.__class__, transport)
+        if last is not None:
+            self.__provides__ = last
+
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            # ProtocolWrapper.makeConnection, its declaration (all of the transport's) at hand.
+            self.__provides__ = every
+            Protocol.makeConnection(self, transport)
+            self.factory.registerProtocol(self)
+            self.wrappedProtocol.makeConnection(self)
+
+        self._checkHandshakeStatus()
+
+
+class TLSFactory(TLSMemoryBIOFactory):
+    """
+    L{TLSMemoryBIOFactory} making L{TLSProtocol}s: for listeners and backend connections.
+    """
+
+    protocol = TLSProtocol
+
+
+#: The STARTTLS factories of each connection creator (one per listener's protocol and per
+#: backend name, both built once): (options, client) -> L{TLSFactory}.
+_STARTTLS_FACTORIES: dict = {}
+
+
+def _startTLSFactory(options, client: bool) -> TLSFactory:
+    key = (id(options), client)
+    found = _STARTTLS_FACTORIES.get(key)
+    if found is None or found[0] is not options:
+        if len(_STARTTLS_FACTORIES) >= 256:
+            # Options made per connection (not casd's): no table growing without end.
+            _STARTTLS_FACTORIES.clear()
+        found = _STARTTLS_FACTORIES[key] = (options, TLSFactory(options, client, None))
+    return found[1]
+
+
+def startTLS(transport, options) -> None:
+    """
+    Start TLS on C{transport} with C{options}, as C{transport.startTLS(options)} does: for
+    Twisted's TCP transports, with a L{TLSProtocol}; anything else (a test's transport) is asked
+    to C{startTLS} itself.
+    """
+    if not isinstance(transport, _newtls.ConnectionMixin) or type(transport).startTLS is not (
+        _newtls.ConnectionMixin.startTLS
+    ):
+        transport.startTLS(options)
+        return
+    # twisted.internet._newtls.startTLS with normal=True, bypass=FileDescriptor.
+    client = transport._tlsClientDefault
+    producer, streaming = None, None
+    if transport.producer is not None:
+        producer, streaming = transport.producer, transport.streamingProducer
+        transport.unregisterProducer()
+    tlsFactory = _startTLSFactory(options, client)
+    tlsProtocol = tlsFactory.protocol(tlsFactory, transport.protocol, False)
+    transport.protocol = tlsProtocol
+    transport.getHandle = tlsProtocol.getHandle
+    transport.getPeerCertificate = tlsProtocol.getPeerCertificate
+    transport.__provides__ = _secureDeclaration(type(transport))
+    transport.TLS = True
+    tlsProtocol.makeConnection(_newtls._BypassTLS(_newtls.FileDescriptor, transport))
+    if producer:
+        transport.registerProducer(producer, streaming)
+
+
+_SECURE: dict = {}
+
+
+def _secureDeclaration(cls):
+    """
+    @return: C{directlyProvides(transport, ISSLTransport)}'s declaration for a C{cls} transport.
+    """
+    found = _SECURE.get(cls)
+    if found is None:
+        found = _SECURE[cls] = Provides(cls, ISSLTransport)
+    return found
+
+
+@implementer(IStreamClientEndpoint)
+class _TLSClientEndpoint:
+    """
+    C{twisted.internet.endpoints.wrapClientTLS}'s endpoint, with a L{TLSFactory}.
+    """
+
+    def __init__(self, options, endpoint) -> None:
+        self._options = options
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory):
+        d = self._endpoint.connect(TLSFactory(self._options, True, protocolFactory))
+        return d.addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
+def wrapClientTLS(options, endpoint):
+    """
+    @return: C{endpoint} with TLS from the first byte, as Twisted's C{wrapClientTLS}, with
+        L{TLSProtocol}.
+    """
+    return _TLSClientEndpoint(options, endpoint)
