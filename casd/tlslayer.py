@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL._util import ffi as _ffi, lib as _lib
 from zope.interface import implementer, providedBy
 from zope.interface.declarations import Provides
 
@@ -33,6 +35,7 @@ from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 #: SHA-256 of the sources, in Twisted 26.10.0, of what L{TLSProtocol.makeConnection} and
 #: L{startTLS} repeat.
@@ -90,9 +93,29 @@ def _declarationsFor(cls, transport):
     return found
 
 
+#: The bytes a memory BIO holds (C{BIO_get_mem_data} with no pointer: C{BIO_CTRL_INFO}).
+_held = _lib.BIO_get_mem_data
+_NULL = _ffi.NULL
+_sslPending = _lib.SSL_pending
+
+
 class TLSProtocol(BufferingTLSTransport):
     """
-    Twisted's TLS protocol (L{BufferingTLSTransport}), its interface declarations made once.
+    Twisted's TLS protocol (L{BufferingTLSTransport}), its interface declarations made once, its
+    reads of OpenSSL's memory BIOs without the failing calls that end each of Twisted's loops:
+
+      - L{_flushSendBIO} reads the outgoing BIO only when it holds bytes, all of them at once
+        (Twisted reads up to 32 KiB, and an empty BIO raises C{WantReadError} through several
+        Python calls: eight times per TLS login);
+      - L{_flushReceiveBIO} stops when the incoming BIO is empty and OpenSSL holds no plaintext
+        (rather than on C{WantReadError}), and gives the protocol what one read from the
+        network decrypted in one C{dataReceived} (the records of a 256 KiB read: sixteen calls
+        through the relay and as many socket writes, one each in Twisted's loop).
+
+    This uses pyOpenSSL's private C{_tlsConnection._into_ssl}, C{_from_ssl} and C{_ssl} (the
+    tests check them): OpenSSL does not read ahead here (pyOpenSSL and Twisted leave
+    C{SSL_CTX_set_read_ahead} off), so once the incoming BIO is empty and C{SSL_pending} is 0
+    there is nothing more to read until more bytes arrive.
     """
 
     def makeConnection(self, transport):
@@ -116,6 +139,46 @@ class TLSProtocol(BufferingTLSTransport):
             self.wrappedProtocol.makeConnection(self)
 
         self._checkHandshakeStatus()
+
+    def _flushSendBIO(self):
+        """
+        Write whatever OpenSSL has to send, if anything, in one transport write.
+        """
+        connection = self._tlsConnection
+        size = _held(connection._from_ssl, _NULL)
+        if size > 0:
+            self.transport.write(connection.bio_read(size))
+
+    def _flushReceiveBIO(self):
+        """
+        C{TLSMemoryBIOProtocol._flushReceiveBIO}: deliver every record OpenSSL can decrypt now,
+        in one C{dataReceived}; handle the end of TLS (after delivering what came before it).
+        """
+        connection = self._tlsConnection
+        received = []
+        while not self._lostTLSConnection:
+            try:
+                data = connection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                received = self._deliver(received)
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                received = self._deliver(received)
+                self._tlsShutdownFinished(Failure())
+            else:
+                received.append(data)
+                if not _held(connection._into_ssl, _NULL) and not _sslPending(connection._ssl):
+                    break
+        self._deliver(received)
+        self._flushSendBIO()
+
+    def _deliver(self, received: list) -> list:
+        if received and not self._aborted:
+            self.wrappedProtocol.dataReceived(received[0] if len(received) == 1 else b"".join(received))
+        return []
 
 
 class TLSFactory(TLSMemoryBIOFactory):
@@ -145,14 +208,18 @@ def _startTLSFactory(options, client: bool) -> TLSFactory:
 def startTLS(transport, options) -> None:
     """
     Start TLS on C{transport} with C{options}, as C{transport.startTLS(options)} does: for
-    Twisted's TCP transports, with a L{TLSProtocol}; anything else (a test's transport) is asked
-    to C{startTLS} itself.
+    Twisted's TCP transports (or a wrapper whose C{startTLS} is theirs), with a L{TLSProtocol};
+    anything else (a test's transport) is asked to C{startTLS} itself.
     """
-    if not isinstance(transport, _newtls.ConnectionMixin) or type(transport).startTLS is not (
+    method = transport.startTLS
+    # A wrapper that forwards startTLS (the PROXY protocol's) starts it on the TCP transport.
+    owner = getattr(method, "__self__", None)
+    if not isinstance(owner, _newtls.ConnectionMixin) or type(owner).startTLS is not (
         _newtls.ConnectionMixin.startTLS
     ):
-        transport.startTLS(options)
+        method(options)
         return
+    transport = owner
     # twisted.internet._newtls.startTLS with normal=True, bypass=FileDescriptor.
     client = transport._tlsClientDefault
     producer, streaming = None, None
