@@ -80,6 +80,25 @@ def _login(port, proto, tls, users, sessions, sequential=True):
     return result["sessions"]
 
 
+def _bulk(port, proto, tls, users, mib):
+    """
+    Relay C{mib} MiB from Dovecot to 4 clients fetching their INBOX (the benchmark's bulk phase).
+
+    @return: the MiB received.
+    """
+    from bench.__main__ import _collect, _spawnLoad
+    from bench.servers import MIB
+
+    spec = dict(
+        mode="bulk", proto=proto, host="127.0.0.1", port=port, tls=tls, concurrency=4,
+        bytes=mib * MIB, duration=300.0, users=users[:4], offset=0,
+    )
+    (result,) = _collect([_spawnLoad(spec)], 360)
+    if result["errors"]:
+        raise RuntimeError(f"bulk failed: {result['errors']}")
+    return result["bytes"] / MIB
+
+
 def measure(args) -> int:
     from bench.servers import CASD, password, startDovecot, userName, writeCertificate, writeUsers
 
@@ -88,7 +107,8 @@ def measure(args) -> int:
     users = [[userName(i), password(i)] for i in range(args.users)]
     started = []
     try:
-        dovecot = startDovecot(work, args.users, 0, 0, args.proto == "pop3")
+        bulk = 4 if args.bulk_mib else 0
+        dovecot = startDovecot(work, args.users, bulk, 8 if bulk else 0, args.proto == "pop3")
         started.append(dovecot)
         cert, key, _ = writeCertificate(work)
         casdUsers, _ = writeUsers(work, args.users, "SSHA256")
@@ -106,7 +126,10 @@ def measure(args) -> int:
         if os.path.exists(stats):
             os.unlink(stats)
         os.kill(casd.process.pid, START)
-        done = _login(port, args.proto, args.tls, users, args.sessions, sequential=False)
+        if args.bulk_mib:
+            done, unit = _bulk(port, args.proto, args.tls, users, args.bulk_mib), "MiB"
+        else:
+            done, unit = _login(port, args.proto, args.tls, users, args.sessions, sequential=False), "Login"
         time.sleep(0.5)  # the last session's close
         os.kill(casd.process.pid, STOP)
         deadline = time.monotonic() + 30
@@ -115,7 +138,7 @@ def measure(args) -> int:
         time.sleep(0.5)
         result = pstats.Stats(stats)
         total = result.total_calls
-        print(json.dumps({"sessions": done, "calls": total, "callsPerLogin": round(total / done, 1)}))
+        print(json.dumps({"sessions" if unit == "Login" else "MiB": done, "calls": total, "callsPer" + unit: round(total / done, 1)}))
         rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[: args.top]
         for (path, line, name), (cc, nc, tt, ct, _) in rows:
             where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
@@ -137,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--proto", default="imap", choices=("imap", "pop3"))
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--bulk-mib", type=int, default=0, help="count calls per MiB of a bulk relay instead")
     return measure(parser.parse_args(argv))
 
 

@@ -116,6 +116,30 @@ class WholeChunkTests(SynchronousTestCase):
         self.pump()
         self.assertEqual(b"".join(self.clientApp.received), chunk + b"* 1 EXISTS\r\n")
 
+    def test_oneSSLWritePerChunk(self):
+        """
+        After the first chunk (pyOpenSSL allows partial writes: OpenSSL stops after a record,
+        and casd then turns that off), a chunk is one C{SSL_write}, not one per 16 KiB record.
+        """
+        wholeChunks(self.server)
+        connection = self.server._tlsConnection
+        sends = []
+        original = connection.send
+
+        def send(data):
+            sends.append(len(data))
+            return original(data)
+
+        connection.send = send
+        first, second = os.urandom(256 * 1024), os.urandom(256 * 1024)
+        self.server.write(first)
+        self.assertEqual(sends, [256 * 1024, 256 * 1024 - 16384])
+        del sends[:]
+        self.server.write(second)
+        self.assertEqual(sends, [256 * 1024])
+        self.pump()
+        self.assertEqual(b"".join(self.clientApp.received), first + second)
+
     def test_smallWriteNotHeld(self):
         """
         Twisted holds writes under 64 KB for the next reactor iteration; a relay's are sent now.

@@ -10,7 +10,10 @@ writes smaller than 64 KB for the next reactor iteration (a timer each).
 
 Once a session relays, L{wholeChunks} switches its TLS layer to L{_WholeChunkWrites}: a write is
 one C{SSL_write} of the whole chunk (OpenSSL cuts the records) and one read of every record it
-made, written to the transport at once; nothing is held for later.  Reads are unchanged.
+made, written to the transport at once; nothing is held for later.  pyOpenSSL's contexts let
+C{SSL_write} stop after one record (C{SSL_MODE_ENABLE_PARTIAL_WRITE}); the first time it does,
+the mode is cleared for that connection, so that later chunks take one C{SSL_write} each, not
+one per 16 KiB record.  Reads are unchanged (see L{casd.tlslayer.TLSProtocol}).
 
 This relies on L{TLSMemoryBIOProtocol}'s private state (C{_tlsConnection},
 C{_lostTLSConnection}, C{_bufferedWrite}, C{_tlsShutdownFinished}, C{_aggregator}); the tests
@@ -19,12 +22,16 @@ check each of them, so that a Twisted upgrade that changes them fails loudly.
 
 from __future__ import annotations
 
+from OpenSSL._util import lib as _lib
 from OpenSSL.SSL import Error, WantReadError
 
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from casd.tlslayer import TLSProtocol
+
+
+_PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
 
 
 def tlsLayer(transport):
@@ -62,6 +69,10 @@ class _WholeChunkWrites:
         try:
             while sent < total:
                 sent += connection.send(data if not sent else memoryview(data)[sent:])
+                if sent < total:
+                    # pyOpenSSL's contexts allow partial writes: OpenSSL wrote one 16 KiB
+                    # record.  From now on one SSL_write takes a whole chunk, all its records.
+                    _lib.SSL_clear_mode(connection._ssl, _PARTIAL_WRITE)
         except WantReadError:
             # A handshake in progress: keep the rest for later, as Twisted does.
             self._bufferedWrite(data[sent:])
