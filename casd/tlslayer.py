@@ -99,6 +99,31 @@ _NULL = _ffi.NULL
 _sslPending = _lib.SSL_pending
 
 
+_SSL_read = _lib.SSL_read
+_buffer = _ffi.buffer
+#: What L{_recv} decrypts into: one for the process, as only the reactor's thread reads TLS
+#: and nothing runs between C{SSL_read} and the copy out of it.
+_READ = _ffi.new("char[]", 2**15)
+
+
+def _recv(connection) -> bytes:
+    """
+    pyOpenSSL's C{connection.recv(2**15)} without its Python around C{SSL_read} (an allocation
+    and several calls per record), for a connection whose handshake is done; a failure goes
+    through pyOpenSSL's own C{_raise_ssl_error}, so it raises what C{recv} would.
+    """
+    ssl = connection._ssl
+    result = _SSL_read(ssl, _READ, 2**15)
+    if result <= 0:
+        connection._raise_ssl_error(ssl, result)
+        raise Error([("SSL routines", "", "SSL_read failed")])
+    return _buffer(_READ, result)[:]
+
+
+def _pyOpenSSLRecv(connection) -> bytes:
+    return connection.recv(2**15)
+
+
 class TLSProtocol(BufferingTLSTransport):
     """
     Twisted's TLS protocol (L{BufferingTLSTransport}), its interface declarations made once, its
@@ -112,8 +137,9 @@ class TLSProtocol(BufferingTLSTransport):
         network decrypted in one C{dataReceived} (the records of a 256 KiB read: sixteen calls
         through the relay and as many socket writes, one each in Twisted's loop).
 
-    This uses pyOpenSSL's private C{_tlsConnection._into_ssl}, C{_from_ssl} and C{_ssl} (the
-    tests check them): OpenSSL does not read ahead here (pyOpenSSL and Twisted leave
+    Once the handshake is done, records are decrypted with C{SSL_read} directly (L{_recv}).
+    This uses pyOpenSSL's private C{_tlsConnection._into_ssl}, C{_from_ssl}, C{_ssl} and
+    C{_raise_ssl_error} (the tests check them): OpenSSL does not read ahead here (pyOpenSSL and Twisted leave
     C{SSL_CTX_set_read_ahead} off), so once the incoming BIO is empty and C{SSL_pending} is 0
     there is nothing more to read until more bytes arrive.
     """
@@ -155,10 +181,11 @@ class TLSProtocol(BufferingTLSTransport):
         in one C{dataReceived}; handle the end of TLS (after delivering what came before it).
         """
         connection = self._tlsConnection
+        recv = _recv if self._handshakeDone else _pyOpenSSLRecv
         received = []
         while not self._lostTLSConnection:
             try:
-                data = connection.recv(2**15)
+                data = recv(connection)
             except WantReadError:
                 break
             except ZeroReturnError:

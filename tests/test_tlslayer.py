@@ -6,6 +6,7 @@ once, for listeners, STARTTLS and backend connections.
 import os
 import socket
 
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from zope.interface import directlyProvidedBy, implementer, providedBy
 
 from twisted.internet import tcp
@@ -338,6 +339,34 @@ class ReceiveTests(SynchronousTestCase):
         # The server answered the close_notify and closed its side.
         self.assertTrue(self.serverWire.disconnecting)
 
+    def test_directReadRaisesAsPyOpenSSL(self):
+        """
+        L{tlslayer._recv} (C{SSL_read} without pyOpenSSL's wrapper) raises what pyOpenSSL's
+        C{recv} does: C{WantReadError} when a record is incomplete, C{ZeroReturnError} after the
+        peer's close_notify, and returns the record's bytes otherwise.
+        """
+        connection = self.server._tlsConnection
+        wire = self.sent(b"a NOOP\r\n")
+        connection.bio_write(wire[:-1])
+        self.assertRaises(WantReadError, tlslayer._recv, connection)
+        connection.bio_write(wire[-1:])
+        self.assertEqual(tlslayer._recv(connection), b"a NOOP\r\n")
+        self.client.loseConnection()
+        connection.bio_write(self.clientWire.value())
+        self.assertRaises(ZeroReturnError, tlslayer._recv, connection)
+
+    def test_corruptRecordEndsTheConnection(self):
+        """
+        A record that does not decrypt: the connection ends with an error, no data delivered,
+        no exception out of C{dataReceived}.
+        """
+        wire = bytearray(self.sent(b"a LOGIN u secret\r\n"))
+        wire[-3] ^= 0xFF
+        self.server.dataReceived(bytes(wire))
+        self.assertEqual(self.serverApp.received, [])
+        self.assertTrue(self.server._lostTLSConnection)
+        self.assertIsInstance(self.server._reason.value, Error)
+
     def test_abortedNotDelivered(self):
         self.server.abortConnection()
         self.server.dataReceived(self.sent(b"late"))
@@ -351,6 +380,7 @@ class ReceiveTests(SynchronousTestCase):
         connection = self.server._tlsConnection
         for name in ("_into_ssl", "_from_ssl", "_ssl"):
             self.assertIsNotNone(getattr(connection, name, None), name)
+        self.assertTrue(callable(getattr(connection, "_raise_ssl_error", None)))
         self.assertEqual(tlslayer._held(connection._from_ssl, tlslayer._NULL), 0)
         connection.send(b"x")  # a record in the outgoing BIO, not yet written
         held = tlslayer._held(connection._from_ssl, tlslayer._NULL)

@@ -5,6 +5,8 @@ TLS layers over StringTransports, pumped by hand), and the private Twisted state
 
 import os
 
+from OpenSSL.SSL import Error
+
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -12,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from casd.session import tlsrelay
 from casd.session.relay import writeThrough
 from casd.session.tlsrelay import _WholeChunkBufferingTLS, tlsLayer, wholeChunks
 from tests.support.certs import CertificateAuthority
@@ -122,15 +125,14 @@ class WholeChunkTests(SynchronousTestCase):
         and casd then turns that off), a chunk is one C{SSL_write}, not one per 16 KiB record.
         """
         wholeChunks(self.server)
-        connection = self.server._tlsConnection
         sends = []
-        original = connection.send
+        original = tlsrelay._SSL_write
 
-        def send(data):
-            sends.append(len(data))
-            return original(data)
+        def send(ssl, data, size):
+            sends.append(size)
+            return original(ssl, data, size)
 
-        connection.send = send
+        self.patch(tlsrelay, "_SSL_write", send)
         first, second = os.urandom(256 * 1024), os.urandom(256 * 1024)
         self.server.write(first)
         self.assertEqual(sends, [256 * 1024, 256 * 1024 - 16384])
@@ -139,6 +141,18 @@ class WholeChunkTests(SynchronousTestCase):
         self.assertEqual(sends, [256 * 1024])
         self.pump()
         self.assertEqual(b"".join(self.clientApp.received), first + second)
+
+    def test_failedWriteEndsTheConnection(self):
+        """
+        C{SSL_write} called directly fails as pyOpenSSL's C{send} would (here: after a TLS
+        shutdown), and the connection ends, without an exception out of C{write}.
+        """
+        wholeChunks(self.server)
+        self.server._tlsConnection.shutdown()
+        self.assertRaises(Error, self.server._tlsConnection.send, b"x")
+        self.server.write(b"* BYE\r\n")
+        self.assertTrue(self.server._lostTLSConnection)
+        self.assertIsInstance(self.server._reason.value, Error)
 
     def test_smallWriteNotHeld(self):
         """
@@ -178,7 +192,7 @@ class WholeChunkTests(SynchronousTestCase):
         """
         for name in ("_write", "_bufferedWrite", "_tlsShutdownFinished", "_flushSendBIO"):
             self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name, None)), name)
-        for name in ("_tlsConnection", "_lostTLSConnection", "_producer", "disconnecting"):
+        for name in ("_tlsConnection", "_lostTLSConnection", "_producer", "disconnecting", "_handshakeDone"):
             self.assertTrue(hasattr(self.server, name), name)
         self.assertTrue(callable(getattr(self.server._aggregator, "flush", None)))
         # BufferingTLSTransport's write is its aggregator's, set per instance.

@@ -13,7 +13,9 @@ one C{SSL_write} of the whole chunk (OpenSSL cuts the records) and one read of e
 made, written to the transport at once; nothing is held for later.  pyOpenSSL's contexts let
 C{SSL_write} stop after one record (C{SSL_MODE_ENABLE_PARTIAL_WRITE}); the first time it does,
 the mode is cleared for that connection, so that later chunks take one C{SSL_write} each, not
-one per 16 KiB record.  Reads are unchanged (see L{casd.tlslayer.TLSProtocol}).
+one per 16 KiB record.  Once the handshake is done, C{SSL_write} is called directly rather than
+through pyOpenSSL's C{send} (the same call, without its Python checks; a failure goes through
+pyOpenSSL's own C{_raise_ssl_error}, so it raises what C{send} would).  Reads are unchanged (see L{casd.tlslayer.TLSProtocol}).
 
 This relies on L{TLSMemoryBIOProtocol}'s private state (C{_tlsConnection},
 C{_lostTLSConnection}, C{_bufferedWrite}, C{_tlsShutdownFinished}, C{_aggregator}); the tests
@@ -22,7 +24,7 @@ check each of them, so that a Twisted upgrade that changes them fails loudly.
 
 from __future__ import annotations
 
-from OpenSSL._util import lib as _lib
+from OpenSSL._util import ffi as _ffi, lib as _lib
 from OpenSSL.SSL import Error, WantReadError
 
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
@@ -32,6 +34,8 @@ from casd.tlslayer import TLSProtocol
 
 
 _PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+_SSL_write = _lib.SSL_write
+_fromBuffer = _ffi.from_buffer
 
 
 def tlsLayer(transport):
@@ -67,12 +71,23 @@ class _WholeChunkWrites:
         total = len(data)
         sent = 0
         try:
-            while sent < total:
-                sent += connection.send(data if not sent else memoryview(data)[sent:])
-                if sent < total:
-                    # pyOpenSSL's contexts allow partial writes: OpenSSL wrote one 16 KiB
-                    # record.  From now on one SSL_write takes a whole chunk, all its records.
-                    _lib.SSL_clear_mode(connection._ssl, _PARTIAL_WRITE)
+            if self._handshakeDone:
+                # pyOpenSSL's send without its Python around SSL_write (several calls a chunk);
+                # its own error handling when OpenSSL fails.
+                ssl = connection._ssl
+                while sent < total:
+                    result = _SSL_write(ssl, _fromBuffer(memoryview(data)[sent:] if sent else data), total - sent)
+                    if result <= 0:
+                        connection._raise_ssl_error(ssl, result)
+                        raise Error([("SSL routines", "", "SSL_write failed")])
+                    sent += result
+                    if sent < total:
+                        # pyOpenSSL's contexts allow partial writes: OpenSSL wrote one 16 KiB
+                        # record.  From now on one SSL_write takes a whole chunk.
+                        _lib.SSL_clear_mode(ssl, _PARTIAL_WRITE)
+            else:
+                while sent < total:
+                    sent += connection.send(memoryview(data)[sent:] if sent else data)
         except WantReadError:
             # A handshake in progress: keep the rest for later, as Twisted does.
             self._bufferedWrite(data[sent:])
