@@ -1,23 +1,29 @@
 # -*- test-case-name: tests.test_tlslayer -*-
 """
-The TLS layer of casd's connections: Twisted's, with its per-connection interface declarations
-made once.
+The TLS layer of casd's connections: Twisted's L{BufferingTLSTransport}, with less Python per
+connection and per record.
 
-When a L{TLSMemoryBIOProtocol} is connected, its C{makeConnection} declares the interfaces of
-the transport below as its own with C{directlyProvides(self, interface)}, once per interface (a
-TCP transport has nine), each call replacing the last.  zope.interface shares such declarations
-only while an object holding one is alive (a weak cache), so on a server whose connections come
-and go each of the nine is built again, resolution order and all: about 200 Python calls per TLS
-connection, a tenth of a proxied TLS login.  L{TLSProtocol} ends in the same declaration (the
-last interface for a STARTTLS layer; all of the transport's, through
-L{ProtocolWrapper.makeConnection}, for a layer that connects its protocol) but takes it from a
-table built once per transport declaration (L{_declarationsFor}).
+  - Interface declarations made once.  When a L{TLSMemoryBIOProtocol} is connected, its
+    C{makeConnection} declares the interfaces of the transport below as its own with
+    C{directlyProvides(self, interface)}, once per interface (a TCP transport has nine), each
+    call replacing the last.  zope.interface shares such declarations only while an object
+    holding one is alive (a weak cache), so on a server whose connections come and go each of
+    the nine is built again, resolution order and all: about 200 Python calls per TLS
+    connection.  L{TLSProtocol} ends in the same declaration (the last interface for a STARTTLS
+    layer; all of the transport's, through L{ProtocolWrapper.makeConnection}, for a layer that
+    connects its protocol) but takes it from a table built once per kind of transport
+    (L{_declarationsFor}).
+  - OpenSSL's memory BIOs read without the failing calls that end each of Twisted's loops, and
+    the records of one network read delivered in one C{dataReceived} (L{TLSProtocol}).
+  - After the handshake, C{SSL_read} and C{BIO_write} called directly rather than through
+    pyOpenSSL's C{recv} and C{bio_write} (their Python checks cost several calls per record);
+    failures go through pyOpenSSL's own error handling, so they raise what it would.
 
 L{TLSProtocol} is used by casd's TLS listeners (L{TLSFactory}), STARTTLS on a TCP transport
 (L{startTLS}, Twisted's own C{startTLS} with this protocol) and implicit TLS towards backends
-(L{wrapClientTLS}).  Its C{makeConnection} repeats Twisted's; L{makeConnectionMatches} compares
-the hashes of Twisted's sources with those they were copied from (L{COPIED}:
-L{changedInTwisted}), and the tests fail on a Twisted where they changed.
+(L{wrapClientTLS}).  Its methods repeat or replace Twisted's; L{changedInTwisted} compares the
+hashes of Twisted's sources with those they were written against (L{COPIED}), and the tests fail
+on a Twisted where they changed, so that the copies are looked at again.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-#: SHA-256 of the sources, in Twisted 26.10.0, of what L{TLSProtocol.makeConnection} and
-#: L{startTLS} repeat.
+#: SHA-256 of the sources, in Twisted 26.10.0, of what L{TLSProtocol} and L{startTLS} repeat or
+#: replace.
 COPIED = {
     (TLSMemoryBIOProtocol, "makeConnection"): (
         "c83b193e6cb07f9f9cef7fd04be06e64ede1cfcc17431f51da8cdcead4723ac1"
@@ -47,6 +53,15 @@ COPIED = {
         "1954239c5d3014a3d397228da181c3ac39e06caf17d150003d4220527e05b03f"
     ),
     (_newtls, "startTLS"): "da00d9cb1d682795edba5a67f67994cfe89507ebf14bc4b052bdcaa447ac0e5e",
+    (TLSMemoryBIOProtocol, "_flushReceiveBIO"): (
+        "b45e129f60c448628c0950f8800c0a8aa8fd04df848043d08627b3b01a98ed27"
+    ),
+    (TLSMemoryBIOProtocol, "_flushSendBIO"): (
+        "c034168e4f0faf2cf4d45d7aa671c0b8b16733067b9f600d5cae8c0c8a743b86"
+    ),
+    (TLSMemoryBIOProtocol, "dataReceived"): (
+        "0c9326eac628dc892f23a20f2d0bf02d93bd3a8e5caccfa70bfeb096a3ca8758"
+    ),
 }
 
 #: (protocol class, transport's declaration) -> (the declaration of the last interface only,
@@ -65,8 +80,8 @@ def _sourceHash(function) -> str:
 
 def changedInTwisted() -> list[str]:
     """
-    @return: the names of the Twisted functions L{TLSProtocol.makeConnection} and L{startTLS}
-        repeat whose source is not the one they were copied from (L{COPIED}); empty when all are.
+    @return: the names of the Twisted functions L{TLSProtocol} and L{startTLS} repeat or replace
+        whose source is not the one they were written against (L{COPIED}); empty when all are.
     """
     return [
         f"{getattr(owner, '__name__', owner)}.{name}"
@@ -100,6 +115,8 @@ _sslPending = _lib.SSL_pending
 
 
 _SSL_read = _lib.SSL_read
+_BIO_write = _lib.BIO_write
+_fromBuffer = _ffi.from_buffer
 _buffer = _ffi.buffer
 #: What L{_recv} decrypts into: one for the process, as only the reactor's thread reads TLS
 #: and nothing runs between C{SSL_read} and the copy out of it.
@@ -165,6 +182,26 @@ class TLSProtocol(BufferingTLSTransport):
             self.wrappedProtocol.makeConnection(self)
 
         self._checkHandshakeStatus()
+
+    def dataReceived(self, data):
+        """
+        C{TLSMemoryBIOProtocol.dataReceived}, the bytes handed to OpenSSL with C{BIO_write}
+        directly (pyOpenSSL's C{bio_write}, without its Python checks, which still handles what
+        that cannot take: nothing to write).
+        """
+        connection = self._tlsConnection
+        if _BIO_write(connection._into_ssl, _fromBuffer(data), len(data)) <= 0:
+            connection.bio_write(data)
+
+        if not self._handshakeDone:
+            self._checkHandshakeStatus()
+            if not self._handshakeDone:
+                return
+
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+
+        self._flushReceiveBIO()
 
     def _flushSendBIO(self):
         """
