@@ -3,12 +3,15 @@ Python function calls per proxied login, counted with cProfile: deterministic wh
 and CPU figures are not (a machine shared with other work).
 
     PYTHONPATH=$PWD .venv/bin/python -m bench.callcount [--sessions 400] [--tls] [--proto pop3]
+    PYTHONPATH=$PWD .venv/bin/python -m bench.callcount --bulk-mib 64 [--tls]
 
 Starts a small Dovecot and casd (as the benchmark does, under C{twistd -n cas}, but inside this
 module's C{wrap} mode, which turns cProfile on at L{START} and off, writing the statistics, at
 L{STOP}), warms casd's credential cache (every user logs in once), then counts the calls of
 C{--sessions} logins, one session at a time.  Prints the calls per login and the functions called
-most per login.  Only casd's process is profiled.
+most per login.  With C{--bulk-mib}, the calls per MiB of a bulk relay instead (4 clients
+fetching their INBOX of 1 MiB messages, as the benchmark's bulk phase).  Only casd's process is
+profiled.
 """
 
 from __future__ import annotations
