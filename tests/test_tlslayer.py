@@ -31,7 +31,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from casd import tlslayer
 from casd.session.tlsrelay import wholeChunks
 from casd.tlslayer import TLSFactory, TLSProtocol, changedInTwisted, startTLS, wrapClientTLS
-from tests.test_tlsrelay import Collector, _options
+from tests.test_tlsrelay import Collector, _options, pump
 
 
 @implementer(ITLSTransport, ITCPTransport, ISystemHandle, IPushProducer, IConsumer)
@@ -273,16 +273,7 @@ class ReceiveTests(SynchronousTestCase):
         self.serverWire, self.clientWire = StringTransport(), StringTransport()
         self.server.makeConnection(self.serverWire)
         self.client.makeConnection(self.clientWire)
-        for _ in range(20):
-            a, b = self.clientWire.value(), self.serverWire.value()
-            if not a and not b:
-                break
-            self.clientWire.clear()
-            self.serverWire.clear()
-            if a:
-                self.server.dataReceived(a)
-            if b:
-                self.client.dataReceived(b)
+        pump(self.server, self.serverWire, self.client, self.clientWire, self.clock)
         self.assertTrue(self.server._handshakeDone and self.client._handshakeDone)
         self.assertEqual(self.server._tlsConnection.get_protocol_version_name(), "TLSv1.3")
         wholeChunks(self.client)

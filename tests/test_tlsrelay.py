@@ -48,6 +48,25 @@ def _options(directory):
     return server, client
 
 
+def pump(server, serverWire, client, clientWire, clock):
+    """
+    Move bytes both ways between two TLS layers over StringTransports until neither side has
+    anything more to say (bounded).
+    """
+    for _ in range(100):
+        clock.advance(0)
+        a, b = clientWire.value(), serverWire.value()
+        if not a and not b:
+            return
+        clientWire.clear()
+        serverWire.clear()
+        if a:
+            server.dataReceived(a)
+        if b:
+            client.dataReceived(b)
+    raise AssertionError("the TLS layers kept talking")
+
+
 class WholeChunkTests(SynchronousTestCase):
     def setUp(self):
         self.serverOptions, self.clientOptions = _options(self.mktemp())
@@ -68,21 +87,7 @@ class WholeChunkTests(SynchronousTestCase):
         self.assertTrue(self.server._handshakeDone and self.client._handshakeDone)
 
     def pump(self):
-        """
-        Move bytes both ways until neither side has anything more to say (bounded).
-        """
-        for _ in range(100):
-            self.clock.advance(0)
-            a, b = self.clientWire.value(), self.serverWire.value()
-            if not a and not b:
-                return
-            self.clientWire.clear()
-            self.serverWire.clear()
-            if a:
-                self.server.dataReceived(a)
-            if b:
-                self.client.dataReceived(b)
-        raise AssertionError("the TLS layers kept talking")
+        pump(self.server, self.serverWire, self.client, self.clientWire, self.clock)
 
     def test_itIsBufferingTLSTransport(self):
         """
