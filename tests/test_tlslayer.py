@@ -29,7 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd import tlslayer
-from casd.session.tlsrelay import wholeChunks
+from casd.session.tlsrelay import _WholeChunkWrites, wholeChunks
 from casd.tlslayer import TLSFactory, TLSProtocol, changedInTwisted, startTLS, wrapClientTLS
 from tests.test_tlsrelay import Collector, _options, pump
 
@@ -113,6 +113,8 @@ class DeclarationTests(SynchronousTestCase):
         protocol = self.connect(TLSFactory, ManyInterfaces())
         self.assertTrue(wholeChunks(protocol))
         self.assertIsInstance(protocol, TLSProtocol)
+        self.assertIsInstance(protocol, _WholeChunkWrites)
+        self.assertNotIn("write", vars(protocol))  # not the aggregator's any more
 
 
 class FakeEndpoint:
