@@ -111,13 +111,32 @@ def _declarationsFor(cls, transport):
 #: The bytes a memory BIO holds (C{BIO_get_mem_data} with no pointer: C{BIO_CTRL_INFO}).
 _held = _lib.BIO_get_mem_data
 _NULL = _ffi.NULL
+_buffer = _ffi.buffer
 _sslPending = _lib.SSL_pending
+
+
+_BIO_read = _lib.BIO_read
+_allocate = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def drain(connection) -> bytes:
+    """
+    @return: every byte OpenSSL has for the peer (its outgoing memory BIO emptied), C{b""} when
+        there is none: pyOpenSSL's C{bio_read} of exactly what the BIO holds, without its Python
+        checks and without the C{WantReadError} it raises for an empty BIO.
+    """
+    bio = connection._from_ssl
+    size = _held(bio, _NULL)
+    if size <= 0:
+        return b""
+    out = _allocate("char[]", size)
+    got = _BIO_read(bio, out, size)
+    return _buffer(out, got)[:] if got > 0 else b""
 
 
 _SSL_read = _lib.SSL_read
 _BIO_write = _lib.BIO_write
 _fromBuffer = _ffi.from_buffer
-_buffer = _ffi.buffer
 #: What L{_recv} decrypts into: one for the process, as only the reactor's thread reads TLS
 #: and nothing runs between C{SSL_read} and the copy out of it.
 _READ = _ffi.new("char[]", 2**15)
@@ -207,10 +226,9 @@ class TLSProtocol(BufferingTLSTransport):
         """
         Write whatever OpenSSL has to send, if anything, in one transport write.
         """
-        connection = self._tlsConnection
-        size = _held(connection._from_ssl, _NULL)
-        if size > 0:
-            self.transport.write(connection.bio_read(size))
+        records = drain(self._tlsConnection)
+        if records:
+            self.transport.write(records)
 
     def _flushReceiveBIO(self):
         """

@@ -375,6 +375,11 @@ class ReceiveTests(SynchronousTestCase):
             self.assertIsNotNone(getattr(connection, name, None), name)
         self.assertTrue(callable(getattr(connection, "_raise_ssl_error", None)))
         self.assertEqual(tlslayer._held(connection._from_ssl, tlslayer._NULL), 0)
+        self.assertEqual(tlslayer.drain(connection), b"")  # no WantReadError
+        connection.send(b"y")
+        record = tlslayer.drain(connection)
+        self.assertEqual(len(record), 5 + 1 + 17)  # header, byte, TLS 1.3 AEAD overhead
+        self.assertEqual(tlslayer.drain(connection), b"")
         connection.send(b"x")  # a record in the outgoing BIO, not yet written
         held = tlslayer._held(connection._from_ssl, tlslayer._NULL)
         self.assertGreater(held, 1)

@@ -30,7 +30,7 @@ from OpenSSL.SSL import Error, WantReadError
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from casd.tlslayer import TLSProtocol
+from casd.tlslayer import TLSProtocol, drain
 
 
 _PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
@@ -94,26 +94,15 @@ class _WholeChunkWrites:
         except Error:
             self._tlsShutdownFinished(Failure())
             return
-        self._flushAllRecords(total)
+        self._flushAllRecords()
 
-    def _flushAllRecords(self, hint: int) -> None:
+    def _flushAllRecords(self) -> None:
         """
         Write every record OpenSSL made to the transport, in one write.
         """
-        connection = self._tlsConnection
-        # Room for the records of C{hint} bytes (at most 29 bytes per 16 KiB record), at once.
-        size = hint + (hint >> 9) + 2**14
-        records = []
-        while True:
-            try:
-                chunk = connection.bio_read(size)
-            except WantReadError:
-                break
-            records.append(chunk)
-            if len(chunk) < size:
-                break
+        records = drain(self._tlsConnection)
         if records:
-            self.transport.write(records[0] if len(records) == 1 else b"".join(records))
+            self.transport.write(records)
 
 
 class _WholeChunkTLS(_WholeChunkWrites, TLSMemoryBIOProtocol):
