@@ -191,6 +191,8 @@ class ServerTLS:
         self.options = None
         self.keyring = None
         self._byProtocol: dict = {}
+        #: id(descriptor) -> (descriptor, its entry of _byProtocol); reload updates the entries.
+        self._byDescriptor: dict = {}
         self._chains: dict = {}
         if not config.enabled:
             return
@@ -297,10 +299,15 @@ class ServerTLS:
         """
         if self.options is None:
             return None
+        # Each STARTTLS asks: the descriptor's own entry first, without working out its key.
+        known = self._byDescriptor.get(id(descriptor))
+        if known is not None and known[0] is descriptor:
+            return known[1]
         key = (descriptor.name, alpnProtocolsOf(descriptor))
         options = self._byProtocol.get(key)
         if options is None:
             options = self._byProtocol[key] = _Reloadable(self._build(key[1], b"casd-" + key[0].encode("utf-8")))
+        self._byDescriptor[id(descriptor)] = (descriptor, options)
         return options
 
     @property

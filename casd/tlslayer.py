@@ -254,7 +254,8 @@ class TLSProtocol(BufferingTLSTransport):
                 received.append(data)
                 if not _held(connection._into_ssl, _NULL) and not _sslPending(connection._ssl):
                     break
-        self._deliver(received)
+        if received:
+            self._deliver(received)
         self._flushSendBIO()
 
     def _deliver(self, received: list) -> list:
