@@ -16,7 +16,8 @@ connection and per record.
   - OpenSSL's memory BIOs read without the failing calls that end each of Twisted's loops, and
     the records of one network read delivered in one C{dataReceived} (L{TLSProtocol}).
   - After the handshake, C{SSL_read} and C{BIO_write} called directly rather than through
-    pyOpenSSL's C{recv} and C{bio_write} (their Python checks cost several calls per record);
+    pyOpenSSL's C{recv} and C{bio_write} (their Python checks cost several calls per record),
+    the records of one read decrypted one after the other into one buffer, copied out once;
     failures go through pyOpenSSL's own error handling, so they raise what it would.
 
 L{TLSProtocol} is used by casd's TLS listeners (L{TLSFactory}), STARTTLS on a TCP transport
@@ -137,27 +138,12 @@ def drain(connection) -> bytes:
 _SSL_read = _lib.SSL_read
 _BIO_write = _lib.BIO_write
 _fromBuffer = _ffi.from_buffer
-#: What L{_recv} decrypts into: one for the process, as only the reactor's thread reads TLS
-#: and nothing runs between C{SSL_read} and the copy out of it.
-_READ = _ffi.new("char[]", 2**15)
-
-
-def _recv(connection) -> bytes:
-    """
-    pyOpenSSL's C{connection.recv(2**15)} without its Python around C{SSL_read} (an allocation
-    and several calls per record), for a connection whose handshake is done; a failure goes
-    through pyOpenSSL's own C{_raise_ssl_error}, so it raises what C{recv} would.
-    """
-    ssl = connection._ssl
-    result = _SSL_read(ssl, _READ, 2**15)
-    if result <= 0:
-        connection._raise_ssl_error(ssl, result)
-        raise Error([("SSL routines", "", "SSL_read failed")])
-    return _buffer(_READ, result)[:]
-
-
-def _pyOpenSSLRecv(connection) -> bytes:
-    return connection.recv(2**15)
+_memmove = _ffi.memmove
+#: What L{TLSProtocol} decrypts into, record after record, before one copy out to the
+#: protocol: room for the records of a 256 KiB read and one more.  One for the process: only
+#: the reactor's thread reads TLS, and the bytes are copied out before the protocol runs.
+_READ_SIZE = 2**18 + 2**15
+_READ = _ffi.new("char[]", _READ_SIZE)
 
 
 class TLSProtocol(BufferingTLSTransport):
@@ -173,7 +159,7 @@ class TLSProtocol(BufferingTLSTransport):
         network decrypted in one C{dataReceived} (the records of a 256 KiB read: sixteen calls
         through the relay and as many socket writes, one each in Twisted's loop).
 
-    Once the handshake is done, records are decrypted with C{SSL_read} directly (L{_recv}).
+    Once the handshake is done, records are decrypted with C{SSL_read} directly, into L{_READ}.
     This uses pyOpenSSL's private C{_tlsConnection._into_ssl}, C{_from_ssl}, C{_ssl} and
     C{_raise_ssl_error} (the tests check them): OpenSSL does not read ahead here (pyOpenSSL and Twisted leave
     C{SSL_CTX_set_read_ahead} off), so once the incoming BIO is empty and C{SSL_pending} is 0
@@ -234,34 +220,55 @@ class TLSProtocol(BufferingTLSTransport):
         """
         C{TLSMemoryBIOProtocol._flushReceiveBIO}: deliver every record OpenSSL can decrypt now,
         in one C{dataReceived}; handle the end of TLS (after delivering what came before it).
+
+        Once the handshake is done, records are decrypted with C{SSL_read} directly, one after
+        the other into L{_READ}; before (when the connection is lost during the handshake),
+        through pyOpenSSL's C{recv}.
         """
         connection = self._tlsConnection
-        recv = _recv if self._handshakeDone else _pyOpenSSLRecv
-        received = []
+        ssl = connection._ssl
+        direct = self._handshakeDone
+        got = 0
         while not self._lostTLSConnection:
+            if got > _READ_SIZE - 2**15:
+                got = self._deliver(got)
             try:
-                data = recv(connection)
+                if direct:
+                    result = _SSL_read(ssl, _READ + got, 2**15)
+                    if result <= 0:
+                        # pyOpenSSL's own error handling: what its recv would raise.
+                        connection._raise_ssl_error(ssl, result)
+                        raise Error([("SSL routines", "", "SSL_read failed")])
+                else:
+                    data = connection.recv(2**15)
+                    result = len(data)
+                    _memmove(_READ + got, data, result)
             except WantReadError:
                 break
             except ZeroReturnError:
-                received = self._deliver(received)
+                got = self._deliver(got)
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except Error:
-                received = self._deliver(received)
+                got = self._deliver(got)
                 self._tlsShutdownFinished(Failure())
             else:
-                received.append(data)
-                if not _held(connection._into_ssl, _NULL) and not _sslPending(connection._ssl):
+                got += result
+                if not _held(connection._into_ssl, _NULL) and not _sslPending(ssl):
                     break
-        if received:
-            self._deliver(received)
+        if got:
+            self._deliver(got)
         self._flushSendBIO()
 
-    def _deliver(self, received: list) -> list:
-        if received and not self._aborted:
-            self.wrappedProtocol.dataReceived(received[0] if len(received) == 1 else b"".join(received))
-        return []
+    def _deliver(self, got: int) -> int:
+        """
+        Give the protocol the first C{got} bytes of L{_READ} (copied out first).
+
+        @return: 0, the new fill of L{_READ}.
+        """
+        if got and not self._aborted:
+            self.wrappedProtocol.dataReceived(_buffer(_READ, got)[:])
+        return 0
 
 
 class TLSFactory(TLSMemoryBIOFactory):

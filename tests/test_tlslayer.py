@@ -6,12 +6,13 @@ once, for listeners, STARTTLS and backend connections.
 import os
 import socket
 
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Error
 from zope.interface import directlyProvidedBy, implementer, providedBy
 
 from twisted.internet import tcp
 from twisted.internet.defer import succeed
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
     IPushProducer,
@@ -26,6 +27,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols import policies
 from twisted.protocols import tls as twistedTLS
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd import tlslayer
@@ -332,21 +334,44 @@ class ReceiveTests(SynchronousTestCase):
         # The server answered the close_notify and closed its side.
         self.assertTrue(self.serverWire.disconnecting)
 
-    def test_directReadRaisesAsPyOpenSSL(self):
+    def test_directReadsAsPyOpenSSL(self):
         """
-        L{tlslayer._recv} (C{SSL_read} without pyOpenSSL's wrapper) raises what pyOpenSSL's
-        C{recv} does: C{WantReadError} when a record is incomplete, C{ZeroReturnError} after the
-        peer's close_notify, and returns the record's bytes otherwise.
+        With C{SSL_read} called directly: an incomplete record delivers nothing, its last byte
+        delivers it, and the peer's close_notify ends TLS cleanly (pyOpenSSL's
+        C{ZeroReturnError}: the protocol's reason is the transport's, not a TLS error).
         """
-        connection = self.server._tlsConnection
         wire = self.sent(b"a NOOP\r\n")
-        connection.bio_write(wire[:-1])
-        self.assertRaises(WantReadError, tlslayer._recv, connection)
-        connection.bio_write(wire[-1:])
-        self.assertEqual(tlslayer._recv(connection), b"a NOOP\r\n")
+        self.server.dataReceived(wire[:-1])
+        self.assertEqual(self.serverApp.received, [])
+        self.server.dataReceived(wire[-1:])
+        self.assertEqual(self.serverApp.received, [b"a NOOP\r\n"])
         self.client.loseConnection()
-        connection.bio_write(self.clientWire.value())
-        self.assertRaises(ZeroReturnError, tlslayer._recv, connection)
+        self.server.dataReceived(self.clientWire.value())
+        self.assertTrue(self.server._lostTLSConnection)
+        self.assertIsNone(self.server._reason)
+
+    def test_bufferFullDeliversAndGoesOn(self):
+        """
+        More records in one read than the decryption buffer holds: delivered in order, in as
+        few calls as the buffer allows.
+        """
+        chunks = [os.urandom(256 * 1024) for _ in range(3)]
+        self.server.dataReceived(self.sent(*chunks))
+        self.assertEqual(b"".join(self.serverApp.received), b"".join(chunks))
+        self.assertEqual(len(self.serverApp.received), 3)
+
+    def test_lostDuringHandshakeReadsThroughPyOpenSSL(self):
+        """
+        The connection lost before the handshake finished: the read at the end goes through
+        pyOpenSSL (its callbacks may still be running), and ends cleanly.
+        """
+        serverOptions, _ = _options(self.mktemp())
+        app = Counting()
+        server = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: app), self.clock).buildProtocol(None)
+        server.makeConnection(StringTransport())
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(app.received, [])
+        self.assertEqual(len(app.lost), 1)
 
     def test_corruptRecordEndsTheConnection(self):
         """
