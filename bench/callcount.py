@@ -141,7 +141,8 @@ def measure(args) -> int:
         time.sleep(0.5)
         result = pstats.Stats(stats)
         total = result.total_calls
-        print(json.dumps({"sessions" if unit == "Login" else "MiB": done, "calls": total, "callsPer" + unit: round(total / done, 1)}))
+        counted = {"sessions" if unit == "Login" else "MiB": done, "calls": total}
+        print(json.dumps(dict(counted, **{"callsPer" + unit: round(total / done, 1)})))
         rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[: args.top]
         for (path, line, name), (cc, nc, tt, ct, _) in rows:
             where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]

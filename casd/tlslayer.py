@@ -161,9 +161,9 @@ class TLSProtocol(BufferingTLSTransport):
 
     Once the handshake is done, records are decrypted with C{SSL_read} directly, into L{_READ}.
     This uses pyOpenSSL's private C{_tlsConnection._into_ssl}, C{_from_ssl}, C{_ssl} and
-    C{_raise_ssl_error} (the tests check them): OpenSSL does not read ahead here (pyOpenSSL and Twisted leave
-    C{SSL_CTX_set_read_ahead} off), so once the incoming BIO is empty and C{SSL_pending} is 0
-    there is nothing more to read until more bytes arrive.
+    C{_raise_ssl_error} (the tests check them).  OpenSSL does not read ahead here (pyOpenSSL,
+    Twisted and casd leave C{SSL_CTX_set_read_ahead} off), so once the incoming BIO is empty and
+    C{SSL_pending} is 0 there is nothing more to read until more bytes arrive.
     """
 
     def makeConnection(self, transport):

@@ -5,6 +5,7 @@ once, for listeners, STARTTLS and backend connections.
 
 import os
 import socket
+import types
 
 from OpenSSL.SSL import Error
 from zope.interface import directlyProvidedBy, implementer, providedBy
@@ -22,6 +23,7 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Factory
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import policies
@@ -31,8 +33,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd import tlslayer
+from casd.config import TLSConfig
+from casd.tls import ServerTLS
 from casd.session.tlsrelay import _WholeChunkWrites, wholeChunks
 from casd.tlslayer import TLSFactory, TLSProtocol, changedInTwisted, startTLS, wrapClientTLS
+from tests.support.certs import CertificateAuthority
 from tests.test_tlsrelay import Collector, _options, pump
 
 
@@ -262,6 +267,20 @@ class Counting(Collector):
         self.lost.append(reason)
 
 
+def _casdOptions(directory):
+    """
+    @return: casd's own server options for an IMAP listener (its contexts: ALPN policy, groups,
+        no renegotiation, ...) and client options that trust them.
+    """
+    ca = CertificateAuthority.create(directory)
+    certPath, keyPath = ca.issue(["mail.example.com"], "server")
+    descriptor = types.SimpleNamespace(name="imap", alpnProtocols=("imap",))
+    server = ServerTLS(TLSConfig(certificate=certPath, key=keyPath, minimumVersion="TLSv1.2", sni=()))
+    with open(ca.caPath, "rb") as f:
+        client = optionsForClientTLS("mail.example.com", Certificate.loadPEM(f.read()))
+    return server.optionsFor(descriptor), client
+
+
 class ReceiveTests(SynchronousTestCase):
     """
     The receive side of L{TLSProtocol}: everything OpenSSL can decrypt is delivered at once,
@@ -269,11 +288,17 @@ class ReceiveTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        serverOptions, clientOptions = _options(self.mktemp())
+        serverOptions, clientOptions = _casdOptions(self.mktemp())
         self.clock = Clock()
         self.serverApp, self.clientApp = Counting(), Counting()
-        self.server = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: self.serverApp), self.clock).buildProtocol(None)
-        self.client = TLSMemoryBIOFactory(clientOptions, True, Factory.forProtocol(lambda: self.clientApp), self.clock).buildProtocol(None)
+        serverFactory = TLSFactory(
+            serverOptions, False, Factory.forProtocol(lambda: self.serverApp), self.clock
+        )
+        clientFactory = TLSMemoryBIOFactory(
+            clientOptions, True, Factory.forProtocol(lambda: self.clientApp), self.clock
+        )
+        self.server = serverFactory.buildProtocol(None)
+        self.client = clientFactory.buildProtocol(None)
         self.serverWire, self.clientWire = StringTransport(), StringTransport()
         self.server.makeConnection(self.serverWire)
         self.client.makeConnection(self.clientWire)
@@ -367,7 +392,8 @@ class ReceiveTests(SynchronousTestCase):
         """
         serverOptions, _ = _options(self.mktemp())
         app = Counting()
-        server = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: app), self.clock).buildProtocol(None)
+        factory = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: app), self.clock)
+        server = factory.buildProtocol(None)
         server.makeConnection(StringTransport())
         server.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(app.received, [])

@@ -15,7 +15,8 @@ C{SSL_write} stop after one record (C{SSL_MODE_ENABLE_PARTIAL_WRITE}); the first
 the mode is cleared for that connection, so that later chunks take one C{SSL_write} each, not
 one per 16 KiB record.  Once the handshake is done, C{SSL_write} is called directly rather than
 through pyOpenSSL's C{send} (the same call, without its Python checks; a failure goes through
-pyOpenSSL's own C{_raise_ssl_error}, so it raises what C{send} would).  Reads are unchanged (see L{casd.tlslayer.TLSProtocol}).
+pyOpenSSL's own C{_raise_ssl_error}, so it raises what C{send} would).  Reads are casd's TLS
+layer's (L{casd.tlslayer.TLSProtocol}).
 
 This relies on L{TLSMemoryBIOProtocol}'s private state (C{_tlsConnection},
 C{_lostTLSConnection}, C{_bufferedWrite}, C{_tlsShutdownFinished}, C{_aggregator}); the tests
@@ -76,7 +77,8 @@ class _WholeChunkWrites:
                 # its own error handling when OpenSSL fails.
                 ssl = connection._ssl
                 while sent < total:
-                    result = _SSL_write(ssl, _fromBuffer(memoryview(data)[sent:] if sent else data), total - sent)
+                    rest = memoryview(data)[sent:] if sent else data
+                    result = _SSL_write(ssl, _fromBuffer(rest), total - sent)
                     if result <= 0:
                         connection._raise_ssl_error(ssl, result)
                         raise Error([("SSL routines", "", "SSL_write failed")])
