@@ -3,13 +3,15 @@ Python function calls per proxied login, counted with cProfile: deterministic wh
 and CPU figures are not (a machine shared with other work).
 
     PYTHONPATH=$PWD .venv/bin/python -m bench.callcount [--sessions 400] [--tls] [--proto pop3]
+    PYTHONPATH=$PWD .venv/bin/python -m bench.callcount --bulk-mib 64 [--tls]
 
 Starts a small Dovecot and casd (as the benchmark does, under C{twistd -n cas}, but inside this
 module's C{wrap} mode, which turns cProfile on at L{START} and off, writing the statistics, at
-L{STOP}: real-time signals, as casd itself takes C{SIGUSR1} (drain) and C{SIGUSR2} (log
-reopen)), warms casd's credential cache (every user logs in once), then counts the calls of
+L{STOP}), warms casd's credential cache (every user logs in once), then counts the calls of
 C{--sessions} logins, one session at a time.  Prints the calls per login and the functions called
-most per login.  Only casd's process is profiled.
+most per login.  With C{--bulk-mib}, the calls per MiB of a bulk relay instead (4 clients
+fetching their INBOX of 1 MiB messages, as the benchmark's bulk phase).  Only casd's process is
+profiled.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import time
 
 from bench.servers import HERE, ROOT
 
-#: Written by the profiled casd at L{STOP}.
-STATS_ENV = "CASD_CALLCOUNT_STATS"
-
-#: Signals that switch the profile on and off (casd handles SIGUSR1 and SIGUSR2 itself).
+#: The signals that start and stop the profile: real-time ones, since casd itself handles
+#: C{SIGUSR1} (drain) and C{SIGUSR2} (reopen its log file).
 START = signal.SIGRTMIN + 1
 STOP = signal.SIGRTMIN + 2
+
+#: Written by the profiled casd at L{STOP}.
+STATS_ENV = "CASD_CALLCOUNT_STATS"
 
 
 def wrap(argv: list[str]) -> None:
@@ -80,6 +83,25 @@ def _login(port, proto, tls, users, sessions, sequential=True):
     return result["sessions"]
 
 
+def _bulk(port, proto, tls, users, mib):
+    """
+    Relay C{mib} MiB from Dovecot to 4 clients fetching their INBOX (the benchmark's bulk phase).
+
+    @return: the MiB received.
+    """
+    from bench.__main__ import _collect, _spawnLoad
+    from bench.servers import MIB
+
+    spec = dict(
+        mode="bulk", proto=proto, host="127.0.0.1", port=port, tls=tls, concurrency=4,
+        bytes=mib * MIB, duration=300.0, users=users[:4], offset=0,
+    )
+    (result,) = _collect([_spawnLoad(spec)], 360)
+    if result["errors"]:
+        raise RuntimeError(f"bulk failed: {result['errors']}")
+    return result["bytes"] / MIB
+
+
 def measure(args) -> int:
     from bench.servers import CASD, password, startDovecot, userName, writeCertificate, writeUsers
 
@@ -88,7 +110,8 @@ def measure(args) -> int:
     users = [[userName(i), password(i)] for i in range(args.users)]
     started = []
     try:
-        dovecot = startDovecot(work, args.users, 0, 0, args.proto == "pop3")
+        bulk = 4 if args.bulk_mib else 0
+        dovecot = startDovecot(work, args.users, bulk, 8 if bulk else 0, args.proto == "pop3")
         started.append(dovecot)
         cert, key, _ = writeCertificate(work)
         casdUsers, _ = writeUsers(work, args.users, "SSHA256")
@@ -106,7 +129,10 @@ def measure(args) -> int:
         if os.path.exists(stats):
             os.unlink(stats)
         os.kill(casd.process.pid, START)
-        done = _login(port, args.proto, args.tls, users, args.sessions, sequential=False)
+        if args.bulk_mib:
+            done, unit = _bulk(port, args.proto, args.tls, users, args.bulk_mib), "MiB"
+        else:
+            done, unit = _login(port, args.proto, args.tls, users, args.sessions, sequential=False), "Login"
         time.sleep(0.5)  # the last session's close
         os.kill(casd.process.pid, STOP)
         deadline = time.monotonic() + 30
@@ -115,7 +141,8 @@ def measure(args) -> int:
         time.sleep(0.5)
         result = pstats.Stats(stats)
         total = result.total_calls
-        print(json.dumps({"sessions": done, "calls": total, "callsPerLogin": round(total / done, 1)}))
+        counted = {"sessions" if unit == "Login" else "MiB": done, "calls": total}
+        print(json.dumps(dict(counted, **{"callsPer" + unit: round(total / done, 1)})))
         rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[: args.top]
         for (path, line, name), (cc, nc, tt, ct, _) in rows:
             where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
@@ -137,6 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--proto", default="imap", choices=("imap", "pop3"))
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--bulk-mib", type=int, default=0, help="count calls per MiB of a bulk relay instead")
     return measure(parser.parse_args(argv))
 
 

@@ -12,8 +12,9 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
+
+from casd.tlslayer import wrapClientTLS
 
 
 def parseAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -220,6 +220,8 @@ class ServerTLS:
         self.options = None
         self.keyring = None
         self._byProtocol: dict = {}
+        #: id(descriptor) -> (descriptor, its entry of _byProtocol); reload updates the entries.
+        self._byDescriptor: dict = {}
         self._chains: dict = {}
         if not config.enabled:
             return
@@ -341,10 +343,15 @@ class ServerTLS:
         """
         if self.options is None:
             return None
+        # Each STARTTLS asks: the descriptor's own entry first, without working out its key.
+        known = self._byDescriptor.get(id(descriptor))
+        if known is not None and known[0] is descriptor and known[1] == clientCAFile:
+            return known[2]
         key = (descriptor.name, alpnProtocolsOf(descriptor), clientCAFile)
         options = self._byProtocol.get(key)
         if options is None:
             options = self._byProtocol[key] = _Reloadable(self._build(*self._buildArguments(key)))
+        self._byDescriptor[id(descriptor)] = (descriptor, clientCAFile, options)
         return options
 
     @property

@@ -346,6 +346,27 @@ class ReloadTests(SynchronousTestCase):
         self.assertNotEqual(self.issuer(kept), before)
         self.assertIs(tls.optionsFor(IMAP()), kept)
 
+    def test_sameDescriptorAfterReload(self):
+        """
+        A listener's descriptor (asked at each STARTTLS) gets the same options, reloaded, and
+        another descriptor of the same protocol the same ones too.
+        """
+
+        class IMAP:
+            name = "imap"
+            alpnProtocols = ("imap",)
+
+        descriptor = IMAP()
+        tls = ServerTLS(self.config)
+        kept = tls.optionsFor(descriptor)
+        self.assertIs(tls.optionsFor(descriptor), kept)
+        before = self.issuer(tls.optionsFor(descriptor))
+        self.install(self.cas[1])
+        self.assertTrue(tls.reload(self.config))
+        self.assertIs(tls.optionsFor(descriptor), kept)
+        self.assertNotEqual(self.issuer(tls.optionsFor(descriptor)), before)
+        self.assertIs(tls.optionsFor(IMAP()), kept)
+
     def test_unusableKeyChangesNothing(self):
         """
         A key file that does not parse is a one-line L{ConfigError}, at start and on reload.

@@ -5,6 +5,8 @@ TLS layers over StringTransports, pumped by hand), and the private Twisted state
 
 import os
 
+from OpenSSL.SSL import Error
+
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.task import Clock
@@ -12,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from casd.session import tlsrelay
 from casd.session.relay import writeThrough
 from casd.session.tlsrelay import _WholeChunkBufferingTLS, tlsLayer, wholeChunks
 from tests.support.certs import CertificateAuthority
@@ -45,6 +48,25 @@ def _options(directory):
     return server, client
 
 
+def pump(server, serverWire, client, clientWire, clock):
+    """
+    Move bytes both ways between two TLS layers over StringTransports until neither side has
+    anything more to say (bounded).
+    """
+    for _ in range(100):
+        clock.advance(0)
+        a, b = clientWire.value(), serverWire.value()
+        if not a and not b:
+            return
+        clientWire.clear()
+        serverWire.clear()
+        if a:
+            server.dataReceived(a)
+        if b:
+            client.dataReceived(b)
+    raise AssertionError("the TLS layers kept talking")
+
+
 class WholeChunkTests(SynchronousTestCase):
     def setUp(self):
         self.serverOptions, self.clientOptions = _options(self.mktemp())
@@ -65,21 +87,7 @@ class WholeChunkTests(SynchronousTestCase):
         self.assertTrue(self.server._handshakeDone and self.client._handshakeDone)
 
     def pump(self):
-        """
-        Move bytes both ways until neither side has anything more to say (bounded).
-        """
-        for _ in range(100):
-            self.clock.advance(0)
-            a, b = self.clientWire.value(), self.serverWire.value()
-            if not a and not b:
-                return
-            self.clientWire.clear()
-            self.serverWire.clear()
-            if a:
-                self.server.dataReceived(a)
-            if b:
-                self.client.dataReceived(b)
-        raise AssertionError("the TLS layers kept talking")
+        pump(self.server, self.serverWire, self.client, self.clientWire, self.clock)
 
     def test_itIsBufferingTLSTransport(self):
         """
@@ -115,6 +123,41 @@ class WholeChunkTests(SynchronousTestCase):
         self.assertEqual(self.serverWire.writes, 2)
         self.pump()
         self.assertEqual(b"".join(self.clientApp.received), chunk + b"* 1 EXISTS\r\n")
+
+    def test_oneSSLWritePerChunk(self):
+        """
+        After the first chunk (pyOpenSSL allows partial writes: OpenSSL stops after a record,
+        and casd then turns that off), a chunk is one C{SSL_write}, not one per 16 KiB record.
+        """
+        wholeChunks(self.server)
+        sends = []
+        original = tlsrelay._SSL_write
+
+        def send(ssl, data, size):
+            sends.append(size)
+            return original(ssl, data, size)
+
+        self.patch(tlsrelay, "_SSL_write", send)
+        first, second = os.urandom(256 * 1024), os.urandom(256 * 1024)
+        self.server.write(first)
+        self.assertEqual(sends, [256 * 1024, 256 * 1024 - 16384])
+        del sends[:]
+        self.server.write(second)
+        self.assertEqual(sends, [256 * 1024])
+        self.pump()
+        self.assertEqual(b"".join(self.clientApp.received), first + second)
+
+    def test_failedWriteEndsTheConnection(self):
+        """
+        C{SSL_write} called directly fails as pyOpenSSL's C{send} would (here: after a TLS
+        shutdown), and the connection ends, without an exception out of C{write}.
+        """
+        wholeChunks(self.server)
+        self.server._tlsConnection.shutdown()
+        self.assertRaises(Error, self.server._tlsConnection.send, b"x")
+        self.server.write(b"* BYE\r\n")
+        self.assertTrue(self.server._lostTLSConnection)
+        self.assertIsInstance(self.server._reason.value, Error)
 
     def test_smallWriteNotHeld(self):
         """
@@ -154,7 +197,7 @@ class WholeChunkTests(SynchronousTestCase):
         """
         for name in ("_write", "_bufferedWrite", "_tlsShutdownFinished", "_flushSendBIO"):
             self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name, None)), name)
-        for name in ("_tlsConnection", "_lostTLSConnection", "_producer", "disconnecting"):
+        for name in ("_tlsConnection", "_lostTLSConnection", "_producer", "disconnecting", "_handshakeDone"):
             self.assertTrue(hasattr(self.server, name), name)
         self.assertTrue(callable(getattr(self.server._aggregator, "flush", None)))
         # BufferingTLSTransport's write is its aggregator's, set per instance.

@@ -16,7 +16,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -34,6 +33,7 @@ from casd.routing.router import defaultRouter
 from casd.state.keys import SecretError
 from casd.state.service import StateService
 from casd.tls import ClientTLS, ServerTLS, clientCAFileOf
+from casd.tlslayer import TLSFactory
 
 log = Logger()
 
@@ -203,7 +203,7 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
                     tlsOptions = context.serverTLS.optionsFor(descriptor, clientCAFileOf(descriptor, section))
                 except ConfigError as e:
                     raise SystemExit(f"casd: configuration error: {e}")
-                factory = TLSMemoryBIOFactory(tlsOptions, False, factory)
+                factory = TLSFactory(tlsOptions, False, factory)
             if metrics is not None:
                 factory = metrics.counting(factory, name)
             listenReactor = adopted[listener.name] if adopted is not None else reactor
@@ -294,7 +294,7 @@ def _addOperations(top, context, checkers, reactor):
     site = buildAdminSite(context, context.node, metrics, listeners)
     factory = site
     if config.admin.tls == "implicit":
-        factory = TLSMemoryBIOFactory(context.serverTLS.optionsFor(_ADMIN_TLS), False, site)
+        factory = TLSFactory(context.serverTLS.optionsFor(_ADMIN_TLS), False, site)
     svc = StreamServerEndpointService(serverFromString(reactor, config.admin.listen), factory)
     svc._raiseSynchronously = True
     svc.setName("admin")

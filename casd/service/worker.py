@@ -15,9 +15,9 @@ import sys
 
 from twisted.internet import error
 from twisted.logger import globalLogBeginner, jsonFileLogObserver
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from casd.service.tap import Options, makeService
+from casd.tlslayer import TLSFactory
 
 
 class _AdoptingReactor:
@@ -47,7 +47,7 @@ class _AdoptingReactor:
         return self._adopt(factory)
 
     def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
-        return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
+        return self._adopt(TLSFactory(contextFactory, False, factory))
 
     def listenUNIX(self, address, factory, backlog=50, mode=0o666, wantPID=0):
         return self._adopt(factory)

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
 from casd.net import parseAddress
 from casd.session.relay import writeThrough
+from casd.tlslayer import startTLS
 
 
 class BackendTimeout(BackendUnavailable):
@@ -231,7 +232,7 @@ class BackendDialogue(Protocol):
         self.lineHandler = None
         self._buffer = b""
         self._lines.clear()
-        self.transport.startTLS(self.context.clientTLS.optionsFor(self.target.tlsName))
+        startTLS(self.transport, self.context.clientTLS.optionsFor(self.target.tlsName))
         d = self._awaitHandshake()
         d.addCallback(lambda _: then())
         d.addErrback(self._failed)

@@ -22,6 +22,7 @@ from casd.session.relay import Relay, writeThrough
 from casd.session.sasldriver import SASLDriver
 from casd.session.steps import SessionSteps
 from casd.tls import clientCAFileOf
+from casd.tlslayer import startTLS
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
 PAUSE_BUFFER = 65536
@@ -463,8 +464,9 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         self._buffer = b""
         self._raw = 0
         self._sasl = self._saslToken = None
-        self.transport.startTLS(
-            self.context.serverTLS.optionsFor(self.descriptor, clientCAFileOf(self.descriptor, self.section))
+        startTLS(
+            self.transport,
+            self.context.serverTLS.optionsFor(self.descriptor, clientCAFileOf(self.descriptor, self.section)),
         )
         writeThrough(self.transport)  # the new TLS layer's writes: whole, at once
         self.client = self.client.withTLS()

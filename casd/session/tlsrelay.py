@@ -10,7 +10,13 @@ writes smaller than 64 KB for the next reactor iteration (a timer each).
 
 Once a session relays, L{wholeChunks} switches its TLS layer to L{_WholeChunkWrites}: a write is
 one C{SSL_write} of the whole chunk (OpenSSL cuts the records) and one read of every record it
-made, written to the transport at once; nothing is held for later.  Reads are unchanged.
+made, written to the transport at once; nothing is held for later.  pyOpenSSL's contexts let
+C{SSL_write} stop after one record (C{SSL_MODE_ENABLE_PARTIAL_WRITE}); the first time it does,
+the mode is cleared for that connection, so that later chunks take one C{SSL_write} each, not
+one per 16 KiB record.  Once the handshake is done, C{SSL_write} is called directly rather than
+through pyOpenSSL's C{send} (the same call, without its Python checks; a failure goes through
+pyOpenSSL's own C{_raise_ssl_error}, so it raises what C{send} would).  Reads are casd's TLS
+layer's (L{casd.tlslayer.TLSProtocol}).
 
 This relies on L{TLSMemoryBIOProtocol}'s private state (C{_tlsConnection},
 C{_lostTLSConnection}, C{_bufferedWrite}, C{_tlsShutdownFinished}, C{_aggregator}); the tests
@@ -19,10 +25,18 @@ check each of them, so that a Twisted upgrade that changes them fails loudly.
 
 from __future__ import annotations
 
+from OpenSSL._util import ffi as _ffi, lib as _lib
 from OpenSSL.SSL import Error, WantReadError
 
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+
+from casd.tlslayer import TLSProtocol, drain
+
+
+_PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+_SSL_write = _lib.SSL_write
+_fromBuffer = _ffi.from_buffer
 
 
 def tlsLayer(transport):
@@ -58,34 +72,39 @@ class _WholeChunkWrites:
         total = len(data)
         sent = 0
         try:
-            while sent < total:
-                sent += connection.send(data if not sent else memoryview(data)[sent:])
+            if self._handshakeDone:
+                # pyOpenSSL's send without its Python around SSL_write (several calls a chunk);
+                # its own error handling when OpenSSL fails.
+                ssl = connection._ssl
+                while sent < total:
+                    rest = memoryview(data)[sent:] if sent else data
+                    result = _SSL_write(ssl, _fromBuffer(rest), total - sent)
+                    if result <= 0:
+                        connection._raise_ssl_error(ssl, result)
+                        raise Error([("SSL routines", "", "SSL_write failed")])
+                    sent += result
+                    if sent < total:
+                        # pyOpenSSL's contexts allow partial writes: OpenSSL wrote one 16 KiB
+                        # record.  From now on one SSL_write takes a whole chunk.
+                        _lib.SSL_clear_mode(ssl, _PARTIAL_WRITE)
+            else:
+                while sent < total:
+                    sent += connection.send(memoryview(data)[sent:] if sent else data)
         except WantReadError:
             # A handshake in progress: keep the rest for later, as Twisted does.
             self._bufferedWrite(data[sent:])
         except Error:
             self._tlsShutdownFinished(Failure())
             return
-        self._flushAllRecords(total)
+        self._flushAllRecords()
 
-    def _flushAllRecords(self, hint: int) -> None:
+    def _flushAllRecords(self) -> None:
         """
         Write every record OpenSSL made to the transport, in one write.
         """
-        connection = self._tlsConnection
-        # Room for the records of C{hint} bytes (at most 29 bytes per 16 KiB record), at once.
-        size = hint + (hint >> 9) + 2**14
-        records = []
-        while True:
-            try:
-                chunk = connection.bio_read(size)
-            except WantReadError:
-                break
-            records.append(chunk)
-            if len(chunk) < size:
-                break
+        records = drain(self._tlsConnection)
         if records:
-            self.transport.write(records[0] if len(records) == 1 else b"".join(records))
+            self.transport.write(records)
 
 
 class _WholeChunkTLS(_WholeChunkWrites, TLSMemoryBIOProtocol):
@@ -96,7 +115,15 @@ class _WholeChunkBufferingTLS(_WholeChunkWrites, BufferingTLSTransport):
     pass
 
 
-_WHOLE = {TLSMemoryBIOProtocol: _WholeChunkTLS, BufferingTLSTransport: _WholeChunkBufferingTLS}
+class _WholeChunkTLSProtocol(_WholeChunkWrites, TLSProtocol):
+    pass
+
+
+_WHOLE = {
+    TLSMemoryBIOProtocol: _WholeChunkTLS,
+    BufferingTLSTransport: _WholeChunkBufferingTLS,
+    TLSProtocol: _WholeChunkTLSProtocol,
+}
 
 
 def wholeChunks(transport) -> bool:

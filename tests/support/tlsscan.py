@@ -97,7 +97,7 @@ def main(path: str) -> None:
             if attempt.status.value != "COMPLETED":
                 trace = attempt.error_trace
                 entry.setdefault("failed", {})[command.value] = (
-                    f"{attempt.error_reason}: " + "".join(trace.format()[-3:]) if trace else str(attempt.error_reason)
+                    f"{attempt.error_reason}: " + "".join(list(trace.format())[-3:]) if trace else str(attempt.error_reason)
                 )
         entry["versions"] = sorted(
             version
