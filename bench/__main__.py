@@ -71,6 +71,8 @@ class Parameters:
             ("login storm", f"concurrency {self.loginConcurrency}, {self.loginSeconds:g} s per run"),
             ("bulk", f"{self.bulkConnections} connections, {self.bulkBytes // MIB} MiB per run"),
             ("idle", f"{self.idleSessions} sessions in IDLE, fresh proxy processes"),
+            ("TLS", "full handshakes only (the load generator never resumes); casd and nginx both"
+             " issue TLS 1.3 session tickets after each, as they do by default"),
             ("CPU pinning", (
                 f"the proxy under test (all its processes) on CPU {_cpuList(self.proxyCPUs)}; the load"
                 f" generators, Dovecot and nginx's auth_http on CPU {_cpuList(self.otherCPUs)}"
