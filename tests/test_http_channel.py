@@ -1,0 +1,190 @@
+"""
+The HTTP front end's request-head parser (L{protocols.http.channel.ProxyChannel}): the whole
+head parsed at once, with the limits and strictness of Twisted's line parser and casd's own,
+pipelining, and the Twisted sources it was written against.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from protocols.http.channel import ProxyChannel, twistedSourcesChanged
+from tests.test_http_site import BASIC, HTTPSiteTestsMixin
+
+AUTH = b"Authorization: " + BASIC + b"\r\n"
+HEALTH = b"GET /healthcheck.htm HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+class TwistedSourcesTests(SynchronousTestCase):
+    def test_twistedSourcesUnchanged(self):
+        """
+        If this fails after a Twisted upgrade: compare each listed source with what
+        C{ProxyChannel._headReceived} and C{dataReceived} repeat or rely on (the line parser's
+        checks, the transfer decoders, the request hand-over, C{Headers._rawHeaders}), adapt
+        them, and update C{TWISTED_SOURCES}.
+        """
+        self.assertEqual(twistedSourcesChanged(), [])
+
+
+class HeadParserTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    def assertBadRequest(self):
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:200])
+        self.assertEqual(out.count(b"HTTP/1.1 400 "), 1, out[:400])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_headersReachTheBackendCanonical(self):
+        """
+        Header names are stored in their canonical spelling and values without the
+        surrounding blanks; repeated headers keep every value in order.
+        """
+        self.request(
+            b"GET /EWS/x HTTP/1.1\r\nhost: h\r\n" + AUTH + b"x-thing:   one \t\r\nX-THING: two\r\n"
+        )
+        server, backend = self.backend()
+        sent = backend.value()
+        self.assertIn(b"X-Thing: one\r\nX-Thing: two\r\n", sent)
+        self.assertNotIn(b"x-thing", sent)
+        self.assertIn(b"X-Forwarded-Host: h\r\n", sent)
+
+    def test_tooManyHeaders(self):
+        """
+        More header lines than C{maxHeaders}: 400.
+        """
+        extra = b"".join(b"X-%d: v\r\n" % i for i in range(ProxyChannel.maxHeaders))
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH + extra)
+        self.assertBadRequest()
+
+    def test_headerSectionTooLarge(self):
+        """
+        A complete head over C{totalHeadersSize}: 400.
+        """
+        big = b"X-Big: " + b"a" * ProxyChannel.totalHeadersSize + b"\r\n"
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH + big)
+        self.assertBadRequest()
+
+    def test_endlessHead(self):
+        """
+        A head that keeps coming without its end is refused once it cannot fit the limit,
+        without waiting for the deadline.
+        """
+        self.client.dataReceived(b"GET /EWS/x HTTP/1.1\r\nX-Big: ")
+        for _ in range(20):
+            if self.transport.disconnecting:
+                break
+            self.client.dataReceived(b"a" * 8192)
+        self.assertBadRequest()
+
+    def test_longHeaderLine(self):
+        """
+        One long header line (a Kerberos token, a forms cookie) is accepted within
+        C{totalHeadersSize}: there is no separate per-line limit.
+        """
+        token = b"Negotiate " + b"A" * 30000
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH + b"X-Token: " + token + b"\r\n")
+        server, backend = self.backend()
+        self.assertIn(b"X-Token: " + token + b"\r\n", backend.value())
+
+    def test_bareCRInValue(self):
+        """
+        A CR inside a value (not part of a line end): 400.
+        """
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n" + AUTH)
+        self.assertBadRequest()
+
+    def test_badHeaderName(self):
+        """
+        A header name that is not a token, or an empty one: 400.
+        """
+        for line in (b"X A: b", b": b", b"X\x7f: b", b"no colon"):
+            with self.subTest(line):
+                self.setUp()
+                self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\n" + line + b"\r\n" + AUTH)
+                self.assertBadRequest()
+
+    def test_badRequestLine(self):
+        """
+        A request line that is not C{method SP target SP HTTP/1.x}, or starts with a blank: 400.
+        """
+        for line in (b"GET /EWS/x", b" GET /EWS/x HTTP/1.1", b"GET /EWS/x HTTP/2.0", b"GET  HTTP/1.1"):
+            with self.subTest(line):
+                self.setUp()
+                self.request(line + b"\r\nHost: h\r\n" + AUTH)
+                self.assertBadRequest()
+
+    def test_pipelined(self):
+        """
+        Requests sent together are answered in order, each once, however many arrive in one
+        read (without growing the stack: each is parsed after the previous one's answer).
+        """
+        self.client.dataReceived(HEALTH * 300)
+        out = self.transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 200 OK\r\n"), 300)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_pipelinedAfterProxied(self):
+        """
+        A request behind a proxied one waits until the first is answered.
+        """
+        self.client.dataReceived(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH + b"\r\n" + HEALTH)
+        self.reactor.advance(0)
+        self.assertEqual(self.transport.value(), b"")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nproxied")
+        self.reactor.advance(0)
+        out = self.transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 200 OK\r\n"), 2, out)
+        self.assertLess(out.index(b"prox"), out.index(b"healthcheck") if b"healthcheck" in out else len(out))
+        self.assertIn(b"200 OK\n", out.split(b"prox", 1)[1])
+
+    def test_bodyThenNextRequest(self):
+        """
+        A body and the next request in one read: the body goes to the backend, the next
+        request is answered after the first.
+        """
+        self.client.dataReceived(
+            b"POST /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH + b"Content-Length: 3\r\n\r\nabc" + HEALTH
+        )
+        self.reactor.advance(0)
+        server, backend = self.backend()
+        self.assertTrue(backend.value().endswith(b"\r\n\r\nabc"), backend.value())
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.reactor.advance(0)
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 204 "), out)
+        self.assertIn(b"HTTP/1.1 200 OK\r\n", out)
+
+    def test_blankLineBeforeRequest(self):
+        """
+        One empty line before a request (sent by some clients after a body) is skipped; two
+        are a bad request line.
+        """
+        self.client.dataReceived(b"\r\n" + HEALTH)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.setUp()
+        self.client.dataReceived(b"\r\n\r\n" + HEALTH)
+        self.assertBadRequest()
+
+    def test_headByteByByte(self):
+        """
+        A head arriving one byte at a time is parsed once complete, and a body after it is
+        streamed.
+        """
+        data = b"POST /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH + b"Content-Length: 2\r\n\r\nok"
+        for i in range(len(data)):
+            self.client.dataReceived(data[i : i + 1])
+        self.reactor.advance(0)
+        server, backend = self.backend()
+        self.assertTrue(backend.value().endswith(b"\r\n\r\nok"))
+
+    def test_completeHeadArmsNoDeadline(self):
+        """
+        A head that arrives whole needs no header deadline: no timer is armed for it (the
+        slow-header deadline is for heads that arrive in pieces:
+        C{tests.test_http_smuggling.SmugglingTests.test_slowHeaders}).
+        """
+        before = len(self.reactor.getDelayedCalls())
+        self.client.dataReceived(HEALTH)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), before)
+        self.assertIsNone(self.client._headerTimer)
