@@ -150,6 +150,8 @@ def measure(args) -> int:
         while not os.path.exists(stats) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
+        if args.save:
+            shutil.copy(stats, args.save)
         result = pstats.Stats(stats)
         total = result.total_calls
         print(json.dumps({"requests": done, "calls": total, "callsPerRequest": round(total / done, 1)}))
@@ -189,6 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--by-module", action="store_true")
+    parser.add_argument("--save", help="keep the cProfile statistics in this file")
     return measure(parser.parse_args(argv))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from protocols.http.channel import ProxyChannel, twistedSourcesChanged
+from protocols.http.local import LocalService, LocalServices
 from tests.test_http_site import BASIC, HTTPSiteTestsMixin
 
 AUTH = b"Authorization: " + BASIC + b"\r\n"
@@ -188,3 +189,58 @@ class HeadParserTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.client.dataReceived(HEALTH)
         self.assertEqual(len(self.reactor.getDelayedCalls()), before)
         self.assertIsNone(self.client._headerTimer)
+
+
+class LocalMatchTests(SynchronousTestCase):
+    """
+    L{LocalServices.match} asks only the services whose prefixes share the path's first
+    segment, with the answer of asking every service in order.
+    """
+
+    def services(self):
+        return LocalServices([
+            LocalService(("/autodiscover/autodiscover.xml",), None, name="pox"),
+            LocalService(("/EWS/healthcheck.htm",), None, name="ews health"),
+            LocalService(("/Private/",), None, caseInsensitive=False, name="private"),
+            LocalService(("/owa/auth/", "/owa/logon.htm"), None, name="logon"),
+            LocalService(("/healthcheck.htm",), None, name="health"),
+            LocalService(("/",), None, name="root"),
+            LocalService(("/owa/",), None, name="owa after root"),
+        ])
+
+    def test_sameAsAskingEach(self):
+        services = self.services()
+        paths = [
+            b"/autodiscover/autodiscover.xml", b"/Autodiscover/Autodiscover.XML?x=1",
+            b"/autodiscover/autodiscover.xml/more", b"/autodiscover/autodiscover.xmlx",
+            b"/ews/healthcheck.htm", b"/EWS/Exchange.asmx", b"/Private/x", b"/private/x",
+            b"/Private", b"/owa/auth/logon.aspx", b"/OWA/logon.htm", b"/owa/", b"/healthcheck.htm",
+            b"/", b"", b"*", b"http://h/owa/auth/", b"/b/small",
+        ]
+        for path in paths:
+            expected = next((s for s in services.services if s.matches(path)), None)
+            self.assertIs(services.match(path), expected, path)
+        noRoot = LocalServices([s for s in services.services if s.name != "root"])
+        for path in paths:
+            expected = next((s for s in noRoot.services if s.matches(path)), None)
+            self.assertIs(noRoot.match(path), expected, path)
+        self.assertIsNone(noRoot.match(b"/b/small"))
+
+    def test_onlyCandidatesAsked(self):
+        """
+        A path whose first segment no prefix has asks no service; an added service is seen.
+        """
+        asked = []
+
+        class Spy(LocalService):
+            def matches(self, path):
+                asked.append(self.name)
+                return super().matches(path)
+
+        services = LocalServices([Spy(("/EWS/healthcheck.htm",), None, name="a"), Spy(("/x/",), None, name="b")])
+        self.assertIsNone(services.match(b"/b/small"))
+        self.assertEqual(asked, [])
+        self.assertEqual(services.match(b"/ews/healthcheck.htm").name, "a")
+        self.assertEqual(asked, ["a"])
+        services.add(Spy(("/b/",), None, name="c"))
+        self.assertEqual(services.match(b"/b/small").name, "c")

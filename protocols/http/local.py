@@ -91,19 +91,61 @@ class LocalService:
 class LocalServices:
     """
     The local services of one site, asked in registration order.
+
+    L{match} runs for every request: it asks only the services whose prefixes could match the
+    path's first segment (an index built once), not every service.
     """
 
     def __init__(self, services: Iterable[LocalService] = ()) -> None:
         self.services = list(services)
+        self._index = None
 
     def add(self, service: LocalService) -> None:
         self.services.append(service)
+        self._index = None
+
+    def _build(self):
+        """
+        @return: C{(bySegment, always)}: the lower-case first path segment of a prefix ->
+            C{[(position, service)]}, and the services any path may match (a prefix of C{/}
+            or without a leading slash).
+        """
+        bySegment: dict = {}
+        always = []
+        for position, service in enumerate(self.services):
+            segments = set()
+            for prefix in service.prefixes:
+                p = prefix.encode("utf-8").lower()
+                if not p.startswith(b"/") or p == b"/":
+                    segments = None
+                    break
+                segments.add(p[1:].split(b"/", 1)[0])
+            if segments is None:
+                always.append((position, service))
+                continue
+            for segment in segments:
+                bySegment.setdefault(segment, []).append((position, service))
+        self._index = (bySegment, always)
+        return self._index
 
     def match(self, path: bytes) -> LocalService | None:
-        for service in self.services:
+        bySegment, always = self._index or self._build()
+        target = path.split(b"?", 1)[0]
+        candidates = None
+        if target[:1] == b"/":
+            candidates = bySegment.get(target[1:].split(b"/", 1)[0].lower())
+        if always:
+            candidates = sorted((candidates or []) + always, key=_position)
+        elif not candidates:
+            return None
+        for _, service in candidates:
             if service.matches(path):
                 return service
         return None
+
+
+def _position(entry):
+    return entry[0]
 
 
 def loadProviders(context, section, site, providers=PROVIDERS) -> LocalServices:
