@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from casd.failures import BackendUnavailable, CASFailure
+from casd.service.logs import LineLog
 from casd.routing.router import routeTo
 from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
 from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse
@@ -50,15 +51,9 @@ from protocols.http.status import (
     render,
 )
 
-ACCESS_FORMAT = (
-    "http session={session} vdir={vdir} client={client} user={user} backend={backend} "
-    "method={method} path={path} status={status} in={bytesIn} out={bytesOut} "
-    "duration={duration:.3f}"
-)
-
-
-#: The access log: one line per request (namespace C{casd.http.access}).
-ACCESS_LOG = Logger(namespace="casd.http.access")
+#: The access log: one line per request (namespace C{casd.http.access}), rendered once
+#: (L{casd.service.logs.LineLog}).
+ACCESS_LOG = LineLog("casd.http.access")
 
 
 class ProxyRequest(server.Request):
@@ -529,24 +524,33 @@ class HTTPSite(server.Site):
 
     def accessLog(self, request) -> None:
         client = request.client
-        host = f"[{client.peerHost}]" if ":" in client.peerHost else client.peerHost
+        host = client.peerHost
+        if ":" in host:
+            host = f"[{host}]"
         user = request.user
-        fields = dict(  # never a header, a cookie or a query string: they may hold secrets
-            session=client.sessionId,
-            vdir=request.vdir.name if request.vdir is not None else (
-                request.service.name if request.service is not None else "-"
-            ),
-            client=f"{host}:{client.peerPort}",
-            user=(user.login if user is not None else "-"),
-            backend=request.backendName or "-",
-            method=(request.method or b"-").decode("ascii", "replace"),
-            path=(request.path or b"-").decode("utf-8", "replace")[:200],
-            status=request.code,
-            bytesIn=request.bytesIn,
-            bytesOut=request.sentLength,
-            duration=self.clock.seconds() - request.startedAt,
+        vdir = request.vdir
+        service = request.service
+        # Never a header, a cookie or a query string: they may hold secrets.
+        fields = {
+            "session": client.sessionId,
+            "vdir": vdir.name if vdir is not None else (service.name if service is not None else "-"),
+            "client": f"{host}:{client.peerPort}",
+            "user": user.login if user is not None else "-",
+            "backend": request.backendName or "-",
+            "method": (request.method or b"-").decode("ascii", "replace"),
+            "path": (request.path or b"-").decode("utf-8", "replace")[:200],
+            "status": request.code,
+            "bytesIn": request.bytesIn,
+            "bytesOut": request.sentLength,
+            "duration": self.clock.seconds() - request.startedAt,
+        }
+        ACCESS_LOG.emit(
+            f"http session={fields['session']} vdir={fields['vdir']} client={fields['client']}"
+            f" user={fields['user']} backend={fields['backend']} method={fields['method']}"
+            f" path={fields['path']} status={fields['status']} in={fields['bytesIn']}"
+            f" out={fields['bytesOut']} duration={fields['duration']:.3f}",
+            fields,
         )
-        ACCESS_LOG.info("{line}", line=ACCESS_FORMAT.format(**fields), **fields)
 
 
 class _IdleTimer:
