@@ -15,7 +15,7 @@ import attr
 from twisted.python.reflect import namedAny
 from twisted.web import http
 from twisted.web.http import _parseRequestLine
-from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 from casd.session.clientinfo import ClientInfo
 from protocols.http.proxy import largerBuffers
@@ -44,6 +44,10 @@ TWISTED_SOURCES = {
         "c4fe96cc1a6e79509711874cf34babaaa8a5f876c15605fe37d66906814c9f94",
     "twisted.web.http_headers._NameEncoder.encode":
         "7b453627217624ac01c3378e00a48d5a8b0868c6324ab46b9441939f1e4eef0a",
+    "twisted.web.http_headers.Headers.getAllRawHeaders":
+        "8568de7067b330b8ccf2bbb8488396f57d5d0fbb7bb4e58031c7d67f66f2ff2c",
+    "twisted.web.http.HTTPChannel.writeHeaders":
+        "3521e56c0fe24bc25143c5b06e06174682a3ada2a5a0f8caaf1d396b2719c6a1",
 }
 
 
@@ -52,8 +56,17 @@ def twistedSourcesChanged() -> list[str]:
     @return: the names in L{TWISTED_SOURCES} whose source is not the one the head parser was
         written against (empty when all match).
     """
+    return sourcesChanged(TWISTED_SOURCES)
+
+
+def sourcesChanged(sources: dict) -> list[str]:
+    """
+    @param sources: dotted name -> SHA-256 of its source as it was when casd was written
+        against it.
+    @return: the names whose source differs now (empty when all match).
+    """
     changed = []
-    for name, digest in TWISTED_SOURCES.items():
+    for name, digest in sources.items():
         try:
             source = inspect.getsource(namedAny(name))
         except (AttributeError, OSError, TypeError, ValueError):
@@ -260,6 +273,22 @@ class ProxyChannel(http.HTTPChannel):
                 request.continueWanted = True
                 return
         super()._send100Continue()
+
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        """
+        Twisted's C{writeHeaders}, written as one string: one transport write instead of a
+        sequence of four pieces a header.  The values were cleaned of line breaks when they were
+        set (L{twisted.web.http_headers.Headers}).
+        """
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers._rawHeaders.items():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts += (b"\r\n",)
+        self.transport.write(b"".join(parts))
 
     def _badRequest(self, answered: bool = False) -> None:
         self._cancelHeaderTimer()
