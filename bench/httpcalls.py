@@ -1,0 +1,196 @@
+"""
+Python function calls per proxied HTTP request, counted with cProfile: deterministic where
+wall-clock and CPU figures are not (a machine shared with other work).
+
+    PYTHONPATH=$PWD .venv/bin/python -m bench.httpcalls [--requests 2000] [--connections 4]
+
+The set-up of C{bench.http}: a private nginx backend and casd (one C{twistd} process, plain HTTP)
+with the vdir C{/b}, Basic authentication against its users file (SSHA256, the credential
+cache), the user named to the backend in C{X-Remote-User}.  casd runs inside this module's
+C{wrap} mode, which turns cProfile on at the first real-time signal and off, writing the
+statistics, at the second (casd itself uses C{SIGUSR1} to drain and C{SIGUSR2} to reopen its
+log).  After a warm-up (credential cache, backend connections), C{--requests} small
+authenticated GETs go over C{--connections} keep-alive connections, one request at a time, from
+a raw socket client; prints the calls per request and the functions called most per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import json
+import os
+import pstats
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.http import BACKEND_EXTRA, CASD_CONFIG, PASSWORD, USER, ssha256
+from bench.servers import ROOT
+from tests.support.nginx import NginxServer
+from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
+
+#: Written by the profiled casd at the stop signal.
+STATS_ENV = "CASD_HTTPCALLS_STATS"
+START, STOP = signal.SIGRTMIN + 1, signal.SIGRTMIN + 2
+
+
+def wrap(argv: list[str]) -> None:
+    """
+    Run C{twistd} with C{argv}, profiling between L{START} and L{STOP} (the reactor's thread).
+    """
+    profile = cProfile.Profile()
+
+    def start(*_):
+        profile.enable()
+
+    def stop(*_):
+        profile.disable()
+        profile.dump_stats(os.environ[STATS_ENV])
+
+    signal.signal(START, start)
+    signal.signal(STOP, stop)
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", *argv]
+    run()
+
+
+def _request(sock, host: bytes, auth: bytes, path: bytes) -> int:
+    sock.sendall(
+        b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nUser-Agent: httpcalls\r\n"
+        b"Accept: */*\r\nAuthorization: Basic " + auth + b"\r\n\r\n"
+    )
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("connection closed")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("connection closed in the body")
+        body += chunk
+    return status
+
+
+def _load(port: int, requests: int, connections: int) -> int:
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode())
+    host = b"127.0.0.1:%d" % port
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+    done = 0
+    try:
+        for i in range(requests):
+            status = _request(socks[i % connections], host, auth, b"/b/small")
+            if status != 200:
+                raise RuntimeError(f"status {status}")
+            done += 1
+    finally:
+        for s in socks:
+            s.close()
+    return done
+
+
+def _where(path: str) -> str:
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
+
+
+def measure(args) -> int:
+    work = tempfile.mkdtemp(prefix="casd-httpcalls-")
+    backend = NginxServer(locations=None)
+    with open(backend.configPath) as f:
+        conf = f.read()
+    with open(backend.configPath, "w") as f:
+        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
+    backend.start()
+    users = os.path.join(work, "users")
+    with open(users, "w") as f:
+        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
+    port = freePort()
+    config = os.path.join(work, "casd.toml")
+    with open(config, "w") as f:
+        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=port))
+    stats = os.path.join(work, "calls.prof")
+    log = open(os.path.join(work, "casd.log"), "wb")
+    casd = subprocess.Popen(
+        [sys.executable, "-m", "bench.httpcalls", "wrap", "-n", "--pidfile=",
+         "--logfile", os.path.join(work, "twistd.log"), "cas", "--config", config],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **{STATS_ENV: stats}),
+    )
+    try:
+        try:
+            waitForPort("127.0.0.1", port, 30, alive=lambda: pidAlive(casd.pid))
+        except RuntimeError:
+            for name in ("casd.log", "twistd.log"):
+                if os.path.exists(os.path.join(work, name)):
+                    with open(os.path.join(work, name)) as f:
+                        print(f.read()[-3000:], file=sys.stderr)
+            raise
+        _load(port, 50, args.connections)  # the credential cache, the backend's connections
+        os.kill(casd.pid, START)
+        time.sleep(0.2)
+        done = _load(port, args.requests, args.connections)
+        time.sleep(0.5)  # the connections' close
+        os.kill(casd.pid, STOP)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(stats) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        result = pstats.Stats(stats)
+        total = result.total_calls
+        print(json.dumps({"requests": done, "calls": total, "callsPerRequest": round(total / done, 1)}))
+        rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[: args.top]
+        for (path, line, name), (cc, nc, tt, ct, _) in rows:
+            print(f"{nc / done:8.2f}  {_where(path)}:{line}({name})")
+        if args.by_module:
+            # Built-ins counted with the module that called them.
+            modules: dict = {}
+            for (path, line, name), (cc, nc, tt, ct, callers) in result.stats.items():
+                if path == "~":
+                    for (cpath, _, _), counts in callers.items():
+                        where = _where(cpath)
+                        modules[where] = modules.get(where, 0) + counts[0]
+                else:
+                    where = _where(path)
+                    modules[where] = modules.get(where, 0) + nc
+            print("-- by module (built-ins with their caller)")
+            for where, n in sorted(modules.items(), key=lambda kv: -kv[1])[: args.top]:
+                print(f"{n / done:8.2f}  {where}")
+        return 0
+    finally:
+        stopPid(casd.pid)
+        casd.wait()
+        log.close()
+        backend.remove()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["wrap"]:
+        wrap(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--by-module", action="store_true")
+    return measure(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
