@@ -1,0 +1,174 @@
+"""
+Python function calls per proxied HTTP request and per MB of download and upload, counted with
+cProfile in casd's process (deterministic where CPU time on a shared machine is not).
+
+    PYTHONPATH=$PWD .venv/bin/python -m bench.httpcalls [--requests 2000] [--size-mb 64]
+
+The set-up of L{bench.http} (a private nginx backend, casd with the Basic-authenticated vdir
+C{/b}), casd run under L{bench.callcount}'s C{wrap} mode (cProfile on at one signal, off and
+written at another).  Each phase is counted alone: C{--requests} small GETs one after the
+other on one keep-alive connection, then one download and one upload of C{--size-mb} MiB.
+Prints the calls per request, per MB down and up, and the functions called most per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.callcount import START, STATS_ENV, STOP
+from bench.http import BACKEND_EXTRA, CASD_CONFIG, PASSWORD, USER, ssha256
+from bench.servers import ROOT
+from tests.support.nginx import NginxServer
+from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
+
+AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
+def _counted(pid: int, stats: str, run):
+    """
+    Run C{run()} with casd's profiler on; return the C{pstats.Stats} of it.
+    """
+    if os.path.exists(stats):
+        os.unlink(stats)
+    os.kill(pid, START)
+    time.sleep(0.2)
+    run()
+    time.sleep(0.3)
+    os.kill(pid, STOP)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(stats) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    return pstats.Stats(stats)
+
+
+def _gets(port: int, n: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    for _ in range(n):
+        connection.request("GET", "/b/small", headers={"Authorization": AUTH})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET: {response.status}")
+    connection.close()
+
+
+def _download(port: int, size: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.request("GET", "/b/files/big", headers={"Authorization": AUTH})
+    response = connection.getresponse()
+    got = 0
+    while True:
+        data = response.read(1 << 20)
+        if not data:
+            break
+        got += len(data)
+    connection.close()
+    if response.status != 200 or got != size:
+        raise RuntimeError(f"download: {response.status}, {got} of {size}")
+
+
+def _upload(port: int, size: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    block = b"u" * (1 << 20)
+
+    def body():
+        left = size
+        while left:
+            piece = block[: min(left, len(block))]
+            left -= len(piece)
+            yield piece
+
+    connection.request(
+        "PUT", "/b/sink", body=body(),
+        headers={"Authorization": AUTH, "Content-Length": str(size)},
+    )
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    if response.status not in (200, 204):
+        raise RuntimeError(f"upload: {response.status}")
+
+
+def _top(result, per: float, top: int) -> None:
+    rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[:top]
+    for (path, line, name), (cc, nc, tt, ct, _) in rows:
+        where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
+        print(f"{nc / per:8.2f}  {where}:{line}({name})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--size-mb", type=int, default=64, help="download and upload size, MiB")
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args(argv)
+    size = args.size_mb * 1024 * 1024
+
+    work = tempfile.mkdtemp(prefix="casd-httpcalls-")
+    backend = NginxServer(locations=None)
+    with open(backend.configPath) as f:
+        conf = f.read()
+    with open(backend.configPath, "w") as f:
+        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
+    backend.start()
+    backend.makeFile("big", size)
+    users = os.path.join(work, "users")
+    with open(users, "w") as f:
+        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
+    port = freePort()
+    config = os.path.join(work, "casd.toml")
+    with open(config, "w") as f:
+        # IMAP is on by default: not here (its port 143 may be taken).
+        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=port) + "\n[imap]\nenabled = false\n")
+    stats = os.path.join(work, "calls.prof")
+    log = open(os.path.join(work, "casd.log"), "wb")
+    casd = subprocess.Popen(
+        [sys.executable, "-m", "bench.callcount", "wrap", "-n", "--pidfile=",
+         "cas", "--config", config],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        env=dict(os.environ, **{STATS_ENV: stats, "PYTHONPATH": ROOT}),
+    )
+    try:
+        waitForPort("127.0.0.1", port, 30, alive=lambda: pidAlive(casd.pid))
+        _gets(port, 50)  # the credential cache, a pooled backend connection
+        gets = _counted(casd.pid, stats, lambda: _gets(port, args.requests))
+        down = _counted(casd.pid, stats, lambda: _download(port, size))
+        up = _counted(casd.pid, stats, lambda: _upload(port, size))
+        mb = size / 1e6
+        print(json.dumps({
+            "requests": args.requests,
+            "callsPerRequest": round(gets.total_calls / args.requests, 1),
+            "sizeMB": round(mb, 1),
+            "callsPerMBDown": round(down.total_calls / mb, 1),
+            "callsPerMBUp": round(up.total_calls / mb, 1),
+        }))
+        _top(gets, args.requests, args.top)
+        return 0
+    except Exception:
+        log.flush()
+        for name in ("casd.log",):
+            if os.path.exists(os.path.join(work, name)):
+                with open(os.path.join(work, name), "rb") as f:
+                    sys.stderr.write(f.read().decode("utf-8", "replace")[-3000:])
+        raise
+    finally:
+        stopPid(casd.pid)
+        casd.wait()
+        log.close()
+        backend.remove()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
