@@ -317,3 +317,47 @@ class LeanRequestTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.client.connectionLost(None)
         self.assertEqual(len(lines), 3)
         self.assertEqual(lines[-1].user.login, "alice")
+
+
+class PersistenceTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    """
+    Whether the connection stays open after a response (read from the parsed head).
+    """
+
+    def test_keepAlive(self):
+        self.client.dataReceived(HEALTH)
+        self.assertNotIn(b"Connection: close", self.transport.value())
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_connectionClose(self):
+        for value in (b"close", b"Keep-Alive close", b"CLOSE"):
+            with self.subTest(value):
+                self.setUp()
+                self.client.dataReceived(HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: " + value + b"\r\n\r\n"))
+                self.assertIn(b"Connection: close\r\n", self.transport.value())
+                self.assertTrue(self.transport.disconnecting)
+
+    def test_http10(self):
+        self.client.dataReceived(HEALTH.replace(b"HTTP/1.1", b"HTTP/1.0"))
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.0 200 "))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_cookiesParsed(self):
+        """
+        Cookies are parsed when there are any (and C{received_cookies} is empty otherwise).
+        """
+        seen = []
+
+        class Probe(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                seen.append(dict(request.received_cookies))
+                return b"ok"
+
+        self.client.site.local.add(LocalService(("/probe",), Probe(), name="probe"))
+        self.client.dataReceived(
+            b"GET /probe HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /probe HTTP/1.1\r\nHost: h\r\nCookie: a=1; b=2\r\nCookie: c=3\r\n\r\n"
+        )
+        self.assertEqual(seen, [{}, {b"a": b"1", b"b": b"2", b"c": b"3"}])

@@ -17,6 +17,7 @@ from base64 import b64decode
 from zope.interface import Attribute, Interface, implementer
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from casd.auth.sasl import makeCredentials
 from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation
@@ -193,13 +194,19 @@ class HTTPAuthenticator:
             client = getattr(request, "client", None) or request.channel.client
         if vdir.auth == ("none",):
             return defer.succeed(None)
-        for source in self._sourcesFor(vdir):
+        sources = self.sources
+        for method in vdir.auth:
+            source = sources.get(method)
+            if source is None:
+                continue
             try:
                 d = source.authenticate(request, vdir, client)
             except CASFailure as e:
                 d = defer.fail(e)
             if d is None:
                 continue
+            if d.called and not isinstance(d.result, Failure):
+                return d  # authenticated at once: nothing to translate
             return d.addErrback(self._refused, source, request, vdir)
         return defer.fail(Unauthenticated("no credentials", self.challengeFor(request, vdir)))
 

@@ -46,6 +46,10 @@ TWISTED_SOURCES = {
         "7b453627217624ac01c3378e00a48d5a8b0868c6324ab46b9441939f1e4eef0a",
     "twisted.web.http_headers.Headers.getAllRawHeaders":
         "8568de7067b330b8ccf2bbb8488396f57d5d0fbb7bb4e58031c7d67f66f2ff2c",
+    "twisted.web.http.HTTPChannel.checkPersistence":
+        "3f0cb5b5a40e1109f49adc13d37dfa4b3036ddbd7160ca26d9347ab9aea22ed7",
+    "twisted.web.http.Request.parseCookies":
+        "742266180dff1f1c3babd5284ad5c96d4762a65e152d5238ebc38a729844074a",
     "twisted.web.http.HTTPChannel.writeHeaders":
         "3521e56c0fe24bc25143c5b06e06174682a3ada2a5a0f8caaf1d396b2719c6a1",
 }
@@ -240,8 +244,24 @@ class ProxyChannel(http.HTTPChannel):
         return head[end + 4 :]
 
     def allHeadersReceived(self) -> None:
-        self._cancelHeaderTimer()
-        super().allHeadersReceived()
+        # Twisted's allHeadersReceived (TWISTED_SOURCES), with the headers read from the
+        # dictionary the head parser filled: cookies parsed and persistence checked only when
+        # there is something to look at.
+        if self._headerTimer is not None:
+            self._cancelHeaderTimer()
+        request = self.requests[-1]
+        raw = request.requestHeaders._rawHeaders
+        if b"Cookie" in raw:
+            request.parseCookies()
+        version = self._version
+        if b"Connection" in raw or version != b"HTTP/1.1":
+            self.persistent = self.checkPersistence(request, version)
+        else:
+            self.persistent = True
+        request.gotLength(self.length)
+        expect = raw.get(b"Expect")
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            self._send100Continue()
 
     def _cancelHeaderTimer(self) -> None:
         if self._headerTimer is not None:
@@ -322,11 +342,12 @@ def forwardedClient(client, headers):
     C{X-Forwarded-For} (the one the proxy added) and C{X-Forwarded-Proto}.  Only for trusted
     clients (a load balancer that terminated TLS); others' forwarding headers are ignored.
     """
-    values = headers.getRawHeaders(b"X-Forwarded-For")
+    raw = headers._rawHeaders  # canonical names (TWISTED_SOURCES): no name encoding a look-up
+    values = raw.get(b"X-Forwarded-For")
     if values:
         last = values[-1].split(b",")[-1].strip().decode("ascii", "replace")
         client = client.forwardedBy(last, None, None)
-    proto = headers.getRawHeaders(b"X-Forwarded-Proto")
+    proto = raw.get(b"X-Forwarded-Proto")
     if proto and proto[-1].strip().lower() == b"https" and not client.tls:
         client = attr.evolve(client, tls=True)
     return client

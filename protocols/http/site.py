@@ -31,7 +31,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
@@ -62,6 +62,8 @@ LEAN_INIT_SOURCES = {
         "31cb3de9ee79eae252d7b1c13acb318b0a6c673829c19925e156b409fe0dcf4e",
     "twisted.web.http.Request._cleanup":
         "3e4358e4df9cc52d46752cf89bd03f1cee86b3e7d364485a18283f3cddabde2a",
+    "twisted.web.server.Request.write":
+        "e0629de84fb9e31d508fcda0a564c768705add8a095b140c03a9a62e8326b523",
     "twisted.web.http.Request.connectionLost":
         "e874acaf9f19205d5b7ed2a52b73a8327013a0c3df87a724eab07caabe5e4ba4",
 }
@@ -148,6 +150,13 @@ class ProxyRequest(server.Request):
         self.path = self.uri.split(b"?", 1)[0]
         self.content = io.BytesIO()
         channel.site.begin(self, length)
+
+    def write(self, data: bytes) -> None:
+        if self._encoder is None and not self._inFakeHead and self.defaultContentType is None:
+            # twisted.web.server.Request.write would only look for headers it never sets.
+            http.Request.write(self, data)
+        else:
+            server.Request.write(self, data)
 
     def refuseTooLarge(self) -> None:
         """
@@ -346,11 +355,15 @@ class HTTPSite(server.Site):
         if length is not None and vdir.maxBodySize and length > vdir.maxBodySize:
             request.refuseTooLarge()
             return
+        channel = request.channel
         if length != 0:
-            transport = self.channel(request).transport
+            transport = channel.transport
             request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
-        # While the body comes in, the client's silence is bounded by the vdir's timeout.
-        self.channel(request).setTimeout(vdir.timeout)
+        # While the body comes in, the client's silence is bounded by the vdir's timeout (the
+        # same timeout was just restarted by the bytes of this head).
+        timeout = vdir.timeout
+        if channel.timeOut != timeout:
+            channel.setTimeout(timeout)
         self.proxy(request, vdir)
 
     @staticmethod
