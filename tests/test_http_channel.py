@@ -361,3 +361,46 @@ class PersistenceTests(HTTPSiteTestsMixin, SynchronousTestCase):
             b"GET /probe HTTP/1.1\r\nHost: h\r\nCookie: a=1; b=2\r\nCookie: c=3\r\n\r\n"
         )
         self.assertEqual(seen, [{}, {b"a": b"1", b"b": b"2", b"c": b"3"}])
+
+
+class IdleTimeoutTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    """
+    The keep-alive timeout counts only between requests: a request answered slowly is not
+    cut by it, and it starts again once the response is complete.
+    """
+
+    def test_slowAnswerNotCut(self):
+        from twisted.web.server import NOT_DONE_YET
+
+        pending = []
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                pending.append(request)
+                return NOT_DONE_YET
+
+        self.client.site.local.add(LocalService(("/slow",), Slow(), name="slow"))
+        keepalive = self.client.site.timeOut
+        self.client.dataReceived(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.reactor.advance(keepalive * 3)
+        self.assertFalse(self.transport.disconnecting)
+        pending[0].write(b"late")
+        pending[0].finish()
+        self.assertIn(b"late", self.transport.value())
+        self.reactor.advance(keepalive - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idleBetweenRequests(self):
+        keepalive = self.client.site.timeOut
+        self.client.dataReceived(HEALTH)
+        self.reactor.advance(keepalive - 1)
+        self.client.dataReceived(HEALTH)
+        self.reactor.advance(keepalive - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)

@@ -38,6 +38,12 @@ TWISTED_SOURCES = {
         "e31f4ed81196fab0be7df4550db442ca3401dd703193d16b53622b37cea637ab",
     "twisted.web.http.HTTPChannel.requestDone":
         "a75a186c66f7d38d33256f146bc512e938c00b2753f8caf50c441cc9ce5af1b0",
+    "twisted.web.http.HTTPChannel.timeoutConnection":
+        "f08552855cd242e0c24a317b043230e93f095f820c8a80bee586f5401dfc2418",
+    "twisted.protocols.policies.TimeoutMixin.setTimeout":
+        "a994d95c2c1644a4fdf4af960b738160097f5bf21787dbccf0af3a207f7b2367",
+    "twisted.protocols.basic.LineReceiver.setRawMode":
+        "324d250b6df085148661e83b5cc66f8b2c5199a9bb1f6ee7cd82d6dbe0aa6926",
     "twisted.protocols.basic.LineReceiver.setLineMode":
         "39bd840f096fadf9076d9ed30eee9838e0d7bd57d8ec2891ddd81f22f1fd6fb3",
     "twisted.web.http_headers.Headers.addRawHeader":
@@ -262,6 +268,28 @@ class ProxyChannel(http.HTTPChannel):
         expect = raw.get(b"Expect")
         if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             self._send100Continue()
+
+    def allContentReceived(self) -> None:
+        # Twisted's allContentReceived (TWISTED_SOURCES), except that the idle timer is not
+        # cancelled while the request is answered (to be armed anew in requestDone, a timer
+        # per request): it keeps running, L{timeoutConnection} does not close a connection
+        # whose request is being answered, and requestDone restarts it.
+        command, path, version = self._command, self._path, self._version
+        self.length = 0
+        self._transferDecoder = None
+        del self._command, self._path, self._version
+        if self.timeOut:
+            self._savedTimeOut = self.timeOut
+        self._handlingRequest = True
+        self.line_mode = 0
+        self.requests[-1].requestReceived(command, path, version)
+
+    def timeoutConnection(self) -> None:
+        if self._handlingRequest:
+            # Answering a request (its backend's own timers bound it): idle only once done.
+            self.setTimeout(self.timeOut)
+            return
+        super().timeoutConnection()
 
     def _cancelHeaderTimer(self) -> None:
         if self._headerTimer is not None:

@@ -76,6 +76,8 @@ def leanInitSourcesChanged() -> list[str]:
     return sourcesChanged(LEAN_INIT_SOURCES)
 
 
+_httpWrite = http.Request.write
+
 #: The access log: one line per request (namespace C{casd.http.access}), rendered once
 #: (L{casd.service.logs.LineLog}).
 ACCESS_LOG = LineLog("casd.http.access")
@@ -154,7 +156,7 @@ class ProxyRequest(server.Request):
     def write(self, data: bytes) -> None:
         if self._encoder is None and not self._inFakeHead and self.defaultContentType is None:
             # twisted.web.server.Request.write would only look for headers it never sets.
-            http.Request.write(self, data)
+            _httpWrite(self, data)
         else:
             server.Request.write(self, data)
 
