@@ -107,7 +107,7 @@ class LocalServices:
     def _build(self):
         """
         @return: C{(bySegment, always)}: the lower-case first path segment of a prefix ->
-            C{[(position, service)]}, and the services any path may match (a prefix of C{/}
+            C{[(position, service, heads)]}, and the services any path may match (a prefix of C{/}
             or without a leading slash).
         """
         bySegment: dict = {}
@@ -121,10 +121,14 @@ class LocalServices:
                     break
                 segments.add(p[1:].split(b"/", 1)[0])
             if segments is None:
-                always.append((position, service))
+                always.append((position, service, (b"",)))
                 continue
+            # The prefixes as a path starting with one must start (without a trailing /).
+            heads = tuple(
+                p.encode("utf-8").lower().rstrip(b"/") for p in service.prefixes
+            )
             for segment in segments:
-                bySegment.setdefault(segment, []).append((position, service))
+                bySegment.setdefault(segment, []).append((position, service, heads))
         self._index = (bySegment, always)
         return self._index
 
@@ -138,7 +142,13 @@ class LocalServices:
             candidates = sorted((candidates or []) + always, key=_position)
         elif not candidates:
             return None
-        for _, service in candidates:
+        lowered = target.lower()
+        for _, service, heads in candidates:
+            for head in heads:
+                if lowered.startswith(head):
+                    break
+            else:
+                continue  # cannot match: no need to ask
             if service.matches(path):
                 return service
         return None

@@ -150,7 +150,8 @@ class ProxyRequest(server.Request):
         self.uri = channel._path
         self.clientproto = channel._version
         self.path = self.uri.split(b"?", 1)[0]
-        self.content = io.BytesIO()
+        # The body is read only for a local service (begin); a proxied one streams through.
+        self.content = None
         channel.site.begin(self, length)
 
     def write(self, data: bytes) -> None:
@@ -342,6 +343,7 @@ class HTTPSite(server.Site):
         if service is not None:
             request.mode = "local"
             request.service = service
+            request.content = io.BytesIO()
             request._limit = service.maxBodySize
             if length is not None and length > request._limit:
                 request.refuseTooLarge()
