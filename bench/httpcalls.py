@@ -96,10 +96,9 @@ def measure(args) -> int:
     port = freePort()
     config = os.path.join(work, "casd.toml")
     with open(config, "w") as f:
-        # HTTP only: IMAP and submission would take their default ports (busy on a shared
-        # machine).
+        # HTTP only: IMAP would take its default port (busy on a shared machine).
         f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=port)
-                + "\n[imap]\nenabled = false\n\n[submission]\nenabled = false\n")
+                + "\n[imap]\nenabled = false\n")
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(

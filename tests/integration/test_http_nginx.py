@@ -51,6 +51,9 @@ host = "127.0.0.1"
 [backends.web.http]
 port = {nginx}
 
+[imap]
+enabled = false
+
 [http]
 enabled = true
 
@@ -284,6 +287,9 @@ tls_name = "mbx.example.com"
 [backends.impostor.http]
 port = {nginx}
 tls = "implicit"
+
+[imap]
+enabled = false
 
 [http]
 enabled = true
