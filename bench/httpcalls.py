@@ -29,9 +29,8 @@ import tempfile
 import time
 
 from bench.callcount import START, STATS_ENV, STOP
-from bench.http import BACKEND_EXTRA, CASD_CONFIG, PASSWORD, USER, ssha256
+from bench.http import PASSWORD, USER, startBackend, writeCasdConfig
 from bench.servers import ROOT
-from tests.support.nginx import NginxServer
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
 
 def _request(sock, host: bytes, auth: bytes, path: bytes) -> int:
@@ -84,21 +83,10 @@ def _where(path: str) -> str:
 
 def measure(args) -> int:
     work = tempfile.mkdtemp(prefix="casd-httpcalls-")
-    backend = NginxServer(locations=None)
-    with open(backend.configPath) as f:
-        conf = f.read()
-    with open(backend.configPath, "w") as f:
-        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
-    backend.start()
-    users = os.path.join(work, "users")
-    with open(users, "w") as f:
-        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
+    backend = startBackend()
     port = freePort()
-    config = os.path.join(work, "casd.toml")
-    with open(config, "w") as f:
-        # HTTP only: IMAP would take its default port (busy on a shared machine).
-        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=port)
-                + "\n[imap]\nenabled = false\n")
+    # HTTP only: IMAP would take its default port (busy on a shared machine).
+    config = writeCasdConfig(work, backend.port, port, "\n[imap]\nenabled = false\n")
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
