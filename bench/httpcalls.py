@@ -77,6 +77,31 @@ def _load(port: int, requests: int, connections: int) -> int:
     return done
 
 
+def _syscalls(pid: int, port: int, args, work: str) -> int:
+    """
+    Count casd's system calls (C{strace -c -f}) over C{--requests} GETs and print them per
+    request (no profiler running).
+    """
+    out = os.path.join(work, "strace.txt")
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)], stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    done = _load(port, args.requests, args.connections)
+    time.sleep(0.5)
+    tracer.terminate()
+    tracer.wait()
+    with open(out) as f:
+        rows = f.read().splitlines()
+    print(json.dumps({"requests": done}))
+    for row in rows:
+        fields = row.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            print(f"{int(fields[3]) / done:8.2f}  {fields[-1]}")
+        elif fields[-1:] == ["total"]:
+            print(f"{int(fields[3]) / done:8.2f}  total")
+    return 0
+
+
 def _where(path: str) -> str:
     return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
 
@@ -104,6 +129,8 @@ def measure(args) -> int:
                         print(f.read()[-3000:], file=sys.stderr)
             raise
         _load(port, 50, args.connections)  # the credential cache, the backend's connections
+        if args.strace:
+            return _syscalls(casd.pid, port, args, work)
         os.kill(casd.pid, START)
         time.sleep(0.2)
         done = _load(port, args.requests, args.connections)
@@ -152,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--by-module", action="store_true")
     parser.add_argument("--save", help="keep the cProfile statistics in this file")
+    parser.add_argument("--strace", action="store_true", help="count system calls instead")
     return measure(parser.parse_args(argv))
 
 

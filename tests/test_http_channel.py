@@ -285,7 +285,8 @@ class LeanRequestTests(HTTPSiteTestsMixin, SynchronousTestCase):
 
     def test_responseHeadInOneWrite(self):
         """
-        The status line and every header (repeated ones in order) are one transport write.
+        The status line, every header (repeated ones in order) and the first body bytes are
+        one transport write.
         """
         writes = []
         write = self.transport.write
@@ -296,12 +297,53 @@ class LeanRequestTests(HTTPSiteTestsMixin, SynchronousTestCase):
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nok"
         )
         self.reactor.advance(0)
-        head = writes[0]
+        self.assertEqual(len(writes), 1, writes)
+        head, body = writes[0].split(b"\r\n\r\n", 1)
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
-        self.assertTrue(head.endswith(b"\r\n\r\n"), head)
-        self.assertIn(b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n", head)
-        self.assertIn(b"Content-Length: 2\r\n", head)
-        self.assertEqual(b"".join(writes[1:]), b"ok")
+        self.assertIn(b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n", head + b"\r\n")
+        self.assertIn(b"Content-Length: 2", head)
+        self.assertEqual(body, b"ok")
+
+    def test_headWithoutBody(self):
+        """
+        A response without body bytes (HEAD, 204, 304, an empty body) still gets its head, once,
+        before anything else.
+        """
+        for method, status, extra in (
+            (b"HEAD", b"200 OK", b"Content-Length: 5\r\n\r\nhello"),
+            (b"GET", b"204 No Content", b"\r\n"),
+            (b"GET", b"304 Not Modified", b"\r\n"),
+            (b"GET", b"200 OK", b"Content-Length: 0\r\n\r\n"),
+        ):
+            with self.subTest((method, status)):
+                self.setUp()
+                self.request(method + b" /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH)
+                server, backend = self.backend()
+                server.dataReceived(b"HTTP/1.1 " + status + b"\r\n" + extra)
+                self.reactor.advance(0)
+                out = self.transport.value()
+                self.assertTrue(out.startswith(b"HTTP/1.1 " + status + b"\r\n"), out)
+                self.assertEqual(out.count(b"HTTP/1.1 "), 1, out)
+                self.assertTrue(out.endswith(b"\r\n\r\n"), out)
+
+    def test_chunkedResponse(self):
+        """
+        A response of unknown length goes out chunked, the head with the first chunk, the
+        terminator last.
+        """
+        writes = []
+        write = self.transport.write
+        self.transport.write = lambda data: (writes.append(data), write(data))
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\n" + AUTH)
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        self.reactor.advance(0)
+        server.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+        self.reactor.advance(0)
+        out = b"".join(writes)
+        self.assertTrue(writes[0].startswith(b"HTTP/1.1 200 OK\r\n"), writes)
+        self.assertTrue(writes[0].endswith(b"\r\n\r\n3\r\nabc\r\n"), writes)
+        self.assertTrue(out.endswith(b"2\r\nde\r\n0\r\n\r\n"), out)
 
     def test_accessLineOncePerRequest(self):
         """

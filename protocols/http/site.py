@@ -157,7 +157,16 @@ class ProxyRequest(server.Request):
     def write(self, data: bytes) -> None:
         if self._encoder is None and not self._inFakeHead and self.defaultContentType is None:
             # twisted.web.server.Request.write would only look for headers it never sets.
-            _httpWrite(self, data)
+            if self.startedWriting or not data:
+                _httpWrite(self, data)
+                return
+            # The first bytes: the head goes out with them, in one write.
+            channel = self.channel
+            channel._holdHead = True
+            try:
+                _httpWrite(self, data)
+            finally:
+                channel.flushHead()
         else:
             server.Request.write(self, data)
 
