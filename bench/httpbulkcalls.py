@@ -1,8 +1,9 @@
 """
-Python function calls per proxied HTTP request and per MB of download and upload, counted with
+Python function calls per MB of HTTP download and upload (and per request, as
+C{bench.httpcalls} counts them but with built-ins counted apart), counted with
 cProfile in casd's process (deterministic where CPU time on a shared machine is not).
 
-    PYTHONPATH=$PWD .venv/bin/python -m bench.httpcalls [--requests 2000] [--size-mb 64]
+    PYTHONPATH=$PWD .venv/bin/python -m bench.httpbulkcalls [--requests 2000] [--size-mb 64]
 
 The set-up of L{bench.http} (a private nginx backend, casd with the Basic-authenticated vdir
 C{/b}), casd run under L{bench.callcount}'s C{wrap} mode (cProfile on at one signal, off and
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--size-mb", type=int, default=64, help="download and upload size, MiB")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--show", choices=("get", "down", "up"), default="get",
+                        help="the phase whose functions are listed (per request, per MB)")
     args = parser.parse_args(argv)
     size = args.size_mb * 1024 * 1024
 
@@ -153,7 +156,9 @@ def main(argv=None) -> int:
             "callsPerMBDown": round(down.total_calls / mb, 1),
             "callsPerMBUp": round(up.total_calls / mb, 1),
         }))
-        _top(gets, args.requests, args.top)
+        shown = {"get": (gets, args.requests), "down": (down, mb), "up": (up, mb)}
+        result, per = shown[args.show]
+        _top(result, per, args.top)
         return 0
     except Exception:
         log.flush()

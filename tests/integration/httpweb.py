@@ -150,7 +150,7 @@ tls = "implicit"
             transport = getattr(channel, "transport", None)
             if transport is not None and getattr(transport, "connected", False):
                 transport.abortConnection()
-        for site in {id(s): s for s in (f for f in node.factories() if hasattr(f, "agents"))}.values():
-            yield site.agents.closeIdle()
+        for site in {id(s): s for s in (f for f in node.factories() if hasattr(f, "upstream"))}.values():
+            site.upstream.closeIdle()
         yield node.stop()
         yield task.deferLater(reactor, 0.05, lambda: None)
