@@ -102,7 +102,11 @@ def _upload(port: int, size: int) -> None:
 
 
 def _top(result, per: float, top: int) -> None:
-    rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[:top]
+    rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])
+    only = os.environ.get("HTTPCALLS_ONLY")
+    if only:
+        rows = [r for r in rows if only in r[0][0]]
+    rows = rows[:top]
     for (path, line, name), (cc, nc, tt, ct, _) in rows:
         where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
         print(f"{nc / per:8.2f}  {where}:{line}({name})")
@@ -115,6 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--show", choices=("get", "down", "up"), default="get",
                         help="the phase whose functions are listed (per request, per MB)")
+    parser.add_argument("--dump", help="write each phase's statistics to DUMP.PHASE.prof")
     args = parser.parse_args(argv)
     size = args.size_mb * 1024 * 1024
 
@@ -156,6 +161,9 @@ def main(argv=None) -> int:
             "callsPerMBDown": round(down.total_calls / mb, 1),
             "callsPerMBUp": round(up.total_calls / mb, 1),
         }))
+        if args.dump:
+            for name, result in (("get", gets), ("down", down), ("up", up)):
+                result.dump_stats(f"{args.dump}.{name}.prof")
         shown = {"get": (gets, args.requests), "down": (down, mb), "up": (up, mb)}
         result, per = shown[args.show]
         _top(result, per, args.top)

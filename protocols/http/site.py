@@ -5,13 +5,14 @@ request as soon as the headers are in, and stream the body both ways.
 
 Stock C{twisted.web} reads a whole request body before rendering (twisted#4688, #5511).
 L{ProxyRequest} instead acts in C{gotLength} (all headers parsed): it matches the vdir,
-authenticates, routes and starts the backend request with a L{protocols.http.proxy.BodyPipe} as
-its body, which C{handleContentChunk} feeds.  That relies on private attributes of
-L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version} (the request line, which
-L{twisted.web.http.Request} only learns in C{requestReceived}) and C{_savedTimeOut}; the proxy's
-backend side relies on a few of L{twisted.web.client}'s (L{protocols.http.proxy}).
-C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them; Twisted
-is pinned below 28 in C{setup.cfg} for this reason.
+authenticates, routes and starts the backend request (L{protocols.http.upstream}) with a
+L{protocols.http.proxy.BodyPipe} as its body, which C{handleContentChunk} feeds.  That relies
+on private attributes of L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version}
+(the request line, which L{twisted.web.http.Request} only learns in C{requestReceived}) and
+C{_savedTimeOut}; the response relay fills L{Headers} through C{_rawHeaders} and
+C{_nameEncoder}, and reads fired L{Deferred}s' results (L{resultNow}).
+C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them;
+Twisted is pinned below 28 in C{setup.cfg} for this reason.
 
 A response can only be written once the request body has been read (Twisted's channel
 parses the next request from the same buffer), so every answer waits for C{requestReceived}: a
@@ -215,6 +216,23 @@ class ProxyRequest(server.Request):
         self.site.accessLog(self)
 
 
+_PENDING = object()
+
+
+def resultNow(d):
+    """
+    The success result of a L{Deferred} that already has one and nothing waiting on it, else
+    C{_PENDING} (a failure stays in C{d} for its errbacks).  Relies on the L{Deferred}
+    attributes C{called}, C{paused}, C{callbacks} and C{result}
+    (C{tests.test_http_smuggling.TwistedPrivatesTests}).
+    """
+    if d.called and not d.paused and not d.callbacks:
+        result = d.result
+        if not isinstance(result, (Failure, defer.Deferred)):
+            return result
+    return _PENDING
+
+
 class HTTPSite(server.Site):
     """
     The factory of one HTTP listener.
@@ -361,14 +379,25 @@ class HTTPSite(server.Site):
     # -- proxying -----------------------------------------------------------------------
 
     def proxy(self, request, vdir) -> None:
-        client = request.client
-        d = self.authenticator.authenticate(request, vdir, client)
-
-        def authenticated(user):
+        d = self.authenticator.authenticate(request, vdir, request.client)
+        user = resultNow(d)
+        if user is not _PENDING:
+            # The credential cache answered at once (the usual case): no callback chain.
             request.user = user
-            return self.router.route(request, vdir, user, request.uri)
+            d = self.router.route(request, vdir, user, request.uri)
+            decision = resultNow(d)
+            if decision is not _PENDING:
+                try:
+                    self._send(decision, request, vdir)
+                except Exception:
+                    self._failed(Failure(), request)
+                return
+        else:
+            def authenticated(user):
+                request.user = user
+                return self.router.route(request, vdir, user, request.uri)
 
-        d.addCallback(authenticated)
+            d.addCallback(authenticated)
         d.addCallback(self._send, request, vdir)
         d.addErrback(self._failed, request)
 

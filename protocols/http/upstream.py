@@ -373,9 +373,21 @@ class UpstreamConnection(Protocol):
         if self.exchange is not exchange:
             return  # given up by the sink
         state = self._state
-        if state == _DONE:
-            self._complete(rest)
-        elif state == _LENGTH and self._remaining == 0:
+        if state == _LENGTH:
+            remaining = self._remaining
+            if remaining and rest:
+                if len(rest) < remaining:
+                    self._remaining = remaining - len(rest)
+                    exchange.sink.responseData(rest)
+                    return
+                self._remaining = 0
+                exchange.sink.responseData(rest[:remaining])
+                if self.exchange is not exchange:
+                    return
+                rest = rest[remaining:]
+            if not self._remaining:
+                self._complete(rest)
+        elif state == _DONE:
             self._complete(rest)
         elif rest:
             self.dataReceived(rest)

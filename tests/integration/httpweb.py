@@ -136,7 +136,7 @@ tls = "implicit"
             return f.read()
 
     def sites(self):
-        return [f for f in self.node.factories() if hasattr(f, "agents")]
+        return [f for f in self.node.factories() if hasattr(f, "upstream")]
 
     @defer.inlineCallbacks
     def stop(self):
