@@ -39,7 +39,7 @@ from casd.failures import BackendUnavailable, CASFailure
 from casd.routing.router import routeTo
 from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
 from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse
-from protocols.http.proxy import IDEMPOTENT, BodyPipe
+from protocols.http.proxy import IDEMPOTENT, BodyPipe, directSocket, writeThrough
 from protocols.http.upstream import IResponseSink
 from protocols.http.routing import ROUTE_COOKIE
 from protocols.http.status import (
@@ -535,6 +535,8 @@ class _Relay:
     """
 
     exchange = None
+    #: The client's transport, when body pieces may go straight to its socket.
+    direct = None
 
     def __init__(self, site, request, vdir, decision, targets, index) -> None:
         self.site = site
@@ -661,13 +663,21 @@ class _Relay:
         if self.decision.cookie is not None:
             out.addRawHeader(b"Set-Cookie", self.decision.cookie)
         request.registerProducer(self, True)
+        self.direct = directSocket(request.channel.transport)
 
     def responseData(self, data: bytes) -> None:
         if self.held is not None:
             self.held.append(data)
             return
         self.active = self.clock.seconds()
-        self.request.write(data)
+        request = self.request
+        direct = self.direct
+        if direct is not None and request.startedWriting and not request.chunked:
+            # The head is out and the body needs no framing: straight to the client's socket.
+            request.sentLength += len(data)
+            writeThrough(direct, data)
+            return
+        request.write(data)
 
     def responseEnded(self, complete: bool) -> None:
         if self.held is not None:

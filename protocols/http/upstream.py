@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from protocols.http.headers import HOP_BY_HOP
-from protocols.http.proxy import IDEMPOTENT, largerBuffers
+from protocols.http.proxy import IDEMPOTENT, directSocket, largerBuffers, writeThrough
 
 #: The largest response head casd reads from a backend.
 MAX_HEAD = 65536
@@ -174,6 +174,7 @@ class UpstreamConnection(Protocol):
     log = Logger()
 
     exchange = None
+    _direct = None
     reused = False
     idleSince = 0.0
     counted = True
@@ -197,6 +198,7 @@ class UpstreamConnection(Protocol):
         if setNoDelay is not None:
             setNoDelay(True)
         largerBuffers(self.transport)
+        self._direct = directSocket(self.transport)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -208,7 +210,11 @@ class UpstreamConnection(Protocol):
         exchange.connection = self
         self._state = _HEAD_STATE
         self._buffer = b""
-        self.transport.write(exchange.head)
+        direct = self._direct
+        if direct is not None:
+            writeThrough(direct, exchange.head)
+        else:
+            self.transport.write(exchange.head)
         body = exchange.body
         if body is None:
             self._bodySent = True
@@ -225,6 +231,8 @@ class UpstreamConnection(Protocol):
         """
         if self._chunkedBody:
             self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        elif self._direct is not None:
+            writeThrough(self._direct, data)
         else:
             self.transport.write(data)
 
