@@ -162,7 +162,7 @@ class TwistedPrivatesTests(SynchronousTestCase):
     def test_deferredState(self):
         """
         The proxy reads a fired L{Deferred}'s result at once (C{protocols.http.site.resultNow})
-        through C{called}, C{paused}, C{callbacks} and C{result}.
+        through C{called}, C{paused} and C{result}.
         """
         from twisted.internet import defer
 

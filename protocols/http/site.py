@@ -221,12 +221,12 @@ _PENDING = object()
 
 def resultNow(d):
     """
-    The success result of a L{Deferred} that already has one and nothing waiting on it, else
-    C{_PENDING} (a failure stays in C{d} for its errbacks).  Relies on the L{Deferred}
-    attributes C{called}, C{paused}, C{callbacks} and C{result}
+    The success result of a L{Deferred} that already has one (fired, not paused: its callbacks
+    ran), else C{_PENDING} (a failure stays in C{d} for its errbacks).  Relies on the
+    L{Deferred} attributes C{called}, C{paused} and C{result}
     (C{tests.test_http_smuggling.TwistedPrivatesTests}).
     """
-    if d.called and not d.paused and not d.callbacks:
+    if d.called and not d.paused:
         result = d.result
         if not isinstance(result, (Failure, defer.Deferred)):
             return result
@@ -521,6 +521,17 @@ class HTTPSite(server.Site):
         ACCESS_LOG.info("{line}", line=ACCESS_FORMAT.format(**fields), **fields)
 
 
+#: Twisted's spelling of response field names (its L{Headers} keys), as backends send them.
+_SPELLING: dict = {}
+
+
+def _spell(name: bytes) -> bytes:
+    key = _nameEncoder.encode(name)
+    if len(_SPELLING) < 4096:
+        _SPELLING[name] = key
+    return key
+
+
 @implementer(IResponseSink)
 class _Relay:
     """
@@ -657,9 +668,15 @@ class _Relay:
         else:
             # The fields are tokens (the head was checked), the values free of line ends:
             # straight into Twisted's table, under Twisted's spelling of each name.
-            encode = _nameEncoder.encode
+            spelling = _SPELLING
             for name, value in headers:
-                raw.setdefault(encode(name), []).append(value)
+                key = spelling.get(name)
+                if key is None:
+                    key = _spell(name)
+                if key in raw:
+                    raw[key].append(value)
+                else:
+                    raw[key] = [value]
         if self.decision.cookie is not None:
             out.addRawHeader(b"Set-Cookie", self.decision.cookie)
         request.registerProducer(self, True)

@@ -56,6 +56,9 @@ _CHUNK = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[^\r\n\x00]*)?\r\n")
 #: Methods that carry a body by definition: sent with C{Content-Length: 0} when the client's had none.
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 
+#: C{Connection} options that name no field.
+_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b""))
+
 # Parser states of a connection.
 _IDLE, _HEAD_STATE, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(6)
 
@@ -357,7 +360,9 @@ class UpstreamConnection(Protocol):
                 keepAlive = False
             elif b"keep-alive" in named:
                 keepAlive = True
-            headers = [(n, v) for n, v in headers if n.lower() not in named]
+            if not named <= _CONNECTION_OPTIONS:
+                # Fields the backend named hop-by-hop.
+                headers = [(n, v) for n, v in headers if n.lower() not in named]
         if chunked or delimited:
             if length is not None:
                 # Both: the coding wins, and the connection is not trusted afterwards
