@@ -101,6 +101,29 @@ def _upload(port: int, size: int) -> None:
         raise RuntimeError(f"upload: {response.status}")
 
 
+def _syscalls(pid: int, run, per: float) -> dict:
+    """
+    The system calls of casd's process while C{run()} runs, per C{per} (C{strace -c}).
+    """
+    out = tempfile.mktemp(prefix="casd-strace-")
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)],
+                              stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        run()
+    finally:
+        tracer.send_signal(2)
+        tracer.wait(30)
+    counts = {}
+    with open(out) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 5 and fields[-1] not in ("syscall", "total") and fields[3].isdigit():
+                counts[fields[-1]] = round(int(fields[3]) / per, 2)
+    os.unlink(out)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _top(result, per: float, top: int) -> None:
     rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])
     only = os.environ.get("HTTPCALLS_ONLY")
@@ -119,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--show", choices=("get", "down", "up"), default="get",
                         help="the phase whose functions are listed (per request, per MB)")
+    parser.add_argument("--strace", action="store_true",
+                        help="also count casd's system calls per request (strace -c)")
     parser.add_argument("--dump", help="write each phase's statistics to DUMP.PHASE.prof")
     args = parser.parse_args(argv)
     size = args.size_mb * 1024 * 1024
@@ -154,6 +179,8 @@ def main(argv=None) -> int:
         down = _counted(casd.pid, stats, lambda: _download(port, size))
         up = _counted(casd.pid, stats, lambda: _upload(port, size))
         mb = size / 1e6
+        if args.strace:
+            print(json.dumps({"syscallsPerRequest": _syscalls(casd.pid, lambda: _gets(port, args.requests), args.requests)}))
         print(json.dumps({
             "requests": args.requests,
             "callsPerRequest": round(gets.total_calls / args.requests, 1),
