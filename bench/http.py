@@ -109,6 +109,34 @@ max_body_size = 0
 """
 
 
+def startBackend() -> NginxServer:
+    """
+    The backend: a private nginx with its own locations plus the small answer and the sink.
+    """
+    backend = NginxServer(locations=None)
+    with open(backend.configPath) as f:
+        conf = f.read()
+    with open(backend.configPath, "w") as f:
+        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
+    return backend.start()
+
+
+def writeCASDConfig(work: str, backendPort: int, port: int) -> str:
+    """
+    casd's users file and configuration in C{work}; IMAP, on by default, is off (its port may
+    be taken).
+
+    @return: the configuration's path.
+    """
+    users = os.path.join(work, "users")
+    with open(users, "w") as f:
+        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
+    config = os.path.join(work, "casd.toml")
+    with open(config, "w") as f:
+        f.write(CASD_CONFIG.format(users=users, backend=backendPort, port=port) + "\n[imap]\nenabled = false\n")
+    return config
+
+
 def ssha(password: str) -> str:
     salt = os.urandom(8)
     digest = hashlib.sha1(password.encode() + salt).digest()
@@ -198,13 +226,7 @@ def main(argv=None) -> int:
     size = args.size_mb * 1024 * 1024
 
     work = tempfile.mkdtemp(prefix="casd-bench-http-")
-    backend = NginxServer(locations=None)
-    # The backend's own locations plus the small answer and the sink.
-    with open(backend.configPath) as f:
-        conf = f.read()
-    with open(backend.configPath, "w") as f:
-        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
-    backend.start()
+    backend = startBackend()
     source = backend.makeFile("big", size)
     htpasswd = os.path.join(work, "htpasswd")
     with open(htpasswd, "w") as f:
@@ -215,13 +237,8 @@ def main(argv=None) -> int:
         locations=PROXY_LOCATIONS.format(htpasswd=htpasswd),
         upstreams=UPSTREAM.format(port=backend.port),
     ).start()
-    users = os.path.join(work, "users")
-    with open(users, "w") as f:
-        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
     casdPort = freePort()
-    config = os.path.join(work, "casd.toml")
-    with open(config, "w") as f:
-        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=casdPort))
+    config = writeCASDConfig(work, backend.port, casdPort)
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",

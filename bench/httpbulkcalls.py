@@ -27,9 +27,8 @@ import tempfile
 import time
 
 from bench.callcount import START, STATS_ENV, STOP
-from bench.http import BACKEND_EXTRA, CASD_CONFIG, PASSWORD, USER, ssha256
+from bench.http import PASSWORD, USER, startBackend, writeCASDConfig
 from bench.servers import ROOT
-from tests.support.nginx import NginxServer
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
 
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -125,11 +124,7 @@ def _syscalls(pid: int, run, per: float) -> dict:
 
 
 def _top(result, per: float, top: int) -> None:
-    rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])
-    only = os.environ.get("HTTPCALLS_ONLY")
-    if only:
-        rows = [r for r in rows if only in r[0][0]]
-    rows = rows[:top]
+    rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[:top]
     for (path, line, name), (cc, nc, tt, ct, _) in rows:
         where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
         print(f"{nc / per:8.2f}  {where}:{line}({name})")
@@ -149,21 +144,10 @@ def main(argv=None) -> int:
     size = args.size_mb * 1024 * 1024
 
     work = tempfile.mkdtemp(prefix="casd-httpcalls-")
-    backend = NginxServer(locations=None)
-    with open(backend.configPath) as f:
-        conf = f.read()
-    with open(backend.configPath, "w") as f:
-        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
-    backend.start()
+    backend = startBackend()
     backend.makeFile("big", size)
-    users = os.path.join(work, "users")
-    with open(users, "w") as f:
-        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
     port = freePort()
-    config = os.path.join(work, "casd.toml")
-    with open(config, "w") as f:
-        # IMAP is on by default: not here (its port 143 may be taken).
-        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=port) + "\n[imap]\nenabled = false\n")
+    config = writeCASDConfig(work, backend.port, port)
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
