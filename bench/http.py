@@ -111,7 +111,7 @@ max_body_size = 0
 
 def startBackend() -> NginxServer:
     """
-    The backend: a private nginx with its own locations plus the small answer and the sink.
+    The backend nginx: its own locations plus the small answer and the sink, started.
     """
     backend = NginxServer(locations=None)
     with open(backend.configPath) as f:
@@ -121,10 +121,9 @@ def startBackend() -> NginxServer:
     return backend.start()
 
 
-def writeCASDConfig(work: str, backendPort: int, port: int) -> str:
+def writeCasdConfig(work: str, backendPort: int, port: int, extra: str = "") -> str:
     """
-    casd's users file and configuration in C{work}; IMAP, on by default, is off (its port may
-    be taken).
+    Write casd's users file and configuration (L{CASD_CONFIG}, then C{extra}) into C{work}.
 
     @return: the configuration's path.
     """
@@ -133,7 +132,7 @@ def writeCASDConfig(work: str, backendPort: int, port: int) -> str:
         f.write(f"{USER}:{ssha256(PASSWORD)}\n")
     config = os.path.join(work, "casd.toml")
     with open(config, "w") as f:
-        f.write(CASD_CONFIG.format(users=users, backend=backendPort, port=port) + "\n[imap]\nenabled = false\n")
+        f.write(CASD_CONFIG.format(users=users, backend=backendPort, port=port) + extra)
     return config
 
 
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
         upstreams=UPSTREAM.format(port=backend.port),
     ).start()
     casdPort = freePort()
-    config = writeCASDConfig(work, backend.port, casdPort)
+    config = writeCasdConfig(work, backend.port, casdPort)
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",

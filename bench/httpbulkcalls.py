@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from bench.callcount import START, STATS_ENV, STOP
-from bench.http import PASSWORD, USER, startBackend, writeCASDConfig
+from bench.http import PASSWORD, USER, startBackend, writeCasdConfig
 from bench.servers import ROOT
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
 
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     backend = startBackend()
     backend.makeFile("big", size)
     port = freePort()
-    config = writeCASDConfig(work, backend.port, port)
+    config = writeCasdConfig(work, backend.port, port, "\n[imap]\nenabled = false\n")
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(

@@ -6,60 +6,32 @@ wall-clock and CPU figures are not (a machine shared with other work).
 
 The set-up of C{bench.http}: a private nginx backend and casd (one C{twistd} process, plain HTTP)
 with the vdir C{/b}, Basic authentication against its users file (SSHA256, the credential
-cache), the user named to the backend in C{X-Remote-User}.  casd runs inside this module's
-C{wrap} mode, which turns cProfile on at the first real-time signal and off, writing the
-statistics, at the second (casd itself uses C{SIGUSR1} to drain and C{SIGUSR2} to reopen its
-log).  After a warm-up (credential cache, backend connections), C{--requests} small
-authenticated GETs go over C{--connections} keep-alive connections, one request at a time, from
-a raw socket client; prints the calls per request and the functions called most per request.
+cache), the user named to the backend in C{X-Remote-User}.  casd runs inside
+C{bench.callcount}'s C{wrap} mode, which turns cProfile on at one real-time signal and off,
+writing the statistics, at another.  After a warm-up (credential cache, backend connections),
+C{--requests} small authenticated GETs go over C{--connections} keep-alive connections, one
+request at a time, from a raw socket client; prints the calls per request and the functions
+called most per request (C{--by-module}: per module, built-ins counted with their caller).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import cProfile
 import json
 import os
 import pstats
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench.http import BACKEND_EXTRA, CASD_CONFIG, PASSWORD, USER, ssha256
+from bench.callcount import START, STATS_ENV, STOP
+from bench.http import PASSWORD, USER, startBackend, writeCasdConfig
 from bench.servers import ROOT
-from tests.support.nginx import NginxServer
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
-
-#: Written by the profiled casd at the stop signal.
-STATS_ENV = "CASD_HTTPCALLS_STATS"
-START, STOP = signal.SIGRTMIN + 1, signal.SIGRTMIN + 2
-
-
-def wrap(argv: list[str]) -> None:
-    """
-    Run C{twistd} with C{argv}, profiling between L{START} and L{STOP} (the reactor's thread).
-    """
-    profile = cProfile.Profile()
-
-    def start(*_):
-        profile.enable()
-
-    def stop(*_):
-        profile.disable()
-        profile.dump_stats(os.environ[STATS_ENV])
-
-    signal.signal(START, start)
-    signal.signal(STOP, stop)
-    from twisted.scripts.twistd import run
-
-    sys.argv = ["twistd", *argv]
-    run()
-
 
 def _request(sock, host: bytes, auth: bytes, path: bytes) -> int:
     sock.sendall(
@@ -111,23 +83,14 @@ def _where(path: str) -> str:
 
 def measure(args) -> int:
     work = tempfile.mkdtemp(prefix="casd-httpcalls-")
-    backend = NginxServer(locations=None)
-    with open(backend.configPath) as f:
-        conf = f.read()
-    with open(backend.configPath, "w") as f:
-        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
-    backend.start()
-    users = os.path.join(work, "users")
-    with open(users, "w") as f:
-        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
+    backend = startBackend()
     port = freePort()
-    config = os.path.join(work, "casd.toml")
-    with open(config, "w") as f:
-        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=port))
+    # HTTP only: IMAP would take its default port (busy on a shared machine).
+    config = writeCasdConfig(work, backend.port, port, "\n[imap]\nenabled = false\n")
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
-        [sys.executable, "-m", "bench.httpcalls", "wrap", "-n", "--pidfile=",
+        [sys.executable, "-m", "bench.callcount", "wrap", "-n", "--pidfile=",
          "--logfile", os.path.join(work, "twistd.log"), "cas", "--config", config],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **{STATS_ENV: stats}),
     )
@@ -150,6 +113,8 @@ def measure(args) -> int:
         while not os.path.exists(stats) and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
+        if args.save:
+            shutil.copy(stats, args.save)
         result = pstats.Stats(stats)
         total = result.total_calls
         print(json.dumps({"requests": done, "calls": total, "callsPerRequest": round(total / done, 1)}))
@@ -181,14 +146,12 @@ def measure(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["wrap"]:
-        wrap(argv[1:])
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--by-module", action="store_true")
+    parser.add_argument("--save", help="keep the cProfile statistics in this file")
     return measure(parser.parse_args(argv))
 
 

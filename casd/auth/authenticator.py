@@ -125,6 +125,17 @@ class Authenticator:
 
         @return: the L{IMailboxUser}, or C{None} when the login must go through L{login}.
         """
+        found = self.loginNowMemo(credentials, client)
+        return found[0] if found is not None else None
+
+    def loginNowMemo(self, credentials, client):
+        """
+        L{loginNow}, with a memo that L{loginAgain} takes to answer the same credentials again
+        (the next request of an HTTP connection carrying the same C{Authorization}) without
+        digesting them.
+
+        @return: C{(avatar, memo)}, or C{None} when the login must go through L{login}.
+        """
         checker = self._cached
         if (
             checker is None
@@ -135,13 +146,36 @@ class Authenticator:
             or self.penalty.locked(credentials.username, client)
         ):
             return None
-        avatarId = checker.cachedSuccess(credentials)
-        if avatarId is None:
+        found = checker.cachedSuccessEntry(credentials)
+        if found is None:
             return None
+        avatarId, entry = found
         avatar = self.portal.realm.requestAvatar(avatarId, client, IMailboxUser)[1]
         if avatar.disabled:
             return None  # refused, logged and penalised by login()
         self.penalty.succeeded(credentials.username, client)
+        if self.metrics is not None:
+            self.metrics.loginFinished(self.clock.seconds(), None)
+        return avatar, (checker, credentials.username, entry, avatar)
+
+    def loginAgain(self, memo, client):
+        """
+        The login of L{loginNowMemo}'s credentials again, while the credential cache still holds
+        the very success that answered them: the same rules as L{loginNow} (the same checker, no
+        shared penalty, no lockout since, the cache answering), without the digest.
+
+        @param memo: the memo L{loginNowMemo} returned.
+        @return: the L{IMailboxUser}, or C{None} when the login must go through L{login}.
+        """
+        checker, username, entry, avatar = memo
+        if (
+            checker is not self._cached
+            or getattr(self.penalty, "asynchronous", False)
+            or self.penalty.locked(username, client)
+            or not checker.stillCached(username, entry)
+        ):
+            return None
+        self.penalty.succeeded(username, client)
         if self.metrics is not None:
             self.metrics.loginFinished(self.clock.seconds(), None)
         return avatar

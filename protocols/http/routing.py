@@ -58,6 +58,8 @@ def explicitMailbox(vdir, path: bytes) -> str:
     """
     rest = path.split(b"?", 1)[0][len(vdir.path) :].lstrip(b"/")
     segment = rest.split(b"/", 1)[0]
+    if b"@" not in segment and b"%" not in segment:
+        return ""  # no address, even once unquoted (the common case: no look at it)
     try:
         text = unquote(segment.decode("utf-8"), errors="strict")
     except UnicodeDecodeError:

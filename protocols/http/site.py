@@ -32,13 +32,14 @@ from zope.interface import implementer
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.http_headers import Headers, _nameEncoder
 
 from casd.failures import BackendUnavailable, CASFailure
+from casd.service.logs import LineLog
 from casd.routing.router import routeTo
 from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
-from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse
+from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse, sourcesChanged
 from protocols.http.proxy import IDEMPOTENT, BodyPipe, directSocket, writeThrough
 from protocols.http.upstream import IResponseSink
 from protocols.http.routing import ROUTE_COOKIE
@@ -51,15 +52,36 @@ from protocols.http.status import (
     render,
 )
 
-ACCESS_FORMAT = (
-    "http session={session} vdir={vdir} client={client} user={user} backend={backend} "
-    "method={method} path={path} status={status} in={bytesIn} out={bytesOut} "
-    "duration={duration:.3f}"
-)
+#: The Twisted sources whose attributes L{ProxyRequest.__init__} sets itself, with the SHA-256
+#: of each in Twisted 26.10.0 (a test fails when one changes: see L{leanInitSourcesChanged}).
+LEAN_INIT_SOURCES = {
+    "twisted.web.server.Request.__init__":
+        "f79aac5ec350503e5367940d865a8b57b43088425ed0f82f6eb3388dbdcb7eb9",
+    "twisted.web.http.Request.__init__":
+        "2d3f7dbd28d0ce02f4b8f99942bd6e2f62165fc512304e8f366b361444278e29",
+    "twisted.python.components.Componentized.__init__":
+        "31cb3de9ee79eae252d7b1c13acb318b0a6c673829c19925e156b409fe0dcf4e",
+    "twisted.web.http.Request._cleanup":
+        "3e4358e4df9cc52d46752cf89bd03f1cee86b3e7d364485a18283f3cddabde2a",
+    "twisted.web.server.Request.write":
+        "e0629de84fb9e31d508fcda0a564c768705add8a095b140c03a9a62e8326b523",
+    "twisted.web.http.Request.connectionLost":
+        "e874acaf9f19205d5b7ed2a52b73a8327013a0c3df87a724eab07caabe5e4ba4",
+}
 
 
-#: The access log: one line per request (namespace C{casd.http.access}).
-ACCESS_LOG = Logger(namespace="casd.http.access")
+def leanInitSourcesChanged() -> list[str]:
+    """
+    @return: the names in L{LEAN_INIT_SOURCES} whose source changed (empty when none did).
+    """
+    return sourcesChanged(LEAN_INIT_SOURCES)
+
+
+_httpWrite = http.Request.write
+
+#: The access log: one line per request (namespace C{casd.http.access}), rendered once
+#: (L{casd.service.logs.LineLog}).
+ACCESS_LOG = LineLog("casd.http.access")
 
 
 class ProxyRequest(server.Request):
@@ -75,7 +97,20 @@ class ProxyRequest(server.Request):
     defaultContentType = None
 
     def __init__(self, channel, *args, **kw) -> None:
-        super().__init__(channel, *args, **kw)
+        # What twisted.web's Request.__init__ chain sets (L{server.Request}, L{http.Request},
+        # L{Componentized}: see L{LEAN_INIT_SOURCES}), without asking the transport for its
+        # addresses: C{client} is the connection's L{ClientInfo}, C{host} is looked up if
+        # asked for.
+        self.notifications = []
+        self.channel = channel
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
+        self._adapterCache = {}
         self.mode = "error"
         self.vdir = None
         self.user = None
@@ -91,7 +126,21 @@ class ProxyRequest(server.Request):
         self.site = channel.site
         self.client = channel.client
         self.startedAt = self.site.clock.seconds()
-        self.notifyFinish().addBoth(self._ended)
+
+    @property
+    def host(self):
+        """
+        The address of the listener (L{twisted.web.http.Request.getHost}), looked up when
+        asked for.
+        """
+        host = self.__dict__.get("_host")
+        if host is None:
+            host = self._host = self.transport.getHost()
+        return host
+
+    @host.setter
+    def host(self, value) -> None:
+        self._host = value
 
     # -- reading ------------------------------------------------------------------------
 
@@ -102,8 +151,16 @@ class ProxyRequest(server.Request):
         self.uri = channel._path
         self.clientproto = channel._version
         self.path = self.uri.split(b"?", 1)[0]
-        self.content = io.BytesIO()
+        # The body is read only for a local service (begin); a proxied one streams through.
+        self.content = None
         channel.site.begin(self, length)
+
+    def write(self, data: bytes) -> None:
+        if self._encoder is None and not self._inFakeHead and self.defaultContentType is None:
+            # twisted.web.server.Request.write would only look for headers it never sets.
+            _httpWrite(self, data)
+        else:
+            server.Request.write(self, data)
 
     def refuseTooLarge(self) -> None:
         """
@@ -205,8 +262,11 @@ class ProxyRequest(server.Request):
         if self._relay is not None:
             self._relay.clientGone()
         super().connectionLost(reason)
+        self._writeAccessLog()
 
-    def _ended(self, result) -> None:
+    def _cleanup(self) -> None:
+        # The response is complete (what notifyFinish() reports, without a Deferred of ours).
+        super()._cleanup()
         self._writeAccessLog()
 
     def _writeAccessLog(self) -> None:
@@ -301,6 +361,7 @@ class HTTPSite(server.Site):
         if service is not None:
             request.mode = "local"
             request.service = service
+            request.content = io.BytesIO()
             request._limit = service.maxBodySize
             if length is not None and length > request._limit:
                 request.refuseTooLarge()
@@ -316,11 +377,15 @@ class HTTPSite(server.Site):
         if length is not None and vdir.maxBodySize and length > vdir.maxBodySize:
             request.refuseTooLarge()
             return
+        channel = request.channel
         if length != 0:
-            transport = self.channel(request).transport
+            transport = channel.transport
             request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
-        # While the body comes in, the client's silence is bounded by the vdir's timeout.
-        self.channel(request).setTimeout(vdir.timeout)
+        # While the body comes in, the client's silence is bounded by the vdir's timeout (the
+        # same timeout was just restarted by the bytes of this head).
+        timeout = vdir.timeout
+        if channel.timeOut != timeout:
+            channel.setTimeout(timeout)
         self.proxy(request, vdir)
 
     @staticmethod
@@ -501,24 +566,33 @@ class HTTPSite(server.Site):
 
     def accessLog(self, request) -> None:
         client = request.client
-        host = f"[{client.peerHost}]" if ":" in client.peerHost else client.peerHost
+        host = client.peerHost
+        if ":" in host:
+            host = f"[{host}]"
         user = request.user
-        fields = dict(  # never a header, a cookie or a query string: they may hold secrets
-            session=client.sessionId,
-            vdir=request.vdir.name if request.vdir is not None else (
-                request.service.name if request.service is not None else "-"
-            ),
-            client=f"{host}:{client.peerPort}",
-            user=(user.login if user is not None else "-"),
-            backend=request.backendName or "-",
-            method=(request.method or b"-").decode("ascii", "replace"),
-            path=(request.path or b"-").decode("utf-8", "replace")[:200],
-            status=request.code,
-            bytesIn=request.bytesIn,
-            bytesOut=request.sentLength,
-            duration=self.clock.seconds() - request.startedAt,
+        vdir = request.vdir
+        service = request.service
+        # Never a header, a cookie or a query string: they may hold secrets.
+        fields = {
+            "session": client.sessionId,
+            "vdir": vdir.name if vdir is not None else (service.name if service is not None else "-"),
+            "client": f"{host}:{client.peerPort}",
+            "user": user.login if user is not None else "-",
+            "backend": request.backendName or "-",
+            "method": (request.method or b"-").decode("ascii", "replace"),
+            "path": (request.path or b"-").decode("utf-8", "replace")[:200],
+            "status": request.code,
+            "bytesIn": request.bytesIn,
+            "bytesOut": request.sentLength,
+            "duration": self.clock.seconds() - request.startedAt,
+        }
+        ACCESS_LOG.emit(
+            f"http session={fields['session']} vdir={fields['vdir']} client={fields['client']}"
+            f" user={fields['user']} backend={fields['backend']} method={fields['method']}"
+            f" path={fields['path']} status={fields['status']} in={fields['bytesIn']}"
+            f" out={fields['bytesOut']} duration={fields['duration']:.3f}",
+            fields,
         )
-        ACCESS_LOG.info("{line}", line=ACCESS_FORMAT.format(**fields), **fields)
 
 
 #: Twisted's spelling of response field names (its L{Headers} keys), as backends send them.

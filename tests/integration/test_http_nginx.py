@@ -51,6 +51,9 @@ host = "127.0.0.1"
 [backends.web.http]
 port = {nginx}
 
+[imap]
+enabled = false
+
 [http]
 enabled = true
 plain_http = "serve"
@@ -325,6 +328,9 @@ tls_name = "mbx.example.com"
 [backends.impostor.http]
 port = {nginx}
 tls = "implicit"
+
+[imap]
+enabled = false
 
 [http]
 enabled = true
