@@ -1,8 +1,9 @@
 """
-Python function calls per proxied HTTP request and per MB of download and upload, counted with
+Python function calls per MB of HTTP download and upload (and per request, as
+C{bench.httpcalls} counts them but with built-ins counted apart), counted with
 cProfile in casd's process (deterministic where CPU time on a shared machine is not).
 
-    PYTHONPATH=$PWD .venv/bin/python -m bench.httpcalls [--requests 2000] [--size-mb 64]
+    PYTHONPATH=$PWD .venv/bin/python -m bench.httpbulkcalls [--requests 2000] [--size-mb 64]
 
 The set-up of L{bench.http} (a private nginx backend, casd with the Basic-authenticated vdir
 C{/b}), casd run under L{bench.callcount}'s C{wrap} mode (cProfile on at one signal, off and
@@ -26,9 +27,8 @@ import tempfile
 import time
 
 from bench.callcount import START, STATS_ENV, STOP
-from bench.http import BACKEND_EXTRA, CASD_CONFIG, PASSWORD, USER, ssha256
+from bench.http import PASSWORD, USER, startBackend, writeCasdConfig
 from bench.servers import ROOT
-from tests.support.nginx import NginxServer
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
 
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -100,6 +100,29 @@ def _upload(port: int, size: int) -> None:
         raise RuntimeError(f"upload: {response.status}")
 
 
+def _syscalls(pid: int, run, per: float) -> dict:
+    """
+    The system calls of casd's process while C{run()} runs, per C{per} (C{strace -c}).
+    """
+    out = tempfile.mktemp(prefix="casd-strace-")
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(pid)],
+                              stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        run()
+    finally:
+        tracer.send_signal(2)
+        tracer.wait(30)
+    counts = {}
+    with open(out) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 5 and fields[-1] not in ("syscall", "total") and fields[3].isdigit():
+                counts[fields[-1]] = round(int(fields[3]) / per, 2)
+    os.unlink(out)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _top(result, per: float, top: int) -> None:
     rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[:top]
     for (path, line, name), (cc, nc, tt, ct, _) in rows:
@@ -112,25 +135,19 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--size-mb", type=int, default=64, help="download and upload size, MiB")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--show", choices=("get", "down", "up"), default="get",
+                        help="the phase whose functions are listed (per request, per MB)")
+    parser.add_argument("--strace", action="store_true",
+                        help="also count casd's system calls per request (strace -c)")
+    parser.add_argument("--dump", help="write each phase's statistics to DUMP.PHASE.prof")
     args = parser.parse_args(argv)
     size = args.size_mb * 1024 * 1024
 
     work = tempfile.mkdtemp(prefix="casd-httpcalls-")
-    backend = NginxServer(locations=None)
-    with open(backend.configPath) as f:
-        conf = f.read()
-    with open(backend.configPath, "w") as f:
-        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
-    backend.start()
+    backend = startBackend()
     backend.makeFile("big", size)
-    users = os.path.join(work, "users")
-    with open(users, "w") as f:
-        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
     port = freePort()
-    config = os.path.join(work, "casd.toml")
-    with open(config, "w") as f:
-        # IMAP is on by default: not here (its port 143 may be taken).
-        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=port) + "\n[imap]\nenabled = false\n")
+    config = writeCasdConfig(work, backend.port, port, "\n[imap]\nenabled = false\n")
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
@@ -146,6 +163,8 @@ def main(argv=None) -> int:
         down = _counted(casd.pid, stats, lambda: _download(port, size))
         up = _counted(casd.pid, stats, lambda: _upload(port, size))
         mb = size / 1e6
+        if args.strace:
+            print(json.dumps({"syscallsPerRequest": _syscalls(casd.pid, lambda: _gets(port, args.requests), args.requests)}))
         print(json.dumps({
             "requests": args.requests,
             "callsPerRequest": round(gets.total_calls / args.requests, 1),
@@ -153,7 +172,12 @@ def main(argv=None) -> int:
             "callsPerMBDown": round(down.total_calls / mb, 1),
             "callsPerMBUp": round(up.total_calls / mb, 1),
         }))
-        _top(gets, args.requests, args.top)
+        if args.dump:
+            for name, result in (("get", gets), ("down", down), ("up", up)):
+                result.dump_stats(f"{args.dump}.{name}.prof")
+        shown = {"get": (gets, args.requests), "down": (down, mb), "up": (up, mb)}
+        result, per = shown[args.show]
+        _top(result, per, args.top)
         return 0
     except Exception:
         log.flush()

@@ -5,13 +5,14 @@ request as soon as the headers are in, and stream the body both ways.
 
 Stock C{twisted.web} reads a whole request body before rendering (twisted#4688, #5511).
 L{ProxyRequest} instead acts in C{gotLength} (all headers parsed): it matches the vdir,
-authenticates, routes and starts the backend request with a L{protocols.http.proxy.BodyPipe} as
-its body, which C{handleContentChunk} feeds.  That relies on private attributes of
-L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version} (the request line, which
-L{twisted.web.http.Request} only learns in C{requestReceived}) and C{_savedTimeOut}; the proxy's
-backend side relies on a few of L{twisted.web.client}'s (L{protocols.http.proxy}).
-C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them; Twisted
-is pinned below 28 in C{setup.cfg} for this reason.
+authenticates, routes and starts the backend request (L{protocols.http.upstream}) with a
+L{protocols.http.proxy.BodyPipe} as its body, which C{handleContentChunk} feeds.  That relies
+on private attributes of L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version}
+(the request line, which L{twisted.web.http.Request} only learns in C{requestReceived}) and
+C{_savedTimeOut}; the response relay fills L{Headers} through C{_rawHeaders} and
+C{_nameEncoder}, and reads fired L{Deferred}s' results (L{resultNow}).
+C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them;
+Twisted is pinned below 28 in C{setup.cfg} for this reason.
 
 A response can only be written once the request body has been read (Twisted's channel
 parses the next request from the same buffer), so every answer waits for C{requestReceived}: a
@@ -26,21 +27,21 @@ import os
 import re
 
 import attr
+from zope.interface import implementer
 
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.http_headers import Headers, _nameEncoder
 
 from casd.failures import BackendUnavailable, CASFailure
 from casd.service.logs import LineLog
 from casd.routing.router import routeTo
 from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
 from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse, sourcesChanged
-from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
+from protocols.http.proxy import IDEMPOTENT, BodyPipe, directSocket, writeThrough
+from protocols.http.upstream import IResponseSink
 from protocols.http.routing import ROUTE_COOKIE
 from protocols.http.status import (
     BackendTimedOut,
@@ -284,6 +285,23 @@ class ProxyRequest(server.Request):
         self.site.accessLog(self)
 
 
+_PENDING = object()
+
+
+def resultNow(d):
+    """
+    The success result of a L{Deferred} that already has one (fired, not paused: its callbacks
+    ran), else C{_PENDING} (a failure stays in C{d} for its errbacks).  Relies on the
+    L{Deferred} attributes C{called}, C{paused} and C{result}
+    (C{tests.test_http_smuggling.TwistedPrivatesTests}).
+    """
+    if d.called and not d.paused:
+        result = d.result
+        if not isinstance(result, (Failure, defer.Deferred)):
+            return result
+    return _PENDING
+
+
 class HTTPSite(server.Site):
     """
     The factory of one HTTP listener.
@@ -294,7 +312,7 @@ class HTTPSite(server.Site):
     @ivar descriptor: the HTTP L{casd.interfaces.ICASProtocol}.
     @ivar vdirs: the L{protocols.http.vdir.VdirTable}.
     @ivar authenticator: the L{protocols.http.auth.HTTPAuthenticator}.
-    @ivar agents: the L{protocols.http.proxy.BackendAgents} (shared by every listener).
+    @ivar upstream: the L{protocols.http.upstream.UpstreamPool} (shared by every listener).
     @ivar router: the L{protocols.http.routing.RequestRouter}.
     @ivar local: the L{protocols.http.local.LocalServices}.
     @ivar redirectToHTTPS: a plain listener that answers everything but health pages with 301.
@@ -305,7 +323,7 @@ class HTTPSite(server.Site):
     displayTracebacks = False
     logger = Logger(namespace="casd.http")
 
-    def __init__(self, context, section, listener, descriptor, vdirs, authenticator, agents,
+    def __init__(self, context, section, listener, descriptor, vdirs, authenticator, upstream,
                  router, redirectToHTTPS=False) -> None:
         from twisted.web.resource import NoResource
 
@@ -316,7 +334,7 @@ class HTTPSite(server.Site):
         self.descriptor = descriptor
         self.vdirs = vdirs
         self.authenticator = authenticator
-        self.agents = agents
+        self.upstream = upstream
         self.router = router
         self.redirectToHTTPS = redirectToHTTPS
         self.headerTimeout = section.header_timeout
@@ -324,9 +342,9 @@ class HTTPSite(server.Site):
         self.local = None
 
     def stopFactory(self) -> None:
-        # The listener stops: close the idle backend connections (the agents are shared by
-        # every listener; closing idle ones is harmless to the others).
-        self.agents.closeIdle()
+        # The listener stops: close the idle backend connections (the pool is shared by every
+        # listener; closing idle ones is harmless to the others).
+        self.upstream.closeIdle()
         super().stopFactory()
 
     def _openLogFile(self, path):
@@ -435,14 +453,25 @@ class HTTPSite(server.Site):
     # -- proxying -----------------------------------------------------------------------
 
     def proxy(self, request, vdir) -> None:
-        client = request.client
-        d = self.authenticator.authenticate(request, vdir, client)
-
-        def authenticated(user):
+        d = self.authenticator.authenticate(request, vdir, request.client)
+        user = resultNow(d)
+        if user is not _PENDING:
+            # The credential cache answered at once (the usual case): no callback chain.
             request.user = user
-            return self.router.route(request, vdir, user, request.uri)
+            d = self.router.route(request, vdir, user, request.uri)
+            decision = resultNow(d)
+            if decision is not _PENDING:
+                try:
+                    self._send(decision, request, vdir)
+                except Exception:
+                    self._failed(Failure(), request)
+                return
+        else:
+            def authenticated(user):
+                request.user = user
+                return self.router.route(request, vdir, user, request.uri)
 
-        d.addCallback(authenticated)
+            d.addCallback(authenticated)
         d.addCallback(self._send, request, vdir)
         d.addErrback(self._failed, request)
 
@@ -465,10 +494,13 @@ class HTTPSite(server.Site):
     def _attempt(self, request, vdir, decision, targets, index):
         target = targets[index]
         request.backendName = target.describe()
-        pipe = request._pipe
-        strip = set()
-        for source in self.authenticator.sources.values():
-            strip.update(getattr(source, "stripHeaders", ()))
+        strip = self._strip
+        if strip is None:
+            strip = set()
+            for source in self.authenticator.sources.values():
+                strip.update(getattr(source, "stripHeaders", ()))
+            strip.add(b"host")
+            strip = self._strip = frozenset(strip)
         toCAS = decision.route.kind == "cas"
         headers = backendRequestHeaders(
             request.requestHeaders,
@@ -478,49 +510,19 @@ class HTTPSite(server.Site):
             request.client,
             (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
             request.user,
-            strip=strip | {b"host"},
+            strip=strip,
             cookieFilter=self.cookieFilter,
         )
         if toCAS:
             # It counts the hops down, and refuses a loop.
-            headers.setRawHeaders(PROXY_TTL, [str(decision.route.proxyTTL).encode("ascii")])
+            headers.append((PROXY_TTL, str(decision.route.proxyTTL).encode("ascii")))
         path = self.vdirs.clientPath(vdir, request.uri)
         if not toCAS:
             path = vdir.backendPathFor(path)
-        member = self.context.connector.member(target)
-        d = self.agents.request(target, request.method, path, headers, pipe)
-        timer = self.clock.callLater(vdir.timeout, d.cancel)
-
-        def responded(result):
-            if timer.active():
-                timer.cancel()
-            member.connectSucceeded()
-            response, release = result
-            return self._relay(request, vdir, decision, response, release)
-
-        def failed(f):
-            timedOut = not timer.active()
-            if not timedOut:
-                timer.cancel()
-            if f.check(*CONNECT_ERRORS) and not timedOut:
-                member.connectFailed(str(f.value) or type(f.value).__name__)
-                canRetry = pipe is None or not pipe.started
-                if canRetry and index + 1 < len(targets) and not request._gone:
-                    self.logger.info(
-                        "{backend}: connect failed ({reason}); trying the next member",
-                        backend=target.describe(),
-                        reason=str(f.value),
-                    )
-                    return self._attempt(request, vdir, decision, targets, index + 1)
-                raise BadGateway(f"connect to {target.describe()} failed: {f.value}")
-            if timedOut:
-                raise BackendTimedOut(f"{target.describe()} did not answer within {vdir.timeout:g} s")
-            if f.check(CASFailure):
-                return f
-            raise BadGateway(f"{target.describe()}: {f.getErrorMessage()}")
-
-        d.addCallbacks(responded, failed)
-        return d
+        relay = request._relay = _Relay(self, request, vdir, decision, targets, index)
+        relay.exchange = self.upstream.request(
+            target, request.method, path, headers, request._pipe, relay
+        )
 
     def cookieFilter(self, name: bytes) -> bool:
         return name != ROUTE_COOKIE and name not in self.privateCookies
@@ -528,38 +530,8 @@ class HTTPSite(server.Site):
     #: Cookies that are casd's own and never reach a backend (forms sessions add theirs).
     privateCookies: frozenset = frozenset()
 
-    def _relay(self, request, vdir, decision, response, release):
-        def start(_):
-            if request._gone:
-                response.deliverBody(_Discard())
-                release()
-                return
-            request.setResponseCode(response.code, response.phrase)
-            copyResponseHeaders(response.headers, request.responseHeaders)
-            if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-                request.responseHeaders.setRawHeaders(
-                    b"Content-Length", [str(response.length).encode("ascii")]
-                )
-            if decision.cookie is not None:
-                request.responseHeaders.addRawHeader(b"Set-Cookie", decision.cookie)
-            idle = _IdleTimer(self.clock, vdir.timeout, lambda: relay.clientGone())
-            relay = ResponseRelay(request, onData=idle.reset)
-            request._relay = relay
-            response.deliverBody(relay)
-            relay.done.addBoth(finished, idle)
-
-        def finished(complete, idle):
-            idle.stop()
-            release()
-            if request._gone:
-                return
-            if complete is True:
-                request.finish()
-            else:
-                # A body cut short must not look complete: close the connection.
-                request.channel.transport.loseConnection()
-
-        request.bodyDone.addCallback(start)
+    #: The header names the credential sources strip (and C{Host}), once known.
+    _strip = None
 
     def _failed(self, f, request) -> None:
         if request._gone:
@@ -632,34 +604,220 @@ class HTTPSite(server.Site):
         )
 
 
-class _IdleTimer:
-    def __init__(self, clock, seconds, expired) -> None:
-        self.clock = clock
-        self.seconds = seconds
-        self.expired = expired
-        self.call = clock.callLater(seconds, self._fire)
-
-    def reset(self) -> None:
-        if self.call is not None and self.call.active():
-            self.call.reset(self.seconds)
-
-    def _fire(self) -> None:
-        self.call = None
-        self.expired()
-
-    def stop(self) -> None:
-        if self.call is not None and self.call.active():
-            self.call.cancel()
-        self.call = None
+#: Twisted's spelling of response field names (its L{Headers} keys), as backends send them.
+_SPELLING: dict = {}
 
 
-class _Discard(Protocol):
+def _spell(name: bytes) -> bytes:
+    key = _nameEncoder.encode(name)
+    if len(_SPELLING) < 4096:
+        _SPELLING[name] = key
+    return key
+
+
+@implementer(IResponseSink)
+class _Relay:
     """
-    Takes a response nobody will read and closes its connection.
+    One proxied request's backend exchange, and its response relayed to the client.
+
+    The response is streamed with flow control: the relay is the client's producer and pauses
+    the backend connection, so a client that stops reading pauses the backend.  One timer bounds
+    the exchange's silence (C{vdir.timeout}): before the response head it answers 504; later it
+    cuts the exchange (the client connection is closed: a truncated body must not look
+    complete).  Progress either way (a piece of the body, the client taking more) is a
+    timestamp, not a timer reset per piece.
     """
 
-    def connectionMade(self):
-        self.transport.stopProducing()
+    exchange = None
+    #: The client's transport, when body pieces may go straight to its socket.
+    direct = None
+
+    def __init__(self, site, request, vdir, decision, targets, index) -> None:
+        self.site = site
+        self.request = request
+        self.vdir = vdir
+        self.decision = decision
+        self.targets = targets
+        self.index = index
+        self.started = False
+        self.held = None
+        self.ended = None
+        self.head = None
+        clock = self.clock = site.clock
+        self.active = clock.seconds()
+        self.timer = clock.callLater(vdir.timeout, self._silent)
+
+    # -- the timer --------------------------------------------------------------------------
+
+    def _silent(self) -> None:
+        timeout = self.vdir.timeout
+        quiet = self.clock.seconds() - self.active
+        if quiet < timeout:
+            self.timer = self.clock.callLater(timeout - quiet, self._silent)
+            return
+        self.timer = None
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.cancel()
+        request = self.request
+        if not self.started:
+            target = self.targets[self.index]
+            request._relay = None
+            self.site._failed(
+                Failure(BackendTimedOut(f"{target.describe()} did not answer within {timeout:g} s")),
+                request,
+            )
+            return
+        if not request._gone:
+            request.channel.transport.loseConnection()
+
+    def _stopTimer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # -- IResponseSink ----------------------------------------------------------------------
+
+    def connectFailed(self, reason) -> None:
+        self._stopTimer()
+        self.exchange = None
+        site, request = self.site, self.request
+        target = self.targets[self.index]
+        site.context.connector.member(target).connectFailed(
+            str(reason.value) or type(reason.value).__name__
+        )
+        pipe = request._pipe
+        canRetry = pipe is None or not pipe.started
+        if canRetry and self.index + 1 < len(self.targets) and not request._gone:
+            site.logger.info(
+                "{backend}: connect failed ({reason}); trying the next member",
+                backend=target.describe(),
+                reason=str(reason.value),
+            )
+            site._attempt(request, self.vdir, self.decision, self.targets, self.index + 1)
+            return
+        request._relay = None
+        site._failed(
+            Failure(BadGateway(f"connect to {target.describe()} failed: {reason.value}")), request
+        )
+
+    def failed(self, reason) -> None:
+        self._stopTimer()
+        self.exchange = None
+        target = self.targets[self.index]
+        self.request._relay = None
+        self.site._failed(
+            Failure(BadGateway(f"{target.describe()}: {reason.getErrorMessage()}")), self.request
+        )
+
+    def responseStarted(self, exchange, code, phrase, headers) -> None:
+        self.started = True
+        request = self.request
+        self.site.context.connector.member(self.targets[self.index]).connectSucceeded()
+        if request._gone:
+            self.clientGone()
+            return
+        self.head = (code, phrase, headers)
+        if request.bodyDone.called:
+            self._start()
+            return
+        # The client's body is still coming: the response waits for it (Twisted's channel reads
+        # the next request from the same buffer), the backend connection paused meanwhile.
+        self.held = []
+        exchange.pauseResponse()
+        request.bodyDone.addCallback(self._release)
+
+    def _release(self, _=None) -> None:
+        held, self.held = self.held, None
+        if self.request._gone:
+            return
+        self._start()
+        for data in held:
+            self.responseData(data)
+        if self.ended is not None:
+            self.responseEnded(self.ended)
+        elif self.exchange is not None:
+            self.exchange.resumeResponse()
+
+    def _start(self) -> None:
+        request = self.request
+        code, phrase, headers = self.head
+        request.setResponseCode(code, phrase or None)
+        out = request.responseHeaders
+        raw = out._rawHeaders
+        if raw:
+            # casd set some already (a refreshed forms session's cookie): merged.
+            copyResponseHeaders(headers, out)
+        else:
+            # The fields are tokens (the head was checked), the values free of line ends:
+            # straight into Twisted's table, under Twisted's spelling of each name.
+            spelling = _SPELLING
+            for name, value in headers:
+                key = spelling.get(name)
+                if key is None:
+                    key = _spell(name)
+                if key in raw:
+                    raw[key].append(value)
+                else:
+                    raw[key] = [value]
+        if self.decision.cookie is not None:
+            out.addRawHeader(b"Set-Cookie", self.decision.cookie)
+        request.registerProducer(self, True)
+        self.direct = directSocket(request.channel.transport)
+
+    def responseData(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        self.active = self.clock.seconds()
+        request = self.request
+        direct = self.direct
+        if direct is not None and request.startedWriting and not request.chunked:
+            # The head is out and the body needs no framing: straight to the client's socket.
+            request.sentLength += len(data)
+            writeThrough(direct, data)
+            return
+        request.write(data)
+
+    def responseEnded(self, complete: bool) -> None:
+        if self.held is not None:
+            self.ended = complete
+            return
+        self._stopTimer()
+        self.exchange = None
+        request = self.request
+        if request._gone:
+            return
+        request.unregisterProducer()
+        if complete:
+            request.finish()
+        else:
+            # A body cut short must not look complete: close the connection.
+            request.channel.transport.loseConnection()
+
+    # -- the client's producer (IPushProducer) ----------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.pauseResponse()
+
+    def resumeProducing(self) -> None:
+        # The client took more: progress, for the silence timer.
+        self.active = self.clock.seconds()
+        if self.exchange is not None:
+            self.exchange.resumeResponse()
+
+    def stopProducing(self) -> None:
+        self.clientGone()
+
+    def clientGone(self) -> None:
+        """
+        The client went: the backend exchange is given up.
+        """
+        self._stopTimer()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.cancel()
 
 
 class _HealthUser:
