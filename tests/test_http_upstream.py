@@ -153,9 +153,9 @@ class RequestTests(UpstreamTestsMixin, SynchronousTestCase):
         """
         The proxy's relay (and this test's sink) are what the pool expects.
         """
-        from protocols.http.site import _Relay
+        from protocols.http.relay import Relay
 
-        self.assertTrue(verifyClass(IResponseSink, _Relay))
+        self.assertTrue(verifyClass(IResponseSink, Relay))
         self.assertTrue(verifyObject(IResponseSink, Sink()))
 
 
