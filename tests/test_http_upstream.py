@@ -595,3 +595,17 @@ class WriteThroughTests(SynchronousTestCase):
         self.assertFalse(tcp.Connection.TLS)
         self.assertTrue(issubclass(tcp.Server, abstract.FileDescriptor))
         self.assertTrue(issubclass(tcp.Client, abstract.FileDescriptor))
+
+
+class IdleDoubtTests(UpstreamTestsMixin, SynchronousTestCase):
+    def test_notReusedOnceDoubted(self):
+        """
+        An idle connection that sent unexpected bytes is no longer handed to a request, even
+        before its close completes.
+        """
+        self.send()
+        connection, transport = self.accept()
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        connection.dataReceived(b"junk")
+        self.send()
+        self.assertEqual(len(self.reactor.tcpClients), 2)

@@ -398,6 +398,9 @@ class UpstreamConnection(Protocol):
 
     def _doubt(self, why: str) -> None:
         self.log.info("{backend}: {why}; connection closed", backend=self.backend.name, why=why)
+        idle = self.backend.idle
+        if self in idle:
+            idle.remove(self)
         self._keepAlive = False
         self._state = _DONE
         self.transport.loseConnection()

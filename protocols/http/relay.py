@@ -115,6 +115,10 @@ class Relay:
         )
 
     def failed(self, reason) -> None:
+        if self.started:
+            # The head went out already (a malformed chunk, say): the body is cut short.
+            self.responseEnded(False)
+            return
         self._stopTimer()
         self.exchange = None
         target = self.targets[self.index]
