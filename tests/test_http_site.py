@@ -597,3 +597,17 @@ class BackendClientTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(backend.producerState, "producing")
         server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertTrue(self.transport.value().endswith(b"\r\n\r\nok"))
+
+    def test_malformedChunkMidBody(self):
+        """
+        A chunked body that turns malformed after the head went out: the client connection is
+        closed (a cut body), never a second response written after the first.
+        """
+        self.get()
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+        out = self.transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 "), 1, out)
+        self.assertNotIn(b"502", out)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(backend.disconnecting)

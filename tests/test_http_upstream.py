@@ -153,9 +153,9 @@ class RequestTests(UpstreamTestsMixin, SynchronousTestCase):
         """
         The proxy's relay (and this test's sink) are what the pool expects.
         """
-        from protocols.http.site import _Relay
+        from protocols.http.relay import Relay
 
-        self.assertTrue(verifyClass(IResponseSink, _Relay))
+        self.assertTrue(verifyClass(IResponseSink, Relay))
         self.assertTrue(verifyObject(IResponseSink, Sink()))
 
 
@@ -595,3 +595,17 @@ class WriteThroughTests(SynchronousTestCase):
         self.assertFalse(tcp.Connection.TLS)
         self.assertTrue(issubclass(tcp.Server, abstract.FileDescriptor))
         self.assertTrue(issubclass(tcp.Client, abstract.FileDescriptor))
+
+
+class IdleDoubtTests(UpstreamTestsMixin, SynchronousTestCase):
+    def test_notReusedOnceDoubted(self):
+        """
+        An idle connection that sent unexpected bytes is no longer handed to a request, even
+        before its close completes.
+        """
+        self.send()
+        connection, transport = self.accept()
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        connection.dataReceived(b"junk")
+        self.send()
+        self.assertEqual(len(self.reactor.tcpClients), 2)

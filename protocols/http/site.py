@@ -9,8 +9,8 @@ authenticates, routes and starts the backend request (L{protocols.http.upstream}
 L{protocols.http.proxy.BodyPipe} as its body, which C{handleContentChunk} feeds.  That relies
 on private attributes of L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version}
 (the request line, which L{twisted.web.http.Request} only learns in C{requestReceived}) and
-C{_savedTimeOut}; the response relay fills L{Headers} through C{_rawHeaders} and
-C{_nameEncoder}, and reads fired L{Deferred}s' results (L{resultNow}).
+C{_savedTimeOut}; the response relay (L{protocols.http.relay}) fills L{Headers} through
+C{_rawHeaders} and C{_nameEncoder}; L{resultNow} reads fired L{Deferred}s' results.
 C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them;
 Twisted is pinned below 28 in C{setup.cfg} for this reason.
 
@@ -27,25 +27,22 @@ import os
 import re
 
 import attr
-from zope.interface import implementer
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers
 
 from casd.failures import BackendUnavailable, CASFailure
 from casd.service.logs import LineLog
 from casd.routing.router import routeTo
-from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
+from protocols.http.headers import PROXY_TTL, backendRequestHeaders
 from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse, sourcesChanged
-from protocols.http.proxy import IDEMPOTENT, BodyPipe, directSocket, writeThrough
-from protocols.http.upstream import IResponseSink
+from protocols.http.proxy import IDEMPOTENT, BodyPipe
+from protocols.http.relay import Relay
 from protocols.http.routing import ROUTE_COOKIE
 from protocols.http.status import (
-    BackendTimedOut,
-    BadGateway,
     HTTPError,
     NotFound,
     httpError,
@@ -519,7 +516,7 @@ class HTTPSite(server.Site):
         path = self.vdirs.clientPath(vdir, request.uri)
         if not toCAS:
             path = vdir.backendPathFor(path)
-        relay = request._relay = _Relay(self, request, vdir, decision, targets, index)
+        relay = request._relay = Relay(self, request, vdir, decision, targets, index)
         relay.exchange = self.upstream.request(
             target, request.method, path, headers, request._pipe, relay
         )
@@ -602,222 +599,6 @@ class HTTPSite(server.Site):
             f" out={fields['bytesOut']} duration={fields['duration']:.3f}",
             fields,
         )
-
-
-#: Twisted's spelling of response field names (its L{Headers} keys), as backends send them.
-_SPELLING: dict = {}
-
-
-def _spell(name: bytes) -> bytes:
-    key = _nameEncoder.encode(name)
-    if len(_SPELLING) < 4096:
-        _SPELLING[name] = key
-    return key
-
-
-@implementer(IResponseSink)
-class _Relay:
-    """
-    One proxied request's backend exchange, and its response relayed to the client.
-
-    The response is streamed with flow control: the relay is the client's producer and pauses
-    the backend connection, so a client that stops reading pauses the backend.  One timer bounds
-    the exchange's silence (C{vdir.timeout}): before the response head it answers 504; later it
-    cuts the exchange (the client connection is closed: a truncated body must not look
-    complete).  Progress either way (a piece of the body, the client taking more) is a
-    timestamp, not a timer reset per piece.
-    """
-
-    exchange = None
-    #: The client's transport, when body pieces may go straight to its socket.
-    direct = None
-
-    def __init__(self, site, request, vdir, decision, targets, index) -> None:
-        self.site = site
-        self.request = request
-        self.vdir = vdir
-        self.decision = decision
-        self.targets = targets
-        self.index = index
-        self.started = False
-        self.held = None
-        self.ended = None
-        self.head = None
-        clock = self.clock = site.clock
-        self.active = clock.seconds()
-        self.timer = clock.callLater(vdir.timeout, self._silent)
-
-    # -- the timer --------------------------------------------------------------------------
-
-    def _silent(self) -> None:
-        timeout = self.vdir.timeout
-        quiet = self.clock.seconds() - self.active
-        if quiet < timeout:
-            self.timer = self.clock.callLater(timeout - quiet, self._silent)
-            return
-        self.timer = None
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.cancel()
-        request = self.request
-        if not self.started:
-            target = self.targets[self.index]
-            request._relay = None
-            self.site._failed(
-                Failure(BackendTimedOut(f"{target.describe()} did not answer within {timeout:g} s")),
-                request,
-            )
-            return
-        if not request._gone:
-            request.channel.transport.loseConnection()
-
-    def _stopTimer(self) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    # -- IResponseSink ----------------------------------------------------------------------
-
-    def connectFailed(self, reason) -> None:
-        self._stopTimer()
-        self.exchange = None
-        site, request = self.site, self.request
-        target = self.targets[self.index]
-        site.context.connector.member(target).connectFailed(
-            str(reason.value) or type(reason.value).__name__
-        )
-        pipe = request._pipe
-        canRetry = pipe is None or not pipe.started
-        if canRetry and self.index + 1 < len(self.targets) and not request._gone:
-            site.logger.info(
-                "{backend}: connect failed ({reason}); trying the next member",
-                backend=target.describe(),
-                reason=str(reason.value),
-            )
-            site._attempt(request, self.vdir, self.decision, self.targets, self.index + 1)
-            return
-        request._relay = None
-        site._failed(
-            Failure(BadGateway(f"connect to {target.describe()} failed: {reason.value}")), request
-        )
-
-    def failed(self, reason) -> None:
-        self._stopTimer()
-        self.exchange = None
-        target = self.targets[self.index]
-        self.request._relay = None
-        self.site._failed(
-            Failure(BadGateway(f"{target.describe()}: {reason.getErrorMessage()}")), self.request
-        )
-
-    def responseStarted(self, exchange, code, phrase, headers) -> None:
-        self.started = True
-        request = self.request
-        self.site.context.connector.member(self.targets[self.index]).connectSucceeded()
-        if request._gone:
-            self.clientGone()
-            return
-        self.head = (code, phrase, headers)
-        if request.bodyDone.called:
-            self._start()
-            return
-        # The client's body is still coming: the response waits for it (Twisted's channel reads
-        # the next request from the same buffer), the backend connection paused meanwhile.
-        self.held = []
-        exchange.pauseResponse()
-        request.bodyDone.addCallback(self._release)
-
-    def _release(self, _=None) -> None:
-        held, self.held = self.held, None
-        if self.request._gone:
-            return
-        self._start()
-        for data in held:
-            self.responseData(data)
-        if self.ended is not None:
-            self.responseEnded(self.ended)
-        elif self.exchange is not None:
-            self.exchange.resumeResponse()
-
-    def _start(self) -> None:
-        request = self.request
-        code, phrase, headers = self.head
-        request.setResponseCode(code, phrase or None)
-        out = request.responseHeaders
-        raw = out._rawHeaders
-        if raw:
-            # casd set some already (a refreshed forms session's cookie): merged.
-            copyResponseHeaders(headers, out)
-        else:
-            # The fields are tokens (the head was checked), the values free of line ends:
-            # straight into Twisted's table, under Twisted's spelling of each name.
-            spelling = _SPELLING
-            for name, value in headers:
-                key = spelling.get(name)
-                if key is None:
-                    key = _spell(name)
-                if key in raw:
-                    raw[key].append(value)
-                else:
-                    raw[key] = [value]
-        if self.decision.cookie is not None:
-            out.addRawHeader(b"Set-Cookie", self.decision.cookie)
-        request.registerProducer(self, True)
-        self.direct = directSocket(request.channel.transport)
-
-    def responseData(self, data: bytes) -> None:
-        if self.held is not None:
-            self.held.append(data)
-            return
-        self.active = self.clock.seconds()
-        request = self.request
-        direct = self.direct
-        if direct is not None and request.startedWriting and not request.chunked:
-            # The head is out and the body needs no framing: straight to the client's socket.
-            request.sentLength += len(data)
-            writeThrough(direct, data)
-            return
-        request.write(data)
-
-    def responseEnded(self, complete: bool) -> None:
-        if self.held is not None:
-            self.ended = complete
-            return
-        self._stopTimer()
-        self.exchange = None
-        request = self.request
-        if request._gone:
-            return
-        request.unregisterProducer()
-        if complete:
-            request.finish()
-        else:
-            # A body cut short must not look complete: close the connection.
-            request.channel.transport.loseConnection()
-
-    # -- the client's producer (IPushProducer) ----------------------------------------------
-
-    def pauseProducing(self) -> None:
-        if self.exchange is not None:
-            self.exchange.pauseResponse()
-
-    def resumeProducing(self) -> None:
-        # The client took more: progress, for the silence timer.
-        self.active = self.clock.seconds()
-        if self.exchange is not None:
-            self.exchange.resumeResponse()
-
-    def stopProducing(self) -> None:
-        self.clientGone()
-
-    def clientGone(self) -> None:
-        """
-        The client went: the backend exchange is given up.
-        """
-        self._stopTimer()
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.cancel()
 
 
 class _HealthUser:
