@@ -142,7 +142,10 @@ class BasicMemoTests(SynchronousTestCase):
         """
         self.get()
         self.get()
-        self.authenticator.penalty.locked = lambda username, client: "locked out"
+        penalty = self.authenticator.penalty
+        penalty.userLockout = 3
+        for i in range(3):
+            penalty.failed("alice", b"guess%d" % i, self.client.client)
         self.client.dataReceived(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n\r\n")
         self.reactor.advance(60)
         out = self.transport.value().rsplit(b"HTTP/1.1 ", 1)[1]
@@ -226,3 +229,50 @@ class LoginAgainTests(SynchronousTestCase):
 class _Client:
     peerHost = attr.ib(default="192.0.2.1")
     trusted = attr.ib(default=False)
+
+
+class IdlePenaltyTests(SynchronousTestCase):
+    """
+    With no failure remembered, the fast lane does not ask the penalty (no address parsing);
+    with one, it does, and a success resets it as the ordinary login does.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        context = makeContext(self.reactor, users={"alice": "secret"})
+        checker = CachingChecker(context.directory, CredentialCache(self.reactor))
+        self.authenticator = Authenticator(Portal(MailboxRealm(), [checker]), self.reactor)
+        self.penalty = self.authenticator.penalty
+        self.credentials = makeCredentials(b"alice", b"secret")
+        self.client = _Client(peerHost="198.51.100.7")
+        self.authenticator.login(self.credentials, self.client)
+        self.reactor.advance(0)
+        self.parsed = []
+        addressKey = self.penalty.addressKey
+        self.penalty.addressKey = lambda host: (self.parsed.append(host), addressKey(host))[1]
+
+    def test_idleNotAsked(self):
+        self.assertTrue(self.penalty.idle)
+        avatar, memo = self.authenticator.loginNowMemo(self.credentials, self.client)
+        self.assertEqual(self.authenticator.loginAgain(memo, self.client).login, "alice")
+        self.assertEqual(self.parsed, [])
+
+    def test_failureRemembered(self):
+        """
+        A failure from the address since: the penalty is asked, and the success resets it.
+        """
+        avatar, memo = self.authenticator.loginNowMemo(self.credentials, self.client)
+        self.penalty.failed("bob", b"guess", self.client)
+        self.assertFalse(self.penalty.idle)
+        self.assertEqual(self.authenticator.loginAgain(memo, self.client).login, "alice")
+        self.assertIn("198.51.100.7", self.parsed)
+        self.assertEqual(self.penalty.currentDelay(self.client), 0.0)  # the address afresh
+
+    def test_lockedOut(self):
+        avatar, memo = self.authenticator.loginNowMemo(self.credentials, self.client)
+        self.penalty.userLockout = 3
+        for i in range(3):
+            self.penalty.failed("alice", b"guess%d" % i, self.client)
+        self.assertIsNotNone(self.penalty.locked("alice", self.client))
+        self.assertIsNone(self.authenticator.loginAgain(memo, self.client))
+        self.assertIsNone(self.authenticator.loginNow(self.credentials, self.client))

@@ -137,13 +137,15 @@ class Authenticator:
         @return: C{(avatar, memo)}, or C{None} when the login must go through L{login}.
         """
         checker = self._cached
+        penalty = self.penalty
+        idle = getattr(penalty, "idle", False)
         if (
             checker is None
-            or getattr(self.penalty, "asynchronous", False)
+            or getattr(penalty, "asynchronous", False)
             or not credentials.password
             or (credentials.authzid and credentials.authzid != credentials.username)
             or not IUsernamePassword.providedBy(credentials)
-            or self.penalty.locked(credentials.username, client)
+            or (not idle and penalty.locked(credentials.username, client))
         ):
             return None
         found = checker.cachedSuccessEntry(credentials)
@@ -153,7 +155,8 @@ class Authenticator:
         avatar = self.portal.realm.requestAvatar(avatarId, client, IMailboxUser)[1]
         if avatar.disabled:
             return None  # refused, logged and penalised by login()
-        self.penalty.succeeded(credentials.username, client)
+        if not idle:
+            penalty.succeeded(credentials.username, client)
         if self.metrics is not None:
             self.metrics.loginFinished(self.clock.seconds(), None)
         return avatar, (checker, credentials.username, entry, avatar)
@@ -168,14 +171,17 @@ class Authenticator:
         @return: the L{IMailboxUser}, or C{None} when the login must go through L{login}.
         """
         checker, username, entry, avatar = memo
+        penalty = self.penalty
+        idle = getattr(penalty, "idle", False)
         if (
             checker is not self._cached
-            or getattr(self.penalty, "asynchronous", False)
-            or self.penalty.locked(username, client)
+            or getattr(penalty, "asynchronous", False)
+            or (not idle and penalty.locked(username, client))
             or not checker.stillCached(username, entry)
         ):
             return None
-        self.penalty.succeeded(username, client)
+        if not idle:
+            penalty.succeeded(username, client)
         if self.metrics is not None:
             self.metrics.loginFinished(self.clock.seconds(), None)
         return avatar

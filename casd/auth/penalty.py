@@ -146,6 +146,15 @@ class LoginPenalty:
             return 0.0
         return min(self.initialDelay * 2 ** (state.count - 1), self.maxDelay)
 
+    @property
+    def idle(self) -> bool:
+        """
+        Whether no user and no address has a failure remembered: L{locked} is then C{None} and
+        L{succeeded} has nothing to reset (a login's fast lane skips both, and the address
+        parsing they do).
+        """
+        return not self._users and not self._addresses
+
     # -- the three events -------------------------------------------------------------------
 
     def locked(self, username: str, client) -> str | None:
