@@ -446,3 +446,24 @@ class IdleTimeoutTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.reactor.advance(2)
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+
+
+class HeaderValuesTests(SynchronousTestCase):
+    """
+    L{headerValues} reads what C{getRawHeaders} reads, by the canonical name.
+    """
+
+    def test_sameAsGetRawHeaders(self):
+        from twisted.web.http_headers import Headers
+
+        from protocols.http.channel import canonicalName, headerValues
+
+        headers = Headers()
+        headers.addRawHeader(b"x-anchormailbox", b"a@example.com")
+        headers.addRawHeader(b"X-Casd-Proxy-TTL", b"3")
+        headers.addRawHeader(b"Authorization", b"Basic x")
+        headers.addRawHeader(b"authorization", b"Basic y")
+        for name in (b"X-AnchorMailbox", b"X-Casd-Proxy-TTL", b"Authorization", b"Cookie"):
+            self.assertEqual(
+                headerValues(headers, canonicalName(name)), headers.getRawHeaders(name), name
+            )

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from casd.auth.sasl import makeCredentials
 from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation
+from protocols.http.channel import headerValues
 from protocols.http.status import HTTPError, Unauthenticated
 
 
@@ -103,7 +104,7 @@ class BasicCredentials:
         self.authenticator = authenticator
 
     def authenticate(self, request, vdir, client):
-        headers = request.requestHeaders.getRawHeaders(b"Authorization")
+        headers = headerValues(request.requestHeaders, b"Authorization")
         if not headers:
             return None
         if len(headers) > 1:

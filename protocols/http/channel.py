@@ -389,6 +389,25 @@ class ProxyChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+def canonicalName(name: bytes) -> bytes:
+    """
+    A header name in the spelling L{Headers} stores it under (C{X-AnchorMailbox} ->
+    C{X-Anchormailbox}), for L{headerValues}.
+    """
+    return _nameEncoder.encode(name)
+
+
+def headerValues(headers, name: bytes):
+    """
+    The values of a header of C{headers} (a L{Headers}) by its canonical name
+    (L{canonicalName}): a look-up in its table, without the name encoding of each
+    C{getRawHeaders} call (L{TWISTED_SOURCES}).
+
+    @return: the list of values, or C{None}.
+    """
+    return headers._rawHeaders.get(name) or None
+
+
 def rawResponse(error: HTTPError) -> bytes:
     """
     C{error} as the bytes of a complete response that closes the connection.
