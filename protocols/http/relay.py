@@ -12,8 +12,9 @@ from zope.interface import implementer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import _nameEncoder
 
+from casd.session.relay import writeThrough
+
 from protocols.http.headers import copyResponseHeaders
-from protocols.http.proxy import directSocket, writeThrough
 from protocols.http.status import BackendTimedOut, BadGateway
 from protocols.http.upstream import IResponseSink
 
@@ -42,8 +43,8 @@ class Relay:
     """
 
     exchange = None
-    #: The client's transport, when body pieces may go straight to its socket.
-    direct = None
+    #: The client's transport, once the response started.
+    transport = None
 
     def __init__(self, site, request, vdir, decision, targets, index) -> None:
         self.site = site
@@ -180,7 +181,10 @@ class Relay:
         if self.decision.cookie is not None:
             out.addRawHeader(b"Set-Cookie", self.decision.cookie)
         request.registerProducer(self, True)
-        self.direct = directSocket(request.channel.transport)
+        # The client's writes try the socket at once (the core's, as the mail relay's): the
+        # head and the body pieces go out without a reactor turn each.
+        transport = self.transport = request.channel.transport
+        writeThrough(transport)
 
     def responseData(self, data: bytes) -> None:
         if self.held is not None:
@@ -188,11 +192,10 @@ class Relay:
             return
         self.active = self.clock.seconds()
         request = self.request
-        direct = self.direct
-        if direct is not None and request.startedWriting and not request.chunked:
-            # The head is out and the body needs no framing: straight to the client's socket.
+        if request.startedWriting and not request.chunked:
+            # The head is out and the body needs no framing: to the client's transport.
             request.sentLength += len(data)
-            writeThrough(direct, data)
+            self.transport.write(data)
             return
         request.write(data)
 
