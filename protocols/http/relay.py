@@ -38,13 +38,15 @@ class Relay:
     the backend connection, so a client that stops reading pauses the backend.  One timer bounds
     the exchange's silence (C{vdir.timeout}): before the response head it answers 504; later it
     cuts the exchange (the client connection is closed: a truncated body must not look
-    complete).  Progress either way (a piece of the body, the client taking more) is a
-    timestamp, not a timer reset per piece.
+    complete).  Progress either way (a piece of the response, the client taking more, more of
+    the client's body) is a timestamp or a count, not a timer reset per piece.
     """
 
     exchange = None
     #: The client's transport, once the response started.
     transport = None
+    #: How much of the client's body the silence timer saw last.
+    seenIn = 0
 
     def __init__(self, site, request, vdir, decision, targets, index) -> None:
         self.site = site
@@ -65,7 +67,13 @@ class Relay:
 
     def _silent(self) -> None:
         timeout = self.vdir.timeout
-        quiet = self.clock.seconds() - self.active
+        now = self.clock.seconds()
+        pipe = self.request._pipe
+        if pipe is not None and pipe.received != self.seenIn:
+            # The client's body came on meanwhile (checked here, not per piece).
+            self.seenIn = pipe.received
+            self.active = now
+        quiet = now - self.active
         if quiet < timeout:
             self.timer = self.clock.callLater(timeout - quiet, self._silent)
             return
