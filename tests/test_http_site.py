@@ -611,3 +611,24 @@ class BackendClientTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertNotIn(b"502", out)
         self.assertTrue(self.transport.disconnecting)
         self.assertTrue(backend.disconnecting)
+
+    def test_longUploadNotCut(self):
+        """
+        An upload that keeps coming for longer than the vdir's idle timeout, the backend
+        waiting for all of it before answering: no 504 while the body makes progress.
+        """
+        self.request(
+            b"PUT /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 100\r\n",
+            b"a",
+        )
+        server, backend = self.backend()
+        for _ in range(9):
+            self.reactor.advance(50)
+            self.client.dataReceived(b"b" * 10)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(backend.disconnecting)
+        self.client.dataReceived(b"c" * 9)
+        server.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 201 "), self.transport.value())
+        self.assertFalse(self.transport.disconnecting)

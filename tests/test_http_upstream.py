@@ -489,112 +489,30 @@ class PoolTests(UpstreamTestsMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
-class _FakeTCP:
-    """
-    The parts of a TCP transport L{writeThrough} reads, over a real socket.
-    """
-
-    connected = True
-    disconnecting = False
-    _writeDisconnected = False
-    TLS = False
-
-    def __init__(self, sock) -> None:
-        self.socket = sock
-        self.dataBuffer = b""
-        self._tempDataLen = 0
-        self.written = []
-
-    def write(self, data):
-        self.written.append(data)
-        self._tempDataLen += len(data)
-
-
 class WriteThroughTests(SynchronousTestCase):
-    def setUp(self):
+    def test_backendConnection(self):
+        """
+        A backend connection's TCP transport is switched to the core's write-through
+        (L{casd.session.relay.writeThrough}): a request head goes to the socket at once.
+        """
         import socket
 
-        self.a, self.b = socket.socketpair()
-        self.a.setblocking(False)
-        self.b.setblocking(False)
-        self.addCleanup(self.a.close)
-        self.addCleanup(self.b.close)
-
-    def test_straightToSocket(self):
-        """
-        Nothing waits in the transport: the bytes go to the socket at once.
-        """
-        from protocols.http.proxy import writeThrough
-
-        transport = _FakeTCP(self.a)
-        writeThrough(transport, b"hello")
-        self.assertEqual(self.b.recv(100), b"hello")
-        self.assertEqual(transport.written, [])
-
-    def test_behindBuffered(self):
-        """
-        Bytes already wait in the transport: these go after them, through the transport.
-        """
-        from protocols.http.proxy import writeThrough
-
-        transport = _FakeTCP(self.a)
-        transport._tempDataLen = 3
-        writeThrough(transport, b"hello")
-        self.assertEqual(transport.written, [b"hello"])
-        transport = _FakeTCP(self.a)
-        transport.disconnecting = True
-        writeThrough(transport, b"x")
-        self.assertEqual(transport.written, [b"x"])
-
-    def test_socketFull(self):
-        """
-        What the socket does not take goes through the transport (its buffer and its flow
-        control), in order.
-        """
-        from protocols.http.proxy import writeThrough
-
-        transport = _FakeTCP(self.a)
-        data = bytes(range(256)) * 40000
-        writeThrough(transport, data)
-        self.assertEqual(len(transport.written), 1)
-        rest = transport.written[0]
-        self.assertTrue(0 < len(rest) < len(data))
-        self.assertTrue(data.endswith(rest))
-        transport = _FakeTCP(self.a)
-        writeThrough(transport, b"more")
-        self.assertEqual(transport.written, [b"more"])
-
-    def test_onlyPlainTCP(self):
-        """
-        Only a plain TCP transport is written through; a TLS or test transport is not.
-        """
         from twisted.internet import tcp
-        from twisted.internet.testing import StringTransport
 
-        from protocols.http.proxy import directSocket
+        from casd.session.relay import _WriteThroughClient
+        from protocols.http.backendconn import UpstreamConnection
 
-        self.assertIsNone(directSocket(StringTransport()))
-        server = tcp.Server.__new__(tcp.Server)
-        server.TLS = False
-        self.assertIs(directSocket(server), server)
-        server.TLS = True
-        self.assertIsNone(directSocket(server))
-
-    def test_twistedBuffers(self):
-        """
-        Twisted's TCP transports keep their pending writes where L{writeThrough} looks.
-        """
-        import inspect
-
-        from twisted.internet import abstract, tcp
-
-        self.assertEqual(abstract.FileDescriptor.dataBuffer, b"")
-        self.assertIn("self._tempDataLen += len(data)", inspect.getsource(abstract.FileDescriptor.write))
-        self.assertIn("self._writeDisconnected", inspect.getsource(abstract.FileDescriptor.write))
-        self.assertIn("_tempDataLen", inspect.getsource(abstract.FileDescriptor.__init__))
-        self.assertFalse(tcp.Connection.TLS)
-        self.assertTrue(issubclass(tcp.Server, abstract.FileDescriptor))
-        self.assertTrue(issubclass(tcp.Client, abstract.FileDescriptor))
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        transport = tcp.Client.__new__(tcp.Client)
+        transport.TLS = False
+        transport.socket = sock
+        pool = UpstreamPool(MemoryReactorClock(), None)
+        connection = UpstreamConnection(pool, pool.backendFor(TARGET))
+        connection.transport = transport
+        connection.connectionMade()
+        self.assertIs(type(transport), _WriteThroughClient)
+        self.assertEqual(transport.bufferSize, 256 * 1024)
 
 
 class IdleDoubtTests(UpstreamTestsMixin, SynchronousTestCase):

@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from protocols.http.headers import HOP_BY_HOP
-from protocols.http.proxy import directSocket, largerBuffers, writeThrough
+from casd.session.relay import writeThrough
+from protocols.http.proxy import largerBuffers
 
 #: The largest response head casd reads from a backend.
 MAX_HEAD = 65536
@@ -60,7 +61,6 @@ class UpstreamConnection(Protocol):
     log = Logger()
 
     exchange = None
-    _direct = None
     reused = False
     idleSince = 0.0
     counted = True
@@ -84,7 +84,9 @@ class UpstreamConnection(Protocol):
         if setNoDelay is not None:
             setNoDelay(True)
         largerBuffers(self.transport)
-        self._direct = directSocket(self.transport)
+        # Writes try the socket at once (the core's, as the mail relay's): no write
+        # registration with the reactor and no later turn to flush a request head.
+        writeThrough(self.transport)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -96,11 +98,7 @@ class UpstreamConnection(Protocol):
         exchange.connection = self
         self._state = _HEAD_STATE
         self._buffer = b""
-        direct = self._direct
-        if direct is not None:
-            writeThrough(direct, exchange.head)
-        else:
-            self.transport.write(exchange.head)
+        self.transport.write(exchange.head)
         body = exchange.body
         if body is None:
             self._bodySent = True
@@ -116,9 +114,7 @@ class UpstreamConnection(Protocol):
         A piece of the request body (from the L{protocols.http.proxy.BodyPipe}).
         """
         if self._chunkedBody:
-            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
-        elif self._direct is not None:
-            writeThrough(self._direct, data)
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
             self.transport.write(data)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from twisted.internet import defer, error, tcp
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
 
 #: Request methods that may be sent again after a connection failed before any byte went out.
@@ -40,45 +40,6 @@ def largerBuffers(transport) -> None:
             transport.bufferSize = BUFFER_SIZE
             return
         transport = getattr(transport, "transport", None)
-
-
-def directSocket(transport):
-    """
-    C{transport} when L{writeThrough} may write to its socket: a plain TCP connection (not
-    TLS, not wrapped); else C{None}.
-    """
-    if isinstance(transport, _PLAIN_TCP) and not transport.TLS:
-        # Subclasses too: the client connection's class is casd.session.relay's write-through
-        # one (its write already tries the socket first).
-        return transport
-    return None
-
-
-def writeThrough(transport, data: bytes) -> None:
-    """
-    Write C{data} to a L{directSocket} transport: straight to its socket when nothing waits in
-    the transport's buffer (one C{send}, no write registration with the reactor and no later
-    reactor turn to flush it), what the socket did not take through the transport's own
-    C{write} (its buffer, flow control and error handling).
-
-    Relies on L{twisted.internet.abstract.FileDescriptor}'s C{dataBuffer}, C{_tempDataLen} and
-    C{_writeDisconnected} (C{tests.test_http_upstream.WriteThroughTests} fails when they move).
-    """
-    if transport.dataBuffer or transport._tempDataLen or not transport.connected or (
-        transport.disconnecting or transport._writeDisconnected
-    ):
-        transport.write(data)
-        return
-    try:
-        sent = transport.socket.send(data)
-    except OSError:
-        # EAGAIN, or an error the transport will meet and report on its own write.
-        sent = 0
-    if sent < len(data):
-        transport.write(data[sent:] if sent else data)
-
-
-_PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
 @implementer(IPushProducer)

@@ -12,8 +12,9 @@ from zope.interface import implementer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import _nameEncoder
 
+from casd.session.relay import writeThrough
+
 from protocols.http.headers import copyResponseHeaders
-from protocols.http.proxy import directSocket, writeThrough
 from protocols.http.status import BackendTimedOut, BadGateway
 from protocols.http.upstream import IResponseSink
 
@@ -37,13 +38,15 @@ class Relay:
     the backend connection, so a client that stops reading pauses the backend.  One timer bounds
     the exchange's silence (C{vdir.timeout}): before the response head it answers 504; later it
     cuts the exchange (the client connection is closed: a truncated body must not look
-    complete).  Progress either way (a piece of the body, the client taking more) is a
-    timestamp, not a timer reset per piece.
+    complete).  Progress either way (a piece of the response, the client taking more, more of
+    the client's body) is a timestamp or a count, not a timer reset per piece.
     """
 
     exchange = None
-    #: The client's transport, when body pieces may go straight to its socket.
-    direct = None
+    #: The client's transport, once the response started.
+    transport = None
+    #: How much of the client's body the silence timer saw last.
+    seenIn = 0
 
     def __init__(self, site, request, vdir, decision, targets, index) -> None:
         self.site = site
@@ -64,7 +67,13 @@ class Relay:
 
     def _silent(self) -> None:
         timeout = self.vdir.timeout
-        quiet = self.clock.seconds() - self.active
+        now = self.clock.seconds()
+        pipe = self.request._pipe
+        if pipe is not None and pipe.received != self.seenIn:
+            # The client's body came on meanwhile (checked here, not per piece).
+            self.seenIn = pipe.received
+            self.active = now
+        quiet = now - self.active
         if quiet < timeout:
             self.timer = self.clock.callLater(timeout - quiet, self._silent)
             return
@@ -180,7 +189,10 @@ class Relay:
         if self.decision.cookie is not None:
             out.addRawHeader(b"Set-Cookie", self.decision.cookie)
         request.registerProducer(self, True)
-        self.direct = directSocket(request.channel.transport)
+        # The client's writes try the socket at once (the core's, as the mail relay's): the
+        # head and the body pieces go out without a reactor turn each.
+        transport = self.transport = request.channel.transport
+        writeThrough(transport)
 
     def responseData(self, data: bytes) -> None:
         if self.held is not None:
@@ -188,11 +200,10 @@ class Relay:
             return
         self.active = self.clock.seconds()
         request = self.request
-        direct = self.direct
-        if direct is not None and request.startedWriting and not request.chunked:
-            # The head is out and the body needs no framing: straight to the client's socket.
+        if request.startedWriting and not request.chunked:
+            # The head is out and the body needs no framing: to the client's transport.
             request.sentLength += len(data)
-            writeThrough(direct, data)
+            self.transport.write(data)
             return
         request.write(data)
 
