@@ -40,14 +40,19 @@ def wrap(argv: list[str]) -> None:
     """
     Run C{twistd} with C{argv}, profiling between L{START} and L{STOP} (the reactor's thread).
     """
-    profile = cProfile.Profile()
+    profiles = [cProfile.Profile()]
 
     def start(*_):
-        profile.enable()
+        # A new count each time: one process may be counted for several phases.
+        profiles[0] = cProfile.Profile()
+        profiles[0].enable()
 
     def stop(*_):
-        profile.disable()
-        profile.dump_stats(os.environ[STATS_ENV])
+        profiles[0].disable()
+        path = os.environ[STATS_ENV]
+        # Written whole, then renamed: the reader waits for the file to appear.
+        profiles[0].dump_stats(path + ".part")
+        os.replace(path + ".part", path)
 
     signal.signal(START, start)
     signal.signal(STOP, stop)

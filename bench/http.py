@@ -110,6 +110,33 @@ max_body_size = 0
 """
 
 
+def startBackend() -> NginxServer:
+    """
+    The backend nginx: its own locations plus the small answer and the sink, started.
+    """
+    backend = NginxServer(locations=None)
+    with open(backend.configPath) as f:
+        conf = f.read()
+    with open(backend.configPath, "w") as f:
+        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
+    return backend.start()
+
+
+def writeCasdConfig(work: str, backendPort: int, port: int, extra: str = "") -> str:
+    """
+    Write casd's users file and configuration (L{CASD_CONFIG}, then C{extra}) into C{work}.
+
+    @return: the configuration's path.
+    """
+    users = os.path.join(work, "users")
+    with open(users, "w") as f:
+        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
+    config = os.path.join(work, "casd.toml")
+    with open(config, "w") as f:
+        f.write(CASD_CONFIG.format(users=users, backend=backendPort, port=port) + extra)
+    return config
+
+
 def ssha(password: str) -> str:
     salt = os.urandom(8)
     digest = hashlib.sha1(password.encode() + salt).digest()
@@ -199,13 +226,7 @@ def main(argv=None) -> int:
     size = args.size_mb * 1024 * 1024
 
     work = tempfile.mkdtemp(prefix="casd-bench-http-")
-    backend = NginxServer(locations=None)
-    # The backend's own locations plus the small answer and the sink.
-    with open(backend.configPath) as f:
-        conf = f.read()
-    with open(backend.configPath, "w") as f:
-        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
-    backend.start()
+    backend = startBackend()
     source = backend.makeFile("big", size)
     htpasswd = os.path.join(work, "htpasswd")
     with open(htpasswd, "w") as f:
@@ -216,13 +237,8 @@ def main(argv=None) -> int:
         locations=PROXY_LOCATIONS.format(htpasswd=htpasswd),
         upstreams=UPSTREAM.format(port=backend.port),
     ).start()
-    users = os.path.join(work, "users")
-    with open(users, "w") as f:
-        f.write(f"{USER}:{ssha256(PASSWORD)}\n")
     casdPort = freePort()
-    config = os.path.join(work, "casd.toml")
-    with open(config, "w") as f:
-        f.write(CASD_CONFIG.format(users=users, backend=backend.port, port=casdPort))
+    config = writeCasdConfig(work, backend.port, casdPort)
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",

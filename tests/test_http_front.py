@@ -112,6 +112,16 @@ def client(tls=True, peer="198.51.100.7"):
     return ClientInfo("sid1", "http", "l", peer, 4000, "127.0.0.1", 443, tls, False)
 
 
+def asHeaders(pairs):
+    """
+    The C{(name, value)} pairs the proxy sends, as L{Headers} to look into.
+    """
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    return headers
+
+
 class HeaderTests(SynchronousTestCase):
     def test_filtered(self):
         """
@@ -137,7 +147,7 @@ class HeaderTests(SynchronousTestCase):
         )
         vdir = VirtualDirectory(path="/dav", identity="header", identityHeader=b"X-Custom-Id")
         user = UserRecord(login="alice", address="alice@example.com")
-        out = backendRequestHeaders(incoming, vdir, client(), b"mail.example.com", user)
+        out = asHeaders(backendRequestHeaders(incoming, vdir, client(), b"mail.example.com", user))
         names = {n.lower() for n, _ in out.getAllRawHeaders()}
         for gone in (b"connection", b"x-secret-hop", b"keep-alive", b"proxy-authorization", b"upgrade", b"authorization", b"x-remote-user", b"x-webobjects-remote-user"):
             self.assertNotIn(gone, names)
@@ -156,11 +166,11 @@ class HeaderTests(SynchronousTestCase):
         C{Forwarded}.
         """
         incoming = Headers({b"Authorization": [b"Basic eHg6eXk="]})
-        out = backendRequestHeaders(incoming, VirtualDirectory(path="/EWS"), client(peer="2001:db8::1"), b"h")
+        out = asHeaders(backendRequestHeaders(incoming, VirtualDirectory(path="/EWS"), client(peer="2001:db8::1"), b"h"))
         self.assertEqual(out.getRawHeaders(b"Authorization"), [b"Basic eHg6eXk="])
         self.assertEqual(out.getRawHeaders(b"Forwarded"), [b'for="[2001:db8::1]";proto=https;host=h'])
         master = VirtualDirectory(path="/EWS", identity="master", masterUser="cas", masterPassword=b"pw")
-        out = backendRequestHeaders(incoming, master, client(), b"h", UserRecord(login="alice"))
+        out = asHeaders(backendRequestHeaders(incoming, master, client(), b"h", UserRecord(login="alice")))
         self.assertEqual(out.getRawHeaders(b"Authorization"), [b"Basic " + b64encode(b"cas:pw")])
         self.assertEqual(out.getRawHeaders(b"X-Remote-User"), [b"alice"])
 

@@ -508,3 +508,127 @@ class StreamingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.assertIn(b"GET /EWS/1 HTTP/1.1", backend.value())
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+
+
+class BackendClientTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    """
+    The proxy on casd's own backend client (L{protocols.http.upstream}).
+    """
+
+    def get(self, path=b"/EWS/x"):
+        self.request(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+
+    def test_chunkedResponse(self):
+        """
+        A chunked response is decoded and chunked again for the client; the backend's framing
+        fields never reach it.
+        """
+        self.get()
+        server, backend = self.backend()
+        server.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+            b"3;x=y\r\nabc\r\n"
+        )
+        server.dataReceived(b"2\r\nde\r\n0\r\nX-T: 1\r\n\r\n")
+        out = self.transport.value()
+        head, body = out.split(b"\r\n\r\n", 1)
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertNotIn(b"keep-alive", head.lower())
+        self.assertEqual(body, b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        self.assertFalse(backend.disconnecting)
+
+    def test_malformedResponse(self):
+        """
+        A response head casd cannot read with certainty: 502, and the backend connection closed.
+        """
+        self.get()
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 502 "), self.transport.value())
+        self.assertTrue(backend.disconnecting)
+
+    def test_answerBeforeBody(self):
+        """
+        A backend that answers while the client is still sending its body: the answer waits
+        until the body is in (the channel reads the next request from the same stream), then
+        goes out whole.
+        """
+        self.request(
+            b"PUT /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 6\r\n",
+            b"abc",
+        )
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+        self.assertEqual(self.transport.value(), b"")
+        self.client.dataReceived(b"def")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 403 Forbidden\r\n"), out)
+        self.assertTrue(out.endswith(b"\r\n\r\nno"), out)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_clientGoneBeforeAnswer(self):
+        """
+        A client that goes while the backend has not answered yet: the backend request is
+        given up (its connection closed), not left to run.
+        """
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.get()
+        server, backend = self.backend()
+        self.client.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(backend.disconnecting)
+
+    def test_slowClientAtTheEnd(self):
+        """
+        A response that completes while the client had paused the backend: the next request
+        on that backend connection is answered (the connection reads again).
+        """
+        self.get(b"/EWS/1")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        self.transport.producer.pauseProducing()
+        self.assertEqual(backend.producerState, "paused")
+        server.dataReceived(b"cd")
+        self.transport.producer.resumeProducing()
+        self.get(b"/EWS/2")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(backend.producerState, "producing")
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.transport.value().endswith(b"\r\n\r\nok"))
+
+    def test_malformedChunkMidBody(self):
+        """
+        A chunked body that turns malformed after the head went out: the client connection is
+        closed (a cut body), never a second response written after the first.
+        """
+        self.get()
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+        out = self.transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 "), 1, out)
+        self.assertNotIn(b"502", out)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(backend.disconnecting)
+
+    def test_longUploadNotCut(self):
+        """
+        An upload that keeps coming for longer than the vdir's idle timeout, the backend
+        waiting for all of it before answering: no 504 while the body makes progress.
+        """
+        self.request(
+            b"PUT /EWS/f HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 100\r\n",
+            b"a",
+        )
+        server, backend = self.backend()
+        for _ in range(9):
+            self.reactor.advance(50)
+            self.client.dataReceived(b"b" * 10)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(backend.disconnecting)
+        self.client.dataReceived(b"c" * 9)
+        server.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 201 "), self.transport.value())
+        self.assertFalse(self.transport.disconnecting)

@@ -143,35 +143,44 @@ class TwistedPrivatesTests(SynchronousTestCase):
         self.assertTrue(callable(channel._respondToBadRequestAndDisconnect))
         self.assertTrue(issubclass(ProxyChannel, http.HTTPChannel))
 
-    def test_poolFactory(self):
+    def test_responseHeaderTable(self):
         """
-        The connection pool builds its connections with its C{_factory} (which the proxy
-        replaces with a quiet one).
+        The proxy's relay fills a response's L{Headers} through C{_rawHeaders} (a dict of
+        lists) under the names C{_nameEncoder.encode} spells, as C{addRawHeader} does.
         """
-        from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+        from twisted.web.http_headers import Headers, _nameEncoder
 
-        self.assertIs(HTTPConnectionPool._factory, _HTTP11ClientFactory)
-        import inspect
+        headers = Headers()
+        self.assertEqual(headers._rawHeaders, {})
+        headers._rawHeaders.setdefault(_nameEncoder.encode(b"etag"), []).append(b'"x"')
+        headers._rawHeaders.setdefault(_nameEncoder.encode(b"Set-Cookie"), []).append(b"a=1")
+        headers.addRawHeader(b"set-cookie", b"b=2")
+        self.assertEqual(headers.getRawHeaders(b"ETag"), [b'"x"'])
+        self.assertEqual(headers.getRawHeaders(b"Set-Cookie"), [b"a=1", b"b=2"])
+        self.assertEqual(list(headers.getAllRawHeaders()), [(b"ETag", [b'"x"']), (b"Set-Cookie", [b"a=1", b"b=2"])])
 
-        self.assertIn("self._factory(", inspect.getsource(HTTPConnectionPool._newConnection))
-        # The proxy's factory builds its own protocol from the factory's quiescent callback.
-        self.assertIn(
-            "HTTP11ClientProtocol(self._quiescentCallback)",
-            inspect.getsource(_HTTP11ClientFactory.buildProtocol),
-        )
-
-    def test_clientFinishResponse(self):
+    def test_deferredState(self):
         """
-        The backend connection's response end is dispatched by state to
-        C{_finishResponse_WAITING} / C{_TRANSMITTING}, which read the parser's C{connHeaders}
-        (the proxy adds C{close} there for an HTTP/1.0 response).
+        The proxy reads a fired L{Deferred}'s result at once (C{protocols.http.site.resultNow})
+        through C{called}, C{paused} and C{result}.
         """
-        import inspect
+        from twisted.internet import defer
 
-        from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser
+        from protocols.http.site import _PENDING, resultNow
 
-        source = inspect.getsource(HTTP11ClientProtocol._finishResponse_WAITING)
-        self.assertIn('self._parser.connHeaders.getRawHeaders(b"Connection"', source)
-        self.assertIn("_finishResponse_WAITING", vars(HTTP11ClientProtocol))
-        self.assertIn("_finishResponse_TRANSMITTING", vars(HTTP11ClientProtocol))
-        self.assertIn("connHeaders", inspect.getsource(HTTPClientParser.connectionMade))
+        self.assertEqual(resultNow(defer.succeed(3)), 3)
+        self.assertIs(resultNow(defer.Deferred()), _PENDING)
+        failed = defer.fail(ValueError())
+        self.assertIs(resultNow(failed), _PENDING)
+        failed.addErrback(lambda f: None)
+        waiting = defer.Deferred()
+        chained = defer.succeed(None)
+        chained.addCallback(lambda _: waiting)
+        self.assertIs(resultNow(chained), _PENDING)
+        waiting.callback(4)
+        self.assertEqual(resultNow(chained), 4)
+        d = defer.succeed(5)
+        d.pause()
+        self.assertIs(resultNow(d), _PENDING)
+        d.unpause()
+        self.assertEqual(resultNow(d), 5)

@@ -183,6 +183,21 @@ class WholeChunkTests(SynchronousTestCase):
         self.assertEqual(b"".join(self.clientApp.received), b"".join(down))
         self.assertEqual(b"".join(self.serverApp.received), b"".join(up))
 
+    def test_writeSequenceInOrder(self):
+        """
+        C{writeSequence} (Twisted's HTTP server writes chunked bodies with it) goes out at once
+        too, in order with the writes around it, nothing held for a timer.
+        """
+        wholeChunks(self.server)
+        self.server.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.server.writeSequence([b"5\r\n", b"hello", b"\r\n"])
+        self.server.write(b"0\r\n\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.pump()
+        self.assertEqual(
+            b"".join(self.clientApp.received), b"HTTP/1.1 200 OK\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+
     def test_afterLoseConnectionDropped(self):
         wholeChunks(self.server)
         self.server.loseConnection()

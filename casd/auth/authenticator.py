@@ -125,23 +125,63 @@ class Authenticator:
 
         @return: the L{IMailboxUser}, or C{None} when the login must go through L{login}.
         """
+        found = self.loginNowMemo(credentials, client)
+        return found[0] if found is not None else None
+
+    def loginNowMemo(self, credentials, client):
+        """
+        L{loginNow}, with a memo that L{loginAgain} takes to answer the same credentials again
+        (the next request of an HTTP connection carrying the same C{Authorization}) without
+        digesting them.
+
+        @return: C{(avatar, memo)}, or C{None} when the login must go through L{login}.
+        """
         checker = self._cached
+        penalty = self.penalty
+        idle = getattr(penalty, "idle", False)
         if (
             checker is None
-            or getattr(self.penalty, "asynchronous", False)
+            or getattr(penalty, "asynchronous", False)
             or not credentials.password
             or (credentials.authzid and credentials.authzid != credentials.username)
             or not IUsernamePassword.providedBy(credentials)
-            or self.penalty.locked(credentials.username, client)
+            or (not idle and penalty.locked(credentials.username, client))
         ):
             return None
-        avatarId = checker.cachedSuccess(credentials)
-        if avatarId is None:
+        found = checker.cachedSuccessEntry(credentials)
+        if found is None:
             return None
+        avatarId, entry = found
         avatar = self.portal.realm.requestAvatar(avatarId, client, IMailboxUser)[1]
         if avatar.disabled:
             return None  # refused, logged and penalised by login()
-        self.penalty.succeeded(credentials.username, client)
+        if not idle:
+            penalty.succeeded(credentials.username, client)
+        if self.metrics is not None:
+            self.metrics.loginFinished(self.clock.seconds(), None)
+        return avatar, (checker, credentials.username, entry, avatar)
+
+    def loginAgain(self, memo, client):
+        """
+        The login of L{loginNowMemo}'s credentials again, while the credential cache still holds
+        the very success that answered them: the same rules as L{loginNow} (the same checker, no
+        shared penalty, no lockout since, the cache answering), without the digest.
+
+        @param memo: the memo L{loginNowMemo} returned.
+        @return: the L{IMailboxUser}, or C{None} when the login must go through L{login}.
+        """
+        checker, username, entry, avatar = memo
+        penalty = self.penalty
+        idle = getattr(penalty, "idle", False)
+        if (
+            checker is not self._cached
+            or getattr(penalty, "asynchronous", False)
+            or (not idle and penalty.locked(username, client))
+            or not checker.stillCached(username, entry)
+        ):
+            return None
+        if not idle:
+            penalty.succeeded(username, client)
         if self.metrics is not None:
             self.metrics.loginFinished(self.clock.seconds(), None)
         return avatar

@@ -143,10 +143,28 @@ class CredentialCache:
 
         @return: the avatar ID, or C{None}.
         """
+        found = self.successEntry(username, password)
+        return found[0] if found is not None else None
+
+    def successEntry(self, username: str, password: bytes):
+        """
+        Like L{success}, with the cache's entry itself, for L{holds}.
+
+        @return: C{(avatarId, entry)}, or C{None}.
+        """
         positive = self._get(("+", username.lower()))
         if positive is not None and hmac.compare_digest(positive[0], self.digest(username, password)):
-            return positive[1]
+            return positive[1], positive
         return None
+
+    def holds(self, username: str, entry) -> bool:
+        """
+        Whether the success C{entry} (from L{successEntry}) is still the cached one for
+        C{username}: not expired, not replaced (another password, a refusal of this one), not
+        evicted or dropped.  Asks no digest: a caller that saw the same credentials answered
+        by C{entry} knows they are still answered.
+        """
+        return self._get(("+", username.lower())) is entry
 
     def putSuccess(self, username: str, digest: bytes, avatarId) -> None:
         if self.ttl > 0:
@@ -264,12 +282,31 @@ class CachingChecker:
         @return: the avatar ID, or C{None} (also while the directory fails and the cache must not
             answer: C{cache_during_outage = false}).
         """
+        found = self.cachedSuccessEntry(credentials)
+        return found[0] if found is not None else None
+
+    def cachedSuccessEntry(self, credentials):
+        """
+        L{cachedSuccess}, with the cache's entry for L{stillCached}.
+
+        @return: C{(avatarId, entry)}, or C{None}.
+        """
         if not self._cacheAnswers():
             return None
-        avatarId = self.cache.success(credentials.username, credentials.password)
-        if avatarId is not None:
+        found = self.cache.successEntry(credentials.username, credentials.password)
+        if found is not None:
             self.cache.hits += 1
-        return avatarId
+        return found
+
+    def stillCached(self, username: str, entry) -> bool:
+        """
+        Whether the cache would still answer the credentials that C{entry} answered (the same
+        rules as L{cachedSuccess}: not while it must not answer), counted as a hit.
+        """
+        if not self._cacheAnswers() or not self.cache.holds(username, entry):
+            return False
+        self.cache.hits += 1
+        return True
 
     def lookup(self, name: str):
         cached = self.cache.getLookup(name) if self._cacheAnswers() else None

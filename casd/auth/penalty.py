@@ -105,15 +105,33 @@ class LoginPenalty:
             maxEntries=auth.penalty_max_entries,
         )
 
+    #: host -> ((IPv4 prefix, IPv6 prefix), key): L{addressKey}'s answers (parsing an address
+    #: and its network is about 75 Python calls; every login of an untrusted client asks).
+    _addressKeys = None
+    _ADDRESS_KEYS_MAX = 4096
+
     def addressKey(self, host: str) -> str:
         """
         The key an address counts under: its network of the configured prefix length.
         """
+        prefixes = (self.ipv4Prefix, self.ipv6Prefix)
+        known = self._addressKeys
+        if known is None:
+            known = self._addressKeys = {}
+        else:
+            found = known.get(host)
+            if found is not None and found[0] == prefixes:
+                return found[1]
         ip = parseAddress(host)
         if ip is None:
-            return host
-        prefix = self.ipv4Prefix if ip.version == 4 else self.ipv6Prefix
-        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+            key = host
+        else:
+            prefix = prefixes[0] if ip.version == 4 else prefixes[1]
+            key = str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+        if len(known) >= self._ADDRESS_KEYS_MAX:
+            known.clear()
+        known[host] = (prefixes, key)
+        return key
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -145,6 +163,15 @@ class LoginPenalty:
         if state is None or not state.count or not self.initialDelay:
             return 0.0
         return min(self.initialDelay * 2 ** (state.count - 1), self.maxDelay)
+
+    @property
+    def idle(self) -> bool:
+        """
+        Whether no user and no address has a failure remembered: L{locked} is then C{None} and
+        L{succeeded} has nothing to reset (a login's fast lane skips both, and the address
+        parsing they do).
+        """
+        return not self._users and not self._addresses
 
     # -- the three events -------------------------------------------------------------------
 

@@ -1,22 +1,202 @@
 # -*- test-case-name: tests.test_logs -*-
 """
-casd's own log file (C{[log] file}): text or one JSON object per line, reopened on C{SIGUSR2} (and
-on C{SIGHUP}) so that logrotate can move it away without C{copytruncate}.
+casd's logs.
+
+  - L{LineLog}: one line per session or request (the session line, the HTTP access line), rendered
+    once by its caller and written by casd's observers without Twisted's per-event formatting;
+  - L{TextLogObserver}: the text observer of twistd's log (C{--logfile}, standard output), with
+    that cheap path for those lines (L{MainLogRoot} hands it to twistd);
+  - L{LogFileService}: casd's own log file (C{[log] file}): text or one JSON object per line,
+    reopened on C{SIGUSR2} (and on C{SIGHUP}) so that logrotate can move it away without
+    C{copytruncate}.
 """
 
 from __future__ import annotations
 
 import json
 import signal as _signal
+import sys
 import time
 
+from zope.interface import implementer
+
 from twisted.application import service
-from twisted.logger import Logger, formatEvent, formatEventAsClassicLogText, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    LogLevel,
+    Logger,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogPublisher,
+)
+from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
 
 #: Event keys never written as JSON fields (Twisted's bookkeeping, or objects).
 _SKIP = frozenset({"log_logger", "log_source", "log_format", "log_time", "log_level", "log_namespace",
                    "log_failure", "log_io", "log_trace", "log_system", "log_text", "log_flattened",
-                   "line", "format", "message", "isError", "system", "time", "why"})
+                   "line", "casd_line", "format", "message", "isError", "system", "time", "why"})
+
+#: The key of a L{LineLog} event holding its rendered text: an observer that finds it writes the
+#: text as it is (the event's C{log_format} renders the same text for every other observer).
+LINE_KEY = "casd_line"
+
+_INFO = LogLevel.info
+
+
+class LineLog:
+    """
+    A log of one line per session or request, the API for casd's per-request lines.
+
+    The caller renders the line once (an f-string) and passes its fields::
+
+        access = LineLog("casd.http.access")
+        access.emit(f"vdir={vdir} status={status} ...", {"vdir": vdir, "status": status, ...})
+
+    L{emit} publishes one event, as C{Logger.info("{line}", line=text, **fields)} would, straight
+    to the log publisher: every observer sees the same event and fields as before (the metrics,
+    the JSON log, a worker's pipe to its parent), and casd's text observers (L{TextLogObserver},
+    L{LogFileService}, the workers') write C{text} under the key L{LINE_KEY} without rendering
+    the format, the fields or, more than once a second, the time stamp.  Never put a secret in
+    the text or the fields.
+    """
+
+    def __init__(self, namespace: str, publisher=None, now=time.time) -> None:
+        """
+        @param publisher: where events go (default: Twisted's global log publisher).
+        @param now: the wall clock of the events' C{log_time}.
+        """
+        self.namespace = namespace
+        self.publisher = globalLogPublisher if publisher is None else publisher
+        self.logger = Logger(namespace=namespace, observer=self.publisher)
+        self.now = now
+
+    def emit(self, text: str, fields: dict) -> None:
+        """
+        Log one line at level C{info}.
+
+        @param text: the rendered line.
+        @param fields: the line's fields (plain values); this dict becomes the event.
+        """
+        fields["line"] = fields[LINE_KEY] = text
+        fields["log_logger"] = self.logger
+        fields["log_level"] = _INFO
+        fields["log_namespace"] = self.namespace
+        fields["log_source"] = None
+        fields["log_format"] = "{line}"
+        fields["log_time"] = self.now()
+        self.publisher(fields)
+
+
+class _Stamp:
+    """
+    Twisted's log time stamp (C{formatTime}, local time, to the second), computed once a second.
+    """
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second = None
+        self.text = "-"
+
+    def __call__(self, when) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self.second:
+            self.text = formatTime(second)
+            self.second = second
+        return self.text
+
+
+def _system(event: dict) -> str:
+    system = event.get("log_system")
+    if system is not None:
+        return str(system)
+    level = event.get("log_level")
+    return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+
+
+@implementer(ILogObserver)
+class TextLogObserver:
+    """
+    Writes events as Twisted's text observer (C{textFileLogObserver}) does, the same text, with
+    L{LineLog}'s lines written as they are.
+    """
+
+    def __init__(self, outFile) -> None:
+        self.outFile = outFile
+        self._stamp = _Stamp()
+
+    def __call__(self, event: dict) -> None:
+        text = event.get(LINE_KEY)
+        if text is None or "log_failure" in event:
+            text = formatEventAsClassicLogText(event)
+            if not text:
+                return
+        else:
+            if "\n" in text:
+                text = text.replace("\n", "\n\t")
+            text = f"{self._stamp(event.get('log_time'))} [{_system(event)}] {text}\n"
+        self.outFile.write(text)
+        self.outFile.flush()
+
+
+def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
+    """
+    The observer of twistd's log for twistd's own options, as twistd would build it (standard
+    output, or C{--logfile}'s L{LogFile}, rotated by it as before), but a L{TextLogObserver}.
+
+    @param twistdOptions: twistd's options (the parent of C{cas}'s), or L{None}.
+    @param reactor: the reactor that rotates C{--logfile} on C{SIGUSR1} (as twistd does, until
+        casd's node takes that signal for draining).
+    @return: the observer, or L{None} where twistd's choice is left alone (no twistd options,
+        C{--syslog}, C{--logger}, or C{--logfile=-} without C{--nodaemon}, which twistd refuses).
+    """
+    if twistdOptions is None:
+        return None
+    get = twistdOptions.get
+    if get("syslog") or get("logger"):
+        return None
+    name = get("logfile")
+    nodaemon = get("nodaemon")
+    if name == "-" or (nodaemon and not name):
+        if not nodaemon:
+            return None
+        return TextLogObserver(sys.stdout if stdout is None else stdout)
+    logFile = LogFile.fromFullPath(name or "twistd.log")
+    if not signals.getsignal(signals.SIGUSR1):
+        # twistd's own rotation signal (casd's node takes SIGUSR1 for draining when it starts).
+        def rotate(signum, frame):
+            reactor.callFromThread(logFile.rotate)
+
+        signals.signal(signals.SIGUSR1, rotate)
+    return TextLogObserver(logFile)
+
+
+class MainLogRoot(service.MultiService):
+    """
+    The root of casd's service tree.  Under twistd, when twistd attaches it to its application
+    (before it starts logging), it gives the application L{mainLogObserver} as its
+    C{ILogObserver} component, which twistd then logs to.
+    """
+
+    def __init__(self, twistdOptions=None, reactor=None) -> None:
+        """
+        @param twistdOptions: twistd's options (C{cas}'s options' C{parent}), or L{None} (not
+            under twistd: nothing is handed over).
+        """
+        super().__init__()
+        self.twistdOptions = twistdOptions
+        self.reactor = reactor
+
+    def setServiceParent(self, parent):
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+            observer = mainLogObserver(self.twistdOptions, self.reactor)
+            if observer is not None:
+                parent.setComponent(ILogObserver, observer)
+        return super().setServiceParent(parent)
 
 
 def eventAsLine(event: dict) -> str:
@@ -30,7 +210,7 @@ def eventAsLine(event: dict) -> str:
         + "Z",
         "level": getattr(event.get("log_level"), "name", "info"),
         "namespace": event.get("log_namespace", ""),
-        "message": formatEvent(event),
+        "message": event.get(LINE_KEY) or formatEvent(event),
     }
     for key, value in event.items():
         if key in _SKIP or key.startswith("log_") or key in record:
@@ -60,6 +240,7 @@ class LogFileService(service.Service):
         self.signals = signals
         self._file = None
         self._previous = None
+        self._text = TextLogObserver(None)
 
     def startService(self) -> None:
         super().startService()
@@ -85,6 +266,7 @@ class LogFileService(service.Service):
 
     def _open(self) -> None:
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        self._text.outFile = self._file
 
     def _onSignal(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reopen)
@@ -104,12 +286,10 @@ class LogFileService(service.Service):
         f = self._file
         if f is None:
             return
-        if self.format == "json":
-            text = eventAsLine(event) + "\n"
-        else:
-            text = formatEventAsClassicLogText(event) or ""
-        if text:
-            try:
-                f.write(text)
-            except (OSError, ValueError):
-                pass
+        try:
+            if self.format == "json":
+                f.write(eventAsLine(event) + "\n")
+            else:
+                self._text(event)
+        except (OSError, ValueError):
+            pass

@@ -27,6 +27,7 @@ from casd.service.context import CASContext
 from casd.service.discovery import discoverProtocols
 from casd.service.node import NodeService
 from casd.service.leanpoll import leanDispatch
+from casd.service.logs import MainLogRoot
 from casd.session.protolog import SessionLog
 from casd.service.proxyproto import listenerEndpoint
 from casd.routing.router import defaultRouter
@@ -166,7 +167,8 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
 
         return makeParentService(options, reactor)
     config = options.config
-    top = service.MultiService()
+    # Under twistd, the root hands twistd casd's text observer for its log (casd.service.logs).
+    top = MainLogRoot(getattr(options, "parent", None), reactor)
     pool = ThreadPool(minthreads=1, maxthreads=config.auth.hash_threads, name="casd-auth")
     _ThreadPoolService(pool).setServiceParent(top)
 

@@ -36,6 +36,8 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON
 
+from casd.service.logs import MainLogRoot
+
 #: Seconds the workers get to stop after their standard input closed, before C{SIGTERM}.
 STOP_GRACE = 10.0
 #: Seconds after C{SIGTERM} before C{SIGKILL}.
@@ -259,7 +261,7 @@ def makeParentService(options, reactor) -> service.MultiService:
     The service tree of C{twistd cas --workers N}: the L{WorkerPool} alone; the configuration
     was validated by the options, and each worker builds the rest.
     """
-    top = service.MultiService()
+    top = MainLogRoot(getattr(options, "parent", None), reactor)
     pool = WorkerPool(reactor, options["config"], options.config, options["workers"])
     pool.setName("workers")
     pool.setServiceParent(top)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from casd.service.logs import LineLog
+
+#: The session line's text (L{SessionLog.record} renders the same with an f-string).
 SESSION_FORMAT = (
     "session={session} proto={protocol} listener={listener} client={client} user={user} "
     "backend={backend} result={result} in={bytesIn} out={bytesOut} duration={duration:.3f}"
@@ -16,28 +19,42 @@ SESSION_FORMAT = (
 
 class SessionLog:
     """
-    Writes the end-of-session line through L{twisted.logger} (namespace C{casd.session}).
+    Writes the end-of-session line (namespace C{casd.session}) through a L{LineLog}: rendered
+    here once, its fields on the event for structured observers.
     """
 
-    def __init__(self, log: Logger | None = None) -> None:
-        self.log = log or Logger(namespace="casd.session")
+    def __init__(self, log: Logger | None = None, lines: LineLog | None = None) -> None:
+        """
+        @param log: a L{Logger} whose namespace and observer the lines take (tests).
+        @param lines: the L{LineLog} to write to (default: C{casd.session} on the global log).
+        """
+        if lines is None:
+            lines = LineLog("casd.session") if log is None else LineLog(log.namespace, log.observer)
+        self.lines = lines
 
     def record(self, client, user, backend, result, bytesIn, bytesOut, duration) -> None:
-        host = f"[{client.peerHost}]" if ":" in client.peerHost else client.peerHost
-        fields = dict(
-            session=client.sessionId,
-            protocol=client.protocol,
-            listener=client.listener,
-            client=f"{host}:{client.peerPort}",
-            user=user or "-",
-            backend=backend or "-",
-            result=result,
-            bytesIn=bytesIn,
-            bytesOut=bytesOut,
-            duration=duration,
+        host = client.peerHost
+        if ":" in host:
+            host = f"[{host}]"
+        peer = f"{host}:{client.peerPort}"
+        user = user or "-"
+        backend = backend or "-"
+        session = client.sessionId
+        protocol = client.protocol
+        listener = client.listener
+        self.lines.emit(
+            f"session={session} proto={protocol} listener={listener} client={peer} user={user} "
+            f"backend={backend} result={result} in={bytesIn} out={bytesOut} duration={duration:.3f}",
+            {
+                "session": session,
+                "protocol": protocol,
+                "listener": listener,
+                "client": peer,
+                "user": user,
+                "backend": backend,
+                "result": result,
+                "bytesIn": bytesIn,
+                "bytesOut": bytesOut,
+                "duration": duration,
+            },
         )
-        # The line is rendered here once, with str.format's C implementation; the event's format
-        # is then a single field.  Twisted's own formatter walks every field in Python, which
-        # cost more than the rest of a proxied login's logging.  The fields stay on the event
-        # for structured observers.
-        self.log.info("{line}", line=SESSION_FORMAT.format(**fields), **fields)

@@ -65,6 +65,11 @@ class _WholeChunkWrites:
             return
         self._write(data)
 
+    def writeSequence(self, iovec) -> None:
+        # BufferingTLSTransport's writeSequence goes to its aggregator, held for the next
+        # reactor iteration: after a later write() it would arrive out of order.
+        self.write(b"".join(iovec))
+
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return

@@ -1,14 +1,14 @@
 # -*- test-case-name: tests.test_http_site,tests.test_http_front -*-
 """
 The HTTP front end: virtual directories (C{/owa}, C{/EWS}, C{/Microsoft-Server-ActiveSync}, C{/dav},
-...) authenticated once through the core's portal, routed per user and proxied through a pooled,
-streaming L{twisted.web.client.Agent}; local services (health pages, Autodiscover) answered by
+...) authenticated once through the core's portal, routed per user and proxied through casd's own
+pooled, streaming HTTP/1.1 client (L{upstream}); local services (health pages, Autodiscover) answered by
 casd itself.
 
 The modules: L{vdir} (the C{[[http.vdir]]} tables and matching), L{auth} (Basic, and the seam
 for other methods), L{local} (local services), L{status} (failures as HTTP responses),
-L{routing} (the routing order), L{headers} (what crosses the proxy), L{proxy} (backend agents,
-body streaming) and L{site} (the listener's factory).  See C{docs/protocols/http.md}.
+L{routing} (the routing order), L{headers} (what crosses the proxy), L{upstream} (the pooled
+backend client), L{proxy} (request body streaming) and L{site} (the listener's factory).  See C{docs/protocols/http.md}.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ def _readKeys(path: str) -> tuple[bytes, ...]:
 
 class _Shared:
     """
-    What every listener of one process shares: the backend agents, the authenticator, the
+    What every listener of one process shares: the backend connection pool, the authenticator, the
     routing cookies.  Built on first use for a context.
     """
 
     def __init__(self, context, section, descriptor) -> None:
         from protocols.http.auth import BasicCredentials, HTTPAuthenticator
-        from protocols.http.proxy import BackendAgents
+        from protocols.http.upstream import UpstreamPool
         from protocols.http.routing import RequestRouter, RouteCookies
         from protocols.http.vdir import readVdirs
 
@@ -62,7 +62,7 @@ class _Shared:
             raise ConfigError(config.path, "http.route_cookie_key_file", str(e)) from None
         self.cookies = RouteCookies(keys, clock=context.reactor.seconds)
         self.authenticator = HTTPAuthenticator([BasicCredentials(context.authenticator)])
-        self.agents = BackendAgents(
+        self.upstream = UpstreamPool(
             context.reactor,
             context.connector,
             maxConnections=section.backend_connections,
@@ -192,7 +192,7 @@ class HTTPProtocol:
             self,
             shared.vdirs,
             shared.authenticator,
-            shared.agents,
+            shared.upstream,
             shared.router,
             redirectToHTTPS=plain and section.plain_http == "redirect",
         )

@@ -17,9 +17,11 @@ from base64 import b64decode
 from zope.interface import Attribute, Interface, implementer
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from casd.auth.sasl import makeCredentials
 from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation
+from protocols.http.channel import headerValues
 from protocols.http.status import HTTPError, Unauthenticated
 
 
@@ -102,13 +104,22 @@ class BasicCredentials:
         self.authenticator = authenticator
 
     def authenticate(self, request, vdir, client):
-        headers = request.requestHeaders.getRawHeaders(b"Authorization")
+        headers = headerValues(request.requestHeaders, b"Authorization")
         if not headers:
             return None
         if len(headers) > 1:
             return defer.fail(AuthenticationFailed("more than one Authorization header"))
+        header = headers[0]
+        channel = request.channel
+        memo = getattr(channel, "basicMemo", None)
+        if memo is not None and memo[0] == header and client.plaintextAllowed:
+            # The connection's last Basic credentials, answered from the credential cache: the
+            # same answer while the cache holds it (L{Authenticator.loginAgain}).
+            avatar = self.authenticator.loginAgain(memo[1], client)
+            if avatar is not None:
+                return defer.succeed(avatar)
         try:
-            parsed = parseBasic(headers[0])
+            parsed = parseBasic(header)
         except ProtocolViolation as e:
             return defer.fail(AuthenticationFailed(str(e)))
         if parsed is None:
@@ -120,6 +131,13 @@ class BasicCredentials:
             credentials = makeCredentials(user, password)
         except ProtocolViolation as e:
             return defer.fail(AuthenticationFailed(str(e)))
+        found = self.authenticator.loginNowMemo(credentials, client)
+        if found is not None:
+            # Remembered on the connection (never logged): its next request with the same
+            # header skips the parsing and the cache's digest.
+            channel.basicMemo = (header, found[1])
+            return defer.succeed(found[0])
+        channel.basicMemo = None
         return self.authenticator.login(credentials, client)
 
     def challenge(self, request, vdir):
@@ -177,13 +195,19 @@ class HTTPAuthenticator:
             client = getattr(request, "client", None) or request.channel.client
         if vdir.auth == ("none",):
             return defer.succeed(None)
-        for source in self._sourcesFor(vdir):
+        sources = self.sources
+        for method in vdir.auth:
+            source = sources.get(method)
+            if source is None:
+                continue
             try:
                 d = source.authenticate(request, vdir, client)
             except CASFailure as e:
                 d = defer.fail(e)
             if d is None:
                 continue
+            if d.called and not isinstance(d.result, Failure):
+                return d  # authenticated at once: nothing to translate
             return d.addErrback(self._refused, source, request, vdir)
         return defer.fail(Unauthenticated("no credentials", self.challengeFor(request, vdir)))
 

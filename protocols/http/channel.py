@@ -7,18 +7,94 @@ only once a request may proceed), and what a connection learns from a trusted ba
 
 from __future__ import annotations
 
-import re
+import hashlib
+import inspect
 
 import attr
 
+from twisted.python.reflect import namedAny
 from twisted.web import http
+from twisted.web.http import _parseRequestLine
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 from casd.session.clientinfo import ClientInfo
+from casd.session.relay import writeThrough
 from protocols.http.proxy import largerBuffers
 from protocols.http.status import HTTPError
 
-#: A bare LF: a line end that is not CRLF (request smuggling between parsers that disagree).
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+#: The names of the Twisted sources the head parser repeats or relies on, and the SHA-256 of
+#: each in Twisted 26.10.0: L{twistedSourcesChanged} lists those that differ (a test fails then).
+TWISTED_SOURCES = {
+    "twisted.web.http.HTTPChannel.lineReceived":
+        "b77ec6f21116e82766439c07df79063430a8e963b4d1cfe8460ceb1ddc7b2c37",
+    "twisted.web.http.HTTPChannel.headerReceived":
+        "c5cb8e0dd2fe0b44868a7108763f627e84cb4410ed6143283842ec12ddd27b19",
+    "twisted.web.http.HTTPChannel._maybeChooseTransferDecoder":
+        "3b92d266a3c7bd2cfc596313888c2496b6d6982516e90022f372a348986089cd",
+    "twisted.web.http.HTTPChannel.allContentReceived":
+        "9f7c990696871a9291cba3443c5a590dfc7e5a9a0904278e04ad26508b907d06",
+    "twisted.web.http.HTTPChannel.allHeadersReceived":
+        "979a9a8410f41ad93bf8490700f9893dcf43bf8fb91af01b6bd5770910c28ebe",
+    "twisted.web.http.HTTPChannel.rawDataReceived":
+        "e31f4ed81196fab0be7df4550db442ca3401dd703193d16b53622b37cea637ab",
+    "twisted.web.http.HTTPChannel.requestDone":
+        "a75a186c66f7d38d33256f146bc512e938c00b2753f8caf50c441cc9ce5af1b0",
+    "twisted.web.http.HTTPChannel.timeoutConnection":
+        "f08552855cd242e0c24a317b043230e93f095f820c8a80bee586f5401dfc2418",
+    "twisted.protocols.policies.TimeoutMixin.setTimeout":
+        "a994d95c2c1644a4fdf4af960b738160097f5bf21787dbccf0af3a207f7b2367",
+    "twisted.protocols.basic.LineReceiver.setRawMode":
+        "324d250b6df085148661e83b5cc66f8b2c5199a9bb1f6ee7cd82d6dbe0aa6926",
+    "twisted.protocols.basic.LineReceiver.setLineMode":
+        "39bd840f096fadf9076d9ed30eee9838e0d7bd57d8ec2891ddd81f22f1fd6fb3",
+    "twisted.web.http_headers.Headers.addRawHeader":
+        "c4fe96cc1a6e79509711874cf34babaaa8a5f876c15605fe37d66906814c9f94",
+    "twisted.web.http_headers._NameEncoder.encode":
+        "7b453627217624ac01c3378e00a48d5a8b0868c6324ab46b9441939f1e4eef0a",
+    "twisted.web.http_headers.Headers.getAllRawHeaders":
+        "8568de7067b330b8ccf2bbb8488396f57d5d0fbb7bb4e58031c7d67f66f2ff2c",
+    "twisted.web.http.HTTPChannel.checkPersistence":
+        "3f0cb5b5a40e1109f49adc13d37dfa4b3036ddbd7160ca26d9347ab9aea22ed7",
+    "twisted.web.http.Request.parseCookies":
+        "742266180dff1f1c3babd5284ad5c96d4762a65e152d5238ebc38a729844074a",
+    "twisted.web.http.HTTPChannel.writeHeaders":
+        "3521e56c0fe24bc25143c5b06e06174682a3ada2a5a0f8caaf1d396b2719c6a1",
+}
+
+
+def twistedSourcesChanged() -> list[str]:
+    """
+    @return: the names in L{TWISTED_SOURCES} whose source is not the one the head parser was
+        written against (empty when all match).
+    """
+    return sourcesChanged(TWISTED_SOURCES)
+
+
+def sourcesChanged(sources: dict) -> list[str]:
+    """
+    @param sources: dotted name -> SHA-256 of its source as it was when casd was written
+        against it.
+    @return: the names whose source differs now (empty when all match).
+    """
+    changed = []
+    for name, digest in sources.items():
+        try:
+            source = inspect.getsource(namedAny(name))
+        except (AttributeError, OSError, TypeError, ValueError):
+            changed.append(name)
+            continue
+        if hashlib.sha256(source.encode("utf-8")).hexdigest() != digest:
+            changed.append(name)
+    return changed
+
+
+_CONTENT_LENGTH = b"Content-Length"
+_TRANSFER_ENCODING = b"Transfer-Encoding"
+
+#: Header names as sent -> their canonical spelling (bounded: a client may invent names).
+_canonical: dict = {}
+_CANONICAL_MAX = 2000
+
 
 class ProxyChannel(http.HTTPChannel):
     """
@@ -26,6 +102,14 @@ class ProxyChannel(http.HTTPChannel):
     C{docs/protocols/http.md}).  Stricter than Twisted's own parser where a front end must be:
     obs-fold and bare LF line ends are refused with 400, a request's headers must arrive within
     C{header_timeout}.
+
+    The request head (request line and header section) is parsed at once, when the buffer holds
+    its end, instead of line by line through L{twisted.protocols.basic.LineReceiver}: one split,
+    one pass over the header lines, the values stored straight into the request's
+    L{twisted.web.http_headers.Headers} (their canonical names, values checked for CR, LF and
+    NUL).  What follows the head (a body, the next request) takes Twisted's own path: its
+    transfer decoders and the buffering of pipelined requests.  L{TWISTED_SOURCES} names what
+    this repeats of Twisted.
 
     @ivar client: the L{ClientInfo} of the connection.
     """
@@ -36,6 +120,13 @@ class ProxyChannel(http.HTTPChannel):
 
     _headerTimer = None
     client = None
+    #: The start of a request head whose end has not arrived yet.
+    _head = b""
+    #: Whether the empty line some clients send after a body was skipped for this request.
+    _skippedBlank = False
+    #: Inside L{dataReceived} (bytes given meanwhile wait in L{_pending}).
+    _receiving = False
+    _pending = b""
 
     def connectionMade(self) -> None:
         site = self.site
@@ -47,43 +138,162 @@ class ProxyChannel(http.HTTPChannel):
             tls=site.listener.tls == "implicit",
         )
         largerBuffers(self.transport)
+        # A response goes to the socket as it is written, not at the next reactor iteration
+        # (two epoll_ctl calls and a pass of the reactor saved per write).
+        writeThrough(self.transport)
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.line_mode and not self._handlingRequest and data:
-            if self._headerTimer is None:
-                self._headerTimer = self.callLater(self.site.headerTimeout, self._headersTooSlow)
-            if self._bareLF(data):
-                self._badRequest()
-                return
-        super().dataReceived(data)
-
-    def _bareLF(self, data: bytes) -> bool:
-        """
-        Whether the header bytes in C{data} hold an LF not preceded by CR.  Only the bytes up
-        to the end of the headers are looked at (a body may hold anything).
-        """
-        seen = self._tail + data
-        end = seen.find(b"\r\n\r\n")
-        head = seen if end < 0 else seen[: end + 4]
-        start = len(self._tail)
-        self._tail = seen[-3:] if end < 0 else b""
-        # The lookbehind sees the kept tail: only the new bytes are searched.
-        return _BARE_LF.search(head, start) is not None
-
-    _tail = b""
-
-    def lineReceived(self, line: bytes) -> None:
-        # obs-fold (RFC 9112 5.2): a server must reject it or replace it; a proxy that joins
-        # lines differently from its backend invites smuggling.
-        if line[:1] in (b" ", b"\t"):
-            self._badRequest()
+        self.resetTimeout()
+        if self._receiving:
+            # Twisted hands back buffered bytes from inside a call (requestDone -> setLineMode).
+            self._pending += data
             return
-        super().lineReceived(line)
+        self._receiving = True
+        try:
+            while data:
+                if not self.line_mode or self._handlingRequest:
+                    # A body (Twisted's transfer decoders), or the next request's bytes while
+                    # this one is answered (Twisted buffers them).
+                    self.rawDataReceived(data)
+                    data = b""
+                else:
+                    data = self._headReceived(data)
+                if self._pending:
+                    data, self._pending = data + self._pending, b""
+        finally:
+            self._receiving = False
+
+    def _headReceived(self, data: bytes) -> bytes:
+        """
+        Bytes of a request head: parse it if its end is in, else keep them.
+
+        @return: the bytes after the head (a body, the next request), or C{b""}.
+        """
+        head = self._head + data if self._head else data
+        if not self.persistent:
+            # Bytes after the last request of a closing connection: ignored.
+            self.dataReceived = lambda data: None
+            return b""
+        if head[:2] == b"\r\n" and not self._skippedBlank:
+            # IE sends an extra CRLF after a POST body: skipped once (as Twisted does).
+            head = head[2:]
+            self._skippedBlank = True
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if b"\n" in head and head.count(b"\n") != head.count(b"\r\n"):
+                self._badRequest()
+            elif len(head) > self.totalHeadersSize + 2 * self.maxHeaders + 8:
+                self._badRequest()
+            else:
+                self._head = head
+                if self._headerTimer is None:
+                    self._headerTimer = self.callLater(self.site.headerTimeout, self._headersTooSlow)
+            return b""
+        self._head = b""
+        self._skippedBlank = False
+        lines = head[:end].split(b"\r\n")
+        breaks = len(lines) - 1
+        if (
+            # a bare LF or CR (obs line ends; CR or LF inside a value)
+            head.count(b"\n", 0, end) != breaks
+            or head.count(b"\r", 0, end) != breaks
+            or head.find(b"\0", 0, end) >= 0
+            or breaks > self.maxHeaders
+            or end - 2 * breaks > self.totalHeadersSize
+        ):
+            self._badRequest()
+            return b""
+        request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        first = lines[0]
+        try:
+            if first[:1] in (b" ", b"\t"):
+                raise ValueError(first)
+            self._command, self._path, self._version = _parseRequestLine(first)
+        except ValueError:
+            self._badRequest()
+            return b""
+        raw = request.requestHeaders._rawHeaders
+        canonical = _canonical
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            # obs-fold (RFC 9112 5.2): a server must reject it or replace it; a proxy that
+            # joins lines differently from its backend invites smuggling.
+            if not colon or line[0] in (32, 9):
+                self._badRequest()
+                return b""
+            key = canonical.get(name)
+            if key is None:
+                try:
+                    key = _nameEncoder.encode(name)
+                except InvalidHeaderName:
+                    self._badRequest()
+                    return b""
+                if len(canonical) < _CANONICAL_MAX:
+                    canonical[name] = key
+            value = value.strip(b" \t")
+            if (key == _CONTENT_LENGTH or key == _TRANSFER_ENCODING) and not (
+                self._maybeChooseTransferDecoder(key, value)
+            ):
+                # CL+TE, two lengths, a bad length or coding: Twisted has answered 400.
+                self._badRequest(answered=True)
+                return b""
+            values = raw.get(key)
+            if values is None:
+                raw[key] = [value]
+            else:
+                values.append(value)
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+        if self.transport.disconnecting:
+            return b""
+        return head[end + 4 :]
 
     def allHeadersReceived(self) -> None:
-        self._cancelHeaderTimer()
-        super().allHeadersReceived()
+        # Twisted's allHeadersReceived (TWISTED_SOURCES), with the headers read from the
+        # dictionary the head parser filled: cookies parsed and persistence checked only when
+        # there is something to look at.
+        if self._headerTimer is not None:
+            self._cancelHeaderTimer()
+        request = self.requests[-1]
+        raw = request.requestHeaders._rawHeaders
+        if b"Cookie" in raw:
+            request.parseCookies()
+        version = self._version
+        if b"Connection" in raw or version != b"HTTP/1.1":
+            self.persistent = self.checkPersistence(request, version)
+        else:
+            self.persistent = True
+        request.gotLength(self.length)
+        expect = raw.get(b"Expect")
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            self._send100Continue()
+
+    def allContentReceived(self) -> None:
+        # Twisted's allContentReceived (TWISTED_SOURCES), except that the idle timer is not
+        # cancelled while the request is answered (to be armed anew in requestDone, a timer
+        # per request): it keeps running, L{timeoutConnection} does not close a connection
+        # whose request is being answered, and requestDone restarts it.
+        command, path, version = self._command, self._path, self._version
+        self.length = 0
+        self._transferDecoder = None
+        del self._command, self._path, self._version
+        if self.timeOut:
+            self._savedTimeOut = self.timeOut
+        self._handlingRequest = True
+        self.line_mode = 0
+        self.requests[-1].requestReceived(command, path, version)
+
+    def timeoutConnection(self) -> None:
+        if self._handlingRequest:
+            # Answering a request (its backend's own timers bound it): idle only once done.
+            self.setTimeout(self.timeOut)
+            return
+        super().timeoutConnection()
 
     def _cancelHeaderTimer(self) -> None:
         if self._headerTimer is not None:
@@ -116,14 +326,86 @@ class ProxyChannel(http.HTTPChannel):
                 return
         super()._send100Continue()
 
-    def _badRequest(self) -> None:
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        """
+        Twisted's C{writeHeaders}, written as one string: one transport write instead of a
+        sequence of four pieces a header.  The values were cleaned of line breaks when they were
+        set (L{twisted.web.http_headers.Headers}).
+        """
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers._rawHeaders.items():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts += (b"\r\n",)
+        if self._holdHead:
+            # Sent with the body's first bytes (L{write}, L{writeSequence}): one send.
+            self._heldHead = b"".join(parts)
+        else:
+            self.transport.write(b"".join(parts))
+
+    #: Whether L{writeHeaders} keeps the head for the next write (set by the request while it
+    #: writes its first bytes), and the head kept.
+    _holdHead = False
+    _heldHead = None
+
+    def write(self, data: bytes) -> None:
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            data = head + data
+        self.transport.write(data)
+
+    def writeSequence(self, iovec) -> None:
+        # One write (not the transport's writeSequence: a TLS layer switched to whole-chunk
+        # writes would still queue a sequence in Twisted's aggregator, behind later writes).
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            self.transport.write(b"".join([head, *iovec]))
+        else:
+            self.transport.write(b"".join(iovec))
+
+    def flushHead(self) -> None:
+        """
+        Write the head L{writeHeaders} kept, if no body bytes took it along.
+        """
+        self._holdHead = False
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            self.transport.write(head)
+
+    def _badRequest(self, answered: bool = False) -> None:
         self._cancelHeaderTimer()
         self.dataReceived = self.lineReceived = lambda *a: None
-        self._respondToBadRequestAndDisconnect()
+        if not answered:
+            self._respondToBadRequestAndDisconnect()
 
     def connectionLost(self, reason) -> None:
         self._cancelHeaderTimer()
         super().connectionLost(reason)
+
+
+def canonicalName(name: bytes) -> bytes:
+    """
+    A header name in the spelling L{Headers} stores it under (C{X-AnchorMailbox} ->
+    C{X-Anchormailbox}), for L{headerValues}.
+    """
+    return _nameEncoder.encode(name)
+
+
+def headerValues(headers, name: bytes):
+    """
+    The values of a header of C{headers} (a L{Headers}) by its canonical name
+    (L{canonicalName}): a look-up in its table, without the name encoding of each
+    C{getRawHeaders} call (L{TWISTED_SOURCES}).
+
+    @return: the list of values, or C{None}.
+    """
+    return headers._rawHeaders.get(name) or None
 
 
 def rawResponse(error: HTTPError) -> bytes:
@@ -147,11 +429,12 @@ def forwardedClient(client, headers):
     C{X-Forwarded-For} (the one the proxy added) and C{X-Forwarded-Proto}.  Only for trusted
     clients (a load balancer that terminated TLS); others' forwarding headers are ignored.
     """
-    values = headers.getRawHeaders(b"X-Forwarded-For")
+    raw = headers._rawHeaders  # canonical names (TWISTED_SOURCES): no name encoding a look-up
+    values = raw.get(b"X-Forwarded-For")
     if values:
         last = values[-1].split(b",")[-1].strip().decode("ascii", "replace")
         client = client.forwardedBy(last, None, None)
-    proto = headers.getRawHeaders(b"X-Forwarded-Proto")
+    proto = raw.get(b"X-Forwarded-Proto")
     if proto and proto[-1].strip().lower() == b"https" and not client.tls:
         client = attr.evolve(client, tls=True)
     return client

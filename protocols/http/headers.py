@@ -10,6 +10,7 @@ client's own forwarding and identity headers are removed and casd's set from the
 
 from __future__ import annotations
 
+import re
 from base64 import b64encode
 
 from twisted.web.http_headers import Headers
@@ -85,9 +86,10 @@ def backendRequestHeaders(
     user=None,
     strip=(),
     cookieFilter=None,
-) -> Headers:
+) -> list[tuple[bytes, bytes]]:
     """
-    The headers to send to the backend for a client request.
+    The header fields to send to the backend for a client request, as C{(name, value)} pairs
+    in the client's order, casd's own last (L{protocols.http.upstream} serialises them).
 
     @param incoming: the client's request headers.
     @param vdir: the L{protocols.http.vdir.VirtualDirectory}.
@@ -98,49 +100,80 @@ def backendRequestHeaders(
     @param cookieFilter: C{callable(name) -> bool}: whether a cookie of the client's C{Cookie}
         header goes on to the backend (casd's own cookies do not).
     """
-    drop = set(HOP_BY_HOP | FORWARDING | IDENTITY) | connectionTokens(incoming) | set(strip)
-    # The Agent frames the body (Content-Length from the body producer) and names the backend.
-    drop.update((b"content-length", b"host"))
-    drop.add(vdir.identityHeader.lower())
-    if vdir.identity != "passthrough":
-        drop.add(b"authorization")
-    out = Headers()
+    drop = _dropSet(frozenset(strip), vdir.identityHeader, vdir.identity != "passthrough")
+    tokens = connectionTokens(incoming)
+    if tokens:
+        drop = drop | tokens
+    out = []
+    te = False
     for name, values in incoming.getAllRawHeaders():
         lower = name.lower()
         if lower in drop:
+            if lower == b"te":
+                te = b"trailers" in b",".join(values).lower()
             continue
         if lower == b"cookie" and cookieFilter is not None:
             values = [v for v in (filterCookies(v, cookieFilter) for v in values) if v]
-            if not values:
-                continue
-        out.setRawHeaders(name, list(values))
-    if incoming.hasHeader(b"te") and b"trailers" in b",".join(incoming.getRawHeaders(b"te")).lower():
+        for value in values:
+            out.append((name, value))
+    if te:
         # The only TE value a proxy may pass on (RFC 9110 10.1.4).
-        out.setRawHeaders(b"TE", [b"trailers"])
+        out.append((b"TE", b"trailers"))
     peer = client.peerHost.encode("ascii", "replace")
-    out.setRawHeaders(b"X-Forwarded-For", [peer])
-    out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if client.tls else b"http"])
+    scheme = b"https" if client.tls else b"http"
+    out.append((b"X-Forwarded-For", peer))
+    out.append((b"X-Forwarded-Proto", scheme))
     if host:
-        out.setRawHeaders(b"X-Forwarded-Host", [host])
+        out.append((b"X-Forwarded-Host", host))
     node = peer if b":" not in peer else b'"[' + peer + b']"'
-    forwarded = b"for=" + node + b";proto=" + (b"https" if client.tls else b"http")
+    forwarded = b"for=" + node + b";proto=" + scheme
     if host and _tokenSafe(host):
         forwarded += b";host=" + host
-    out.setRawHeaders(b"Forwarded", [forwarded])
-    out.setRawHeaders(b"X-Casd-Session", [client.sessionId.encode("ascii")])
+    out.append((b"Forwarded", forwarded))
+    out.append((b"X-Casd-Session", client.sessionId.encode("ascii")))
     if user is not None and vdir.identity in ("header", "master"):
         name = user.address if vdir.identityValue == "address" and user.address else (
             getattr(user, "backendLogin", "") or user.login
         )
-        out.setRawHeaders(vdir.identityHeader, [name.encode("utf-8")])
+        out.append((vdir.identityHeader, name.encode("utf-8")))
     if vdir.identity == "master":
         token = b64encode(vdir.masterUser.encode("utf-8") + b":" + vdir.masterPassword)
-        out.setRawHeaders(b"Authorization", [b"Basic " + token])
+        out.append((b"Authorization", b"Basic " + token))
     return out
 
 
+_DROP_SETS: dict = {}
+
+
+def _dropSet(strip: frozenset, identityHeader: bytes, ownAuthorization: bool) -> frozenset:
+    """
+    The lower-case names dropped from a client request, for a credential source's C{strip},
+    a vdir's identity header and whether the client's C{Authorization} stays with casd.
+    """
+    key = (strip, identityHeader, ownAuthorization)
+    drop = _DROP_SETS.get(key)
+    if drop is None:
+        drop = _ALWAYS_DROP | strip | {identityHeader.lower()}
+        if ownAuthorization:
+            drop |= {b"authorization"}
+        if len(_DROP_SETS) < 1024:
+            _DROP_SETS[key] = drop
+    return drop
+
+
+#: Dropped from every client request: hop-by-hop, forwarding and identity fields, and the
+#: framing and C{Host}, which the backend client writes itself.
+_ALWAYS_DROP = frozenset(
+    HOP_BY_HOP | FORWARDING | IDENTITY | {b"content-length", b"host"}
+)
+
+
+#: A byte that may not appear unquoted in a C{Forwarded} parameter here.
+_UNSAFE = re.compile(rb'[^\x21-\x7e]|[",;]')
+
+
 def _tokenSafe(value: bytes) -> bool:
-    return all(33 <= c < 127 and c not in b'",;' for c in value)
+    return _UNSAFE.search(value) is None
 
 
 def filterCookies(header: bytes, keep) -> bytes:
@@ -155,16 +188,19 @@ def filterCookies(header: bytes, keep) -> bytes:
     return b"; ".join(parts)
 
 
-def copyResponseHeaders(backend: Headers, out: Headers) -> None:
+def copyResponseHeaders(backend, out: Headers) -> None:
     """
-    Copy a backend response's end-to-end headers into the client response's C{out}.
+    Copy a backend response's end-to-end fields (C{(name, value)} pairs, hop-by-hop ones
+    already removed by L{protocols.http.upstream}) into the client response's C{out}: each
+    replaces casd's own of that name, but C{Set-Cookie} adds to casd's.
     """
-    drop = RESPONSE_DROP | connectionTokens(backend)
-    for name, values in backend.getAllRawHeaders():
-        if name.lower() in drop:
+    seen = set()
+    for name, value in backend:
+        lower = name.lower()
+        if lower in RESPONSE_DROP:
             continue
-        if name.lower() == b"set-cookie":
-            # casd may have set cookies of its own already (a refreshed forms session).
-            out.setRawHeaders(name, (out.getRawHeaders(name) or []) + list(values))
-            continue
-        out.setRawHeaders(name, list(values))
+        if lower in seen or lower == b"set-cookie":
+            out.addRawHeader(name, value)
+        else:
+            seen.add(lower)
+            out.setRawHeaders(name, [value])

@@ -91,19 +91,71 @@ class LocalService:
 class LocalServices:
     """
     The local services of one site, asked in registration order.
+
+    L{match} runs for every request: it asks only the services whose prefixes could match the
+    path's first segment (an index built once), not every service.
     """
 
     def __init__(self, services: Iterable[LocalService] = ()) -> None:
         self.services = list(services)
+        self._index = None
 
     def add(self, service: LocalService) -> None:
         self.services.append(service)
+        self._index = None
+
+    def _build(self):
+        """
+        @return: C{(bySegment, always)}: the lower-case first path segment of a prefix ->
+            C{[(position, service, heads)]}, and the services any path may match (a prefix of C{/}
+            or without a leading slash).
+        """
+        bySegment: dict = {}
+        always = []
+        for position, service in enumerate(self.services):
+            segments = set()
+            for prefix in service.prefixes:
+                p = prefix.encode("utf-8").lower()
+                if not p.startswith(b"/") or p == b"/":
+                    segments = None
+                    break
+                segments.add(p[1:].split(b"/", 1)[0])
+            if segments is None:
+                always.append((position, service, (b"",)))
+                continue
+            # The prefixes as a path starting with one must start (without a trailing /).
+            heads = tuple(
+                p.encode("utf-8").lower().rstrip(b"/") for p in service.prefixes
+            )
+            for segment in segments:
+                bySegment.setdefault(segment, []).append((position, service, heads))
+        self._index = (bySegment, always)
+        return self._index
 
     def match(self, path: bytes) -> LocalService | None:
-        for service in self.services:
+        bySegment, always = self._index or self._build()
+        target = path.split(b"?", 1)[0]
+        candidates = None
+        if target[:1] == b"/":
+            candidates = bySegment.get(target[1:].split(b"/", 1)[0].lower())
+        if always:
+            candidates = sorted((candidates or []) + always, key=_position)
+        elif not candidates:
+            return None
+        lowered = target.lower()
+        for _, service, heads in candidates:
+            for head in heads:
+                if lowered.startswith(head):
+                    break
+            else:
+                continue  # cannot match: no need to ask
             if service.matches(path):
                 return service
         return None
+
+
+def _position(entry):
+    return entry[0]
 
 
 def loadProviders(context, section, site, providers=PROVIDERS) -> LocalServices:

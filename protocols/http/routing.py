@@ -29,8 +29,12 @@ from twisted.internet import defer
 
 from casd.failures import BackendUnavailable
 from casd.routing.router import Redirected, routeTo
+from protocols.http.channel import canonicalName, headerValues
 from protocols.http.headers import PROXY_TTL
 from protocols.http.status import SiteRedirect
+
+_PROXY_TTL = canonicalName(PROXY_TTL)
+_ANCHOR = canonicalName(b"X-AnchorMailbox")
 
 #: The routing cookie's name (never forwarded to a backend).
 ROUTE_COOKIE = b"casd-route"
@@ -58,6 +62,8 @@ def explicitMailbox(vdir, path: bytes) -> str:
     """
     rest = path.split(b"?", 1)[0][len(vdir.path) :].lstrip(b"/")
     segment = rest.split(b"/", 1)[0]
+    if b"@" not in segment and b"%" not in segment:
+        return ""  # no address, even once unquoted (the common case: no look at it)
     try:
         text = unquote(segment.decode("utf-8"), errors="strict")
     except UnicodeDecodeError:
@@ -75,14 +81,14 @@ def incomingTTL(request):
     client = getattr(request, "client", None)
     if client is None or not client.trusted:
         return None
-    values = request.requestHeaders.getRawHeaders(PROXY_TTL)
+    values = headerValues(request.requestHeaders, _PROXY_TTL)
     if not values or len(values) != 1 or not values[0].isdigit() or len(values[0]) > 3:
         return None
     return int(values[0])
 
 
 def anchorHeader(request) -> str:
-    values = request.requestHeaders.getRawHeaders(b"X-AnchorMailbox")
+    values = headerValues(request.requestHeaders, _ANCHOR)
     if not values or len(values) != 1:
         return ""
     try:

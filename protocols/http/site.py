@@ -5,13 +5,14 @@ request as soon as the headers are in, and stream the body both ways.
 
 Stock C{twisted.web} reads a whole request body before rendering (twisted#4688, #5511).
 L{ProxyRequest} instead acts in C{gotLength} (all headers parsed): it matches the vdir,
-authenticates, routes and starts the backend request with a L{protocols.http.proxy.BodyPipe} as
-its body, which C{handleContentChunk} feeds.  That relies on private attributes of
-L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version} (the request line, which
-L{twisted.web.http.Request} only learns in C{requestReceived}) and C{_savedTimeOut}; the proxy's
-backend side relies on a few of L{twisted.web.client}'s (L{protocols.http.proxy}).
-C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them; Twisted
-is pinned below 28 in C{setup.cfg} for this reason.
+authenticates, routes and starts the backend request (L{protocols.http.upstream}) with a
+L{protocols.http.proxy.BodyPipe} as its body, which C{handleContentChunk} feeds.  That relies
+on private attributes of L{twisted.web.http.HTTPChannel}: C{_command}, C{_path} and C{_version}
+(the request line, which L{twisted.web.http.Request} only learns in C{requestReceived}) and
+C{_savedTimeOut}; the response relay (L{protocols.http.relay}) fills L{Headers} through
+C{_rawHeaders} and C{_nameEncoder}; L{resultNow} reads fired L{Deferred}s' results.
+C{tests.test_http_smuggling.TwistedPrivatesTests} fails if a Twisted upgrade moves them;
+Twisted is pinned below 28 in C{setup.cfg} for this reason.
 
 A response can only be written once the request body has been read (Twisted's channel
 parses the next request from the same buffer), so every answer waits for C{requestReceived}: a
@@ -28,37 +29,56 @@ import re
 import attr
 
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
 
 from casd.failures import BackendUnavailable, CASFailure
+from casd.service.logs import LineLog
 from casd.routing.router import routeTo
-from protocols.http.headers import PROXY_TTL, backendRequestHeaders, copyResponseHeaders
-from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse
-from protocols.http.proxy import CONNECT_ERRORS, IDEMPOTENT, BodyPipe, ResponseRelay
+from protocols.http.headers import PROXY_TTL, backendRequestHeaders
+from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse, sourcesChanged
+from protocols.http.proxy import IDEMPOTENT, BodyPipe
+from protocols.http.relay import Relay
 from protocols.http.routing import ROUTE_COOKIE
 from protocols.http.status import (
-    BackendTimedOut,
-    BadGateway,
     HTTPError,
     NotFound,
     httpError,
     render,
 )
 
-ACCESS_FORMAT = (
-    "http session={session} vdir={vdir} client={client} user={user} backend={backend} "
-    "method={method} path={path} status={status} in={bytesIn} out={bytesOut} "
-    "duration={duration:.3f}"
-)
+#: The Twisted sources whose attributes L{ProxyRequest.__init__} sets itself, with the SHA-256
+#: of each in Twisted 26.10.0 (a test fails when one changes: see L{leanInitSourcesChanged}).
+LEAN_INIT_SOURCES = {
+    "twisted.web.server.Request.__init__":
+        "f79aac5ec350503e5367940d865a8b57b43088425ed0f82f6eb3388dbdcb7eb9",
+    "twisted.web.http.Request.__init__":
+        "2d3f7dbd28d0ce02f4b8f99942bd6e2f62165fc512304e8f366b361444278e29",
+    "twisted.python.components.Componentized.__init__":
+        "31cb3de9ee79eae252d7b1c13acb318b0a6c673829c19925e156b409fe0dcf4e",
+    "twisted.web.http.Request._cleanup":
+        "3e4358e4df9cc52d46752cf89bd03f1cee86b3e7d364485a18283f3cddabde2a",
+    "twisted.web.server.Request.write":
+        "e0629de84fb9e31d508fcda0a564c768705add8a095b140c03a9a62e8326b523",
+    "twisted.web.http.Request.connectionLost":
+        "e874acaf9f19205d5b7ed2a52b73a8327013a0c3df87a724eab07caabe5e4ba4",
+}
 
 
-#: The access log: one line per request (namespace C{casd.http.access}).
-ACCESS_LOG = Logger(namespace="casd.http.access")
+def leanInitSourcesChanged() -> list[str]:
+    """
+    @return: the names in L{LEAN_INIT_SOURCES} whose source changed (empty when none did).
+    """
+    return sourcesChanged(LEAN_INIT_SOURCES)
+
+
+_httpWrite = http.Request.write
+
+#: The access log: one line per request (namespace C{casd.http.access}), rendered once
+#: (L{casd.service.logs.LineLog}).
+ACCESS_LOG = LineLog("casd.http.access")
 
 
 class ProxyRequest(server.Request):
@@ -74,7 +94,20 @@ class ProxyRequest(server.Request):
     defaultContentType = None
 
     def __init__(self, channel, *args, **kw) -> None:
-        super().__init__(channel, *args, **kw)
+        # What twisted.web's Request.__init__ chain sets (L{server.Request}, L{http.Request},
+        # L{Componentized}: see L{LEAN_INIT_SOURCES}), without asking the transport for its
+        # addresses: C{client} is the connection's L{ClientInfo}, C{host} is looked up if
+        # asked for.
+        self.notifications = []
+        self.channel = channel
+        self.requestHeaders = Headers()
+        self.received_cookies = {}
+        self.responseHeaders = Headers()
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
+        self._adapterCache = {}
         self.mode = "error"
         self.vdir = None
         self.user = None
@@ -90,7 +123,21 @@ class ProxyRequest(server.Request):
         self.site = channel.site
         self.client = channel.client
         self.startedAt = self.site.clock.seconds()
-        self.notifyFinish().addBoth(self._ended)
+
+    @property
+    def host(self):
+        """
+        The address of the listener (L{twisted.web.http.Request.getHost}), looked up when
+        asked for.
+        """
+        host = self.__dict__.get("_host")
+        if host is None:
+            host = self._host = self.transport.getHost()
+        return host
+
+    @host.setter
+    def host(self, value) -> None:
+        self._host = value
 
     # -- reading ------------------------------------------------------------------------
 
@@ -101,8 +148,25 @@ class ProxyRequest(server.Request):
         self.uri = channel._path
         self.clientproto = channel._version
         self.path = self.uri.split(b"?", 1)[0]
-        self.content = io.BytesIO()
+        # The body is read only for a local service (begin); a proxied one streams through.
+        self.content = None
         channel.site.begin(self, length)
+
+    def write(self, data: bytes) -> None:
+        if self._encoder is None and not self._inFakeHead and self.defaultContentType is None:
+            # twisted.web.server.Request.write would only look for headers it never sets.
+            if self.startedWriting or not data:
+                _httpWrite(self, data)
+                return
+            # The first bytes: the head goes out with them, in one write.
+            channel = self.channel
+            channel._holdHead = True
+            try:
+                _httpWrite(self, data)
+            finally:
+                channel.flushHead()
+        else:
+            server.Request.write(self, data)
 
     def refuseTooLarge(self) -> None:
         """
@@ -204,8 +268,11 @@ class ProxyRequest(server.Request):
         if self._relay is not None:
             self._relay.clientGone()
         super().connectionLost(reason)
+        self._writeAccessLog()
 
-    def _ended(self, result) -> None:
+    def _cleanup(self) -> None:
+        # The response is complete (what notifyFinish() reports, without a Deferred of ours).
+        super()._cleanup()
         self._writeAccessLog()
 
     def _writeAccessLog(self) -> None:
@@ -213,6 +280,23 @@ class ProxyRequest(server.Request):
             return
         self._logged = True
         self.site.accessLog(self)
+
+
+_PENDING = object()
+
+
+def resultNow(d):
+    """
+    The success result of a L{Deferred} that already has one (fired, not paused: its callbacks
+    ran), else C{_PENDING} (a failure stays in C{d} for its errbacks).  Relies on the
+    L{Deferred} attributes C{called}, C{paused} and C{result}
+    (C{tests.test_http_smuggling.TwistedPrivatesTests}).
+    """
+    if d.called and not d.paused:
+        result = d.result
+        if not isinstance(result, (Failure, defer.Deferred)):
+            return result
+    return _PENDING
 
 
 class HTTPSite(server.Site):
@@ -225,7 +309,7 @@ class HTTPSite(server.Site):
     @ivar descriptor: the HTTP L{casd.interfaces.ICASProtocol}.
     @ivar vdirs: the L{protocols.http.vdir.VdirTable}.
     @ivar authenticator: the L{protocols.http.auth.HTTPAuthenticator}.
-    @ivar agents: the L{protocols.http.proxy.BackendAgents} (shared by every listener).
+    @ivar upstream: the L{protocols.http.upstream.UpstreamPool} (shared by every listener).
     @ivar router: the L{protocols.http.routing.RequestRouter}.
     @ivar local: the L{protocols.http.local.LocalServices}.
     @ivar redirectToHTTPS: a plain listener that answers everything but health pages with 301.
@@ -236,7 +320,7 @@ class HTTPSite(server.Site):
     displayTracebacks = False
     logger = Logger(namespace="casd.http")
 
-    def __init__(self, context, section, listener, descriptor, vdirs, authenticator, agents,
+    def __init__(self, context, section, listener, descriptor, vdirs, authenticator, upstream,
                  router, redirectToHTTPS=False) -> None:
         from twisted.web.resource import NoResource
 
@@ -247,7 +331,7 @@ class HTTPSite(server.Site):
         self.descriptor = descriptor
         self.vdirs = vdirs
         self.authenticator = authenticator
-        self.agents = agents
+        self.upstream = upstream
         self.router = router
         self.redirectToHTTPS = redirectToHTTPS
         self.headerTimeout = section.header_timeout
@@ -255,9 +339,9 @@ class HTTPSite(server.Site):
         self.local = None
 
     def stopFactory(self) -> None:
-        # The listener stops: close the idle backend connections (the agents are shared by
-        # every listener; closing idle ones is harmless to the others).
-        self.agents.closeIdle()
+        # The listener stops: close the idle backend connections (the pool is shared by every
+        # listener; closing idle ones is harmless to the others).
+        self.upstream.closeIdle()
         super().stopFactory()
 
     def _openLogFile(self, path):
@@ -283,6 +367,7 @@ class HTTPSite(server.Site):
         if service is not None:
             request.mode = "local"
             request.service = service
+            request.content = io.BytesIO()
             request._limit = service.maxBodySize
             if length is not None and length > request._limit:
                 request.refuseTooLarge()
@@ -298,11 +383,15 @@ class HTTPSite(server.Site):
         if length is not None and vdir.maxBodySize and length > vdir.maxBodySize:
             request.refuseTooLarge()
             return
+        channel = request.channel
         if length != 0:
-            transport = self.channel(request).transport
+            transport = channel.transport
             request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
-        # While the body comes in, the client's silence is bounded by the vdir's timeout.
-        self.channel(request).setTimeout(vdir.timeout)
+        # While the body comes in, the client's silence is bounded by the vdir's timeout (the
+        # same timeout was just restarted by the bytes of this head).
+        timeout = vdir.timeout
+        if channel.timeOut != timeout:
+            channel.setTimeout(timeout)
         self.proxy(request, vdir)
 
     @staticmethod
@@ -361,14 +450,25 @@ class HTTPSite(server.Site):
     # -- proxying -----------------------------------------------------------------------
 
     def proxy(self, request, vdir) -> None:
-        client = request.client
-        d = self.authenticator.authenticate(request, vdir, client)
-
-        def authenticated(user):
+        d = self.authenticator.authenticate(request, vdir, request.client)
+        user = resultNow(d)
+        if user is not _PENDING:
+            # The credential cache answered at once (the usual case): no callback chain.
             request.user = user
-            return self.router.route(request, vdir, user, request.uri)
+            d = self.router.route(request, vdir, user, request.uri)
+            decision = resultNow(d)
+            if decision is not _PENDING:
+                try:
+                    self._send(decision, request, vdir)
+                except Exception:
+                    self._failed(Failure(), request)
+                return
+        else:
+            def authenticated(user):
+                request.user = user
+                return self.router.route(request, vdir, user, request.uri)
 
-        d.addCallback(authenticated)
+            d.addCallback(authenticated)
         d.addCallback(self._send, request, vdir)
         d.addErrback(self._failed, request)
 
@@ -391,10 +491,13 @@ class HTTPSite(server.Site):
     def _attempt(self, request, vdir, decision, targets, index):
         target = targets[index]
         request.backendName = target.describe()
-        pipe = request._pipe
-        strip = set()
-        for source in self.authenticator.sources.values():
-            strip.update(getattr(source, "stripHeaders", ()))
+        strip = self._strip
+        if strip is None:
+            strip = set()
+            for source in self.authenticator.sources.values():
+                strip.update(getattr(source, "stripHeaders", ()))
+            strip.add(b"host")
+            strip = self._strip = frozenset(strip)
         toCAS = decision.route.kind == "cas"
         headers = backendRequestHeaders(
             request.requestHeaders,
@@ -404,49 +507,19 @@ class HTTPSite(server.Site):
             request.client,
             (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
             request.user,
-            strip=strip | {b"host"},
+            strip=strip,
             cookieFilter=self.cookieFilter,
         )
         if toCAS:
             # It counts the hops down, and refuses a loop.
-            headers.setRawHeaders(PROXY_TTL, [str(decision.route.proxyTTL).encode("ascii")])
+            headers.append((PROXY_TTL, str(decision.route.proxyTTL).encode("ascii")))
         path = self.vdirs.clientPath(vdir, request.uri)
         if not toCAS:
             path = vdir.backendPathFor(path)
-        member = self.context.connector.member(target)
-        d = self.agents.request(target, request.method, path, headers, pipe)
-        timer = self.clock.callLater(vdir.timeout, d.cancel)
-
-        def responded(result):
-            if timer.active():
-                timer.cancel()
-            member.connectSucceeded()
-            response, release = result
-            return self._relay(request, vdir, decision, response, release)
-
-        def failed(f):
-            timedOut = not timer.active()
-            if not timedOut:
-                timer.cancel()
-            if f.check(*CONNECT_ERRORS) and not timedOut:
-                member.connectFailed(str(f.value) or type(f.value).__name__)
-                canRetry = pipe is None or not pipe.started
-                if canRetry and index + 1 < len(targets) and not request._gone:
-                    self.logger.info(
-                        "{backend}: connect failed ({reason}); trying the next member",
-                        backend=target.describe(),
-                        reason=str(f.value),
-                    )
-                    return self._attempt(request, vdir, decision, targets, index + 1)
-                raise BadGateway(f"connect to {target.describe()} failed: {f.value}")
-            if timedOut:
-                raise BackendTimedOut(f"{target.describe()} did not answer within {vdir.timeout:g} s")
-            if f.check(CASFailure):
-                return f
-            raise BadGateway(f"{target.describe()}: {f.getErrorMessage()}")
-
-        d.addCallbacks(responded, failed)
-        return d
+        relay = request._relay = Relay(self, request, vdir, decision, targets, index)
+        relay.exchange = self.upstream.request(
+            target, request.method, path, headers, request._pipe, relay
+        )
 
     def cookieFilter(self, name: bytes) -> bool:
         return name != ROUTE_COOKIE and name not in self.privateCookies
@@ -454,38 +527,8 @@ class HTTPSite(server.Site):
     #: Cookies that are casd's own and never reach a backend (forms sessions add theirs).
     privateCookies: frozenset = frozenset()
 
-    def _relay(self, request, vdir, decision, response, release):
-        def start(_):
-            if request._gone:
-                response.deliverBody(_Discard())
-                release()
-                return
-            request.setResponseCode(response.code, response.phrase)
-            copyResponseHeaders(response.headers, request.responseHeaders)
-            if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-                request.responseHeaders.setRawHeaders(
-                    b"Content-Length", [str(response.length).encode("ascii")]
-                )
-            if decision.cookie is not None:
-                request.responseHeaders.addRawHeader(b"Set-Cookie", decision.cookie)
-            idle = _IdleTimer(self.clock, vdir.timeout, lambda: relay.clientGone())
-            relay = ResponseRelay(request, onData=idle.reset)
-            request._relay = relay
-            response.deliverBody(relay)
-            relay.done.addBoth(finished, idle)
-
-        def finished(complete, idle):
-            idle.stop()
-            release()
-            if request._gone:
-                return
-            if complete is True:
-                request.finish()
-            else:
-                # A body cut short must not look complete: close the connection.
-                request.channel.transport.loseConnection()
-
-        request.bodyDone.addCallback(start)
+    #: The header names the credential sources strip (and C{Host}), once known.
+    _strip = None
 
     def _failed(self, f, request) -> None:
         if request._gone:
@@ -529,54 +572,33 @@ class HTTPSite(server.Site):
 
     def accessLog(self, request) -> None:
         client = request.client
-        host = f"[{client.peerHost}]" if ":" in client.peerHost else client.peerHost
+        host = client.peerHost
+        if ":" in host:
+            host = f"[{host}]"
         user = request.user
-        fields = dict(  # never a header, a cookie or a query string: they may hold secrets
-            session=client.sessionId,
-            vdir=request.vdir.name if request.vdir is not None else (
-                request.service.name if request.service is not None else "-"
-            ),
-            client=f"{host}:{client.peerPort}",
-            user=(user.login if user is not None else "-"),
-            backend=request.backendName or "-",
-            method=(request.method or b"-").decode("ascii", "replace"),
-            path=(request.path or b"-").decode("utf-8", "replace")[:200],
-            status=request.code,
-            bytesIn=request.bytesIn,
-            bytesOut=request.sentLength,
-            duration=self.clock.seconds() - request.startedAt,
+        vdir = request.vdir
+        service = request.service
+        # Never a header, a cookie or a query string: they may hold secrets.
+        fields = {
+            "session": client.sessionId,
+            "vdir": vdir.name if vdir is not None else (service.name if service is not None else "-"),
+            "client": f"{host}:{client.peerPort}",
+            "user": user.login if user is not None else "-",
+            "backend": request.backendName or "-",
+            "method": (request.method or b"-").decode("ascii", "replace"),
+            "path": (request.path or b"-").decode("utf-8", "replace")[:200],
+            "status": request.code,
+            "bytesIn": request.bytesIn,
+            "bytesOut": request.sentLength,
+            "duration": self.clock.seconds() - request.startedAt,
+        }
+        ACCESS_LOG.emit(
+            f"http session={fields['session']} vdir={fields['vdir']} client={fields['client']}"
+            f" user={fields['user']} backend={fields['backend']} method={fields['method']}"
+            f" path={fields['path']} status={fields['status']} in={fields['bytesIn']}"
+            f" out={fields['bytesOut']} duration={fields['duration']:.3f}",
+            fields,
         )
-        ACCESS_LOG.info("{line}", line=ACCESS_FORMAT.format(**fields), **fields)
-
-
-class _IdleTimer:
-    def __init__(self, clock, seconds, expired) -> None:
-        self.clock = clock
-        self.seconds = seconds
-        self.expired = expired
-        self.call = clock.callLater(seconds, self._fire)
-
-    def reset(self) -> None:
-        if self.call is not None and self.call.active():
-            self.call.reset(self.seconds)
-
-    def _fire(self) -> None:
-        self.call = None
-        self.expired()
-
-    def stop(self) -> None:
-        if self.call is not None and self.call.active():
-            self.call.cancel()
-        self.call = None
-
-
-class _Discard(Protocol):
-    """
-    Takes a response nobody will read and closes its connection.
-    """
-
-    def connectionMade(self):
-        self.transport.stopProducing()
 
 
 class _HealthUser:

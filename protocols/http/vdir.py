@@ -265,6 +265,12 @@ class VdirTable:
     def __init__(self, vdirs: Iterable[VirtualDirectory]) -> None:
         self.vdirs = tuple(vdirs)
         self._ordered = sorted(self.vdirs, key=lambda v: -len(v.path))
+        # (prefix as matched, case-insensitive?, vdir), longest first: encoded once.
+        self._prefixes = [
+            (v.path.encode("utf-8").lower() if v.caseInsensitive else v.path.encode("utf-8"),
+             v.caseInsensitive, v)
+            for v in self._ordered
+        ]
 
     def match(self, path: bytes) -> VirtualDirectory | None:
         """
@@ -275,12 +281,8 @@ class VdirTable:
         if not path.startswith(b"/"):
             return None
         lowered = path.lower()
-        for vdir in self._ordered:
-            prefix = vdir.path.encode("utf-8")
-            if vdir.caseInsensitive:
-                if _segmentPrefix(lowered, prefix.lower()):
-                    return vdir
-            elif _segmentPrefix(path, prefix):
+        for prefix, caseInsensitive, vdir in self._prefixes:
+            if _segmentPrefix(lowered if caseInsensitive else path, prefix):
                 return vdir
         return None
 

@@ -136,7 +136,7 @@ tls = "implicit"
             return f.read()
 
     def sites(self):
-        return [f for f in self.node.factories() if hasattr(f, "agents")]
+        return [f for f in self.node.factories() if hasattr(f, "upstream")]
 
     @defer.inlineCallbacks
     def stop(self):
@@ -150,7 +150,7 @@ tls = "implicit"
             transport = getattr(channel, "transport", None)
             if transport is not None and getattr(transport, "connected", False):
                 transport.abortConnection()
-        for site in {id(s): s for s in (f for f in node.factories() if hasattr(f, "agents"))}.values():
-            yield site.agents.closeIdle()
+        for site in {id(s): s for s in (f for f in node.factories() if hasattr(f, "upstream"))}.values():
+            site.upstream.closeIdle()
         yield node.stop()
         yield task.deferLater(reactor, 0.05, lambda: None)

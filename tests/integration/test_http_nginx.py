@@ -56,10 +56,22 @@ enabled = false
 
 [http]
 enabled = true
+plain_http = "serve"
 
 [[http.listen]]
 endpoint = "tcp:{port}:interface=127.0.0.1"
 tls = "implicit"
+
+[[http.listen]]
+endpoint = "tcp:{plain}:interface=127.0.0.1"
+tls = "none"
+
+[[http.vdir]]
+path = "/open"
+backend = "web"
+backend_path = "/"
+auth = ["none"]
+max_body_size = 0
 
 [[http.vdir]]
 path = "/app"
@@ -96,12 +108,14 @@ class NginxBackendTests(SynchronousTestCase):
         cls.nginx = NginxServer().start()
         self.addCleanup(self.nginx.remove)
         cls.port = freePort()
+        cls.plain = freePort()
         cls.config = os.path.join(cls.directory, "casd.toml")
         users = os.path.join(os.path.dirname(DEMO_CONFIG), "users")
         with open(cls.config, "w") as f:
             f.write(
                 CASD_CONFIG.format(
-                    cert=cert, key=key, users=users, nginx=cls.nginx.port, port=cls.port
+                    cert=cert, key=key, users=users, nginx=cls.nginx.port, port=cls.port,
+                    plain=cls.plain,
                 )
             )
         cls.log = open(os.path.join(cls.directory, "casd.log"), "wb")
@@ -186,6 +200,33 @@ class NginxBackendTests(SynchronousTestCase):
         self.assertEqual(r.stdout.split(), [b"200", str(LARGE).encode()])
         peak = vmKB(pid, "VmHWM") * 1024
         self.assertLess(peak - before, MEMORY_BOUND, f"RSS grew from {before} to a peak of {peak}")
+
+    def test_plainClient(self):
+        """
+        Over plain HTTP (where body pieces go straight to the client's socket when it has room):
+        a download arrives whole and in order, and a client that reads slowly still pauses the
+        backend (memory stays bounded).
+        """
+        import filecmp
+
+        pid = self.casd.pid
+        size = 64 * 1024 * 1024
+        source = self.nginx.makeFile("plain", size)
+        target = os.path.join(self.directory, "downloaded")
+        url = f"http://127.0.0.1:{self.plain}/open/files/plain"
+        r = subprocess.run(
+            [self.curl, "-sS", "-o", target, "-w", "%{http_code}", url], capture_output=True,
+            timeout=120,
+        )
+        self.assertEqual(r.stdout, b"200", r.stderr)
+        self.assertTrue(filecmp.cmp(source, target, shallow=False))
+        before = vmKB(pid, "VmRSS") * 1024
+        r = subprocess.run(
+            [self.curl, "-sS", "-o", os.devnull, "--limit-rate", "8M", "-w", "%{size_download}", url],
+            capture_output=True, timeout=120,
+        )
+        self.assertEqual(r.stdout, str(size).encode())
+        self.assertLess(vmKB(pid, "VmRSS") * 1024 - before, 32 * 1024 * 1024)
 
     def test_slowReaderBounded(self):
         """

@@ -1,0 +1,251 @@
+# -*- test-case-name: tests.test_http_site,tests.test_http_upstream -*-
+"""
+The proxy's side of one backend exchange (L{Relay}): what the backend client
+(L{protocols.http.upstream}) reports, turned into the client's response, with flow control both
+ways and one silence timer.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+
+from twisted.python.failure import Failure
+from twisted.web.http_headers import _nameEncoder
+
+from casd.session.relay import writeThrough
+
+from protocols.http.headers import copyResponseHeaders
+from protocols.http.status import BackendTimedOut, BadGateway
+from protocols.http.upstream import IResponseSink
+
+#: Twisted's spelling of response field names (its L{Headers} keys), as backends send them.
+_SPELLING: dict = {}
+
+
+def _spell(name: bytes) -> bytes:
+    key = _nameEncoder.encode(name)
+    if len(_SPELLING) < 4096:
+        _SPELLING[name] = key
+    return key
+
+
+@implementer(IResponseSink)
+class Relay:
+    """
+    One proxied request's backend exchange, and its response relayed to the client.
+
+    The response is streamed with flow control: the relay is the client's producer and pauses
+    the backend connection, so a client that stops reading pauses the backend.  One timer bounds
+    the exchange's silence (C{vdir.timeout}): before the response head it answers 504; later it
+    cuts the exchange (the client connection is closed: a truncated body must not look
+    complete).  Progress either way (a piece of the response, the client taking more, more of
+    the client's body) is a timestamp or a count, not a timer reset per piece.
+    """
+
+    exchange = None
+    #: The client's transport, once the response started.
+    transport = None
+    #: How much of the client's body the silence timer saw last.
+    seenIn = 0
+
+    def __init__(self, site, request, vdir, decision, targets, index) -> None:
+        self.site = site
+        self.request = request
+        self.vdir = vdir
+        self.decision = decision
+        self.targets = targets
+        self.index = index
+        self.started = False
+        self.held = None
+        self.ended = None
+        self.head = None
+        clock = self.clock = site.clock
+        self.active = clock.seconds()
+        self.timer = clock.callLater(vdir.timeout, self._silent)
+
+    # -- the timer --------------------------------------------------------------------------
+
+    def _silent(self) -> None:
+        timeout = self.vdir.timeout
+        now = self.clock.seconds()
+        pipe = self.request._pipe
+        if pipe is not None and pipe.received != self.seenIn:
+            # The client's body came on meanwhile (checked here, not per piece).
+            self.seenIn = pipe.received
+            self.active = now
+        quiet = now - self.active
+        if quiet < timeout:
+            self.timer = self.clock.callLater(timeout - quiet, self._silent)
+            return
+        self.timer = None
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.cancel()
+        request = self.request
+        if not self.started:
+            target = self.targets[self.index]
+            request._relay = None
+            self.site._failed(
+                Failure(BackendTimedOut(f"{target.describe()} did not answer within {timeout:g} s")),
+                request,
+            )
+            return
+        if not request._gone:
+            request.channel.transport.loseConnection()
+
+    def _stopTimer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # -- IResponseSink ----------------------------------------------------------------------
+
+    def connectFailed(self, reason) -> None:
+        self._stopTimer()
+        self.exchange = None
+        site, request = self.site, self.request
+        target = self.targets[self.index]
+        site.context.connector.member(target).connectFailed(
+            str(reason.value) or type(reason.value).__name__
+        )
+        pipe = request._pipe
+        canRetry = pipe is None or not pipe.started
+        if canRetry and self.index + 1 < len(self.targets) and not request._gone:
+            site.logger.info(
+                "{backend}: connect failed ({reason}); trying the next member",
+                backend=target.describe(),
+                reason=str(reason.value),
+            )
+            site._attempt(request, self.vdir, self.decision, self.targets, self.index + 1)
+            return
+        request._relay = None
+        site._failed(
+            Failure(BadGateway(f"connect to {target.describe()} failed: {reason.value}")), request
+        )
+
+    def failed(self, reason) -> None:
+        if self.started:
+            # The head went out already (a malformed chunk, say): the body is cut short.
+            self.responseEnded(False)
+            return
+        self._stopTimer()
+        self.exchange = None
+        target = self.targets[self.index]
+        self.request._relay = None
+        self.site._failed(
+            Failure(BadGateway(f"{target.describe()}: {reason.getErrorMessage()}")), self.request
+        )
+
+    def responseStarted(self, exchange, code, phrase, headers) -> None:
+        self.started = True
+        request = self.request
+        self.site.context.connector.member(self.targets[self.index]).connectSucceeded()
+        if request._gone:
+            self.clientGone()
+            return
+        self.head = (code, phrase, headers)
+        if request.bodyDone.called:
+            self._start()
+            return
+        # The client's body is still coming: the response waits for it (Twisted's channel reads
+        # the next request from the same buffer), the backend connection paused meanwhile.
+        self.held = []
+        exchange.pauseResponse()
+        request.bodyDone.addCallback(self._release)
+
+    def _release(self, _=None) -> None:
+        held, self.held = self.held, None
+        if self.request._gone:
+            return
+        self._start()
+        for data in held:
+            self.responseData(data)
+        if self.ended is not None:
+            self.responseEnded(self.ended)
+        elif self.exchange is not None:
+            self.exchange.resumeResponse()
+
+    def _start(self) -> None:
+        request = self.request
+        code, phrase, headers = self.head
+        request.setResponseCode(code, phrase or None)
+        out = request.responseHeaders
+        raw = out._rawHeaders
+        if raw:
+            # casd set some already (a refreshed forms session's cookie): merged.
+            copyResponseHeaders(headers, out)
+        else:
+            # The fields are tokens (the head was checked), the values free of line ends:
+            # straight into Twisted's table, under Twisted's spelling of each name.
+            spelling = _SPELLING
+            for name, value in headers:
+                key = spelling.get(name)
+                if key is None:
+                    key = _spell(name)
+                if key in raw:
+                    raw[key].append(value)
+                else:
+                    raw[key] = [value]
+        if self.decision.cookie is not None:
+            out.addRawHeader(b"Set-Cookie", self.decision.cookie)
+        request.registerProducer(self, True)
+        # The client's writes try the socket at once (the core's, as the mail relay's): the
+        # head and the body pieces go out without a reactor turn each.
+        transport = self.transport = request.channel.transport
+        writeThrough(transport)
+
+    def responseData(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        self.active = self.clock.seconds()
+        request = self.request
+        if request.startedWriting and not request.chunked:
+            # The head is out and the body needs no framing: to the client's transport.
+            request.sentLength += len(data)
+            self.transport.write(data)
+            return
+        request.write(data)
+
+    def responseEnded(self, complete: bool) -> None:
+        if self.held is not None:
+            self.ended = complete
+            return
+        self._stopTimer()
+        self.exchange = None
+        request = self.request
+        if request._gone:
+            return
+        request.unregisterProducer()
+        if complete:
+            request.finish()
+        else:
+            # A body cut short must not look complete: close the connection.
+            request.channel.transport.loseConnection()
+
+    # -- the client's producer (IPushProducer) ----------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.pauseResponse()
+
+    def resumeProducing(self) -> None:
+        # The client took more: progress, for the silence timer.
+        self.active = self.clock.seconds()
+        if self.exchange is not None:
+            self.exchange.resumeResponse()
+
+    def stopProducing(self) -> None:
+        self.clientGone()
+
+    def clientGone(self) -> None:
+        """
+        The client went: the backend exchange is given up.
+        """
+        self._stopTimer()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.cancel()
+
+
+__all__ = ["Relay"]
