@@ -93,6 +93,9 @@ host = "127.0.0.1"
 [backends.web.http]
 port = {backend}
 
+[imap]
+enabled = false
+
 [http]
 enabled = true
 plain_http = "serve"
