@@ -402,32 +402,65 @@ class Router:
         self._own.clear()
         self._warned.clear()
 
-    @defer.inlineCallbacks
-    def locate(self, user, protocol, ttl: int | None = None):
+    def locate(self, user, protocol, ttl: int | None = None) -> defer.Deferred:
         """
         @param protocol: the L{casd.interfaces.ICASProtocol}.
         @param ttl: the proxy TTL a trusted client sent (IMAP ID C{x-proxy-ttl}), else C{None}.
         @return: a L{Deferred} firing with a L{Route}, or failing with L{BackendUnavailable}
-            (L{Redirected} when the user's site redirects).
+            (L{Redirected} when the user's site redirects).  When every locator answers at
+            once (a map, a hash, the directory attribute already read) it has fired already:
+            no generator and no chain of L{Deferred}s.
         """
-        config = self.config
-        outgoing = self.outgoingTTL(ttl)
-        route = None
-        local = config.server.site if config is not None else ""
-        if not (local and user.site and user.site != local):
-            # A user the directory places in another site is that site's business: its own
-            # locators (and servers this node may not even know) decide there.
-            for locator in self.locators:
-                route = yield locator.locate(user, protocol)
+        try:
+            outgoing = self.outgoingTTL(ttl)
+            config = self.config
+            local = config.server.site if config is not None else ""
+            if local and user.site and user.site != local:
+                # A user the directory places in another site is that site's business: its own
+                # locators (and servers this node may not even know) decide there.
+                return defer.succeed(self._finish(user, protocol, None, outgoing))
+            locators = self.locators
+            for index, locator in enumerate(locators):
+                route = locator.locate(user, protocol)
+                if isinstance(route, defer.Deferred):
+                    return route.addCallback(
+                        self._answered, locators, index, user, protocol, outgoing
+                    )
                 if route is not None:
                     break
-        if config is None:
+            else:
+                route = None
+            return defer.succeed(self._finish(user, protocol, route, outgoing))
+        except Exception:
+            return defer.fail()
+
+    def _answered(self, route, locators, index, user, protocol, outgoing):
+        """
+        The rest of L{locate} once C{locators[index]} answered later, with C{route}.
+        """
+        if route is None:
+            for later in range(index + 1, len(locators)):
+                route = locators[later].locate(user, protocol)
+                if isinstance(route, defer.Deferred):
+                    return route.addCallback(
+                        self._answered, locators, later, user, protocol, outgoing
+                    )
+                if route is not None:
+                    break
+        return self._finish(user, protocol, route, outgoing)
+
+    def _finish(self, user, protocol, route, outgoing: int):
+        """
+        The site policy, the self check and the proxy TTL, applied to what the locators said.
+        """
+        if self.config is None:
             if route is None:
                 raise BackendUnavailable(f"no route for {user.login!r}")
             return route
         route = self._applySite(user, protocol, route)
         route = self._notSelf(user, route, protocol)
-        return attr.evolve(route, proxyTTL=outgoing)
+        # Built directly: cheaper than attr.evolve, which inspects the class's fields each time.
+        return Route(route.targets, route.reason, route.group, route.site, route.kind, outgoing)
 
     def outgoingTTL(self, incoming: int | None) -> int:
         """
