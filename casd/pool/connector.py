@@ -27,6 +27,7 @@ from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
 from casd.net import addressFamily, clientEndpoint
 from casd.pool.health import Member, isLocalExhaustion
+from casd.pool.tcpclient import connectBackend
 from casd.session.dialogue import BackendTimeout
 
 
@@ -320,9 +321,10 @@ class _Attempt(ClientFactory):
         timeout = self.connectTimeout
         # Enforced here, so the bound holds whatever the endpoint (and on a test clock).
         self.timer = clock.callLater(timeout, self._timedOut)
-        if target.tls != "implicit" and addressFamily(target.host):
+        version = addressFamily(target.host)
+        if version and target.tls != "implicit":
             # No endpoint, no wrapping protocol, no connector timer beside ours.
-            self.connector = clock.connectTCP(target.host, target.port, self, timeout=None)
+            self.connector = connectBackend(clock, target.host, target.port, self, version)
         else:
             self.connecting = pool.endpointFor(target, timeout).connect(self)
             self.connecting.addErrback(self._endpointFailed)
