@@ -1,0 +1,105 @@
+"""
+L{casd.routing.router.Router.locate} without a generator: fired at once when every locator
+answers at once, and the same chain when one answers later.
+"""
+
+from zope.interface import implementer
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from casd.auth import UserRecord
+from casd.failures import BackendUnavailable
+from casd.interfaces import ILocator
+from casd.routing.router import Route, Router, defaultRouter
+from protocols.imap import imap
+from tests.test_router import RoutingTestMixin
+
+
+@implementer(ILocator)
+class Later:
+    """
+    A locator that answers when the test says so.
+    """
+
+    def __init__(self, name, asked):
+        self.name, self.asked = name, asked
+        self.pending = []
+
+    def locate(self, user, protocol):
+        self.asked.append(self.name)
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+@implementer(ILocator)
+class Now:
+    def __init__(self, name, asked, answer):
+        self.name, self.asked, self.answer = name, asked, answer
+
+    def locate(self, user, protocol):
+        self.asked.append(self.name)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class SynchronousAnswerTests(RoutingTestMixin, SynchronousTestCase):
+    def test_firedAtOnce(self):
+        """
+        A map, hash or default route is at hand: the L{Deferred} has fired when C{locate}
+        returns, with the proxy TTL passed on.
+        """
+        router = defaultRouter(self.config())
+        d = router.locate(UserRecord(login="alice"), imap, ttl=3)
+        self.assertTrue(d.called)
+        route = self.successResultOf(d)
+        self.assertEqual(route.group, "dag")
+        self.assertEqual(route.proxyTTL, 2)
+
+    def test_failureIsADeferred(self):
+        """
+        A locator's exception, expected or not, is a failed L{Deferred}, never raised.
+        """
+        asked = []
+        d = Router([Now("a", asked, ValueError("bug"))]).locate(UserRecord(login="x"), imap)
+        self.failureResultOf(d, ValueError)
+        d = Router([Now("a", asked, None)]).locate(UserRecord(login="x"), imap)
+        self.failureResultOf(d, BackendUnavailable)
+        router = defaultRouter(self.config())
+        self.failureResultOf(router.locate(UserRecord(login="x"), imap, ttl=1), BackendUnavailable)
+
+
+class LaterAnswerTests(SynchronousTestCase):
+    def test_laterNoneAsksTheRest(self):
+        asked = []
+        route = Route((), "found")
+        first, second = Later("a", asked), Later("b", asked)
+        router = Router([first, second, Now("c", asked, route), Now("d", asked, None)])
+        d = router.locate(UserRecord(login="x"), imap)
+        self.assertNoResult(d)
+        self.assertEqual(asked, ["a"])
+        first.pending[0].callback(None)
+        self.assertNoResult(d)
+        self.assertEqual(asked, ["a", "b"])
+        second.pending[0].callback(None)
+        self.assertIs(self.successResultOf(d), route)
+        self.assertEqual(asked, ["a", "b", "c"])
+
+    def test_laterRouteStops(self):
+        asked = []
+        route = Route((), "found")
+        first = Later("a", asked)
+        d = Router([first, Now("b", asked, None)]).locate(UserRecord(login="x"), imap)
+        first.pending[0].callback(route)
+        self.assertIs(self.successResultOf(d), route)
+        self.assertEqual(asked, ["a"])
+
+    def test_laterFailureStops(self):
+        asked = []
+        first = Later("a", asked)
+        d = Router([first, Now("b", asked, Route((), "no"))]).locate(UserRecord(login="x"), imap)
+        first.pending[0].errback(BackendUnavailable("down"))
+        self.failureResultOf(d, BackendUnavailable)
+        self.assertEqual(asked, ["a"])
