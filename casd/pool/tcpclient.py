@@ -12,6 +12,9 @@ waits for writability alone, asks C{SO_ERROR} once, switches to reading (three C
 one C{connect}, one C{getsockopt}) and closes without C{shutdown} (the socket is close-on-exec:
 no other process holds it, as Twisted's own comment on C{shutdown} says).
 
+Its connector (L{LeanConnector}) is the least the transport and the pool use: no state machine,
+no factory start and stop, no timer (the pool bounds each attempt with a timer of its own).
+
 It relies on L{twisted.internet.tcp.Client}'s internals: L{twistedMatches} checks their source
 against the Twisted version this was written for, and L{connectBackend} falls back to
 C{connectTCP} when they differ (a test fails loudly then).
@@ -26,12 +29,13 @@ from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
 
 from twisted.internet import error, tcp
+from twisted.internet.address import IPv4Address
 from twisted.internet.posixbase import PosixReactorBase
 
 from casd.session.relay import _writeNow
 
 #: SHA-256 of the sources L{LeanClient} stands in for, in Twisted 26.10.0.
-TWISTED_SHA256 = "124174246cbcaa07ecf3e186cf0553c10991f062a7478b2779929d24889f7d0b"
+TWISTED_SHA256 = "b48d980f2f3cb0e04771ff0b2191b7c5b3c1a59626a9997b2f8a82e6e14c08b4"
 
 
 def _pinnedSource() -> str:
@@ -43,7 +47,6 @@ def _pinnedSource() -> str:
         tcp.BaseClient.doConnect,
         tcp.BaseClient._connectDone,
         tcp._SocketCloser._closeSocket,
-        tcp.Connector._makeTransport,
     )
     return "".join(inspect.getsource(p) for p in parts)
 
@@ -59,13 +62,8 @@ def twistedMatches() -> bool:
     return hashlib.sha256(source.encode("utf-8")).hexdigest() == TWISTED_SHA256
 
 
-_MATCHES: list[bool] = []
-
-
-def _leanAvailable() -> bool:
-    if not _MATCHES:
-        _MATCHES.append(twistedMatches())
-    return _MATCHES[0]
+#: Whether L{LeanClient} is used: L{twistedMatches}, asked on the first connect.
+_LEAN = None
 
 
 class LeanClient(tcp.Client):
@@ -131,9 +129,58 @@ class LeanClient(tcp.Client):
         super().connectionLost(reason)
 
 
-class _LeanConnector(tcp.Connector):
-    def _makeTransport(self):
-        return LeanClient(self.host, self.port, self, self.reactor)
+class LeanConnector:
+    """
+    The part of L{twisted.internet.interfaces.IConnector} that a L{LeanClient} and the pool
+    use, for one attempt: no state machine, no factory start and stop, no timer (the pool
+    bounds the attempt).
+
+    @ivar transport: the L{LeanClient}.
+    """
+
+    def __init__(self, host: str, port: int, factory) -> None:
+        self.host = host
+        self.port = port
+        self.factory = factory
+        self.transport = None
+
+    def connect(self, reactor) -> None:
+        self.transport = LeanClient(self.host, self.port, self, reactor)
+
+    # -- what the transport calls -----------------------------------------------------------
+
+    def buildProtocol(self, addr):
+        return self.factory.buildProtocol(addr)
+
+    def connectionFailed(self, reason) -> None:
+        self.transport = None
+        self.factory.clientConnectionFailed(self, reason)
+
+    def connectionLost(self, reason) -> None:
+        self.factory.clientConnectionLost(self, reason)
+
+    # -- IConnector -------------------------------------------------------------------------
+
+    def stopConnecting(self) -> None:
+        """
+        Give up the connection attempt: the factory hears C{UserError} at once.
+        """
+        transport = self.transport
+        if transport is None or transport.connected:
+            raise error.NotConnectingError("not connecting")
+        transport.failIfNotConnected(error.UserError())
+
+    def disconnect(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.connected:
+            transport.loseConnection()
+        elif not transport.disconnected:
+            transport.failIfNotConnected(error.UserError())
+
+    def getDestination(self) -> IPv4Address:
+        return IPv4Address("TCP", self.host, self.port)
 
 
 def connectBackend(reactor, host: str, port: int, factory, version: int):
@@ -143,8 +190,11 @@ def connectBackend(reactor, host: str, port: int, factory, version: int):
 
     @return: the L{twisted.internet.interfaces.IConnector}.
     """
-    if version == 4 and isinstance(reactor, PosixReactorBase) and _leanAvailable():
-        connector = _LeanConnector(host, port, factory, None, None, reactor)
-        connector.connect()
+    global _LEAN
+    if _LEAN is None:
+        _LEAN = twistedMatches()
+    if version == 4 and _LEAN and isinstance(reactor, PosixReactorBase):
+        connector = LeanConnector(host, port, factory)
+        connector.connect(reactor)
         return connector
     return reactor.connectTCP(host, port, factory, timeout=None)

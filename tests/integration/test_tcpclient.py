@@ -7,6 +7,7 @@ shortages as Twisted's client does, and closes with a FIN the peer sees.
 import errno
 
 from twisted.internet import defer, error, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial.unittest import TestCase
 
@@ -76,7 +77,9 @@ class LeanClientTests(TestCase):
     def test_bytesBothWays(self):
         port, server = self.listen()
         connector, factory = self.connect(port)
+        self.assertIsInstance(connector, tcpclient.LeanConnector)
         self.assertIsInstance(connector.transport, tcpclient.LeanClient)
+        self.assertEqual((connector.getDestination().host, connector.getDestination().port), ("127.0.0.1", port))
         client = yield factory.made
         transport = client.transport
         # Connected: reading, and no longer waiting to write.
@@ -121,5 +124,21 @@ class LeanClientTests(TestCase):
         port, server = self.listen()
         connector, factory = self.connect(port)  # under way until the next reactor iteration
         connector.stopConnecting()
+        self.assertTrue(factory.failed.called)  # at once
         reason = yield factory.failed
         self.assertIsInstance(reason, error.UserError)
+        self.assertRaises(error.NotConnectingError, connector.stopConnecting)
+
+    @defer.inlineCallbacks
+    def test_lostReachesFactory(self):
+        port, server = self.listen()
+        connector, factory = self.connect(port)
+        lost = []
+        factory.clientConnectionLost = lambda c, reason: lost.append((c, reason.value))
+        client = yield factory.made
+        connector.disconnect()
+        yield server.lost
+        while not lost:
+            yield deferLater(reactor, 0.01)
+        self.assertIs(lost[0][0], connector)
+        self.assertIsInstance(lost[0][1], error.ConnectionDone)
