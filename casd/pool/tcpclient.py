@@ -7,7 +7,8 @@ Twisted's L{twisted.internet.tcp.Client} connects on the reactor's next iteratio
 a L{Deferred} for the address it needs no resolution for), registers for reading and writing
 while connecting, then on success asks C{SO_ERROR}, calls C{connect} a second time, unregisters
 both directions and registers for reading again (five C{epoll_ctl}, two C{connect}, two
-C{getsockopt}), and calls C{shutdown} before C{close}.  L{LeanClient} connects at once,
+C{getsockopt}), and calls C{shutdown} before C{close}.  L{LeanClient} makes its socket
+non-blocking in C{socket()} (no C{ioctl}), connects at once,
 waits for writability alone, asks C{SO_ERROR} once, switches to reading (three C{epoll_ctl},
 one C{connect}, one C{getsockopt}) and closes without C{shutdown} (the socket is close-on-exec:
 no other process holds it, as Twisted's own comment on C{shutdown} says).
@@ -100,6 +101,12 @@ class LeanClient(tcp.Client):
             reactor.callLater(
                 0, self.failIfNotConnected, error.getConnectError((result, strerror(result)))
             )
+
+    def createInternetSocket(self):
+        """
+        A non-blocking socket made so by C{socket()} itself: no C{ioctl} after it.
+        """
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 
     def _connecting(self):
         """

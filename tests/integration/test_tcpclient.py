@@ -5,6 +5,7 @@ shortages as Twisted's client does, and closes with a FIN the peer sees.
 """
 
 import errno
+import socket
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.task import deferLater
@@ -142,3 +143,10 @@ class LeanClientTests(TestCase):
             yield deferLater(reactor, 0.01)
         self.assertIs(lost[0][0], connector)
         self.assertIsInstance(lost[0][1], error.ConnectionDone)
+
+    def test_socketNonBlocking(self):
+        skt = tcpclient.LeanClient.createInternetSocket(None)
+        self.addCleanup(skt.close)
+        self.assertEqual(skt.gettimeout(), 0.0)
+        self.assertFalse(skt.get_inheritable())
+        self.assertEqual(skt.type, socket.SOCK_STREAM)
