@@ -103,3 +103,45 @@ class LaterAnswerTests(SynchronousTestCase):
         first.pending[0].errback(BackendUnavailable("down"))
         self.failureResultOf(d, BackendUnavailable)
         self.assertEqual(asked, ["a"])
+
+
+class KeptRouteTests(RoutingTestMixin, SynchronousTestCase):
+    def test_sameRouteForEveryone(self):
+        """
+        A route to a server or a group in preference order is built and checked once.
+        """
+        router = defaultRouter(self.config())
+        a = self.successResultOf(router.locate(UserRecord(login="alice"), imap))
+        b = self.successResultOf(router.locate(UserRecord(login="ALICE"), imap))
+        self.assertIs(a, b)
+        self.assertEqual(a.group, "dag")
+        # Another TTL, another route.
+        c = self.successResultOf(router.locate(UserRecord(login="alice"), imap, ttl=3))
+        self.assertEqual((c.proxyTTL, c.targets), (2, a.targets))
+
+    def test_hashedGroupsPerUser(self):
+        router = defaultRouter(self.config())
+        orders = {
+            tuple(t.server for t in self.locate(router, UserRecord(login=f"user{i}", mailHost="pool")).targets)
+            for i in range(20)
+        }
+        self.assertGreater(len(orders), 1)
+
+    def test_siteOfTheUserStillApplies(self):
+        """
+        A user the directory places in another site gets that site's treatment, whatever
+        route others got before.
+        """
+        router = defaultRouter(self.config())
+        self.locate(router, UserRecord(login="x", mailHost="m1"))
+        route = self.locate(router, UserRecord(login="x", mailHost="m1", site="west"))
+        self.assertEqual(route.kind, "cas")
+        self.refused(router, UserRecord(login="x", mailHost="m1", site="north"))
+
+    def test_reloadForgets(self):
+        router = defaultRouter(self.config())
+        self.assertEqual(self.locate(router, UserRecord(login="zed@nowhere")).group, "pool")
+        router.reconfigure(self.config(**{'hash_group = "pool"': ""}))
+        self.assertEqual(self.locate(router, UserRecord(login="zed@nowhere")).group, "solo")
+        router.reconfigure(self.config(**{'hash_group = "pool"': "", 'default_backend = "solo"': 'default_backend = "dag"'}))
+        self.assertEqual(self.locate(router, UserRecord(login="zed@nowhere")).group, "dag")

@@ -212,36 +212,57 @@ def _servesNone(what: str, protocol, reason: str) -> BackendUnavailable:
 
 # -- locators ------------------------------------------------------------------------------
 
+#: How many routes a locator keeps at hand (beyond it, routes are built for each session).
+ROUTE_CACHE_SIZE = 4096
 
-@implementer(ILocator)
-class MailHostLocator:
+
+class _RouteCache:
     """
-    The directory's mailbox attribute: a configured C{[groups.NAME]} or C{[backends.NAME]}, or
-    else a host name reached with the protocol's default port and TLS mode.
+    The routes a locator hands out, kept per configured name, protocol and reason: a route to
+    a server or to a group in preference order is the same for every user (and immutable), so
+    it is built once per configuration (a locator is rebuilt on each reload).  Groups balanced
+    by hashing are ordered per user: never kept.
     """
 
     def __init__(self, config: CASConfig) -> None:
         self.config = config
+        self._routes: dict = {}
+
+    def _routeTo(self, name: str, user, protocol, reason: str) -> Route:
+        key = (name, protocol.name, reason)
+        route = self._routes.get(key)
+        if route is None:
+            route = routeTo(self.config, name, user, protocol, reason)
+            group = self.config.groups.get(name)
+            if (group is None or group.balance != "hash") and len(self._routes) < ROUTE_CACHE_SIZE:
+                self._routes[key] = route
+        return route
+
+
+
+@implementer(ILocator)
+class MailHostLocator(_RouteCache):
+    """
+    The directory's mailbox attribute: a configured C{[groups.NAME]} or C{[backends.NAME]}, or
+    else a host name reached with the protocol's default port and TLS mode.
+    """
 
     def locate(self, user, protocol):
         name = user.mailHost
         if not name:
             return None
         if name in self.config.groups or name in self.config.backends:
-            return routeTo(self.config, name, user, protocol, "mailhost attribute")
+            return self._routeTo(name, user, protocol, "mailhost attribute")
         server = BackendServer(name, name, name)
         return Route((targetFor(server, protocol),), f"mailhost attribute: host {name}", name)
 
 
 @implementer(ILocator)
-class StaticMapLocator:
+class StaticMapLocator(_RouteCache):
     """
     The static map file (C{[routing] map_file}): the user's login, then their address, then
     the domain of either, mapped to a server or group.
     """
-
-    def __init__(self, config: CASConfig) -> None:
-        self.config = config
 
     def keysFor(self, user) -> list[str]:
         names = [user.login.lower()]
@@ -259,7 +280,7 @@ class StaticMapLocator:
         for key in self.keysFor(user):
             name = self.config.routeMap.get(key)
             if name is not None:
-                return routeTo(self.config, name, user, protocol, f"map file entry {key!r}")
+                return self._routeTo(name, user, protocol, f"map file entry {key!r}")
         return None
 
 
@@ -281,19 +302,16 @@ class HashLocator:
 
 
 @implementer(ILocator)
-class DefaultBackendLocator:
+class DefaultBackendLocator(_RouteCache):
     """
     The configured default server or group, for users nothing else placed.
     """
-
-    def __init__(self, config: CASConfig) -> None:
-        self.config = config
 
     def locate(self, user, protocol):
         name = self.config.routing.default_backend
         if not name:
             return None
-        return routeTo(self.config, name, user, protocol, "default backend")
+        return self._routeTo(name, user, protocol, "default backend")
 
 
 LOCATORS = {
@@ -391,6 +409,7 @@ class Router:
         self._localHosts: dict[str, bool] = {}
         self._own: dict[str, list] = {}
         self._warned: set = set()
+        self._finished: dict = {}
 
     def reconfigure(self, config: CASConfig) -> None:
         """
@@ -401,6 +420,7 @@ class Router:
         self.config = config
         self._own.clear()
         self._warned.clear()
+        self._finished.clear()
 
     def locate(self, user, protocol, ttl: int | None = None) -> defer.Deferred:
         """
@@ -457,6 +477,22 @@ class Router:
             if route is None:
                 raise BackendUnavailable(f"no route for {user.login!r}")
             return route
+        if user.site or route is None:
+            return self._checked(user, protocol, route, outgoing)
+        # The same route (a locator's, kept at hand) comes out the same for every user the
+        # directory places in no site: checked once.  The entry holds the route, so its id is
+        # not reused while the entry lives.
+        key = (id(route), protocol.name, outgoing)
+        entry = self._finished.get(key)
+        if entry is not None and entry[0] is route:
+            return entry[1]
+        checked = self._checked(user, protocol, route, outgoing)
+        if len(self._finished) >= ROUTE_CACHE_SIZE:
+            self._finished.clear()
+        self._finished[key] = (route, checked)
+        return checked
+
+    def _checked(self, user, protocol, route, outgoing: int):
         route = self._applySite(user, protocol, route)
         route = self._notSelf(user, route, protocol)
         # Built directly: cheaper than attr.evolve, which inspects the class's fields each time.
