@@ -45,3 +45,17 @@ class ValuesTests(SynchronousTestCase):
         self.assertEqual(copy.deepcopy(values), values)
         self.assertEqual(pickle.loads(pickle.dumps(values)).b, [2])
         self.assertEqual(repr(Values({"a": 1})), "Values({'a': 1})")
+
+
+class ProtocolSectionTests(SynchronousTestCase):
+    def test_valuesAsAttributes(self):
+        from casd.config import ProtocolSection
+
+        section = ProtocolSection("imap", True, (), Values({"idle_timeout": 60.0, "enabled": False}))
+        self.assertEqual(section.idle_timeout, 60.0)
+        self.assertEqual(vars(section)["idle_timeout"], 60.0)  # a plain attribute
+        self.assertIs(section.enabled, True)  # the field, not the value of the same name
+        self.assertRaises(AttributeError, getattr, section, "nothing")
+        self.assertEqual(getattr(section, "max_sessions_per_user", 0), 0)
+        self.assertRaises(attr.exceptions.FrozenInstanceError, setattr, section, "idle_timeout", 1)
+        self.assertEqual(section, ProtocolSection("imap", True, (), Values({"idle_timeout": 60.0, "enabled": False})))
