@@ -21,6 +21,7 @@ from typing import Callable
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from casd.config import HEALTH_SETTINGS, Values
@@ -260,20 +261,6 @@ class BackendConnector:
             )
         return _Failover(self, route, makeDialogue, candidates).start()
 
-    def _attempt(self, route, target, member, makeDialogue, remaining: float, passive=True):
-        """
-        One try of one member.
-
-        @param passive: whether a failure counts against the member's health; a session's
-            retries of a member count once, with its first try.
-        @return: a L{Deferred} firing with the logged-in dialogue, or failing with
-            L{_Refused} when the member refused the connection or closed it before anything
-            was said or sent, or another L{CASFailure}.
-        """
-        attempt = _Attempt(self, route, target, member, makeDialogue, remaining, passive)
-        attempt.start()
-        return attempt.done
-
     def _loggedIn(self, dialogue, member):
         member.connectSucceeded()
         self._sessionCounter += 1
@@ -289,18 +276,28 @@ class _Attempt(ClientFactory):
     One try of one member: the connection (bounded by the connect timeout, on any clock) and
     the backend dialogue's login.
 
-    An IP address without implicit TLS is connected to with C{connectTCP} itself (this factory
-    is the connection's); a name or implicit TLS goes through L{BackendConnector.endpointFor}.
+    An IP address without implicit TLS is connected to directly (L{connectBackend}: this
+    factory is the connection's); a name or implicit TLS goes through
+    L{BackendConnector.endpointFor}.
 
-    @ivar done: fires with the logged-in dialogue, or fails (see L{BackendConnector._attempt}).
+    Its outcome goes to C{succeeded(dialogue)} or C{failed(failure, target, member)}, once, with
+    no L{Deferred} between: the failure is L{_Refused} when the member refused the connection
+    or closed it before anything was said or sent, else another L{CASFailure} (or an
+    unexpected error).
+
+    @ivar passive: whether a failure counts against the member's health; a session's retries
+        of a member count once, with its first try.
     """
 
     noisy = False
     connector = None
     connecting = None
     dialogue = None
+    finished = False
 
-    def __init__(self, pool, route, target, member, makeDialogue, remaining, passive) -> None:
+    def __init__(
+        self, pool, route, target, member, makeDialogue, remaining, passive, succeeded, failed
+    ) -> None:
         self.pool = pool
         self.route = route
         self.target = target
@@ -313,7 +310,8 @@ class _Attempt(ClientFactory):
             target
         )
         self.connectTimeout = min(connectTimeout, remaining)
-        self.done = defer.Deferred(self._cancel)
+        self.succeeded = succeeded
+        self.failed = failed
 
     def start(self) -> None:
         pool, target = self.pool, self.target
@@ -337,7 +335,14 @@ class _Attempt(ClientFactory):
         elif self.connecting is not None:
             self.connecting.cancel()
 
-    def _cancel(self, done) -> None:
+    def cancel(self) -> None:
+        """
+        Abandon this try: its connection attempt stopped, or its connection closed; its outcome
+        is never reported.
+        """
+        if self.finished:
+            return
+        self.finished = True
         if self.timer.active():
             self.timer.cancel()
         self.timer = _FIRED
@@ -353,7 +358,7 @@ class _Attempt(ClientFactory):
     def buildProtocol(self, addr):
         if self.timer.active():
             self.timer.cancel()
-        if self.done.called:  # cancelled meanwhile
+        if self.finished:  # cancelled meanwhile
             return None
         dialogue = self.dialogue = self.makeDialogue(self.target)
         dialogue.tlsTimeout = self.tlsTimeout
@@ -381,7 +386,7 @@ class _Attempt(ClientFactory):
         timedOut = not self.timer.active()
         if not timedOut:
             self.timer.cancel()
-        if self.done.called:
+        if self.finished:
             return
         target = self.target
         reason = "timed out" if timedOut else (str(e) or type(e).__name__)
@@ -401,14 +406,15 @@ class _Attempt(ClientFactory):
         self._fail(kind(f"connect to {target.describe()} failed: {reason}"))
 
     def _loggedIn(self, dialogue) -> None:
-        if self.done.called:  # cancelled meanwhile
+        if self.finished:  # cancelled meanwhile
             if dialogue.transport is not None:
                 dialogue.transport.loseConnection()
             return
-        self.done.callback(self.pool._loggedIn(dialogue, self.member))
+        self.finished = True
+        self.succeeded(self.pool._loggedIn(dialogue, self.member))
 
     def _loginFailed(self, failure) -> None:
-        if self.done.called:
+        if self.finished:
             return
         e = failure.value
         if isinstance(e, CASFailure):
@@ -426,8 +432,9 @@ class _Attempt(ClientFactory):
         self._fail(failure)
 
     def _fail(self, reason) -> None:
-        if not self.done.called:
-            self.done.errback(reason)
+        if not self.finished:
+            self.finished = True
+            self.failed(reason if isinstance(reason, Failure) else Failure(reason), self.target, self.member)
 
 
 class _Fired:
@@ -479,12 +486,18 @@ class _Failover:
         if current is not None:
             current.cancel()
 
-    def _watch(self, attempt, onFailure, target, member) -> None:
-        self.current = attempt
-        attempt.addCallbacks(self._succeeded, onFailure, errbackArgs=(target, member))
+    def _try(self, target, member, remaining: float, passive: bool, failed) -> None:
+        attempt = _Attempt(
+            self.pool, self.route, target, member, self.makeDialogue, remaining, passive,
+            self._succeeded, failed,
+        )
+        self.current = attempt  # before it starts: it may fail at once
+        attempt.start()
 
     def _succeeded(self, dialogue) -> None:
         self.current = None
+        if self.done.called:  # cancelled: the try closed what it had
+            return
         if self.retries:
             self.pool.log.info(
                 "backend {backend} took the session after {retries} retries",
@@ -517,8 +530,7 @@ class _Failover:
                 target, member = self.candidates[self.next]
                 self.next += 1
                 self.tries += 1
-                attempt = pool._attempt(self.route, target, member, self.makeDialogue, remaining)
-                self._watch(attempt, self._failed, target, member)
+                self._try(target, member, remaining, True, self._failed)
                 return
         self._startRetries()
 
@@ -564,10 +576,7 @@ class _Failover:
                 self.refused.remove((target, member))
                 continue
             self.retries += 1
-            attempt = pool._attempt(
-                self.route, target, member, self.makeDialogue, remaining, passive=False
-            )
-            self._watch(attempt, self._retryFailed, target, member)
+            self._try(target, member, remaining, False, self._retryFailed)
             return
         self._pauseOrGiveUp()
 
