@@ -86,8 +86,7 @@ class ListenerConfig:
 @frozen(slots=False)
 class ProtocolSection:
     """
-    The validated section of one protocol: common keys and the protocol's own, read as
-    attributes (e.g. C{section.idle_timeout}): plain ones, no Python call on a session's path.
+    The validated section of one protocol: common keys and the protocol's own, as attributes.
     """
 
     name: str
@@ -97,7 +96,7 @@ class ProtocolSection:
 
     def __attrs_post_init__(self) -> None:
         own = self.__dict__
-        for key, value in self.values.asDict().items():
+        for key, value in self.values.asDict().items():  # plain attributes: no call per read
             own.setdefault(key, value)  # the fields above keep their own
 
     def __getattr__(self, name: str) -> Any:
