@@ -11,6 +11,7 @@ from attrs import frozen
 from zope.interface import implementer
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -537,11 +538,14 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     def _route(self, user, credentials):
         context = self.context
         d = context.router.locate(user, self.descriptor, ttl=self.proxyTTL)
-        d.addCallback(
-            lambda route: context.connector.connect(
-                route, lambda target: self.makeDialogue(target, user, credentials)
+        if d.called and not isinstance(d.result, Failure):
+            d = context.connector.connect(d.result, lambda target: self.makeDialogue(target, user, credentials))
+        else:
+            d.addCallback(
+                lambda route: context.connector.connect(
+                    route, lambda target: self.makeDialogue(target, user, credentials)
+                )
             )
-        )
         d.addCallback(self._connected)
         return d
 
