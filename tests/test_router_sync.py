@@ -145,3 +145,54 @@ class KeptRouteTests(RoutingTestMixin, SynchronousTestCase):
         self.assertEqual(self.locate(router, UserRecord(login="zed@nowhere")).group, "solo")
         router.reconfigure(self.config(**{'hash_group = "pool"': "", 'default_backend = "solo"': 'default_backend = "dag"'}))
         self.assertEqual(self.locate(router, UserRecord(login="zed@nowhere")).group, "dag")
+
+
+class FrontendTests(RoutingTestMixin, SynchronousTestCase):
+    """
+    The frontend connects at once with a route at hand, and waits for one that comes later.
+    """
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from casd.testing import makeContext
+        from tests.test_router import CONFIG
+
+        self.reactor = MemoryReactorClock()
+        users = {"zed": ("pw", UserRecord(login="zed", mailHost="solo"))}
+        self.context = makeContext(self.reactor, users=users, config=CONFIG.replace('map_file = "MAP"', ""))
+
+    def login(self):
+        from casd.testing import connectFrontend
+
+        # The trusted listener: plaintext LOGIN allowed.
+        server, transport = connectFrontend(imap, self.context, 1, peer=("192.0.2.99", 4000))
+        server.dataReceived(b"a LOGIN zed pw\r\n")
+        return server, transport
+
+    def test_routeAtHandConnectsAtOnce(self):
+        self.login()
+        self.assertEqual([c[0] for c in self.reactor.tcpClients], ["192.0.2.1"])
+
+    def test_routeLaterConnectsThen(self):
+        from casd.testing import acceptBackend
+
+        asked = []
+        later = Later("directory", asked)
+        self.context.router.locators = (later,)
+        server, transport = self.login()
+        self.assertEqual(self.reactor.tcpClients, [])
+        route = self.successResultOf(
+            defaultRouter(self.context.config).locate(UserRecord(login="zed", mailHost="solo"), imap)
+        )
+        later.pending[0].callback(route)
+        self.assertEqual([c[0] for c in self.reactor.tcpClients], ["192.0.2.1"])
+        backend, bt = acceptBackend(self.reactor)
+        backend.dataReceived(b"* OK [CAPABILITY IMAP4rev1 SASL-IR] hi\r\n")
+        self.assertIn(b"ID (", bt.value())
+
+    def test_routeFailureRendered(self):
+        self.context.router.locators = (Now("x", [], BackendUnavailable("nowhere")),)
+        server, transport = self.login()
+        self.assertIn(b"a NO [UNAVAILABLE]", transport.value())
+        self.assertEqual(self.reactor.tcpClients, [])
