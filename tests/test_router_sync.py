@@ -196,3 +196,23 @@ class FrontendTests(RoutingTestMixin, SynchronousTestCase):
         server, transport = self.login()
         self.assertIn(b"a NO [UNAVAILABLE]", transport.value())
         self.assertEqual(self.reactor.tcpClients, [])
+
+
+class ChainTests(RoutingTestMixin, SynchronousTestCase):
+    def test_idleLocatorsLeftOut(self):
+        """
+        Without a map, a hash group or a default, those locators are not asked at all.
+        """
+        from casd.routing.router import DefaultBackendLocator, MailHostLocator, locatorsFor
+
+        config = self.config(
+            mapText="# empty\n", **{'hash_group = "pool"': "", 'default_backend = "solo"': ""}
+        )
+        self.assertEqual([type(l) for l in locatorsFor(config)], [MailHostLocator])
+        config = self.config(mapText="# empty\n", **{'hash_group = "pool"': ""})
+        self.assertEqual(
+            [type(l) for l in locatorsFor(config)], [MailHostLocator, DefaultBackendLocator]
+        )
+        router = defaultRouter(config)
+        self.assertEqual(self.locate(router, UserRecord(login="zed")).group, "solo")
+        self.assertEqual(self.locate(router, UserRecord(login="zed", mailHost="m2")).group, "m2")

@@ -276,6 +276,10 @@ class StaticMapLocator(_RouteCache):
                     names.append(domain)
         return names
 
+    @staticmethod
+    def answers(config: CASConfig) -> bool:
+        return bool(config.routeMap)
+
     def locate(self, user, protocol):
         for key in self.keysFor(user):
             name = self.config.routeMap.get(key)
@@ -294,6 +298,10 @@ class HashLocator:
     def __init__(self, config: CASConfig) -> None:
         self.config = config
 
+    @staticmethod
+    def answers(config: CASConfig) -> bool:
+        return bool(config.routing.hash_group)
+
     def locate(self, user, protocol):
         name = self.config.routing.hash_group
         if not name:
@@ -306,6 +314,10 @@ class DefaultBackendLocator(_RouteCache):
     """
     The configured default server or group, for users nothing else placed.
     """
+
+    @staticmethod
+    def answers(config: CASConfig) -> bool:
+        return bool(config.routing.default_backend)
 
     def locate(self, user, protocol):
         name = self.config.routing.default_backend
@@ -323,7 +335,12 @@ LOCATORS = {
 
 
 def locatorsFor(config: CASConfig) -> list:
-    return [LOCATORS[name](config) for name in config.routing.locators]
+    """
+    The chain C{[routing] locators} names, without the locators that cannot answer under
+    C{config} (no map, no hash group, no default): they would only say "not mine".
+    """
+    chain = [LOCATORS[name] for name in config.routing.locators]
+    return [kind(config) for kind in chain if getattr(kind, "answers", None) is None or kind.answers(config)]
 
 
 # -- this node's own addresses --------------------------------------------------------------
