@@ -29,14 +29,15 @@ import socket
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
 
-from twisted.internet import error, tcp
+from twisted.internet import abstract, error, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import Protocol
 
 from casd.session.relay import _writeNow
 
 #: SHA-256 of the sources L{LeanClient} stands in for, in Twisted 26.10.0.
-TWISTED_SHA256 = "b48d980f2f3cb0e04771ff0b2191b7c5b3c1a59626a9997b2f8a82e6e14c08b4"
+TWISTED_SHA256 = "13916e1f1a01ea5ce8bb1c2df7ca9347a64f8bce3b1db2b78891422c1ec7555e"
 
 
 def _pinnedSource() -> str:
@@ -47,6 +48,8 @@ def _pinnedSource() -> str:
         tcp._BaseBaseClient.connectionLost,
         tcp.BaseClient.doConnect,
         tcp.BaseClient._connectDone,
+        tcp.Connection.__init__,
+        tcp.Connection.logPrefix,
         tcp._SocketCloser._closeSocket,
     )
     return "".join(inspect.getsource(p) for p in parts)
@@ -87,7 +90,12 @@ class LeanClient(tcp.Client):
         except OSError as e:
             self._finishInit(None, None, error.ConnectBindError(e.args[0], e.args[1]), reactor)
             return
-        self._commonConnection.__init__(self, skt, None, reactor)
+        # tcp.Connection.__init__ without its setblocking(False) (one ioctl): the socket was
+        # made non-blocking.
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.protocol = None
         self.doWrite = self.doRead = self._connecting
         try:
             result = skt.connect_ex(self.realAddress)
@@ -122,8 +130,18 @@ class LeanClient(tcp.Client):
         del self.doRead
         self.startReading()  # one epoll_ctl MOD each: reading and writing, then reading
         self.stopWriting()
-        self._connectDone()
+        # tcp.BaseClient._connectDone, but the log prefix is made when it is asked for.
+        self.protocol = self.connector.buildProtocol(self.getPeer())
+        self.connected = 1
+        if self.protocol is None:
+            self.protocol = Protocol()
+            self.loseConnection()
+        else:
+            self.protocol.makeConnection(self)
         return None
+
+    def logPrefix(self) -> str:
+        return "%s,client" % self._getLogPrefix(self.protocol)
 
     def connectionLost(self, reason) -> None:
         if not self.connected and hasattr(self, "connector") and hasattr(self, "socket"):

@@ -86,6 +86,8 @@ class LeanClientTests(TestCase):
         # Connected: reading, and no longer waiting to write.
         self.assertIn(transport, reactor.getReaders())
         self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(transport.logPrefix(), "Client,client")
+        self.assertEqual(transport.socket.gettimeout(), 0.0)
         transport.write(b"ECHO\r\n")
         received = yield factory.echoed
         self.assertEqual(received, b"* HELLO\r\nECHO\r\n")
