@@ -538,14 +538,15 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     def _route(self, user, credentials):
         context = self.context
         d = context.router.locate(user, self.descriptor, ttl=self.proxyTTL)
+
+        def makeDialogue(target):
+            return self.makeDialogue(target, user, credentials)
+
         if d.called and not isinstance(d.result, Failure):
-            d = context.connector.connect(d.result, lambda target: self.makeDialogue(target, user, credentials))
+            # The route was at hand: to the pool at once, no callback returning a Deferred.
+            d = context.connector.connect(d.result, makeDialogue)
         else:
-            d.addCallback(
-                lambda route: context.connector.connect(
-                    route, lambda target: self.makeDialogue(target, user, credentials)
-                )
-            )
+            d.addCallback(context.connector.connect, makeDialogue)
         d.addCallback(self._connected)
         return d
 
