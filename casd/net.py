@@ -6,6 +6,7 @@ server (mailbox servers, LDAP servers).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from twisted.internet.endpoints import (
@@ -34,6 +35,20 @@ def parseAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     return ip
 
 
+@functools.lru_cache(maxsize=4096)
+def addressFamily(host: str) -> int:
+    """
+    Whether C{host} is an IP address literal, and of which version; parsed once per host (a
+    backend's address is looked at on every connect).
+
+    @return: 4 or 6, or 0 for a name.
+    """
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return 0
+
+
 def clientEndpoint(reactor, host: str, port: int, timeout: float, tlsOptions=None):
     """
     The client endpoint for C{host:port}: an IP address is connected to as it is, a name through
@@ -41,12 +56,11 @@ def clientEndpoint(reactor, host: str, port: int, timeout: float, tlsOptions=Non
 
     @param tlsOptions: when given, TLS from the first byte (implicit TLS) with these options.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    version = addressFamily(host)
+    if not version:
         endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     else:
-        kind = TCP4ClientEndpoint if ip.version == 4 else TCP6ClientEndpoint
+        kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
         endpoint = kind(reactor, host, port, timeout=timeout)
     if tlsOptions is not None:
         endpoint = wrapClientTLS(tlsOptions, endpoint)

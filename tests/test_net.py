@@ -53,3 +53,13 @@ class ClientEndpointTests(SynchronousTestCase):
         self.assertEqual((host, port), ("192.0.2.7", 993))
         # The connection's protocol is TLS from the first byte.
         self.assertIsInstance(factory.buildProtocol(None)._wrappedProtocol, TLSMemoryBIOProtocol)
+
+
+class AddressFamilyTests(SynchronousTestCase):
+    def test_families(self):
+        from casd.net import addressFamily
+
+        self.assertEqual(addressFamily("192.0.2.7"), 4)
+        self.assertEqual(addressFamily("2001:db8::1"), 6)
+        self.assertEqual(addressFamily("mail.example.com"), 0)
+        self.assertEqual(addressFamily("localhost"), 0)

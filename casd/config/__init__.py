@@ -83,16 +83,21 @@ class ListenerConfig:
         return self.endpoint.startswith("haproxy:")
 
 
-@frozen
+@frozen(slots=False)
 class ProtocolSection:
     """
-    The validated section of one protocol: common keys and the protocol's own.
+    The validated section of one protocol: common keys and the protocol's own, as attributes.
     """
 
     name: str
     enabled: bool
     listeners: tuple[ListenerConfig, ...]
     values: Values
+
+    def __attrs_post_init__(self) -> None:
+        own = self.__dict__
+        for key, value in self.values.asDict().items():  # plain attributes: no call per read
+            own.setdefault(key, value)  # the fields above keep their own
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):

@@ -62,18 +62,18 @@ class Setting:
 class Values:
     """
     A frozen bag of validated settings with attribute access, e.g. C{section.max_line_length}.
+
+    The values are the instance's attributes too, so that reading one on a session's path is a
+    plain attribute lookup rather than a Python call (C{__getattr__} only answers unknown names).
     """
 
-    __slots__ = ("_values",)
-
     def __init__(self, values: Mapping[str, Any]) -> None:
-        object.__setattr__(self, "_values", dict(values))
+        values = dict(values)
+        object.__setattr__(self, "_values", values)
+        self.__dict__.update(values)
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+        raise AttributeError(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise attr.exceptions.FrozenInstanceError()

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import defer, error, task
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import defer, error
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
-from casd.net import clientEndpoint
+from casd.net import addressFamily, clientEndpoint
 from casd.pool.health import Member, isLocalExhaustion
+from casd.pool.tcpclient import connectBackend
 from casd.session.dialogue import BackendTimeout
 
 
@@ -55,16 +57,6 @@ def _closedUntouched(dialogue) -> bool:
         and closed.check(error.ConnectionDone, error.ConnectionLost) is not None
         and closed.check(error.ConnectionAborted) is None
     )
-
-
-class _DialogueFactory(Factory):
-    noisy = False
-
-    def __init__(self, build: Callable[[], Protocol]) -> None:
-        self.build = build
-
-    def buildProtocol(self, addr):
-        return self.build()
 
 
 #: Exceptions of a connection attempt that never reached the backend.
@@ -236,23 +228,25 @@ class BackendConnector:
         tls = self.clientTLS.optionsFor(target.tlsName) if target.tls == "implicit" else None
         return clientEndpoint(self.reactor, target.host, target.port, timeout, tls)
 
-    @defer.inlineCallbacks
-    def connect(self, route, makeDialogue: Callable):
+    def connect(self, route, makeDialogue: Callable) -> defer.Deferred:
         """
         Open a logged-in backend session along C{route}.
+
+        Plain callbacks (no C{inlineCallbacks}): a login's path through the pool is a connect
+        and a dialogue, with no generator or intermediate L{Deferred} around them.
 
         @param makeDialogue: C{callable(target) -> BackendDialogue}.
         @return: a L{Deferred} firing with the logged-in L{BackendDialogue}, failing with
             L{AuthenticationFailed} when a backend refused the user's credentials, or with
             L{BackendUnavailable} when no member took the session: all DOWN or draining (at
-            once), or C{max_tries} tries or C{failover_timeout} seconds spent.
+            once), or C{max_tries} tries or C{failover_timeout} seconds spent.  Cancelling it
+            abandons the try under way (its connection closed) and tries no other member.
         """
-        clock = self.reactor
-        deadline = clock.seconds() + self.settings.failover_timeout
         candidates, skipped = [], []
+        draining = self.draining
         for target in route.targets:
             member = self.member(target)
-            if target.server in self.draining:
+            if target.server in draining:
                 skipped.append(f"{target.describe()} draining")
             elif not member.available():
                 skipped.append(f"{target.describe()} DOWN")
@@ -260,129 +254,345 @@ class BackendConnector:
                 candidates.append((target, member))
         if not candidates:
             what = route.group or "the route"
-            raise BackendUnavailable(
-                f"no member of {what} available: " + (", ".join(skipped) or "no members")
+            return defer.fail(
+                BackendUnavailable(
+                    f"no member of {what} available: " + (", ".join(skipped) or "no members")
+                )
             )
-        last, tries, refused = None, 0, []
-        for target, member in candidates:
-            remaining = deadline - clock.seconds()
-            if tries >= self.settings.max_tries or remaining <= 0:
-                break
-            tries += 1
-            try:
-                dialogue = yield self._attempt(route, target, member, makeDialogue, remaining)
-            except AuthenticationFailed:
-                raise
-            except _Refused as e:
-                last = e
-                refused.append((target, member))
-                self.log.warn("{reason}", reason=str(e))
-                continue
-            except BackendUnavailable as e:
-                last = e
-                self.log.warn("{reason}", reason=str(e))
-                continue
-            return dialogue
-        retries = 0
-        if refused:
-            retryUntil = min(deadline, clock.seconds() + self.settings.connect_retry_time)
-            delay = _RETRY_FIRST_DELAY
-            while refused and clock.seconds() + delay < retryUntil:
-                yield task.deferLater(clock, delay)
-                delay = min(2 * delay, _RETRY_MAX_DELAY)
-                for target, member in list(refused):
-                    remaining = deadline - clock.seconds()
-                    if remaining <= 0 or target.server in self.draining:
-                        refused.remove((target, member))
-                        continue
-                    retries += 1
-                    try:
-                        dialogue = yield self._attempt(
-                            route, target, member, makeDialogue, remaining, passive=False
-                        )
-                    except AuthenticationFailed:
-                        raise
-                    except _Refused as e:
-                        last = e
-                        continue
-                    except BackendUnavailable as e:
-                        last = e
-                        refused.remove((target, member))
-                        continue
-                    self.log.info(
-                        "backend {backend} took the session after {retries} retries",
-                        backend=target.describe(),
-                        retries=retries,
-                    )
-                    return dialogue
-        again = f", {retries} retries of members that refused" if retries else ""
-        raise BackendUnavailable(
-            f"{route.group or 'route'}: {tries} of {len(candidates)} available members tried{again}"
-            f" within the failover limits, last: {last or 'failover time spent'}"
-        )
+        return _Failover(self, route, makeDialogue, candidates).start()
 
-    @defer.inlineCallbacks
-    def _attempt(self, route, target, member, makeDialogue, remaining: float, passive=True):
-        """
-        One try of one member.
-
-        @param passive: whether a failure counts against the member's health; a session's
-            retries of a member count once, with its first try.
-        @raise _Refused: when the member refused the connection or closed it before anything
-            was said or sent.
-        """
-        clock = self.reactor
-        failed = member.connectFailed if passive else (lambda reason: None)
-        deadline = clock.seconds() + remaining
-        connectTimeout, tlsTimeout, bannerTimeout, replyTimeout = self.timeoutsFor(target)
-        connectTimeout = min(connectTimeout, remaining)
-
-        def build():
-            dialogue = makeDialogue(target)
-            dialogue.tlsTimeout = tlsTimeout
-            dialogue.bannerTimeout = bannerTimeout
-            dialogue.replyTimeout = replyTimeout
-            dialogue.proxyTTL = route.proxyTTL
-            # Each step's timer, never past the session's failover deadline.
-            dialogue.deadline = deadline
-            return dialogue
-
-        connecting = self.endpointFor(target, connectTimeout).connect(_DialogueFactory(build))
-        # Enforced here too, so the bound holds whatever the endpoint (and on a test clock).
-        timer = clock.callLater(connectTimeout, connecting.cancel)
-        try:
-            dialogue = yield connecting
-        except _CONNECT_ERRORS as e:
-            timedOut = not timer.active()
-            reason = "timed out" if timedOut else (str(e) or type(e).__name__)
-            if isLocalExhaustion(e):
-                # casd's own shortage says nothing of the member: it must not go DOWN for it.
-                raise BackendUnavailable(
-                    f"connect to {target.describe()} not attempted: casd is out of file"
-                    f" descriptors ({reason})"
-                ) from None
-            failed(f"connect {reason}")
-            refused = isinstance(e, error.ConnectionRefusedError) and not timedOut
-            kind = _Refused if refused else BackendUnavailable
-            raise kind(f"connect to {target.describe()} failed: {reason}") from None
-        finally:
-            if timer.active():
-                timer.cancel()
-        try:
-            yield dialogue.loggedIn
-        except CASFailure as e:
-            # Only a member that never spoke is unhealthy; a refusal after its greeting is
-            # about this user, not the member.
-            if dialogue.greeted:
-                member.connectSucceeded()
-            else:
-                failed(str(e))
-                if _closedUntouched(dialogue) and not isinstance(e, BackendTimeout):
-                    raise _Refused(str(e)) from None
-            raise
+    def _loggedIn(self, dialogue, member):
         member.connectSucceeded()
         self._sessionCounter += 1
         dialogue.sessionNumber = self._sessionCounter
-        member.sessions.add(dialogue)
-        dialogue.whenLost(lambda: member.sessions.discard(dialogue))
+        sessions = member.sessions
+        sessions.add(dialogue)
+        dialogue.whenLost(lambda: sessions.discard(dialogue))
         return dialogue
+
+
+class _Attempt(ClientFactory):
+    """
+    One try of one member: the connection (bounded by the connect timeout, on any clock) and
+    the backend dialogue's login.
+
+    An IP address without implicit TLS is connected to directly (L{connectBackend}: this
+    factory is the connection's); a name or implicit TLS goes through
+    L{BackendConnector.endpointFor}.
+
+    Its outcome goes to C{succeeded(dialogue)} or C{failed(failure, target, member)}, once, with
+    no L{Deferred} between: the failure is L{_Refused} when the member refused the connection
+    or closed it before anything was said or sent, else another L{CASFailure} (or an
+    unexpected error).
+
+    @ivar passive: whether a failure counts against the member's health; a session's retries
+        of a member count once, with its first try.
+    """
+
+    noisy = False
+    connector = None
+    connecting = None
+    dialogue = None
+    finished = False
+
+    def __init__(
+        self, pool, route, target, member, makeDialogue, remaining, passive, succeeded, failed
+    ) -> None:
+        self.pool = pool
+        self.route = route
+        self.target = target
+        self.member = member
+        self.makeDialogue = makeDialogue
+        self.passive = passive
+        clock = pool.reactor
+        self.deadline = clock.seconds() + remaining
+        connectTimeout, self.tlsTimeout, self.bannerTimeout, self.replyTimeout = pool.timeoutsFor(
+            target
+        )
+        self.connectTimeout = min(connectTimeout, remaining)
+        self.succeeded = succeeded
+        self.failed = failed
+
+    def start(self) -> None:
+        pool, target = self.pool, self.target
+        clock = pool.reactor
+        timeout = self.connectTimeout
+        # Enforced here, so the bound holds whatever the endpoint (and on a test clock).
+        self.timer = clock.callLater(timeout, self._timedOut)
+        version = addressFamily(target.host)
+        if version and target.tls != "implicit":
+            # No endpoint, no wrapping protocol, no connector timer beside ours.
+            self.connector = connectBackend(clock, target.host, target.port, self, version)
+        else:
+            self.connecting = pool.endpointFor(target, timeout).connect(self)
+            self.connecting.addErrback(self._endpointFailed)
+
+    def _timedOut(self) -> None:
+        if self.connector is not None:
+            self.connector.stopConnecting()  # a reactor's connector fails the attempt at once
+            if self.dialogue is None:
+                self._connectFailed(error.TimeoutError())
+        elif self.connecting is not None:
+            self.connecting.cancel()
+
+    def cancel(self) -> None:
+        """
+        Abandon this try: its connection attempt stopped, or its connection closed; its outcome
+        is never reported.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer.active():
+            self.timer.cancel()
+        self.timer = _FIRED
+        dialogue = self.dialogue
+        if dialogue is not None:
+            if dialogue.transport is not None:
+                dialogue.transport.abortConnection()
+        elif self.connector is not None:
+            self.connector.stopConnecting()
+        elif self.connecting is not None:
+            self.connecting.cancel()
+
+    def buildProtocol(self, addr):
+        if self.timer.active():
+            self.timer.cancel()
+        if self.finished:  # cancelled meanwhile
+            return None
+        dialogue = self.dialogue = self.makeDialogue(self.target)
+        dialogue.tlsTimeout = self.tlsTimeout
+        dialogue.bannerTimeout = self.bannerTimeout
+        dialogue.replyTimeout = self.replyTimeout
+        dialogue.proxyTTL = self.route.proxyTTL
+        # Each step's timer, never past the session's failover deadline.
+        dialogue.deadline = self.deadline
+        dialogue.loggedIn.addCallbacks(self._loggedIn, self._loginFailed)
+        return dialogue
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self._connectFailed(reason.value)
+
+    def clientConnectionLost(self, connector, reason) -> None:
+        pass
+
+    def _endpointFailed(self, failure) -> None:
+        if failure.check(*_CONNECT_ERRORS) is None:
+            self._fail(failure)
+        else:
+            self._connectFailed(failure.value)
+
+    def _connectFailed(self, e) -> None:
+        timedOut = not self.timer.active()
+        if not timedOut:
+            self.timer.cancel()
+        if self.finished:
+            return
+        target = self.target
+        reason = "timed out" if timedOut else (str(e) or type(e).__name__)
+        if isLocalExhaustion(e):
+            # casd's own shortage says nothing of the member: it must not go DOWN for it.
+            self._fail(
+                BackendUnavailable(
+                    f"connect to {target.describe()} not attempted: casd is out of file"
+                    f" descriptors ({reason})"
+                )
+            )
+            return
+        if self.passive:
+            self.member.connectFailed(f"connect {reason}")
+        refused = isinstance(e, error.ConnectionRefusedError) and not timedOut
+        kind = _Refused if refused else BackendUnavailable
+        self._fail(kind(f"connect to {target.describe()} failed: {reason}"))
+
+    def _loggedIn(self, dialogue) -> None:
+        if self.finished:  # cancelled meanwhile
+            if dialogue.transport is not None:
+                dialogue.transport.loseConnection()
+            return
+        self.finished = True
+        self.succeeded(self.pool._loggedIn(dialogue, self.member))
+
+    def _loginFailed(self, failure) -> None:
+        if self.finished:
+            return
+        e = failure.value
+        if isinstance(e, CASFailure):
+            dialogue = self.dialogue
+            # Only a member that never spoke is unhealthy; a refusal after its greeting is
+            # about this user, not the member.
+            if dialogue.greeted:
+                self.member.connectSucceeded()
+            else:
+                if self.passive:
+                    self.member.connectFailed(str(e))
+                if _closedUntouched(dialogue) and not isinstance(e, BackendTimeout):
+                    self._fail(_Refused(str(e)))
+                    return
+        self._fail(failure)
+
+    def _fail(self, reason) -> None:
+        if not self.finished:
+            self.finished = True
+            self.failed(reason if isinstance(reason, Failure) else Failure(reason), self.target, self.member)
+
+
+class _Fired:
+    """
+    A stand-in for a timer that has run.
+    """
+
+    @staticmethod
+    def active() -> bool:
+        return False
+
+
+_FIRED = _Fired()
+
+
+class _Failover:
+    """
+    One session's way along its route: each available member in turn, within C{max_tries}
+    and C{failover_timeout}; then, for C{connect_retry_time}, the members that refused, again,
+    with a doubling pause.
+
+    @ivar done: what L{BackendConnector.connect} returns.
+    """
+
+    def __init__(self, pool, route, makeDialogue, candidates) -> None:
+        self.pool = pool
+        self.route = route
+        self.makeDialogue = makeDialogue
+        self.candidates = candidates
+        clock = self.clock = pool.reactor
+        self.deadline = clock.seconds() + pool.settings.failover_timeout
+        self.last = None
+        self.tries = 0
+        self.next = 0
+        self.refused: list = []
+        self.retries = 0
+        self.current = None
+        self.pause = None
+        self.done = defer.Deferred(self._cancel)
+
+    def start(self) -> defer.Deferred:
+        self._tryNext()
+        return self.done
+
+    def _cancel(self, done) -> None:
+        if self.pause is not None and self.pause.active():
+            self.pause.cancel()
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+
+    def _try(self, target, member, remaining: float, passive: bool, failed) -> None:
+        attempt = _Attempt(
+            self.pool, self.route, target, member, self.makeDialogue, remaining, passive,
+            self._succeeded, failed,
+        )
+        self.current = attempt  # before it starts: it may fail at once
+        attempt.start()
+
+    def _succeeded(self, dialogue) -> None:
+        self.current = None
+        if self.done.called:  # cancelled: the try closed what it had
+            return
+        if self.retries:
+            self.pool.log.info(
+                "backend {backend} took the session after {retries} retries",
+                backend=dialogue.target.describe(),
+                retries=self.retries,
+            )
+        self.done.callback(dialogue)
+
+    def _stop(self, failure) -> bool:
+        """
+        Whether C{failure} ends the session here: the user's credentials were refused, or it is
+        not a member's unavailability.
+        """
+        self.current = None
+        if self.done.called:  # cancelled
+            return True
+        if failure.check(AuthenticationFailed) or not failure.check(BackendUnavailable):
+            self.done.errback(failure)
+            return True
+        self.last = failure.value
+        return False
+
+    # -- each available member once ---------------------------------------------------------
+
+    def _tryNext(self) -> None:
+        pool, clock = self.pool, self.clock
+        if self.next < len(self.candidates):
+            remaining = self.deadline - clock.seconds()
+            if self.tries < pool.settings.max_tries and remaining > 0:
+                target, member = self.candidates[self.next]
+                self.next += 1
+                self.tries += 1
+                self._try(target, member, remaining, True, self._failed)
+                return
+        self._startRetries()
+
+    def _failed(self, failure, target, member) -> None:
+        if self._stop(failure):
+            return
+        if failure.check(_Refused):
+            self.refused.append((target, member))
+        self.pool.log.warn("{reason}", reason=str(failure.value))
+        self._tryNext()
+
+    # -- the members that refused, again ----------------------------------------------------
+
+    def _startRetries(self) -> None:
+        if not self.refused:
+            self._giveUp()
+            return
+        clock = self.clock
+        self.retryUntil = min(
+            self.deadline, clock.seconds() + self.pool.settings.connect_retry_time
+        )
+        self.delay = _RETRY_FIRST_DELAY
+        self._pauseOrGiveUp()
+
+    def _pauseOrGiveUp(self) -> None:
+        if self.refused and self.clock.seconds() + self.delay < self.retryUntil:
+            self.pause = self.clock.callLater(self.delay, self._retryRound)
+            self.delay = min(2 * self.delay, _RETRY_MAX_DELAY)
+        else:
+            self._giveUp()
+
+    def _retryRound(self) -> None:
+        self.pause = None
+        self.queue = list(self.refused)
+        self._retryNext()
+
+    def _retryNext(self) -> None:
+        pool = self.pool
+        while self.queue:
+            target, member = self.queue.pop(0)
+            remaining = self.deadline - self.clock.seconds()
+            if remaining <= 0 or target.server in pool.draining:
+                self.refused.remove((target, member))
+                continue
+            self.retries += 1
+            self._try(target, member, remaining, False, self._retryFailed)
+            return
+        self._pauseOrGiveUp()
+
+    def _retryFailed(self, failure, target, member) -> None:
+        if self._stop(failure):
+            return
+        if not failure.check(_Refused):
+            self.refused.remove((target, member))
+        self._retryNext()
+
+    def _giveUp(self) -> None:
+        again = f", {self.retries} retries of members that refused" if self.retries else ""
+        self.done.errback(
+            BackendUnavailable(
+                f"{self.route.group or 'route'}: {self.tries} of {len(self.candidates)} available"
+                f" members tried{again} within the failover limits, last:"
+                f" {self.last or 'failover time spent'}"
+            )
+        )

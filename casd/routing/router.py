@@ -212,36 +212,57 @@ def _servesNone(what: str, protocol, reason: str) -> BackendUnavailable:
 
 # -- locators ------------------------------------------------------------------------------
 
+#: How many routes a locator keeps at hand (beyond it, routes are built for each session).
+ROUTE_CACHE_SIZE = 4096
 
-@implementer(ILocator)
-class MailHostLocator:
+
+class _RouteCache:
     """
-    The directory's mailbox attribute: a configured C{[groups.NAME]} or C{[backends.NAME]}, or
-    else a host name reached with the protocol's default port and TLS mode.
+    The routes a locator hands out, kept per configured name, protocol and reason: a route to
+    a server or to a group in preference order is the same for every user (and immutable), so
+    it is built once per configuration (a locator is rebuilt on each reload).  Groups balanced
+    by hashing are ordered per user: never kept.
     """
 
     def __init__(self, config: CASConfig) -> None:
         self.config = config
+        self._routes: dict = {}
+
+    def _routeTo(self, name: str, user, protocol, reason: str) -> Route:
+        key = (name, protocol.name, reason)
+        route = self._routes.get(key)
+        if route is None:
+            route = routeTo(self.config, name, user, protocol, reason)
+            group = self.config.groups.get(name)
+            if (group is None or group.balance != "hash") and len(self._routes) < ROUTE_CACHE_SIZE:
+                self._routes[key] = route
+        return route
+
+
+
+@implementer(ILocator)
+class MailHostLocator(_RouteCache):
+    """
+    The directory's mailbox attribute: a configured C{[groups.NAME]} or C{[backends.NAME]}, or
+    else a host name reached with the protocol's default port and TLS mode.
+    """
 
     def locate(self, user, protocol):
         name = user.mailHost
         if not name:
             return None
         if name in self.config.groups or name in self.config.backends:
-            return routeTo(self.config, name, user, protocol, "mailhost attribute")
+            return self._routeTo(name, user, protocol, "mailhost attribute")
         server = BackendServer(name, name, name)
         return Route((targetFor(server, protocol),), f"mailhost attribute: host {name}", name)
 
 
 @implementer(ILocator)
-class StaticMapLocator:
+class StaticMapLocator(_RouteCache):
     """
     The static map file (C{[routing] map_file}): the user's login, then their address, then
     the domain of either, mapped to a server or group.
     """
-
-    def __init__(self, config: CASConfig) -> None:
-        self.config = config
 
     def keysFor(self, user) -> list[str]:
         names = [user.login.lower()]
@@ -255,11 +276,15 @@ class StaticMapLocator:
                     names.append(domain)
         return names
 
+    @staticmethod
+    def answers(config: CASConfig) -> bool:
+        return bool(config.routeMap)
+
     def locate(self, user, protocol):
         for key in self.keysFor(user):
             name = self.config.routeMap.get(key)
             if name is not None:
-                return routeTo(self.config, name, user, protocol, f"map file entry {key!r}")
+                return self._routeTo(name, user, protocol, f"map file entry {key!r}")
         return None
 
 
@@ -273,6 +298,10 @@ class HashLocator:
     def __init__(self, config: CASConfig) -> None:
         self.config = config
 
+    @staticmethod
+    def answers(config: CASConfig) -> bool:
+        return bool(config.routing.hash_group)
+
     def locate(self, user, protocol):
         name = self.config.routing.hash_group
         if not name:
@@ -281,19 +310,20 @@ class HashLocator:
 
 
 @implementer(ILocator)
-class DefaultBackendLocator:
+class DefaultBackendLocator(_RouteCache):
     """
     The configured default server or group, for users nothing else placed.
     """
 
-    def __init__(self, config: CASConfig) -> None:
-        self.config = config
+    @staticmethod
+    def answers(config: CASConfig) -> bool:
+        return bool(config.routing.default_backend)
 
     def locate(self, user, protocol):
         name = self.config.routing.default_backend
         if not name:
             return None
-        return routeTo(self.config, name, user, protocol, "default backend")
+        return self._routeTo(name, user, protocol, "default backend")
 
 
 LOCATORS = {
@@ -305,7 +335,12 @@ LOCATORS = {
 
 
 def locatorsFor(config: CASConfig) -> list:
-    return [LOCATORS[name](config) for name in config.routing.locators]
+    """
+    The chain C{[routing] locators} names, without the locators that cannot answer under
+    C{config} (no map, no hash group, no default): they would only say "not mine".
+    """
+    chain = [LOCATORS[name] for name in config.routing.locators]
+    return [kind(config) for kind in chain if getattr(kind, "answers", None) is None or kind.answers(config)]
 
 
 # -- this node's own addresses --------------------------------------------------------------
@@ -391,6 +426,7 @@ class Router:
         self._localHosts: dict[str, bool] = {}
         self._own: dict[str, list] = {}
         self._warned: set = set()
+        self._finished: dict = {}
 
     def reconfigure(self, config: CASConfig) -> None:
         """
@@ -401,33 +437,83 @@ class Router:
         self.config = config
         self._own.clear()
         self._warned.clear()
+        self._finished.clear()
 
-    @defer.inlineCallbacks
-    def locate(self, user, protocol, ttl: int | None = None):
+    def locate(self, user, protocol, ttl: int | None = None) -> defer.Deferred:
         """
         @param protocol: the L{casd.interfaces.ICASProtocol}.
         @param ttl: the proxy TTL a trusted client sent (IMAP ID C{x-proxy-ttl}), else C{None}.
         @return: a L{Deferred} firing with a L{Route}, or failing with L{BackendUnavailable}
-            (L{Redirected} when the user's site redirects).
+            (L{Redirected} when the user's site redirects).  When every locator answers at
+            once (a map, a hash, the directory attribute already read) it has fired already:
+            no generator and no chain of L{Deferred}s.
         """
-        config = self.config
-        outgoing = self.outgoingTTL(ttl)
-        route = None
-        local = config.server.site if config is not None else ""
-        if not (local and user.site and user.site != local):
-            # A user the directory places in another site is that site's business: its own
-            # locators (and servers this node may not even know) decide there.
-            for locator in self.locators:
-                route = yield locator.locate(user, protocol)
+        try:
+            outgoing = self.outgoingTTL(ttl)
+            config = self.config
+            local = config.server.site if config is not None else ""
+            if local and user.site and user.site != local:
+                # A user the directory places in another site is that site's business: its own
+                # locators (and servers this node may not even know) decide there.
+                return defer.succeed(self._finish(user, protocol, None, outgoing))
+            locators = self.locators
+            for index, locator in enumerate(locators):
+                route = locator.locate(user, protocol)
+                if isinstance(route, defer.Deferred):
+                    return route.addCallback(
+                        self._answered, locators, index, user, protocol, outgoing
+                    )
                 if route is not None:
                     break
-        if config is None:
+            else:
+                route = None
+            return defer.succeed(self._finish(user, protocol, route, outgoing))
+        except Exception:
+            return defer.fail()
+
+    def _answered(self, route, locators, index, user, protocol, outgoing):
+        """
+        The rest of L{locate} once C{locators[index]} answered later, with C{route}.
+        """
+        if route is None:
+            for later in range(index + 1, len(locators)):
+                route = locators[later].locate(user, protocol)
+                if isinstance(route, defer.Deferred):
+                    return route.addCallback(
+                        self._answered, locators, later, user, protocol, outgoing
+                    )
+                if route is not None:
+                    break
+        return self._finish(user, protocol, route, outgoing)
+
+    def _finish(self, user, protocol, route, outgoing: int):
+        """
+        The site policy, the self check and the proxy TTL, applied to what the locators said.
+        """
+        if self.config is None:
             if route is None:
                 raise BackendUnavailable(f"no route for {user.login!r}")
             return route
+        if user.site or route is None:
+            return self._checked(user, protocol, route, outgoing)
+        # The same route (a locator's, kept at hand) comes out the same for every user the
+        # directory places in no site: checked once.  The entry holds the route, so its id is
+        # not reused while the entry lives.
+        key = (id(route), protocol.name, outgoing)
+        entry = self._finished.get(key)
+        if entry is not None and entry[0] is route:
+            return entry[1]
+        checked = self._checked(user, protocol, route, outgoing)
+        if len(self._finished) >= ROUTE_CACHE_SIZE:
+            self._finished.clear()
+        self._finished[key] = (route, checked)
+        return checked
+
+    def _checked(self, user, protocol, route, outgoing: int):
         route = self._applySite(user, protocol, route)
         route = self._notSelf(user, route, protocol)
-        return attr.evolve(route, proxyTTL=outgoing)
+        # Built directly: cheaper than attr.evolve, which inspects the class's fields each time.
+        return Route(route.targets, route.reason, route.group, route.site, route.kind, outgoing)
 
     def outgoingTTL(self, incoming: int | None) -> int:
         """

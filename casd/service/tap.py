@@ -26,6 +26,7 @@ from casd.config import ConfigError, loadConfig
 from casd.service.context import CASContext
 from casd.service.discovery import discoverProtocols
 from casd.service.node import NodeService
+from casd.service.leanloop import leanLoop
 from casd.service.leanpoll import leanDispatch
 from casd.service.logs import MainLogRoot
 from casd.session.protolog import SessionLog
@@ -162,6 +163,7 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
         from twisted.internet import reactor
 
         leanDispatch(reactor)  # the process's own reactor: casd.service.leanpoll
+        leanLoop(reactor)  # and its main loop: casd.service.leanloop
     if adopted is None and options.get("workers", 1) > 1:
         from casd.service.workers import makeParentService
 

@@ -118,9 +118,11 @@ def workerMain(argv=None) -> int:
 
     from twisted.internet import reactor
 
+    from casd.service.leanloop import leanLoop
     from casd.service.leanpoll import leanDispatch
 
     leanDispatch(reactor)
+    leanLoop(reactor)
     # Structured events to the parent, which reads them back with eventFromJSON.
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
     options = Options()

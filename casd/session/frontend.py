@@ -11,6 +11,7 @@ from attrs import frozen
 from zope.interface import implementer
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -542,11 +543,15 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
     def _route(self, user, credentials):
         context = self.context
         d = context.router.locate(user, self.descriptor, ttl=self.proxyTTL)
-        d.addCallback(
-            lambda route: context.connector.connect(
-                route, lambda target: self.makeDialogue(target, user, credentials)
-            )
-        )
+
+        def makeDialogue(target):
+            return self.makeDialogue(target, user, credentials)
+
+        if d.called and not isinstance(d.result, Failure):
+            # The route was at hand: to the pool at once, no callback returning a Deferred.
+            d = context.connector.connect(d.result, makeDialogue)
+        else:
+            d.addCallback(context.connector.connect, makeDialogue)
         d.addCallback(self._connected)
         return d
 
