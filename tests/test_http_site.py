@@ -632,3 +632,23 @@ class BackendClientTests(HTTPSiteTestsMixin, SynchronousTestCase):
         server.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 201 "), self.transport.value())
         self.assertFalse(self.transport.disconnecting)
+
+    def test_bytesOutCounted(self):
+        """
+        Body pieces after the first (written to the client's transport directly) still count in
+        the access line's bytes out.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.get()
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        server.dataReceived(b"defg")
+        server.dataReceived(b"hij")
+        self.assertTrue(self.transport.value().endswith(b"\r\n\r\nabcdefghij"))
+        lines = [e["line"] for e in events if e.get("log_namespace") == "casd.http.access"]
+        self.assertEqual(len(lines), 1)
+        self.assertIn(" out=10 ", lines[0])
