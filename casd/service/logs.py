@@ -14,6 +14,7 @@ casd's logs.
 from __future__ import annotations
 
 import json
+import json.scanner
 import signal as _signal
 import sys
 import time
@@ -197,6 +198,64 @@ class MainLogRoot(service.MultiService):
             if observer is not None:
                 parent.setComponent(ILogObserver, observer)
         return super().setServiceParent(parent)
+
+
+#: The first byte of a worker's record of a L{LineLog} line on its way to the parent; other events
+#: go as Twisted's JSON records (C{jsonFileLogObserver}, which start with C{\\x1e}).
+LINE_RECORD = "\x1f"
+#: Keys of an event that a line record leaves out (objects, or sent another way).
+_NOT_SENT = frozenset({"log_logger", "log_source", "log_level", "log_format", "line"})
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+#: JSON's scanner (C), without C{json.loads}' encoding detection and whitespace handling.
+_SCAN = json.scanner.make_scanner(json.JSONDecoder())
+
+
+@implementer(ILogObserver)
+class WorkerLogObserver:
+    """
+    A worker's log to its parent (its standard output): a L{LineLog} line as one compact JSON
+    record (L{LINE_RECORD}, then its plain fields), which the parent reads back with
+    L{eventFromLineRecord} without Twisted's JSON event decoding; every other event as
+    C{jsonFileLogObserver} writes it.
+    """
+
+    def __init__(self, outFile) -> None:
+        from twisted.logger import jsonFileLogObserver
+
+        self.outFile = outFile
+        self._other = jsonFileLogObserver(outFile)
+
+    def __call__(self, event: dict) -> None:
+        if LINE_KEY not in event or "log_failure" in event:
+            self._other(event)
+            return
+        record = {key: value for key, value in event.items() if key not in _NOT_SENT}
+        level = event.get("log_level")
+        record["log_level"] = "info" if level is None else level.name
+        self.outFile.write(LINE_RECORD + _ENCODE(record) + "\n")
+        self.outFile.flush()
+
+
+def eventFromLineRecord(data: bytes) -> dict:
+    """
+    The event of a line record written by L{WorkerLogObserver}: its fields, the line, its level,
+    namespace and time, as L{LineLog} published it in the worker.
+
+    @param data: the record without its L{LINE_RECORD} byte, UTF-8.
+    @raise ValueError: not such a record.
+    """
+    text = data.decode("utf-8", "replace").rstrip()
+    try:
+        event, end = _SCAN(text, 0)
+    except StopIteration:
+        raise ValueError("not a line record") from None
+    if end != len(text) or type(event) is not dict or type(event.get(LINE_KEY)) is not str:
+        raise ValueError("not a line record")
+    event["line"] = event[LINE_KEY]
+    event["log_level"] = _LEVELS.get(event.get("log_level"), _INFO)
+    event["log_format"] = "{line}"
+    return event
 
 
 def eventAsLine(event: dict) -> str:

@@ -2,7 +2,8 @@
 """
 The worker process of C{twistd cas --workers N} (its parent is L{casd.service.workers}): it
 adopts the listening sockets the parent bound, builds the same service tree as a
-single-process casd, and sends its log events to the parent as JSON.
+single-process casd, and sends its log events to the parent as JSON
+(L{casd.service.logs.WorkerLogObserver}).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import socket
 import sys
 
 from twisted.internet import error
-from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.logger import globalLogBeginner
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from casd.service.logs import WorkerLogObserver
 from casd.service.tap import Options, makeService
 
 
@@ -121,8 +123,8 @@ def workerMain(argv=None) -> int:
     from casd.service.leanpoll import leanDispatch
 
     leanDispatch(reactor)
-    # Structured events to the parent, which reads them back with eventFromJSON.
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    # Structured events to the parent, which reads them back (casd.service.logs).
+    globalLogBeginner.beginLoggingTo([WorkerLogObserver(sys.stdout)], redirectStandardIO=False)
     options = Options()
     options.parseOptions(["--config", args.config])
     top = makeService(options, reactor, adopted=adoptingReactors(reactor, fds))

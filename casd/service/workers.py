@@ -12,8 +12,9 @@ same configuration file and builds the same service tree as a single-process cas
 
 The parent:
   - relays the workers' log events into its own log as the structured events they are (each
-    worker writes them with C{jsonFileLogObserver} on its standard output; the parent reads them
-    back with C{eventFromJSON}), each marked with the worker's number in C{casd_worker} and
+    worker writes them on its standard output with L{casd.service.logs.WorkerLogObserver}: the
+    session lines as compact records the parent decodes with one C{json.loads}, the rest with
+    C{jsonFileLogObserver}, read back with C{eventFromJSON}), each marked with the worker's number in C{casd_worker} and
     C{log_system}, so there is one log, one place that rotates it, and observers of the parent
     see the workers' fields;
   - restarts a worker that dies (after a pause, longer when it dies young);
@@ -36,7 +37,9 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON
 
-from casd.service.logs import MainLogRoot
+from casd.service.logs import LINE_RECORD, MainLogRoot, eventFromLineRecord
+
+_LINE_RECORD = LINE_RECORD.encode("ascii")
 
 #: Seconds the workers get to stop after their standard input closed, before C{SIGTERM}.
 STOP_GRACE = 10.0
@@ -122,8 +125,19 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 self.log.warn("worker {index}: {line}", index=self.index, line=line)
 
     def _relay(self, line: bytes) -> None:
+        if line[:1] == _LINE_RECORD:
+            # A session (or other per-request) line: its compact record, decoded in one call.
+            try:
+                event = eventFromLineRecord(line[1:])
+            except ValueError:
+                pass
+            else:
+                event["casd_worker"] = self.index
+                event["log_system"] = f"worker{self.index}:{event.get('log_namespace', '-')}#{event['log_level'].name}"
+                self.log.observer(event)
+                return
         # jsonFileLogObserver's records: a record separator, the JSON event, a line feed.
-        text = line.decode("utf-8", "replace").lstrip("\x1e").strip()
+        text = line.decode("utf-8", "replace").lstrip("\x1e\x1f").strip()
         if not text:
             return
         try:

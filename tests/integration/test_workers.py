@@ -15,10 +15,11 @@ import time
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import Logger, LogLevel, formatEvent, jsonFileLogObserver
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from casd.auth.hashing import makeHash
+from casd.service.logs import WorkerLogObserver
 from casd.service.worker import _AdoptingReactor, adoptingReactors
 from casd.service.workers import _WorkerProcess
 from tests.support.procs import freePort, pidAlive
@@ -359,7 +360,7 @@ class WorkerLogTests(TestCase):
 
     def test_structuredEvents(self):
         out = io.StringIO()
-        workerLog = Logger(namespace="casd.session", observer=jsonFileLogObserver(out))
+        workerLog = Logger(namespace="casd.session", observer=WorkerLogObserver(out))
         workerLog.info("{user} logged in from {peer}", user="alice", peer="192.0.2.7")
         try:
             1 / 0
@@ -385,6 +386,56 @@ class WorkerLogTests(TestCase):
         self.assertEqual(events[1]["log_level"], LogLevel.critical)
         self.assertIn("ZeroDivisionError", events[1]["log_failure"].getTraceback())
         self.assertEqual(formatEvent(events[2]), "worker 3: not json")
+
+
+    def relay(self, data: bytes, index=3):
+        events = []
+
+        class Pool:
+            reactor = task.Clock()
+
+        worker = _WorkerProcess(Pool(), index)
+        worker.log = Logger(observer=events.append)
+        worker.outReceived(data)
+        return events
+
+    def test_sessionLine(self):
+        """
+        A session line travels as a compact record and reaches the parent's observers as the event
+        it was in the worker: the same fields and text, marked with the worker.
+        """
+        from casd.service.logs import LINE_KEY, LINE_RECORD, LineLog, TextLogObserver
+        from casd.session.clientinfo import ClientInfo
+        from casd.session.protolog import SessionLog
+
+        out = io.StringIO()
+        sent = []
+        publisher = LogPublisher(WorkerLogObserver(out), sent.append)
+        client = ClientInfo("abc", "imap", "imap-1", "2001:db8::7", 4000, "::1", 143, True, False)
+        SessionLog(lines=LineLog("casd.session", publisher, now=lambda: 1000.25)).record(
+            client, "alicé", "mbx1(192.0.2.1:143)", "proxy(client closed)", 10, 20, 1.5
+        )
+        self.assertTrue(out.getvalue().startswith(LINE_RECORD))
+        (event,) = self.relay(out.getvalue().encode("utf-8"))
+        (original,) = sent
+        for key in ("session", "protocol", "listener", "client", "user", "backend", "result", "bytesIn",
+                    "bytesOut", "duration", "line", LINE_KEY, "log_namespace", "log_time", "log_level"):
+            self.assertEqual(event[key], original[key], key)
+        self.assertEqual(event["casd_worker"], 3)
+        self.assertEqual(event["log_system"], "worker3:casd.session#info")
+        self.assertEqual(formatEvent(event), original["line"])
+        text = io.StringIO()
+        TextLogObserver(text)(event)
+        self.assertIn(f"[worker3:casd.session#info] {original['line']}\n", text.getvalue())
+
+    def test_brokenLineRecord(self):
+        """
+        A line record that does not decode is relayed as text, never dropped or a traceback.
+        """
+        from casd.service.logs import LINE_RECORD
+
+        events = self.relay(LINE_RECORD.encode() + b'{"casd_line": 3}\n' + LINE_RECORD.encode() + b"{nope\n")
+        self.assertEqual([formatEvent(e) for e in events], ['worker 3: {"casd_line": 3}', "worker 3: {nope"])
 
 
 class AdoptingReactorTests(TestCase):
