@@ -312,3 +312,134 @@ class WriteThroughTests(TestCase):
             yield task.deferLater(reactor, 0.02, lambda: None)
         self.assertEqual(b"".join(received), b"a LOGIN alice secret\r\n")
         yield self.closePair(client, server)
+
+
+class Recording(Side):
+    """
+    A relay side that records when its connection was lost, in a shared list.
+    """
+
+    def __init__(self, role, record):
+        super().__init__(role)
+        self.record = record
+
+    def connectionLost(self, reason):
+        self.record.append(f"{self.role} lost: {reason.type.__name__}")
+        super().connectionLost(reason)
+
+
+class CloseNowTests(TestCase):
+    """
+    When one side is gone, the other side, a plain TCP connection with nothing queued, closes at
+    once: its protocol's C{connectionLost} runs before the relay's end returns, the socket is out
+    of the reactor, and the peer sees the end of the stream.
+    """
+
+    @defer.inlineCallbacks
+    def pair(self, record, role):
+        """
+        A casd-side protocol on a real loopback connection, and its peer.
+        """
+        from twisted.internet import reactor
+
+        peer = Sink()
+        lost = []
+        peer.connectionLost = lost.append
+        port = reactor.listenTCP(0, _OneShot(peer), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        side = Recording(role, record)
+        yield ClientCreator(reactor, lambda: side).connectTCP("127.0.0.1", port.getHost().port)
+        while peer.transport is None:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.addCleanup(peer.transport.loseConnection)
+        return side, peer, lost
+
+    @defer.inlineCallbacks
+    def waitFor(self, condition):
+        from twisted.internet import reactor
+
+        for _ in range(250):
+            if condition():
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail("condition not met")
+
+    @defer.inlineCallbacks
+    def relayed(self):
+        record = []
+        front, frontPeer, frontLost = yield self.pair(record, "client")
+        back, backPeer, backLost = yield self.pair(record, "backend")
+        relay = Relay(front, back, task.Clock(), 100.0, lambda why: record.append(f"ended: {why}"))
+        relay.start()
+        return record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost)
+
+    @defer.inlineCallbacks
+    def test_backendGoneClosesClientAtOnce(self):
+        from twisted.internet import reactor
+
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        closedWhenEnded = []
+        backendLost = relay.backendLost
+
+        def observed(reason):
+            backendLost(reason)
+            closedWhenEnded.append(transport.disconnected)
+
+        relay.backendLost = observed
+        # The backend's end, as its connection reports it (Twisted first tells the client
+        # transport, its producer, to lose its connection).
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: closedWhenEnded)
+        # The client side closed before the relay's end returned, after the end was reported
+        # (the session line is written with the result).
+        self.assertEqual(closedWhenEnded, [True])
+        self.assertEqual(
+            record, ["backend lost: ConnectionDone", "ended: backend closed", "client lost: ConnectionDone"]
+        )
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(relay._aborts, {})
+        yield self.waitFor(lambda: frontLost)
+
+    @defer.inlineCallbacks
+    def test_directEnd(self):
+        """
+        The relay's end with the client transport untouched: closed before C{_end} returns.
+        """
+        from twisted.internet import reactor
+
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        relay.backendLost(Failure(ConnectionDone()))
+        self.assertEqual(record, ["ended: backend closed", "client lost: ConnectionDone"])
+        self.assertTrue(transport.disconnected)
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+        yield self.waitFor(lambda: frontLost)
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: backLost)
+
+    @defer.inlineCallbacks
+    def test_queuedBytesFlushedFirst(self):
+        """
+        A client side with bytes still queued is not closed at once: they are flushed first, with
+        the abort timer as the bound.
+        """
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        frontPeer.transport.pauseProducing()
+        written = 0
+        while not (transport.dataBuffer or transport._tempDataLen):
+            transport.write(b"x" * 1024 * 1024)
+            written += 1024 * 1024
+        relay.backendLost(Failure(ConnectionDone()))
+        self.assertEqual(record, ["ended: backend closed"])
+        self.assertFalse(transport.disconnected)
+        self.assertIn("client", relay._aborts)
+        frontPeer.transport.resumeProducing()
+        yield self.waitFor(lambda: frontLost)
+        self.assertEqual(frontPeer.received, written)
+        self.assertEqual(record[-1], "client lost: ConnectionDone")
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: backLost)

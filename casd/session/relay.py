@@ -16,7 +16,9 @@ more reactor iteration per write, which were a third of the cost of a proxied lo
 from __future__ import annotations
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from casd.session.tlsrelay import wholeChunks
@@ -101,6 +103,42 @@ def _pending(transport) -> bool:
     """
     if isinstance(transport, _TCP_TYPES):
         return bool(transport.dataBuffer or transport._tempDataLen)
+    return True
+
+
+#: The reason a transport closed by L{_closeNow} gives its protocol: one shared failure, as the
+#: reactor shares its own for every connection it closes.
+_CLOSED = Failure(ConnectionDone())
+
+
+def _closeNow(transport) -> bool:
+    """
+    Close a plain TCP transport with nothing left to send at once, as the reactor would on its
+    next iteration after C{loseConnection()} found nothing to flush: out of the reactor, the
+    socket shut down and closed, the protocol's C{connectionLost} called, before this returns.
+    That saves the reactor iteration and the C{epoll_ctl} calls of arming the transport for
+    writing only to find the buffer empty.  A transport whose C{loseConnection()} was called
+    already (Twisted calls it when the other side, of which it was the producer, was lost) is
+    in that state too.
+
+    @return: whether it did; anything else (TLS, bytes queued, a producer registered, a
+        half-close in progress, not a TCP transport) is left to the caller's
+        C{loseConnection()}.
+    """
+    if (
+        type(transport) not in _PLAIN_TCP
+        or transport.TLS
+        or not transport.connected
+        or transport._writeDisconnecting
+        or transport.dataBuffer
+        or transport._tempDataLen
+        or transport.producer is not None
+    ):
+        return False
+    reactor = transport.reactor
+    reactor.removeReader(transport)
+    reactor.removeWriter(transport)
+    transport.connectionLost(_CLOSED)
     return True
 
 
@@ -243,6 +281,8 @@ class Relay:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        # First: closing a side below may end its protocol at once, which logs the session.
+        self.onEnd(why)
         for side, transport in (("client", self.client), ("backend", self.server)):
             if side != lost:
                 # A TLS transport (a STARTTLS client) does not close while a producer is
@@ -251,12 +291,13 @@ class Relay:
                     transport.unregisterProducer()
                 except RuntimeError:
                     pass  # none registered (a test transport says so)
-                # Flush what is pending, but never wait for a peer that stopped reading.  A
-                # plain TCP transport with nothing queued closes at once: no timer needed.
+                # A plain TCP transport with nothing queued closes at once.  Otherwise flush
+                # what is pending, but never wait for a peer that stopped reading.
+                if _closeNow(transport):
+                    continue
                 pending = _pending(transport)
                 transport.loseConnection()
                 if pending:
                     self._aborts[side] = self.clock.callLater(
                         self.closeGrace, transport.abortConnection
                     )
-        self.onEnd(why)
