@@ -71,6 +71,8 @@ class _WriteThroughClient(tcp.Client):
 _WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
 _TCP_TYPES = (tcp.Server, tcp.Client)
 _PLAIN_TCP = frozenset([*_WRITE_THROUGH, *_WRITE_THROUGH.values()])
+#: The classes of an accepted plain TCP connection (Twisted's, and its write-through subclass).
+PLAIN_TCP_SERVERS = frozenset([tcp.Server, _WriteThroughServer])
 
 
 def writeThrough(transport) -> None:
