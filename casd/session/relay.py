@@ -34,14 +34,15 @@ RELAY_READ_SIZE = 256 * 1024
 
 def _writeNow(self, data: bytes) -> None:
     """
-    L{tcp.Connection.write}, but with nothing queued the bytes go to the socket at once; what
-    the kernel does not take is queued the usual way (and so is everything while a close is in
-    progress, and everything after C{startTLS()}, which must go through the TLS layer), so
-    ordering, flow control and error reporting stay Twisted's.
+    L{tcp.Connection.write}, but with nothing queued (Twisted empties C{dataBuffer} once it has
+    sent it all) the bytes go to the socket at once; what the kernel does not take is queued the
+    usual way (and so is everything while a close is in progress, and everything after
+    C{startTLS()}, which must go through the TLS layer), so ordering, flow control and error
+    reporting stay Twisted's.
     """
     if (
         not self.TLS
-        and self.offset == len(self.dataBuffer)
+        and not self.dataBuffer
         and not self._tempDataLen
         and self.connected
         and not self.disconnecting
@@ -53,9 +54,9 @@ def _writeNow(self, data: bytes) -> None:
         except OSError:
             # EAGAIN, or an error the queued write's doWrite reports as a lost connection.
             sent = 0
-        if sent == len(data):
-            return
         if sent:
+            if sent == len(data):
+                return
             data = data[sent:]
     tcp.Connection.write(self, data)
 
