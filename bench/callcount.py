@@ -5,8 +5,8 @@ and CPU figures are not (a machine shared with other work).
     PYTHONPATH=$PWD .venv/bin/python -m bench.callcount [--sessions 400] [--tls] [--proto pop3]
 
 Starts a small Dovecot and casd (as the benchmark does, under C{twistd -n cas}, but inside this
-module's C{wrap} mode, which turns cProfile on at C{SIGUSR1} and off, writing the statistics, at
-C{SIGUSR2}), warms casd's credential cache (every user logs in once), then counts the calls of
+module's C{wrap} mode, which turns cProfile on at L{START} and off, writing the statistics, at
+L{STOP}), warms casd's credential cache (every user logs in once), then counts the calls of
 C{--sessions} logins, one session at a time.  Prints the calls per login and the functions called
 most per login.  Only casd's process is profiled.
 """
@@ -24,25 +24,35 @@ import time
 
 from bench.servers import HERE, ROOT
 
-#: Written by the profiled casd at SIGUSR2.
+#: The signals that switch the profiler on and off: real-time ones, since casd itself takes
+#: C{SIGUSR1} (drain) and C{SIGUSR2} (log reopening), and twistd C{SIGUSR1} with C{--logfile}.
+START = signal.SIGRTMIN + 3
+STOP = signal.SIGRTMIN + 4
+
+#: Written by the profiled casd at L{STOP}.
 STATS_ENV = "CASD_CALLCOUNT_STATS"
 
 
 def wrap(argv: list[str]) -> None:
     """
-    Run C{twistd} with C{argv}, profiling between SIGUSR1 and SIGUSR2 (the reactor's thread).
+    Run C{twistd} with C{argv}, profiling between L{START} and L{STOP} (the reactor's thread).
     """
-    profile = cProfile.Profile()
+    profiles = [cProfile.Profile()]
 
     def start(*_):
-        profile.enable()
+        # A new count each time: one process may be counted for several phases.
+        profiles[0] = cProfile.Profile()
+        profiles[0].enable()
 
     def stop(*_):
-        profile.disable()
-        profile.dump_stats(os.environ[STATS_ENV])
+        profiles[0].disable()
+        path = os.environ[STATS_ENV]
+        # Written whole, then renamed: the reader waits for the file to appear.
+        profiles[0].dump_stats(path + ".part")
+        os.replace(path + ".part", path)
 
-    signal.signal(signal.SIGUSR1, start)
-    signal.signal(signal.SIGUSR2, stop)
+    signal.signal(START, start)
+    signal.signal(STOP, stop)
     from twisted.scripts.twistd import run
 
     sys.argv = ["twistd", *argv]
@@ -100,10 +110,10 @@ def measure(args) -> int:
         stats = os.path.join(casd.work, "calls.prof")
         if os.path.exists(stats):
             os.unlink(stats)
-        os.kill(casd.process.pid, signal.SIGUSR1)
+        os.kill(casd.process.pid, START)
         done = _login(port, args.proto, args.tls, users, args.sessions, sequential=False)
         time.sleep(0.5)  # the last session's close
-        os.kill(casd.process.pid, signal.SIGUSR2)
+        os.kill(casd.process.pid, STOP)
         deadline = time.monotonic() + 30
         while not os.path.exists(stats) and time.monotonic() < deadline:
             time.sleep(0.1)

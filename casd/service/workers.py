@@ -108,6 +108,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, pool, index: int) -> None:
         self.pool = pool
         self.index = index
+        # The logger the class attribute gives, made once: it relays a line per session.
+        self.log = self.log
         self._buffer = b""
         self.ended = defer.Deferred()
         self.startedAt = pool.reactor.seconds()
