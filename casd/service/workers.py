@@ -18,7 +18,8 @@ The parent:
     C{log_system}, so there is one log, one place that rotates it, and observers of the parent
     see the workers' fields;
   - restarts a worker that dies (after a pause, longer when it dies young);
-  - forwards C{SIGHUP} (reload) to the workers;
+  - forwards C{SIGHUP} (reload) and C{SIGUSR2} (reopen C{[log] file}, which the workers write)
+    to the workers;
   - stops them when it stops: it closes their standard input (they stop gracefully on end of
     file), then C{SIGTERM}, then C{SIGKILL}, each after a bounded wait.
 
@@ -181,7 +182,7 @@ class WorkerPool(service.Service):
         self.workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
         self._restarts: dict[int, object] = {}
-        self._previousHup = None
+        self._previousSignals: dict = {}
 
     def privilegedStartService(self) -> None:
         # Before twistd drops privileges (--uid/--gid): ports below 1024 bind here.
@@ -195,15 +196,21 @@ class WorkerPool(service.Service):
         self._stopping = False
         for index in range(1, self.count + 1):
             self._spawn(index)
-        try:
-            self._previousHup = signal.signal(signal.SIGHUP, self._forwardHup)
-        except ValueError:  # not the main thread (tests): no forwarding
-            self._previousHup = None
+        self._previousSignals = {}
+        for number in (signal.SIGHUP, signal.SIGUSR2):
+            try:
+                self._previousSignals[number] = signal.signal(number, self._forward)
+            except ValueError:  # not the main thread (tests): no forwarding
+                pass
 
-    def _forwardHup(self, signum, frame) -> None:
-        self.reactor.callFromThread(self.signalWorkers, "HUP")
+    def _forward(self, signum, frame) -> None:
+        # SIGHUP: reload; SIGUSR2: reopen the log file (the workers write [log] file).
+        self.reactor.callFromThread(self.signalWorkers, signum)
 
-    def signalWorkers(self, name: str) -> None:
+    def signalWorkers(self, name) -> None:
+        """
+        @param name: C{"HUP"}, C{"TERM"}, C{"KILL"} (Twisted's names), or a signal number.
+        """
         for worker in self.workers.values():
             try:
                 worker.transport.signalProcess(name)
@@ -243,9 +250,9 @@ class WorkerPool(service.Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
-        if self._previousHup is not None:
-            signal.signal(signal.SIGHUP, self._previousHup)
-            self._previousHup = None
+        for number, previous in self._previousSignals.items():
+            signal.signal(number, previous)
+        self._previousSignals = {}
         for call in self._restarts.values():
             if call.active():
                 call.cancel()

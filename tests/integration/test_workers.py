@@ -281,6 +281,50 @@ tls = "none"
         yield self.quiet()
 
     @defer.inlineCallbacks
+    def test_logReopenedOnSIGUSR2(self):
+        """
+        C{SIGUSR2} to the parent (logrotate's postrotate) reaches the workers, which write casd's
+        own log file (C{[log] file}): each reopens it, and the parent keeps running.
+        """
+        logPath = os.path.join(self.dir, "casd.log")
+        with open(self.config, "a") as f:
+            f.write(f'[log]\nfile = "{logPath}"\n')
+        proc = yield self.startParent(2)
+
+        def read(path):
+            try:
+                with open(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return ""
+
+        client = yield self.login()
+        client.transport.loseConnection()
+        deadline = time.monotonic() + WAIT
+        while "casd.session" not in read(logPath):
+            if time.monotonic() > deadline:
+                self.fail(f"no session line in {logPath}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        os.rename(logPath, logPath + ".1")
+        os.kill(self.parentPid, signal.SIGUSR2)
+        while read(logPath).count("reopened") < 2:
+            if time.monotonic() > deadline or proc.ended.called:
+                self.fail(f"the workers did not reopen the log:\n{proc.output.decode(errors='replace')[-2000:]}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(pidAlive(self.parentPid))
+        client = yield self.login()
+        client.transport.loseConnection()
+        while "casd.session" not in read(logPath):
+            if time.monotonic() > deadline:
+                self.fail("no session line in the reopened log")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(read(logPath + ".1").count("casd.session"), 1)
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
     def test_privilegedPortThenDropPrivileges(self):
         """
         As root, C{--workers 2 --uid nobody --gid nogroup} on a port below 1024: the parent
