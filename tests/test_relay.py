@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from casd.session.relay import Relay, writeThrough
 from casd.testing import TLSStringTransport
+from tests.test_imap import IMAPTestMixin
 
 
 class Side(Protocol):
@@ -443,3 +444,92 @@ class CloseNowTests(TestCase):
         self.assertEqual(record[-1], "client lost: ConnectionDone")
         back.transport.loseConnection()
         yield self.waitFor(lambda: backLost)
+
+
+class TimerHandOverTests(SynchronousTestCase):
+    """
+    L{Relay.start}'s C{timer}: the frontend's session timer, taken over for the first idle check.
+    """
+
+    def started(self, due):
+        clock, front, back, ft, bt, relay, ended = splice(idle=100)
+        timer = clock.callLater(due, lambda: relay.checkIdle())
+        relay.start(timer=timer)
+        return clock, relay, timer, ended
+
+    def test_reusedWhenDueSooner(self):
+        """
+        A timer due before the first check (25 s for a 100 s idle timeout) is pushed to it: still
+        one timer, and the idle time-out is what it is without one.
+        """
+        clock, relay, timer, ended = self.started(10)
+        self.assertIs(relay._idle, timer)
+        self.assertEqual(clock.getDelayedCalls(), [timer])
+        self.assertEqual(timer.getTime(), 25)
+        clock.pump([1] * 124)
+        self.assertEqual(ended, [])
+        clock.pump([1] * 2)
+        self.assertEqual(ended, ["idle timeout"])
+        self.assertNotIn(timer, clock.getDelayedCalls())
+
+    def test_sameAsWithoutTimer(self):
+        """
+        The idle checks happen at the same times with and without a timer handed over.
+        """
+        results = []
+        for due in (None, 10):
+            clock, front, back, ft, bt, relay, ended = splice(idle=100)
+            relay.start(timer=None if due is None else clock.callLater(due, lambda: relay.checkIdle()))
+            times = []
+            for second in range(1, 300):
+                clock.advance(1)
+                if second in (30, 60):
+                    front.dataReceived(b"x")
+                if ended and not times:
+                    times.append(second)
+            results.append(times)
+        self.assertEqual(results[0], results[1])
+        self.assertEqual(len(results[0]), 1)
+
+    def test_cancelledWhenDueLater(self):
+        """
+        A timer due after the first check is cancelled (moving a timer sooner searches the
+        reactor's heap) and a new one takes its place.
+        """
+        clock, relay, timer, ended = self.started(60)
+        self.assertTrue(timer.cancelled)
+        self.assertIsNot(relay._idle, timer)
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [25])
+
+    def test_endCancelsIt(self):
+        clock, relay, timer, ended = self.started(10)
+        relay.clientLost(Failure(ConnectionDone()))
+        self.assertTrue(timer.cancelled)
+        self.assertNotIn(timer, clock.getDelayedCalls())
+
+
+class SessionTimerTests(IMAPTestMixin, SynchronousTestCase):
+    """
+    The frontend hands its session timer (the time allowed before login) to the relay.
+    """
+
+    config = IMAPTestMixin.config.replace("idle_timeout = 100.0", "idle_timeout = 1000.0")
+
+    def test_handedOver(self):
+        self.connect(1)
+        timer = self.server._preauth
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendLogin()
+        relay = self.server.relay
+        self.assertIs(relay._idle, timer)
+        self.assertFalse(timer.cancelled)
+        # Past the 30 s allowed before login: the relayed session goes on.
+        self.reactor.advance(31)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.server.result, "proxy")
+        # The first check a quarter of the idle time-out after the login, then four quiet ones.
+        self.reactor.pump([50] * 24)
+        self.assertEqual(self.server.result, "proxy")
+        self.reactor.pump([50] * 2)
+        self.assertEqual(self.server.result, "proxy(idle timeout)")
+        self.assertTrue(self.transport.disconnecting)

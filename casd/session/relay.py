@@ -185,10 +185,15 @@ class Relay:
         self._closedReads = set()
         self._aborts = {}
 
-    def start(self, fromClient: bytes = b"", fromBackend: bytes = b"") -> None:
+    def start(self, fromClient: bytes = b"", fromBackend: bytes = b"", timer=None) -> None:
         """
         Begin relaying.  C{fromClient}/C{fromBackend} are bytes either side sent before the splice
         (pipelined behind the login), delivered first.
+
+        @param timer: a pending L{DelayedCall} of the caller's that calls L{checkIdle} once the
+            relay has started (the frontend's session timer), taken over for the first idle
+            check: pushed later when it is due sooner than that check (arithmetic, where a new
+            timer is a heap insertion and the old one's cancellation), else cancelled.
         """
         self.frontend.relay = self
         self.backend.relay = self
@@ -216,7 +221,7 @@ class Relay:
             self.fromBackend(fromBackend)
         if fromClient:
             self.fromClient(fromClient)
-        self._armIdle()
+        self._armIdle(timer)
 
     def fromClient(self, data: bytes) -> None:
         self.bytesIn += len(data)
@@ -228,10 +233,22 @@ class Relay:
 
     # -- idle timeout: counters compared a few times per period, nothing per chunk ------
 
-    def _armIdle(self) -> None:
-        self._idle = self.clock.callLater(self.idleTimeout / 4.0, self._checkIdle)
+    def _armIdle(self, timer=None) -> None:
+        period = self.idleTimeout / 4.0
+        if timer is not None:
+            if timer.time <= self.clock.seconds() + period:
+                timer.reset(period)
+                self._idle = timer
+                return
+            # Moving a timer sooner searches the reactor's heap: a new one is cheaper.
+            timer.cancel()
+        self._idle = self.clock.callLater(period, self.checkIdle)
 
-    def _checkIdle(self) -> None:
+    def checkIdle(self) -> None:
+        """
+        One of the idle checks, a quarter of C{idleTimeout} apart: the relay ends after four in a
+        row that saw no byte either way.
+        """
         now = (self.bytesIn, self.bytesOut)
         if now == self._seen:
             self._quietChecks += 1
