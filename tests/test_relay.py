@@ -55,9 +55,14 @@ class RelayTests(SynchronousTestCase):
     def test_producersRegistered(self):
         clock, front, back, ft, bt, relay, ended = splice()
         relay.start()
-        self.assertIs(ft.producer, bt)
+        self.assertIs(ft.producer.transport, bt)
         self.assertTrue(ft.streaming)
-        self.assertIs(bt.producer, ft)
+        self.assertIs(bt.producer.transport, ft)
+        # Flow control: a consumer that cannot keep up pauses the other side, and resumes it.
+        ft.producer.pauseProducing()
+        self.assertEqual(bt.producerState, "paused")
+        ft.producer.resumeProducing()
+        self.assertEqual(bt.producerState, "producing")
 
     def test_idleTimeout(self):
         clock, front, back, ft, bt, relay, ended = splice(idle=100)
@@ -401,6 +406,23 @@ class CloseNowTests(TestCase):
         self.assertNotIn(transport, reactor.getReaders())
         self.assertNotIn(transport, reactor.getWriters())
         self.assertEqual(relay._aborts, {})
+        yield self.waitFor(lambda: frontLost)
+
+    @defer.inlineCallbacks
+    def test_noLoseConnectionFirst(self):
+        """
+        The client side is not asked to lose its connection (arming it for writing) before the
+        relay closes it: the lost backend's transport does not stop its producer, the client
+        side, on its own.
+        """
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        asked = []
+        transport.loseConnection = lambda *a: asked.append(a)
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: "client lost: ConnectionDone" in record)
+        self.assertEqual(asked, [])
+        self.assertTrue(transport.disconnected)
         yield self.waitFor(lambda: frontLost)
 
     @defer.inlineCallbacks

@@ -15,8 +15,11 @@ more reactor iteration per write, which were a third of the cost of a proxied lo
 
 from __future__ import annotations
 
+from zope.interface import implementer
+
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -145,6 +148,32 @@ def _closeNow(transport) -> bool:
     return True
 
 
+@implementer(IPushProducer)
+class _FlowOnly:
+    """
+    One side of the relay as the producer of the other side's transport, for flow control only:
+    a consumer that cannot keep up pauses reading from it, and resumes it.  When the consumer's
+    connection is lost, Twisted tells its producer to stop: the relay ends the session then
+    (L{Relay._end} closes this side, at once when nothing is queued) instead of this side's
+    transport starting a C{loseConnection()} on its own first (arming it for writing, two
+    C{epoll_ctl} calls, only for the relay to close it).
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def _closeWrite(transport) -> None:
     loseWrite = getattr(transport, "loseWriteConnection", None)
     if loseWrite is not None:
@@ -215,8 +244,8 @@ class Relay:
                 transport = transport.transport
             if isinstance(transport, _TCP_TYPES):
                 transport.bufferSize = RELAY_READ_SIZE
-        self.client.registerProducer(self.server, True)
-        self.server.registerProducer(self.client, True)
+        self.client.registerProducer(_FlowOnly(self.server), True)
+        self.server.registerProducer(_FlowOnly(self.client), True)
         if fromBackend:
             self.fromBackend(fromBackend)
         if fromClient:
