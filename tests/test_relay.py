@@ -555,3 +555,45 @@ class SessionTimerTests(IMAPTestMixin, SynchronousTestCase):
         self.reactor.pump([50] * 2)
         self.assertEqual(self.server.result, "proxy(idle timeout)")
         self.assertTrue(self.transport.disconnecting)
+
+
+class NoShutdownTests(TestCase):
+    """
+    casd's TCP connections close without C{shutdown()} (Twisted's C{_shouldShutdown}): the peer
+    still reads everything and then the end of the stream.
+    """
+
+    def test_twistedStillHasTheSwitch(self):
+        """
+        The attribute casd sets is Twisted's: a Twisted without it fails here, not silently.
+        """
+        from twisted.internet.tcp import Connection, _SocketCloser
+
+        from casd.session.relay import _WriteThroughClient, _WriteThroughServer
+
+        self.assertTrue(issubclass(Connection, _SocketCloser))
+        self.assertIs(_SocketCloser._shouldShutdown, True)
+        self.assertIn("_shouldShutdown", Connection._closeSocket.__code__.co_names)
+        self.assertFalse(_WriteThroughServer._shouldShutdown)
+        self.assertFalse(_WriteThroughClient._shouldShutdown)
+
+    @defer.inlineCallbacks
+    def test_peerReadsAllThenEnd(self):
+        from twisted.internet import reactor
+
+        server = Sink()
+        ended = []
+        server.connectionLost = ended.append
+        port = reactor.listenTCP(0, _OneShot(server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = yield ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        writeThrough(client.transport)
+        self.assertFalse(client.transport._shouldShutdown)
+        client.transport.write(b"y" * 100000)
+        client.transport.loseConnection()
+        for _ in range(250):
+            if ended:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(server.received, 100000)
+        self.assertTrue(ended[0].check(ConnectionDone))
