@@ -426,6 +426,22 @@ class CloseNowTests(TestCase):
         yield self.waitFor(lambda: frontLost)
 
     @defer.inlineCallbacks
+    def test_lastWordsThenEnd(self):
+        """
+        The backend's goodbye and its end of stream, sent together, reach the client in that
+        order: every byte, then the end.
+        """
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        received = []
+        frontPeer.dataReceived = received.append
+        backPeer.transport.write(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+        backPeer.transport.loseConnection()
+        yield self.waitFor(lambda: frontLost)
+        self.assertEqual(b"".join(received), b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+        self.assertTrue(frontLost[0].check(ConnectionDone))
+        self.assertIn("ended: backend closed", record)
+
+    @defer.inlineCallbacks
     def test_directEnd(self):
         """
         The relay's end with the client transport untouched: closed before C{_end} returns.
