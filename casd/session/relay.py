@@ -80,6 +80,7 @@ class _WriteThroughClient(tcp.Client):
 _WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
 _TCP_TYPES = (tcp.Server, tcp.Client)
 _PLAIN_TCP = frozenset([*_WRITE_THROUGH, *_WRITE_THROUGH.values()])
+_WRITING_THROUGH = frozenset(_WRITE_THROUGH.values())
 #: The classes of an accepted plain TCP connection (Twisted's, and its write-through subclass).
 PLAIN_TCP_SERVERS = frozenset([tcp.Server, _WriteThroughServer])
 
@@ -243,6 +244,10 @@ class Relay:
             # The endpoint's wrapper only forwards: chunks reach the relay with one call less.
             wrapper.dataReceived = self.fromBackend
         for transport in (self.client, self.server):
+            if type(transport) in _WRITING_THROUGH and not transport.TLS:
+                # Plain TCP, switched to write-through when it connected: large reads only.
+                transport.bufferSize = RELAY_READ_SIZE
+                continue
             writeThrough(transport)
             # Large reads, below the TLS layer too (a TLS-wrapped transport's is underneath).
             if isinstance(transport, TLSMemoryBIOProtocol):
