@@ -161,9 +161,8 @@ def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
     if get("syslog") or get("logger"):
         return None
     name = get("logfile")
-    nodaemon = get("nodaemon")
-    if name == "-" or (nodaemon and not name):
-        if not nodaemon:
+    if name == "-" or (get("nodaemon") and not name):
+        if not logsToStandardOutput(twistdOptions):
             return None
         return TextLogObserver(sys.stdout if stdout is None else stdout)
     logFile = LogFile.fromFullPath(name or "twistd.log")
@@ -174,6 +173,19 @@ def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
 
         signals.signal(signals.SIGUSR1, rotate)
     return TextLogObserver(logFile)
+
+
+def logsToStandardOutput(twistdOptions) -> bool:
+    """
+    @param twistdOptions: twistd's options, or L{None}.
+    @return: whether twistd's log is its standard output (C{--nodaemon} with no C{--logfile} or
+        C{--logfile=-}, and neither C{--syslog} nor C{--logger}).
+    """
+    if twistdOptions is None:
+        return False
+    get = twistdOptions.get
+    name = get("logfile")
+    return bool(get("nodaemon") and not get("syslog") and not get("logger") and (name == "-" or not name))
 
 
 class MainLogRoot(service.MultiService):
@@ -220,15 +232,37 @@ class WorkerLogObserver:
     C{jsonFileLogObserver} writes it.
     """
 
-    def __init__(self, outFile) -> None:
+    def __init__(self, outFile, direct=None, index: int = 0) -> None:
+        """
+        @param direct: where the parent's own log goes when that is a stream the worker shares
+            (the parent's standard output, inherited): the worker writes its L{LineLog} lines
+            there itself, as the parent would have written them (C{[worker<index>:...]}), and the
+            parent does nothing per line.  L{None}: they go to the parent.
+        @param index: the worker's number.
+        """
         from twisted.logger import jsonFileLogObserver
 
         self.outFile = outFile
         self._other = jsonFileLogObserver(outFile)
+        self.direct = direct
+        self.prefix = f"worker{index}:"
+        self._stamp = _Stamp()
 
     def __call__(self, event: dict) -> None:
         if LINE_KEY not in event or "log_failure" in event:
             self._other(event)
+            return
+        direct = self.direct
+        if direct is not None:
+            text = event[LINE_KEY]
+            if "\n" in text:
+                text = text.replace("\n", "\n\t")
+            level = event.get("log_level")
+            direct.write(
+                f"{self._stamp(event.get('log_time'))} [{self.prefix}{event.get('log_namespace', '-')}"
+                f"#{'-' if level is None else level.name}] {text}\n"
+            )
+            direct.flush()
             return
         record = {key: value for key, value in event.items() if key not in _NOT_SENT}
         level = event.get("log_level")

@@ -101,7 +101,10 @@ class _ParentWatch:
         if not self.stopAsked:
             self.onOrphaned()
         if self.reactor.running:
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except error.ReactorNotRunning:
+                pass  # stopping already (a SIGTERM to the process group reached this worker too)
 
 
 def workerMain(argv=None) -> int:
@@ -112,6 +115,7 @@ def workerMain(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, default=1)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--log-fd", type=int, default=None)
     args = parser.parse_args(argv)
     fds = {}
     for item in args.listener:
@@ -124,7 +128,11 @@ def workerMain(argv=None) -> int:
 
     leanDispatch(reactor)
     # Structured events to the parent, which reads them back (casd.service.logs).
-    globalLogBeginner.beginLoggingTo([WorkerLogObserver(sys.stdout)], redirectStandardIO=False)
+    # The session lines straight to the parent's log when it is a stream the worker shares.
+    direct = None if args.log_fd is None else open(args.log_fd, "w", encoding="utf-8", closefd=False)
+    globalLogBeginner.beginLoggingTo(
+        [WorkerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
+    )
     options = Options()
     options.parseOptions(["--config", args.config])
     top = makeService(options, reactor, adopted=adoptingReactors(reactor, fds))

@@ -38,7 +38,7 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON
 
-from casd.service.logs import LINE_RECORD, MainLogRoot, eventFromLineRecord
+from casd.service.logs import LINE_RECORD, MainLogRoot, eventFromLineRecord, logsToStandardOutput
 
 _LINE_RECORD = LINE_RECORD.encode("ascii")
 
@@ -171,8 +171,16 @@ class WorkerPool(service.Service):
 
     log = Logger()
 
-    def __init__(self, reactor, configPath: str, config, count: int, executable: str = sys.executable) -> None:
+    def __init__(
+        self, reactor, configPath: str, config, count: int, executable: str = sys.executable, sharedLog: bool = False
+    ) -> None:
+        """
+        @param sharedLog: whether the parent's log is its standard output, which the workers
+            then inherit and write their session lines to themselves (nothing per session in
+            the parent).
+        """
         self.reactor = reactor
+        self.sharedLog = sharedLog
         self.configPath = os.path.abspath(configPath)
         self.config = config
         self.stopGrace = STOP_GRACE + config.server.shutdown_grace
@@ -227,6 +235,11 @@ class WorkerPool(service.Service):
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         childFDs = {0: "w", 1: "r", 2: "r"}
         childFDs.update(fds)
+        if self.sharedLog:
+            # The parent's standard output, its log, under a number no listener uses.
+            logFD = max(childFDs) + 1
+            childFDs[logFD] = 1
+            args.append(f"--log-fd={logFD}")
         worker = _WorkerProcess(self, index)
         self.reactor.spawnProcess(worker, self.executable, args, env=env, childFDs=childFDs)
         self.workers[index] = worker
@@ -284,8 +297,11 @@ def makeParentService(options, reactor) -> service.MultiService:
     The service tree of C{twistd cas --workers N}: the L{WorkerPool} alone; the configuration
     was validated by the options, and each worker builds the rest.
     """
-    top = MainLogRoot(getattr(options, "parent", None), reactor)
-    pool = WorkerPool(reactor, options["config"], options.config, options["workers"])
+    twistdOptions = getattr(options, "parent", None)
+    top = MainLogRoot(twistdOptions, reactor)
+    pool = WorkerPool(
+        reactor, options["config"], options.config, options["workers"], sharedLog=logsToStandardOutput(twistdOptions)
+    )
     pool.setName("workers")
     pool.setServiceParent(top)
     return top

@@ -270,6 +270,12 @@ tls = "none"
                 break
         self.assertEqual(served, {1, 2}, proc.output.decode(errors="replace")[-3000:])
         self.assertEqual(proc.output.count(b"casd.session"), sessions)
+        # The parent logs to its standard output: each worker holds it, and writes its session
+        # lines there itself.
+        parentLog = os.readlink(f"/proc/{self.parentPid}/fd/1")
+        for pid in self.workerPids:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) > 2}
+            self.assertIn(parentLog, held)
 
         os.kill(self.parentPid, signal.SIGTERM)
         yield proc.ended
@@ -472,6 +478,29 @@ class WorkerLogTests(TestCase):
         TextLogObserver(text)(event)
         self.assertIn(f"[worker3:casd.session#info] {original['line']}\n", text.getvalue())
 
+    def test_sessionLineWrittenByTheWorker(self):
+        """
+        When the parent's log is a stream the worker shares, the worker writes its session lines
+        there itself, the same text as the parent writes for a relayed line, and sends the
+        parent nothing for them.
+        """
+        from casd.service.logs import LineLog, TextLogObserver
+
+        def emit(observer):
+            LineLog("casd.session", LogPublisher(observer), now=lambda: 1000.25).emit(
+                "session=abc user=alice\nmore", {"user": "alice"}
+            )
+
+        pipe, direct = io.StringIO(), io.StringIO()
+        emit(WorkerLogObserver(pipe, direct=direct, index=2))
+        self.assertEqual(pipe.getvalue(), "")
+        relayedPipe, parentLog = io.StringIO(), io.StringIO()
+        emit(WorkerLogObserver(relayedPipe))
+        (event,) = self.relay(relayedPipe.getvalue().encode(), index=2)
+        TextLogObserver(parentLog)(event)
+        self.assertEqual(direct.getvalue(), parentLog.getvalue())
+        self.assertIn("[worker2:casd.session#info] session=abc user=alice\n\tmore\n", direct.getvalue())
+
     def test_brokenLineRecord(self):
         """
         A line record that does not decode is relayed as text, never dropped or a traceback.
@@ -537,3 +566,28 @@ class ParentWatchTests(SynchronousTestCase):
         End of file alone: the parent died; the worker stops at once.
         """
         self.assertEqual(self.watch(b""), [True])
+
+    def test_reactorStoppingAlready(self):
+        """
+        A worker whose reactor is stopping already (a SIGTERM to the whole process group) sees
+        its parent's end of file without a traceback.
+        """
+        from twisted.internet.error import ReactorNotRunning
+
+        from casd.service.worker import _ParentWatch
+
+        class Stopping:
+            running = True
+
+            def stop(self):
+                raise ReactorNotRunning("Can't stop reactor that isn't running.")
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        os.write(w, b"stop\n")
+        os.close(w)
+        watch = _ParentWatch(Stopping(), lambda: None, fd=r)
+        while (reason := watch.doRead()) is None:
+            pass
+        watch.connectionLost(reason)
+        self.assertTrue(watch.stopAsked)
