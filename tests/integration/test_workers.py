@@ -196,11 +196,26 @@ tls = "none"
             )
 
     @defer.inlineCallbacks
-    def startParent(self, workers=2, twistdArgs=(), python=sys.executable, pythonPath=ROOT):
+    def startParent(self, workers=2, twistdArgs=(), python=sys.executable, pythonPath=ROOT, logFile=None):
+        """
+        @param logFile: the parent's C{--logfile}, where its log is read from (else its standard
+            output).
+        """
         proc = Twistd()
+
+        def output():
+            if logFile is None:
+                return proc.output
+            try:
+                with open(logFile, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+
         args = [
             python, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"), *twistdArgs,
+            "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"),
+            *(() if logFile is None else ("--logfile", logFile)), *twistdArgs,
             "cas", "--config", self.config, "--workers", str(workers),
         ]
         env = dict(os.environ, PYTHONPATH=pythonPath)
@@ -216,13 +231,13 @@ tls = "none"
 
         self.addCleanup(cleanup)
         deadline = time.monotonic() + WAIT
-        while len(childrenOf(self.parentPid)) < workers or b"FrontendFactory starting" not in proc.output:
+        while len(childrenOf(self.parentPid)) < workers or b"FrontendFactory starting" not in output():
             if time.monotonic() > deadline or proc.ended.called:
                 self.fail(f"workers did not start:\n{proc.output.decode(errors='replace')}")
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.workerPids = childrenOf(self.parentPid)
         # Both workers have adopted the socket once each logged its listener.
-        while proc.output.count(b"FrontendFactory starting") < workers:
+        while output().count(b"FrontendFactory starting") < workers:
             if time.monotonic() > deadline:
                 self.fail(f"workers did not listen:\n{proc.output.decode(errors='replace')}")
             yield task.deferLater(reactor, 0.05, lambda: None)
@@ -284,6 +299,39 @@ tls = "none"
         self.assertIn(getattr(proc.reason.value, "signal", None), (None, signal.SIGTERM))
         yield self.waitGone(self.workerPids)
         self.assertIn(b"Server Shut Down", proc.output)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
+    def test_sessionLinesThroughTheParentToItsLogFile(self):
+        """
+        With C{--logfile} (twistd's rotating file, the parent's alone), the workers' session
+        lines travel to the parent, which writes them there, one per session, marked with the
+        worker; the workers do not hold that file.
+        """
+        logPath = os.path.join(self.dir, "twistd.log")
+        proc = yield self.startParent(2, logFile=logPath)
+        sessions = 0
+        for _ in range(3):
+            clients = yield defer.gatherResults([self.login() for _ in range(4)])
+            sessions += len(clients)
+            for c in clients:
+                c.transport.loseConnection()
+        deadline = time.monotonic() + WAIT
+        while True:
+            with open(logPath, "rb") as f:
+                text = f.read()
+            if text.count(b":casd.session#info] session=") >= sessions or time.monotonic() > deadline:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(text.count(b":casd.session#info] session="), sessions, text.decode(errors="replace")[-2000:])
+        self.assertRegex(text, rb"\n\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} \[worker[12]:casd\.session#info\] session=\S+ proto=imap ")
+        self.assertNotIn(b"casd.session", proc.output)
+        for pid in self.workerPids:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            self.assertNotIn(os.path.realpath(logPath), held)
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
         yield self.quiet()
 
     @defer.inlineCallbacks
