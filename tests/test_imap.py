@@ -335,8 +335,8 @@ class LoginTests(IMAPTestMixin, SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"* 3 EXISTS\r\n")
         self.server.dataReceived(b"a3 NOOP\r\n")
         self.assertEqual(bt.value(), b"a2 SELECT INBOX\r\na3 NOOP\r\n")
-        self.assertIs(self.transport.producer, bt)
-        self.assertIs(bt.producer, self.transport)
+        self.assertIs(self.transport.producer.transport, bt)
+        self.assertIs(bt.producer.transport, self.transport)
         self.assertIsNone(backend.credentials)
 
     def test_pipelinedAfterLoginSplitAcrossSegments(self):

@@ -231,6 +231,17 @@ class MainLogTests(SynchronousTestCase):
         self.assertIsNone(mainLogObserver({"logger": "x.y", "nodaemon": True}, reactor))
         self.assertIsNone(mainLogObserver({"logfile": "-", "nodaemon": False}, reactor))
 
+    def test_logsToStandardOutput(self):
+        from casd.service.logs import logsToStandardOutput
+
+        self.assertTrue(logsToStandardOutput({"nodaemon": True, "logfile": None}))
+        self.assertTrue(logsToStandardOutput({"nodaemon": True, "logfile": "-"}))
+        self.assertFalse(logsToStandardOutput({"nodaemon": True, "logfile": "casd.log"}))
+        self.assertFalse(logsToStandardOutput({"nodaemon": False, "logfile": None}))
+        self.assertFalse(logsToStandardOutput({"nodaemon": True, "syslog": True}))
+        self.assertFalse(logsToStandardOutput({"nodaemon": True, "logger": "x.y"}))
+        self.assertFalse(logsToStandardOutput(None))
+
     def test_standardOutput(self):
         import io
 

@@ -272,7 +272,7 @@ class LoginTests(POP3TestMixin, SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"+OK 2 320\r\n")
         self.server.dataReceived(b"RETR 1\r\n")
         self.assertEqual(backend.received(), b"RETR 1\r\n")
-        self.assertIs(self.transport.producer, backend.transport)
+        self.assertIs(self.transport.producer.transport, backend.transport)
         self.assertIsNone(backend.dialogue.credentials)
 
     def connectOverTLS(self):

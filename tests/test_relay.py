@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from casd.session.relay import Relay, writeThrough
 from casd.testing import TLSStringTransport
+from tests.test_imap import IMAPTestMixin
 
 
 class Side(Protocol):
@@ -54,9 +55,14 @@ class RelayTests(SynchronousTestCase):
     def test_producersRegistered(self):
         clock, front, back, ft, bt, relay, ended = splice()
         relay.start()
-        self.assertIs(ft.producer, bt)
+        self.assertIs(ft.producer.transport, bt)
         self.assertTrue(ft.streaming)
-        self.assertIs(bt.producer, ft)
+        self.assertIs(bt.producer.transport, ft)
+        # Flow control: a consumer that cannot keep up pauses the other side, and resumes it.
+        ft.producer.pauseProducing()
+        self.assertEqual(bt.producerState, "paused")
+        ft.producer.resumeProducing()
+        self.assertEqual(bt.producerState, "producing")
 
     def test_idleTimeout(self):
         clock, front, back, ft, bt, relay, ended = splice(idle=100)
@@ -312,3 +318,298 @@ class WriteThroughTests(TestCase):
             yield task.deferLater(reactor, 0.02, lambda: None)
         self.assertEqual(b"".join(received), b"a LOGIN alice secret\r\n")
         yield self.closePair(client, server)
+
+
+class Recording(Side):
+    """
+    A relay side that records when its connection was lost, in a shared list.
+    """
+
+    def __init__(self, role, record):
+        super().__init__(role)
+        self.record = record
+
+    def connectionLost(self, reason):
+        self.record.append(f"{self.role} lost: {reason.type.__name__}")
+        super().connectionLost(reason)
+
+
+class CloseNowTests(TestCase):
+    """
+    When one side is gone, the other side, a plain TCP connection with nothing queued, closes at
+    once: its protocol's C{connectionLost} runs before the relay's end returns, the socket is out
+    of the reactor, and the peer sees the end of the stream.
+    """
+
+    @defer.inlineCallbacks
+    def pair(self, record, role):
+        """
+        A casd-side protocol on a real loopback connection, and its peer.
+        """
+        from twisted.internet import reactor
+
+        peer = Sink()
+        lost = []
+        peer.connectionLost = lost.append
+        port = reactor.listenTCP(0, _OneShot(peer), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        side = Recording(role, record)
+        yield ClientCreator(reactor, lambda: side).connectTCP("127.0.0.1", port.getHost().port)
+        while peer.transport is None:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.addCleanup(peer.transport.loseConnection)
+        return side, peer, lost
+
+    @defer.inlineCallbacks
+    def waitFor(self, condition):
+        from twisted.internet import reactor
+
+        for _ in range(250):
+            if condition():
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail("condition not met")
+
+    @defer.inlineCallbacks
+    def relayed(self):
+        record = []
+        front, frontPeer, frontLost = yield self.pair(record, "client")
+        back, backPeer, backLost = yield self.pair(record, "backend")
+        relay = Relay(front, back, task.Clock(), 100.0, lambda why: record.append(f"ended: {why}"))
+        relay.start()
+        return record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost)
+
+    @defer.inlineCallbacks
+    def test_backendGoneClosesClientAtOnce(self):
+        from twisted.internet import reactor
+
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        closedWhenEnded = []
+        backendLost = relay.backendLost
+
+        def observed(reason):
+            backendLost(reason)
+            closedWhenEnded.append(transport.disconnected)
+
+        relay.backendLost = observed
+        # The backend's end, as its connection reports it (Twisted first tells the client
+        # transport, its producer, to lose its connection).
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: closedWhenEnded)
+        # The client side closed before the relay's end returned, after the end was reported
+        # (the session line is written with the result).
+        self.assertEqual(closedWhenEnded, [True])
+        self.assertEqual(
+            record, ["backend lost: ConnectionDone", "ended: backend closed", "client lost: ConnectionDone"]
+        )
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(relay._aborts, {})
+        yield self.waitFor(lambda: frontLost)
+
+    @defer.inlineCallbacks
+    def test_noLoseConnectionFirst(self):
+        """
+        The client side is not asked to lose its connection (arming it for writing) before the
+        relay closes it: the lost backend's transport does not stop its producer, the client
+        side, on its own.
+        """
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        asked = []
+        transport.loseConnection = lambda *a: asked.append(a)
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: "client lost: ConnectionDone" in record)
+        self.assertEqual(asked, [])
+        self.assertTrue(transport.disconnected)
+        yield self.waitFor(lambda: frontLost)
+
+    @defer.inlineCallbacks
+    def test_lastWordsThenEnd(self):
+        """
+        The backend's goodbye and its end of stream, sent together, reach the client in that
+        order: every byte, then the end.
+        """
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        received = []
+        frontPeer.dataReceived = received.append
+        backPeer.transport.write(b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+        backPeer.transport.loseConnection()
+        yield self.waitFor(lambda: frontLost)
+        self.assertEqual(b"".join(received), b"* BYE Logging out\r\nz OK Logout completed.\r\n")
+        self.assertTrue(frontLost[0].check(ConnectionDone))
+        self.assertIn("ended: backend closed", record)
+
+    @defer.inlineCallbacks
+    def test_directEnd(self):
+        """
+        The relay's end with the client transport untouched: closed before C{_end} returns.
+        """
+        from twisted.internet import reactor
+
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        relay.backendLost(Failure(ConnectionDone()))
+        self.assertEqual(record, ["ended: backend closed", "client lost: ConnectionDone"])
+        self.assertTrue(transport.disconnected)
+        self.assertNotIn(transport, reactor.getReaders())
+        self.assertNotIn(transport, reactor.getWriters())
+        yield self.waitFor(lambda: frontLost)
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: backLost)
+
+    @defer.inlineCallbacks
+    def test_queuedBytesFlushedFirst(self):
+        """
+        A client side with bytes still queued is not closed at once: they are flushed first, with
+        the abort timer as the bound.
+        """
+        record, relay, (front, frontPeer, frontLost), (back, backPeer, backLost) = yield self.relayed()
+        transport = front.transport
+        frontPeer.transport.pauseProducing()
+        written = 0
+        while not (transport.dataBuffer or transport._tempDataLen):
+            transport.write(b"x" * 1024 * 1024)
+            written += 1024 * 1024
+        relay.backendLost(Failure(ConnectionDone()))
+        self.assertEqual(record, ["ended: backend closed"])
+        self.assertFalse(transport.disconnected)
+        self.assertIn("client", relay._aborts)
+        frontPeer.transport.resumeProducing()
+        yield self.waitFor(lambda: frontLost)
+        self.assertEqual(frontPeer.received, written)
+        self.assertEqual(record[-1], "client lost: ConnectionDone")
+        back.transport.loseConnection()
+        yield self.waitFor(lambda: backLost)
+
+
+class TimerHandOverTests(SynchronousTestCase):
+    """
+    L{Relay.start}'s C{timer}: the frontend's session timer, taken over for the first idle check.
+    """
+
+    def started(self, due):
+        clock, front, back, ft, bt, relay, ended = splice(idle=100)
+        timer = clock.callLater(due, lambda: relay.checkIdle())
+        relay.start(timer=timer)
+        return clock, relay, timer, ended
+
+    def test_reusedWhenDueSooner(self):
+        """
+        A timer due before the first check (25 s for a 100 s idle timeout) is pushed to it: still
+        one timer, and the idle time-out is what it is without one.
+        """
+        clock, relay, timer, ended = self.started(10)
+        self.assertIs(relay._idle, timer)
+        self.assertEqual(clock.getDelayedCalls(), [timer])
+        self.assertEqual(timer.getTime(), 25)
+        clock.pump([1] * 124)
+        self.assertEqual(ended, [])
+        clock.pump([1] * 2)
+        self.assertEqual(ended, ["idle timeout"])
+        self.assertNotIn(timer, clock.getDelayedCalls())
+
+    def test_sameAsWithoutTimer(self):
+        """
+        The idle checks happen at the same times with and without a timer handed over.
+        """
+        results = []
+        for due in (None, 10):
+            clock, front, back, ft, bt, relay, ended = splice(idle=100)
+            relay.start(timer=None if due is None else clock.callLater(due, lambda: relay.checkIdle()))
+            times = []
+            for second in range(1, 300):
+                clock.advance(1)
+                if second in (30, 60):
+                    front.dataReceived(b"x")
+                if ended and not times:
+                    times.append(second)
+            results.append(times)
+        self.assertEqual(results[0], results[1])
+        self.assertEqual(len(results[0]), 1)
+
+    def test_cancelledWhenDueLater(self):
+        """
+        A timer due after the first check is cancelled (moving a timer sooner searches the
+        reactor's heap) and a new one takes its place.
+        """
+        clock, relay, timer, ended = self.started(60)
+        self.assertTrue(timer.cancelled)
+        self.assertIsNot(relay._idle, timer)
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [25])
+
+    def test_endCancelsIt(self):
+        clock, relay, timer, ended = self.started(10)
+        relay.clientLost(Failure(ConnectionDone()))
+        self.assertTrue(timer.cancelled)
+        self.assertNotIn(timer, clock.getDelayedCalls())
+
+
+class SessionTimerTests(IMAPTestMixin, SynchronousTestCase):
+    """
+    The frontend hands its session timer (the time allowed before login) to the relay.
+    """
+
+    config = IMAPTestMixin.config.replace("idle_timeout = 100.0", "idle_timeout = 1000.0")
+
+    def test_handedOver(self):
+        self.connect(1)
+        timer = self.server._preauth
+        self.send(b"a LOGIN alice secret\r\n")
+        self.backendLogin()
+        relay = self.server.relay
+        self.assertIs(relay._idle, timer)
+        self.assertFalse(timer.cancelled)
+        # Past the 30 s allowed before login: the relayed session goes on.
+        self.reactor.advance(31)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.server.result, "proxy")
+        # The first check a quarter of the idle time-out after the login, then four quiet ones.
+        self.reactor.pump([50] * 24)
+        self.assertEqual(self.server.result, "proxy")
+        self.reactor.pump([50] * 2)
+        self.assertEqual(self.server.result, "proxy(idle timeout)")
+        self.assertTrue(self.transport.disconnecting)
+
+
+class NoShutdownTests(TestCase):
+    """
+    casd's TCP connections close without C{shutdown()} (Twisted's C{_shouldShutdown}): the peer
+    still reads everything and then the end of the stream.
+    """
+
+    def test_twistedStillHasTheSwitch(self):
+        """
+        The attribute casd sets is Twisted's: a Twisted without it fails here, not silently.
+        """
+        from twisted.internet.tcp import Connection, _SocketCloser
+
+        from casd.session.relay import _WriteThroughClient, _WriteThroughServer
+
+        self.assertTrue(issubclass(Connection, _SocketCloser))
+        self.assertIs(_SocketCloser._shouldShutdown, True)
+        self.assertIn("_shouldShutdown", Connection._closeSocket.__code__.co_names)
+        self.assertFalse(_WriteThroughServer._shouldShutdown)
+        self.assertFalse(_WriteThroughClient._shouldShutdown)
+
+    @defer.inlineCallbacks
+    def test_peerReadsAllThenEnd(self):
+        from twisted.internet import reactor
+
+        server = Sink()
+        ended = []
+        server.connectionLost = ended.append
+        port = reactor.listenTCP(0, _OneShot(server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = yield ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        writeThrough(client.transport)
+        self.assertFalse(client.transport._shouldShutdown)
+        client.transport.write(b"y" * 100000)
+        client.transport.loseConnection()
+        for _ in range(250):
+            if ended:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(server.received, 100000)
+        self.assertTrue(ended[0].check(ConnectionDone))

@@ -14,6 +14,7 @@ casd's logs.
 from __future__ import annotations
 
 import json
+import json.scanner
 import signal as _signal
 import sys
 import time
@@ -160,9 +161,8 @@ def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
     if get("syslog") or get("logger"):
         return None
     name = get("logfile")
-    nodaemon = get("nodaemon")
-    if name == "-" or (nodaemon and not name):
-        if not nodaemon:
+    if name == "-" or (get("nodaemon") and not name):
+        if not logsToStandardOutput(twistdOptions):
             return None
         return TextLogObserver(sys.stdout if stdout is None else stdout)
     logFile = LogFile.fromFullPath(name or "twistd.log")
@@ -173,6 +173,19 @@ def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
 
         signals.signal(signals.SIGUSR1, rotate)
     return TextLogObserver(logFile)
+
+
+def logsToStandardOutput(twistdOptions) -> bool:
+    """
+    @param twistdOptions: twistd's options, or L{None}.
+    @return: whether twistd's log is its standard output (C{--nodaemon} with no C{--logfile} or
+        C{--logfile=-}, and neither C{--syslog} nor C{--logger}).
+    """
+    if twistdOptions is None:
+        return False
+    get = twistdOptions.get
+    name = get("logfile")
+    return bool(get("nodaemon") and not get("syslog") and not get("logger") and (name == "-" or not name))
 
 
 class MainLogRoot(service.MultiService):
@@ -197,6 +210,86 @@ class MainLogRoot(service.MultiService):
             if observer is not None:
                 parent.setComponent(ILogObserver, observer)
         return super().setServiceParent(parent)
+
+
+#: The first byte of a worker's record of a L{LineLog} line on its way to the parent; other events
+#: go as Twisted's JSON records (C{jsonFileLogObserver}, which start with C{\\x1e}).
+LINE_RECORD = "\x1f"
+#: Keys of an event that a line record leaves out (objects, or sent another way).
+_NOT_SENT = frozenset({"log_logger", "log_source", "log_level", "log_format", "line"})
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+#: JSON's scanner (C), without C{json.loads}' encoding detection and whitespace handling.
+_SCAN = json.scanner.make_scanner(json.JSONDecoder())
+
+
+@implementer(ILogObserver)
+class WorkerLogObserver:
+    """
+    A worker's log to its parent (its standard output): a L{LineLog} line as one compact JSON
+    record (L{LINE_RECORD}, then its plain fields), which the parent reads back with
+    L{eventFromLineRecord} without Twisted's JSON event decoding; every other event as
+    C{jsonFileLogObserver} writes it.
+    """
+
+    def __init__(self, outFile, direct=None, index: int = 0) -> None:
+        """
+        @param direct: where the parent's own log goes when that is a stream the worker shares
+            (the parent's standard output, inherited): the worker writes its L{LineLog} lines
+            there itself, as the parent would have written them (C{[worker<index>:...]}), and the
+            parent does nothing per line.  L{None}: they go to the parent.
+        @param index: the worker's number.
+        """
+        from twisted.logger import jsonFileLogObserver
+
+        self.outFile = outFile
+        self._other = jsonFileLogObserver(outFile)
+        self.direct = direct
+        self.prefix = f"worker{index}:"
+        self._stamp = _Stamp()
+
+    def __call__(self, event: dict) -> None:
+        if LINE_KEY not in event or "log_failure" in event:
+            self._other(event)
+            return
+        direct = self.direct
+        if direct is not None:
+            text = event[LINE_KEY]
+            if "\n" in text:
+                text = text.replace("\n", "\n\t")
+            level = event.get("log_level")
+            direct.write(
+                f"{self._stamp(event.get('log_time'))} [{self.prefix}{event.get('log_namespace', '-')}"
+                f"#{'-' if level is None else level.name}] {text}\n"
+            )
+            direct.flush()
+            return
+        record = {key: value for key, value in event.items() if key not in _NOT_SENT}
+        level = event.get("log_level")
+        record["log_level"] = "info" if level is None else level.name
+        self.outFile.write(LINE_RECORD + _ENCODE(record) + "\n")
+        self.outFile.flush()
+
+
+def eventFromLineRecord(data: bytes) -> dict:
+    """
+    The event of a line record written by L{WorkerLogObserver}: its fields, the line, its level,
+    namespace and time, as L{LineLog} published it in the worker.
+
+    @param data: the record without its L{LINE_RECORD} byte, UTF-8.
+    @raise ValueError: not such a record.
+    """
+    text = data.decode("utf-8", "replace").rstrip()
+    try:
+        event, end = _SCAN(text, 0)
+    except StopIteration:
+        raise ValueError("not a line record") from None
+    if end != len(text) or type(event) is not dict or type(event.get(LINE_KEY)) is not str:
+        raise ValueError("not a line record")
+    event["line"] = event[LINE_KEY]
+    event["log_level"] = _LEVELS.get(event.get("log_level"), _INFO)
+    event["log_format"] = "{line}"
+    return event
 
 
 def eventAsLine(event: dict) -> str:

@@ -2,7 +2,8 @@
 """
 The worker process of C{twistd cas --workers N} (its parent is L{casd.service.workers}): it
 adopts the listening sockets the parent bound, builds the same service tree as a
-single-process casd, and sends its log events to the parent as JSON.
+single-process casd, and sends its log events to the parent as JSON
+(L{casd.service.logs.WorkerLogObserver}).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import socket
 import sys
 
 from twisted.internet import error
-from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.logger import globalLogBeginner
 
+from casd.service.logs import WorkerLogObserver
 from casd.service.tap import Options, makeService
 from casd.tlslayer import TLSFactory
 
@@ -99,7 +101,10 @@ class _ParentWatch:
         if not self.stopAsked:
             self.onOrphaned()
         if self.reactor.running:
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except error.ReactorNotRunning:
+                pass  # stopping already (a SIGTERM to the process group reached this worker too)
 
 
 def workerMain(argv=None) -> int:
@@ -110,6 +115,7 @@ def workerMain(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, default=1)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--log-fd", type=int, default=None)
     args = parser.parse_args(argv)
     fds = {}
     for item in args.listener:
@@ -123,8 +129,12 @@ def workerMain(argv=None) -> int:
 
     leanDispatch(reactor)
     leanLoop(reactor)
-    # Structured events to the parent, which reads them back with eventFromJSON.
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    # Structured events to the parent, which reads them back (casd.service.logs).
+    # The session lines straight to the parent's log when it is a stream the worker shares.
+    direct = None if args.log_fd is None else open(args.log_fd, "w", encoding="utf-8", closefd=False)
+    globalLogBeginner.beginLoggingTo(
+        [WorkerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
+    )
     options = Options()
     options.parseOptions(["--config", args.config])
     top = makeService(options, reactor, adopted=adoptingReactors(reactor, fds))

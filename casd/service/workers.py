@@ -12,12 +12,14 @@ same configuration file and builds the same service tree as a single-process cas
 
 The parent:
   - relays the workers' log events into its own log as the structured events they are (each
-    worker writes them with C{jsonFileLogObserver} on its standard output; the parent reads them
-    back with C{eventFromJSON}), each marked with the worker's number in C{casd_worker} and
+    worker writes them on its standard output with L{casd.service.logs.WorkerLogObserver}: the
+    session lines as compact records the parent decodes with one C{json.loads}, the rest with
+    C{jsonFileLogObserver}, read back with C{eventFromJSON}), each marked with the worker's number in C{casd_worker} and
     C{log_system}, so there is one log, one place that rotates it, and observers of the parent
     see the workers' fields;
   - restarts a worker that dies (after a pause, longer when it dies young);
-  - forwards C{SIGHUP} (reload) to the workers;
+  - forwards C{SIGHUP} (reload) and C{SIGUSR2} (reopen C{[log] file}, which the workers write)
+    to the workers;
   - stops them when it stops: it closes their standard input (they stop gracefully on end of
     file), then C{SIGTERM}, then C{SIGKILL}, each after a bounded wait.
 
@@ -36,7 +38,9 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON
 
-from casd.service.logs import MainLogRoot
+from casd.service.logs import LINE_RECORD, MainLogRoot, eventFromLineRecord, logsToStandardOutput
+
+_LINE_RECORD = LINE_RECORD.encode("ascii")
 
 #: Seconds the workers get to stop after their standard input closed, before C{SIGTERM}.
 STOP_GRACE = 10.0
@@ -105,6 +109,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, pool, index: int) -> None:
         self.pool = pool
         self.index = index
+        # The logger the class attribute gives, made once: it relays a line per session.
+        self.log = self.log
         self._buffer = b""
         self.ended = defer.Deferred()
         self.startedAt = pool.reactor.seconds()
@@ -122,8 +128,19 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 self.log.warn("worker {index}: {line}", index=self.index, line=line)
 
     def _relay(self, line: bytes) -> None:
+        if line[:1] == _LINE_RECORD:
+            # A session (or other per-request) line: its compact record, decoded in one call.
+            try:
+                event = eventFromLineRecord(line[1:])
+            except ValueError:
+                pass
+            else:
+                event["casd_worker"] = self.index
+                event["log_system"] = f"worker{self.index}:{event.get('log_namespace', '-')}#{event['log_level'].name}"
+                self.log.observer(event)
+                return
         # jsonFileLogObserver's records: a record separator, the JSON event, a line feed.
-        text = line.decode("utf-8", "replace").lstrip("\x1e").strip()
+        text = line.decode("utf-8", "replace").lstrip("\x1e\x1f").strip()
         if not text:
             return
         try:
@@ -154,8 +171,16 @@ class WorkerPool(service.Service):
 
     log = Logger()
 
-    def __init__(self, reactor, configPath: str, config, count: int, executable: str = sys.executable) -> None:
+    def __init__(
+        self, reactor, configPath: str, config, count: int, executable: str = sys.executable, sharedLog: bool = False
+    ) -> None:
+        """
+        @param sharedLog: whether the parent's log is its standard output, which the workers
+            then inherit and write their session lines to themselves (nothing per session in
+            the parent).
+        """
         self.reactor = reactor
+        self.sharedLog = sharedLog
         self.configPath = os.path.abspath(configPath)
         self.config = config
         self.stopGrace = STOP_GRACE + config.server.shutdown_grace
@@ -165,7 +190,7 @@ class WorkerPool(service.Service):
         self.workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
         self._restarts: dict[int, object] = {}
-        self._previousHup = None
+        self._previousSignals: dict = {}
 
     def privilegedStartService(self) -> None:
         # Before twistd drops privileges (--uid/--gid): ports below 1024 bind here.
@@ -179,15 +204,21 @@ class WorkerPool(service.Service):
         self._stopping = False
         for index in range(1, self.count + 1):
             self._spawn(index)
-        try:
-            self._previousHup = signal.signal(signal.SIGHUP, self._forwardHup)
-        except ValueError:  # not the main thread (tests): no forwarding
-            self._previousHup = None
+        self._previousSignals = {}
+        for number in (signal.SIGHUP, signal.SIGUSR2):
+            try:
+                self._previousSignals[number] = signal.signal(number, self._forward)
+            except ValueError:  # not the main thread (tests): no forwarding
+                pass
 
-    def _forwardHup(self, signum, frame) -> None:
-        self.reactor.callFromThread(self.signalWorkers, "HUP")
+    def _forward(self, signum, frame) -> None:
+        # SIGHUP: reload; SIGUSR2: reopen the log file (the workers write [log] file).
+        self.reactor.callFromThread(self.signalWorkers, signum)
 
-    def signalWorkers(self, name: str) -> None:
+    def signalWorkers(self, name) -> None:
+        """
+        @param name: C{"HUP"}, C{"TERM"}, C{"KILL"} (Twisted's names), or a signal number.
+        """
         for worker in self.workers.values():
             try:
                 worker.transport.signalProcess(name)
@@ -204,6 +235,11 @@ class WorkerPool(service.Service):
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         childFDs = {0: "w", 1: "r", 2: "r"}
         childFDs.update(fds)
+        if self.sharedLog:
+            # The parent's standard output, its log, under a number no listener uses.
+            logFD = max(childFDs) + 1
+            childFDs[logFD] = 1
+            args.append(f"--log-fd={logFD}")
         worker = _WorkerProcess(self, index)
         self.reactor.spawnProcess(worker, self.executable, args, env=env, childFDs=childFDs)
         self.workers[index] = worker
@@ -227,9 +263,9 @@ class WorkerPool(service.Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
-        if self._previousHup is not None:
-            signal.signal(signal.SIGHUP, self._previousHup)
-            self._previousHup = None
+        for number, previous in self._previousSignals.items():
+            signal.signal(number, previous)
+        self._previousSignals = {}
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -261,8 +297,11 @@ def makeParentService(options, reactor) -> service.MultiService:
     The service tree of C{twistd cas --workers N}: the L{WorkerPool} alone; the configuration
     was validated by the options, and each worker builds the rest.
     """
-    top = MainLogRoot(getattr(options, "parent", None), reactor)
-    pool = WorkerPool(reactor, options["config"], options.config, options["workers"])
+    twistdOptions = getattr(options, "parent", None)
+    top = MainLogRoot(twistdOptions, reactor)
+    pool = WorkerPool(
+        reactor, options["config"], options.config, options["workers"], sharedLog=logsToStandardOutput(twistdOptions)
+    )
     pool.setName("workers")
     pool.setServiceParent(top)
     return top

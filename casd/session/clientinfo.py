@@ -1,11 +1,11 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_auth,tests.test_clientinfo -*-
 """
 What casd knows about a client connection, carried through the whole session.
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -17,13 +17,28 @@ from attrs import frozen
 from twisted.internet.address import IPv4Address, IPv6Address
 
 from casd.net import parseAddress
+from casd.session.relay import PLAIN_TCP_SERVERS
+
+
+#: Bytes of randomness per session id, and how many ids one read of the kernel's random pool
+#: serves (one C{getrandom} per 128 sessions rather than one each).
+_ID_BYTES = 9
+_IDS_PER_READ = 128
+_random = [b"", 0]
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def newSessionId() -> str:
     """
-    A short random session identifier, shown in logs and passed to the backend (C{x-session-id}).
+    A short random session identifier, shown in logs and passed to the backend (C{x-session-id}):
+    9 random bytes in URL-safe base64 (12 characters).
     """
-    return base64.urlsafe_b64encode(os.urandom(9)).decode("ascii")
+    pool, offset = _random
+    if offset + _ID_BYTES > len(pool):
+        pool, offset = os.urandom(_ID_BYTES * _IDS_PER_READ), 0
+        _random[0] = pool
+    _random[1] = offset + _ID_BYTES
+    return binascii.b2a_base64(pool[offset : offset + _ID_BYTES], newline=False).translate(_URLSAFE).decode("ascii")
 
 
 def _hostPort(address) -> tuple[str, int]:
@@ -85,8 +100,13 @@ class ClientInfo:
         """
         @param listener: the L{casd.config.ListenerConfig} the client came in through.
         """
-        peerHost, peerPort = _hostPort(transport.getPeer())
-        localHost, localPort = _hostPort(transport.getHost())
+        if type(transport) in PLAIN_TCP_SERVERS and len(transport.client) == 2:
+            # A plain IPv4 connection: the addresses getPeer() and getHost() would wrap.
+            peerHost, peerPort = transport.client
+            localHost, localPort = transport.socket.getsockname()
+        else:
+            peerHost, peerPort = _hostPort(transport.getPeer())
+            localHost, localPort = _hostPort(transport.getHost())
         return cls(
             sessionId=newSessionId(),
             protocol=protocol,

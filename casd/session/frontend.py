@@ -210,7 +210,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
             self.context.config.server.trusted_networks,
             tls=self.listener.tls == "implicit",
         )
-        self._preauth = self.clock.callLater(self.section.preauth_timeout, self._preauthExpired)
+        self._preauth = self.clock.callLater(self.section.preauth_timeout, self._timerFired)
         self.greet()
 
     @property
@@ -235,7 +235,18 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         if self._preauth is not None and self._preauth.active():
             self._preauth.reset(seconds)
         else:
-            self._preauth = self.clock.callLater(seconds, self._preauthExpired)
+            self._preauth = self.clock.callLater(seconds, self._timerFired)
+
+    def _timerFired(self) -> None:
+        """
+        The session's timer: before the relay, the time allowed without login (or
+        L{resetTimeout}'s); the relay takes it over for its first idle check (L{Relay.start}).
+        """
+        relay = self.relay
+        if relay is not None:
+            relay.checkIdle()
+        else:
+            self._preauthExpired()
 
     def _preauthExpired(self) -> None:
         self._preauth = None
@@ -566,13 +577,14 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         """
         Detach to the dumb relay: from here on, bytes only.
         """
-        if self._preauth is not None and self._preauth.active():
-            self._preauth.cancel()
-        self._preauth = None
+        timer, self._preauth = self._preauth, None
+        if timer is not None and not timer.active():
+            timer = None
         self.result = "proxy"
         leftover, self._buffer = self._buffer, b""
         relay = Relay(self, dialogue, self.clock, self.section.idle_timeout, self._relayEnded)
-        relay.start(fromClient=leftover, fromBackend=dialogue.leftover)
+        # The session's timer goes on as the relay's first idle check (L{_timerFired}).
+        relay.start(fromClient=leftover, fromBackend=dialogue.leftover, timer=timer)
         dialogue.leftover = b""
         if self._paused:
             self._paused = False

@@ -15,8 +15,13 @@ more reactor iteration per write, which were a third of the cost of a proxied lo
 
 from __future__ import annotations
 
+from zope.interface import implementer
+
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from casd.session.tlsrelay import wholeChunks
@@ -32,14 +37,15 @@ RELAY_READ_SIZE = 256 * 1024
 
 def _writeNow(self, data: bytes) -> None:
     """
-    L{tcp.Connection.write}, but with nothing queued the bytes go to the socket at once; what
-    the kernel does not take is queued the usual way (and so is everything while a close is in
-    progress, and everything after C{startTLS()}, which must go through the TLS layer), so
-    ordering, flow control and error reporting stay Twisted's.
+    L{tcp.Connection.write}, but with nothing queued (Twisted empties C{dataBuffer} once it has
+    sent it all) the bytes go to the socket at once; what the kernel does not take is queued the
+    usual way (and so is everything while a close is in progress, and everything after
+    C{startTLS()}, which must go through the TLS layer), so ordering, flow control and error
+    reporting stay Twisted's.
     """
     if (
         not self.TLS
-        and self.offset == len(self.dataBuffer)
+        and not self.dataBuffer
         and not self._tempDataLen
         and self.connected
         and not self.disconnecting
@@ -51,24 +57,32 @@ def _writeNow(self, data: bytes) -> None:
         except OSError:
             # EAGAIN, or an error the queued write's doWrite reports as a lost connection.
             sent = 0
-        if sent == len(data):
-            return
         if sent:
+            if sent == len(data):
+                return
             data = data[sent:]
     tcp.Connection.write(self, data)
 
 
 class _WriteThroughServer(tcp.Server):
     write = _writeNow
+    # No shutdown() before close(): the socket is this process's alone (close-on-exec), so
+    # close() ends the connection the same way, one system call less (Twisted's own comment
+    # on shutdown(): "isn't really necessary"; it skips it for sockets it adopted).
+    _shouldShutdown = False
 
 
 class _WriteThroughClient(tcp.Client):
     write = _writeNow
+    _shouldShutdown = False
 
 
 _WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
 _TCP_TYPES = (tcp.Server, tcp.Client)
 _PLAIN_TCP = frozenset([*_WRITE_THROUGH, *_WRITE_THROUGH.values()])
+_WRITING_THROUGH = frozenset(_WRITE_THROUGH.values())
+#: The classes of an accepted plain TCP connection (Twisted's, and its write-through subclass).
+PLAIN_TCP_SERVERS = frozenset([tcp.Server, _WriteThroughServer])
 
 
 def writeThrough(transport) -> None:
@@ -102,6 +116,68 @@ def _pending(transport) -> bool:
     if isinstance(transport, _TCP_TYPES):
         return bool(transport.dataBuffer or transport._tempDataLen)
     return True
+
+
+#: The reason a transport closed by L{_closeNow} gives its protocol: one shared failure, as the
+#: reactor shares its own for every connection it closes.
+_CLOSED = Failure(ConnectionDone())
+
+
+def _closeNow(transport) -> bool:
+    """
+    Close a plain TCP transport with nothing left to send at once, as the reactor would on its
+    next iteration after C{loseConnection()} found nothing to flush: out of the reactor, the
+    socket shut down and closed, the protocol's C{connectionLost} called, before this returns.
+    That saves the reactor iteration and the C{epoll_ctl} calls of arming the transport for
+    writing only to find the buffer empty.  A transport whose C{loseConnection()} was called
+    already (Twisted calls it when the other side, of which it was the producer, was lost) is
+    in that state too.
+
+    @return: whether it did; anything else (TLS, bytes queued, a producer registered, a
+        half-close in progress, not a TCP transport) is left to the caller's
+        C{loseConnection()}.
+    """
+    if (
+        type(transport) not in _PLAIN_TCP
+        or transport.TLS
+        or not transport.connected
+        or transport._writeDisconnecting
+        or transport.dataBuffer
+        or transport._tempDataLen
+        or transport.producer is not None
+    ):
+        return False
+    reactor = transport.reactor
+    reactor.removeReader(transport)
+    reactor.removeWriter(transport)
+    transport.connectionLost(_CLOSED)
+    return True
+
+
+@implementer(IPushProducer)
+class _FlowOnly:
+    """
+    One side of the relay as the producer of the other side's transport, for flow control only:
+    a consumer that cannot keep up pauses reading from it, and resumes it.  When the consumer's
+    connection is lost, Twisted tells its producer to stop: the relay ends the session then
+    (L{Relay._end} closes this side, at once when nothing is queued) instead of this side's
+    transport starting a C{loseConnection()} on its own first (arming it for writing, two
+    C{epoll_ctl} calls, only for the relay to close it).
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def _closeWrite(transport) -> None:
@@ -144,10 +220,15 @@ class Relay:
         self._closedReads = set()
         self._aborts = {}
 
-    def start(self, fromClient: bytes = b"", fromBackend: bytes = b"") -> None:
+    def start(self, fromClient: bytes = b"", fromBackend: bytes = b"", timer=None) -> None:
         """
         Begin relaying.  C{fromClient}/C{fromBackend} are bytes either side sent before the splice
         (pipelined behind the login), delivered first.
+
+        @param timer: a pending L{DelayedCall} of the caller's that calls L{checkIdle} once the
+            relay has started (the frontend's session timer), taken over for the first idle
+            check: pushed later when it is due sooner than that check (arithmetic, where a new
+            timer is a heap insertion and the old one's cancellation), else cancelled.
         """
         self.frontend.relay = self
         self.backend.relay = self
@@ -163,19 +244,23 @@ class Relay:
             # The endpoint's wrapper only forwards: chunks reach the relay with one call less.
             wrapper.dataReceived = self.fromBackend
         for transport in (self.client, self.server):
+            if type(transport) in _WRITING_THROUGH and not transport.TLS:
+                # Plain TCP, switched to write-through when it connected: large reads only.
+                transport.bufferSize = RELAY_READ_SIZE
+                continue
             writeThrough(transport)
             # Large reads, below the TLS layer too (a TLS-wrapped transport's is underneath).
             if isinstance(transport, TLSMemoryBIOProtocol):
                 transport = transport.transport
             if isinstance(transport, _TCP_TYPES):
                 transport.bufferSize = RELAY_READ_SIZE
-        self.client.registerProducer(self.server, True)
-        self.server.registerProducer(self.client, True)
+        self.client.registerProducer(_FlowOnly(self.server), True)
+        self.server.registerProducer(_FlowOnly(self.client), True)
         if fromBackend:
             self.fromBackend(fromBackend)
         if fromClient:
             self.fromClient(fromClient)
-        self._armIdle()
+        self._armIdle(timer)
 
     def fromClient(self, data: bytes) -> None:
         self.bytesIn += len(data)
@@ -187,10 +272,22 @@ class Relay:
 
     # -- idle timeout: counters compared a few times per period, nothing per chunk ------
 
-    def _armIdle(self) -> None:
-        self._idle = self.clock.callLater(self.idleTimeout / 4.0, self._checkIdle)
+    def _armIdle(self, timer=None) -> None:
+        period = self.idleTimeout / 4.0
+        if timer is not None:
+            if timer.time <= self.clock.seconds() + period:
+                timer.reset(period)
+                self._idle = timer
+                return
+            # Moving a timer sooner searches the reactor's heap: a new one is cheaper.
+            timer.cancel()
+        self._idle = self.clock.callLater(period, self.checkIdle)
 
-    def _checkIdle(self) -> None:
+    def checkIdle(self) -> None:
+        """
+        One of the idle checks, a quarter of C{idleTimeout} apart: the relay ends after four in a
+        row that saw no byte either way.
+        """
         now = (self.bytesIn, self.bytesOut)
         if now == self._seen:
             self._quietChecks += 1
@@ -243,6 +340,8 @@ class Relay:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        # First: closing a side below may end its protocol at once, which logs the session.
+        self.onEnd(why)
         for side, transport in (("client", self.client), ("backend", self.server)):
             if side != lost:
                 # A TLS transport (a STARTTLS client) does not close while a producer is
@@ -251,12 +350,13 @@ class Relay:
                     transport.unregisterProducer()
                 except RuntimeError:
                     pass  # none registered (a test transport says so)
-                # Flush what is pending, but never wait for a peer that stopped reading.  A
-                # plain TCP transport with nothing queued closes at once: no timer needed.
+                # A plain TCP transport with nothing queued closes at once.  Otherwise flush
+                # what is pending, but never wait for a peer that stopped reading.
+                if _closeNow(transport):
+                    continue
                 pending = _pending(transport)
                 transport.loseConnection()
                 if pending:
                     self._aborts[side] = self.clock.callLater(
                         self.closeGrace, transport.abortConnection
                     )
-        self.onEnd(why)

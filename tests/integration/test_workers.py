@@ -15,10 +15,11 @@ import time
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import Logger, LogLevel, formatEvent, jsonFileLogObserver
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from casd.auth.hashing import makeHash
+from casd.service.logs import WorkerLogObserver
 from casd.service.worker import _AdoptingReactor, adoptingReactors
 from casd.service.workers import _WorkerProcess
 from tests.support.procs import freePort, pidAlive
@@ -195,11 +196,26 @@ tls = "none"
             )
 
     @defer.inlineCallbacks
-    def startParent(self, workers=2, twistdArgs=(), python=sys.executable, pythonPath=ROOT):
+    def startParent(self, workers=2, twistdArgs=(), python=sys.executable, pythonPath=ROOT, logFile=None):
+        """
+        @param logFile: the parent's C{--logfile}, where its log is read from (else its standard
+            output).
+        """
         proc = Twistd()
+
+        def output():
+            if logFile is None:
+                return proc.output
+            try:
+                with open(logFile, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+
         args = [
             python, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"), *twistdArgs,
+            "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"),
+            *(() if logFile is None else ("--logfile", logFile)), *twistdArgs,
             "cas", "--config", self.config, "--workers", str(workers),
         ]
         env = dict(os.environ, PYTHONPATH=pythonPath)
@@ -215,13 +231,13 @@ tls = "none"
 
         self.addCleanup(cleanup)
         deadline = time.monotonic() + WAIT
-        while len(childrenOf(self.parentPid)) < workers or b"FrontendFactory starting" not in proc.output:
+        while len(childrenOf(self.parentPid)) < workers or b"FrontendFactory starting" not in output():
             if time.monotonic() > deadline or proc.ended.called:
                 self.fail(f"workers did not start:\n{proc.output.decode(errors='replace')}")
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.workerPids = childrenOf(self.parentPid)
         # Both workers have adopted the socket once each logged its listener.
-        while proc.output.count(b"FrontendFactory starting") < workers:
+        while output().count(b"FrontendFactory starting") < workers:
             if time.monotonic() > deadline:
                 self.fail(f"workers did not listen:\n{proc.output.decode(errors='replace')}")
             yield task.deferLater(reactor, 0.05, lambda: None)
@@ -269,6 +285,12 @@ tls = "none"
                 break
         self.assertEqual(served, {1, 2}, proc.output.decode(errors="replace")[-3000:])
         self.assertEqual(proc.output.count(b"casd.session"), sessions)
+        # The parent logs to its standard output: each worker holds it, and writes its session
+        # lines there itself.
+        parentLog = os.readlink(f"/proc/{self.parentPid}/fd/1")
+        for pid in self.workerPids:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) > 2}
+            self.assertIn(parentLog, held)
 
         os.kill(self.parentPid, signal.SIGTERM)
         yield proc.ended
@@ -277,6 +299,83 @@ tls = "none"
         self.assertIn(getattr(proc.reason.value, "signal", None), (None, signal.SIGTERM))
         yield self.waitGone(self.workerPids)
         self.assertIn(b"Server Shut Down", proc.output)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
+    def test_sessionLinesThroughTheParentToItsLogFile(self):
+        """
+        With C{--logfile} (twistd's rotating file, the parent's alone), the workers' session
+        lines travel to the parent, which writes them there, one per session, marked with the
+        worker; the workers do not hold that file.
+        """
+        logPath = os.path.join(self.dir, "twistd.log")
+        proc = yield self.startParent(2, logFile=logPath)
+        sessions = 0
+        for _ in range(3):
+            clients = yield defer.gatherResults([self.login() for _ in range(4)])
+            sessions += len(clients)
+            for c in clients:
+                c.transport.loseConnection()
+        deadline = time.monotonic() + WAIT
+        while True:
+            with open(logPath, "rb") as f:
+                text = f.read()
+            if text.count(b":casd.session#info] session=") >= sessions or time.monotonic() > deadline:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(text.count(b":casd.session#info] session="), sessions, text.decode(errors="replace")[-2000:])
+        self.assertRegex(text, rb"\n\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} \[worker[12]:casd\.session#info\] session=\S+ proto=imap ")
+        self.assertNotIn(b"casd.session", proc.output)
+        for pid in self.workerPids:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            self.assertNotIn(os.path.realpath(logPath), held)
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
+    def test_logReopenedOnSIGUSR2(self):
+        """
+        C{SIGUSR2} to the parent (logrotate's postrotate) reaches the workers, which write casd's
+        own log file (C{[log] file}): each reopens it, and the parent keeps running.
+        """
+        logPath = os.path.join(self.dir, "casd.log")
+        with open(self.config, "a") as f:
+            f.write(f'[log]\nfile = "{logPath}"\n')
+        proc = yield self.startParent(2)
+
+        def read(path):
+            try:
+                with open(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return ""
+
+        client = yield self.login()
+        client.transport.loseConnection()
+        deadline = time.monotonic() + WAIT
+        while "casd.session" not in read(logPath):
+            if time.monotonic() > deadline:
+                self.fail(f"no session line in {logPath}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        os.rename(logPath, logPath + ".1")
+        os.kill(self.parentPid, signal.SIGUSR2)
+        while read(logPath).count("reopened") < 2:
+            if time.monotonic() > deadline or proc.ended.called:
+                self.fail(f"the workers did not reopen the log:\n{proc.output.decode(errors='replace')[-2000:]}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(pidAlive(self.parentPid))
+        client = yield self.login()
+        client.transport.loseConnection()
+        while "casd.session" not in read(logPath):
+            if time.monotonic() > deadline:
+                self.fail("no session line in the reopened log")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(read(logPath + ".1").count("casd.session"), 1)
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
         yield self.quiet()
 
     @defer.inlineCallbacks
@@ -359,7 +458,7 @@ class WorkerLogTests(TestCase):
 
     def test_structuredEvents(self):
         out = io.StringIO()
-        workerLog = Logger(namespace="casd.session", observer=jsonFileLogObserver(out))
+        workerLog = Logger(namespace="casd.session", observer=WorkerLogObserver(out))
         workerLog.info("{user} logged in from {peer}", user="alice", peer="192.0.2.7")
         try:
             1 / 0
@@ -385,6 +484,79 @@ class WorkerLogTests(TestCase):
         self.assertEqual(events[1]["log_level"], LogLevel.critical)
         self.assertIn("ZeroDivisionError", events[1]["log_failure"].getTraceback())
         self.assertEqual(formatEvent(events[2]), "worker 3: not json")
+
+
+    def relay(self, data: bytes, index=3):
+        events = []
+
+        class Pool:
+            reactor = task.Clock()
+
+        worker = _WorkerProcess(Pool(), index)
+        worker.log = Logger(observer=events.append)
+        worker.outReceived(data)
+        return events
+
+    def test_sessionLine(self):
+        """
+        A session line travels as a compact record and reaches the parent's observers as the event
+        it was in the worker: the same fields and text, marked with the worker.
+        """
+        from casd.service.logs import LINE_KEY, LINE_RECORD, LineLog, TextLogObserver
+        from casd.session.clientinfo import ClientInfo
+        from casd.session.protolog import SessionLog
+
+        out = io.StringIO()
+        sent = []
+        publisher = LogPublisher(WorkerLogObserver(out), sent.append)
+        client = ClientInfo("abc", "imap", "imap-1", "2001:db8::7", 4000, "::1", 143, True, False)
+        SessionLog(lines=LineLog("casd.session", publisher, now=lambda: 1000.25)).record(
+            client, "alicé", "mbx1(192.0.2.1:143)", "proxy(client closed)", 10, 20, 1.5
+        )
+        self.assertTrue(out.getvalue().startswith(LINE_RECORD))
+        (event,) = self.relay(out.getvalue().encode("utf-8"))
+        (original,) = sent
+        for key in ("session", "protocol", "listener", "client", "user", "backend", "result", "bytesIn",
+                    "bytesOut", "duration", "line", LINE_KEY, "log_namespace", "log_time", "log_level"):
+            self.assertEqual(event[key], original[key], key)
+        self.assertEqual(event["casd_worker"], 3)
+        self.assertEqual(event["log_system"], "worker3:casd.session#info")
+        self.assertEqual(formatEvent(event), original["line"])
+        text = io.StringIO()
+        TextLogObserver(text)(event)
+        self.assertIn(f"[worker3:casd.session#info] {original['line']}\n", text.getvalue())
+
+    def test_sessionLineWrittenByTheWorker(self):
+        """
+        When the parent's log is a stream the worker shares, the worker writes its session lines
+        there itself, the same text as the parent writes for a relayed line, and sends the
+        parent nothing for them.
+        """
+        from casd.service.logs import LineLog, TextLogObserver
+
+        def emit(observer):
+            LineLog("casd.session", LogPublisher(observer), now=lambda: 1000.25).emit(
+                "session=abc user=alice\nmore", {"user": "alice"}
+            )
+
+        pipe, direct = io.StringIO(), io.StringIO()
+        emit(WorkerLogObserver(pipe, direct=direct, index=2))
+        self.assertEqual(pipe.getvalue(), "")
+        relayedPipe, parentLog = io.StringIO(), io.StringIO()
+        emit(WorkerLogObserver(relayedPipe))
+        (event,) = self.relay(relayedPipe.getvalue().encode(), index=2)
+        TextLogObserver(parentLog)(event)
+        self.assertEqual(direct.getvalue(), parentLog.getvalue())
+        self.assertIn("[worker2:casd.session#info] session=abc user=alice\n\tmore\n", direct.getvalue())
+
+    def test_brokenLineRecord(self):
+        """
+        A line record that does not decode is relayed as text, never dropped or a traceback.
+        """
+        from casd.service.logs import LINE_RECORD
+
+        events = self.relay(LINE_RECORD.encode() + b'{"casd_line": 3}\n' + LINE_RECORD.encode() + b"{nope\n")
+        self.assertEqual([formatEvent(e) for e in events], ['worker 3: {"casd_line": 3}', "worker 3: {nope"])
 
 
 class AdoptingReactorTests(TestCase):
@@ -442,3 +614,28 @@ class ParentWatchTests(SynchronousTestCase):
         End of file alone: the parent died; the worker stops at once.
         """
         self.assertEqual(self.watch(b""), [True])
+
+    def test_reactorStoppingAlready(self):
+        """
+        A worker whose reactor is stopping already (a SIGTERM to the whole process group) sees
+        its parent's end of file without a traceback.
+        """
+        from twisted.internet.error import ReactorNotRunning
+
+        from casd.service.worker import _ParentWatch
+
+        class Stopping:
+            running = True
+
+            def stop(self):
+                raise ReactorNotRunning("Can't stop reactor that isn't running.")
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        os.write(w, b"stop\n")
+        os.close(w)
+        watch = _ParentWatch(Stopping(), lambda: None, fd=r)
+        while (reason := watch.doRead()) is None:
+            pass
+        watch.connectionLost(reason)
+        self.assertTrue(watch.stopAsked)
