@@ -44,3 +44,18 @@ class FallbackTests(SynchronousTestCase):
         self.patch(reactor, "connectTCP", lambda *a, **kw: calls.append((a, kw)) or "c")
         self.assertEqual(tcpclient.connectBackend(reactor, "::1", 143, factory, 6), "c")
         self.assertEqual(calls, [(("::1", 143, factory), {"timeout": None})])
+
+
+class WriteThroughTests(SynchronousTestCase):
+    def test_plainTCPToTheRelay(self):
+        """
+        L{tcpclient.LeanClient} writes through from the start: L{writeThrough} leaves its class
+        as it is, in its fast lane (no TLS check, no class swap), and the relay may close it at
+        once; a class that does not write through cannot be declared so.
+        """
+        from twisted.internet import tcp
+
+        from casd.session import relay
+
+        self.assertIn(tcpclient.LeanClient, relay._PLAIN_TCP)
+        self.assertRaises(TypeError, relay.writesThrough, type("Slow", (tcp.Client,), {}))

@@ -34,7 +34,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol
 
-from casd.session.relay import _writeNow
+from casd.session.relay import _writeNow, writesThrough
 
 #: SHA-256 of the sources L{LeanClient} stands in for, in Twisted 26.10.0.
 TWISTED_SHA256 = "13916e1f1a01ea5ce8bb1c2df7ca9347a64f8bce3b1db2b78891422c1ec7555e"
@@ -70,6 +70,7 @@ def twistedMatches() -> bool:
 _LEAN = None
 
 
+@writesThrough
 class LeanClient(tcp.Client):
     """
     A client connection to an IPv4 address literal (see the module's docstring).

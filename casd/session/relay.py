@@ -79,10 +79,22 @@ class _WriteThroughClient(tcp.Client):
 
 _WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
 _TCP_TYPES = (tcp.Server, tcp.Client)
-_PLAIN_TCP = frozenset([*_WRITE_THROUGH, *_WRITE_THROUGH.values()])
+_PLAIN_TCP = set([*_WRITE_THROUGH, *_WRITE_THROUGH.values()])
 _WRITING_THROUGH = frozenset(_WRITE_THROUGH.values())
 #: The classes of an accepted plain TCP connection (Twisted's, and its write-through subclass).
 PLAIN_TCP_SERVERS = frozenset([tcp.Server, _WriteThroughServer])
+
+
+def writesThrough(cls):
+    """
+    Class decorator: C{cls}, a subclass of Twisted's TCP client or server whose C{write} is
+    already L{_writeNow}, is plain TCP to L{writeThrough} (left as it is, in the fewest calls)
+    and to L{_closeNow}.
+    """
+    if not (issubclass(cls, _TCP_TYPES) and cls.write is _writeNow):
+        raise TypeError(f"{cls!r} is not a write-through TCP transport")
+    _PLAIN_TCP.add(cls)
+    return cls
 
 
 def writeThrough(transport) -> None:
