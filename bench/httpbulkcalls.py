@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     backend = startBackend()
     backend.makeFile("big", size)
     port = freePort()
-    config = writeCasdConfig(work, backend.port, port, "\n[imap]\nenabled = false\n")
+    config = writeCasdConfig(work, backend.port, port)
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(

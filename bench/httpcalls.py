@@ -111,7 +111,7 @@ def measure(args) -> int:
     backend = startBackend()
     port = freePort()
     # HTTP only: IMAP would take its default port (busy on a shared machine).
-    config = writeCasdConfig(work, backend.port, port, "\n[imap]\nenabled = false\n")
+    config = writeCasdConfig(work, backend.port, port)
     stats = os.path.join(work, "calls.prof")
     log = open(os.path.join(work, "casd.log"), "wb")
     casd = subprocess.Popen(
