@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from base64 import b64encode
 
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
 #: Removed in both directions (lower case).
 HOP_BY_HOP = frozenset(
@@ -70,12 +70,26 @@ def connectionTokens(headers: Headers) -> set[bytes]:
     The header names a C{Connection} header lists (they are hop-by-hop for this message).
     """
     tokens = set()
-    for value in headers.getRawHeaders(b"Connection", []):
+    for value in headers._rawHeaders.get(b"Connection", ()):
         for token in value.split(b","):
             token = token.strip().lower()
             if token:
                 tokens.add(token)
     return tokens
+
+
+def _canonicalTokens(tokens: set[bytes]) -> set[bytes]:
+    """
+    C{Connection}'s tokens as L{Headers} spells its keys (a token that is no field name names
+    no field).
+    """
+    out = set()
+    for token in tokens:
+        try:
+            out.add(_nameEncoder.encode(token))
+        except InvalidHeaderName:
+            pass
+    return out
 
 
 def backendRequestHeaders(
@@ -96,66 +110,101 @@ def backendRequestHeaders(
     @param client: the L{casd.session.clientinfo.ClientInfo} (the real client).
     @param host: the C{Host} the client asked for (forwarded as C{X-Forwarded-Host}).
     @param user: the L{casd.interfaces.IMailboxUser}, or C{None} (anonymous).
-    @param strip: more lower-case header names to drop (a credential source's own).
+    @param strip: more lower-case header names to drop (a credential source's own), a
+        C{frozenset} or a tuple.
     @param cookieFilter: C{callable(name) -> bool}: whether a cookie of the client's C{Cookie}
         header goes on to the backend (casd's own cookies do not).
     """
-    drop = _dropSet(frozenset(strip), vdir.identityHeader, vdir.identity != "passthrough")
-    tokens = connectionTokens(incoming)
-    if tokens:
-        drop = drop | tokens
+    # The names compared as L{Headers} keys them (canonical spelling, a function of the lower
+    # case name): no lower() per field.
+    drop = _dropSet(strip, vdir.identityHeader, vdir.identity != "passthrough")
+    raw = incoming._rawHeaders
+    if b"Connection" in raw:
+        tokens = connectionTokens(incoming)
+        if tokens:
+            drop = drop | _canonicalTokens(tokens)
     out = []
     te = False
-    for name, values in incoming.getAllRawHeaders():
-        lower = name.lower()
-        if lower in drop:
-            if lower == b"te":
+    for name, values in raw.items():
+        if name in drop:
+            if name == b"TE":
                 te = b"trailers" in b",".join(values).lower()
             continue
-        if lower == b"cookie" and cookieFilter is not None:
+        if name == b"Cookie" and cookieFilter is not None:
             values = [v for v in (filterCookies(v, cookieFilter) for v in values) if v]
-        for value in values:
-            out.append((name, value))
+        if len(values) == 1:
+            out.append((name, values[0]))
+        else:
+            out += [(name, value) for value in values]
     if te:
         # The only TE value a proxy may pass on (RFC 9110 10.1.4).
         out.append((b"TE", b"trailers"))
-    peer = client.peerHost.encode("ascii", "replace")
+    sessionId = client.sessionId
+    peerHost = client.peerHost
+    peer = _ASCII.get(peerHost)
+    if peer is None:
+        peer = _ascii(peerHost)
     scheme = b"https" if client.tls else b"http"
-    out.append((b"X-Forwarded-For", peer))
-    out.append((b"X-Forwarded-Proto", scheme))
-    if host:
-        out.append((b"X-Forwarded-Host", host))
     node = peer if b":" not in peer else b'"[' + peer + b']"'
     forwarded = b"for=" + node + b";proto=" + scheme
-    if host and _tokenSafe(host):
-        forwarded += b";host=" + host
-    out.append((b"Forwarded", forwarded))
-    out.append((b"X-Casd-Session", client.sessionId.encode("ascii")))
-    if user is not None and vdir.identity in ("header", "master"):
+    if host:
+        if _tokenSafe(host):
+            forwarded += b";host=" + host
+        out += [
+            (b"X-Forwarded-For", peer),
+            (b"X-Forwarded-Proto", scheme),
+            (b"X-Forwarded-Host", host),
+            (b"Forwarded", forwarded),
+            (b"X-Casd-Session", sessionId.encode("ascii")),
+        ]
+    else:
+        out += [
+            (b"X-Forwarded-For", peer),
+            (b"X-Forwarded-Proto", scheme),
+            (b"Forwarded", forwarded),
+            (b"X-Casd-Session", sessionId.encode("ascii")),
+        ]
+    identity = vdir.identity
+    if identity == "passthrough":
+        return out
+    if user is not None and (identity == "header" or identity == "master"):
         name = user.address if vdir.identityValue == "address" and user.address else (
             getattr(user, "backendLogin", "") or user.login
         )
         out.append((vdir.identityHeader, name.encode("utf-8")))
-    if vdir.identity == "master":
+    if identity == "master":
         token = b64encode(vdir.masterUser.encode("utf-8") + b":" + vdir.masterPassword)
         out.append((b"Authorization", b"Basic " + token))
     return out
 
 
+#: Client addresses as bytes (a bounded memo: the same clients come back).
+_ASCII: dict = {}
+
+
+def _ascii(text: str) -> bytes:
+    value = text.encode("ascii", "replace")
+    if len(_ASCII) < 4096:
+        _ASCII[text] = value
+    return value
+
+
 _DROP_SETS: dict = {}
 
 
-def _dropSet(strip: frozenset, identityHeader: bytes, ownAuthorization: bool) -> frozenset:
+def _dropSet(strip, identityHeader: bytes, ownAuthorization: bool) -> frozenset:
     """
-    The lower-case names dropped from a client request, for a credential source's C{strip},
-    a vdir's identity header and whether the client's C{Authorization} stays with casd.
+    The names dropped from a client request, spelt as L{Headers} keys them, for a credential
+    source's C{strip} (lower-case names), a vdir's identity header and whether the client's
+    C{Authorization} stays with casd.
     """
     key = (strip, identityHeader, ownAuthorization)
     drop = _DROP_SETS.get(key)
     if drop is None:
-        drop = _ALWAYS_DROP | strip | {identityHeader.lower()}
+        lower = _ALWAYS_DROP | frozenset(strip) | {identityHeader.lower()}
         if ownAuthorization:
-            drop |= {b"authorization"}
+            lower |= {b"authorization"}
+        drop = frozenset(_canonicalTokens(lower))
         if len(_DROP_SETS) < 1024:
             _DROP_SETS[key] = drop
     return drop

@@ -505,7 +505,7 @@ class HTTPSite(server.Site):
             # credentials and path, not this vdir's backend identity and backend path.
             attr.evolve(vdir, identity="passthrough") if toCAS else vdir,
             request.client,
-            (request.requestHeaders.getRawHeaders(b"Host") or [b""])[0],
+            (request.requestHeaders._rawHeaders.get(b"Host") or (b"",))[0],
             request.user,
             strip=strip,
             cookieFilter=self.cookieFilter,
