@@ -217,6 +217,58 @@ class FailoverTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.reactor.advance(2)
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())
 
+    def test_timeoutKeepAlive(self):
+        """
+        The silence timer is the connection's, moved on for each request (not one scheduled
+        and cancelled per request): a later request on the same connection still gets its 504
+        after the vdir's idle timeout counted from its own start, and a timer left with no
+        request fires for nobody and goes with the connection.
+        """
+        get = b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n"
+        self.request(get)
+        server, backend = self.backend(0)
+        timer = self.client._silence
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 204 "))
+        self.transport.clear()
+        # Answered: the timer stays pending, for nobody.
+        self.assertTrue(timer.active())
+        self.assertIsNone(self.client._silenceOwner)
+        self.reactor.advance(50)
+        self.request(get)
+        self.assertIs(self.client._silence, timer)
+        self.reactor.advance(59)
+        self.assertEqual(self.transport.value(), b"")
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())
+        self.assertTrue(self.transport.connected)
+        self.transport.clear()
+        # Idle longer than the vdir's timeout: the timer fired for nobody, the connection lives
+        # (the keep-alive timeout is longer), and the next request gets a timer of its own.
+        self.reactor.advance(61)
+        self.assertIsNone(self.client._silence)
+        self.assertEqual(self.transport.value(), b"")
+        self.request(get)
+        self.assertTrue(self.client._silence.active())
+        self.reactor.advance(61)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())
+
+    def test_timerGoesWithConnection(self):
+        """
+        The connection's silence timer is cancelled when the client goes.
+        """
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend(0)
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        timer = self.client._silence
+        self.assertTrue(timer.active())
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(timer.active())
+        self.assertNotIn(timer, self.reactor.getDelayedCalls())
+
     def test_longPoll(self):
         """
         In a long-poll vdir a response may take up to its long-poll timeout (an ActiveSync

@@ -119,6 +119,10 @@ class ProxyChannel(http.HTTPChannel):
     maxHeaders = 200
 
     _headerTimer = None
+    #: The proxy's silence timer (L{protocols.http.relay.Relay}), kept between requests, and
+    #: the relay it fires for (L{None}: no exchange in progress).
+    _silence = None
+    _silenceOwner = None
     client = None
     #: The start of a request head whose end has not arrived yet.
     _head = b""
@@ -384,8 +388,17 @@ class ProxyChannel(http.HTTPChannel):
         if not answered:
             self._respondToBadRequestAndDisconnect()
 
+    def _silenceFired(self) -> None:
+        self._silence = None
+        owner, self._silenceOwner = self._silenceOwner, None
+        if owner is not None:
+            owner._silent()
+
     def connectionLost(self, reason) -> None:
         self._cancelHeaderTimer()
+        timer, self._silence = self._silence, None
+        if timer is not None:
+            timer.cancel()
         super().connectionLost(reason)
 
 

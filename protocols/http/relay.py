@@ -43,6 +43,8 @@ class Relay:
     """
 
     exchange = None
+    #: The client connection (L{protocols.http.channel.ProxyChannel}), which keeps the timer.
+    channel = None
     #: The client's transport, once the response started.
     transport = None
     #: How much of the client's body the silence timer saw last.
@@ -61,7 +63,15 @@ class Relay:
         self.head = None
         clock = self.clock = site.clock
         self.active = clock.seconds()
-        self.timer = clock.callLater(vdir.timeout, self._silent)
+        # The client connection's silence timer, kept between its requests: moved on (arithmetic
+        # while it only moves later), not a timer scheduled and cancelled per request.
+        channel = self.channel = request.channel
+        channel._silenceOwner = self
+        timer = channel._silence
+        if timer is None:
+            channel._silence = clock.callLater(vdir.timeout, channel._silenceFired)
+        else:
+            timer.reset(vdir.timeout)
 
     # -- the timer --------------------------------------------------------------------------
 
@@ -75,9 +85,10 @@ class Relay:
             self.active = now
         quiet = now - self.active
         if quiet < timeout:
-            self.timer = self.clock.callLater(timeout - quiet, self._silent)
+            channel = self.channel
+            channel._silenceOwner = self
+            channel._silence = self.clock.callLater(timeout - quiet, channel._silenceFired)
             return
-        self.timer = None
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.cancel()
@@ -94,9 +105,11 @@ class Relay:
             request.channel.transport.loseConnection()
 
     def _stopTimer(self) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        # The timer stays with the connection for its next request; it fires for nobody (and
+        # is dropped) if none comes in time, and goes with the connection.
+        channel = self.channel
+        if channel._silenceOwner is self:
+            channel._silenceOwner = None
 
     # -- IResponseSink ----------------------------------------------------------------------
 
