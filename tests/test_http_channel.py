@@ -51,6 +51,49 @@ class HeadParserTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertNotIn(b"x-thing", sent)
         self.assertIn(b"X-Forwarded-Host: h\r\n", sent)
 
+    def test_rememberedLines(self):
+        """
+        Lines of harmless fields are remembered whole and give the same headers when they come
+        again; credential and framing lines never are, and are checked each time.
+        """
+        from protocols.http import channel
+
+        channel._LINES.clear()
+        head = (
+            b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nUser-Agent: agent/1\r\nAccept: */*\r\n"
+            + AUTH + b"Cookie: a=b\r\nAccept:  text/plain \r\n"
+        )
+        self.request(head)
+        self.assertIn(b"User-Agent: agent/1", channel._LINES)
+        self.assertEqual(channel._LINES[b"Accept:  text/plain "], (b"Accept", b"text/plain"))
+        for line in channel._LINES:
+            self.assertNotIn(BASIC, line)
+            self.assertFalse(line.startswith(b"Cookie"), line)
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.request(head)
+        request = self.client.requests[-1]
+        raw = request.requestHeaders._rawHeaders
+        self.assertEqual(raw[b"Accept"], [b"*/*", b"text/plain"])
+        self.assertEqual(raw[b"User-Agent"], [b"agent/1"])
+        self.assertEqual(raw[b"Host"], [b"h"])
+        self.assertNotIn(AUTH[:-2], channel._LINES)
+
+    def test_rememberedLinesFraming(self):
+        """
+        Remembered lines do not spare a request the framing checks (CL with TE: 400).
+        """
+        from protocols.http import channel
+
+        channel._LINES[b"User-Agent: agent/1"] = (b"User-Agent", b"agent/1")
+        self.request(
+            b"POST /EWS/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\nUser-Agent: agent/1\r\n",
+            b"abc",
+        )
+        out = self.transport.value()
+        self.assertIn(b"HTTP/1.1 400 ", out)
+
     def test_tooManyHeaders(self):
         """
         More header lines than C{maxHeaders}: 400.

@@ -191,6 +191,28 @@ class ResponseTests(UpstreamTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.assertIn(b"GET /x HTTP/1.1", transport.value().split(b"\r\n\r\n", 1)[1])
 
+    def test_plainNamesRemembered(self):
+        """
+        A field name seen as end-to-end is remembered (no lower case computed again), and is
+        still dropped when a later response's C{Connection} names it; a remembered spelling
+        never hides a hop-by-hop field in another spelling.
+        """
+        from protocols.http import backendconn
+
+        sink, connection, transport = self.respond(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Later-Hop: 1\r\n\r\n"
+        )
+        self.assertIn(b"X-Later-Hop", backendconn._PLAIN)
+        self.assertNotIn(b"Content-Length", backendconn._PLAIN)
+        self.assertEqual(sink.head, (200, b"OK", [(b"Content-Length", b"0"), (b"X-Later-Hop", b"1")]))
+        sink, exchange = self.send()
+        connection.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: x-later-hop\r\n"
+            b"X-Later-Hop: 2\r\nTRANSFER-encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        self.assertEqual(sink.head, (200, b"OK", []))
+        self.assertEqual(sink.events, [("started", 200), ("ended", True)])
+
     def test_headInPieces(self):
         """
         A head that arrives a byte at a time is read once it is whole.

@@ -41,6 +41,11 @@ _CHUNK = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[^\r\n\x00]*)?\r\n")
 #: C{Connection} options that name no field.
 _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b""))
 
+#: Response field names as backends spell them that need no look at their lower case (not
+#: hop-by-hop, not C{Content-Length}): a bounded set, the same few names come back.
+_PLAIN: set = set()
+_PLAIN_MAX = 1024
+
 # Parser states of a connection.
 _IDLE, _HEAD_STATE, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(6)
 
@@ -217,7 +222,12 @@ class UpstreamConnection(Protocol):
         headers = []
         hop = HOP_BY_HOP
         named = None
+        plain = _PLAIN
         for name, value in _FIELD.findall(head):
+            if name in plain:
+                # A name seen before, neither hop-by-hop nor Content-Length in any spelling.
+                headers.append((name, value))
+                continue
             lower = name.lower()
             if lower in hop:
                 if lower == b"connection":
@@ -233,6 +243,8 @@ class UpstreamConnection(Protocol):
                     self._malformed("invalid Content-Length")
                     return
                 length = int(value)
+            elif len(plain) < _PLAIN_MAX:
+                plain.add(name)
             headers.append((name, value))
         if named is not None:
             if b"close" in named:

@@ -95,6 +95,37 @@ _TRANSFER_ENCODING = b"Transfer-Encoding"
 _canonical: dict = {}
 _CANONICAL_MAX = 2000
 
+#: Whole header lines seen before (C{User-Agent: ...}, C{Host: ...}), with the name and value
+#: they were parsed into: bounded in number and length, and only of fields that carry no secret
+#: (credentials, cookies, a Referer's query) and do not frame the body (checked every time).
+_LINES: dict = {}
+_LINES_MAX = 2000
+_LINE_MAX = 256
+_REMEMBERED = frozenset(
+    (
+        b"Host",
+        b"User-Agent",
+        b"Accept",
+        b"Accept-Language",
+        b"Accept-Encoding",
+        b"Accept-Charset",
+        b"Cache-Control",
+        b"Pragma",
+        b"Connection",
+        b"Keep-Alive",
+        b"Content-Type",
+        b"DNT",
+        b"Upgrade-Insecure-Requests",
+        b"X-Requested-With",
+        b"Sec-Fetch-Dest",
+        b"Sec-Fetch-Mode",
+        b"Sec-Fetch-Site",
+        b"Sec-Fetch-User",
+        b"Depth",
+        b"Ms-Asprotocolversion",
+    )
+)
+
 
 class ProxyChannel(http.HTTPChannel):
     """
@@ -220,7 +251,18 @@ class ProxyChannel(http.HTTPChannel):
             return b""
         raw = request.requestHeaders._rawHeaders
         canonical = _canonical
+        memo = _LINES
         for line in lines[1:]:
+            known = memo.get(line)
+            if known is not None:
+                # A line seen before (no secret, no framing): its name and value as parsed then.
+                key, value = known
+                values = raw.get(key)
+                if values is None:
+                    raw[key] = [value]
+                else:
+                    values.append(value)
+                continue
             name, colon, value = line.partition(b":")
             # obs-fold (RFC 9112 5.2): a server must reject it or replace it; a proxy that
             # joins lines differently from its backend invites smuggling.
@@ -243,6 +285,8 @@ class ProxyChannel(http.HTTPChannel):
                 # CL+TE, two lengths, a bad length or coding: Twisted has answered 400.
                 self._badRequest(answered=True)
                 return b""
+            if key in _REMEMBERED and len(memo) < _LINES_MAX and len(line) <= _LINE_MAX:
+                memo[line] = (key, value)
             values = raw.get(key)
             if values is None:
                 raw[key] = [value]
