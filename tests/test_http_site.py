@@ -217,6 +217,43 @@ class FailoverTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.reactor.advance(2)
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())
 
+    def test_targetRemembered(self):
+        """
+        A connection's next request for the same target takes the match of the one before
+        (no look-up in the vdir table); another target is looked up; a local service
+        registered meanwhile is seen.
+        """
+        from protocols.http.local import LocalService
+
+        site = self.client.site
+        asked = []
+        match = site.vdirs.match
+        site.vdirs.match = lambda path: asked.append(path) or match(path)
+        get = b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n"
+        self.request(get)
+        server, backend = self.backend(0)
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.request(get)
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(asked, [b"/EWS/x"])
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 204 "), 2)
+        self.assertEqual(backend.value().count(b"GET /EWS/x HTTP/1.1\r\n"), 2)
+        self.request(get.replace(b"/EWS/x", b"/nowhere"))
+        self.assertEqual(asked, [b"/EWS/x", b"/nowhere"])
+        self.assertIn(b"HTTP/1.1 404 ", self.transport.value())
+        self.transport.clear()
+        self.request(get)
+        server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.transport.clear()
+
+        class Here:
+            def render(self, request):
+                return b"here"
+
+        site.local.add(LocalService(prefixes=("/EWS/x",), resource=Here()))
+        self.request(get)
+        self.assertTrue(self.transport.value().endswith(b"here"), self.transport.value())
+
     def test_timeoutKeepAlive(self):
         """
         The silence timer is the connection's, moved on for each request (not one scheduled

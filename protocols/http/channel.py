@@ -154,6 +154,8 @@ class ProxyChannel(http.HTTPChannel):
     #: the relay it fires for (L{None}: no exchange in progress).
     _silence = None
     _silenceOwner = None
+    #: The last request target's match (L{protocols.http.site.HTTPSite.begin}).
+    _targetMemo = None
     client = None
     #: The start of a request head whose end has not arrived yet.
     _head = b""

@@ -359,7 +359,21 @@ class HTTPSite(server.Site):
         path = request.path
         if request.client.trusted:
             request.client = forwardedClient(request.client, request.requestHeaders)
-        service = self.local.match(path) if self.local is not None else None
+        # The connection's last request target and what matched it (a keep-alive client asks
+        # the same target again: EWS, ActiveSync, MAPI), valid while the site's tables are the
+        # same objects.
+        channel = request.channel
+        local = self.local
+        index = local._index if local is not None else None
+        memo = channel._targetMemo
+        if memo is not None and memo[0] == path and memo[1] is index and memo[2] is self.vdirs:
+            service, matched = memo[3], memo[4]
+        else:
+            service = local.match(path) if local is not None else None
+            matched = self.vdirs.match(path) if service is None else None
+            channel._targetMemo = (
+                path, local._index if local is not None else None, self.vdirs, service, matched
+            )
         if self.redirectToHTTPS and (service is None or not service.anonymousOnPlain):
             request._limit = 64 * 1024
             request.answer(self.httpsRedirect(request))
@@ -372,7 +386,7 @@ class HTTPSite(server.Site):
             if length is not None and length > request._limit:
                 request.refuseTooLarge()
             return
-        vdir = self.vdirs.match(path)
+        vdir = matched
         if vdir is None:
             request._limit = 64 * 1024
             request.fail(NotFound(path))
@@ -383,7 +397,6 @@ class HTTPSite(server.Site):
         if length is not None and vdir.maxBodySize and length > vdir.maxBodySize:
             request.refuseTooLarge()
             return
-        channel = request.channel
         if length != 0:
             transport = channel.transport
             request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
