@@ -508,6 +508,37 @@ class RoutingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         """
         self.assertEqual(self.send(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice")), ("127.0.0.1", 8001))
 
+    def test_backendPathKeepAlive(self):
+        """
+        The backend path of a keep-alive connection's requests: the same target again, then
+        another, each with the vdir's C{backend_path} (the connection remembers the last).
+        """
+        from casd.testing import acceptBackend
+
+        auth = b"\r\nAuthorization: " + basic("alice") + b"\r\n\r\n"
+        sent = []
+        accepted = 0
+        for target in (b"/dav/alice/x?a=1", b"/dav/alice/x?a=1", b"/DAV/alice/y", b"/EWS/z"):
+            self.client.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: h" + auth)
+            self.reactor.advance(0)
+            if len(self.reactor.tcpClients) > accepted:
+                # A new backend connection (else the pooled one is reused).
+                accepted = len(self.reactor.tcpClients)
+                server, backend = acceptBackend(self.reactor, -1)
+            sent.append(backend.value().split(b"\r\n", 1)[0])
+            backend.clear()
+            server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(
+            sent,
+            [
+                b"GET /SOGo/dav/alice/x?a=1 HTTP/1.1",
+                b"GET /SOGo/dav/alice/x?a=1 HTTP/1.1",
+                b"GET /SOGo/dav/alice/y HTTP/1.1",
+                b"GET /EWS/z HTTP/1.1",
+            ],
+        )
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 204 "), 4)
+
     def test_anchorHeader(self):
         """
         X-AnchorMailbox of a mailbox the user may open routes to that mailbox's server.

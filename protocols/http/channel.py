@@ -156,6 +156,8 @@ class ProxyChannel(http.HTTPChannel):
     _silenceOwner = None
     #: The last request target's match (L{protocols.http.site.HTTPSite.begin}).
     _targetMemo = None
+    #: The last proxied target and its backend path (L{protocols.http.site.HTTPSite._attempt}).
+    _pathMemo = None
     client = None
     #: The start of a request head whose end has not arrived yet.
     _head = b""

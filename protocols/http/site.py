@@ -526,9 +526,18 @@ class HTTPSite(server.Site):
         if toCAS:
             # It counts the hops down, and refuses a loop.
             headers.append((PROXY_TTL, str(decision.route.proxyTTL).encode("ascii")))
-        path = self.vdirs.clientPath(vdir, request.uri)
-        if not toCAS:
-            path = vdir.backendPathFor(path)
+        # The backend's path for the target, remembered by the connection for its next
+        # request (the same target again, usually).
+        uri = request.uri
+        channel = request.channel
+        memo = channel._pathMemo
+        if memo is not None and memo[0] == uri and memo[1] is vdir and memo[2] is toCAS:
+            path = memo[3]
+        else:
+            path = self.vdirs.clientPath(vdir, uri)
+            if not toCAS:
+                path = vdir.backendPathFor(path)
+            channel._pathMemo = (uri, vdir, toCAS, path)
         relay = request._relay = Relay(self, request, vdir, decision, targets, index)
         relay.exchange = self.upstream.request(
             target, request.method, path, headers, request._pipe, relay
