@@ -626,6 +626,30 @@ class BackendClientTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(body, b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
         self.assertFalse(backend.disconnecting)
 
+    def test_firstWriteExact(self):
+        """
+        The response head and its first bytes go out as one write, exactly as Twisted would
+        frame them: chunked for an HTTP/1.1 client without a length, as they are for HTTP/1.0
+        (then closed), with the backend's length as it is; a HEAD gets no body.
+        """
+        self.get()
+        server, backend = self.backend()
+        self.transport.clear()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nab")
+        self.assertEqual(
+            self.transport.value(),
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n",
+        )
+        server.connectionLost(None)
+        self.transport.clear()
+        self.request(b"GET /EWS/y HTTP/1.0\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 404 Gone Away\r\nContent-Length: 2\r\n\r\nno")
+        self.assertEqual(
+            self.transport.value(), b"HTTP/1.0 404 Gone Away\r\nContent-Length: 2\r\n\r\nno"
+        )
+        self.assertTrue(self.transport.disconnecting)
+
     def test_malformedResponse(self):
         """
         A response head casd cannot read with certainty: 502, and the backend connection closed.

@@ -75,6 +75,7 @@ def leanInitSourcesChanged() -> list[str]:
 
 
 _httpWrite = http.Request.write
+_NO_BODY_CODES = http.NO_BODY_CODES
 
 #: The access log: one line per request (namespace C{casd.http.access}), rendered once
 #: (L{casd.service.logs.LineLog}).
@@ -159,6 +160,17 @@ class ProxyRequest(server.Request):
                 _httpWrite(self, data)
                 return
             # The first bytes: the head goes out with them, in one write.
+            if (
+                self.lastModified is None
+                and self.etag is None
+                and not self.cookies
+                and self.method != b"HEAD"
+                and self.code not in _NO_BODY_CODES
+                and not self.finished
+                and not self._disconnected
+            ):
+                self._firstWrite(data)
+                return
             channel = self.channel
             channel._holdHead = True
             try:
@@ -167,6 +179,29 @@ class ProxyRequest(server.Request):
                 channel.flushHead()
         else:
             server.Request.write(self, data)
+
+    def _firstWrite(self, data: bytes) -> None:
+        """
+        What C{http.Request.write} does for the first bytes of a response with a body and no
+        C{lastModified}, C{etag} or C{cookies} (chunked framing when HTTP/1.1 has no length),
+        with the head and the bytes written as one string (C{ProxyChannel.writeHeaders}'s head).
+        """
+        self.startedWriting = 1
+        raw = self.responseHeaders._rawHeaders
+        version = self.clientproto
+        if version == b"HTTP/1.1" and b"Content-Length" not in raw:
+            raw[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        parts = [version, b" %d " % self.code, self.code_message, b"\r\n"]
+        for name, values in raw.items():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        self.sentLength += len(data)
+        if self.chunked:
+            parts += (b"\r\n", *http.toChunk(data))
+        else:
+            parts += (b"\r\n", data)
+        self.channel.transport.write(b"".join(parts))
 
     def refuseTooLarge(self) -> None:
         """
