@@ -184,3 +184,12 @@ class TwistedPrivatesTests(SynchronousTestCase):
         self.assertIs(resultNow(d), _PENDING)
         d.unpause()
         self.assertEqual(resultNow(d), 5)
+        # A failure of a Failure subclass is no success either.
+        from twisted.python.failure import Failure
+
+        class OwnFailure(Failure):
+            pass
+
+        own = defer.fail(OwnFailure(ValueError()))
+        self.assertIs(resultNow(own), _PENDING)
+        own.addErrback(lambda f: None)

@@ -329,7 +329,11 @@ def resultNow(d):
     """
     if d.called and not d.paused:
         result = d.result
-        if not isinstance(result, (Failure, defer.Deferred)):
+        # Not paused: the result is no Deferred (one returned by a callback pauses C{d} until
+        # it fires).  The class compared first: C{isinstance} against L{Deferred} (an ABC's
+        # subclass) costs an C{__instancecheck__}.
+        cls = result.__class__
+        if cls is not Failure and cls is not defer.Deferred and not isinstance(result, Failure):
             return result
     return _PENDING
 
