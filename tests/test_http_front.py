@@ -539,6 +539,55 @@ class RoutingTests(HTTPSiteTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 204 "), 4)
 
+    def test_routeRememberedByConnection(self):
+        """
+        A connection's next request asking the same (user, target, anchor) takes the last
+        request's own route without asking the router; an anchor, another user or the end of
+        the router's cache time asks it again.
+        """
+        from casd.testing import acceptBackend
+
+        router = self.client.site.router
+        asked = []
+        route = router.route
+        router.route = lambda request, *a: asked.append(request.uri) or route(request, *a)
+        routed = []
+        servers = {}
+        accepted = 0
+
+        def get(head):
+            # One pooled backend connection per address, each answering 204.
+            nonlocal accepted
+            sent = [len(server[1].value()) for server in servers.values()]
+            self.client.dataReceived(head + b"\r\n\r\n")
+            self.reactor.advance(0)
+            if len(self.reactor.tcpClients) > accepted:
+                accepted = len(self.reactor.tcpClients)
+                servers[self.reactor.tcpClients[-1][:2]] = acceptBackend(self.reactor, -1)
+            for (address, (server, backend)), before in zip(servers.items(), sent + [0]):
+                if len(backend.value()) > before:
+                    routed.append(address)
+                    server.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+        own = b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("alice")
+        get(own)
+        get(own)
+        self.assertEqual(asked, [b"/EWS/x"])
+        get(own + b"\r\nX-AnchorMailbox: SMTP:shared@example.com")
+        self.assertEqual(len(asked), 2)
+        self.assertEqual(routed[-1], ("127.0.0.3", 8003))
+        get(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + basic("boss", "x"))
+        self.assertEqual(len(asked), 3)
+        self.assertEqual(routed[-1], ("127.0.0.3", 8003))
+        get(own)
+        get(own)
+        self.assertEqual(len(asked), 4)
+        self.reactor.advance(router.cacheTTL + 1)
+        get(own)
+        self.assertEqual(len(asked), 5)
+        self.assertEqual(routed[:2] + routed[4:], [("127.0.0.1", 8001)] * 5)
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 204 "), 7)
+
     def test_anchorHeader(self):
         """
         X-AnchorMailbox of a mailbox the user may open routes to that mailbox's server.

@@ -158,6 +158,8 @@ class ProxyChannel(http.HTTPChannel):
     _targetMemo = None
     #: The last proxied target and its backend path (L{protocols.http.site.HTTPSite._attempt}).
     _pathMemo = None
+    #: The last request's own route (L{protocols.http.routing.RequestRouter.routeNow}).
+    _routeMemo = None
     client = None
     #: The start of a request head whose end has not arrived yet.
     _head = b""

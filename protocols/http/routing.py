@@ -196,6 +196,36 @@ class RequestRouter:
     cacheTTL = 30.0
     cacheSize = 50000
 
+    def routeNow(self, request, vdir, user):
+        """
+        The decision of the connection's last request when this one asks the same (the same
+        user, vdir, target, C{X-AnchorMailbox} and proxy TTL, from as trusted a client, the
+        same router configuration) and the user's own route it took is still remembered
+        (L{cacheTTL}); else C{None} (ask L{route}).
+        """
+        memo = request.channel._routeMemo
+        if memo is None or memo[0] is not user or memo[1] is not vdir or memo[2] != request.uri:
+            return None
+        raw = request.requestHeaders._rawHeaders
+        if (
+            memo[3] == raw.get(_ANCHOR)
+            and memo[4] == raw.get(_PROXY_TTL)
+            and memo[5] == request.client.trusted
+            and memo[6] is self.context.router.config
+            and memo[7] > self.clock.seconds()
+        ):
+            return memo[8]
+        return None
+
+    def _rememberForConnection(self, request, vdir, user, expiry, decision) -> None:
+        raw = request.requestHeaders._rawHeaders
+        channel = getattr(request, "channel", None)
+        if channel is not None:
+            channel._routeMemo = (
+                user, vdir, request.uri, raw.get(_ANCHOR), raw.get(_PROXY_TTL),
+                request.client.trusted, self.context.router.config, expiry, decision,
+            )
+
     def route(self, request, vdir, user, path: bytes):
         """
         @param path: the request target (for the explicit logon path and site redirects).
@@ -218,6 +248,7 @@ class RequestRouter:
         now = self.clock.seconds()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
+            self._rememberForConnection(request, vdir, user, hit[0], hit[1])
             return defer.succeed(hit[1])
         d = self._route(request, vdir, user, path, "", how)
 
@@ -225,6 +256,7 @@ class RequestRouter:
             if len(self._cache) >= self.cacheSize:
                 self._cache.clear()
             self._cache[key] = (now + self.cacheTTL, decision)
+            self._rememberForConnection(request, vdir, user, now + self.cacheTTL, decision)
             return decision
 
         return d.addCallback(remember)
