@@ -41,6 +41,13 @@ _CHUNK = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[^\r\n\x00]*)?\r\n")
 #: C{Connection} options that name no field.
 _CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b""))
 
+#: The usual C{Connection} values, as the tokens they name.
+_CONNECTION_VALUES = {
+    value: frozenset((token,))
+    for token in (b"keep-alive", b"close")
+    for value in (token, token.title(), token.upper())
+}
+
 #: Response field names as backends spell them that need no look at their lower case (not
 #: hop-by-hop, not C{Content-Length}): a bounded set, the same few names come back.
 _PLAIN: set = set()
@@ -231,7 +238,9 @@ class UpstreamConnection(Protocol):
             lower = name.lower()
             if lower in hop:
                 if lower == b"connection":
-                    tokens = {t.strip() for t in value.lower().split(b",")}
+                    tokens = _CONNECTION_VALUES.get(value)
+                    if tokens is None:
+                        tokens = {t.strip() for t in value.lower().split(b",")}
                     named = tokens if named is None else named | tokens
                 elif lower == b"transfer-encoding":
                     # Only a final "chunked" frames a body; any other coding runs to the close.
