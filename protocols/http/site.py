@@ -507,15 +507,11 @@ class HTTPSite(server.Site):
         if user is not _PENDING:
             # The credential cache answered at once (the usual case): no callback chain.
             request.user = user
+            # The connection's last route when this request asks the same, else the router's.
             decision = self.router.routeNow(request, vdir, user)
-            if decision is not None:
-                try:
-                    self._send(decision, request, vdir)
-                except Exception:
-                    self._failed(Failure(), request)
-                return
-            d = self.router.route(request, vdir, user, request.uri)
-            decision = resultNow(d)
+            if decision is None:
+                d = self.router.route(request, vdir, user, request.uri)
+                decision = resultNow(d)
             if decision is not _PENDING:
                 try:
                     self._send(decision, request, vdir)
