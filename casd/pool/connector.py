@@ -356,11 +356,17 @@ class _Attempt(ClientFactory):
             self.connecting.cancel()
 
     def buildProtocol(self, addr):
-        if self.timer.active():
-            self.timer.cancel()
+        timer, self.timer = self.timer, _FIRED
         if self.finished:  # cancelled meanwhile
+            if timer.active():
+                timer.cancel()
             return None
         dialogue = self.dialogue = self.makeDialogue(self.target)
+        if timer.active():
+            # The connect timer goes on as the dialogue's one timer (its first step resets it;
+            # usually both end at the failover deadline, so not even that): no cancel() and
+            # callLater() pair per login.
+            dialogue.adoptTimer(timer)
         dialogue.tlsTimeout = self.tlsTimeout
         dialogue.bannerTimeout = self.bannerTimeout
         dialogue.replyTimeout = self.replyTimeout

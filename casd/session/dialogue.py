@@ -320,6 +320,19 @@ class BackendDialogue(Protocol):
         else:
             self._timer = self.clock.callLater(delay, self._timedOut)
 
+    def adoptTimer(self, timer) -> None:
+        """
+        Take over a pending timer of the caller's (the pool's connect timer) as this dialogue's
+        one timer: its first step resets it (L{_arm}) instead of arming a new one, and it calls
+        L{_timedOut} from now on.
+
+        @param timer: an active L{DelayedCall}.
+        """
+        timer.func, timer.args, timer.kw = self._timedOut, (), {}
+        self._timer = timer
+        self._timerAt = timer.getTime()
+        self._timerWhat = "greeting"
+
     def _cancelTimer(self) -> None:
         # _timer is None once it ran (_timedOut) or was cancelled here.
         if self._timer is not None:
