@@ -3,9 +3,12 @@ The lean per-event dispatch of the epoll reactor (casd.service.leanpoll), on a p
 instance (never the global one).
 """
 
+import os
 import socket
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionDone, ConnectionFdescWentAway, ConnectionLost
+from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.testing import MemoryReactor
 from twisted.python import log as legacyLog
 from twisted.trial.unittest import SynchronousTestCase
@@ -93,3 +96,120 @@ class LeanDispatchTests(SynchronousTestCase):
         reactor = MemoryReactor()
         self.assertFalse(leanDispatch(reactor))
         self.assertNotIn("doIteration", vars(reactor))
+
+
+class Writer(Reader):
+    """
+    A selectable that wants to write, and records each chance it gets.
+    """
+
+    def __init__(self, sock, returns=None):
+        super().__init__(sock)
+        self.returns = returns
+        self.writes = 0
+        self.gone = False
+
+    def fileno(self):
+        return -1 if self.gone else self.sock.fileno()
+
+    def doWrite(self):
+        self.writes += 1
+        return self.returns
+
+
+class InlinedReadOrWriteTests(SynchronousTestCase):
+    """
+    The reactor's C{_doReadOrWrite}, inlined in the lean dispatch, keeps its outcomes: reads,
+    writes, clean and unclean disconnections, a vanished descriptor.
+    """
+
+    def setUp(self):
+        self.a, self.b = socket.socketpair()
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+        self.reactor = EPollReactor()
+        self.addCleanup(self._closeReactor)
+        self.assertTrue(leanDispatch(self.reactor))
+        calls = []
+        self.calls = calls
+        original = self.reactor._doReadOrWrite
+
+        def spy(*args):
+            calls.append(args)
+            return original(*args)
+
+        self.reactor._doReadOrWrite = spy
+
+    def _closeReactor(self):
+        self.reactor.removeAll()
+        self.reactor.waker.connectionLost(None)
+        self.reactor._poller.close()
+
+    def test_readDispatchedInline(self):
+        reader = Reader(self.a)
+        self.reactor.addReader(reader)
+        self.b.send(b"inline")
+        self.reactor.doIteration(0)
+        self.assertEqual(reader.read, [b"inline"])
+        self.assertEqual(self.calls, [])  # not through the reactor's method
+
+    def test_hangUpIsConnectionDone(self):
+        """
+        A reader whose peer hung up with nothing left to read (C{EPOLLHUP} without C{EPOLLIN}:
+        a pipe whose writer closed) is lost cleanly (Twisted's C{CONNECTION_DONE}) without a
+        read, and is no longer watched.
+        """
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        reader = Reader(None)
+        reader.fileno = lambda: r
+        self.reactor.addReader(reader)
+        os.close(w)
+        self.reactor.doIteration(0)
+        self.assertEqual(reader.read, [])
+        self.assertEqual(len(reader.lost), 1)
+        reader.lost[0].trap(ConnectionDone)
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_writeReturningAReasonDisconnects(self):
+        writer = Writer(self.a, returns=CONNECTION_LOST)
+        self.reactor.addWriter(writer)
+        self.reactor.doIteration(0)
+        self.assertEqual(writer.writes, 1)
+        self.assertEqual(len(writer.lost), 1)
+        writer.lost[0].trap(ConnectionLost)
+        self.assertNotIn(writer, self.reactor.getWriters())
+
+    def test_writeWithoutReasonKeepsWriting(self):
+        writer = Writer(self.a)
+        self.reactor.addWriter(writer)
+        self.reactor.doIteration(0)
+        self.reactor.doIteration(0)
+        self.assertEqual((writer.writes, writer.lost), (2, []))
+        self.assertIn(writer, self.reactor.getWriters())
+
+    def test_vanishedDescriptor(self):
+        """
+        A selectable whose C{fileno()} says -1 is disconnected (C{ConnectionFdescWentAway})
+        without a read or a write.
+        """
+        writer = Writer(self.a)
+        self.reactor.addWriter(writer)
+        writer.gone = True
+        self.reactor.doIteration(0)
+        self.assertEqual(writer.writes, 0)
+        self.assertEqual(len(writer.lost), 1)
+        writer.lost[0].trap(ConnectionFdescWentAway)
+
+    def test_failingWriteLoggedAndDisconnected(self):
+        writer = Writer(self.a)
+
+        def boom():
+            raise ValueError("boom")
+
+        writer.doWrite = boom
+        self.reactor.addWriter(writer)
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(writer.lost), 1)
+        self.assertNotIn(writer, self.reactor.getWriters())

@@ -11,11 +11,13 @@ events carry their namespace instead.  A proxied login handles about eleven even
 wrapper is about a tenth of the Python calls of a login.
 
 L{leanDispatch} replaces the reactor's C{doIteration} with L{_leanDoPoll}: Twisted's C{doPoll},
-line for line, with the events dispatched directly; a failure that escapes the dispatch (the
-reactor's own C{_doReadOrWrite} already handles those of C{doRead} and C{doWrite}) is logged,
-as before.  It is installed only on an L{EPollReactor} whose C{doPoll} is the one it was copied
-from (the hash of its source, L{DOPOLL_SHA256}); any other reactor or Twisted keeps its own, and
-the tests fail on a Twisted whose C{doPoll} changed, so that the copy is looked at again.
+line for line, with the events dispatched directly and the reactor's C{_doReadOrWrite} (one
+method call per event) inlined, line for line too: a failure of C{doRead} or C{doWrite} is
+logged and disconnects the selectable, as there; a failure that escapes the dispatch is logged,
+as before.  It is installed only on an L{EPollReactor} whose C{doPoll} and C{_doReadOrWrite}
+are the ones it was copied from (the hash of their source, L{DOPOLL_SHA256}); any other reactor
+or Twisted keeps its own, and the tests fail on a Twisted where either changed, so that the
+copy is looked at again.
 """
 
 from __future__ import annotations
@@ -23,32 +25,42 @@ from __future__ import annotations
 import errno
 import hashlib
 import inspect
+import sys
 import types
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
+from twisted.python import log as legacyLog
 
 log = Logger()
 
-#: SHA-256 of the source of C{EPollReactor.doPoll} in Twisted 26.10.0, which L{_leanDoPoll}
-#: repeats.
-DOPOLL_SHA256 = "09b62ae68ef01b4bc5eaa170827e2baf0a2a5098e7e7ce7b5e1c80cda187c827"
+#: SHA-256 of the sources of C{EPollReactor.doPoll} and C{EPollReactor._doReadOrWrite} in
+#: Twisted 26.10.0, which L{_leanDoPoll} repeats.
+DOPOLL_SHA256 = "819089e0c72b570d461e7ee0d1f5e43a14246f75f4f19ef9c53cf24cd7a30f18"
+
+
+def _pinnedSource() -> str:
+    return inspect.getsource(EPollReactor.doPoll) + inspect.getsource(EPollReactor._doReadOrWrite)
 
 
 def doPollMatches() -> bool:
     """
-    @return: whether Twisted's C{EPollReactor.doPoll} is the one L{_leanDoPoll} was copied from.
+    @return: whether Twisted's C{EPollReactor.doPoll} and C{_doReadOrWrite} are the ones
+        L{_leanDoPoll} was copied from.
     """
     try:
-        source = inspect.getsource(EPollReactor.doPoll)
-    except (OSError, TypeError):
+        source = _pinnedSource()
+    except (OSError, TypeError, AttributeError):
         return False
     return hashlib.sha256(source.encode("utf-8")).hexdigest() == DOPOLL_SHA256
 
 
 def _leanDoPoll(self, timeout):
     """
-    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event.
+    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event, and with
+    C{_doReadOrWrite} inlined.
     """
     if timeout is None:
         timeout = -1
@@ -58,14 +70,40 @@ def _leanDoPoll(self, timeout):
         if err.errno == errno.EINTR:
             return
         raise
-    _drdw = self._doReadOrWrite
     selectables = self._selectables
+    reads = self._reads
+    pollIn, pollOut, pollDisconnected = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
     for fd, event in l:
         selectable = selectables.get(fd)
         if selectable is None:
             continue
         try:
-            _drdw(selectable, fd, event)
+            # _PollLikeMixin._doReadOrWrite(selectable, fd, event), line for line.
+            why = None
+            inRead = False
+            if event & pollDisconnected and not (event & pollIn):
+                # Disconnected, with all input read: a clean shutdown if it was being read.
+                if fd in reads:
+                    inRead = True
+                    why = CONNECTION_DONE
+                else:
+                    why = CONNECTION_LOST
+            else:
+                try:
+                    if selectable.fileno() == -1:
+                        why = _NO_FILEDESC
+                    else:
+                        if event & pollIn:
+                            why = selectable.doRead()
+                            inRead = True
+                        if not why and event & pollOut:
+                            why = selectable.doWrite()
+                            inRead = False
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    legacyLog.err()
+            if why:
+                self._disconnectSelectable(selectable, why, inRead)
         except KeyboardInterrupt:
             raise
         except BaseException:
