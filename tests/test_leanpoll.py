@@ -4,8 +4,10 @@ instance (never the global one).
 """
 
 import os
+import select
 import socket
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone, ConnectionFdescWentAway, ConnectionLost
 from twisted.internet.main import CONNECTION_LOST
@@ -13,7 +15,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import log as legacyLog
 from twisted.trial.unittest import SynchronousTestCase
 
-from casd.service.leanpoll import doPollMatches, leanDispatch
+from casd.service import leanpoll
+from casd.service.leanpoll import doPollMatches, fdSetMatches, leanDispatch, readInsteadOfWriting
 
 
 class Reader:
@@ -213,3 +216,123 @@ class InlinedReadOrWriteTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertEqual(len(writer.lost), 1)
         self.assertNotIn(writer, self.reactor.getWriters())
+
+
+class Connecting(FileDescriptor):
+    """
+    A descriptor waiting to write, as a connecting socket does, that records its reads.
+    """
+
+    def __init__(self, sock, reactor):
+        super().__init__(reactor=reactor)
+        self.sock = sock
+        self.read = []
+        self.writes = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def doRead(self):
+        self.read.append(self.sock.recv(100))
+
+    def doWrite(self):
+        self.writes += 1
+
+
+class CountingPoller:
+    """
+    The reactor's epoll object, with its C{epoll_ctl} calls recorded.
+    """
+
+    def __init__(self, poller):
+        self.poller = poller
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self.poller, name)
+
+    def register(self, fd, flags):
+        self.calls.append(("register", fd, flags))
+        self.poller.register(fd, flags)
+
+    def modify(self, fd, flags):
+        self.calls.append(("modify", fd, flags))
+        self.poller.modify(fd, flags)
+
+    def unregister(self, fd):
+        self.calls.append(("unregister", fd))
+        self.poller.unregister(fd)
+
+
+class ReadInsteadOfWritingTests(SynchronousTestCase):
+    def setUp(self):
+        self.a, self.b = socket.socketpair()
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+        self.reactor = EPollReactor()
+        self.addCleanup(self._closeReactor)
+        self.poller = CountingPoller(self.reactor._poller)
+        self.reactor._poller = self.poller
+
+    def _closeReactor(self):
+        self.reactor.removeAll()
+        self.reactor.waker.connectionLost(None)
+        self.poller.poller.close()
+
+    def registered(self, c):
+        """
+        @return: whether C{c} is among the reactor's readers, and among its writers.
+        """
+        return c in self.reactor.getReaders(), c in self.reactor.getWriters()
+
+    def test_twistedFDSetUnchanged(self):
+        """
+        If this fails after a Twisted upgrade: compare the epoll reactor's C{_add}, C{_remove},
+        C{addReader} and C{removeWriter} with what L{readInsteadOfWriting} does to its sets,
+        then update L{casd.service.leanpoll.FDSET_SHA256}.
+        """
+        self.assertTrue(fdSetMatches())
+
+    def test_oneModify(self):
+        """
+        A descriptor waiting to write alone is switched to reading with one C{epoll_ctl}, and
+        the reactor's own view follows: a reader, not a writer; then read, never written.
+        """
+        c = Connecting(self.a, self.reactor)
+        c.startWriting()
+        del self.poller.calls[:]
+        readInsteadOfWriting(c)
+        self.assertEqual(self.poller.calls, [("modify", self.a.fileno(), select.EPOLLIN)])
+        self.assertEqual(self.registered(c), (True, False))
+        self.b.send(b"greeting")
+        self.reactor.doIteration(0)
+        self.assertEqual((c.read, c.writes), ([b"greeting"], 0))
+        c.stopReading()
+        self.assertEqual(self.poller.calls[-1], ("unregister", self.a.fileno()))
+        self.assertEqual(self.registered(c), (False, False))
+
+    def test_alreadyReadingFallsBack(self):
+        """
+        A descriptor that reads already (not the connecting case) gets Twisted's own calls.
+        """
+        c = Connecting(self.a, self.reactor)
+        c.startWriting()
+        c.startReading()
+        readInsteadOfWriting(c)
+        self.assertEqual(self.registered(c), (True, False))
+
+    def test_changedTwistedFallsBack(self):
+        self.patch(leanpoll, "_fdSetKnown", [False])
+        c = Connecting(self.a, self.reactor)
+        c.startWriting()
+        del self.poller.calls[:]
+        readInsteadOfWriting(c)
+        self.assertEqual(len(self.poller.calls), 2)  # Twisted's two modifications
+        self.assertEqual(self.registered(c), (True, False))
+
+    def test_otherReactors(self):
+        reactor = MemoryReactor()
+        c = Connecting(self.a, reactor)
+        c.startWriting()
+        readInsteadOfWriting(c)
+        self.assertEqual((reactor.getReaders(), reactor.getWriters()), ([c], []))
