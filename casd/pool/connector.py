@@ -373,7 +373,7 @@ class _Attempt(ClientFactory):
         dialogue.proxyTTL = self.route.proxyTTL
         # Each step's timer, never past the session's failover deadline.
         dialogue.deadline = self.deadline
-        dialogue.loggedIn.addCallbacks(self._loggedIn, self._loginFailed)
+        dialogue.whenDone(self._loggedIn, self._loginFailed)
         return dialogue
 
     def clientConnectionFailed(self, connector, reason) -> None:
