@@ -45,13 +45,28 @@ class Reader:
         self.lost.append(reason)
 
 
-class LeanDispatchTests(SynchronousTestCase):
-    def setUp(self):
+class EPollMixin:
+    """
+    A private epoll reactor and a connected socket pair, all closed after the test.
+    """
+
+    def setUpReactor(self):
         self.a, self.b = socket.socketpair()
         self.addCleanup(self.a.close)
         self.addCleanup(self.b.close)
         self.reactor = EPollReactor()
+        self.poller = self.reactor._poller
         self.addCleanup(self._closeReactor)  # runs first: before the sockets close
+
+    def _closeReactor(self):
+        self.reactor.removeAll()
+        self.reactor.waker.connectionLost(None)
+        self.poller.close()
+
+
+class LeanDispatchTests(EPollMixin, SynchronousTestCase):
+    def setUp(self):
+        self.setUpReactor()
         self.wrapped = []
         original = legacyLog.callWithLogger
 
@@ -60,11 +75,6 @@ class LeanDispatchTests(SynchronousTestCase):
             return original(logger, func, *args, **kw)
 
         self.patch(legacyLog, "callWithLogger", spy)
-
-    def _closeReactor(self):
-        self.reactor.removeAll()
-        self.reactor.waker.connectionLost(None)
-        self.reactor._poller.close()
 
     def test_twistedDoPollUnchanged(self):
         """
@@ -120,18 +130,14 @@ class Writer(Reader):
         return self.returns
 
 
-class InlinedReadOrWriteTests(SynchronousTestCase):
+class InlinedReadOrWriteTests(EPollMixin, SynchronousTestCase):
     """
     The reactor's C{_doReadOrWrite}, inlined in the lean dispatch, keeps its outcomes: reads,
     writes, clean and unclean disconnections, a vanished descriptor.
     """
 
     def setUp(self):
-        self.a, self.b = socket.socketpair()
-        self.addCleanup(self.a.close)
-        self.addCleanup(self.b.close)
-        self.reactor = EPollReactor()
-        self.addCleanup(self._closeReactor)
+        self.setUpReactor()
         self.assertTrue(leanDispatch(self.reactor))
         calls = []
         self.calls = calls
@@ -142,11 +148,6 @@ class InlinedReadOrWriteTests(SynchronousTestCase):
             return original(*args)
 
         self.reactor._doReadOrWrite = spy
-
-    def _closeReactor(self):
-        self.reactor.removeAll()
-        self.reactor.waker.connectionLost(None)
-        self.reactor._poller.close()
 
     def test_readDispatchedInline(self):
         reader = Reader(self.a)
@@ -264,20 +265,11 @@ class CountingPoller:
         self.poller.unregister(fd)
 
 
-class ReadInsteadOfWritingTests(SynchronousTestCase):
+class ReadInsteadOfWritingTests(EPollMixin, SynchronousTestCase):
     def setUp(self):
-        self.a, self.b = socket.socketpair()
-        self.addCleanup(self.a.close)
-        self.addCleanup(self.b.close)
-        self.reactor = EPollReactor()
-        self.addCleanup(self._closeReactor)
-        self.poller = CountingPoller(self.reactor._poller)
-        self.reactor._poller = self.poller
-
-    def _closeReactor(self):
-        self.reactor.removeAll()
-        self.reactor.waker.connectionLost(None)
-        self.poller.poller.close()
+        self.setUpReactor()
+        self.counting = CountingPoller(self.poller)
+        self.reactor._poller = self.counting
 
     def registered(self, c):
         """
@@ -300,15 +292,15 @@ class ReadInsteadOfWritingTests(SynchronousTestCase):
         """
         c = Connecting(self.a, self.reactor)
         c.startWriting()
-        del self.poller.calls[:]
+        del self.counting.calls[:]
         readInsteadOfWriting(c)
-        self.assertEqual(self.poller.calls, [("modify", self.a.fileno(), select.EPOLLIN)])
+        self.assertEqual(self.counting.calls, [("modify", self.a.fileno(), select.EPOLLIN)])
         self.assertEqual(self.registered(c), (True, False))
         self.b.send(b"greeting")
         self.reactor.doIteration(0)
         self.assertEqual((c.read, c.writes), ([b"greeting"], 0))
         c.stopReading()
-        self.assertEqual(self.poller.calls[-1], ("unregister", self.a.fileno()))
+        self.assertEqual(self.counting.calls[-1], ("unregister", self.a.fileno()))
         self.assertEqual(self.registered(c), (False, False))
 
     def test_alreadyReadingFallsBack(self):
@@ -325,9 +317,9 @@ class ReadInsteadOfWritingTests(SynchronousTestCase):
         self.patch(leanpoll, "_fdSetKnown", [False])
         c = Connecting(self.a, self.reactor)
         c.startWriting()
-        del self.poller.calls[:]
+        del self.counting.calls[:]
         readInsteadOfWriting(c)
-        self.assertEqual(len(self.poller.calls), 2)  # Twisted's two modifications
+        self.assertEqual(len(self.counting.calls), 2)  # Twisted's two modifications
         self.assertEqual(self.registered(c), (True, False))
 
     def test_otherReactors(self):
