@@ -195,7 +195,7 @@ class OutcomeTests(SynchronousTestCase):
         self.connect(toy)
         toy.dataReceived(b"HI\r\nOK\r\n")
         self.assertEqual(self.reported, [("ok", toy)])
-        self.assertIsNone(toy._loggedIn)
+        self.assertIsNone(toy._loggedInDeferred)
         # Asked for afterwards: already fired with the same outcome.
         self.assertIs(self.successResultOf(toy.loggedIn), toy)
 

@@ -94,7 +94,7 @@ class BackendDialogue(Protocol):
         self.context = context
         self.clock = context.reactor
         self._lost: list[Callable[[], None]] = []
-        self._loggedIn: defer.Deferred | None = None
+        self._loggedInDeferred: defer.Deferred | None = None
         #: C{(succeeded, failed)} of L{whenDone}.
         self._outcomeTo = None
         #: The dialogue's outcome once it is known: C{self}, or a L{Failure}.
@@ -115,9 +115,9 @@ class BackendDialogue(Protocol):
 
     @property
     def loggedIn(self) -> defer.Deferred:
-        d = self._loggedIn
+        d = self._loggedInDeferred
         if d is None:
-            d = self._loggedIn = defer.Deferred()
+            d = self._loggedInDeferred = defer.Deferred()
             outcome = self._outcome
             if outcome is not None:
                 # Known already: as a Deferred fired then would hold it.
@@ -145,7 +145,7 @@ class BackendDialogue(Protocol):
             except Exception:
                 # As a Deferred's callback failing would be: logged, not raised into the read.
                 self.log.failure("reporting the login with {backend}", backend=self.target.describe())
-        d = self._loggedIn
+        d = self._loggedInDeferred
         if d is not None:
             d.errback(outcome) if failed else d.callback(outcome)
 
