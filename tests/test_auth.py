@@ -728,3 +728,18 @@ class LoginNowTests(_Logged, SynchronousTestCase):
         authenticator = Authenticator(Portal(MailboxRealm(), [self.directory]), self.clock)
         resultOf(authenticator.login(creds("alice", "alice-pw"), client()))
         self.assertIsNone(authenticator.loginNow(creds("alice", "alice-pw"), client()))
+
+
+class CredentialDigestTests(SynchronousTestCase):
+    def test_hmacSHA256OfLowercasedLoginAndPassword(self):
+        """
+        The cache's key is HMAC-SHA256 (RFC 2104) of the lower-cased login, a NUL and the
+        password: a fixed vector, whatever the call that computes it.
+        """
+        from casd.auth.cache import credentialDigest
+
+        digest = credentialDigest(b"k" * 32, "Alice@Example.ORG", b"s3cret")
+        self.assertEqual(
+            digest.hex(), "eaee73f64ba26a74748474bcbd35787a3c385dbd47259608ba72f619f7b25602"
+        )
+        self.assertNotEqual(credentialDigest(b"k" * 32, "alice@example.org", b"s3cret!"), digest)

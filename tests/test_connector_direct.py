@@ -26,8 +26,48 @@ class DirectConnectTests(PoolTestMixin, SynchronousTestCase):
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
         self.assertIsInstance(protocol, Hello)
         self.assertEqual(protocol.target.server, "m1")
-        # Connected: the connect timer is gone.
-        self.assertEqual(self.connectTimeouts(), [])
+
+    def test_connectTimerHandedToTheDialogue(self):
+        """
+        Connected, the connect timer goes on as the dialogue's one timer: the same
+        L{DelayedCall}, reset to the banner timeout, and it fails the dialogue (not the
+        connect) when it runs; no second timer is armed.
+        """
+        d = self.connect(self.route("m1"))
+        (timer,) = self.reactor.getDelayedCalls()
+        self.assertEqual(self.connectTimeouts(), [4.0])
+        dialogue, transport = acceptBackend(self.reactor)
+        self.assertEqual(self.reactor.getDelayedCalls(), [timer])
+        self.assertEqual(self.connectTimeouts(), [2.0])
+        self.reactor.advance(1.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertIn("no greeting in time", str(self.failureResultOf(d).value))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.connectedHosts(), ["192.0.2.11"])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_handedTimerCancelledOnLogin(self):
+        """
+        The handed-over timer ends with the dialogue: logged in, no timer is left, and the
+        connect timeout never fires later.
+        """
+        d = self.connect()
+        self.accept()
+        self.successResultOf(d)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancelledBeforeBuildProtocol(self):
+        """
+        A try cancelled before its connection was built gets no dialogue, and its connect timer
+        is cancelled, not handed on.
+        """
+        d = self.connect()
+        host, port, factory = self.reactor.tcpClients[0][:3]
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", host, port)))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_cancelWhileConnecting(self):
         d = self.connect()

@@ -160,3 +160,76 @@ class DialogueTests(SynchronousTestCase):
         self.reactor.advance(3.0)
         failure = self.failureResultOf(self.loggedIn, BackendUnavailable)
         self.assertIn("no TLS handshake in time", str(failure.value))
+
+
+class OutcomeTests(SynchronousTestCase):
+    """
+    The outcome of a dialogue goes to the pool through L{BackendDialogue.whenDone}, with no
+    L{Deferred} per login; L{BackendDialogue.loggedIn} is made when asked for, before or after.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.context = makeContext(self.reactor, config=CONFIG)
+        self.user = UserRecord(login="alice")
+        route = routeTo(self.context.config, "mbx", self.user, imap, "test")
+        self.target = route.targets[0]
+
+    def dialogue(self):
+        toy = Toy(self.target, None, self.user, None, self.context)
+        toy.tlsTimeout, toy.bannerTimeout, toy.replyTimeout = 3.0, 2.0, 5.0
+        toy.deadline = float("inf")
+        self.reported = []
+        toy.whenDone(lambda d: self.reported.append(("ok", d)), lambda f: self.reported.append(("failed", f)))
+        return toy
+
+    def connect(self, toy):
+        from casd.testing import TLSStringTransport
+
+        transport = TLSStringTransport()
+        toy.makeConnection(transport)
+        return transport
+
+    def test_noDeferredUnlessAsked(self):
+        toy = self.dialogue()
+        self.connect(toy)
+        toy.dataReceived(b"HI\r\nOK\r\n")
+        self.assertEqual(self.reported, [("ok", toy)])
+        self.assertIsNone(toy._loggedInDeferred)
+        # Asked for afterwards: already fired with the same outcome.
+        self.assertIs(self.successResultOf(toy.loggedIn), toy)
+
+    def test_failureReportedOnceToBoth(self):
+        toy = self.dialogue()
+        d = toy.loggedIn
+        self.connect(toy)
+        toy.dataReceived(b"HI\r\nNO\r\n")
+        self.assertEqual([kind for kind, _ in self.reported], ["failed"])
+        self.reported[0][1].trap(AuthenticationFailed)
+        self.failureResultOf(d, AuthenticationFailed)
+        toy.connectionLost(None)  # nothing reported again
+        self.assertEqual(len(self.reported), 1)
+
+    def test_timeoutReported(self):
+        toy = self.dialogue()
+        self.connect(toy)
+        self.reactor.advance(2.0)
+        self.assertEqual([kind for kind, _ in self.reported], ["failed"])
+        self.assertIn("no greeting in time", str(self.reported[0][1].value))
+        self.failureResultOf(toy.loggedIn, BackendUnavailable)
+
+    def test_failingReceiverLogged(self):
+        """
+        A receiver that raises is logged, as a failing callback of a L{Deferred} would be, and
+        does not fail the dialogue's read.
+        """
+        toy = self.dialogue()
+
+        def broken(d):
+            raise RuntimeError("receiver bug")
+
+        toy.whenDone(broken, lambda f: None)
+        self.connect(toy)
+        toy.dataReceived(b"HI\r\nOK\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIs(self.successResultOf(toy.loggedIn), toy)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import binascii
 import enum
-from base64 import b64decode, b64encode
+from base64 import b64decode
 
 from attrs import field, frozen
 from zope.interface import implementer
@@ -85,7 +85,7 @@ def decodeBase64(data: bytes) -> bytes:
 
 
 def encodeBase64(data: bytes) -> bytes:
-    return b64encode(data)
+    return binascii.b2a_base64(data, newline=False)
 
 
 def _text(value: bytes, what: str) -> str:
@@ -180,4 +180,7 @@ def encodePlain(authcid: str, password: bytes, authzid: str = "") -> bytes:
     """
     Encode a PLAIN initial response for a backend login, base64-encoded.
     """
-    return b64encode(authzid.encode("utf-8") + b"\x00" + authcid.encode("utf-8") + b"\x00" + password)
+    # binascii directly: base64.b64encode is a Python wrapper around the same call.
+    return binascii.b2a_base64(
+        authzid.encode("utf-8") + b"\x00" + authcid.encode("utf-8") + b"\x00" + password, newline=False
+    )

@@ -356,18 +356,24 @@ class _Attempt(ClientFactory):
             self.connecting.cancel()
 
     def buildProtocol(self, addr):
-        if self.timer.active():
-            self.timer.cancel()
+        timer, self.timer = self.timer, _FIRED
         if self.finished:  # cancelled meanwhile
+            if timer.active():
+                timer.cancel()
             return None
         dialogue = self.dialogue = self.makeDialogue(self.target)
+        if timer.active():
+            # The connect timer goes on as the dialogue's one timer (its first step resets it;
+            # usually both end at the failover deadline, so not even that): no cancel() and
+            # callLater() pair per login.
+            dialogue.adoptTimer(timer)
         dialogue.tlsTimeout = self.tlsTimeout
         dialogue.bannerTimeout = self.bannerTimeout
         dialogue.replyTimeout = self.replyTimeout
         dialogue.proxyTTL = self.route.proxyTTL
         # Each step's timer, never past the session's failover deadline.
         dialogue.deadline = self.deadline
-        dialogue.loggedIn.addCallbacks(self._loggedIn, self._loginFailed)
+        dialogue.whenDone(self._loggedIn, self._loginFailed)
         return dialogue
 
     def clientConnectionFailed(self, connector, reason) -> None:

@@ -34,6 +34,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol
 
+from casd.service.leanpoll import readInsteadOfWriting
 from casd.session.relay import _writeNow, writesThrough
 
 #: SHA-256 of the sources L{LeanClient} stands in for, in Twisted 26.10.0.
@@ -129,8 +130,7 @@ class LeanClient(tcp.Client):
             return None
         del self.doWrite
         del self.doRead
-        self.startReading()  # one epoll_ctl MOD each: reading and writing, then reading
-        self.stopWriting()
+        readInsteadOfWriting(self)  # one epoll_ctl MOD on the epoll reactor
         # tcp.BaseClient._connectDone, but the log prefix is made when it is asked for.
         self.protocol = self.connector.buildProtocol(self.getPeer())
         self.connected = 1

@@ -11,11 +11,13 @@ events carry their namespace instead.  A proxied login handles about eleven even
 wrapper is about a tenth of the Python calls of a login.
 
 L{leanDispatch} replaces the reactor's C{doIteration} with L{_leanDoPoll}: Twisted's C{doPoll},
-line for line, with the events dispatched directly; a failure that escapes the dispatch (the
-reactor's own C{_doReadOrWrite} already handles those of C{doRead} and C{doWrite}) is logged,
-as before.  It is installed only on an L{EPollReactor} whose C{doPoll} is the one it was copied
-from (the hash of its source, L{DOPOLL_SHA256}); any other reactor or Twisted keeps its own, and
-the tests fail on a Twisted whose C{doPoll} changed, so that the copy is looked at again.
+line for line, with the events dispatched directly and the reactor's C{_doReadOrWrite} (one
+method call per event) inlined, line for line too: a failure of C{doRead} or C{doWrite} is
+logged and disconnects the selectable, as there; a failure that escapes the dispatch is logged,
+as before.  It is installed only on an L{EPollReactor} whose C{doPoll} and C{_doReadOrWrite}
+are the ones it was copied from (the hash of their source, L{DOPOLL_SHA256}); any other reactor
+or Twisted keeps its own, and the tests fail on a Twisted where either changed, so that the
+copy is looked at again.
 """
 
 from __future__ import annotations
@@ -23,32 +25,43 @@ from __future__ import annotations
 import errno
 import hashlib
 import inspect
+import sys
 import types
+from select import EPOLLIN
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
+from twisted.python import log as legacyLog
 
 log = Logger()
 
-#: SHA-256 of the source of C{EPollReactor.doPoll} in Twisted 26.10.0, which L{_leanDoPoll}
-#: repeats.
-DOPOLL_SHA256 = "09b62ae68ef01b4bc5eaa170827e2baf0a2a5098e7e7ce7b5e1c80cda187c827"
+#: SHA-256 of the sources of C{EPollReactor.doPoll} and C{EPollReactor._doReadOrWrite} in
+#: Twisted 26.10.0, which L{_leanDoPoll} repeats.
+DOPOLL_SHA256 = "819089e0c72b570d461e7ee0d1f5e43a14246f75f4f19ef9c53cf24cd7a30f18"
+
+
+def _pinnedSource() -> str:
+    return inspect.getsource(EPollReactor.doPoll) + inspect.getsource(EPollReactor._doReadOrWrite)
 
 
 def doPollMatches() -> bool:
     """
-    @return: whether Twisted's C{EPollReactor.doPoll} is the one L{_leanDoPoll} was copied from.
+    @return: whether Twisted's C{EPollReactor.doPoll} and C{_doReadOrWrite} are the ones
+        L{_leanDoPoll} was copied from.
     """
     try:
-        source = inspect.getsource(EPollReactor.doPoll)
-    except (OSError, TypeError):
+        source = _pinnedSource()
+    except (OSError, TypeError, AttributeError):
         return False
     return hashlib.sha256(source.encode("utf-8")).hexdigest() == DOPOLL_SHA256
 
 
 def _leanDoPoll(self, timeout):
     """
-    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event.
+    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event, and with
+    C{_doReadOrWrite} inlined.
     """
     if timeout is None:
         timeout = -1
@@ -58,14 +71,40 @@ def _leanDoPoll(self, timeout):
         if err.errno == errno.EINTR:
             return
         raise
-    _drdw = self._doReadOrWrite
     selectables = self._selectables
+    reads = self._reads
+    pollIn, pollOut, pollDisconnected = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
     for fd, event in l:
         selectable = selectables.get(fd)
         if selectable is None:
             continue
         try:
-            _drdw(selectable, fd, event)
+            # _PollLikeMixin._doReadOrWrite(selectable, fd, event), line for line.
+            why = None
+            inRead = False
+            if event & pollDisconnected and not (event & pollIn):
+                # Disconnected, with all input read: a clean shutdown if it was being read.
+                if fd in reads:
+                    inRead = True
+                    why = CONNECTION_DONE
+                else:
+                    why = CONNECTION_LOST
+            else:
+                try:
+                    if selectable.fileno() == -1:
+                        why = _NO_FILEDESC
+                    else:
+                        if event & pollIn:
+                            why = selectable.doRead()
+                            inRead = True
+                        if not why and event & pollOut:
+                            why = selectable.doWrite()
+                            inRead = False
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    legacyLog.err()
+            if why:
+                self._disconnectSelectable(selectable, why, inRead)
         except KeyboardInterrupt:
             raise
         except BaseException:
@@ -83,3 +122,53 @@ def leanDispatch(reactor) -> bool:
         return False
     reactor.doIteration = types.MethodType(_leanDoPoll, reactor)
     return True
+
+
+#: SHA-256 of the sources of C{EPollReactor}'s C{_add}, C{_remove}, C{addReader} and
+#: C{removeWriter} in Twisted 26.10.0: the bookkeeping that L{readInsteadOfWriting} does in one
+#: step.
+FDSET_SHA256 = "03259116de604056b15058af0627bfcf8bc6e4531451c8ccf32776bde5b59661"
+
+_FDSET_PINNED = ("_add", "_remove", "addReader", "removeWriter")
+
+
+def fdSetMatches() -> bool:
+    """
+    @return: whether Twisted's epoll reactor keeps its readers and writers as
+        L{readInsteadOfWriting} expects.
+    """
+    try:
+        source = "".join(inspect.getsource(getattr(EPollReactor, name)) for name in _FDSET_PINNED)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return hashlib.sha256(source.encode("utf-8")).hexdigest() == FDSET_SHA256
+
+
+_fdSetKnown: list[bool] = []
+
+
+def readInsteadOfWriting(selectable) -> None:
+    """
+    Switch C{selectable} from waiting to write to waiting to read: C{startReading()} then
+    C{stopWriting()}, in one C{epoll_ctl} (C{EPOLL_CTL_MOD} to C{EPOLLIN}) instead of two when
+    its reactor is Twisted's epoll reactor, with the bookkeeping this module knows
+    (L{fdSetMatches}), and it is registered for writing alone.  A connecting socket's
+    completion (L{casd.pool.tcpclient.LeanClient}) is the case.
+
+    @param selectable: a L{twisted.internet.abstract.FileDescriptor}.
+    """
+    reactor = selectable.reactor
+    if type(reactor) is EPollReactor:
+        if not _fdSetKnown:
+            _fdSetKnown.append(fdSetMatches())
+        if _fdSetKnown[0]:
+            fd = selectable.fileno()
+            writes = reactor._writes
+            if fd in writes and fd not in reactor._reads and reactor._selectables.get(fd) is selectable:
+                reactor._poller.modify(fd, EPOLLIN)
+                # As _add and _remove do: the sets follow the poller's state once it succeeded.
+                writes.remove(fd)
+                reactor._reads.add(fd)
+                return
+    selectable.startReading()
+    selectable.stopWriting()

@@ -54,7 +54,8 @@ class BackendDialogue(Protocol):
     L{succeed}.
 
     @ivar loggedIn: fires with this protocol once the backend accepted the login, or fails with
-        a L{casd.failures.CASFailure}.
+        a L{casd.failures.CASFailure}: a L{Deferred} made when asked for (the pool is told
+        through L{whenDone} instead, with no L{Deferred} per login).
     @ivar leftover: bytes the backend sent after the login reply; the relay passes them on.
     @ivar greeted: whether the backend sent a line (it is alive at the protocol level); a
         failure before that counts against the member's health.
@@ -93,7 +94,11 @@ class BackendDialogue(Protocol):
         self.context = context
         self.clock = context.reactor
         self._lost: list[Callable[[], None]] = []
-        self.loggedIn: defer.Deferred = defer.Deferred()
+        self._loggedInDeferred: defer.Deferred | None = None
+        #: C{(succeeded, failed)} of L{whenDone}.
+        self._outcomeTo = None
+        #: The dialogue's outcome once it is known: C{self}, or a L{Failure}.
+        self._outcome = None
         self._buffer = b""
         self._lines: deque[bytes] = deque()
         self._handshake: defer.Deferred | None = None
@@ -107,6 +112,42 @@ class BackendDialogue(Protocol):
         self._armPending = False
         self._done = False
         self.leftover = b""
+
+    @property
+    def loggedIn(self) -> defer.Deferred:
+        d = self._loggedInDeferred
+        if d is None:
+            d = self._loggedInDeferred = defer.Deferred()
+            outcome = self._outcome
+            if outcome is not None:
+                # Known already: as a Deferred fired then would hold it.
+                if isinstance(outcome, Failure):
+                    d.errback(outcome)
+                else:
+                    d.callback(outcome)
+        return d
+
+    def whenDone(self, succeeded: Callable, failed: Callable) -> None:
+        """
+        Report the outcome to C{succeeded(self)} or C{failed(failure)}, once, as L{loggedIn}'s
+        callbacks would get it, with no L{Deferred} between.  Call it before the dialogue
+        starts (the pool does, when it builds the dialogue).
+        """
+        self._outcomeTo = (succeeded, failed)
+
+    def _report(self, outcome) -> None:
+        self._outcome = outcome
+        to = self._outcomeTo
+        failed = isinstance(outcome, Failure)
+        if to is not None:
+            try:
+                to[1](outcome) if failed else to[0](outcome)
+            except Exception:
+                # As a Deferred's callback failing would be: logged, not raised into the read.
+                self.log.failure("reporting the login with {backend}", backend=self.target.describe())
+        d = self._loggedInDeferred
+        if d is not None:
+            d.errback(outcome) if failed else d.callback(outcome)
 
     # -- the dialogue -------------------------------------------------------------------
 
@@ -155,7 +196,7 @@ class BackendDialogue(Protocol):
         self._buffer = b""
         # Drop the password now that the backend took the session.
         self.credentials = None
-        self.loggedIn.callback(self)
+        self._report(self)
 
     def _failed(self, failure):
         if self._done:
@@ -171,7 +212,7 @@ class BackendDialogue(Protocol):
                 "backend dialogue with {backend} failed", failure, backend=self.target.describe()
             )
             failure = BackendUnavailable(f"backend {self.target.describe()}: protocol error")
-        self.loggedIn.errback(failure)
+        self._report(failure if isinstance(failure, Failure) else Failure(failure))
 
     # -- primitives ---------------------------------------------------------------------
 
@@ -319,6 +360,19 @@ class BackendDialogue(Protocol):
             timer.reset(delay)
         else:
             self._timer = self.clock.callLater(delay, self._timedOut)
+
+    def adoptTimer(self, timer) -> None:
+        """
+        Take over a pending timer of the caller's (the pool's connect timer) as this dialogue's
+        one timer: its first step resets it (L{_arm}) instead of arming a new one, and it calls
+        L{_timedOut} from now on.
+
+        @param timer: an active L{DelayedCall}.
+        """
+        timer.func, timer.args, timer.kw = self._timedOut, (), {}
+        self._timer = timer
+        self._timerAt = timer.getTime()
+        self._timerWhat = "greeting"
 
     def _cancelTimer(self) -> None:
         # _timer is None once it ran (_timedOut) or was cancelled here.
