@@ -10,7 +10,7 @@ from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.trial.unittest import TestCase
 
 from casd.session import relay as relayModule
-from casd.session.relay import Relay, readPathMatches
+from casd.session.relay import Relay, _DirectRead, readPathMatches
 from tests.test_relay import Side, _OneShot, splice
 
 
@@ -102,15 +102,19 @@ class DirectReadTests(TestCase):
     @defer.inlineCallbacks
     def test_readsThroughTheRelay(self):
         relay, clientPeer, backendPeer, ended = yield self.relayed()
-        self.assertEqual(relay.client.doRead, relay._readClient)
-        self.assertEqual(relay.server.doRead, relay._readBackend)
+        fromClient, fromBackend = relay.client.doRead.__self__, relay.server.doRead.__self__
+        self.assertIsInstance(fromClient, _DirectRead)
+        self.assertEqual((fromClient.source, fromClient.sink), (relay.client, relay.server))
+        self.assertEqual((fromBackend.source, fromBackend.sink), (relay.server, relay.client))
+        self.assertEqual((fromClient.inbound, fromBackend.inbound), (True, False))
         clientPeer.transport.loseConnection()
         yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))
 
     @defer.inlineCallbacks
     def test_bothWaysThenClose(self):
         relay = yield self.bothWaysThenClose()
-        self.assertEqual(relay.client.__dict__.get("doRead"), relay._readClient)
+        self.assertIsInstance(relay.client.__dict__["doRead"].__self__, _DirectRead)
+        self.assertIsInstance(relay.server.__dict__["doRead"].__self__, _DirectRead)
 
     @defer.inlineCallbacks
     def test_twistedPathWhenItDiffers(self):

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - a Twisted without it: the bypass is sk
 RELAY_READ_SIZE = 256 * 1024
 
 #: SHA-256 of the sources of Twisted's C{tcp.Connection.doRead} and C{_dataReceived} (Twisted
-#: 26.10.0), which L{Relay._readClient} and L{Relay._readBackend} repeat.
+#: 26.10.0), which L{_DirectRead} repeats.
 READ_SHA256 = "cec22be7f7657ee37ba569c3b22ed126fd32ebff5ff5a0551dc60172721de8d9"
 
 
@@ -217,6 +217,40 @@ class _FlowOnly:
         pass
 
 
+class _DirectRead:
+    """
+    The C{doRead} of one side's plain TCP transport while relaying: Twisted's
+    C{tcp.Connection.doRead} and C{_dataReceived} with L{Relay.fromClient} (or
+    L{Relay.fromBackend}) inline, two Python calls fewer per chunk (L{READ_SHA256} pins what it
+    repeats).
+    """
+
+    __slots__ = ("relay", "source", "sink", "inbound")
+
+    def __init__(self, relay, source, sink, inbound: bool) -> None:
+        self.relay = relay
+        self.source = source
+        self.sink = sink
+        self.inbound = inbound
+
+    def doRead(self):
+        source = self.source
+        try:
+            data = source.socket.recv(source.bufferSize)
+        except OSError as se:
+            if se.args[0] == tcp.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        if self.inbound:
+            self.relay.bytesIn += len(data)
+        else:
+            self.relay.bytesOut += len(data)
+        self.sink.write(data)
+        return None
+
+
 def _closeWrite(transport) -> None:
     loseWrite = getattr(transport, "loseWriteConnection", None)
     if loseWrite is not None:
@@ -283,15 +317,16 @@ class Relay:
         global _DIRECT
         if _DIRECT is None:
             _DIRECT = readPathMatches()
-        for transport, reader in ((self.client, self._readClient), (self.server, self._readBackend)):
+        sides = ((self.client, self.server, True), (self.server, self.client, False))
+        for transport, other, inbound in sides:
             kind = type(transport)
             if kind in _PLAIN_TCP and not transport.TLS:
                 # Plain TCP: write-through (most are already), large reads, and each read
-                # handed to the other side by the relay itself (L{_readClient}).
+                # handed to the other side by the relay itself (L{_DirectRead}).
                 transport.__class__ = _WRITE_THROUGH.get(kind, kind)
                 transport.bufferSize = RELAY_READ_SIZE
                 if _DIRECT and kind.doRead is _TWISTED_DO_READ:
-                    transport.doRead = reader
+                    transport.doRead = _DirectRead(self, transport, other, inbound).doRead
                 continue
             writeThrough(transport)
             # Large reads, below the TLS layer too (a TLS-wrapped transport's is underneath).
@@ -314,44 +349,6 @@ class Relay:
     def fromBackend(self, data: bytes) -> None:
         self.bytesOut += len(data)
         self.client.write(data)
-
-    # -- plain TCP: the transport's doRead, its dataReceived and the relay's in one call -----
-
-    def _readClient(self):
-        """
-        C{doRead} of the client's plain TCP transport while relaying: Twisted's
-        C{tcp.Connection.doRead} and C{_dataReceived} with L{fromClient} inline (two Python
-        calls fewer per chunk; L{READ_SHA256} pins what it repeats).
-        """
-        client = self.client
-        try:
-            data = client.socket.recv(client.bufferSize)
-        except OSError as se:
-            if se.args[0] == tcp.EWOULDBLOCK:
-                return None
-            return main.CONNECTION_LOST
-        if not data:
-            return main.CONNECTION_DONE
-        self.bytesIn += len(data)
-        self.server.write(data)
-        return None
-
-    def _readBackend(self):
-        """
-        C{doRead} of the backend's plain TCP transport while relaying (see L{_readClient}).
-        """
-        server = self.server
-        try:
-            data = server.socket.recv(server.bufferSize)
-        except OSError as se:
-            if se.args[0] == tcp.EWOULDBLOCK:
-                return None
-            return main.CONNECTION_LOST
-        if not data:
-            return main.CONNECTION_DONE
-        self.bytesOut += len(data)
-        self.client.write(data)
-        return None
 
     # -- idle timeout: counters compared a few times per period, nothing per chunk ------
 
