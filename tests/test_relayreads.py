@@ -7,6 +7,7 @@ sockets, and Twisted's path when its source is not the one the relay repeats.
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientCreator, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from casd.session import relay as relayModule
@@ -138,3 +139,29 @@ class DirectReadTests(TestCase):
         self.assertNotIn("doRead", bt.__dict__)
         front.dataReceived(b"a1 NOOP\r\n")
         self.assertEqual(bt.value(), b"a1 NOOP\r\n")
+
+    @defer.inlineCallbacks
+    def test_ownReadKept(self):
+        """
+        A transport whose C{doRead} is already someone else's keeps it: the relay repeats only
+        Twisted's.
+        """
+        from twisted.internet import reactor
+
+        backendPeer = Peer()
+        backendPort = reactor.listenTCP(0, _OneShot(backendPeer), interface="127.0.0.1")
+        self.addCleanup(backendPort.stopListening)
+        casdBack = Side("backend")
+        yield ClientCreator(reactor, lambda: casdBack).connectTCP(
+            "127.0.0.1", backendPort.getHost().port
+        )
+        transport = casdBack.transport
+        own = transport.doRead
+        transport.doRead = own
+        front, ft = Side("client"), StringTransport()
+        front.makeConnection(ft)
+        relay = Relay(front, casdBack, task.Clock(), 1000.0, lambda why: None)
+        relay.start()
+        self.assertIs(transport.__dict__["doRead"], own)
+        transport.loseConnection()
+        yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))

@@ -59,6 +59,7 @@ def readPathMatches() -> bool:
 #: asked on the first relay.
 _DIRECT = None
 _TWISTED_DO_READ = tcp.Connection.doRead
+_TWISTED_DATA_RECEIVED = tcp.Connection._dataReceived
 
 
 def _writeNow(self, data: bytes) -> None:
@@ -325,7 +326,12 @@ class Relay:
                 # handed to the other side by the relay itself (L{_DirectRead}).
                 transport.__class__ = _WRITE_THROUGH.get(kind, kind)
                 transport.bufferSize = RELAY_READ_SIZE
-                if _DIRECT and kind.doRead is _TWISTED_DO_READ:
+                if (
+                    _DIRECT
+                    and kind.doRead is _TWISTED_DO_READ
+                    and kind._dataReceived is _TWISTED_DATA_RECEIVED
+                    and "doRead" not in transport.__dict__
+                ):
                     transport.doRead = _DirectRead(self, transport, other, inbound).doRead
                 continue
             writeThrough(transport)
