@@ -1,0 +1,167 @@
+"""
+The relay's direct reads: a relayed plain TCP transport's C{doRead} is the relay's own (Twisted's
+C{doRead} and C{_dataReceived} with the relay's counter and write inline), over real loopback
+sockets, and Twisted's path when its source is not the one the relay repeats.
+"""
+
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientCreator, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+
+from casd.session import relay as relayModule
+from casd.session.relay import Relay, _DirectRead, readPathMatches
+from tests.test_relay import Side, _OneShot, splice
+
+
+class Peer(Protocol):
+    """
+    One end outside casd: keeps what it receives and how its connection ended.
+    """
+
+    def __init__(self):
+        self.received = []
+        self.lost = []
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+async def _until(condition, tries=400):
+    from twisted.internet import reactor
+
+    for _ in range(tries):
+        if condition():
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class DirectReadTests(TestCase):
+    """
+    client peer <-> (casd's front transport, relay, casd's backend transport) <-> backend peer,
+    all on the real reactor.
+    """
+
+    @defer.inlineCallbacks
+    def relayed(self):
+        from twisted.internet import reactor
+
+        backendPeer, clientPeer = Peer(), Peer()
+        backendPort = reactor.listenTCP(0, _OneShot(backendPeer), interface="127.0.0.1")
+        self.addCleanup(backendPort.stopListening)
+        casdFront, casdBack = Side("client"), Side("backend")
+        frontPort = reactor.listenTCP(0, _OneShot(casdFront), interface="127.0.0.1")
+        self.addCleanup(frontPort.stopListening)
+        yield ClientCreator(reactor, lambda: clientPeer).connectTCP(
+            "127.0.0.1", frontPort.getHost().port
+        )
+        yield ClientCreator(reactor, lambda: casdBack).connectTCP(
+            "127.0.0.1", backendPort.getHost().port
+        )
+        yield defer.Deferred.fromCoroutine(
+            _until(lambda: casdFront.transport is not None and backendPeer.transport is not None)
+        )
+        ended = []
+        relay = Relay(casdFront, casdBack, reactor, 1000.0, ended.append)
+        relay.start()
+        return relay, clientPeer, backendPeer, ended
+
+    @defer.inlineCallbacks
+    def bothWaysThenClose(self):
+        relay, clientPeer, backendPeer, ended = yield self.relayed()
+        upload = b"".join(bytes([65 + i % 26]) * 1000 for i in range(300))
+        download = b"".join(bytes([97 + i % 26]) * 5000 for i in range(400))
+        clientPeer.transport.write(upload)
+        backendPeer.transport.write(download)
+        yield defer.Deferred.fromCoroutine(
+            _until(
+                lambda: sum(map(len, backendPeer.received)) >= len(upload)
+                and sum(map(len, clientPeer.received)) >= len(download)
+            )
+        )
+        self.assertEqual(b"".join(backendPeer.received), upload)
+        self.assertEqual(b"".join(clientPeer.received), download)
+        self.assertEqual((relay.bytesIn, relay.bytesOut), (len(upload), len(download)))
+        # The client leaves: the relay ends and closes the backend's connection.
+        clientPeer.transport.loseConnection()
+        yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))
+        self.assertEqual(ended, ["client closed"])
+        self.assertTrue(backendPeer.lost[0].check(ConnectionDone))
+        return relay
+
+    def test_readPathPinned(self):
+        """
+        Twisted's C{doRead} and C{_dataReceived} are those the relay's reads repeat: a Twisted
+        whose read path changed fails here (and the relay uses Twisted's own path then).
+        """
+        self.assertTrue(readPathMatches())
+
+    @defer.inlineCallbacks
+    def test_readsThroughTheRelay(self):
+        relay, clientPeer, backendPeer, ended = yield self.relayed()
+        fromClient, fromBackend = relay.client.doRead.__self__, relay.server.doRead.__self__
+        self.assertIsInstance(fromClient, _DirectRead)
+        self.assertEqual((fromClient.source, fromClient.sink), (relay.client, relay.server))
+        self.assertEqual((fromBackend.source, fromBackend.sink), (relay.server, relay.client))
+        self.assertEqual((fromClient.inbound, fromBackend.inbound), (True, False))
+        clientPeer.transport.loseConnection()
+        yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))
+
+    @defer.inlineCallbacks
+    def test_bothWaysThenClose(self):
+        relay = yield self.bothWaysThenClose()
+        self.assertIsInstance(relay.client.__dict__["doRead"].__self__, _DirectRead)
+        self.assertIsInstance(relay.server.__dict__["doRead"].__self__, _DirectRead)
+
+    @defer.inlineCallbacks
+    def test_twistedPathWhenItDiffers(self):
+        """
+        When Twisted's read path is not the pinned one, relayed transports keep Twisted's
+        C{doRead}, and relay the same.
+        """
+        self.patch(relayModule, "_DIRECT", False)
+        relay = yield self.bothWaysThenClose()
+        self.assertNotIn("doRead", relay.client.__dict__)
+        self.assertNotIn("doRead", relay.server.__dict__)
+
+    def test_otherTransportsKeepTheirs(self):
+        """
+        A transport that is not plain TCP (here a test transport with TLS) is not given a
+        C{doRead}: its bytes reach the relay through its protocol as before.
+        """
+        clock, front, back, ft, bt, relay, ended = splice()
+        relay.start()
+        self.assertNotIn("doRead", ft.__dict__)
+        self.assertNotIn("doRead", bt.__dict__)
+        front.dataReceived(b"a1 NOOP\r\n")
+        self.assertEqual(bt.value(), b"a1 NOOP\r\n")
+
+    @defer.inlineCallbacks
+    def test_ownReadKept(self):
+        """
+        A transport whose C{doRead} is already someone else's keeps it: the relay repeats only
+        Twisted's.
+        """
+        from twisted.internet import reactor
+
+        backendPeer = Peer()
+        backendPort = reactor.listenTCP(0, _OneShot(backendPeer), interface="127.0.0.1")
+        self.addCleanup(backendPort.stopListening)
+        casdBack = Side("backend")
+        yield ClientCreator(reactor, lambda: casdBack).connectTCP(
+            "127.0.0.1", backendPort.getHost().port
+        )
+        transport = casdBack.transport
+        own = transport.doRead
+        transport.doRead = own
+        front, ft = Side("client"), StringTransport()
+        front.makeConnection(ft)
+        relay = Relay(front, casdBack, task.Clock(), 1000.0, lambda why: None)
+        relay.start()
+        self.assertIs(transport.__dict__["doRead"], own)
+        transport.loseConnection()
+        yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))
