@@ -14,10 +14,8 @@ import subprocess
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
-from casd.demo.web import demoConfigText
-from casd.service.tap import DEMO_CONFIG
-from tests.support.casdnode import CASNode
-from tests.support.procs import freePort, requireBinary
+from tests.support.casdnode import startDemoNode
+from tests.support.procs import requireBinary
 from tests.test_autodiscover import R, assertValid, checkClientConfig, poxRequest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -39,26 +37,8 @@ class DemoAutodiscoverTests(TestCase):
 
     def setUp(self):
         self.curl = requireBinary("curl")
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        os.environ["CASD_DEMO_DIR"] = directory
-        self.addCleanup(os.environ.pop, "CASD_DEMO_DIR")
-        with open(DEMO_CONFIG) as f:
-            base = f.read()
-        self.ports = ports = {name: freePort() for name in ("https", "web", "imap", "pop3", "bimap", "bpop3")}
-        base = (
-            base.replace('users_file = "users"', f'users_file = "{os.path.join(os.path.dirname(DEMO_CONFIG), "users")}"')
-            .replace("tcp:1143:", f"tcp:{ports['imap']}:")
-            .replace("tcp:1110:", f"tcp:{ports['pop3']}:")
-            .replace("11143", str(ports["bimap"]))
-            .replace("11110", str(ports["bpop3"]))
-        )
-        text, self.ca = demoConfigText(base, ports["web"])
-        text = text.replace("tcp:8443:", f"tcp:{ports['https']}:")
-        text = text.replace("[demo]\n", f"[demo]\nhttp_port = {ports['web']}\n")
-        self.node = CASNode(directory, text).start()
-        self.addCleanup(self.node.stop)
-        self.base = f"https://127.0.0.1:{ports['https']}"
+        self.node, self.ca, self.ports = startDemoNode(self, os.path.abspath(self.mktemp()))
+        self.base = f"https://127.0.0.1:{self.ports['https']}"
 
     def curl_(self, *args):
         return threads.deferToThread(

@@ -18,8 +18,8 @@ from casd.demo.store import DemoMailStore
 from casd.demo.web import DemoWebPage, demoCertificates, demoConfigText
 from casd.service.discovery import discoverProtocols
 from casd.service.tap import DEMO_CONFIG
-from tests.support.casdnode import CASNode
-from tests.support.procs import freePort, requireBinary
+from tests.support.casdnode import startDemoNode
+from tests.support.procs import requireBinary
 
 
 class DemoWebPageTests(SynchronousTestCase):
@@ -101,25 +101,7 @@ class DemoPathTests(TestCase):
         C{curl --cacert CA -u demo:demo https://.../EWS/} shows the demo user's mailboxes.
         """
         curl = requireBinary("curl")
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        os.environ["CASD_DEMO_DIR"] = directory
-        self.addCleanup(os.environ.pop, "CASD_DEMO_DIR")
-        with open(DEMO_CONFIG) as f:
-            base = f.read()
-        ports = {name: freePort() for name in ("https", "web", "imap", "pop3", "bimap", "bpop3")}
-        base = (
-            base.replace('users_file = "users"', f'users_file = "{os.path.join(os.path.dirname(DEMO_CONFIG), "users")}"')
-            .replace("tcp:1143:", f"tcp:{ports['imap']}:")
-            .replace("tcp:1110:", f"tcp:{ports['pop3']}:")
-            .replace("11143", str(ports["bimap"]))
-            .replace("11110", str(ports["bpop3"]))
-        )
-        text, ca = demoConfigText(base, ports["web"])
-        text = text.replace("tcp:8443:", f"tcp:{ports['https']}:")
-        text = text.replace("[demo]\n", f"[demo]\nhttp_port = {ports['web']}\n")
-        node = CASNode(directory, text).start()
-        self.addCleanup(node.stop)
+        node, ca, ports = startDemoNode(self, os.path.abspath(self.mktemp()))
         url = f"https://127.0.0.1:{ports['https']}/EWS/"
         result = yield threads.deferToThread(
             subprocess.run, [curl, "-sS", "--cacert", ca, "-u", "demo:demo", url],

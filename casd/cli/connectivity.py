@@ -148,7 +148,6 @@ def _checkRoute(config, protocols, args, report) -> bool:
 
     @defer.inlineCallbacks
     def run(reactor):
-        from casd.auth import UserRecord
 
         context, _ = buildContext(config, protocols, reactor, _noHashing)
         protocol = protocols[args.protocol]

@@ -6,7 +6,6 @@ The composition root: C{twistd cas} options and the service tree.
 from __future__ import annotations
 
 import os
-import sys
 import types
 
 import attr

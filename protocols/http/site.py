@@ -23,7 +23,6 @@ refused at once with 413 and the connection closed.
 from __future__ import annotations
 
 import io
-import os
 import re
 
 import attr

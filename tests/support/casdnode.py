@@ -10,6 +10,40 @@ from twisted.internet import defer, task
 from casd.service.tap import Options, makeService
 
 
+def startDemoNode(testCase, directory):
+    """
+    Start casd's demo configuration (IMAP, POP3, HTTPS with its demo web backend, the admin
+    listener) in this process, every port a free one, stopped at C{testCase}'s clean-up.
+
+    @return: C{(node, ca, ports)}: the L{CASNode}, the demo CA file, the ports by name
+        (C{https}, C{web}, C{imap}, C{pop3}, C{bimap}, C{bpop3}, C{admin}).
+    """
+    from casd.demo.web import demoConfigText
+    from casd.service.tap import DEMO_CONFIG
+    from tests.support.procs import freePort
+
+    os.makedirs(directory, exist_ok=True)
+    os.environ["CASD_DEMO_DIR"] = directory
+    testCase.addCleanup(os.environ.pop, "CASD_DEMO_DIR")
+    with open(DEMO_CONFIG) as f:
+        base = f.read()
+    ports = {name: freePort() for name in ("https", "web", "imap", "pop3", "bimap", "bpop3", "admin")}
+    base = (
+        base.replace('users_file = "users"', f'users_file = "{os.path.join(os.path.dirname(DEMO_CONFIG), "users")}"')
+        .replace("tcp:1143:", f"tcp:{ports['imap']}:")
+        .replace("tcp:1110:", f"tcp:{ports['pop3']}:")
+        .replace("11143", str(ports["bimap"]))
+        .replace("11110", str(ports["bpop3"]))
+        .replace("tcp:9100:", f"tcp:{ports['admin']}:")
+    )
+    text, ca = demoConfigText(base, ports["web"])
+    text = text.replace("tcp:8443:", f"tcp:{ports['https']}:")
+    text = text.replace("[demo]\n", f"[demo]\nhttp_port = {ports['web']}\n")
+    node = CASNode(directory, text).start()
+    testCase.addCleanup(node.stop)
+    return node, ca, ports
+
+
 class CASNode:
     """
     @ivar service: the running service tree.
