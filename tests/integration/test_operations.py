@@ -351,6 +351,10 @@ class GracefulStopTests(TestCase):
         settled = yield threads.deferToThread(poll, onlyTheClient)
         self.assertTrue(settled, "the readiness probe's connection never closed")
         node.signal(signal.SIGTERM)
+        # Probe the listener only once the node has counted its sessions: a probe accepted in
+        # the same reactor turn as the signal would count as a session too.
+        stopping = yield threads.deferToThread(poll, lambda: b"stopping:" in node.output())
+        self.assertTrue(stopping, "no stop logged after SIGTERM")
         closed = yield threads.deferToThread(
             poll, lambda: subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{node.imap}"],
                                          capture_output=True).returncode != 0
