@@ -26,8 +26,9 @@ import sys
 import tempfile
 import time
 
-from bench.callcount import START, STATS_ENV, STOP
+from bench.callcount import START, STOP
 from bench.http import PASSWORD, USER, startBackend, writeCasdConfig
+from bench.httpcalls import startProfiledCASD
 from bench.servers import ROOT
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
 
@@ -148,14 +149,7 @@ def main(argv=None) -> int:
     backend.makeFile("big", size)
     port = freePort()
     config = writeCasdConfig(work, backend.port, port)
-    stats = os.path.join(work, "calls.prof")
-    log = open(os.path.join(work, "casd.log"), "wb")
-    casd = subprocess.Popen(
-        [sys.executable, "-m", "bench.callcount", "wrap", "-n", "--pidfile=",
-         "cas", "--config", config],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        env=dict(os.environ, **{STATS_ENV: stats, "PYTHONPATH": ROOT}),
-    )
+    casd, stats, log = startProfiledCASD(work, config)
     try:
         waitForPort("127.0.0.1", port, 30, alive=lambda: pidAlive(casd.pid))
         _gets(port, 50)  # the credential cache, a pooled backend connection

@@ -106,19 +106,31 @@ def _where(path: str) -> str:
     return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
 
 
+def startProfiledCASD(work: str, config: str):
+    """
+    Start casd (C{twistd -n cas}) under L{bench.callcount}'s C{wrap}: its profiler switched by
+    L{bench.callcount.START} and L{bench.callcount.STOP}, the statistics written to C{stats}.
+
+    @return: C{(process, stats, log)}: the process, the statistics' path, casd's open output file.
+    """
+    stats = os.path.join(work, "calls.prof")
+    log = open(os.path.join(work, "casd.log"), "wb")
+    casd = subprocess.Popen(
+        [sys.executable, "-m", "bench.callcount", "wrap", "-n", "--pidfile=",
+         "--logfile", os.path.join(work, "twistd.log"), "cas", "--config", config],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        env=dict(os.environ, **{STATS_ENV: stats, "PYTHONPATH": ROOT}),
+    )
+    return casd, stats, log
+
+
 def measure(args) -> int:
     work = tempfile.mkdtemp(prefix="casd-httpcalls-")
     backend = startBackend()
     port = freePort()
     # HTTP only: IMAP would take its default port (busy on a shared machine).
     config = writeCasdConfig(work, backend.port, port)
-    stats = os.path.join(work, "calls.prof")
-    log = open(os.path.join(work, "casd.log"), "wb")
-    casd = subprocess.Popen(
-        [sys.executable, "-m", "bench.callcount", "wrap", "-n", "--pidfile=",
-         "--logfile", os.path.join(work, "twistd.log"), "cas", "--config", config],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **{STATS_ENV: stats}),
-    )
+    casd, stats, log = startProfiledCASD(work, config)
     try:
         try:
             waitForPort("127.0.0.1", port, 30, alive=lambda: pidAlive(casd.pid))
