@@ -9,7 +9,8 @@ Starts a small Dovecot and casd (as the benchmark does, under C{twistd -n cas}, 
 module's C{wrap} mode, which turns cProfile on at L{START} and off, writing the statistics, at
 L{STOP}), warms casd's credential cache (every user logs in once), then counts the calls of
 C{--sessions} logins, one session at a time.  Prints the calls per login and the functions called
-most per login.  With C{--bulk-mib}, the calls per MiB of a bulk relay instead (4 clients
+most per login.  With C{--garbage}, also the objects casd leaves for the garbage collector and
+their cycles (L{bench.garbage}).  With C{--bulk-mib}, the calls per MiB of a bulk relay instead (4 clients
 fetching their INBOX of 1 MiB messages, as the benchmark's bulk phase).  Only casd's process is
 profiled.
 """
@@ -25,6 +26,7 @@ import signal
 import sys
 import time
 
+from bench.garbage import GARBAGE_ENV
 from bench.servers import HERE, ROOT
 
 #: The signals that start and stop the profile: real-time ones, since casd itself handles
@@ -42,13 +44,23 @@ def wrap(argv: list[str]) -> None:
     """
     profiles = [cProfile.Profile()]
 
+    garbage = os.environ.get(GARBAGE_ENV)
+
     def start(*_):
+        if garbage:
+            from bench import garbage as watch
+
+            watch.start()
         # A new count each time: one process may be counted for several phases.
         profiles[0] = cProfile.Profile()
         profiles[0].enable()
 
     def stop(*_):
         profiles[0].disable()
+        if garbage:
+            from bench import garbage as watch
+
+            watch.stop(garbage)
         path = os.environ[STATS_ENV]
         # Written whole, then renamed: the reader waits for the file to appear.
         profiles[0].dump_stats(path + ".part")
@@ -62,7 +74,7 @@ def wrap(argv: list[str]) -> None:
     run()
 
 
-def _wrappedCASD(base):
+def _wrappedCASD(base, garbage=None):
     class ProfiledCASD(base):
         def command(self):
             args = super().command()
@@ -70,7 +82,10 @@ def _wrappedCASD(base):
             return [args[0], "-m", "bench.callcount", "wrap", *args[2:]]
 
         def environment(self):
-            return dict(super().environment(), **{STATS_ENV: os.path.join(self.work, "calls.prof")})
+            env = dict(super().environment(), **{STATS_ENV: os.path.join(self.work, "calls.prof")})
+            if garbage:
+                env[GARBAGE_ENV] = garbage
+            return env
 
     return ProfiledCASD
 
@@ -120,7 +135,10 @@ def measure(args) -> int:
         started.append(dovecot)
         cert, key, _ = writeCertificate(work)
         casdUsers, _ = writeUsers(work, args.users, "SSHA256")
-        casd = _wrappedCASD(CASD)(
+        garbage = os.path.join(work, "garbage.json") if args.garbage else None
+        if garbage and os.path.exists(garbage):
+            os.unlink(garbage)
+        casd = _wrappedCASD(CASD, garbage)(
             os.path.join(work, "casd"), cert, key, casdUsers, dovecot.imapPort,
             dovecot.pop3Port if args.proto == "pop3" else None,
         )
@@ -152,6 +170,11 @@ def measure(args) -> int:
         for (path, line, name), (cc, nc, tt, ct, _) in rows:
             where = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
             print(f"{nc / done:8.2f}  {where}:{line}({name})")
+        if garbage:
+            from bench.garbage import render
+
+            with open(garbage) as f:
+                print(render(json.load(f), done, "login" if unit == "Login" else unit))
         return 0
     finally:
         for server in reversed(started):
@@ -170,6 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--bulk-mib", type=int, default=0, help="count calls per MiB of a bulk relay instead")
+    parser.add_argument("--garbage", action="store_true", help="also report the cyclic garbage casd leaves (bench.garbage)")
     return measure(parser.parse_args(argv))
 
 

@@ -86,12 +86,20 @@ class DirectReadTests(TestCase):
         self.assertEqual(b"".join(backendPeer.received), upload)
         self.assertEqual(b"".join(clientPeer.received), download)
         self.assertEqual((relay.bytesIn, relay.bytesOut), (len(upload), len(download)))
+        sides = (relay.client, relay.server)
+        reads = [type(getattr(side.__dict__.get("doRead"), "__self__", None)) for side in sides]
         # The client leaves: the relay ends and closes the backend's connection.
         clientPeer.transport.loseConnection()
         yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))
+        yield defer.Deferred.fromCoroutine(_until(lambda: relay.client is None))
         self.assertEqual(ended, ["client closed"])
         self.assertTrue(backendPeer.lost[0].check(ConnectionDone))
-        return relay
+        # Both connections gone: the relay let go of the transports and took its reads back
+        # (no cycle left for the garbage collector).
+        self.assertEqual((relay.frontend, relay.backend, relay.server), (None, None, None))
+        for side in sides:
+            self.assertNotIn("doRead", side.__dict__)
+        return reads
 
     def test_readPathPinned(self):
         """
@@ -113,9 +121,8 @@ class DirectReadTests(TestCase):
 
     @defer.inlineCallbacks
     def test_bothWaysThenClose(self):
-        relay = yield self.bothWaysThenClose()
-        self.assertIsInstance(relay.client.__dict__["doRead"].__self__, _DirectRead)
-        self.assertIsInstance(relay.server.__dict__["doRead"].__self__, _DirectRead)
+        reads = yield self.bothWaysThenClose()
+        self.assertEqual(reads, [_DirectRead, _DirectRead])
 
     @defer.inlineCallbacks
     def test_twistedPathWhenItDiffers(self):
@@ -124,9 +131,8 @@ class DirectReadTests(TestCase):
         C{doRead}, and relay the same.
         """
         self.patch(relayModule, "_DIRECT", False)
-        relay = yield self.bothWaysThenClose()
-        self.assertNotIn("doRead", relay.client.__dict__)
-        self.assertNotIn("doRead", relay.server.__dict__)
+        reads = yield self.bothWaysThenClose()
+        self.assertEqual(reads, [type(None), type(None)])
 
     def test_otherTransportsKeepTheirs(self):
         """

@@ -183,7 +183,10 @@ class LeanConnector:
         self.factory.clientConnectionFailed(self, reason)
 
     def connectionLost(self, reason) -> None:
-        self.factory.clientConnectionLost(self, reason)
+        # The transport and the factory (which holds the protocol) refer back to this connector:
+        # kept, they would form cycles that only the garbage collector frees.
+        factory, self.factory, self.transport = self.factory, None, None
+        factory.clientConnectionLost(self, reason)
 
     # -- IConnector -------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from casd.config import ConfigError, loadConfig
 from casd.service.context import CASContext
 from casd.service.discovery import discoverProtocols
 from casd.service.node import NodeService
+from casd.service.gctune import refreeze, tuneCollector
 from casd.service.leanloop import leanLoop
 from casd.service.leanpoll import leanDispatch
 from casd.service.logs import MainLogRoot
@@ -163,6 +164,7 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
 
         leanDispatch(reactor)  # the process's own reactor: casd.service.leanpoll
         leanLoop(reactor)  # and its main loop: casd.service.leanloop
+        tuneCollector(reactor)  # and its garbage collector: casd.service.gctune
     if adopted is None and options.get("workers", 1) > 1:
         from casd.service.workers import makeParentService
 
@@ -262,7 +264,7 @@ def _addOperations(top, context, checkers, reactor):
     from casd.service.reload import ReloadService
 
     config = context.config
-    hooks = [lambda new: _applyDrain(context.node, new)]
+    hooks = [lambda new: _applyDrain(context.node, new), refreeze]
     _applyDrain(context.node, config)
     if config.log.file:
         from casd.service.logs import LogFileService

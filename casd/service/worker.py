@@ -124,11 +124,13 @@ def workerMain(argv=None) -> int:
 
     from twisted.internet import reactor
 
+    from casd.service.gctune import tuneCollector
     from casd.service.leanloop import leanLoop
     from casd.service.leanpoll import leanDispatch
 
     leanDispatch(reactor)
     leanLoop(reactor)
+    tuneCollector(reactor)
     # Structured events to the parent, which reads them back (casd.service.logs).
     # The session lines straight to the parent's log when it is a stream the worker shares.
     direct = None if args.log_fd is None else open(args.log_fd, "w", encoding="utf-8", closefd=False)

@@ -97,7 +97,7 @@ class BackendDialogue(Protocol):
         self._loggedInDeferred: defer.Deferred | None = None
         #: C{(succeeded, failed)} of L{whenDone}.
         self._outcomeTo = None
-        #: The dialogue's outcome once it is known: C{self}, or a L{Failure}.
+        #: The dialogue's outcome once it is known: C{True} (logged in), or a L{Failure}.
         self._outcome = None
         self._buffer = b""
         self._lines: deque[bytes] = deque()
@@ -124,7 +124,7 @@ class BackendDialogue(Protocol):
                 if isinstance(outcome, Failure):
                     d.errback(outcome)
                 else:
-                    d.callback(outcome)
+                    d.callback(self)
         return d
 
     def whenDone(self, succeeded: Callable, failed: Callable) -> None:
@@ -136,9 +136,11 @@ class BackendDialogue(Protocol):
         self._outcomeTo = (succeeded, failed)
 
     def _report(self, outcome) -> None:
-        self._outcome = outcome
-        to = self._outcomeTo
         failed = isinstance(outcome, Failure)
+        # Not C{self} (a cycle that only the garbage collector would free): L{loggedIn} knows.
+        self._outcome = outcome if failed else True
+        to = self._outcomeTo
+        self._outcomeTo = None
         if to is not None:
             try:
                 to[1](outcome) if failed else to[0](outcome)

@@ -290,6 +290,7 @@ class Relay:
         self._idle = None
         self._ended = False
         self._closedReads = set()
+        self._lostSides = set()
         self._aborts = {}
 
     def start(self, fromClient: bytes = b"", fromBackend: bytes = b"", timer=None) -> None:
@@ -418,6 +419,27 @@ class Relay:
         if timer is not None and timer.active():
             timer.cancel()
         self._end(f"{side} closed", lost=side)
+        self._lostSides.add(side)
+        if len(self._lostSides) == 2:
+            self._release()
+
+    def _release(self) -> None:
+        """
+        Both connections are gone: drop the references that tie the session's objects into
+        cycles (the protocols' and transports' bound hot paths, the relay's own references), so
+        that reference counting frees them at once.  Left in cycles, every session's objects wait
+        for the garbage collector, whose passes then cost about a twentieth of a login's CPU.
+        """
+        for side in (self.frontend, self.backend, self.client, self.server):
+            attributes = getattr(side, "__dict__", None)
+            if attributes is not None:
+                # The relay's bound methods (dataReceived, _DirectRead's doRead), set in start().
+                attributes.pop("dataReceived", None)
+                attributes.pop("doRead", None)
+        wrapper = getattr(self.server, "protocol", None)
+        if wrapper is not None and getattr(wrapper, "__dict__", {}).get("dataReceived") is not None:
+            wrapper.__dict__.pop("dataReceived", None)
+        self.frontend = self.backend = self.client = self.server = self.onEnd = None
 
     def _end(self, why: str, lost: str = "") -> None:
         if self._ended:
