@@ -11,6 +11,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 
 from bench.servers import ROOT
 
@@ -91,6 +92,14 @@ def _run(args) -> str:
     return (out.stdout + out.stderr).strip()
 
 
+def _python() -> str:
+    """
+    The interpreter's version, and whether it is the system's (Debian's build) or another.
+    """
+    where = "the system's python3" if sys.base_prefix in ("/usr", "/usr/local") else "not the system's python3"
+    return f"{platform.python_version()} ({where})"
+
+
 def versions() -> list[tuple[str, str]]:
     import twisted
 
@@ -119,7 +128,7 @@ def versions() -> list[tuple[str, str]]:
         ("nginx", nginx.group(1) if nginx else "?"),
         ("HAProxy", haproxy.group(1) if haproxy else "?"),
         ("Dovecot", dovecot[0] if dovecot else "?"),
-        ("Python", platform.python_version()),
+        ("Python", _python()),
         ("Twisted", twisted.__version__),
         ("uvloop (load generator)", uv),
         ("kernel", platform.release()),
