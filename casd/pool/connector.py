@@ -30,6 +30,7 @@ from casd.net import addressFamily, clientEndpoint
 from casd.pool.health import Member, isLocalExhaustion
 from casd.pool.tcpclient import connectBackend
 from casd.session.dialogue import BackendTimeout
+from casd.timerwheel import wheelFor
 
 
 class _Refused(BackendUnavailable):
@@ -91,6 +92,8 @@ class BackendConnector:
 
     def __init__(self, reactor, settings, clientTLS, health: Values | None = None) -> None:
         self.reactor = reactor
+        #: The session timers' wheel (the connect timer, then the backend dialogue's).
+        self.wheel = wheelFor(reactor)
         self.settings = settings
         self.clientTLS = clientTLS
         self.health = health if health is not None else _defaultHealth()
@@ -317,8 +320,9 @@ class _Attempt(ClientFactory):
         pool, target = self.pool, self.target
         clock = pool.reactor
         timeout = self.connectTimeout
-        # Enforced here, so the bound holds whatever the endpoint (and on a test clock).
-        self.timer = clock.callLater(timeout, self._timedOut)
+        # Enforced here, so the bound holds whatever the endpoint (and on a test clock); on the
+        # wheel (L{casd.timerwheel}), as it nearly always ends cancelled or handed on.
+        self.timer = pool.wheel.callLater(timeout, self._timedOut)
         version = addressFamily(target.host)
         if version and target.tls != "implicit":
             # No endpoint, no wrapping protocol, no connector timer beside ours.

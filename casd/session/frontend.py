@@ -23,6 +23,7 @@ from casd.session.relay import Relay, writeThrough
 from casd.session.sasldriver import SASLDriver
 from casd.session.steps import SessionSteps
 from casd.tls import clientCAFileOf
+from casd.timerwheel import wheelFor
 from casd.tlslayer import startTLS
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
@@ -210,7 +211,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
             self.context.config.server.trusted_networks,
             tls=self.listener.tls == "implicit",
         )
-        self._preauth = self.clock.callLater(self.section.preauth_timeout, self._timerFired)
+        # On the wheel (L{casd.timerwheel}): it ends cancelled, or as the relay's first idle check.
+        self._preauth = wheelFor(self.clock).callLater(self.section.preauth_timeout, self._timerFired)
         self.greet()
 
     @property
@@ -235,7 +237,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         if self._preauth is not None and self._preauth.active():
             self._preauth.reset(seconds)
         else:
-            self._preauth = self.clock.callLater(seconds, self._timerFired)
+            self._preauth = wheelFor(self.clock).callLater(seconds, self._timerFired)
 
     def _timerFired(self) -> None:
         """
