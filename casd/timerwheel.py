@@ -25,7 +25,6 @@ C{func}, C{args}, C{kw} attributes, with the same C{AlreadyCancelled}/C{AlreadyC
 from __future__ import annotations
 
 from heapq import heappop, heappush
-from math import ceil, floor
 from operator import attrgetter
 
 from twisted.internet.error import AlreadyCalled, AlreadyCancelled
@@ -40,8 +39,9 @@ PER_SECOND = 4
 #: Seconds a wheel call may run late.
 RESOLUTION = 1.0 / PER_SECOND
 
-#: The attribute of a reactor that holds its wheel (L{wheelFor}).
-_ATTRIBUTE = "_casdTimerWheel"
+#: The attribute of a reactor that holds its wheel (L{wheelFor}); a hot path may read it
+#: (C{getattr(reactor, WHEEL_ATTRIBUTE, None) or wheelFor(reactor)}) without a Python call.
+WHEEL_ATTRIBUTE = "_casdTimerWheel"
 
 #: No tick scheduled: later than every slot.
 _NEVER = float("inf")
@@ -58,16 +58,8 @@ class WheelCall:
     @ivar slot: the wheel slot it is in; C{None} while its slot is being run.
     """
 
+    # Made by L{TimerWheel.callLater}, which sets every attribute (no __init__: a Python call).
     __slots__ = ("wheel", "time", "func", "args", "kw", "slot", "cancelled", "called")
-
-    def __init__(self, wheel, time, func, args, kw) -> None:
-        self.wheel = wheel
-        self.time = time
-        self.func = func
-        self.args = args
-        self.kw = kw
-        self.slot = None
-        self.cancelled = self.called = False
 
     def getTime(self) -> float:
         """
@@ -94,11 +86,11 @@ class WheelCall:
             raise AlreadyCalled()
         self.cancelled = True
         wheel = self.wheel
-        bucket = wheel._buckets.get(self.slot)
-        if bucket is not None:
-            del bucket[self]
+        slot = self.slot
+        if slot is not None:  # None: its slot is being run
+            del wheel._buckets[slot][self]
         wheel._count -= 1
-        if not wheel._count:
+        if not wheel._count and not wheel._holders:
             wheel._empty()
 
     def reset(self, secondsFromNow: float) -> None:
@@ -114,19 +106,18 @@ class WheelCall:
             raise AlreadyCalled()
         wheel = self.wheel
         self.time = time = wheel._seconds() + secondsFromNow
-        slot = ceil(time * PER_SECOND)
+        slot = -(time * -PER_SECOND // 1.0)  # ceil(), as a float: no call
         old = self.slot
         if slot != old:
             buckets = wheel._buckets
-            bucket = buckets.get(old)
-            if bucket is not None:
-                del bucket[self]
+            if old is not None:
+                del buckets[old][self]
             self.slot = slot
-            bucket = buckets.get(slot)
-            if bucket is None:
-                buckets[slot] = bucket = {}
+            if slot in buckets:
+                buckets[slot][self] = None
+            else:
+                buckets[slot] = {self: None}
                 heappush(wheel._slots, slot)
-            bucket[self] = None
             if slot < wheel._tickSlot:
                 wheel._schedule(slot)
 
@@ -155,14 +146,16 @@ class TimerWheel:
     def __init__(self, reactor) -> None:
         self.reactor = reactor
         self._seconds = reactor.seconds
-        #: slot -> {call: None} (an ordered set)
-        self._buckets: dict[int, dict[WheelCall, None]] = {}
+        #: slot -> {call: None} (an ordered set); a slot is a whole number, as a float.
+        self._buckets: dict[float, dict[WheelCall, None]] = {}
         #: The slots with a bucket, a heap (a slot's bucket may have been emptied since).
-        self._slots: list[int] = []
+        self._slots: list[float] = []
         #: Calls pending (armed, neither run nor cancelled).
         self._count = 0
         self._tick = None
         self._tickSlot = _NEVER
+        #: L{hold}s not yet released: while there is one, an emptied wheel keeps its tick.
+        self._holders = 0
 
     def callLater(self, delay: float, func, *args, **kw) -> WheelCall:
         """
@@ -170,14 +163,19 @@ class TimerWheel:
 
         @return: the L{WheelCall}.
         """
-        call = WheelCall(self, self._seconds() + delay, func, args, kw)
-        call.slot = slot = ceil(call.time * PER_SECOND)
+        call = WheelCall()
+        call.wheel = self
+        call.time = time = self._seconds() + delay
+        call.func, call.args, call.kw = func, args, kw
+        call.cancelled = call.called = False
+        # The slot: ceil(time * PER_SECOND), as a float (no call); the slots are on a heap.
+        call.slot = slot = -(time * -PER_SECOND // 1.0)
         buckets = self._buckets
-        bucket = buckets.get(slot)
-        if bucket is None:
-            buckets[slot] = bucket = {}
+        if slot in buckets:
+            buckets[slot][call] = None
+        else:
+            buckets[slot] = {call: None}
             heappush(self._slots, slot)
-        bucket[call] = None
         self._count += 1
         if slot < self._tickSlot:
             self._schedule(slot)
@@ -189,10 +187,31 @@ class TimerWheel:
         """
         return [c for b in self._buckets.values() for c in b if c.active()]
 
-    def __len__(self) -> int:
+    def pending(self) -> int:
+        """
+        @return: how many calls are still to run.
+        """
         return self._count
 
-    def _schedule(self, slot: int) -> None:
+    def hold(self) -> None:
+        """
+        A server that keeps arming calls started (a listener): until it L{release}s the wheel,
+        a wheel that empties keeps its tick, which runs once and finds nothing, instead of
+        cancelling it (only to schedule a new one for the next session's first call).
+        """
+        self._holders += 1
+
+    def release(self) -> None:
+        """
+        Undo one L{hold}: with no holder left, an empty wheel holds no reactor call.
+        """
+        self._holders -= 1
+        if self._holders <= 0:
+            self._holders = 0
+            if not self._count:
+                self._empty()
+
+    def _schedule(self, slot: float) -> None:
         # The reactor's one call for the wheel, at the slot's boundary.
         self._tickSlot = slot
         delay = slot / PER_SECOND - self._seconds()
@@ -205,7 +224,7 @@ class TimerWheel:
             tick.reset(delay)
 
     def _empty(self) -> None:
-        # No call pending: no tick either, and no slot kept.
+        # No call pending (and no holder): no tick either, and no slot kept.
         tick, self._tick = self._tick, None
         self._tickSlot = _NEVER
         if tick is not None:
@@ -217,7 +236,7 @@ class TimerWheel:
         """
         The tick: run the calls of every slot that is due, then schedule the next tick.
         """
-        due = floor(self._seconds() * PER_SECOND)
+        due = self._seconds() * PER_SECOND // 1.0
         if self._tickSlot > due:
             # The reactor ran this tick for its slot (its clock may disagree in the last bit).
             due = self._tickSlot
@@ -244,7 +263,9 @@ class TimerWheel:
             except BaseException:
                 log.failure("Unhandled error in a timer-wheel call {call!r}", call=call)
         if not self._count:
-            self._empty()
+            if not self._holders:
+                self._empty()
+            # Held: the emptied slots stay until their tick, no new tick.
             return
         while slots and not buckets.get(slots[0]):
             buckets.pop(heappop(slots), None)
@@ -256,8 +277,8 @@ def wheelFor(reactor) -> TimerWheel:
     """
     @return: C{reactor}'s L{TimerWheel}, made on first use (one per reactor).
     """
-    wheel = getattr(reactor, _ATTRIBUTE, None)
+    wheel = getattr(reactor, WHEEL_ATTRIBUTE, None)
     if wheel is None:
         wheel = TimerWheel(reactor)
-        setattr(reactor, _ATTRIBUTE, wheel)
+        setattr(reactor, WHEEL_ATTRIBUTE, wheel)
     return wheel

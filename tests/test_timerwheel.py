@@ -175,7 +175,7 @@ class WheelTests(SynchronousTestCase):
         self.wheel.callLater(0.75, self.note, "third")
         self.clock.advance(1)
         self.assertEqual(self.names(), ["first", "third"])
-        self.assertEqual(len(self.wheel), 0)
+        self.assertEqual(self.wheel.pending(), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_resetAnotherDueCallInsideCallback(self):
@@ -274,7 +274,7 @@ class WheelTests(SynchronousTestCase):
         calls.append(self.wheel.callLater(3, self.note, "first"))
         (tick,) = self.clock.getDelayedCalls()
         self.assertEqual(tick.getTime(), 3.0)
-        self.assertEqual(len(self.wheel), 201)
+        self.assertEqual(self.wheel.pending(), 201)
         self.assertEqual(len(self.wheel.getDelayedCalls()), 201)
         self.clock.advance(3)
         (tick,) = self.clock.getDelayedCalls()
@@ -310,6 +310,46 @@ class WheelTests(SynchronousTestCase):
         self.assertEqual(self.names(), ["a", "b"])
         self.clock.advance(20)
         self.assertEqual(self.names(), ["a", "b", "c"])
+
+    def test_heldWheelKeepsItsTick(self):
+        """
+        While a listener holds the wheel, emptying it leaves its tick, which runs once, finds
+        nothing and is not renewed; a call armed meanwhile for a later slot needs no new
+        reactor call.  Released, an empty wheel holds no reactor call.
+        """
+        self.wheel.hold()
+        a = self.wheel.callLater(10, self.note, "a")
+        (tick,) = self.clock.getDelayedCalls()
+        a.cancel()
+        self.assertEqual(self.clock.getDelayedCalls(), [tick])
+        b = self.wheel.callLater(20, self.note, "b")
+        self.assertEqual(self.clock.getDelayedCalls(), [tick])
+        self.assertEqual(tick.getTime(), 10.0)
+        b.cancel()
+        self.clock.advance(10)
+        self.assertEqual(self.ran, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        c = self.wheel.callLater(5, self.note, "c")
+        self.assertEqual([t.getTime() for t in self.clock.getDelayedCalls()], [15.0])
+        self.clock.advance(5)
+        self.assertEqual(self.names(), ["c"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(c.active())
+        self.wheel.callLater(5, self.note, "d").cancel()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.wheel.release()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_releasedWhileBusy(self):
+        """
+        Released while calls are pending, the wheel cancels its tick once the last is gone.
+        """
+        self.wheel.hold()
+        a = self.wheel.callLater(10, self.note, "a")
+        self.wheel.release()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        a.cancel()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_adoptedCallback(self):
         """

@@ -366,7 +366,7 @@ class _Attempt(ClientFactory):
                 timer.cancel()
             return None
         dialogue = self.dialogue = self.makeDialogue(self.target)
-        if timer.active():
+        if not (timer.called or timer.cancelled):  # active(), without a call
             # The connect timer goes on as the dialogue's one timer (its first step resets it;
             # usually both end at the failover deadline, so not even that): no cancel() and
             # callLater() pair per login.
@@ -451,6 +451,9 @@ class _Fired:
     """
     A stand-in for a timer that has run.
     """
+
+    called = True
+    cancelled = False
 
     @staticmethod
     def active() -> bool:

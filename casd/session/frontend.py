@@ -23,7 +23,7 @@ from casd.session.relay import Relay, writeThrough
 from casd.session.sasldriver import SASLDriver
 from casd.session.steps import SessionSteps
 from casd.tls import clientCAFileOf
-from casd.timerwheel import wheelFor
+from casd.timerwheel import WHEEL_ATTRIBUTE, wheelFor
 from casd.tlslayer import startTLS
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
@@ -212,7 +212,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
             tls=self.listener.tls == "implicit",
         )
         # On the wheel (L{casd.timerwheel}): it ends cancelled, or as the relay's first idle check.
-        self._preauth = wheelFor(self.clock).callLater(self.section.preauth_timeout, self._timerFired)
+        wheel = getattr(self.clock, WHEEL_ATTRIBUTE, None) or wheelFor(self.clock)
+        self._preauth = wheel.callLater(self.section.preauth_timeout, self._timerFired)
         self.greet()
 
     @property
@@ -580,7 +581,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         Detach to the dumb relay: from here on, bytes only.
         """
         timer, self._preauth = self._preauth, None
-        if timer is not None and not timer.active():
+        if timer is not None and (timer.called or timer.cancelled):  # a WheelCall's active()
             timer = None
         self.result = "proxy"
         leftover, self._buffer = self._buffer, b""
@@ -607,9 +608,11 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
 
     def connectionLost(self, reason) -> None:
         self._closing = True
-        if self._preauth is not None and self._preauth.active():
-            self._preauth.cancel()
-        self._preauth = None
+        timer = self._preauth
+        if timer is not None:
+            self._preauth = None
+            if not (timer.called or timer.cancelled):  # a WheelCall's active()
+                timer.cancel()
         if self.relay is not None:
             self.relay.clientLost(reason)
         self._logSession()
@@ -655,6 +658,13 @@ class FrontendFactory(Factory):
         self.descriptor = descriptor
 
         self.sessions: set = set()
+
+    def startFactory(self) -> None:
+        # While the listener is up, the session timers' wheel keeps its tick between sessions.
+        wheelFor(self.context.reactor).hold()
+
+    def stopFactory(self) -> None:
+        wheelFor(self.context.reactor).release()
 
     def buildProtocol(self, addr):
         p = self.protocolClass(self.context, self.section, self.listener, self.descriptor)
