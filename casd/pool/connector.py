@@ -245,6 +245,34 @@ class BackendConnector:
             once), or C{max_tries} tries or C{failover_timeout} seconds spent.  Cancelling it
             abandons the try under way (its connection closed) and tries no other member.
         """
+        candidates = self._candidates(route)
+        if isinstance(candidates, BackendUnavailable):
+            return defer.fail(candidates)
+        failover = _Failover(self, route, makeDialogue, candidates)
+        d = defer.Deferred(failover.cancel)
+        failover.onSuccess, failover.onFailure = d.callback, d.errback
+        failover.start()
+        return d
+
+    def connectThen(self, route, makeDialogue: Callable, succeeded: Callable, failed: Callable) -> None:
+        """
+        L{connect} without a L{Deferred} (the login path's): the outcome goes to
+        C{succeeded(dialogue)} or C{failed(failure)}, once, maybe before this returns; there is
+        no cancelling it.
+        """
+        candidates = self._candidates(route)
+        if isinstance(candidates, BackendUnavailable):
+            failed(Failure(candidates))
+            return
+        failover = _Failover(self, route, makeDialogue, candidates)
+        failover.onSuccess, failover.onFailure = succeeded, failed
+        failover.start()
+
+    def _candidates(self, route):
+        """
+        @return: the C{(target, member)} pairs of C{route} to try, or the L{BackendUnavailable}
+            to fail with when there is none.
+        """
         candidates, skipped = [], []
         draining = self.draining
         for target in route.targets:
@@ -257,12 +285,10 @@ class BackendConnector:
                 candidates.append((target, member))
         if not candidates:
             what = route.group or "the route"
-            return defer.fail(
-                BackendUnavailable(
-                    f"no member of {what} available: " + (", ".join(skipped) or "no members")
-                )
+            return BackendUnavailable(
+                f"no member of {what} available: " + (", ".join(skipped) or "no members")
             )
-        return _Failover(self, route, makeDialogue, candidates).start()
+        return candidates
 
     def _loggedIn(self, dialogue, member):
         member.connectSucceeded()
@@ -469,7 +495,9 @@ class _Failover:
     and C{failover_timeout}; then, for C{connect_retry_time}, the members that refused, again,
     with a doubling pause.
 
-    @ivar done: what L{BackendConnector.connect} returns.
+    @ivar onSuccess: called with the logged-in dialogue, or C{onFailure} with the failure: one
+        of them, once (L{BackendConnector.connect}'s L{Deferred}, or L{connectThen}'s callbacks).
+    @ivar ended: whether the outcome was reported, or the session's way abandoned (L{cancel}).
     """
 
     def __init__(self, pool, route, makeDialogue, candidates) -> None:
@@ -486,13 +514,17 @@ class _Failover:
         self.retries = 0
         self.current = None
         self.pause = None
-        self.done = defer.Deferred(self._cancel)
+        self.ended = False
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> None:
         self._tryNext()
-        return self.done
 
-    def _cancel(self, done) -> None:
+    def cancel(self, done=None) -> None:
+        """
+        Abandon the session's way (the L{Deferred}'s canceller): the try under way is
+        cancelled, no other member tried, nothing reported.
+        """
+        self.ended = True
         if self.pause is not None and self.pause.active():
             self.pause.cancel()
         current, self.current = self.current, None
@@ -509,15 +541,16 @@ class _Failover:
 
     def _succeeded(self, dialogue) -> None:
         self.current = None
-        if self.done.called:  # cancelled: the try closed what it had
+        if self.ended:  # cancelled: the try closed what it had
             return
+        self.ended = True
         if self.retries:
             self.pool.log.info(
                 "backend {backend} took the session after {retries} retries",
                 backend=dialogue.target.describe(),
                 retries=self.retries,
             )
-        self.done.callback(dialogue)
+        self.onSuccess(dialogue)
 
     def _stop(self, failure) -> bool:
         """
@@ -525,10 +558,11 @@ class _Failover:
         not a member's unavailability.
         """
         self.current = None
-        if self.done.called:  # cancelled
+        if self.ended:  # cancelled
             return True
         if failure.check(AuthenticationFailed) or not failure.check(BackendUnavailable):
-            self.done.errback(failure)
+            self.ended = True
+            self.onFailure(failure)
             return True
         self.last = failure.value
         return False
@@ -601,11 +635,13 @@ class _Failover:
         self._retryNext()
 
     def _giveUp(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
         again = f", {self.retries} retries of members that refused" if self.retries else ""
-        self.done.errback(
-            BackendUnavailable(
-                f"{self.route.group or 'route'}: {self.tries} of {len(self.candidates)} available"
-                f" members tried{again} within the failover limits, last:"
-                f" {self.last or 'failover time spent'}"
-            )
+        what = (
+            f"{self.route.group or 'route'}: {self.tries} of {len(self.candidates)} available"
+            f" members tried{again} within the failover limits, last:"
+            f" {self.last or 'failover time spent'}"
         )
+        self.onFailure(Failure(BackendUnavailable(what)))
