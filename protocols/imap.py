@@ -91,7 +91,8 @@ class IMAPServer(LiteralFraming, FrontendProtocol):
 
     def capabilities(self) -> bytes:
         # (As booleans: the key of the table.)
-        return _CAPABILITIES[not not self.tlsAvailable, not not self.client.plaintextAllowed]
+        client = self.client  # plaintextAllowed, without a property call
+        return _CAPABILITIES[not not self.tlsAvailable, not not (client.tls or client.trusted)]
 
     def greet(self) -> None:
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] casd ready.\r\n")

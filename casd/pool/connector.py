@@ -17,6 +17,7 @@ sent twice: a connection on which the dialogue wrote a byte is never retried.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 from twisted.internet import defer, error
@@ -101,6 +102,8 @@ class BackendConnector:
         self.draining: frozenset[str] = frozenset()
         self._drainCloses: dict[str, list] = {}
         self._sessionCounter = 0
+        #: id(target) -> (target, timeoutsFor(target)): the settings' values, until a reload.
+        self._timeouts: dict[int, tuple] = {}
 
     @classmethod
     def fromConfig(cls, reactor, config, clientTLS) -> BackendConnector:
@@ -117,6 +120,7 @@ class BackendConnector:
         sessions of newly drained servers over C{drain_close_period}).  Members keep their state.
         """
         self.settings = config.backend
+        self._timeouts = {}
         self.health = config.health
         for member in self.members.values():
             member.settings = config.health
@@ -266,7 +270,7 @@ class BackendConnector:
             return
         failover = _Failover(self, route, makeDialogue, candidates)
         failover.onSuccess, failover.onFailure = succeeded, failed
-        failover.start()
+        failover._tryNext()  # start(), one call less
 
     def _candidates(self, route):
         """
@@ -296,7 +300,7 @@ class BackendConnector:
         dialogue.sessionNumber = self._sessionCounter
         sessions = member.sessions
         sessions.add(dialogue)
-        dialogue.whenLost(lambda: sessions.discard(dialogue))
+        dialogue.whenLost(partial(sessions.discard, dialogue))  # no Python frame at the end
         return dialogue
 
 
@@ -335,9 +339,10 @@ class _Attempt(ClientFactory):
         self.passive = passive
         clock = pool.reactor
         self.deadline = clock.seconds() + remaining
-        connectTimeout, self.tlsTimeout, self.bannerTimeout, self.replyTimeout = pool.timeoutsFor(
-            target
-        )
+        known = pool._timeouts.get(id(target))
+        if known is None or known[0] is not target:
+            known = pool._timeouts[id(target)] = (target, pool.timeoutsFor(target))
+        connectTimeout, self.tlsTimeout, self.bannerTimeout, self.replyTimeout = known[1]
         self.connectTimeout = min(connectTimeout, remaining)
         self.succeeded = succeeded
         self.failed = failed

@@ -56,6 +56,17 @@ class BackendTarget:
     masterPassword: bytes = field(default=b"", repr=False)
     site: str = ""
     timeouts: tuple[tuple[str, float], ...] = ()
+    #: The identity of this member in the pool: one C{host:port} is one member, whatever
+    #: server name or group reached it.  Computed once (a login reads it, and L{label}).
+    key: tuple[str, int] = field(init=False, eq=False, repr=False)
+    #: L{describe}'s text, computed once.
+    label: str = field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.host.lower(), self.port))
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        label = f"{self.server}({host}:{self.port})" if self.server != self.host else f"{host}:{self.port}"
+        object.__setattr__(self, "label", label)
 
     @property
     def isAddress(self) -> bool:
@@ -65,17 +76,11 @@ class BackendTarget:
             return False
         return True
 
-    @property
-    def key(self) -> tuple[str, int]:
-        """
-        The identity of this member in the pool: one C{host:port} is one member, whatever
-        server name or group reached it.
-        """
-        return (self.host.lower(), self.port)
-
     def describe(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.server}({host}:{self.port})" if self.server != self.host else f"{host}:{self.port}"
+        """
+        @return: C{server(host:port)}, or C{host:port} when the server is named by its host.
+        """
+        return self.label
 
 
 @frozen

@@ -358,7 +358,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, LoginPath, Protocol):
         @return: whether a plaintext login must be refused here (before TLS, from an untrusted
             client); if so, the client was told (L{PrivacyRequired}, through L{loginFailed}).
         """
-        if self.client.plaintextAllowed:
+        client = self.client
+        if client.tls or client.trusted:  # plaintextAllowed, without a property call
             return False
         self.loginFailed(token, PrivacyRequired())
         return True

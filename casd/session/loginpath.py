@@ -80,7 +80,7 @@ class LoginPath:
         if not self.connected or self._closing:
             dialogue.transport.loseConnection()
         else:
-            self.backend = dialogue.target.describe()
+            self.backend = dialogue.target.label
             try:
                 self._loginSucceeded(dialogue, self._loginToken)
             except Exception:
