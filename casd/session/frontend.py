@@ -370,7 +370,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, LoginPath, Protocol):
         allowed (L{privacyRequired}), refused as a failed login when the name or password
         cannot be credentials (L{casd.auth.sasl.makeCredentials}), else L{login}.
         """
-        if self.privacyRequired(token):
+        client = self.client
+        if not (client.tls or client.trusted) and self.privacyRequired(token):
             return
         try:
             credentials = makeCredentials(user, password)
