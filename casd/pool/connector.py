@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
 from casd.net import addressFamily, clientEndpoint
-from casd.pool.health import Member, isLocalExhaustion
+from casd.pool.health import UP, Member, isLocalExhaustion
 from casd.pool.tcpclient import connectBackend
 from casd.session.dialogue import BackendTimeout
 from casd.timerwheel import wheelFor
@@ -278,12 +278,12 @@ class BackendConnector:
             to fail with when there is none.
         """
         candidates, skipped = [], []
-        draining = self.draining
+        draining, members = self.draining, self.members
         for target in route.targets:
-            member = self.member(target)
+            member = members.get(target.key) or self.member(target)
             if target.server in draining:
                 skipped.append(f"{target.describe()} draining")
-            elif not member.available():
+            elif member.state != UP and not member.available():  # UP: available() says so
                 skipped.append(f"{target.describe()} DOWN")
             else:
                 candidates.append((target, member))
@@ -295,7 +295,8 @@ class BackendConnector:
         return candidates
 
     def _loggedIn(self, dialogue, member):
-        member.connectSucceeded()
+        if member._passiveBad or member.state != UP:  # else connectSucceeded() has nothing to do
+            member.connectSucceeded()
         self._sessionCounter += 1
         dialogue.sessionNumber = self._sessionCounter
         sessions = member.sessions
