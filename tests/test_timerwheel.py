@@ -376,3 +376,23 @@ class WheelForTests(SynchronousTestCase):
         self.assertEqual(b.getDelayedCalls(), [])
         a.advance(1)
         self.assertFalse(call.active())
+
+
+class ListenerHoldTests(SynchronousTestCase):
+    def test_listenerHoldsTheWheel(self):
+        """
+        A front end's factory holds its reactor's wheel while it listens: a session's timer
+        cancelled leaves the tick for the next session; stopped, an empty wheel holds nothing.
+        """
+        from casd.testing import makeContext
+        from protocols.imap import imap
+
+        reactor = MemoryReactorClock()
+        context = makeContext(reactor)
+        section = context.config.protocols["imap"]
+        factory = imap.buildFactory(context, section, section.listeners[0])
+        factory.doStart()
+        wheelFor(reactor).callLater(5, lambda: None).cancel()
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        factory.doStop()
+        self.assertEqual(reactor.getDelayedCalls(), [])

@@ -102,7 +102,7 @@ class BackendConnector:
         self.draining: frozenset[str] = frozenset()
         self._drainCloses: dict[str, list] = {}
         self._sessionCounter = 0
-        #: id(target) -> (target, timeoutsFor(target)): the settings' values, until a reload.
+        #: id(target) -> (target, settings, timeoutsFor(target)), for these very settings.
         self._timeouts: dict[int, tuple] = {}
 
     @classmethod
@@ -341,9 +341,9 @@ class _Attempt(ClientFactory):
         clock = pool.reactor
         self.deadline = clock.seconds() + remaining
         known = pool._timeouts.get(id(target))
-        if known is None or known[0] is not target:
-            known = pool._timeouts[id(target)] = (target, pool.timeoutsFor(target))
-        connectTimeout, self.tlsTimeout, self.bannerTimeout, self.replyTimeout = known[1]
+        if known is None or known[0] is not target or known[1] is not pool.settings:
+            known = pool._timeouts[id(target)] = (target, pool.settings, pool.timeoutsFor(target))
+        connectTimeout, self.tlsTimeout, self.bannerTimeout, self.replyTimeout = known[2]
         self.connectTimeout = min(connectTimeout, remaining)
         self.succeeded = succeeded
         self.failed = failed
