@@ -317,7 +317,8 @@ class IMAPBackend(BackendDialogue):
             self.command(self.idCommand(), self._onIDThenContinue)
 
     def _onIDThenLogin(self, line: bytes) -> None:
-        if self._tagged(line, b"I ") is None:
+        # The tagged reply told by its tag inline (one call less); others as _tagged() says.
+        if line[:2] != b"I " and self._tagged(line, b"I ") is None:
             self.expectLine()  # the untagged * ID reply
             return
         self.expectLine(self._onLogin)
@@ -335,7 +336,7 @@ class IMAPBackend(BackendDialogue):
         self.command(initial, self._onLogin)
 
     def _onLogin(self, line: bytes) -> None:
-        status = self._tagged(line, b"A ")
+        status = b"OK" if line[:5] == b"A OK " else self._tagged(line, b"A ")
         if status is None:
             self.expectLine()
             return

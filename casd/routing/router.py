@@ -470,8 +470,11 @@ class Router:
         @raise BackendUnavailable: no route (L{Redirected} when the user's site redirects); any
             other exception of a locator or of the checks is raised too.
         """
-        outgoing = self.outgoingTTL(ttl)
         config = self.config
+        if ttl is None and config is not None and config.routing.proxy_ttl > 1:
+            outgoing = config.routing.proxy_ttl - 1  # outgoingTTL(None), without the call
+        else:
+            outgoing = self.outgoingTTL(ttl)
         local = config.server.site if config is not None else ""
         if local and user.site and user.site != local:
             # A user the directory places in another site is that site's business: its own

@@ -535,7 +535,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, LoginPath, Protocol):
                 timer.cancel()
         if self.relay is not None:
             self.relay.clientLost(reason)
-        self._logSession()
+        if not self._logged:
+            self._logSession()
         if self._slot is not None:
             self._releaseSlot()
         factory = getattr(self, "factory", None)
