@@ -12,27 +12,21 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.auth import UserRecord
-from casd.auth.cache import CachingChecker, CredentialCache
 from casd.failures import BackendUnavailable
 from casd.routing.router import Route, defaultRouter
-from casd.testing import MemoryDirectory, acceptBackend, makeContext
+from casd.testing import acceptBackend, makeContext
 from protocols.imap import imap
-from tests.test_imap import IMAPTestMixin
+from tests.test_imap import CachedContextMixin, IMAPTestMixin
 from tests.test_router_sync import Later, Now
 
 
-class CallbackLoginTests(IMAPTestMixin, SynchronousTestCase):
+class CallbackLoginTests(CachedContextMixin, IMAPTestMixin, SynchronousTestCase):
     """
     The second login of a user (the credential cache's) takes the callback path.
     """
 
     def setUp(self):
-        self.reactor = MemoryReactorClock()
-        self.directory = MemoryDirectory(self.users)
-        self.cache = CredentialCache(self.reactor)
-        self.context = makeContext(
-            self.reactor, config=self.config, directory=CachingChecker(self.directory, self.cache)
-        )
+        super().setUp()
         # The first login fills the cache (the Deferred way).
         self.connect(1)
         self.send(b"a LOGIN alice secret\r\n")
