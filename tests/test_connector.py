@@ -188,9 +188,10 @@ class FailoverTests(PoolTestMixin, SynchronousTestCase):
         The timeouts of a target are taken from the settings in force: new settings (a reload)
         give the next try their connect timeout.
         """
-        self.connect()
+        d = self.connect()
         self.assertEqual(self.connectTimeouts(), [4.0])
         self.reactor.advance(100)
+        self.failureResultOf(d, BackendUnavailable)
         self.connector.reconfigure(
             parseConfig(CONFIG.replace("connect_timeout = 4.0", "connect_timeout = 7.0"), "t", discoverProtocols().values())
         )
