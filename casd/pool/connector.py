@@ -249,33 +249,21 @@ class BackendConnector:
             once), or C{max_tries} tries or C{failover_timeout} seconds spent.  Cancelling it
             abandons the try under way (its connection closed) and tries no other member.
         """
-        candidates = self._candidates(route)
-        if isinstance(candidates, BackendUnavailable):
-            return defer.fail(candidates)
-        failover = _Failover(self, route, makeDialogue, candidates)
-        d = defer.Deferred(failover.cancel)
-        failover.onSuccess, failover.onFailure = d.callback, d.errback
-        failover.start()
+        ways = []
+        d = defer.Deferred(lambda d: ways[0].cancel() if ways else None)
+        way = self.connectThen(route, makeDialogue, d.callback, d.errback)
+        if way is not None:
+            ways.append(way)
         return d
 
-    def connectThen(self, route, makeDialogue: Callable, succeeded: Callable, failed: Callable) -> None:
+    def connectThen(self, route, makeDialogue: Callable, succeeded: Callable, failed: Callable):
         """
         L{connect} without a L{Deferred} (the login path's): the outcome goes to
-        C{succeeded(dialogue)} or C{failed(failure)}, once, maybe before this returns; there is
-        no cancelling it.
-        """
-        candidates = self._candidates(route)
-        if isinstance(candidates, BackendUnavailable):
-            failed(Failure(candidates))
-            return
-        failover = _Failover(self, route, makeDialogue, candidates)
-        failover.onSuccess, failover.onFailure = succeeded, failed
-        failover._tryNext()  # start(), one call less
+        C{succeeded(dialogue)} or C{failed(failure)}, once, maybe before this returns.
 
-    def _candidates(self, route):
-        """
-        @return: the C{(target, member)} pairs of C{route} to try, or the L{BackendUnavailable}
-            to fail with when there is none.
+        @return: the session's way along the route (its C{cancel()} abandons it, as cancelling
+            L{connect}'s L{Deferred} does), or C{None} when no member is available (C{failed}
+            was called).
         """
         candidates, skipped = [], []
         draining, members = self.draining, self.members
@@ -289,10 +277,18 @@ class BackendConnector:
                 candidates.append((target, member))
         if not candidates:
             what = route.group or "the route"
-            return BackendUnavailable(
-                f"no member of {what} available: " + (", ".join(skipped) or "no members")
+            failed(
+                Failure(
+                    BackendUnavailable(
+                        f"no member of {what} available: " + (", ".join(skipped) or "no members")
+                    )
+                )
             )
-        return candidates
+            return None
+        failover = _Failover(self, route, makeDialogue, candidates)
+        failover.onSuccess, failover.onFailure = succeeded, failed
+        failover._tryNext()
+        return failover
 
     def _loggedIn(self, dialogue, member):
         if member._passiveBad or member.state != UP:  # else connectSucceeded() has nothing to do
@@ -522,9 +518,6 @@ class _Failover:
         self.pause = None
         self.ended = False
 
-    def start(self) -> None:
-        self._tryNext()
-
     def cancel(self, done=None) -> None:
         """
         Abandon the session's way (the L{Deferred}'s canceller): the try under way is
@@ -583,7 +576,13 @@ class _Failover:
                 target, member = self.candidates[self.next]
                 self.next += 1
                 self.tries += 1
-                self._try(target, member, remaining, True, self._failed)
+                # _try(), inline: the first try of every login.
+                attempt = _Attempt(
+                    pool, self.route, target, member, self.makeDialogue, remaining, True,
+                    self._succeeded, self._failed,
+                )
+                self.current = attempt  # before it starts: it may fail at once
+                attempt.start()
                 return
         self._startRetries()
 

@@ -391,7 +391,14 @@ class FrontendProtocol(SASLDriver, SessionSteps, LoginPath, Protocol):
                 self._paused = True
                 self.transport.pauseProducing()
             return
-        self._process()
+        if self._processing:
+            return  # a command finished synchronously inside the loop: it goes on
+        # _process(), inline: one call less per read.
+        self._processing = True
+        try:
+            self._processLoop()
+        finally:
+            self._processing = False
 
     def setRawMode(self, length: int) -> None:
         """
