@@ -121,7 +121,7 @@ class POP3Server(FrontendProtocol):
     def unauth_USER(self, argument):
         if not argument or len(argument.split()) != 1:
             self.invalidCommand(None, b"Invalid arguments: USER name")
-        elif not self.privacyRequired(None):
+        elif self.client.tls or self.client.trusted or not self.privacyRequired(None):
             self._user = argument
             self.replyOk(None)
 
@@ -201,8 +201,10 @@ class POP3Backend(BackendDialogue):
     def dialogue(self):
         self.expectLine(self.greeting)
 
+    # Each reply's "+OK" is told inline (the usual case), without the call to status().
+
     def greeting(self, line: bytes) -> None:
-        if not self.status(line, "the greeting"):
+        if line[:3] != b"+OK" and not self.status(line, "the greeting"):
             raise self.fail("greeted with " + repr(line[:80]))
         self._xclient = line[3:].lstrip().upper().startswith(b"[XCLIENT]")
         if self.target.tls == "starttls":
@@ -228,7 +230,7 @@ class POP3Backend(BackendDialogue):
             self.logIn()
 
     def xclientReply(self, line: bytes) -> None:
-        if not self.status(line, "XCLIENT"):
+        if line[:3] != b"+OK" and not self.status(line, "XCLIENT"):
             raise self.fail("refused XCLIENT: " + line[:200].decode("utf-8", "replace"))
         self.expectLine(self.userReply if self._viaUser else self.loginReply)
 
@@ -250,7 +252,7 @@ class POP3Backend(BackendDialogue):
         self.command(first, self.userReply if self._viaUser else self.loginReply)
 
     def userReply(self, line: bytes) -> None:
-        if not self.status(line, "USER"):
+        if line[:3] != b"+OK" and not self.status(line, "USER"):
             # Pipelined, the PASS went out too: the connection is aborted with its reply unread.
             raise self.refused(line, "USER")
         if self._xclient:
@@ -260,7 +262,7 @@ class POP3Backend(BackendDialogue):
             self.command(b"PASS " + self.loginIdentity()[1], self.loginReply)
 
     def loginReply(self, line: bytes) -> None:
-        if not self.status(line, "the login"):
+        if line[:3] != b"+OK" and not self.status(line, "the login"):
             raise self.refused(line, "the login")
         self.succeed()
 

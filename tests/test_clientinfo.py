@@ -92,3 +92,24 @@ class SessionIdTests(SynchronousTestCase):
 
         first = random.Random(1).randbytes(9 * 128)
         self.assertEqual(ids[1], base64.urlsafe_b64encode(first[9:18]).decode())
+
+
+class TrustTests(SynchronousTestCase):
+    def test_byValueAndIdentity(self):
+        """
+        C{isTrusted} answers for the networks given, whether the same tuple comes again or an
+        equal one is built for each call; an entry left by another tuple that had the same id
+        is not taken for it.
+        """
+        import ipaddress
+
+        inside = (ipaddress.ip_network("10.0.0.0/8"),)
+        outside = (ipaddress.ip_network("192.0.2.0/24"),)
+        self.assertTrue(clientinfo.isTrusted("10.1.2.3", inside))
+        self.assertTrue(clientinfo.isTrusted("10.1.2.3", inside))
+        self.assertTrue(clientinfo.isTrusted("10.1.2.3", tuple(list(inside))))
+        self.assertFalse(clientinfo.isTrusted("10.1.2.3", outside))
+        # A stale entry under this tuple's id, left by a tuple that trusted the address.
+        clientinfo._trustCache[("10.1.2.3", id(outside))] = (inside, True)
+        self.assertFalse(clientinfo.isTrusted("10.1.2.3", outside))
+        self.assertFalse(clientinfo.isTrusted("10.1.2.3", ()))

@@ -183,6 +183,21 @@ class FailoverTests(PoolTestMixin, SynchronousTestCase):
         self.accept()
         self.successResultOf(d)
 
+    def test_timeoutsFollowNewSettings(self):
+        """
+        The timeouts of a target are taken from the settings in force: new settings (a reload)
+        give the next try their connect timeout.
+        """
+        d = self.connect()
+        self.assertEqual(self.connectTimeouts(), [4.0])
+        self.reactor.advance(100)
+        self.failureResultOf(d, BackendUnavailable)
+        self.connector.reconfigure(
+            parseConfig(CONFIG.replace("connect_timeout = 4.0", "connect_timeout = 7.0"), "t", discoverProtocols().values())
+        )
+        self.connect()
+        self.assertEqual(self.connectTimeouts(), [7.0])
+
     def test_perServerTimeouts(self):
         d = self.connect(self.route("slow"))
         self.assertEqual(self.connectTimeouts(), [0.5])

@@ -12,6 +12,7 @@ from casd.failures import AuthenticationFailed, BackendUnavailable
 from casd.routing.router import routeTo
 from casd.session.dialogue import BackendDialogue
 from casd.testing import acceptBackend, makeContext
+from casd.timerwheel import RESOLUTION
 from protocols.imap import imap
 
 CONFIG = """
@@ -94,7 +95,9 @@ class DialogueTests(SynchronousTestCase):
         self.dialogue.dataReceived(b"HI\r\n")
         self.reactor.advance(4.9)
         self.assertNoResult(self.loggedIn)
-        self.reactor.advance(0.1)
+        # The session timers are on the wheel: due at 6.9, run at its next slot (up to
+        # RESOLUTION later).
+        self.reactor.advance(0.1 + RESOLUTION)
         failure = self.failureResultOf(self.loggedIn, BackendUnavailable)
         self.assertIn("no reply in time", str(failure.value))
         self.assertTrue(self.transport.disconnecting)

@@ -615,10 +615,9 @@ class ForwardedClientTests(IMAPTestMixin, SynchronousTestCase):
         )
 
 
-class CachedLoginTests(IMAPTestMixin, SynchronousTestCase):
+class CachedContextMixin:
     """
-    A login the credential cache answers goes straight on to routing and the backend connection,
-    in the very call that read the command: the authenticator's Deferred path is not taken.
+    A context on a L{MemoryReactorClock} whose directory is behind a credential cache.
     """
 
     def setUp(self):
@@ -633,6 +632,13 @@ class CachedLoginTests(IMAPTestMixin, SynchronousTestCase):
         self.context = makeContext(
             self.reactor, config=self.config, directory=CachingChecker(self.directory, self.cache)
         )
+
+
+class CachedLoginTests(CachedContextMixin, IMAPTestMixin, SynchronousTestCase):
+    """
+    A login the credential cache answers goes straight on to routing and the backend connection,
+    in the very call that read the command: the authenticator's Deferred path is not taken.
+    """
 
     def test_secondLoginFromTheCache(self):
         self.connect(1)

@@ -152,8 +152,17 @@ class CredentialCache:
 
         @return: C{(avatarId, entry)}, or C{None}.
         """
-        positive = self._get(("+", username.lower()))
-        if positive is not None and hmac.compare_digest(positive[0], self.digest(username, password)):
+        # _get() inline: this is every cached login's question.
+        entries = self._entries
+        key = ("+", username.lower())
+        positive = entries.get(key)
+        if positive is None:
+            return None
+        if positive[-1] <= self.clock.seconds():
+            del entries[key]
+            return None
+        entries.move_to_end(key)
+        if hmac.compare_digest(positive[0], self.digest(username, password)):
             return positive[1], positive
         return None
 
@@ -291,7 +300,7 @@ class CachingChecker:
 
         @return: C{(avatarId, entry)}, or C{None}.
         """
-        if not self._cacheAnswers():
+        if self.directoryFailing and not self.serveDuringOutage:  # not _cacheAnswers()
             return None
         found = self.cache.successEntry(credentials.username, credentials.password)
         if found is not None:

@@ -103,7 +103,9 @@ def makeCredentials(username: bytes, password: bytes, authzid: bytes = b"") -> C
 
     @raise ProtocolViolation: on a username that is not UTF-8, too long or holds NUL.
     """
-    return Credentials(_text(username, "username"), password, _text(authzid, "authzid"))
+    return Credentials(
+        _text(username, "username"), password, _text(authzid, "authzid") if authzid else ""
+    )
 
 
 def parsePlain(message: bytes) -> Credentials:

@@ -17,6 +17,7 @@ sent twice: a connection on which the dialogue wrote a byte is never retried.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 from twisted.internet import defer, error
@@ -27,9 +28,10 @@ from twisted.logger import Logger
 from casd.config import HEALTH_SETTINGS, Values
 from casd.failures import AuthenticationFailed, BackendUnavailable, CASFailure
 from casd.net import addressFamily, clientEndpoint
-from casd.pool.health import Member, isLocalExhaustion
+from casd.pool.health import UP, Member, isLocalExhaustion
 from casd.pool.tcpclient import connectBackend
 from casd.session.dialogue import BackendTimeout
+from casd.timerwheel import wheelFor
 
 
 class _Refused(BackendUnavailable):
@@ -91,6 +93,8 @@ class BackendConnector:
 
     def __init__(self, reactor, settings, clientTLS, health: Values | None = None) -> None:
         self.reactor = reactor
+        #: The session timers' wheel (the connect timer, then the backend dialogue's).
+        self.wheel = wheelFor(reactor)
         self.settings = settings
         self.clientTLS = clientTLS
         self.health = health if health is not None else _defaultHealth()
@@ -98,6 +102,8 @@ class BackendConnector:
         self.draining: frozenset[str] = frozenset()
         self._drainCloses: dict[str, list] = {}
         self._sessionCounter = 0
+        #: id(target) -> (target, settings, timeoutsFor(target)), for these very settings.
+        self._timeouts: dict[int, tuple] = {}
 
     @classmethod
     def fromConfig(cls, reactor, config, clientTLS) -> BackendConnector:
@@ -114,6 +120,7 @@ class BackendConnector:
         sessions of newly drained servers over C{drain_close_period}).  Members keep their state.
         """
         self.settings = config.backend
+        self._timeouts = {}
         self.health = config.health
         for member in self.members.values():
             member.settings = config.health
@@ -242,32 +249,55 @@ class BackendConnector:
             once), or C{max_tries} tries or C{failover_timeout} seconds spent.  Cancelling it
             abandons the try under way (its connection closed) and tries no other member.
         """
+        ways = []
+        d = defer.Deferred(lambda d: ways[0].cancel() if ways else None)
+        way = self.connectThen(route, makeDialogue, d.callback, d.errback)
+        if way is not None:
+            ways.append(way)
+        return d
+
+    def connectThen(self, route, makeDialogue: Callable, succeeded: Callable, failed: Callable):
+        """
+        L{connect} without a L{Deferred} (the login path's): the outcome goes to
+        C{succeeded(dialogue)} or C{failed(failure)}, once, maybe before this returns.
+
+        @return: the session's way along the route (its C{cancel()} abandons it, as cancelling
+            L{connect}'s L{Deferred} does), or C{None} when no member is available (C{failed}
+            was called).
+        """
         candidates, skipped = [], []
-        draining = self.draining
+        draining, members = self.draining, self.members
         for target in route.targets:
-            member = self.member(target)
+            member = members.get(target.key) or self.member(target)
             if target.server in draining:
                 skipped.append(f"{target.describe()} draining")
-            elif not member.available():
+            elif member.state != UP and not member.available():  # UP: available() says so
                 skipped.append(f"{target.describe()} DOWN")
             else:
                 candidates.append((target, member))
         if not candidates:
             what = route.group or "the route"
-            return defer.fail(
-                BackendUnavailable(
-                    f"no member of {what} available: " + (", ".join(skipped) or "no members")
+            failed(
+                Failure(
+                    BackendUnavailable(
+                        f"no member of {what} available: " + (", ".join(skipped) or "no members")
+                    )
                 )
             )
-        return _Failover(self, route, makeDialogue, candidates).start()
+            return None
+        failover = _Failover(self, route, makeDialogue, candidates)
+        failover.onSuccess, failover.onFailure = succeeded, failed
+        failover._tryNext()
+        return failover
 
     def _loggedIn(self, dialogue, member):
-        member.connectSucceeded()
+        if member._passiveBad or member.state != UP:  # else connectSucceeded() has nothing to do
+            member.connectSucceeded()
         self._sessionCounter += 1
         dialogue.sessionNumber = self._sessionCounter
         sessions = member.sessions
         sessions.add(dialogue)
-        dialogue.whenLost(lambda: sessions.discard(dialogue))
+        dialogue.whenLost(partial(sessions.discard, dialogue))  # no Python frame at the end
         return dialogue
 
 
@@ -306,9 +336,10 @@ class _Attempt(ClientFactory):
         self.passive = passive
         clock = pool.reactor
         self.deadline = clock.seconds() + remaining
-        connectTimeout, self.tlsTimeout, self.bannerTimeout, self.replyTimeout = pool.timeoutsFor(
-            target
-        )
+        known = pool._timeouts.get(id(target))
+        if known is None or known[0] is not target or known[1] is not pool.settings:
+            known = pool._timeouts[id(target)] = (target, pool.settings, pool.timeoutsFor(target))
+        connectTimeout, self.tlsTimeout, self.bannerTimeout, self.replyTimeout = known[2]
         self.connectTimeout = min(connectTimeout, remaining)
         self.succeeded = succeeded
         self.failed = failed
@@ -317,8 +348,9 @@ class _Attempt(ClientFactory):
         pool, target = self.pool, self.target
         clock = pool.reactor
         timeout = self.connectTimeout
-        # Enforced here, so the bound holds whatever the endpoint (and on a test clock).
-        self.timer = clock.callLater(timeout, self._timedOut)
+        # Enforced here, so the bound holds whatever the endpoint (and on a test clock); on the
+        # wheel (L{casd.timerwheel}), as it nearly always ends cancelled or handed on.
+        self.timer = pool.wheel.callLater(timeout, self._timedOut)
         version = addressFamily(target.host)
         if version and target.tls != "implicit":
             # No endpoint, no wrapping protocol, no connector timer beside ours.
@@ -362,7 +394,7 @@ class _Attempt(ClientFactory):
                 timer.cancel()
             return None
         dialogue = self.dialogue = self.makeDialogue(self.target)
-        if timer.active():
+        if not (timer.called or timer.cancelled):  # active(), without a call
             # The connect timer goes on as the dialogue's one timer (its first step resets it;
             # usually both end at the failover deadline, so not even that): no cancel() and
             # callLater() pair per login.
@@ -448,6 +480,9 @@ class _Fired:
     A stand-in for a timer that has run.
     """
 
+    called = True
+    cancelled = False
+
     @staticmethod
     def active() -> bool:
         return False
@@ -462,7 +497,9 @@ class _Failover:
     and C{failover_timeout}; then, for C{connect_retry_time}, the members that refused, again,
     with a doubling pause.
 
-    @ivar done: what L{BackendConnector.connect} returns.
+    @ivar onSuccess: called with the logged-in dialogue, or C{onFailure} with the failure: one
+        of them, once (L{BackendConnector.connect}'s L{Deferred}, or L{connectThen}'s callbacks).
+    @ivar ended: whether the outcome was reported, or the session's way abandoned (L{cancel}).
     """
 
     def __init__(self, pool, route, makeDialogue, candidates) -> None:
@@ -479,13 +516,14 @@ class _Failover:
         self.retries = 0
         self.current = None
         self.pause = None
-        self.done = defer.Deferred(self._cancel)
+        self.ended = False
 
-    def start(self) -> defer.Deferred:
-        self._tryNext()
-        return self.done
-
-    def _cancel(self, done) -> None:
+    def cancel(self, done=None) -> None:
+        """
+        Abandon the session's way (the L{Deferred}'s canceller): the try under way is
+        cancelled, no other member tried, nothing reported.
+        """
+        self.ended = True
         if self.pause is not None and self.pause.active():
             self.pause.cancel()
         current, self.current = self.current, None
@@ -502,15 +540,16 @@ class _Failover:
 
     def _succeeded(self, dialogue) -> None:
         self.current = None
-        if self.done.called:  # cancelled: the try closed what it had
+        if self.ended:  # cancelled: the try closed what it had
             return
+        self.ended = True
         if self.retries:
             self.pool.log.info(
                 "backend {backend} took the session after {retries} retries",
                 backend=dialogue.target.describe(),
                 retries=self.retries,
             )
-        self.done.callback(dialogue)
+        self.onSuccess(dialogue)
 
     def _stop(self, failure) -> bool:
         """
@@ -518,10 +557,11 @@ class _Failover:
         not a member's unavailability.
         """
         self.current = None
-        if self.done.called:  # cancelled
+        if self.ended:  # cancelled
             return True
         if failure.check(AuthenticationFailed) or not failure.check(BackendUnavailable):
-            self.done.errback(failure)
+            self.ended = True
+            self.onFailure(failure)
             return True
         self.last = failure.value
         return False
@@ -536,7 +576,13 @@ class _Failover:
                 target, member = self.candidates[self.next]
                 self.next += 1
                 self.tries += 1
-                self._try(target, member, remaining, True, self._failed)
+                # _try(), inline: the first try of every login.
+                attempt = _Attempt(
+                    pool, self.route, target, member, self.makeDialogue, remaining, True,
+                    self._succeeded, self._failed,
+                )
+                self.current = attempt  # before it starts: it may fail at once
+                attempt.start()
                 return
         self._startRetries()
 
@@ -594,11 +640,13 @@ class _Failover:
         self._retryNext()
 
     def _giveUp(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
         again = f", {self.retries} retries of members that refused" if self.retries else ""
-        self.done.errback(
-            BackendUnavailable(
-                f"{self.route.group or 'route'}: {self.tries} of {len(self.candidates)} available"
-                f" members tried{again} within the failover limits, last:"
-                f" {self.last or 'failover time spent'}"
-            )
+        what = (
+            f"{self.route.group or 'route'}: {self.tries} of {len(self.candidates)} available"
+            f" members tried{again} within the failover limits, last:"
+            f" {self.last or 'failover time spent'}"
         )
+        self.onFailure(Failure(BackendUnavailable(what)))

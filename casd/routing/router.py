@@ -56,6 +56,17 @@ class BackendTarget:
     masterPassword: bytes = field(default=b"", repr=False)
     site: str = ""
     timeouts: tuple[tuple[str, float], ...] = ()
+    #: The identity of this member in the pool: one C{host:port} is one member, whatever
+    #: server name or group reached it.  Computed once (a login reads it, and L{label}).
+    key: tuple[str, int] = field(init=False, eq=False, repr=False)
+    #: L{describe}'s text, computed once.
+    label: str = field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.host.lower(), self.port))
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        label = f"{self.server}({host}:{self.port})" if self.server != self.host else f"{host}:{self.port}"
+        object.__setattr__(self, "label", label)
 
     @property
     def isAddress(self) -> bool:
@@ -65,17 +76,11 @@ class BackendTarget:
             return False
         return True
 
-    @property
-    def key(self) -> tuple[str, int]:
-        """
-        The identity of this member in the pool: one C{host:port} is one member, whatever
-        server name or group reached it.
-        """
-        return (self.host.lower(), self.port)
-
     def describe(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.server}({host}:{self.port})" if self.server != self.host else f"{host}:{self.port}"
+        """
+        @return: C{server(host:port)}, or C{host:port} when the server is named by its host.
+        """
+        return self.label
 
 
 @frozen
@@ -449,27 +454,45 @@ class Router:
             no generator and no chain of L{Deferred}s.
         """
         try:
-            outgoing = self.outgoingTTL(ttl)
-            config = self.config
-            local = config.server.site if config is not None else ""
-            if local and user.site and user.site != local:
-                # A user the directory places in another site is that site's business: its own
-                # locators (and servers this node may not even know) decide there.
-                return defer.succeed(self._finish(user, protocol, None, outgoing))
-            locators = self.locators
-            for index, locator in enumerate(locators):
-                route = locator.locate(user, protocol)
-                if isinstance(route, defer.Deferred):
-                    return route.addCallback(
-                        self._answered, locators, index, user, protocol, outgoing
-                    )
-                if route is not None:
-                    break
-            else:
-                route = None
-            return defer.succeed(self._finish(user, protocol, route, outgoing))
+            route = self.locateNow(user, protocol, ttl)
         except Exception:
             return defer.fail()
+        if isinstance(route, Route):
+            return defer.succeed(route)
+        return route
+
+    def locateNow(self, user, protocol, ttl: int | None = None):
+        """
+        L{locate} without a L{Deferred} when the locators answer at once (the login path's).
+
+        @return: the L{Route} when every locator asked answered at once, else a L{Deferred}
+            firing with it (a locator that answers later): tell them by C{isinstance(r, Route)}.
+        @raise BackendUnavailable: no route (L{Redirected} when the user's site redirects); any
+            other exception of a locator or of the checks is raised too.
+        """
+        config = self.config
+        if ttl is None and config is not None and config.routing.proxy_ttl > 1:
+            outgoing = config.routing.proxy_ttl - 1  # outgoingTTL(None), without the call
+        else:
+            outgoing = self.outgoingTTL(ttl)
+        local = config.server.site if config is not None else ""
+        if local and user.site and user.site != local:
+            # A user the directory places in another site is that site's business: its own
+            # locators (and servers this node may not even know) decide there.
+            return self._finish(user, protocol, None, outgoing)
+        locators = self.locators
+        for index, locator in enumerate(locators):
+            route = locator.locate(user, protocol)
+            if route is None:
+                continue
+            # Told from a Deferred by the Route class: isinstance() of Deferred, an ABC, is a
+            # Python call.
+            if not isinstance(route, Route):
+                return route.addCallback(self._answered, locators, index, user, protocol, outgoing)
+            break
+        else:
+            route = None
+        return self._finish(user, protocol, route, outgoing)
 
     def _answered(self, route, locators, index, user, protocol, outgoing):
         """

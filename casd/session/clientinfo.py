@@ -48,6 +48,7 @@ def _hostPort(address) -> tuple[str, int]:
 
 
 _trustCache: dict = {}
+_trustByValue: dict = {}
 
 #: What a forwarded session id may look like (casd's and Dovecot's are base64).
 _SESSION_ID = re.compile(r"[A-Za-z0-9+/_=-]{1,64}")
@@ -59,13 +60,21 @@ def isTrusted(host: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
     """
     if not networks:
         return False
-    key = (host, networks)
+    # Keyed by the networks' identity (hashing the tuple hashes each network in Python), the
+    # tuple kept in the entry so that the id is not reused while it lives.
+    key = (host, id(networks))
     known = _trustCache.get(key)
-    if known is None:
-        if len(_trustCache) > 4096:
-            _trustCache.clear()
-        known = _trustCache[key] = _isTrusted(host, networks)
-    return known
+    if known is not None and known[0] is networks:
+        return known[1]
+    if len(_trustCache) > 4096:
+        _trustCache.clear()
+        _trustByValue.clear()
+    # A caller that builds its tuple each time still finds the answer by value.
+    trusted = _trustByValue.get((host, networks))
+    if trusted is None:
+        trusted = _trustByValue[host, networks] = _isTrusted(host, networks)
+    _trustCache[key] = (networks, trusted)
+    return trusted
 
 
 def _isTrusted(host: str, networks) -> bool:

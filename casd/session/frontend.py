@@ -11,18 +11,19 @@ from attrs import frozen
 from zope.interface import implementer
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from casd.auth.sasl import makeCredentials
-from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation, Throttled
+from casd.failures import AuthenticationFailed, CASFailure, PrivacyRequired, ProtocolViolation
 from casd.session.clientinfo import ClientInfo
+from casd.session.loginpath import LoginPath
 from casd.session.relay import Relay, writeThrough
 from casd.session.sasldriver import SASLDriver
 from casd.session.steps import SessionSteps
 from casd.tls import clientCAFileOf
+from casd.timerwheel import WHEEL_ATTRIBUTE, wheelFor
 from casd.tlslayer import startTLS
 
 #: Unprocessed bytes held while a command is in progress before reading from the client pauses.
@@ -53,7 +54,7 @@ class Wording:
 
 
 @implementer(IHalfCloseableProtocol)
-class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
+class FrontendProtocol(SASLDriver, SessionSteps, LoginPath, Protocol):
     """
     One client connection, from the greeting to the end of the relayed session.
 
@@ -210,7 +211,9 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
             self.context.config.server.trusted_networks,
             tls=self.listener.tls == "implicit",
         )
-        self._preauth = self.clock.callLater(self.section.preauth_timeout, self._timerFired)
+        # On the wheel (L{casd.timerwheel}): it ends cancelled, or as the relay's first idle check.
+        wheel = getattr(self.clock, WHEEL_ATTRIBUTE, None) or wheelFor(self.clock)
+        self._preauth = wheel.callLater(self.section.preauth_timeout, self._timerFired)
         self.greet()
 
     @property
@@ -235,7 +238,7 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         if self._preauth is not None and self._preauth.active():
             self._preauth.reset(seconds)
         else:
-            self._preauth = self.clock.callLater(seconds, self._timerFired)
+            self._preauth = wheelFor(self.clock).callLater(seconds, self._timerFired)
 
     def _timerFired(self) -> None:
         """
@@ -355,7 +358,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         @return: whether a plaintext login must be refused here (before TLS, from an untrusted
             client); if so, the client was told (L{PrivacyRequired}, through L{loginFailed}).
         """
-        if self.client.plaintextAllowed:
+        client = self.client
+        if client.tls or client.trusted:  # plaintextAllowed, without a property call
             return False
         self.loginFailed(token, PrivacyRequired())
         return True
@@ -366,7 +370,8 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         allowed (L{privacyRequired}), refused as a failed login when the name or password
         cannot be credentials (L{casd.auth.sasl.makeCredentials}), else L{login}.
         """
-        if self.privacyRequired(token):
+        client = self.client
+        if not (client.tls or client.trusted) and self.privacyRequired(token):
             return
         try:
             credentials = makeCredentials(user, password)
@@ -386,7 +391,14 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
                 self._paused = True
                 self.transport.pauseProducing()
             return
-        self._process()
+        if self._processing:
+            return  # a command finished synchronously inside the loop: it goes on
+        # _process(), inline: one call less per read.
+        self._processing = True
+        try:
+            self._processLoop()
+        finally:
+            self._processing = False
 
     def setRawMode(self, length: int) -> None:
         """
@@ -456,15 +468,21 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         self._busy = True
 
         def release(result):
-            self._busy = False
-            if self._paused and not self._closing and self.relay is None:
-                self._paused = False
-                self.transport.resumeProducing()
-            if self.relay is None and self.connected:
-                self._process()
+            self._release()
             return result
 
         return d.addBoth(release)
+
+    def _release(self) -> None:
+        """
+        The command L{wait} held for is done: further commands run.
+        """
+        self._busy = False
+        if self._paused and not self._closing and self.relay is None:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self.relay is None and self.connected:
+            self._process()
 
     # -- TLS --------------------------------------------------------------------------------
 
@@ -485,100 +503,12 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
 
     # -- login and relay --------------------------------------------------------------------
 
-    def login(self, token, credentials) -> defer.Deferred:
-        """
-        Log in with C{credentials} (L{proxyLogin}), holding further commands until it is done;
-        then L{loginSucceeded} and the relay, or L{loginFailed}.
-
-        @param token: passed back to the hooks (e.g. the IMAP tag).
-        """
-        d = self.proxyLogin(credentials)
-        d.addCallbacks(
-            self._loginSucceeded, self._loginFailed, callbackArgs=(token,), errbackArgs=(token,)
-        )
-        return self.wait(d)
-
-    def _loginSucceeded(self, dialogue, token) -> None:
-        self.loginSucceeded(token, dialogue)
-        self.startRelay(dialogue)
-
-    def _loginFailed(self, failure, token) -> None:
-        if failure.check(_ClientGone) or self._closing:
-            return
-        if not failure.check(CASFailure):
-            self.log.failure("login failed unexpectedly", failure)
-        self.result = type(failure.value).__name__
-        self._releaseSlot()
-        self.loginFailed(token, failure.value)
-
-    def proxyLogin(self, credentials):
-        """
-        The shared path: authenticate, locate the mailbox, open and log in a backend session.
-
-        @return: a L{Deferred} firing with the logged-in L{casd.session.dialogue.BackendDialogue}, or
-            failing with a L{casd.failures.CASFailure} for the protocol to render.
-        """
-        authenticator = self.context.authenticator
-        user = authenticator.loginNow(credentials, self.client)  # a cached success: at once
-        if user is not None:
-            return self._authenticated(user, credentials)
-        d = authenticator.login(credentials, self.client)  # plain callbacks, no inlineCallbacks
-        d.addCallback(self._authenticated, credentials)
-        return d
-
-    def _authenticated(self, user, credentials):
-        self.user = user
-        limit = getattr(self.section, "max_sessions_per_user", 0)
-        state = self.context.state
-        if limit and state is not None:
-            # Counted array-wide with [state] backend = "redis" (casd/state/sessions.py).
-            d = state.sessions.acquire(self.descriptor.name, user.login, limit)
-            d.addCallback(self._slotAnswered, user, credentials, limit)
-            return d
-        return self._route(user, credentials)
-
-    def _slotAnswered(self, token, user, credentials, limit):
-        if token is None:
-            raise Throttled(f"{user.login!r} already has {limit} {self.descriptor.name} session(s)")
-        self._slot = token
-        if not self.connected or self._closing:
-            self._releaseSlot()
-            raise _ClientGone()
-        return self._route(user, credentials)
-
-    def _releaseSlot(self) -> None:
-        token, self._slot = self._slot, None
-        if token is not None:
-            self.context.state.sessions.release(token)
-
-    def _route(self, user, credentials):
-        context = self.context
-        d = context.router.locate(user, self.descriptor, ttl=self.proxyTTL)
-
-        def makeDialogue(target):
-            return self.makeDialogue(target, user, credentials)
-
-        if d.called and not isinstance(d.result, Failure):
-            # The route was at hand: to the pool at once, no callback returning a Deferred.
-            d = context.connector.connect(d.result, makeDialogue)
-        else:
-            d.addCallback(context.connector.connect, makeDialogue)
-        d.addCallback(self._connected)
-        return d
-
-    def _connected(self, dialogue):
-        if not self.connected or self._closing:
-            dialogue.transport.loseConnection()
-            raise _ClientGone()
-        self.backend = dialogue.target.describe()
-        return dialogue
-
     def startRelay(self, dialogue) -> None:
         """
         Detach to the dumb relay: from here on, bytes only.
         """
         timer, self._preauth = self._preauth, None
-        if timer is not None and not timer.active():
+        if timer is not None and (timer.called or timer.cancelled):  # a WheelCall's active()
             timer = None
         self.result = "proxy"
         leftover, self._buffer = self._buffer, b""
@@ -605,13 +535,17 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
 
     def connectionLost(self, reason) -> None:
         self._closing = True
-        if self._preauth is not None and self._preauth.active():
-            self._preauth.cancel()
-        self._preauth = None
+        timer = self._preauth
+        if timer is not None:
+            self._preauth = None
+            if not (timer.called or timer.cancelled):  # a WheelCall's active()
+                timer.cancel()
         if self.relay is not None:
             self.relay.clientLost(reason)
-        self._logSession()
-        self._releaseSlot()
+        if not self._logged:
+            self._logSession()
+        if self._slot is not None:
+            self._releaseSlot()
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.sessions.discard(self)
@@ -632,12 +566,6 @@ class FrontendProtocol(SASLDriver, SessionSteps, Protocol):
         )
 
 
-class _ClientGone(Exception):
-    """
-    The client left while its backend session was being opened.
-    """
-
-
 class FrontendFactory(Factory):
     """
     Builds one protocol class for one listener.
@@ -653,6 +581,13 @@ class FrontendFactory(Factory):
         self.descriptor = descriptor
 
         self.sessions: set = set()
+
+    def startFactory(self) -> None:
+        # While the listener is up, the session timers' wheel keeps its tick between sessions.
+        wheelFor(self.context.reactor).hold()
+
+    def stopFactory(self) -> None:
+        wheelFor(self.context.reactor).release()
 
     def buildProtocol(self, addr):
         p = self.protocolClass(self.context, self.section, self.listener, self.descriptor)
