@@ -1,0 +1,110 @@
+# -*- test-case-name: tests.test_logfile -*-
+"""
+The files casd's text observers write (L{casd.service.logs.TextLogObserver}), each a I{sink}:
+bytes go to C{raw} (an unbuffered file's C{write}, one C{write(2)} per line) under C{lock} (a C
+lock: no Python call), after C{rotate()} when C{rotateLength} is set and C{size} has reached it.
+
+  - L{RotatingLogFile}: twistd's C{--logfile}, Twisted's L{LogFile} (the same file names, the
+    same rotation every C{rotateLength} bytes into C{.1}, C{.2}, ..., C{rotate()} on a signal),
+    written without the pure-Python lock of C{threadable.synchronize} around every write;
+  - L{AppendFile}: casd's C{[log] file}, opened with C{O_APPEND} and reopened for logrotate.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from twisted.python.logfile import LogFile
+
+
+class RotatingLogFile(LogFile):
+    """
+    Twisted's L{LogFile} (twistd's C{--logfile}), with a C lock shared by L{write} and C{rotate}
+    (C{LogFile}'s synchronised C{rotate} takes the same lock: it is the object's
+    C{_threadable_lock}) and a L{write} of one Python call.
+
+    @ivar raw: the open file's C{write} (bytes, unbuffered).
+    @ivar lock: the lock around C{size}, the rotation and C{raw}.
+    @ivar size: bytes in the current file.
+    """
+
+    def __init__(self, name, directory, rotateLength=1000000, defaultMode=None, maxRotatedFiles=None):
+        # threadable's _synchPre uses this lock when the object has one (rotate, and
+        # LogFile.write if anybody calls it): one lock for every path.
+        self.__dict__["_threadable_lock"] = self.lock = threading.RLock()
+        super().__init__(name, directory, rotateLength, defaultMode, maxRotatedFiles)
+
+    def _openFile(self):
+        super()._openFile()
+        self.raw = self._file.write
+
+    def write(self, data) -> None:
+        """
+        Write C{data} (text is encoded as UTF-8), rotating first when the file has reached
+        C{rotateLength} bytes.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8", "backslashreplace")
+        with self.lock:
+            if self.rotateLength and self.size >= self.rotateLength:
+                self.rotate()
+            self.size += self.raw(data)
+
+    def flush(self) -> None:
+        """
+        Nothing to do: the file is unbuffered.
+        """
+
+
+class AppendFile:
+    """
+    A file opened for appending (C{O_APPEND}, unbuffered: one C{write(2)} per line, which the
+    kernel appends whole even when another process appends to the same file), never rotated by
+    casd; L{reopen} opens C{path} again after logrotate moved it away.
+
+    @ivar raw: the open file's C{write}.
+    """
+
+    rotateLength = 0
+    size = 0
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self._file = open(path, "ab", buffering=0)
+        self.raw = self._file.write
+
+    def write(self, data) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "backslashreplace")
+        with self.lock:
+            self.raw(data)
+
+    def flush(self) -> None:
+        """
+        Nothing to do: the file is unbuffered.
+        """
+
+    def rotate(self) -> None:  # pragma: no cover - rotateLength is 0
+        """
+        Never called: logrotate moves the file.
+        """
+
+    def reopen(self) -> None:
+        """
+        Open C{path} again (after logrotate renamed it); the old file is closed.
+        """
+        new = open(self.path, "ab", buffering=0)
+        with self.lock:
+            old, self._file = self._file, new
+            self.raw = new.write
+        old.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._file.close()
+            self.raw = _closed
+
+
+def _closed(data: bytes) -> int:
+    raise ValueError("I/O operation on closed file")

@@ -1,0 +1,208 @@
+"""
+Tests for L{casd.service.logfile}: twistd's rotating log file and casd's appended one, written by
+L{casd.service.logs.TextLogObserver} one C{write(2)} per line, without a Python lock.
+"""
+
+import cProfile
+import os
+import pstats
+import threading
+
+from twisted.logger import LogPublisher, Logger, formatEventAsClassicLogText
+from twisted.trial.unittest import SynchronousTestCase
+
+from casd.service.logfile import AppendFile, RotatingLogFile
+from casd.service.logs import LineLog, TextLogObserver
+
+
+def pythonCalls(f, *args) -> int:
+    """
+    @return: the function calls (Python and built-in) that C{f(*args)} makes, itself included.
+    """
+    profile = cProfile.Profile()
+    profile.runcall(f, *args)
+    # Less the profiler's own "disable".
+    return pstats.Stats(profile).total_calls - 1
+
+
+class RotatingLogFileTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "twistd.log")
+
+    def open(self, **kwargs):
+        f = RotatingLogFile.fromFullPath(self.path, **kwargs)
+        self.addCleanup(f.close)
+        return f
+
+    def read(self, suffix=""):
+        with open(self.path + suffix, encoding="utf-8") as f:
+            return f.read()
+
+    def test_sameTextAsTwisted(self):
+        """
+        Through a L{RotatingLogFile}, lines and ordinary events are the bytes Twisted's text
+        observer writes.
+        """
+        events = []
+        times = iter([1000.0, 1000.5, 1001.0, 1001.2])
+        lines = LineLog("casd.session", LogPublisher(events.append), now=lambda: next(times))
+        lines.emit("session=a user=x", {"user": "x"})
+        Logger(namespace="casd.other", observer=events.append).warn("hello {who}", who="you")
+        lines.emit("two\nlines", {})
+        lines.emit("session=c", {"log_system": "worker2:casd.session#info"})
+        lines.emit("session=d", {})
+        observer = TextLogObserver(self.open())
+        for event in events:
+            observer(event)
+        self.assertEqual(self.read(), "".join(formatEventAsClassicLogText(e) for e in events))
+
+    def test_appendsToExistingFile(self):
+        """
+        An existing file is appended to, and its size counts towards the rotation.
+        """
+        with open(self.path, "w") as f:
+            f.write("x" * 50 + "\n")
+        f = self.open(rotateLength=55)
+        self.assertEqual(f.size, 51)
+        f.write("short\n")
+        self.assertEqual(self.read(), "x" * 50 + "\nshort\n")
+        f.write("next\n")
+        self.assertEqual(self.read(".1"), "x" * 50 + "\nshort\n")
+        self.assertEqual(self.read(), "next\n")
+
+    def test_rotatedBySize(self):
+        """
+        Once the file has reached C{rotateLength} bytes, the next line goes to a new file and the
+        old ones move to C{.1}, C{.2}, ...; every line is written once and whole, none deleted.
+        """
+        f = self.open(rotateLength=200)
+        observer = TextLogObserver(f)
+        lines = LineLog("casd.session", observer)
+        for i in range(30):
+            lines.emit(f"session={i:04d} user=someone result=logout", {})
+        names = sorted(os.listdir(self.dir))
+        self.assertGreater(len(names), 4)
+        self.assertIn("twistd.log.1", names)
+        text = "".join(self.read(name[len("twistd.log"):]) for name in names)
+        found = [line.rsplit("session=", 1)[1].split()[0] for line in text.splitlines()]
+        self.assertEqual(sorted(found), [f"{i:04d}" for i in range(30)])
+        for name in names:
+            self.assertLess(os.path.getsize(os.path.join(self.dir, name)), 200 + 100)
+        # The newest lines are in the current file, the oldest in the highest number.
+        self.assertIn("session=0029", self.read())
+        self.assertIn("session=0000", self.read(f".{len(names) - 1}"))
+
+    def test_rotateOnSignal(self):
+        """
+        C{rotate()} (twistd's signal) moves the file to C{.1}; the next line starts a new one.
+        """
+        f = self.open()
+        lines = LineLog("casd.session", TextLogObserver(f))
+        lines.emit("before", {})
+        f.rotate()
+        lines.emit("after", {})
+        self.assertTrue(self.read(".1").endswith(" before\n"))
+        self.assertTrue(self.read().endswith(" after\n"))
+        self.assertNotIn("before", self.read())
+
+    def test_oneLockForWriteAndRotate(self):
+        """
+        C{LogFile}'s synchronised C{rotate} takes the file's own lock, a C lock.
+        """
+        f = self.open()
+        self.assertIs(f._threadable_lock, f.lock)
+        self.assertIsInstance(f.lock, type(threading.RLock()))
+
+    def test_threads(self):
+        """
+        Lines written from several threads at once, across rotations, all arrive whole.
+        """
+        f = self.open(rotateLength=2000)
+        lines = LineLog("casd.session", TextLogObserver(f))
+
+        def write(n):
+            for i in range(200):
+                lines.emit(f"thread={n} line={i:03d}", {})
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        text = "".join(self.read(name[len("twistd.log"):]) for name in os.listdir(self.dir))
+        found = sorted(line.split("] ", 1)[1] for line in text.splitlines())
+        self.assertEqual(found, sorted(f"thread={n} line={i:03d}" for n in range(4) for i in range(200)))
+
+    def test_notUTF8(self):
+        """
+        Text that UTF-8 cannot encode (a lone surrogate) is escaped, never an exception.
+        """
+        f = self.open()
+        LineLog("casd.session", TextLogObserver(f)).emit("user=\udcff", {})
+        self.assertIn("user=\\udcff\n", self.read())
+
+    def test_lineCostsFewCalls(self):
+        """
+        A line through the observer to the file is a handful of calls: no Python lock, no
+        rotation check or encoding in a function of its own.
+        """
+        f = self.open()
+        observer = TextLogObserver(f)
+        events = []
+        LineLog("casd.session", LogPublisher(events.append), now=lambda: 1000.0).emit("x=1", {})
+        observer(events[0])  # the time stamp of this second
+        # The observer, the encoding, the write, the C lock's release.
+        self.assertLessEqual(pythonCalls(observer, events[0]), 4)
+        self.assertEqual(self.read().count("x=1\n"), 2)
+
+
+class AppendFileTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "casd.log")
+
+    def read(self, path=None):
+        with open(path or self.path, encoding="utf-8") as f:
+            return f.read()
+
+    def test_appends(self):
+        """
+        Two writers of the same file (two processes) append: neither overwrites the other.
+        """
+        one, two = AppendFile(self.path), AppendFile(self.path)
+        self.addCleanup(one.close)
+        self.addCleanup(two.close)
+        one.write("one\n")
+        two.write("two\n")
+        one.write("three\n")
+        self.assertEqual(self.read(), "one\ntwo\nthree\n")
+
+    def test_reopen(self):
+        """
+        After a rename, L{AppendFile.reopen} writes to a new file at the path.
+        """
+        f = AppendFile(self.path)
+        self.addCleanup(f.close)
+        observer = TextLogObserver(f)
+        lines = LineLog("casd.session", observer)
+        lines.emit("old", {})
+        os.rename(self.path, self.path + ".1")
+        lines.emit("still old", {})
+        f.reopen()
+        lines.emit("new", {})
+        self.assertEqual(self.read(self.path + ".1").count("old"), 2)
+        self.assertTrue(self.read().endswith(" new\n"))
+        self.assertEqual(self.read().count("\n"), 1)
+
+    def test_closed(self):
+        """
+        Writing to a closed file raises L{ValueError}, as a closed Python file does (which
+        L{casd.service.logs.LogFileService} ignores).
+        """
+        f = AppendFile(self.path)
+        f.close()
+        self.assertRaises(ValueError, f.write, "late\n")
+        self.assertRaises(ValueError, TextLogObserver(f), {"casd_line": "x", "log_namespace": "n"})
