@@ -122,7 +122,7 @@ def measure(args) -> int:
         casdUsers, _ = writeUsers(work, args.users, "SSHA256")
         casd = _wrappedCASD(CASD)(
             os.path.join(work, "casd"), cert, key, casdUsers, dovecot.imapPort,
-            dovecot.pop3Port if args.proto == "pop3" else None,
+            dovecot.pop3Port if args.proto == "pop3" else None, workers=args.workers,
         )
         casd.start()
         started.append(casd)
@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--proto", default="imap", choices=("imap", "pop3"))
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="casd with --workers N: the parent alone is counted (what a worker's session costs it)")
     parser.add_argument("--bulk-mib", type=int, default=0, help="count calls per MiB of a bulk relay instead")
     return measure(parser.parse_args(argv))
 

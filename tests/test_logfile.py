@@ -206,3 +206,76 @@ class AppendFileTests(SynchronousTestCase):
         f.close()
         self.assertRaises(ValueError, f.write, "late\n")
         self.assertRaises(ValueError, TextLogObserver(f), {"casd_line": "x", "log_namespace": "n"})
+
+
+class SharedRotationTests(SynchronousTestCase):
+    """
+    With C{--workers}, the workers append to twistd's log file and the parent rotates it.
+    """
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "twistd.log")
+
+    def read(self, suffix=""):
+        with open(self.path + suffix, encoding="utf-8") as f:
+            return f.read()
+
+    def test_appendedByOthers(self):
+        """
+        The file is opened for appending: another process's appends (a worker's lines) and the
+        parent's own lines never overwrite each other.
+        """
+        mine = RotatingLogFile.fromFullPath(self.path)
+        self.addCleanup(mine.close)
+        worker = AppendFile(self.path, fd=os.dup(mine.fileno()))
+        self.addCleanup(worker.close)
+        mine.write("parent 1\n")
+        worker.write("worker 1\n")
+        mine.write("parent 2\n")
+        self.assertEqual(self.read(), "parent 1\nworker 1\nparent 2\n")
+
+    def test_newFileMode(self):
+        """
+        A new file gets C{defaultMode}, as with Twisted's L{LogFile}.
+        """
+        f = RotatingLogFile.fromFullPath(self.path, defaultMode=0o640)
+        self.addCleanup(f.close)
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o640)
+
+    def test_rotatedWhenOthersFilledIt(self):
+        """
+        Every interval the parent takes the size from the file system and rotates at
+        C{rotateLength}; after the rotation (that one or a signal's) the workers are told to
+        reopen the path, from the reactor thread.
+        """
+        from twisted.internet.task import Clock
+
+        from casd.service.logfile import REOPEN_WORD, SharedRotation
+
+        clock = Clock()
+        scheduled = []
+        clock.callFromThread = lambda f, *a: scheduled.append((f, a))
+        told = []
+        mine = RotatingLogFile.fromFullPath(self.path, rotateLength=100)
+        self.addCleanup(mine.close)
+        worker = AppendFile(self.path)
+        self.addCleanup(worker.close)
+        rotation = SharedRotation(mine, clock, told.append)
+        rotation.start()
+        worker.write("w" * 99 + "\n")
+        self.assertEqual(mine.size, 0)
+        clock.advance(1.0)
+        self.assertEqual(self.read(".1"), "w" * 99 + "\n")
+        self.assertEqual(self.read(), "")
+        self.assertEqual(scheduled, [(told.append, (REOPEN_WORD,))])
+        # A signal's rotation tells them too.
+        mine.rotate()
+        self.assertEqual(len(scheduled), 2)
+        # Below the size, nothing.
+        clock.advance(1.0)
+        self.assertEqual(len(scheduled), 2)
+        rotation.stop()
+        self.assertIsNone(mine.onRotate)
+        self.assertEqual(clock.getDelayedCalls(), [])

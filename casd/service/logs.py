@@ -247,13 +247,22 @@ class MainLogRoot(service.MultiService):
         super().__init__()
         self.twistdOptions = twistdOptions
         self.reactor = reactor
+        self.observer = None
 
     def setServiceParent(self, parent):
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
             observer = mainLogObserver(self.twistdOptions, self.reactor)
             if observer is not None:
                 parent.setComponent(ILogObserver, observer)
+                self.observer = observer
         return super().setServiceParent(parent)
+
+    def rotatingLogFile(self):
+        """
+        @return: the L{RotatingLogFile} twistd's log goes to (C{--logfile}), or L{None}.
+        """
+        out = getattr(self.observer, "outFile", None)
+        return out if isinstance(out, RotatingLogFile) else None
 
 
 #: The first byte of a worker's record of a L{LineLog} line on its way to the parent; other events
@@ -278,10 +287,12 @@ class WorkerLogObserver:
 
     def __init__(self, outFile, direct=None, index: int = 0) -> None:
         """
-        @param direct: where the parent's own log goes when that is a stream the worker shares
-            (the parent's standard output, inherited): the worker writes its L{LineLog} lines
-            there itself, as the parent would have written them (C{[worker<index>:...]}), and the
-            parent does nothing per line.  L{None}: they go to the parent.
+        @param direct: where the parent's own log goes when the worker can write it too: the
+            parent's standard output (inherited), or twistd's C{--logfile} opened for appending
+            (an L{AppendFile}, reopened when the parent rotates it): the worker writes its
+            L{LineLog} lines there itself, as the parent would have written them
+            (C{[worker<index>:...]}), and the parent does nothing per line.  L{None}: they go to
+            the parent.
         @param index: the worker's number.
         """
         from twisted.logger import jsonFileLogObserver
@@ -289,6 +300,7 @@ class WorkerLogObserver:
         self.outFile = outFile
         self._other = jsonFileLogObserver(outFile)
         self.direct = direct
+        self._sink = direct if isinstance(direct, AppendFile) else None
         self.prefix = f"worker{index}:"
         self._stamp = _Stamp()
 
@@ -301,12 +313,20 @@ class WorkerLogObserver:
             text = event[LINE_KEY]
             if "\n" in text:
                 text = text.replace("\n", "\n\t")
-            level = event.get("log_level")
-            direct.write(
-                f"{self._stamp(event.get('log_time'))} [{self.prefix}{event.get('log_namespace', '-')}"
+            level = event["log_level"] if "log_level" in event else None
+            namespace = event["log_namespace"] if "log_namespace" in event else "-"
+            line = (
+                f"{self._stamp(event['log_time'] if 'log_time' in event else None)} [{self.prefix}{namespace}"
                 f"#{'-' if level is None else level.name}] {text}\n"
             )
-            direct.flush()
+            sink = self._sink
+            if sink is None:
+                direct.write(line)
+                direct.flush()
+                return
+            data = line.encode("utf-8", "backslashreplace")
+            with sink.lock:
+                sink.raw(data)
             return
         record = {key: value for key, value in event.items() if key not in _NOT_SENT}
         level = event.get("log_level")
