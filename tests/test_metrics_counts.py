@@ -11,7 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from casd.service.metrics import _DURATION_BUCKETS, Metrics, resultLabel
+from casd.failures import AuthenticationFailed
+from twisted.python.failure import Failure
+
+from casd.service.metrics import _DURATION_BUCKETS, _LOGIN_BUCKETS, Metrics, resultLabel
 from casd.testing import makeContext
 
 EVENTS = [
@@ -23,6 +26,8 @@ EVENTS = [
     dict(protocol="imap", result="logout", bytesIn=1, bytesOut=2, duration=1.0),
 ]
 OPENED = ["imap", "imap", "pop3", "nope"]
+#: (seconds the verdict took, whether it was a success)
+LOGINS = [(0.001, True), (0.3, True), (0.003, False), (100.0, True)]
 CLOSED = ["imap", "nope"]
 
 
@@ -40,6 +45,11 @@ def reference(protocols):
                       ["protocol", "direction"], registry=r)
     durations = Histogram("casd_session_duration_seconds", "Session durations, by protocol.", ["protocol"],
                           buckets=_DURATION_BUCKETS, registry=r)
+    logins = Histogram("casd_login_seconds",
+                       "Time from credentials received to the authentication verdict, by outcome.",
+                       ["outcome"], buckets=_LOGIN_BUCKETS, registry=r)
+    for took, ok in LOGINS:
+        logins.labels("success" if ok else "failure").observe(took)
     for name in protocols:
         active.labels(name).set(0)
     bounded = lambda p: p if p in protocols else "other"  # noqa: E731
@@ -86,6 +96,9 @@ class SessionCountsTests(SynchronousTestCase):
             self.metrics.connectionClosed(p)
         for e in EVENTS:
             self.metrics.observe(dict(e, log_namespace="casd.session", user="alice"))
+        self.assertEqual(self.metrics.clock.seconds(), 0)
+        for took, ok in LOGINS:
+            self.metrics.loginFinished(-took, None if ok else Failure(AuthenticationFailed("no")))
 
     def test_sameExposition(self):
         """
@@ -106,13 +119,15 @@ class SessionCountsTests(SynchronousTestCase):
     def test_fewCallsPerSession(self):
         """
         A session costs the metrics a handful of calls: the observer and the histogram's
-        bisection; opening and closing a connection, one call each.
+        bisection; opening and closing a connection, one call each; a login's verdict, the
+        clock, the histogram and the minute's list.
         """
         self.feed()
         event = dict(EVENTS[0], log_namespace="casd.session")
         for f, args, most in ((self.metrics.observe, (event,), 4),
                               (self.metrics.connectionOpened, ("imap",), 1),
-                              (self.metrics.connectionClosed, ("imap",), 1)):
+                              (self.metrics.connectionClosed, ("imap",), 1),
+                              (self.metrics.loginFinished, (self.metrics.clock.seconds(),), 7)):
             profile = cProfile.Profile()
             profile.runcall(f, *args)
             self.assertLessEqual(pstats.Stats(profile).total_calls - 1, most, f)

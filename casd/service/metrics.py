@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.application.service import Service
 from twisted.logger import globalLogPublisher
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -68,15 +68,8 @@ class Metrics:
         self.draining = lambda: False
         r = self.registry
         # The per-session counters: plain counts, rendered at scrape time.
-        self.counts = SessionCounts(_DURATION_BUCKETS)
+        self.counts = SessionCounts(_DURATION_BUCKETS, _LOGIN_BUCKETS)
         r.register(self.counts)
-        self.logins = Histogram(
-            "casd_login_seconds",
-            "Time from credentials received to the authentication verdict, by outcome.",
-            ["outcome"],
-            buckets=_LOGIN_BUCKETS,
-            registry=r,
-        )
         self.authFailures = Counter(
             "casd_auth_failures", "Failed logins, by reason.", ["reason"], registry=r
         )
@@ -143,7 +136,7 @@ class Metrics:
         counts.bytes[protocol, "out"] += bytesOut if bytesOut > 0 else 0
         duration = event["duration"] if "duration" in event else None
         if type(duration) in (int, float) and duration >= 0:
-            counts.observeDuration(protocol, duration)
+            counts.durations.observe(protocol, duration)
 
     def loginFinished(self, started: float, failure=None) -> None:
         """
@@ -154,11 +147,11 @@ class Metrics:
         """
         now = self.clock.seconds()
         if failure is None:
-            self.logins.labels("success").observe(now - started)
+            self.counts.logins.observe("success", now - started)
         else:
             reason = FAILURE_REASONS.get(type(failure.value).__name__, "other")
             self.authFailures.labels(reason).inc()
-            self.logins.labels("failure").observe(now - started)
+            self.counts.logins.observe("failure", now - started)
         recent = self._recent
         recent.append((now, failure is None))
         if len(recent) > 4096 or (recent and recent[0][0] < now - 60):
@@ -323,9 +316,12 @@ class CountingFactory:
         return getattr(self._factory, name)
 
 
+try:
+    from OpenSSL.SSL import Error as _TLSError
+except ImportError:  # pragma: no cover
+    _TLSError = None
+
+
 def _isTLSFailure(reason) -> bool:
-    try:
-        from OpenSSL.SSL import Error
-    except ImportError:  # pragma: no cover
-        return False
-    return reason is not None and hasattr(reason, "check") and reason.check(Error) is not None
+    # What Failure.check(Error) answers, without its calls: the value is an instance of the type.
+    return _TLSError is not None and isinstance(getattr(reason, "value", None), _TLSError)

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
 The per-session metrics (connections, open sessions, sessions ended, bytes relayed, session
-durations) as plain counters, a few dictionary operations per session, rendered as Prometheus
+durations, login latencies) as plain counters, a few dictionary operations per session, rendered as Prometheus
 families at scrape time: the same names, labels, help texts and samples as C{prometheus_client}'s
 C{Counter}, C{Gauge} and C{Histogram} give (C{_total}, C{_created}, C{_bucket}, C{_count},
 C{_sum}), without their per-update Python calls (label look-up, lock, checks).
@@ -36,6 +36,45 @@ class _Counts(dict):
         return 0
 
 
+class PlainHistogram(dict):
+    """
+    A histogram by one label: label value -> C{[count per bucket..., count, sum]} (the bucket
+    counts not cumulative), with the time each label value was first observed.
+    """
+
+    def __init__(self, name: str, text: str, label: str, buckets, now=time.time) -> None:
+        super().__init__()
+        self.name = name
+        self.text = text
+        self.label = label
+        self.buckets = tuple(buckets)
+        self.created: dict = {}
+        self.now = now
+
+    def observe(self, key: str, value: float) -> None:
+        try:
+            counts = self[key]
+        except KeyError:
+            counts = self[key] = [0] * (len(self.buckets) + 3)
+            self.created[key] = self.now()
+        # The first bucket whose bound is >= the value ("le"); past the last: +Inf.
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        counts[-2] += 1
+        counts[-1] += value
+
+    def family(self, created: bool) -> HistogramMetricFamily:
+        histogram = HistogramMetricFamily(self.name, self.text, labels=[self.label])
+        for key, counts in sorted(self.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(self.buckets + (float("inf"),), counts):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            histogram.add_metric([key], buckets, counts[-1])
+            if created:
+                histogram.samples.append(Sample(self.name + "_created", {self.label: key}, self.created[key]))
+        return histogram
+
+
 class SessionCounts:
     """
     The counters, and a collector (L{collect}) for a C{CollectorRegistry}.
@@ -44,29 +83,22 @@ class SessionCounts:
     @ivar active: protocol -> connections open now.
     @ivar sessions: C{(protocol, result)} -> sessions ended.
     @ivar bytes: C{(protocol, direction)} -> bytes relayed.
-    @ivar durations: protocol -> C{[count per bucket..., count, sum]} (buckets not cumulative).
+    @ivar durations: the session durations by protocol (a L{PlainHistogram}).
+    @ivar logins: the login latencies by outcome (a L{PlainHistogram}).
     """
 
-    def __init__(self, durationBuckets, now=time.time) -> None:
-        self.buckets = tuple(durationBuckets)
+    def __init__(self, durationBuckets, loginBuckets, now=time.time) -> None:
         self.connections = _Counts(now)
         self.active: dict = {}
         self.sessions = _Counts(now)
         self.bytes = _Counts(now)
-        self.durations: dict = {}
-        self._durationsCreated: dict = {}
-        self.now = now
-
-    def observeDuration(self, protocol: str, seconds: float) -> None:
-        try:
-            counts = self.durations[protocol]
-        except KeyError:
-            counts = self.durations[protocol] = [0] * (len(self.buckets) + 3)
-            self._durationsCreated[protocol] = self.now()
-        # The first bucket whose bound is >= the value ("le"); past the last: +Inf.
-        counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        counts[-2] += 1
-        counts[-1] += seconds
+        self.durations = PlainHistogram(
+            "casd_session_duration_seconds", "Session durations, by protocol.", "protocol", durationBuckets, now
+        )
+        self.logins = PlainHistogram(
+            "casd_login_seconds", "Time from credentials received to the authentication verdict, by outcome.",
+            "outcome", loginBuckets, now,
+        )
 
     def describe(self):
         return []
@@ -90,20 +122,8 @@ class SessionCounts:
             "casd_relayed_bytes", "Bytes relayed, by protocol and direction (in: from clients, out: to clients).",
             ["protocol", "direction"], self.bytes, created,
         )
-        histogram = HistogramMetricFamily("casd_session_duration_seconds", "Session durations, by protocol.",
-                                          labels=["protocol"])
-        for protocol, counts in sorted(self.durations.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(self.buckets + (float("inf"),), counts):
-                cumulative += count
-                buckets.append((floatToGoString(bound), cumulative))
-            histogram.add_metric([protocol], buckets, counts[-1])
-            if created:
-                histogram.samples.append(
-                    Sample("casd_session_duration_seconds_created", {"protocol": protocol},
-                           self._durationsCreated[protocol])
-                )
-        yield histogram
+        yield self.durations.family(created)
+        yield self.logins.family(created)
 
     @staticmethod
     def _counter(name, text, labels, counts: _Counts, created: bool, single: bool = False):
