@@ -4,6 +4,7 @@ L{casd.service.logs.TextLogObserver} one C{write(2)} per line, without a Python 
 """
 
 import cProfile
+import json
 import os
 import pstats
 import threading
@@ -279,3 +280,75 @@ class SharedRotationTests(SynchronousTestCase):
         rotation.stop()
         self.assertIsNone(mine.onRotate)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+def referenceLine(event):
+    """
+    The JSON line as C{eventAsLine} wrote it before it was made cheaper (C{json.dumps}).
+    """
+    import json
+    import time
+
+    from twisted.logger import formatEvent
+
+    from casd.service.logs import _SKIP, LINE_KEY
+
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time()))) + "Z",
+        "level": getattr(event.get("log_level"), "name", "info"),
+        "namespace": event.get("log_namespace", ""),
+        "message": event.get(LINE_KEY) or formatEvent(event),
+    }
+    for key, value in event.items():
+        if key in _SKIP or key.startswith("log_") or key in record:
+            continue
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            record[key] = value
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["failure"] = failure.getErrorMessage()
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+
+
+class JSONLineTests(SynchronousTestCase):
+    """
+    C{eventAsLine} (C{[log] format = "json"}): the same line as C{json.dumps} of the same record.
+    """
+
+    def events(self):
+        from twisted.python.failure import Failure
+
+        events = []
+        lines = LineLog("casd.session", LogPublisher(events.append), now=lambda: 1_700_000_000.75)
+        lines.emit("session=a user=\u00e9l\u00e8ve \"q\" \\ \n", {
+            "session": "a", "user": "\u00e9l\u00e8ve \"q\"", "bytesIn": 12, "duration": 0.125, "tls": True,
+            "backend": None, "nan": float("nan"), "obj": object(), "big": 10**30,
+        })
+        log = Logger(namespace="casd.other", observer=events.append)
+        log.warn("hello {who}", who="you", n=3)
+        log.failure("boom", Failure(ValueError("bad")))
+        events.append({"log_format": "bare {x}", "x": 1})
+        events.append({"log_format": "timeless", "log_time": None, "log_level": "weird"})
+        return events
+
+    def test_sameAsJSONDumps(self):
+        from casd.service.logs import eventAsLine
+
+        for event in self.events():
+            if event.get("log_time") is None:
+                # The time is now: compare all but it.
+                mine, theirs = json.loads(eventAsLine(event)), json.loads(referenceLine(event))
+                self.assertEqual(mine.pop("time")[:13], theirs.pop("time")[:13])
+                self.assertEqual(mine, theirs)
+            else:
+                self.assertEqual(eventAsLine(event), referenceLine(event))
+
+    def test_fewCalls(self):
+        """
+        A session line as JSON: the encoder, its join, the items, no call per field.
+        """
+        from casd.service.logs import eventAsLine
+
+        event = self.events()[0]
+        eventAsLine(event)  # the time stamp of this second
+        self.assertLessEqual(pythonCalls(eventAsLine, event), 5)

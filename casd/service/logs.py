@@ -356,28 +356,69 @@ def eventFromLineRecord(data: bytes) -> dict:
     return event
 
 
+#: The types of the event values written as JSON fields (others: see L{eventAsLine}).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_LEVEL_NAMES = {level: level.name for level in LogLevel.iterconstants()}
+
+
+def _lineEncoder():
+    """
+    @return: what C{json.dumps(record, separators=(",", ":"), ensure_ascii=False)} returns for a
+        flat dict of plain values, as one call into the C encoder (no encoder object, no
+        C{iterencode} per line).
+    """
+    default = json.JSONEncoder().default
+    try:
+        from _json import make_encoder
+    except ImportError:  # pragma: no cover - CPython has it
+        make_encoder = None
+    if make_encoder is None:  # pragma: no cover
+        return lambda record: json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    encode = make_encoder(None, default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda record: join(encode(record, 0))
+
+
+_encodeLine = _lineEncoder()
+
+
+class _JSONStamp:
+    """
+    C{eventAsLine}'s time (ISO 8601, UTC, to the second), computed once a second.
+    """
+
+    second = None
+    text = ""
+
+
 def eventAsLine(event: dict) -> str:
     """
     One event as one JSON object: C{time} (ISO 8601, UTC), C{level}, C{namespace}, C{message}
     (the rendered text) and every plain field of the event (the session line's fields among
     them).
     """
+    when = event["log_time"] if "log_time" in event else None
+    second = int(time.time() if when is None else when)
+    if second != _JSONStamp.second:
+        _JSONStamp.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + "Z"
+        _JSONStamp.second = second
+    level = event["log_level"] if "log_level" in event else None
+    message = event[LINE_KEY] if LINE_KEY in event else None
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
-        + "Z",
-        "level": getattr(event.get("log_level"), "name", "info"),
-        "namespace": event.get("log_namespace", ""),
-        "message": event.get(LINE_KEY) or formatEvent(event),
+        "time": _JSONStamp.text,
+        "level": _LEVEL_NAMES[level] if level in _LEVEL_NAMES else getattr(level, "name", "info"),
+        "namespace": event["log_namespace"] if "log_namespace" in event else "",
+        "message": message or formatEvent(event),
     }
     for key, value in event.items():
-        if key in _SKIP or key.startswith("log_") or key in record:
+        if key in _SKIP or key[:4] == "log_" or key in record:
             continue
-        if isinstance(value, (str, int, float, bool)) or value is None:
+        if type(value) in _PLAIN or isinstance(value, (str, int, float)):
             record[key] = value
-    failure = event.get("log_failure")
+    failure = event["log_failure"] if "log_failure" in event else None
     if failure is not None:
         record["failure"] = failure.getErrorMessage()
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    return _encodeLine(record)
 
 
 class LogFileService(service.Service):
@@ -443,7 +484,9 @@ class LogFileService(service.Service):
             return
         try:
             if self.format == "json":
-                f.write(eventAsLine(event) + "\n")
+                data = (eventAsLine(event) + "\n").encode("utf-8", "backslashreplace")
+                with f.lock:
+                    f.raw(data)
             else:
                 self._text(event)
         except (OSError, ValueError, TypeError):
