@@ -352,3 +352,13 @@ class JSONLineTests(SynchronousTestCase):
         event = self.events()[0]
         eventAsLine(event)  # the time stamp of this second
         self.assertLessEqual(pythonCalls(eventAsLine, event), 5)
+
+    def test_workerRecordSameAsEncoder(self):
+        """
+        A worker's line record is what C{json.JSONEncoder(separators=(",", ":"), default=str)}
+        writes: ASCII, any other value as its C{str}.
+        """
+        from casd.service.logs import _ENCODE
+
+        record = {"user": "\u00e9l\u00e8ve \"q\"", "n": 3, "f": 0.5, "obj": object(), "none": None, "t": True}
+        self.assertEqual(_ENCODE(record), json.JSONEncoder(separators=(",", ":"), default=str).encode(record))

@@ -91,35 +91,6 @@ class LineLog:
         self.publisher(fields)
 
 
-class _Stamp:
-    """
-    Twisted's log time stamp (C{formatTime}, local time, to the second), computed once a second.
-    """
-
-    __slots__ = ("second", "text")
-
-    def __init__(self) -> None:
-        self.second = None
-        self.text = "-"
-
-    def __call__(self, when) -> str:
-        if when is None:
-            return "-"
-        second = int(when)
-        if second != self.second:
-            self.text = formatTime(second)
-            self.second = second
-        return self.text
-
-
-def _system(event: dict) -> str:
-    system = event.get("log_system")
-    if system is not None:
-        return str(system)
-    level = event.get("log_level")
-    return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-
-
 @implementer(ILogObserver)
 class TextLogObserver:
     """
@@ -171,7 +142,9 @@ class TextLogObserver:
             system = f"{namespace}#{'-' if level is None else level.name}"
         sink = self._sink
         if sink is None:
-            self._write(f"{stamp} [{system}] {text}\n")
+            out = self._out
+            out.write(f"{stamp} [{system}] {text}\n")
+            out.flush()
             return
         data = f"{stamp} [{system}] {text}\n".encode("utf-8", "backslashreplace")
         with sink.lock:
@@ -271,7 +244,6 @@ LINE_RECORD = "\x1f"
 #: Keys of an event that a line record leaves out (objects, or sent another way).
 _NOT_SENT = frozenset({"log_logger", "log_source", "log_level", "log_format", "line"})
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
-_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
 #: JSON's scanner (C), without C{json.loads}' encoding detection and whitespace handling.
 _SCAN = json.scanner.make_scanner(json.JSONDecoder())
 
@@ -302,7 +274,8 @@ class WorkerLogObserver:
         self.direct = direct
         self._sink = direct if isinstance(direct, AppendFile) else None
         self.prefix = f"worker{index}:"
-        self._stamp = _Stamp()
+        self._second = None
+        self._stampText = "-"
 
     def __call__(self, event: dict) -> None:
         if LINE_KEY not in event or "log_failure" in event:
@@ -315,10 +288,16 @@ class WorkerLogObserver:
                 text = text.replace("\n", "\n\t")
             level = event["log_level"] if "log_level" in event else None
             namespace = event["log_namespace"] if "log_namespace" in event else "-"
-            line = (
-                f"{self._stamp(event['log_time'] if 'log_time' in event else None)} [{self.prefix}{namespace}"
-                f"#{'-' if level is None else level.name}] {text}\n"
-            )
+            when = event["log_time"] if "log_time" in event else None
+            if when is None:
+                stamp = "-"
+            else:
+                second = int(when)
+                if second != self._second:
+                    self._stampText = formatTime(second)
+                    self._second = second
+                stamp = self._stampText
+            line = f"{stamp} [{self.prefix}{namespace}#{'-' if level is None else level.name}] {text}\n"
             sink = self._sink
             if sink is None:
                 direct.write(line)
@@ -328,11 +307,15 @@ class WorkerLogObserver:
             with sink.lock:
                 sink.raw(data)
             return
-        record = {key: value for key, value in event.items() if key not in _NOT_SENT}
-        level = event.get("log_level")
+        record = dict(event)
+        for key in _NOT_SENT:
+            if key in record:
+                del record[key]
+        level = event["log_level"] if "log_level" in event else None
         record["log_level"] = "info" if level is None else level.name
-        self.outFile.write(LINE_RECORD + _ENCODE(record) + "\n")
-        self.outFile.flush()
+        out = self.outFile
+        out.write(LINE_RECORD + _ENCODE(record) + "\n")
+        out.flush()
 
 
 def eventFromLineRecord(data: bytes) -> dict:
@@ -361,25 +344,28 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 _LEVEL_NAMES = {level: level.name for level in LogLevel.iterconstants()}
 
 
-def _lineEncoder():
+def _lineEncoder(ensureASCII: bool = False, default=None):
     """
-    @return: what C{json.dumps(record, separators=(",", ":"), ensure_ascii=False)} returns for a
-        flat dict of plain values, as one call into the C encoder (no encoder object, no
+    @return: what C{json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensureASCII,
+        default=default).encode} returns for a flat dict, as one call into the C encoder (no
         C{iterencode} per line).
     """
-    default = json.JSONEncoder().default
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensureASCII, default=default)
     try:
         from _json import make_encoder
     except ImportError:  # pragma: no cover - CPython has it
         make_encoder = None
     if make_encoder is None:  # pragma: no cover
-        return lambda record: json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-    encode = make_encoder(None, default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+        return encoder.encode
+    strings = json.encoder.encode_basestring_ascii if ensureASCII else json.encoder.encode_basestring
+    encode = make_encoder(None, encoder.default, strings, None, ":", ",", False, False, True)
     join = "".join
     return lambda record: join(encode(record, 0))
 
 
 _encodeLine = _lineEncoder()
+#: A worker's line record (L{WorkerLogObserver}): any value as its C{str}.
+_ENCODE = _lineEncoder(True, str)
 
 
 class _JSONStamp:
