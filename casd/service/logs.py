@@ -102,8 +102,16 @@ class TextLogObserver:
     written as one C{write(2)} of bytes, rotating first when due, with no Python call on the way.
     """
 
-    def __init__(self, outFile) -> None:
+    def __init__(self, outFile, systemPrefix: str | None = None, other=None) -> None:
+        """
+        @param systemPrefix: when given, a line's system is always this prefix, then its
+            namespace and level (a worker's C{worker<index>:}), whatever its C{log_system}.
+        @param other: what gets the events that are not L{LineLog} lines (default: their text,
+            written as Twisted's text observer writes it).
+        """
         self.outFile = outFile
+        self._prefix = systemPrefix
+        self._other = self._writeClassic if other is None else other
         self._second = None
         self._stamp = "-"
 
@@ -119,9 +127,7 @@ class TextLogObserver:
     def __call__(self, event: dict) -> None:
         # Subscripts and "in" rather than event.get: no call per line.
         if LINE_KEY not in event or "log_failure" in event:
-            text = formatEventAsClassicLogText(event)
-            if text:
-                self._write(text)
+            self._other(event)
             return
         text = event[LINE_KEY]
         if "\n" in text:
@@ -135,11 +141,12 @@ class TextLogObserver:
                 self._stamp = formatTime(second)
                 self._second = second
             stamp = self._stamp
-        system = event["log_system"] if "log_system" in event else None
+        prefix = self._prefix
+        system = event["log_system"] if prefix is None and "log_system" in event else None
         if system is None:
             level = event["log_level"] if "log_level" in event else None
             namespace = event["log_namespace"] if "log_namespace" in event else "-"
-            system = f"{namespace}#{'-' if level is None else level.name}"
+            system = f"{prefix or ''}{namespace}#{'-' if level is None else level.name}"
         sink = self._sink
         if sink is None:
             out = self._out
@@ -151,6 +158,11 @@ class TextLogObserver:
             if sink.rotateLength and sink.size >= sink.rotateLength:
                 sink.rotate()
             sink.size += sink.raw(data)
+
+    def _writeClassic(self, event: dict) -> None:
+        text = formatEventAsClassicLogText(event)
+        if text:
+            self._write(text)
 
     def _write(self, text: str) -> None:
         sink = self._sink
@@ -272,40 +284,14 @@ class WorkerLogObserver:
         self.outFile = outFile
         self._other = jsonFileLogObserver(outFile)
         self.direct = direct
-        self._sink = direct if isinstance(direct, AppendFile) else None
-        self.prefix = f"worker{index}:"
-        self._second = None
-        self._stampText = "-"
+        self._direct = None if direct is None else TextLogObserver(direct, f"worker{index}:", self._other)
 
     def __call__(self, event: dict) -> None:
+        if self._direct is not None:
+            self._direct(event)
+            return
         if LINE_KEY not in event or "log_failure" in event:
             self._other(event)
-            return
-        direct = self.direct
-        if direct is not None:
-            text = event[LINE_KEY]
-            if "\n" in text:
-                text = text.replace("\n", "\n\t")
-            level = event["log_level"] if "log_level" in event else None
-            namespace = event["log_namespace"] if "log_namespace" in event else "-"
-            when = event["log_time"] if "log_time" in event else None
-            if when is None:
-                stamp = "-"
-            else:
-                second = int(when)
-                if second != self._second:
-                    self._stampText = formatTime(second)
-                    self._second = second
-                stamp = self._stampText
-            line = f"{stamp} [{self.prefix}{namespace}#{'-' if level is None else level.name}] {text}\n"
-            sink = self._sink
-            if sink is None:
-                direct.write(line)
-                direct.flush()
-                return
-            data = line.encode("utf-8", "backslashreplace")
-            with sink.lock:
-                sink.raw(data)
             return
         record = dict(event)
         for key in _NOT_SENT:
@@ -316,6 +302,15 @@ class WorkerLogObserver:
         out = self.outFile
         out.write(LINE_RECORD + _ENCODE(record) + "\n")
         out.flush()
+
+
+def workerLogObserver(outFile, direct=None, index: int = 0):
+    """
+    A worker's log observer: L{WorkerLogObserver}, or where the worker writes the parent's log
+    itself (C{direct}), the L{TextLogObserver} that one would call, without the call.
+    """
+    observer = WorkerLogObserver(outFile, direct, index)
+    return observer if observer._direct is None else observer._direct
 
 
 def eventFromLineRecord(data: bytes) -> dict:

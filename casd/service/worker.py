@@ -3,7 +3,7 @@
 The worker process of C{twistd cas --workers N} (its parent is L{casd.service.workers}): it
 adopts the listening sockets the parent bound, builds the same service tree as a
 single-process casd, and sends its log events to the parent as JSON
-(L{casd.service.logs.WorkerLogObserver}).
+(L{casd.service.logs.workerLogObserver}).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.internet import error
 from twisted.logger import globalLogBeginner
 
 from casd.service.logfile import REOPEN_WORD, AppendFile
-from casd.service.logs import WorkerLogObserver
+from casd.service.logs import workerLogObserver
 from casd.service.tap import Options, makeService
 from casd.tlslayer import TLSFactory
 
@@ -150,7 +150,7 @@ def workerMain(argv=None) -> int:
     else:
         direct = open(args.log_fd, "w", encoding="utf-8", closefd=False)
     globalLogBeginner.beginLoggingTo(
-        [WorkerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
+        [workerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
     )
     options = Options()
     options.parseOptions(["--config", args.config])

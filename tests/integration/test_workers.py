@@ -615,6 +615,26 @@ class WorkerLogTests(TestCase):
             self.assertEqual(f.read(), text.getvalue())
         self.assertIn("[worker2:casd.session#info] session=abc user=alice\n\tmore\n", text.getvalue())
 
+    def test_workerObserverWithoutIndirection(self):
+        """
+        The worker logs through L{workerLogObserver}: where it writes the parent's log itself,
+        the text observer that L{WorkerLogObserver} would call (the same text, other events to
+        the parent); else a L{WorkerLogObserver}.
+        """
+        from casd.service.logs import LineLog, TextLogObserver, workerLogObserver
+
+        pipe, direct, viaClass = io.StringIO(), io.StringIO(), io.StringIO()
+        observer = workerLogObserver(pipe, direct=direct, index=2)
+        self.assertIsInstance(observer, TextLogObserver)
+        for o in (observer, WorkerLogObserver(io.StringIO(), direct=viaClass, index=2)):
+            LineLog("casd.session", LogPublisher(o), now=lambda: 1000.25).emit("session=abc", {})
+        self.assertEqual(direct.getvalue(), viaClass.getvalue())
+        self.assertIn("[worker2:casd.session#info] session=abc\n", direct.getvalue())
+        Logger(namespace="casd.other", observer=observer).info("other {x}", x=1)
+        (event,) = self.relay(pipe.getvalue().encode(), index=2)
+        self.assertEqual(formatEvent(event), "other 1")
+        self.assertIsInstance(workerLogObserver(io.StringIO()), WorkerLogObserver)
+
     def test_brokenLineRecord(self):
         """
         A line record that does not decode is relayed as text, never dropped or a traceback.
