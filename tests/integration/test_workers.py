@@ -268,6 +268,28 @@ tls = "none"
         yield task.deferLater(reactor, 0.1, lambda: None)
 
     @defer.inlineCallbacks
+    def sessionLinesIn(self, path, count):
+        """
+        Wait (bounded) until C{path} holds C{count} session lines of the workers.
+
+        @return: the file's bytes.
+        """
+        deadline = time.monotonic() + WAIT
+        while True:
+            with open(path, "rb") as f:
+                text = f.read()
+            if text.count(b":casd.session#info] session=") >= count or time.monotonic() > deadline:
+                return text
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def stopParent(self, proc):
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
     def test_bothWorkersServeAndStopWithParent(self):
         proc = yield self.startParent(2)
         self.assertEqual(len(self.workerPids), 2)
@@ -316,13 +338,7 @@ tls = "none"
             sessions += len(clients)
             for c in clients:
                 c.transport.loseConnection()
-        deadline = time.monotonic() + WAIT
-        while True:
-            with open(logPath, "rb") as f:
-                text = f.read()
-            if text.count(b":casd.session#info] session=") >= sessions or time.monotonic() > deadline:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        text = yield self.sessionLinesIn(logPath, sessions)
         self.assertEqual(text.count(b":casd.session#info] session="), sessions, text.decode(errors="replace")[-2000:])
         self.assertRegex(text, rb"\n\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} \[worker[12]:casd\.session#info\] session=\S+ proto=imap ")
         self.assertNotIn(b"casd.session", proc.output)
@@ -332,10 +348,7 @@ tls = "none"
         # Every line whole, one per line.
         lines = text.splitlines()
         self.assertTrue(all(re.match(rb"\d{4}-\d\d-\d\dT", line) for line in lines), text[-2000:])
-        os.kill(self.parentPid, signal.SIGTERM)
-        yield proc.ended
-        yield self.waitGone(self.workerPids)
-        yield self.quiet()
+        yield self.stopParent(proc)
 
     @defer.inlineCallbacks
     def test_parentRotatesTheWorkersLogFile(self):
@@ -364,19 +377,11 @@ tls = "none"
         clients = yield defer.gatherResults([self.login() for _ in range(4)])
         for c in clients:
             c.transport.loseConnection()
-        while True:
-            with open(logPath, "rb") as f:
-                text = f.read()
-            if text.count(b":casd.session#info] session=") >= 4 or time.monotonic() > deadline:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        text = yield self.sessionLinesIn(logPath, 4)
         self.assertEqual(text.count(b":casd.session#info] session="), 4, text.decode(errors="replace")[-2000:])
         with open(logPath + ".1", "rb") as f:
             self.assertNotIn(b"casd.session#info] session=", f.read())
-        os.kill(self.parentPid, signal.SIGTERM)
-        yield proc.ended
-        yield self.waitGone(self.workerPids)
-        yield self.quiet()
+        yield self.stopParent(proc)
 
     @defer.inlineCallbacks
     def test_logReopenedOnSIGUSR2(self):
