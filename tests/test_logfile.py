@@ -282,6 +282,32 @@ class SharedRotationTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+    def test_rotationFailsQuietly(self):
+        """
+        A rotation that fails (the file system refuses the rename) leaves the file open and
+        written, and the next check tries again.
+        """
+        mine = RotatingLogFile.fromFullPath(self.path, rotateLength=10)
+        self.addCleanup(mine.close)
+        mine.write("0123456789\n")
+        renames = []
+
+        def refuse(src, dst):
+            renames.append(src)
+            raise PermissionError(src)
+
+        self.patch(os, "rename", refuse)
+        mine.checkSize()
+        mine.checkSize()
+        self.assertEqual(len(renames), 2)
+        mine.write("still\n")
+        self.patch(os, "rename", os.replace)
+        mine.checkSize()
+        mine.write("after\n")
+        self.assertEqual(self.read(".1"), "0123456789\nstill\n")
+        self.assertEqual(self.read(), "after\n")
+
+
 def referenceLine(event):
     """
     The JSON line as C{eventAsLine} wrote it before it was made cheaper (C{json.dumps}).

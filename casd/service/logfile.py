@@ -63,10 +63,17 @@ class RotatingLogFile(LogFile):
 
     def rotate(self) -> None:
         """
-        Rotate as Twisted's L{LogFile} does (C{.1}, C{.2}, ...), then tell L{onRotate}.
+        Rotate as Twisted's L{LogFile} does (C{.1}, C{.2}, ...), then tell L{onRotate}.  A
+        rotation the file system refuses leaves the lines going to the file at C{path} (Twisted's
+        would have left its file closed).
         """
         with self.lock:
-            LogFile.rotate(self)
+            try:
+                LogFile.rotate(self)
+            except OSError:
+                if self._file.closed:
+                    self._openFile()
+                return
         if self.onRotate is not None:
             self.onRotate()
 
@@ -78,13 +85,16 @@ class RotatingLogFile(LogFile):
         Take the file's size from the file system (other processes append to it too) and rotate
         when it has reached C{rotateLength}.
         """
-        with self.lock:
-            if self.closed:
-                return
-            self.size = os.fstat(self._file.fileno()).st_size
-            due = self.rotateLength and self.size >= self.rotateLength
-        if due:
-            self.rotate()
+        try:
+            with self.lock:
+                if self.closed:
+                    return
+                self.size = os.fstat(self._file.fileno()).st_size
+                due = self.rotateLength and self.size >= self.rotateLength
+            if due:
+                self.rotate()
+        except OSError:
+            pass  # the next check tries again; the lines go on to the file that is open
 
     def write(self, data) -> None:
         """
