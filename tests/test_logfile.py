@@ -3,10 +3,8 @@ Tests for L{casd.service.logfile}: twistd's rotating log file and casd's appende
 L{casd.service.logs.TextLogObserver} one C{write(2)} per line, without a Python lock.
 """
 
-import cProfile
 import json
 import os
-import pstats
 import threading
 
 from twisted.logger import LogPublisher, Logger, formatEventAsClassicLogText
@@ -14,16 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from casd.service.logfile import AppendFile, RotatingLogFile
 from casd.service.logs import LineLog, TextLogObserver
-
-
-def pythonCalls(f, *args) -> int:
-    """
-    @return: the function calls (Python and built-in) that C{f(*args)} makes, itself included.
-    """
-    profile = cProfile.Profile()
-    profile.runcall(f, *args)
-    # Less the profiler's own "disable".
-    return pstats.Stats(profile).total_calls - 1
+from tests.support.calls import pythonCalls
 
 
 class RotatingLogFileTests(SynchronousTestCase):
