@@ -140,7 +140,7 @@ def measure(args) -> int:
             os.unlink(garbage)
         casd = _wrappedCASD(CASD, garbage)(
             os.path.join(work, "casd"), cert, key, casdUsers, dovecot.imapPort,
-            dovecot.pop3Port if args.proto == "pop3" else None,
+            dovecot.pop3Port if args.proto == "pop3" else None, workers=args.workers,
         )
         casd.start()
         started.append(casd)
@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--proto", default="imap", choices=("imap", "pop3"))
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="casd with --workers N: the parent alone is counted (what a worker's session costs it)")
     parser.add_argument("--bulk-mib", type=int, default=0, help="count calls per MiB of a bulk relay instead")
     parser.add_argument("--garbage", action="store_true", help="also report the cyclic garbage casd leaves (bench.garbage)")
     return measure(parser.parse_args(argv))

@@ -32,7 +32,8 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python.components import Componentized
-from twisted.python.logfile import LogFile
+
+from casd.service.logfile import AppendFile, RotatingLogFile
 
 #: Event keys never written as JSON fields (Twisted's bookkeeping, or objects).
 _SKIP = frozenset({"log_logger", "log_source", "log_format", "log_time", "log_level", "log_namespace",
@@ -90,58 +91,86 @@ class LineLog:
         self.publisher(fields)
 
 
-class _Stamp:
-    """
-    Twisted's log time stamp (C{formatTime}, local time, to the second), computed once a second.
-    """
-
-    __slots__ = ("second", "text")
-
-    def __init__(self) -> None:
-        self.second = None
-        self.text = "-"
-
-    def __call__(self, when) -> str:
-        if when is None:
-            return "-"
-        second = int(when)
-        if second != self.second:
-            self.text = formatTime(second)
-            self.second = second
-        return self.text
-
-
-def _system(event: dict) -> str:
-    system = event.get("log_system")
-    if system is not None:
-        return str(system)
-    level = event.get("log_level")
-    return f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-
-
 @implementer(ILogObserver)
 class TextLogObserver:
     """
     Writes events as Twisted's text observer (C{textFileLogObserver}) does, the same text, with
     L{LineLog}'s lines written as they are.
+
+    C{outFile} is a text stream (C{write} and C{flush} per event), or a sink of
+    L{casd.service.logfile} (L{RotatingLogFile}, L{AppendFile}): then a line is encoded once and
+    written as one C{write(2)} of bytes, rotating first when due, with no Python call on the way.
     """
 
-    def __init__(self, outFile) -> None:
+    def __init__(self, outFile, systemPrefix: str | None = None, other=None) -> None:
+        """
+        @param systemPrefix: when given, a line's system is always this prefix, then its
+            namespace and level (a worker's C{worker<index>:}), whatever its C{log_system}.
+        @param other: what gets the events that are not L{LineLog} lines (default: their text,
+            written as Twisted's text observer writes it).
+        """
         self.outFile = outFile
-        self._stamp = _Stamp()
+        self._prefix = systemPrefix
+        self._other = self._writeClassic if other is None else other
+        self._second = None
+        self._stamp = "-"
+
+    @property
+    def outFile(self):
+        return self._out
+
+    @outFile.setter
+    def outFile(self, outFile) -> None:
+        self._out = outFile
+        self._sink = outFile if isinstance(outFile, (RotatingLogFile, AppendFile)) else None
 
     def __call__(self, event: dict) -> None:
-        text = event.get(LINE_KEY)
-        if text is None or "log_failure" in event:
-            text = formatEventAsClassicLogText(event)
-            if not text:
-                return
+        # Subscripts and "in" rather than event.get: no call per line.
+        if LINE_KEY not in event or "log_failure" in event:
+            self._other(event)
+            return
+        text = event[LINE_KEY]
+        if "\n" in text:
+            text = text.replace("\n", "\n\t")
+        when = event["log_time"] if "log_time" in event else None
+        if when is None:
+            stamp = "-"
         else:
-            if "\n" in text:
-                text = text.replace("\n", "\n\t")
-            text = f"{self._stamp(event.get('log_time'))} [{_system(event)}] {text}\n"
-        self.outFile.write(text)
-        self.outFile.flush()
+            second = int(when)
+            if second != self._second:
+                self._stamp = formatTime(second)
+                self._second = second
+            stamp = self._stamp
+        prefix = self._prefix
+        system = event["log_system"] if prefix is None and "log_system" in event else None
+        if system is None:
+            level = event["log_level"] if "log_level" in event else None
+            namespace = event["log_namespace"] if "log_namespace" in event else "-"
+            system = f"{prefix or ''}{namespace}#{'-' if level is None else level.name}"
+        sink = self._sink
+        if sink is None:
+            out = self._out
+            out.write(f"{stamp} [{system}] {text}\n")
+            out.flush()
+            return
+        data = f"{stamp} [{system}] {text}\n".encode("utf-8", "backslashreplace")
+        with sink.lock:
+            if sink.rotateLength and sink.size >= sink.rotateLength:
+                sink.rotate()
+            sink.size += sink.raw(data)
+
+    def _writeClassic(self, event: dict) -> None:
+        text = formatEventAsClassicLogText(event)
+        if text:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.write(text)
+            return
+        self._out.write(text)
+        self._out.flush()
 
 
 def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
@@ -165,7 +194,7 @@ def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
         if not logsToStandardOutput(twistdOptions):
             return None
         return TextLogObserver(sys.stdout if stdout is None else stdout)
-    logFile = LogFile.fromFullPath(name or "twistd.log")
+    logFile = RotatingLogFile.fromFullPath(name or "twistd.log")
     if not signals.getsignal(signals.SIGUSR1):
         # twistd's own rotation signal (casd's node takes SIGUSR1 for draining when it starts).
         def rotate(signum, frame):
@@ -203,13 +232,22 @@ class MainLogRoot(service.MultiService):
         super().__init__()
         self.twistdOptions = twistdOptions
         self.reactor = reactor
+        self.observer = None
 
     def setServiceParent(self, parent):
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
             observer = mainLogObserver(self.twistdOptions, self.reactor)
             if observer is not None:
                 parent.setComponent(ILogObserver, observer)
+                self.observer = observer
         return super().setServiceParent(parent)
+
+    def rotatingLogFile(self):
+        """
+        @return: the L{RotatingLogFile} twistd's log goes to (C{--logfile}), or L{None}.
+        """
+        out = getattr(self.observer, "outFile", None)
+        return out if isinstance(out, RotatingLogFile) else None
 
 
 #: The first byte of a worker's record of a L{LineLog} line on its way to the parent; other events
@@ -218,7 +256,6 @@ LINE_RECORD = "\x1f"
 #: Keys of an event that a line record leaves out (objects, or sent another way).
 _NOT_SENT = frozenset({"log_logger", "log_source", "log_level", "log_format", "line"})
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
-_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
 #: JSON's scanner (C), without C{json.loads}' encoding detection and whitespace handling.
 _SCAN = json.scanner.make_scanner(json.JSONDecoder())
 
@@ -234,10 +271,12 @@ class WorkerLogObserver:
 
     def __init__(self, outFile, direct=None, index: int = 0) -> None:
         """
-        @param direct: where the parent's own log goes when that is a stream the worker shares
-            (the parent's standard output, inherited): the worker writes its L{LineLog} lines
-            there itself, as the parent would have written them (C{[worker<index>:...]}), and the
-            parent does nothing per line.  L{None}: they go to the parent.
+        @param direct: where the parent's own log goes when the worker can write it too: the
+            parent's standard output (inherited), or twistd's C{--logfile} opened for appending
+            (an L{AppendFile}, reopened when the parent rotates it): the worker writes its
+            L{LineLog} lines there itself, as the parent would have written them
+            (C{[worker<index>:...]}), and the parent does nothing per line.  L{None}: they go to
+            the parent.
         @param index: the worker's number.
         """
         from twisted.logger import jsonFileLogObserver
@@ -245,30 +284,33 @@ class WorkerLogObserver:
         self.outFile = outFile
         self._other = jsonFileLogObserver(outFile)
         self.direct = direct
-        self.prefix = f"worker{index}:"
-        self._stamp = _Stamp()
+        self._direct = None if direct is None else TextLogObserver(direct, f"worker{index}:", self._other)
 
     def __call__(self, event: dict) -> None:
+        if self._direct is not None:
+            self._direct(event)
+            return
         if LINE_KEY not in event or "log_failure" in event:
             self._other(event)
             return
-        direct = self.direct
-        if direct is not None:
-            text = event[LINE_KEY]
-            if "\n" in text:
-                text = text.replace("\n", "\n\t")
-            level = event.get("log_level")
-            direct.write(
-                f"{self._stamp(event.get('log_time'))} [{self.prefix}{event.get('log_namespace', '-')}"
-                f"#{'-' if level is None else level.name}] {text}\n"
-            )
-            direct.flush()
-            return
-        record = {key: value for key, value in event.items() if key not in _NOT_SENT}
-        level = event.get("log_level")
+        record = dict(event)
+        for key in _NOT_SENT:
+            if key in record:
+                del record[key]
+        level = event["log_level"] if "log_level" in event else None
         record["log_level"] = "info" if level is None else level.name
-        self.outFile.write(LINE_RECORD + _ENCODE(record) + "\n")
-        self.outFile.flush()
+        out = self.outFile
+        out.write(LINE_RECORD + _ENCODE(record) + "\n")
+        out.flush()
+
+
+def workerLogObserver(outFile, direct=None, index: int = 0):
+    """
+    A worker's log observer: L{WorkerLogObserver}, or where the worker writes the parent's log
+    itself (C{direct}), the L{TextLogObserver} that one would call, without the call.
+    """
+    observer = WorkerLogObserver(outFile, direct, index)
+    return observer if observer._direct is None else observer._direct
 
 
 def eventFromLineRecord(data: bytes) -> dict:
@@ -292,28 +334,72 @@ def eventFromLineRecord(data: bytes) -> dict:
     return event
 
 
+#: The types of the event values written as JSON fields (others: see L{eventAsLine}).
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_LEVEL_NAMES = {level: level.name for level in LogLevel.iterconstants()}
+
+
+def _lineEncoder(ensureASCII: bool = False, default=None):
+    """
+    @return: what C{json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensureASCII,
+        default=default).encode} returns for a flat dict, as one call into the C encoder (no
+        C{iterencode} per line).
+    """
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensureASCII, default=default)
+    try:
+        from _json import make_encoder
+    except ImportError:  # pragma: no cover - CPython has it
+        make_encoder = None
+    if make_encoder is None:  # pragma: no cover
+        return encoder.encode
+    strings = json.encoder.encode_basestring_ascii if ensureASCII else json.encoder.encode_basestring
+    encode = make_encoder(None, encoder.default, strings, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda record: join(encode(record, 0))
+
+
+_encodeLine = _lineEncoder()
+#: A worker's line record (L{WorkerLogObserver}): any value as its C{str}.
+_ENCODE = _lineEncoder(True, str)
+
+
+class _JSONStamp:
+    """
+    C{eventAsLine}'s time (ISO 8601, UTC, to the second), computed once a second.
+    """
+
+    second = None
+    text = ""
+
+
 def eventAsLine(event: dict) -> str:
     """
     One event as one JSON object: C{time} (ISO 8601, UTC), C{level}, C{namespace}, C{message}
     (the rendered text) and every plain field of the event (the session line's fields among
     them).
     """
+    when = event["log_time"] if "log_time" in event else None
+    second = int(time.time() if when is None else when)
+    if second != _JSONStamp.second:
+        _JSONStamp.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + "Z"
+        _JSONStamp.second = second
+    level = event["log_level"] if "log_level" in event else None
+    message = event[LINE_KEY] if LINE_KEY in event else None
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
-        + "Z",
-        "level": getattr(event.get("log_level"), "name", "info"),
-        "namespace": event.get("log_namespace", ""),
-        "message": event.get(LINE_KEY) or formatEvent(event),
+        "time": _JSONStamp.text,
+        "level": _LEVEL_NAMES[level] if level in _LEVEL_NAMES else getattr(level, "name", "info"),
+        "namespace": event["log_namespace"] if "log_namespace" in event else "",
+        "message": message or formatEvent(event),
     }
     for key, value in event.items():
-        if key in _SKIP or key.startswith("log_") or key in record:
+        if key in _SKIP or key[:4] == "log_" or key in record:
             continue
-        if isinstance(value, (str, int, float, bool)) or value is None:
+        if type(value) in _PLAIN or isinstance(value, (str, int, float)):
             record[key] = value
-    failure = event.get("log_failure")
+    failure = event["log_failure"] if "log_failure" in event else None
     if failure is not None:
         record["failure"] = failure.getErrorMessage()
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+    return _encodeLine(record)
 
 
 class LogFileService(service.Service):
@@ -358,7 +444,7 @@ class LogFileService(service.Service):
             self._file = None
 
     def _open(self) -> None:
-        self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        self._file = AppendFile(self.path)
         self._text.outFile = self._file
 
     def _onSignal(self, signum, frame) -> None:
@@ -370,9 +456,7 @@ class LogFileService(service.Service):
         """
         if self._file is None:
             return
-        old, self._file = self._file, None
-        old.close()
-        self._open()
+        self._file.reopen()
         self.log.info("log file {path} reopened", path=self.path)
 
     def __call__(self, event: dict) -> None:
@@ -381,8 +465,10 @@ class LogFileService(service.Service):
             return
         try:
             if self.format == "json":
-                f.write(eventAsLine(event) + "\n")
+                data = (eventAsLine(event) + "\n").encode("utf-8", "backslashreplace")
+                with f.lock:
+                    f.raw(data)
             else:
                 self._text(event)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             pass

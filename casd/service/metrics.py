@@ -21,12 +21,13 @@ from __future__ import annotations
 import re
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.application.service import Service
 from twisted.logger import globalLogPublisher
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import casd
+from casd.service.sessioncounts import SessionCounts
 
 #: Session results as the protocol log words them, folded into a bounded label set.
 _LOGIN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -66,38 +67,9 @@ class Metrics:
         self.startedAt = time.time()
         self.draining = lambda: False
         r = self.registry
-        self.connections = Counter(
-            "casd_connections", "Client connections accepted, by protocol.", ["protocol"], registry=r
-        )
-        self.sessions = Counter(
-            "casd_sessions",
-            "Sessions ended, by protocol and result (the protocol log's result field).",
-            ["protocol", "result"],
-            registry=r,
-        )
-        self.active = Gauge(
-            "casd_sessions_active", "Client connections open now, by protocol.", ["protocol"], registry=r
-        )
-        self.bytes = Counter(
-            "casd_relayed_bytes",
-            "Bytes relayed, by protocol and direction (in: from clients, out: to clients).",
-            ["protocol", "direction"],
-            registry=r,
-        )
-        self.durations = Histogram(
-            "casd_session_duration_seconds",
-            "Session durations, by protocol.",
-            ["protocol"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
-        self.logins = Histogram(
-            "casd_login_seconds",
-            "Time from credentials received to the authentication verdict, by outcome.",
-            ["outcome"],
-            buckets=_LOGIN_BUCKETS,
-            registry=r,
-        )
+        # The per-session counters: plain counts, rendered at scrape time.
+        self.counts = SessionCounts(_DURATION_BUCKETS, _LOGIN_BUCKETS)
+        r.register(self.counts)
         self.authFailures = Counter(
             "casd_auth_failures", "Failed logins, by reason.", ["reason"], registry=r
         )
@@ -114,17 +86,25 @@ class Metrics:
         r.register(_CoreCollector(self))
         self._recent: list[tuple[float, bool]] = []
         for name in self.protocols:
-            self.active.labels(name).set(0)
+            self.counts.active[name] = 0
+        #: Session results -> their label (bounded).
+        self._resultLabels: dict = {}
 
     # -- sources ------------------------------------------------------------------------------
 
     def connectionOpened(self, protocol: str) -> None:
-        protocol = _bounded(protocol, self.protocols)
-        self.connections.labels(protocol).inc()
-        self.active.labels(protocol).inc()
+        if protocol not in self.protocols:
+            protocol = "other"
+        counts = self.counts
+        counts.connections[protocol] += 1
+        active = counts.active
+        active[protocol] = active[protocol] + 1 if protocol in active else 1
 
     def connectionClosed(self, protocol: str) -> None:
-        self.active.labels(_bounded(protocol, self.protocols)).dec()
+        if protocol not in self.protocols:
+            protocol = "other"
+        active = self.counts.active
+        active[protocol] = active[protocol] - 1 if protocol in active else -1
 
     def tlsFailed(self, protocol: str) -> None:
         self.tlsFailures.labels(_bounded(protocol, self.protocols)).inc()
@@ -133,15 +113,30 @@ class Metrics:
         """
         A log observer: counts the end-of-session events (namespace C{casd.session}).
         """
-        if event.get("log_namespace") != "casd.session" or "result" not in event:
+        # Subscripts and "in" rather than event.get: no call for the events of other namespaces.
+        if "result" not in event or "log_namespace" not in event or event["log_namespace"] != "casd.session":
             return
-        protocol = _bounded(str(event.get("protocol", "")), self.protocols)
-        self.sessions.labels(protocol, resultLabel(event.get("result"))).inc()
-        self.bytes.labels(protocol, "in").inc(max(0, int(event.get("bytesIn") or 0)))
-        self.bytes.labels(protocol, "out").inc(max(0, int(event.get("bytesOut") or 0)))
-        duration = event.get("duration")
-        if isinstance(duration, (int, float)) and duration >= 0:
-            self.durations.labels(protocol).observe(duration)
+        protocol = event["protocol"] if "protocol" in event else ""
+        if type(protocol) is not str or protocol not in self.protocols:
+            protocol = _bounded(str(protocol), self.protocols)
+        result = event["result"]
+        labels = self._resultLabels
+        if type(result) is str and result in labels:
+            label = labels[result]
+        else:
+            label = resultLabel(result)
+            # The first 256 results met (a few in practice: "proxy(client closed)", "logout", ...).
+            if len(labels) < 256 and type(result) is str:
+                labels[result] = label
+        counts = self.counts
+        counts.sessions[protocol, label] += 1
+        bytesIn = int((event["bytesIn"] if "bytesIn" in event else 0) or 0)
+        bytesOut = int((event["bytesOut"] if "bytesOut" in event else 0) or 0)
+        counts.bytes[protocol, "in"] += bytesIn if bytesIn > 0 else 0
+        counts.bytes[protocol, "out"] += bytesOut if bytesOut > 0 else 0
+        duration = event["duration"] if "duration" in event else None
+        if type(duration) in (int, float) and duration >= 0:
+            counts.durations.observe(protocol, duration)
 
     def loginFinished(self, started: float, failure=None) -> None:
         """
@@ -152,11 +147,11 @@ class Metrics:
         """
         now = self.clock.seconds()
         if failure is None:
-            self.logins.labels("success").observe(now - started)
+            self.counts.logins.observe("success", now - started)
         else:
             reason = FAILURE_REASONS.get(type(failure.value).__name__, "other")
             self.authFailures.labels(reason).inc()
-            self.logins.labels("failure").observe(now - started)
+            self.counts.logins.observe("failure", now - started)
         recent = self._recent
         recent.append((now, failure is None))
         if len(recent) > 4096 or (recent and recent[0][0] < now - 60):
@@ -179,9 +174,8 @@ class Metrics:
         return {"logins": sum(recent), "failures": len(recent) - sum(recent), "window": 60}
 
     def activeSessions(self) -> dict:
-        return {
-            name: int(self.active.labels(name)._value.get()) for name in sorted(self.protocols)
-        }
+        active = self.counts.active
+        return {name: int(active.get(name, 0)) for name in sorted(self.protocols)}
 
 
 _WORD = re.compile(r"[a-z_]{1,40}")
@@ -322,9 +316,12 @@ class CountingFactory:
         return getattr(self._factory, name)
 
 
+try:
+    from OpenSSL.SSL import Error as _TLSError
+except ImportError:  # pragma: no cover
+    _TLSError = None
+
+
 def _isTLSFailure(reason) -> bool:
-    try:
-        from OpenSSL.SSL import Error
-    except ImportError:  # pragma: no cover
-        return False
-    return reason is not None and hasattr(reason, "check") and reason.check(Error) is not None
+    # What Failure.check(Error) answers, without its calls: the value is an instance of the type.
+    return _TLSError is not None and isinstance(getattr(reason, "value", None), _TLSError)

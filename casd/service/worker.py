@@ -3,7 +3,7 @@
 The worker process of C{twistd cas --workers N} (its parent is L{casd.service.workers}): it
 adopts the listening sockets the parent bound, builds the same service tree as a
 single-process casd, and sends its log events to the parent as JSON
-(L{casd.service.logs.WorkerLogObserver}).
+(L{casd.service.logs.workerLogObserver}).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 from twisted.internet import error
 from twisted.logger import globalLogBeginner
 
-from casd.service.logs import WorkerLogObserver
+from casd.service.logfile import REOPEN_WORD, AppendFile
+from casd.service.logs import workerLogObserver
 from casd.service.tap import Options, makeService
 from casd.tlslayer import TLSFactory
 
@@ -72,9 +73,13 @@ class _ParentWatch:
     its place, so the orphan stops at once.
     """
 
-    def __init__(self, reactor, onOrphaned=lambda: None, fd: int = 0) -> None:
+    def __init__(self, reactor, onOrphaned=lambda: None, fd: int = 0, onReopen=lambda: None) -> None:
+        """
+        @param onReopen: called when the parent writes L{REOPEN_WORD} (it rotated its log file).
+        """
         self.reactor = reactor
         self.onOrphaned = onOrphaned
+        self.onReopen = onReopen
         self.fd = fd
         self.stopAsked = False
 
@@ -95,6 +100,11 @@ class _ParentWatch:
             return error.ConnectionDone()
         if b"stop" in data:
             self.stopAsked = True
+        if REOPEN_WORD in data:
+            try:
+                self.onReopen()
+            except OSError:
+                pass  # the file stays the one open (the parent's rotated one): nothing is lost
         return None
 
     def connectionLost(self, reason) -> None:
@@ -116,6 +126,7 @@ def workerMain(argv=None) -> int:
     parser.add_argument("--index", type=int, default=1)
     parser.add_argument("--listener", action="append", default=[])
     parser.add_argument("--log-fd", type=int, default=None)
+    parser.add_argument("--log-file", default=None, help="the file --log-fd is, reopened when the parent says so")
     args = parser.parse_args(argv)
     fds = {}
     for item in args.listener:
@@ -133,9 +144,15 @@ def workerMain(argv=None) -> int:
     tuneCollector(reactor)
     # Structured events to the parent, which reads them back (casd.service.logs).
     # The session lines straight to the parent's log when it is a stream the worker shares.
-    direct = None if args.log_fd is None else open(args.log_fd, "w", encoding="utf-8", closefd=False)
+    if args.log_fd is None:
+        direct = None
+    elif args.log_file is not None:
+        # twistd's --logfile, appended to; the parent rotates it.
+        direct = AppendFile(args.log_file, fd=args.log_fd)
+    else:
+        direct = open(args.log_fd, "w", encoding="utf-8", closefd=False)
     globalLogBeginner.beginLoggingTo(
-        [WorkerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
+        [workerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
     )
     options = Options()
     options.parseOptions(["--config", args.config])
@@ -145,7 +162,7 @@ def workerMain(argv=None) -> int:
         node = top.getServiceNamed("node")
         node.grace = 0
 
-    reactor.addReader(_ParentWatch(reactor, orphaned))
+    reactor.addReader(_ParentWatch(reactor, orphaned, onReopen=getattr(direct, "reopen", lambda: None)))
 
     def started():
         # Ctrl-C in a terminal reaches the whole process group: the parent decides.

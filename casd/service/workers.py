@@ -15,8 +15,10 @@ The parent:
     worker writes them on its standard output with L{casd.service.logs.WorkerLogObserver}: the
     session lines as compact records the parent decodes with one C{json.loads}, the rest with
     C{jsonFileLogObserver}, read back with C{eventFromJSON}), each marked with the worker's number in C{casd_worker} and
-    C{log_system}, so there is one log, one place that rotates it, and observers of the parent
-    see the workers' fields;
+    C{log_system}, so there is one log and observers of the parent see the workers' fields;
+    where the workers can write the parent's log themselves (its standard output, or twistd's
+    C{--logfile}, appended to by every process), they write their session lines there and send
+    the parent nothing per session; the parent rotates C{--logfile} (L{SharedRotation});
   - restarts a worker that dies (after a pause, longer when it dies young);
   - forwards C{SIGHUP} (reload) and C{SIGUSR2} (reopen C{[log] file}, which the workers write)
     to the workers;
@@ -38,6 +40,7 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON
 
+from casd.service.logfile import SharedRotation
 from casd.service.logs import LINE_RECORD, MainLogRoot, eventFromLineRecord, logsToStandardOutput
 
 _LINE_RECORD = LINE_RECORD.encode("ascii")
@@ -172,15 +175,22 @@ class WorkerPool(service.Service):
     log = Logger()
 
     def __init__(
-        self, reactor, configPath: str, config, count: int, executable: str = sys.executable, sharedLog: bool = False
+        self, reactor, configPath: str, config, count: int, executable: str = sys.executable, sharedLog: bool = False,
+        logFile=lambda: None,
     ) -> None:
         """
         @param sharedLog: whether the parent's log is its standard output, which the workers
             then inherit and write their session lines to themselves (nothing per session in
             the parent).
+        @param logFile: returns twistd's C{--logfile} (a L{RotatingLogFile}) or L{None}, once
+            twistd has set its log up: the workers append their session lines to it
+            themselves, and the parent rotates it (L{SharedRotation}).
         """
         self.reactor = reactor
         self.sharedLog = sharedLog
+        self.logFile = logFile
+        self._logFile = None
+        self._rotation = None
         self.configPath = os.path.abspath(configPath)
         self.config = config
         self.stopGrace = STOP_GRACE + config.server.shutdown_grace
@@ -202,6 +212,10 @@ class WorkerPool(service.Service):
             self.ports = bindListeners(self.reactor, self.config)
         super().startService()
         self._stopping = False
+        self._logFile = None if self.sharedLog else self.logFile()
+        if self._logFile is not None:
+            self._rotation = SharedRotation(self._logFile, self.reactor, self.tellWorkers)
+            self._rotation.start()
         for index in range(1, self.count + 1):
             self._spawn(index)
         self._previousSignals = {}
@@ -214,6 +228,13 @@ class WorkerPool(service.Service):
     def _forward(self, signum, frame) -> None:
         # SIGHUP: reload; SIGUSR2: reopen the log file (the workers write [log] file).
         self.reactor.callFromThread(self.signalWorkers, signum)
+
+    def tellWorkers(self, word: bytes) -> None:
+        """
+        Write C{word} on every worker's standard input.
+        """
+        for worker in self.workers.values():
+            worker.transport.write(word)
 
     def signalWorkers(self, name) -> None:
         """
@@ -240,6 +261,12 @@ class WorkerPool(service.Service):
             logFD = max(childFDs) + 1
             childFDs[logFD] = 1
             args.append(f"--log-fd={logFD}")
+        elif self._logFile is not None:
+            # twistd's --logfile, open for appending: inherited (whatever user the worker runs
+            # as), reopened by its path after each rotation.
+            logFD = max(childFDs) + 1
+            childFDs[logFD] = self._logFile.fileno()
+            args += [f"--log-fd={logFD}", f"--log-file={self._logFile.path}"]
         worker = _WorkerProcess(self, index)
         self.reactor.spawnProcess(worker, self.executable, args, env=env, childFDs=childFDs)
         self.workers[index] = worker
@@ -263,6 +290,9 @@ class WorkerPool(service.Service):
     def stopService(self):
         super().stopService()
         self._stopping = True
+        if self._rotation is not None:
+            self._rotation.stop()
+            self._rotation = None
         for number, previous in self._previousSignals.items():
             signal.signal(number, previous)
         self._previousSignals = {}
@@ -300,7 +330,8 @@ def makeParentService(options, reactor) -> service.MultiService:
     twistdOptions = getattr(options, "parent", None)
     top = MainLogRoot(twistdOptions, reactor)
     pool = WorkerPool(
-        reactor, options["config"], options.config, options["workers"], sharedLog=logsToStandardOutput(twistdOptions)
+        reactor, options["config"], options.config, options["workers"], sharedLog=logsToStandardOutput(twistdOptions),
+        logFile=top.rotatingLogFile,
     )
     pool.setName("workers")
     pool.setServiceParent(top)

@@ -249,8 +249,11 @@ class AdminListenerTests(TestCase):
         """
         node = self.node
         yield threads.deferToThread(lambda: node.login().logout())
+        # The login's own line (the readiness probe's comes first, and the server may end the
+        # session after the client's logout returned).
         found = yield threads.deferToThread(
-            poll, lambda: any(r.get("namespace") == "casd.session" for r in node.logRecords())
+            poll, lambda: any(r.get("namespace") == "casd.session" and r.get("user") == "demo"
+                              for r in node.logRecords())
         )
         self.assertTrue(found)
         os.rename(node.logfile, node.logfile + ".1")

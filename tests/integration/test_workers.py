@@ -268,6 +268,28 @@ tls = "none"
         yield task.deferLater(reactor, 0.1, lambda: None)
 
     @defer.inlineCallbacks
+    def sessionLinesIn(self, path, count):
+        """
+        Wait (bounded) until C{path} holds C{count} session lines of the workers.
+
+        @return: the file's bytes.
+        """
+        deadline = time.monotonic() + WAIT
+        while True:
+            with open(path, "rb") as f:
+                text = f.read()
+            if text.count(b":casd.session#info] session=") >= count or time.monotonic() > deadline:
+                return text
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def stopParent(self, proc):
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
+        yield self.quiet()
+
+    @defer.inlineCallbacks
     def test_bothWorkersServeAndStopWithParent(self):
         proc = yield self.startParent(2)
         self.assertEqual(len(self.workerPids), 2)
@@ -302,11 +324,11 @@ tls = "none"
         yield self.quiet()
 
     @defer.inlineCallbacks
-    def test_sessionLinesThroughTheParentToItsLogFile(self):
+    def test_sessionLinesWrittenToTheParentsLogFile(self):
         """
-        With C{--logfile} (twistd's rotating file, the parent's alone), the workers' session
-        lines travel to the parent, which writes them there, one per session, marked with the
-        worker; the workers do not hold that file.
+        With C{--logfile} (twistd's rotating file), the workers append their session lines to
+        it themselves, one per session, marked with the worker, as the parent would have
+        written them; the parent does nothing per session.
         """
         logPath = os.path.join(self.dir, "twistd.log")
         proc = yield self.startParent(2, logFile=logPath)
@@ -316,23 +338,50 @@ tls = "none"
             sessions += len(clients)
             for c in clients:
                 c.transport.loseConnection()
-        deadline = time.monotonic() + WAIT
-        while True:
-            with open(logPath, "rb") as f:
-                text = f.read()
-            if text.count(b":casd.session#info] session=") >= sessions or time.monotonic() > deadline:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        text = yield self.sessionLinesIn(logPath, sessions)
         self.assertEqual(text.count(b":casd.session#info] session="), sessions, text.decode(errors="replace")[-2000:])
         self.assertRegex(text, rb"\n\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} \[worker[12]:casd\.session#info\] session=\S+ proto=imap ")
         self.assertNotIn(b"casd.session", proc.output)
         for pid in self.workerPids:
             held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-            self.assertNotIn(os.path.realpath(logPath), held)
-        os.kill(self.parentPid, signal.SIGTERM)
-        yield proc.ended
-        yield self.waitGone(self.workerPids)
-        yield self.quiet()
+            self.assertIn(os.path.realpath(logPath), held)
+        # Every line whole, one per line.
+        lines = text.splitlines()
+        self.assertTrue(all(re.match(rb"\d{4}-\d\d-\d\dT", line) for line in lines), text[-2000:])
+        yield self.stopParent(proc)
+
+    @defer.inlineCallbacks
+    def test_parentRotatesTheWorkersLogFile(self):
+        """
+        twistd's C{--logfile} rotates at 1,000,000 bytes, whoever wrote them: the parent sees the
+        size within a second, rotates, and the workers write their next lines to the new file.
+        """
+        logPath = os.path.join(self.dir, "twistd.log")
+        proc = yield self.startParent(2, logFile=logPath)
+        with open(logPath, "ab") as f:
+            f.write(b"# filler\n" * 120_000)
+        deadline = time.monotonic() + WAIT
+        while not os.path.exists(logPath + ".1"):
+            if time.monotonic() > deadline:
+                self.fail("not rotated")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        # The workers reopen the path when the parent tells them: wait until both hold it.
+        while True:
+            held = [{os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+                    for pid in self.workerPids]
+            if all(os.path.realpath(logPath) in h for h in held):
+                break
+            if time.monotonic() > deadline:
+                self.fail(f"workers did not reopen the log file: {held}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        clients = yield defer.gatherResults([self.login() for _ in range(4)])
+        for c in clients:
+            c.transport.loseConnection()
+        text = yield self.sessionLinesIn(logPath, 4)
+        self.assertEqual(text.count(b":casd.session#info] session="), 4, text.decode(errors="replace")[-2000:])
+        with open(logPath + ".1", "rb") as f:
+            self.assertNotIn(b"casd.session#info] session=", f.read())
+        yield self.stopParent(proc)
 
     @defer.inlineCallbacks
     def test_logReopenedOnSIGUSR2(self):
@@ -549,6 +598,48 @@ class WorkerLogTests(TestCase):
         self.assertEqual(direct.getvalue(), parentLog.getvalue())
         self.assertIn("[worker2:casd.session#info] session=abc user=alice\n\tmore\n", direct.getvalue())
 
+    def test_sessionLineAppendedByTheWorker(self):
+        """
+        When the parent's log is twistd's C{--logfile}, the worker appends its session lines to
+        it (an L{AppendFile}), the same text, and sends the parent nothing for them.
+        """
+        from casd.service.logfile import AppendFile
+        from casd.service.logs import LineLog
+
+        path = self.mktemp()
+        direct = AppendFile(path)
+        self.addCleanup(direct.close)
+        pipe, text = io.StringIO(), io.StringIO()
+        for observer in (WorkerLogObserver(pipe, direct=direct, index=2),
+                         WorkerLogObserver(pipe, direct=text, index=2)):
+            LineLog("casd.session", LogPublisher(observer), now=lambda: 1000.25).emit(
+                "session=abc user=alice\nmore", {"user": "alice"}
+            )
+        self.assertEqual(pipe.getvalue(), "")
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual(f.read(), text.getvalue())
+        self.assertIn("[worker2:casd.session#info] session=abc user=alice\n\tmore\n", text.getvalue())
+
+    def test_workerObserverWithoutIndirection(self):
+        """
+        The worker logs through L{workerLogObserver}: where it writes the parent's log itself,
+        the text observer that L{WorkerLogObserver} would call (the same text, other events to
+        the parent); else a L{WorkerLogObserver}.
+        """
+        from casd.service.logs import LineLog, TextLogObserver, workerLogObserver
+
+        pipe, direct, viaClass = io.StringIO(), io.StringIO(), io.StringIO()
+        observer = workerLogObserver(pipe, direct=direct, index=2)
+        self.assertIsInstance(observer, TextLogObserver)
+        for o in (observer, WorkerLogObserver(io.StringIO(), direct=viaClass, index=2)):
+            LineLog("casd.session", LogPublisher(o), now=lambda: 1000.25).emit("session=abc", {})
+        self.assertEqual(direct.getvalue(), viaClass.getvalue())
+        self.assertIn("[worker2:casd.session#info] session=abc\n", direct.getvalue())
+        Logger(namespace="casd.other", observer=observer).info("other {x}", x=1)
+        (event,) = self.relay(pipe.getvalue().encode(), index=2)
+        self.assertEqual(formatEvent(event), "other 1")
+        self.assertIsInstance(workerLogObserver(io.StringIO()), WorkerLogObserver)
+
     def test_brokenLineRecord(self):
         """
         A line record that does not decode is relayed as text, never dropped or a traceback.
@@ -602,6 +693,25 @@ class ParentWatchTests(SynchronousTestCase):
             if reason is not None:
                 watch.connectionLost(reason)
                 return orphaned
+
+    def test_reopenLog(self):
+        """
+        The parent's reopen word (it rotated its log file) has the worker reopen it; the worker
+        goes on.
+        """
+        from casd.service.logfile import REOPEN_WORD
+        from casd.service.worker import _ParentWatch
+
+        reopened = []
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.set_blocking(r, False)
+        watch = _ParentWatch(object(), fd=r, onReopen=lambda: reopened.append(True))
+        os.write(w, REOPEN_WORD)
+        self.assertIsNone(watch.doRead())
+        self.assertEqual(reopened, [True])
+        self.assertFalse(watch.stopAsked)
 
     def test_stopAsked(self):
         """
