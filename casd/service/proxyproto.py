@@ -26,6 +26,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 
+from casd.service.leanaccept import leanListening
 from casd.session.clientinfo import isTrusted
 
 #: Seconds a connection may take to send its PROXY header.
@@ -166,8 +167,10 @@ def listenerEndpoint(reactor, listener, factory):
     @param listener: the L{casd.config.ListenerConfig}.
     @return: C{(endpoint, factory)} for the listener; a C{haproxy:} endpoint gets the wrapping
         factory above, with the listener's trusted PROXY senders, around the inner endpoint.
+        TCP endpoints listen with L{casd.service.leanaccept.LeanPort} where it applies.
     """
     description = listener.endpoint
+    reactor = leanListening(reactor)
     if listener.proxyProtocol:
         if not listener.proxyTrusted:
             raise ValueError(f"listener {listener.name}: a haproxy: endpoint needs proxy_trusted")
