@@ -18,7 +18,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.service import leanaccept
-from casd.service.leanaccept import LeanPort, acceptMatches, adoptStreamPort, leanListening
+from casd.service.leanaccept import LeanPort, acceptMatches, adoptStreamPort, leanAccept, leanListening
 
 
 class Recorder(Protocol):
@@ -201,6 +201,29 @@ class AcceptTests(EPollCase):
                 break
             self.reactor.doIteration(0.1)
         self.assertEqual(client.recv(10), b"back")
+
+    def test_instanceMethodsCalled(self):
+        """
+        C{logPrefix} and C{makeConnection} set on the protocol instance are called, as Twisted
+        calls them.
+        """
+        made = []
+
+        class Build(Recording):
+            def buildProtocol(self, addr):
+                p = Recording.buildProtocol(self, addr)
+                p.logPrefix = lambda: "instance-prefix"
+                p.makeConnection = made.append
+                return p
+
+        factory = Build()
+        port = self.listen(factory)
+        self.connect(port)
+        port.doRead()
+        [protocol] = factory.built
+        self.assertEqual(len(made), 1)
+        self.assertTrue(made[0].logstr.startswith("instance-prefix,0,"))
+        self.assertEqual(protocol.made, [])
 
     def test_ownMakeConnectionCalled(self):
         """
@@ -473,6 +496,25 @@ class InstallTests(EPollCase):
         self.connect(port)
         port.doRead()
         self.assertEqual(len(factory.built), 1)
+
+    def test_wholeReactor(self):
+        """
+        L{leanAccept} makes a reactor's own C{listenTCP} and C{adoptStreamPort} give
+        L{LeanPort}s; another reactor is left alone.
+        """
+        self.assertTrue(leanAccept(self.reactor))
+        port = self.reactor.listenTCP(0, Recording(), interface="127.0.0.1")
+        self.assertIs(type(port), LeanPort)
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.setblocking(False)
+        adopted = self.reactor.adoptStreamPort(listener.fileno(), socket.AF_INET, Recording())
+        self.assertIs(type(adopted), LeanPort)
+        memory = MemoryReactor()
+        self.assertFalse(leanAccept(memory))
+        self.assertNotIn("listenTCP", vars(memory))
 
     def test_adoptedElsewhereAsTwisted(self):
         """

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import socket
+import types
 from errno import EAGAIN, EMFILE, EPERM, EWOULDBLOCK, errorcode
 from select import EPOLLIN, EPOLLOUT
 
@@ -182,7 +183,11 @@ class LeanPort(tcp.Port):
                 transport.sessionno = s
                 transport.hostname = host = addr[0]
                 name = protocol.__class__.__name__
-                if type(protocol).logPrefix is _logPrefix:
+                try:
+                    own = protocol.__dict__  # methods set on the instance are Twisted's to call
+                except AttributeError:
+                    own = ()
+                if type(protocol).logPrefix is _logPrefix and "logPrefix" not in own:
                     transport.logstr = f"{name},{s},{host}"
                 else:
                     transport.logstr = f"{transport._getLogPrefix(protocol)},{s},{host}"
@@ -205,7 +210,7 @@ class LeanPort(tcp.Port):
                 else:
                     transport.startReading()
                 transport.connected = 1
-                if type(protocol).makeConnection is _makeConnection:
+                if type(protocol).makeConnection is _makeConnection and "makeConnection" not in own:
                     protocol.connected = 1
                     protocol.transport = transport
                     protocol.connectionMade()
@@ -268,6 +273,35 @@ class _LeanListening:
         p = LeanPort(port, factory, backlog, interface, self._reactor)
         p.startListening()
         return p
+
+
+def _listenTCP(self, port, factory, backlog=50, interface=""):
+    p = LeanPort(port, factory, backlog, interface, self)
+    p.startListening()
+    return p
+
+
+def _adoptStreamPort(self, fileDescriptor, addressFamily, factory):
+    if addressFamily in (socket.AF_INET, socket.AF_INET6):
+        p = LeanPort._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
+        p.startListening()
+        return p
+    return type(self).adoptStreamPort(self, fileDescriptor, addressFamily, factory)
+
+
+def leanAccept(reactor) -> bool:
+    """
+    Make every TCP listening port of C{reactor} (C{listenTCP}, and C{adoptStreamPort} for a
+    TCP socket) a L{LeanPort}, where it applies.  casd's own listeners get it without this
+    (L{leanListening}, L{adoptStreamPort}); this is for a whole process's reactor.
+
+    @return: whether it was installed.
+    """
+    if leanPortClass(reactor) is not LeanPort:
+        return False
+    reactor.listenTCP = types.MethodType(_listenTCP, reactor)
+    reactor.adoptStreamPort = types.MethodType(_adoptStreamPort, reactor)
+    return True
 
 
 def leanListening(reactor):
