@@ -4,6 +4,7 @@ by one regular expression into what Twisted's parser gives, and the wrapper's in
 declaration from a table.
 """
 
+import random
 from ipaddress import ip_network
 
 from zope.interface import directlyProvides, providedBy
@@ -17,7 +18,20 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.service import proxyproto
-from casd.service.proxyproto import ProxyProtocolFactory, _StartAfterHeader, _v1Info
+from casd.service.proxyproto import ProxyProtocolFactory, _StartAfterHeader, _v1Info, _v2Info
+
+
+def v2(familyProtocol, addresses, command=0x21, extra=b"", length=None):
+    """
+    A version 2 header: C{addresses} (packed) and C{extra} (TLVs) as its address block.
+    """
+    body = addresses + extra
+    size = len(body) if length is None else length
+    return V2Parser.PREFIX + bytes([command, familyProtocol]) + size.to_bytes(2, "big") + body
+
+
+def v4Block(src, dst, sport, dport):
+    return bytes(src) + bytes(dst) + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
 
 #: Headers the fast path reads, each with what follows it.
 COMMON = [
@@ -84,6 +98,63 @@ class V1Tests(SynchronousTestCase):
         self.assertEqual(info.destination, IPv6Address("TCP", "2001:db8::2", 143))
 
 
+class V2Tests(SynchronousTestCase):
+    def common(self):
+        rng = random.Random(1405)
+        headers = [
+            v2(0x11, v4Block([192, 0, 2, 1], [192, 0, 2, 2], 1234, 143)),
+            v2(0x11, v4Block([0, 0, 0, 0], [255, 255, 255, 255], 0, 65535)) + b"a LOGIN x y\r\n",
+            # TLVs after the addresses (send-proxy-v2-ssl and the like) belong to the header.
+            v2(0x11, v4Block([10, 1, 2, 3], [10, 9, 8, 7], 5, 6), extra=b"\x01\x00\x02h2") + b"rest",
+            v2(0x21, bytes(16) + bytes(15) + b"\x01" + (7).to_bytes(2, "big") + (8).to_bytes(2, "big")),
+        ]
+        for _ in range(200):
+            if rng.random() < 0.5:
+                block = v4Block(
+                    [rng.randrange(256) for _ in range(4)],
+                    [rng.randrange(256) for _ in range(4)],
+                    rng.randrange(65536),
+                    rng.randrange(65536),
+                )
+                headers.append(v2(0x11, block, extra=bytes(rng.randrange(3))) + bytes(rng.randrange(3)))
+            else:
+                block = bytes(rng.randrange(256) for _ in range(32)) + bytes(rng.randrange(256) for _ in range(4))
+                headers.append(v2(0x21, block, extra=bytes(rng.randrange(3))) + b"x" * rng.randrange(3))
+        return headers
+
+    def test_sameAsTwistedParser(self):
+        """
+        Each version 2 PROXY header over TCP gives what Twisted's C{V2Parser} gives: equal
+        addresses of the same classes and texts, the same raw header, the same bytes after it.
+        """
+        for data in self.common():
+            info, rest = _v2Info(data)
+            expected, expectedRest = V2Parser().feed(data)
+            self.assertEqual(info, expected, data)
+            self.assertEqual((info.source.host, info.destination.host), (expected.source.host, expected.destination.host))
+            self.assertIs(type(info.source), type(expected.source))
+            self.assertEqual(rest, expectedRest, data)
+
+    def test_othersLeftToTwisted(self):
+        """
+        C{LOCAL}, UDP, UNIX, unspecified, a short address block or a header in pieces are not
+        read by the fast path.
+        """
+        block = v4Block([192, 0, 2, 1], [192, 0, 2, 2], 1234, 143)
+        for data in [
+            v2(0x11, block, command=0x20),  # LOCAL (health checks)
+            v2(0x12, block),  # UDP
+            v2(0x31, bytes(216)),  # UNIX
+            v2(0x00, b""),  # UNSPEC
+            v2(0x11, block[:8]),  # addresses missing
+            v2(0x21, bytes(20)),
+            v2(0x11, block)[:20],  # in pieces
+            v2(0x11, block)[:15],
+            v2(0x11, block, command=0x11),  # version 1 in a version 2 signature
+        ]:
+            self.assertIsNone(_v2Info(data), data)
+
+
 class WrapperTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
@@ -130,22 +201,26 @@ class WrapperTests(SynchronousTestCase):
         self.assertEqual(proto.wrappedProtocol.peers[0][0], IPv4Address("TCP", "192.0.2.1", 1234))
         self.assertEqual(proto.wrappedProtocol.received, [b"x"])
 
-    def test_version2ByTwisted(self):
+    def test_version2(self):
         """
-        A version 2 header is still read (by Twisted's parser).
+        A version 2 header in the first read starts the wrapped protocol without Twisted's
+        parser; one in pieces, or a C{LOCAL} one, through it.
         """
-        header = (
-            V2Parser.PREFIX
-            + b"\x21\x11\x00\x0c"
-            + bytes([192, 0, 2, 1, 192, 0, 2, 2])
-            + (1234).to_bytes(2, "big")
-            + (143).to_bytes(2, "big")
-        )
+        header = v2(0x11, v4Block([192, 0, 2, 1], [192, 0, 2, 2], 1234, 143))
         proto, transport = self.connect()
         proto.dataReceived(header + b"tail")
-        self.assertIsInstance(proto._parser, V2Parser)
+        self.assertIsNone(proto._parser)
         self.assertEqual(proto.wrappedProtocol.peers[0][0], IPv4Address("TCP", "192.0.2.1", 1234))
         self.assertEqual(proto.wrappedProtocol.received, [b"tail"])
+        proto, transport = self.connect()
+        proto.dataReceived(header[:17])
+        proto.dataReceived(header[17:])
+        self.assertIsInstance(proto._parser, V2Parser)
+        self.assertEqual(proto.wrappedProtocol.peers[0][1], IPv4Address("TCP", "192.0.2.2", 143))
+        proto, transport = self.connect()
+        proto.dataReceived(v2(0x11, v4Block([192, 0, 2, 1], [192, 0, 2, 2], 1, 2), command=0x20))
+        self.assertIsInstance(proto._parser, V2Parser)
+        self.assertEqual(proto.wrappedProtocol.peers[0][0], transport.getPeer())
 
     def test_invalidHeaderCloses(self):
         proto, transport = self.connect()
