@@ -15,6 +15,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import globalLogPublisher
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.service import leanaccept
@@ -248,6 +249,29 @@ class AcceptTests(EPollCase):
         [protocol] = factory.built
         self.assertTrue(protocol.transport.logPrefix().startswith("own-prefix,0,"))
         self.assertEqual(repr(protocol.transport), f"<OwnLogPrefix #0 on {port.getHost().port}>")
+
+    def test_wrapperLogPrefix(self):
+        """
+        A protocol wrapper's log prefix (TLS, PROXY) is the one Twisted's C{_getLogPrefix}
+        gives: the wrapped protocol's, then the wrapper's class; a wrapped protocol with a
+        C{logPrefix} of its own is asked for it.
+        """
+        for inner, expected in ((Recorder, "Recorder (Wrapper)"), (OwnLogPrefix, "own-prefix (Wrapper)")):
+
+            class Wrapper(ProtocolWrapper):
+                pass
+
+            class Wrapping(WrappingFactory):
+                protocol = Wrapper
+
+            factory = Wrapping(Recording(inner))
+            port = self.listen(factory)
+            self.connect(port)
+            port.doRead()
+            [wrapper] = factory.protocols
+            self.assertEqual(wrapper.transport.logstr, f"{expected},0,127.0.0.1")
+            self.assertEqual(wrapper.transport.logstr.split(",")[0], wrapper.transport._getLogPrefix(wrapper))
+            self.assertEqual(repr(wrapper.transport), f"<Wrapper #0 on {port.getHost().port}>")
 
     def test_refusedConnectionClosed(self):
         """

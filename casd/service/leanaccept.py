@@ -43,6 +43,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import BaseProtocol, Protocol
+from twisted.protocols.policies import ProtocolWrapper, _wrappedLogPrefix
 from twisted.python import log as legacyLog
 
 from casd.service.leanpoll import fdSetMatches
@@ -50,8 +51,9 @@ from casd.service.leanpoll import fdSetMatches
 #: SHA-256 of the Twisted (26.10.0) and Python (3.11) code L{LeanPort.doRead} repeats:
 #: C{Port.doRead}, C{_accept}, C{Server.__init__}, C{Connection.__init__},
 #: C{FileDescriptor.__init__}, C{FileDescriptor.startReading}, C{EPollReactor.addReader},
-#: C{BaseProtocol.makeConnection}, C{Protocol.logPrefix} and C{socket.socket.accept}.
-ACCEPT_SHA256 = "b646b1a99fbc3cc40dd173eccc9d8234fe3ed8cf4edc70204a99ca4c3e7a564f"
+#: C{BaseProtocol.makeConnection}, C{Protocol.logPrefix}, C{ProtocolWrapper.logPrefix} (with
+#: C{_wrappedLogPrefix}) and C{socket.socket.accept}.
+ACCEPT_SHA256 = "afb4eb4e88f05b0fcbc115c8c692df4dcde88b8c3b8de227edc8839bc632f759"
 
 
 def _pinned() -> list:
@@ -65,6 +67,8 @@ def _pinned() -> list:
         EPollReactor.addReader,
         BaseProtocol.makeConnection,
         Protocol.logPrefix,
+        ProtocolWrapper.logPrefix,
+        _wrappedLogPrefix,
         socket.socket.accept,
     ]
 
@@ -100,6 +104,34 @@ _newObject = object.__new__
 _makeConnection = BaseProtocol.makeConnection
 _logPrefix = Protocol.logPrefix
 _Server = tcp.Server
+_wrapperLogPrefix = ProtocolWrapper.logPrefix
+#: The instance dictionary of an object without one (never written to).
+_NO_ATTRIBUTES: dict = {}
+
+
+def _prefixOf(protocol, own):
+    """
+    C{_getLogPrefix(protocol)} without its calls when it is made of class names: C{protocol} is
+    a L{ProtocolWrapper} (TLS, PROXY) keeping its C{logPrefix} around a protocol that keeps
+    C{Protocol.logPrefix} (or keeps C{Protocol.logPrefix} itself).
+
+    @param own: C{protocol}'s instance dictionary.
+    @return: the prefix, or C{None} for Twisted's C{_getLogPrefix} to find.
+    """
+    method = type(protocol).logPrefix
+    if "logPrefix" in own:
+        return None
+    if method is _logPrefix:
+        return protocol.__class__.__name__
+    if method is _wrapperLogPrefix:
+        try:
+            wrapped = own["wrappedProtocol"]
+            inner = wrapped.__dict__
+        except (KeyError, AttributeError):
+            return None
+        if type(wrapped).logPrefix is _logPrefix and "logPrefix" not in inner:
+            return f"{wrapped.__class__.__name__} ({protocol.__class__.__name__})"
+    return None
 
 
 class LeanPort(tcp.Port):
@@ -186,11 +218,14 @@ class LeanPort(tcp.Port):
                 try:
                     own = protocol.__dict__  # methods set on the instance are Twisted's to call
                 except AttributeError:
-                    own = ()
+                    own = _NO_ATTRIBUTES
                 if type(protocol).logPrefix is _logPrefix and "logPrefix" not in own:
                     transport.logstr = f"{name},{s},{host}"
                 else:
-                    transport.logstr = f"{transport._getLogPrefix(protocol)},{s},{host}"
+                    prefix = _prefixOf(protocol, own)
+                    if prefix is None:
+                        prefix = transport._getLogPrefix(protocol)
+                    transport.logstr = f"{prefix},{s},{host}"
                 transport.repstr = f"<{name} #{s} on {self._realPortNumber}>"
                 if epoll:
                     # reactor.addReader(transport): EPollReactor._add, inline.
