@@ -152,6 +152,12 @@ class AcceptTests(EPollCase):
         self.assertEqual(repr(lean), f"<Recorder #0 on {port.getHost().port}>")
         self.assertEqual(lean.fileno(), lean.socket.fileno())
         self.assertFalse(lean.socket.getblocking())
+        # The socket object as socket.accept() makes it.
+        self.assertIs(type(lean.socket), socket.socket)
+        for name in ("_io_refs", "_closed", "family", "type", "proto"):
+            self.assertEqual(getattr(lean.socket, name), getattr(twisted.socket, name), name)
+        self.assertEqual(lean.socket.gettimeout(), twisted.socket.gettimeout())
+        self.assertEqual(lean.socket.getpeername(), lean.client)
         self.assertEqual(lean.socket.family, socket.AF_INET)
         self.assertEqual(lean.socket.type, socket.SOCK_STREAM)
         self.assertEqual(lean.getPeer(), twisted.getPeer().__class__("TCP", *lean.client))

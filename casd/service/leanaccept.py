@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import _socket
 import socket
 import types
 from errno import EAGAIN, EMFILE, EPERM, EWOULDBLOCK, errorcode
@@ -52,8 +53,8 @@ from casd.service.leanpoll import fdSetMatches
 #: C{Port.doRead}, C{_accept}, C{Server.__init__}, C{Connection.__init__},
 #: C{FileDescriptor.__init__}, C{FileDescriptor.startReading}, C{EPollReactor.addReader},
 #: C{BaseProtocol.makeConnection}, C{Protocol.logPrefix}, C{ProtocolWrapper.logPrefix} (with
-#: C{_wrappedLogPrefix}) and C{socket.socket.accept}.
-ACCEPT_SHA256 = "afb4eb4e88f05b0fcbc115c8c692df4dcde88b8c3b8de227edc8839bc632f759"
+#: C{_wrappedLogPrefix}), C{socket.socket.accept} and C{socket.socket.__init__}.
+ACCEPT_SHA256 = "685c6c3c245dc77f0db547b9a741a64ff1ce8fda7d7d9cdf8eb732b17f70d085"
 
 
 def _pinned() -> list:
@@ -70,6 +71,7 @@ def _pinned() -> list:
         ProtocolWrapper.logPrefix,
         _wrappedLogPrefix,
         socket.socket.accept,
+        socket.socket.__init__,
     ]
 
 
@@ -101,6 +103,9 @@ def _matches() -> bool:
 
 
 _newObject = object.__new__
+_Socket = socket.socket
+_newSocket = socket.socket.__new__
+_initSocket = _socket.socket.__init__
 _makeConnection = BaseProtocol.makeConnection
 _logPrefix = Protocol.logPrefix
 _Server = tcp.Server
@@ -169,8 +174,12 @@ class LeanPort(tcp.Port):
                         continue  # netfilter may have refused it: accept the next one
                     self._acceptFailed(e, numAccepts)
                     break
-                # socket.accept(), with the listener's kinds as ints: the same socket.
-                skt = socket.socket(family, kind, proto, fd)
+                # socket.accept(), with the listener's kinds as ints: the same socket, its
+                # socket.socket.__init__ inline.
+                skt = _newSocket(_Socket)
+                _initSocket(skt, family, kind, proto, fd)
+                skt._io_refs = 0
+                skt._closed = False
                 accepted += 1
                 if len(addr) == 4:
                     # IPv6, with its scope id: Twisted's code, and its classes.
