@@ -17,6 +17,7 @@ import sys
 from twisted.internet import error
 from twisted.logger import globalLogBeginner
 
+from casd.service.leanaccept import adoptStreamPort
 from casd.service.logfile import REOPEN_WORD, AppendFile
 from casd.service.logs import workerLogObserver
 from casd.service.tap import Options, makeService
@@ -27,7 +28,8 @@ class _AdoptingReactor:
     """
     A reactor for C{serverFromString} in a worker: listening adopts the inherited socket instead
     of binding a new one, so every endpoint kind that ends in C{listenTCP}, C{listenSSL} or
-    C{listenUNIX} (C{tcp:}, C{tcp6:}, C{ssl:}, C{unix:}, C{haproxy:tcp:...}) works unchanged.
+    C{listenUNIX} (C{tcp:}, C{tcp6:}, C{ssl:}, C{unix:}, C{haproxy:tcp:...}) works unchanged; a
+    TCP socket is adopted by a L{casd.service.leanaccept.LeanPort} where it applies.
     Everything else is the real reactor's.
     """
 
@@ -44,7 +46,7 @@ class _AdoptingReactor:
             family = probe.family
         finally:
             probe.detach()
-        return self._reactor.adoptStreamPort(self._fd, family, factory)
+        return adoptStreamPort(self._reactor, self._fd, family, factory)
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
         return self._adopt(factory)

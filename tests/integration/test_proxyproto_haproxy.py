@@ -1,7 +1,7 @@
 """
 The PROXY listener behind a real HAProxy: HAProxy (connecting from 127.0.0.2, the listener's only
-C{proxy_trusted} sender) reports a client inside C{[server] trusted_networks}, which casd then
-trusts; a client connecting directly from 127.0.0.1 with a forged header claiming the same
+C{proxy_trusted} sender) reports a client inside C{[server] trusted_networks} (with a version 2
+header, and with a version 1 one), which casd then trusts; a client connecting directly from 127.0.0.1 with a forged header claiming the same
 address is closed (C{proxy_untrusted = "close"}) or served as itself, untrusted (C{"ignore"}).
 """
 
@@ -58,6 +58,13 @@ frontend imap
     default_backend casd
 backend casd
     server casd 127.0.0.1:{close} send-proxy-v2 source 127.0.0.2
+frontend imap1
+    bind 127.0.0.1:{front1}
+    tcp-request connection set-src ipv4(10.1.2.3)
+    default_backend casd1
+backend casd1
+    # The version 1 header (text).
+    server casd 127.0.0.1:{close} send-proxy source 127.0.0.2
 """
 
 #: What a client could forge: a header claiming the trusted 10.1.2.3.
@@ -92,7 +99,7 @@ class HAProxyTrustTests(TestCase):
         os.makedirs(os.path.join(directory, "node"))
         with open(os.path.join(directory, "node", "users"), "w") as f:
             f.write("alice:{PLAIN}pw\n")
-        self.ports = {"close": freePort(), "ignore": freePort(), "front": freePort()}
+        self.ports = {"close": freePort(), "ignore": freePort(), "front": freePort(), "front1": freePort()}
         self.node = CASNode(os.path.join(directory, "node"), CONFIG.format(**self.ports)).start(reactor)
         self.addCleanup(self.node.stop)
         config = os.path.join(directory, "haproxy.cfg")
@@ -104,6 +111,7 @@ class HAProxyTrustTests(TestCase):
         self.addCleanup(process.wait, 10)
         self.addCleanup(stopPid, process.pid)
         waitForPort("127.0.0.1", self.ports["front"], 20.0, alive=lambda: process.poll() is None)
+        waitForPort("127.0.0.1", self.ports["front1"], 20.0, alive=lambda: process.poll() is None)
 
     @defer.inlineCallbacks
     def test_throughHAProxyTrusted(self):
@@ -111,6 +119,15 @@ class HAProxyTrustTests(TestCase):
         self.assertTrue(greeting.startswith(b"* OK [CAPABILITY IMAP4rev1"), greeting)
         self.assertNotIn(b"LOGINDISABLED", greeting)
         self.assertIn(b"AUTH=PLAIN", greeting)
+
+    @defer.inlineCallbacks
+    def test_throughHAProxyVersion1Trusted(self):
+        """
+        HAProxy's text header (C{send-proxy}) is believed the same way.
+        """
+        greeting = yield threads.deferToThread(_exchange, self.ports["front1"])
+        self.assertTrue(greeting.startswith(b"* OK [CAPABILITY IMAP4rev1"), greeting)
+        self.assertNotIn(b"LOGINDISABLED", greeting)
 
     @defer.inlineCallbacks
     def test_forgedHeaderClosed(self):
