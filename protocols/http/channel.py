@@ -160,6 +160,12 @@ class ProxyChannel(http.HTTPChannel):
     _pathMemo = None
     #: The last request's own route (L{protocols.http.routing.RequestRouter.routeNow}).
     _routeMemo = None
+    #: The last request's header section (the bytes between the request line and the empty
+    #: line) and its parsed table, when it had no framing field (L{_headReceived}).
+    _sectionMemo = None
+    #: The header fields sent to the backend for the last proxied request, with what they were
+    #: made from (L{protocols.http.site.HTTPSite._attempt}).
+    _fieldsMemo = None
     client = None
     #: The start of a request head whose end has not arrived yet.
     _head = b""
@@ -233,6 +239,17 @@ class ProxyChannel(http.HTTPChannel):
             return b""
         self._head = b""
         self._skippedBlank = False
+        lineEnd = head.find(b"\r\n")
+        memo = self._sectionMemo
+        if memo is not None and lineEnd < end and memo[0] == head[lineEnd + 2 : end]:
+            # The same header section as this connection's last request (a keep-alive client
+            # asking again): checked and parsed then, and free of framing fields; only the
+            # request line is new.
+            first = head[:lineEnd]
+            if b"\n" in first or b"\r" in first or b"\0" in first:
+                self._badRequest()
+                return b""
+            return self._sameSection(head, end, first, memo)
         lines = head[:end].split(b"\r\n")
         breaks = len(lines) - 1
         if (
@@ -258,6 +275,7 @@ class ProxyChannel(http.HTTPChannel):
         raw = request.requestHeaders._rawHeaders
         canonical = _canonical
         memo = _LINES
+        framed = False
         for line in lines[1:]:
             known = memo.get(line)
             if known is not None:
@@ -285,12 +303,12 @@ class ProxyChannel(http.HTTPChannel):
                 if len(canonical) < _CANONICAL_MAX:
                     canonical[name] = key
             value = value.strip(b" \t")
-            if (key == _CONTENT_LENGTH or key == _TRANSFER_ENCODING) and not (
-                self._maybeChooseTransferDecoder(key, value)
-            ):
-                # CL+TE, two lengths, a bad length or coding: Twisted has answered 400.
-                self._badRequest(answered=True)
-                return b""
+            if key == _CONTENT_LENGTH or key == _TRANSFER_ENCODING:
+                framed = True
+                if not self._maybeChooseTransferDecoder(key, value):
+                    # CL+TE, two lengths, a bad length or coding: Twisted has answered 400.
+                    self._badRequest(answered=True)
+                    return b""
             if key in _REMEMBERED and len(memo) < _LINES_MAX and len(line) <= _LINE_MAX:
                 memo[line] = (key, value)
             values = raw.get(key)
@@ -298,6 +316,36 @@ class ProxyChannel(http.HTTPChannel):
                 raw[key] = [value]
             else:
                 values.append(value)
+        if framed or breaks == 0:
+            self._sectionMemo = None
+        else:
+            # Remembered for the connection's next request (values shared, never changed:
+            # L{_sameSection} gives each request its own table).
+            self._sectionMemo = request.section = (head[len(first) + 2 : end], raw.copy())
+        return self._headParsed(head, end)
+
+    def _sameSection(self, head: bytes, end: int, first: bytes, memo) -> bytes:
+        """
+        A request whose header section is the one of C{memo} (bytes, parsed table): its
+        request line parsed, its headers a copy of the table.
+        """
+        request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        try:
+            if first[:1] in (b" ", b"\t"):
+                raise ValueError(first)
+            self._command, self._path, self._version = _parseRequestLine(first)
+        except ValueError:
+            self._badRequest()
+            return b""
+        request.requestHeaders._rawHeaders = memo[1].copy()
+        request.section = memo
+        return self._headParsed(head, end)
+
+    def _headParsed(self, head: bytes, end: int) -> bytes:
+        """
+        The head of the last request is parsed: hand it over, and return what follows it.
+        """
         self.allHeadersReceived()
         if self.length == 0:
             self.allContentReceived()

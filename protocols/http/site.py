@@ -239,6 +239,10 @@ class ProxyRequest(server.Request):
     mayContinue = False
     #: The answer decided before the body was read, if any.
     pendingError = None
+    #: The connection's memo of this request's header section (bytes, parsed table), when it
+    #: had no framing field (L{ProxyChannel._headReceived}): requests with the same one share
+    #: it.
+    section = None
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytesIn += len(data)
@@ -553,24 +557,48 @@ class HTTPSite(server.Site):
             strip.add(b"host")
             strip = self._strip = frozenset(strip)
         toCAS = decision.route.kind == "cas"
-        headers = backendRequestHeaders(
-            request.requestHeaders,
-            # Another site's casd authenticates the request again: it gets the client's own
-            # credentials and path, not this vdir's backend identity and backend path.
-            attr.evolve(vdir, identity="passthrough") if toCAS else vdir,
-            request.client,
-            (request.requestHeaders._rawHeaders.get(b"Host") or (b"",))[0],
-            request.user,
-            strip=strip,
-            cookieFilter=self.cookieFilter,
-        )
-        if toCAS:
-            # It counts the hops down, and refuses a loop.
-            headers.append((PROXY_TTL, str(decision.route.proxyTTL).encode("ascii")))
+        channel = request.channel
+        # The fields of the connection's last proxied request, when this one has the same
+        # header section (the same parsed table) for the same vdir, user, client and filters.
+        section = request.section
+        memo = channel._fieldsMemo
+        client = request.client
+        user = request.user
+        private = self.privateCookies
+        if (
+            memo is not None
+            and section is not None
+            and memo[0] is section
+            and memo[1] is vdir
+            and memo[2] is user
+            and memo[3] is client
+            and memo[4] is strip
+            and memo[5] is private
+            and not toCAS
+        ):
+            headers = memo[6]
+        else:
+            headers = backendRequestHeaders(
+                request.requestHeaders,
+                # Another site's casd authenticates the request again: it gets the client's
+                # own credentials and path, not this vdir's backend identity and backend path.
+                attr.evolve(vdir, identity="passthrough") if toCAS else vdir,
+                client,
+                (request.requestHeaders._rawHeaders.get(b"Host") or (b"",))[0],
+                user,
+                strip=strip,
+                cookieFilter=self.cookieFilter,
+            )
+            if toCAS:
+                # It counts the hops down, and refuses a loop.
+                headers.append((PROXY_TTL, str(decision.route.proxyTTL).encode("ascii")))
+                channel._fieldsMemo = None
+            elif section is not None:
+                # Never changed after this (L{protocols.http.upstream} only reads it).
+                channel._fieldsMemo = (section, vdir, user, client, strip, private, headers)
         # The backend's path for the target, remembered by the connection for its next
         # request (the same target again, usually).
         uri = request.uri
-        channel = request.channel
         memo = channel._pathMemo
         if memo is not None and memo[0] == uri and memo[1] is vdir and memo[2] is toCAS:
             path = memo[3]
