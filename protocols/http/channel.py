@@ -166,6 +166,8 @@ class ProxyChannel(http.HTTPChannel):
     #: The header fields sent to the backend for the last proxied request, with what they were
     #: made from (L{protocols.http.site.HTTPSite._attempt}).
     _fieldsMemo = None
+    #: Whether a response relay made the client's transport write through (once is enough).
+    writingThrough = False
     client = None
     #: The start of a request head whose end has not arrived yet.
     _head = b""
@@ -404,8 +406,28 @@ class ProxyChannel(http.HTTPChannel):
             self._headerTimer = None
 
     def requestDone(self, request) -> None:
-        self._cancelHeaderTimer()
-        super().requestDone(request)
+        # Twisted's requestDone (TWISTED_SOURCES), with the request compared by identity (what
+        # its Request.__eq__ does, in two calls), the line mode set without a call and the
+        # buffer of pipelined bytes joined only when there is one.
+        if self._headerTimer is not None:
+            self._cancelHeaderTimer()
+        requests = self.requests
+        if request is not requests[0]:
+            raise TypeError
+        del requests[0]
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if self.persistent:
+            self._handlingRequest = False
+            if self._savedTimeOut:
+                self.setTimeout(self._savedTimeOut)
+            buffered = self._dataBuffer
+            self.line_mode = 1
+            if buffered:
+                self._dataBuffer = []
+                self.dataReceived(b"".join(buffered))
+        else:
+            self.loseConnection()
 
     def _headersTooSlow(self) -> None:
         self._headerTimer = None

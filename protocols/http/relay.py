@@ -157,16 +157,16 @@ class Relay:
             self.clientGone()
             return
         self.head = (code, phrase, headers)
-        if request.bodyDone.called:
+        if request.bodyRead:
             self._start()
             return
         # The client's body is still coming: the response waits for it (Twisted's channel reads
         # the next request from the same buffer), the backend connection paused meanwhile.
         self.held = []
         exchange.pauseResponse()
-        request.bodyDone.addCallback(self._release)
+        request.afterBody(self._release)
 
-    def _release(self, _=None) -> None:
+    def _release(self) -> None:
         held, self.held = self.held, None
         if self.request._gone:
             return
@@ -204,8 +204,11 @@ class Relay:
         request.registerProducer(self, True)
         # The client's writes try the socket at once (the core's, as the mail relay's): the
         # head and the body pieces go out without a reactor turn each.
-        transport = self.transport = request.channel.transport
-        writeThrough(transport)
+        channel = self.channel
+        transport = self.transport = channel.transport
+        if not channel.writingThrough:
+            channel.writingThrough = True
+            writeThrough(transport)
 
     def responseData(self, data: bytes) -> None:
         if self.held is not None:

@@ -88,7 +88,7 @@ class ProxyRequest(server.Request):
     @ivar mode: C{"local"}, C{"proxy"} or C{"error"}.
     @ivar vdir: the matched vdir, or C{None}.
     @ivar user: the authenticated user, once known.
-    @ivar bodyDone: a L{Deferred} firing when the whole body was read.
+    @ivar bodyRead: whether the whole body was read (L{afterBody} runs what waits for it).
     """
 
     defaultContentType = None
@@ -113,7 +113,6 @@ class ProxyRequest(server.Request):
         self.user = None
         self.backendName = ""
         self.bytesIn = 0
-        self.bodyDone = defer.Deferred()
         self.service = None
         self._limit = 0
         self._pipe = None
@@ -229,7 +228,7 @@ class ProxyRequest(server.Request):
         The request may proceed: send the C{100 Continue} the client asked for, if it did.
         """
         self.mayContinue = True
-        if self.continueWanted and not self._gone and not self.bodyDone.called:
+        if self.continueWanted and not self._gone and not self.bodyRead:
             self.continueWanted = False
             self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -268,7 +267,32 @@ class ProxyRequest(server.Request):
             # The channel restores this timeout once the response is done; the vdir's timeout
             # was for this request only.
             self.channel._savedTimeOut = self.site.timeOut
-        self.bodyDone.callback(None)
+        self._bodyFinished()
+
+    #: Whether the whole body was read, and what waits for it (L{afterBody}).
+    bodyRead = False
+    _afterBody = None
+
+    def afterBody(self, f) -> None:
+        """
+        Call C{f()} once the whole request body is read: now if it is.
+        """
+        if self.bodyRead:
+            f()
+        elif self._afterBody is None:
+            self._afterBody = [f]
+        else:
+            self._afterBody.append(f)
+
+    def _bodyFinished(self) -> None:
+        self.bodyRead = True
+        waiting, self._afterBody = self._afterBody, None
+        if waiting:
+            for f in waiting:
+                try:
+                    f()
+                except Exception:
+                    self.site.logger.failure("after the body of {path}", path=self.path)
 
     def runLocal(self, command, path, version) -> None:
         """
@@ -288,16 +312,16 @@ class ProxyRequest(server.Request):
 
     def answer(self, error: HTTPError) -> None:
         self.pendingError = error
-        if self.continueWanted and not self.bodyDone.called and not self._gone:
+        if self.continueWanted and not self.bodyRead and not self._gone:
             # The client holds its body back until told to continue: answer now, and close.
             self.answerNow(error)
             return
 
-        def send(_):
+        def send():
             if not self._gone and not self.finished:
                 if self._relay is None:
                     render(self, error)
-        self.bodyDone.addCallback(send)
+        self.afterBody(send)
 
     def connectionLost(self, reason) -> None:
         self._gone = True
@@ -480,7 +504,7 @@ class HTTPSite(server.Site):
             request.runLocal(command, path, version)
 
         def failed(f):
-            request.bodyDone.callback(None)
+            request._bodyFinished()
             request.fail(f)
 
         d.addCallbacks(authenticated, failed)
