@@ -142,3 +142,16 @@ class SameSectionTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.request(head + b"Transfer-Encoding: chunked\r\n", b"abc")
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 400 "), self.transport.value())
         self.assertEqual(self.backendTransport.value(), b"")
+
+    def test_forwardedClientPerSection(self):
+        """
+        A trusted balancer's C{X-Forwarded-For}: the same section names the same real client
+        again, another section its own.
+        """
+        xff = b"GET /EWS/a HTTP/1.1\r\n" + SECTION + b"X-Forwarded-For: 192.0.2.7\r\n"
+        for _ in range(2):
+            self.assertIn(b"X-Forwarded-For: 192.0.2.7\r\n", self.sent(xff))
+        other = self.sent(xff.replace(b"192.0.2.7", b"192.0.2.8"))
+        self.assertIn(b"X-Forwarded-For: 192.0.2.8\r\n", other)
+        self.assertNotIn(b"192.0.2.7", other)
+        self.assertIn(b"X-Forwarded-For: 127.0.0.1\r\n", self.sent(b"GET /EWS/a HTTP/1.1\r\n" + SECTION))

@@ -166,6 +166,11 @@ class ProxyChannel(http.HTTPChannel):
     #: The header fields sent to the backend for the last proxied request, with what they were
     #: made from (L{protocols.http.site.HTTPSite._attempt}).
     _fieldsMemo = None
+    #: The last Basic login's header and memo (L{protocols.http.auth.BasicCredentials}).
+    basicMemo = None
+    #: The connection's client and the real client a trusted balancer's headers named in the
+    #: last header section (L{protocols.http.site.HTTPSite.begin}).
+    _forwardedMemo = None
     #: Whether a response relay made the client's transport write through (once is enough).
     writingThrough = False
     client = None

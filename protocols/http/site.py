@@ -423,12 +423,20 @@ class HTTPSite(server.Site):
         The request's headers are in: decide what serves it.
         """
         path = request.path
-        if request.client.trusted:
-            request.client = forwardedClient(request.client, request.requestHeaders)
+        channel = request.channel
+        client = request.client
+        if client.trusted:
+            # The same header section from the same connection names the same real client.
+            memo = channel._forwardedMemo
+            section = request.section
+            if memo is not None and section is not None and memo[0] is section and memo[1] is client:
+                request.client = memo[2]
+            else:
+                request.client = forwardedClient(client, request.requestHeaders)
+                channel._forwardedMemo = (section, client, request.client) if section is not None else None
         # The connection's last request target and what matched it (a keep-alive client asks
         # the same target again: EWS, ActiveSync, MAPI), valid while the site's tables are the
         # same objects.
-        channel = request.channel
         local = self.local
         index = local._index if local is not None else None
         memo = channel._targetMemo
@@ -529,8 +537,11 @@ class HTTPSite(server.Site):
     # -- proxying -----------------------------------------------------------------------
 
     def proxy(self, request, vdir) -> None:
-        d = self.authenticator.authenticate(request, vdir, request.client)
-        user = resultNow(d)
+        authenticator = self.authenticator
+        user = authenticator.authenticatedAgain(request, vdir, request.client)
+        if user is None:
+            d = authenticator.authenticate(request, vdir, request.client)
+            user = resultNow(d)
         if user is not _PENDING:
             # The credential cache answered at once (the usual case): no callback chain.
             request.user = user
