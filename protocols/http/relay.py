@@ -10,6 +10,7 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES as _NO_BODY_CODES, RESPONSES as _RESPONSES
 from twisted.web.http_headers import _nameEncoder
 
 from casd.session.relay import writeThrough
@@ -49,6 +50,8 @@ class Relay:
     transport = None
     #: How much of the client's body the silence timer saw last.
     seenIn = 0
+    #: The response head L{_start} wrote, until the first body bytes take it along.
+    headBytes = None
 
     def __init__(self, site, request, vdir, decision, targets, index) -> None:
         self.site = site
@@ -181,9 +184,36 @@ class Relay:
     def _start(self) -> None:
         request = self.request
         code, phrase, headers = self.head
-        request.setResponseCode(code, phrase or None)
         out = request.responseHeaders
         raw = out._rawHeaders
+        if (
+            not raw
+            and self.decision.cookie is None
+            and code not in _NO_BODY_CODES
+            and request.method != b"HEAD"
+            and not request.cookies
+            and request.lastModified is None
+            and request.etag is None
+        ):
+            # The usual response: its head written here from the backend's fields in one pass
+            # (their order and spelling kept), sent with the first body bytes; what Twisted's
+            # Request.write would frame otherwise (chunked for HTTP/1.1 without a length).
+            request.code = code
+            message = request.code_message = phrase or _RESPONSES.get(code, b"Unknown Status")
+            version = request.clientproto
+            parts = [version, b" %d " % code, message, b"\r\n"]
+            for name, value in headers:
+                parts += (name, b": ", value, b"\r\n")
+            if self.exchange.length is None and version == b"HTTP/1.1":
+                parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+                request.chunked = 1
+            else:
+                parts.append(b"\r\n")
+            request.startedWriting = 1
+            self.headBytes = b"".join(parts)
+            self._producing()
+            return
+        request.setResponseCode(code, phrase or None)
         if raw:
             # casd set some already (a refreshed forms session's cookie): merged.
             copyResponseHeaders(headers, out)
@@ -201,6 +231,13 @@ class Relay:
                     raw[key] = [value]
         if self.decision.cookie is not None:
             out.addRawHeader(b"Set-Cookie", self.decision.cookie)
+        self._producing()
+
+    def _producing(self) -> None:
+        """
+        The relay becomes the client's producer; the client's transport writes through.
+        """
+        request = self.request
         request.registerProducer(self, True)
         # The client's writes try the socket at once (the core's, as the mail relay's): the
         # head and the body pieces go out without a reactor turn each.
@@ -216,6 +253,18 @@ class Relay:
             return
         self.active = self.clock.seconds()
         request = self.request
+        head = self.headBytes
+        if head is not None:
+            # The first bytes, with the head L{_start} wrote.
+            if not data:
+                return
+            self.headBytes = None
+            request.sentLength += len(data)
+            if request.chunked:
+                self.transport.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
+            else:
+                self.transport.write(head + data)
+            return
         if request.startedWriting and not request.chunked:
             # The head is out and the body needs no framing: to the client's transport.
             request.sentLength += len(data)
@@ -233,6 +282,12 @@ class Relay:
         if request._gone:
             return
         request.unregisterProducer()
+        head = self.headBytes
+        if head is not None:
+            # No body bytes came: the head alone for an empty body, nothing for a cut one.
+            self.headBytes = None
+            if complete:
+                self.transport.write(head)
         if complete:
             request.finish()
         else:

@@ -84,7 +84,7 @@ class Exchange:
     """
 
     __slots__ = ("method", "head", "body", "sink", "connection", "connecting", "backend",
-                 "retried", "noBody")
+                 "retried", "noBody", "length")
 
     def __init__(self, backend, method: bytes, head: bytes, body, sink) -> None:
         self.backend = backend
@@ -96,6 +96,8 @@ class Exchange:
         self.connecting = None
         self.retried = False
         self.noBody = method == b"HEAD"
+        #: The response body's length, when the backend gave one (set with its head).
+        self.length = None
 
     def retryable(self) -> bool:
         """

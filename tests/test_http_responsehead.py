@@ -1,0 +1,104 @@
+"""
+A backend's response head relayed in one pass (L{protocols.http.relay.Relay._start}): the
+backend's fields in their order and spelling less the hop-by-hop ones, framed as Twisted would
+frame them, sent with the first body bytes; the slower path through Twisted's L{Headers} when
+casd adds fields of its own.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.test_http_site import BASIC, HTTPSiteTestsMixin
+
+
+class ResponseHeadTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    def get(self, version=b"HTTP/1.1", method=b"GET", connect=True):
+        self.request(method + b" /EWS/x " + version + b"\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        if connect:
+            self.server, self.backendTransport = self.backend()
+        self.transport.clear()
+
+    def test_fieldsAsSent(self):
+        """
+        The fields go to the client in the backend's order and spelling, repeated ones
+        included; hop-by-hop fields (named by Connection too) do not.
+        """
+        self.get()
+        self.server.dataReceived(
+            b"HTTP/1.1 200 Fine\r\nset-cookie: a=1\r\nX-B: 2\r\nConnection: keep-alive, X-Hop\r\n"
+            b"X-Hop: gone\r\nKeep-Alive: timeout=5\r\nSet-Cookie: c=3\r\ncontent-length: 2\r\n\r\nok"
+        )
+        self.assertEqual(
+            self.transport.value(),
+            b"HTTP/1.1 200 Fine\r\nset-cookie: a=1\r\nX-B: 2\r\nSet-Cookie: c=3\r\n"
+            b"content-length: 2\r\n\r\nok",
+        )
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_emptyBody(self):
+        """
+        A response with an empty body: its head alone, and the connection kept.
+        """
+        self.get()
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.get(connect=False)
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.transport.value().endswith(b"\r\n\r\nok"), self.transport.value())
+
+    def test_chunkedInPieces(self):
+        """
+        A chunked backend response for an HTTP/1.1 client: chunked again, the head with the
+        first chunk, the last chunk at the end.
+        """
+        self.get()
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(self.transport.value(), b"")
+        self.server.dataReceived(b"3\r\nabc\r\n")
+        self.server.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+        self.assertEqual(
+            self.transport.value(),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+
+    def test_http10UntilClose(self):
+        """
+        An HTTP/1.0 client without a length: the body unframed, and the connection closed.
+        """
+        self.get(b"HTTP/1.0")
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(self.transport.value(), b"HTTP/1.0 200 OK\r\n\r\nabc")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_cutBeforeBodyWritesNothing(self):
+        """
+        A response cut before its first body byte: no head is sent, the client connection
+        closed.
+        """
+        self.get()
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.server.connectionLost(None)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_headNoBody(self):
+        """
+        HEAD: the backend's head and no body (Twisted's path).
+        """
+        self.get(method=b"HEAD")
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_bytesCounted(self):
+        """
+        The access line's byte count is the body's.
+        """
+        self.get()
+        request = self.client.requests[-1]
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+        self.server.dataReceived(b"cde")
+        self.assertEqual(request.sentLength, 5)
+        self.assertEqual(request.code, 200)
