@@ -155,3 +155,53 @@ class SameSectionTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertIn(b"X-Forwarded-For: 192.0.2.8\r\n", other)
         self.assertNotIn(b"192.0.2.7", other)
         self.assertIn(b"X-Forwarded-For: 127.0.0.1\r\n", self.sent(b"GET /EWS/a HTTP/1.1\r\n" + SECTION))
+
+
+class RememberedMembersTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    """
+    The route's pool members remembered by a keep-alive connection
+    (L{protocols.http.site.HTTPSite._availableFor}): their health and draining still decide
+    every request.
+    """
+
+    from tests.test_http_site import GROUP_CONFIG as config
+
+    def get(self) -> None:
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+
+    def test_memberDownMeanwhile(self):
+        """
+        After a request through the first member, that member going DOWN sends the
+        connection's next request to the second; both DOWN or draining: 503.
+        """
+        self.get()
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 8001))
+        server, backend = self.backend(0)
+        server.dataReceived(OK)
+        self.assertIsNotNone(self.client._membersMemo)
+        members = self.context.connector.members
+        first = members[("127.0.0.1", 8001)]
+        self.assertEqual(first.state, "UP")
+        first._goDown("test")
+        self.get()
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.2", 8002))
+        server2, backend2 = self.backend(-1)
+        server2.dataReceived(OK)
+        self.context.connector.setDraining({"web2"})
+        self.transport.clear()
+        self.get()
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 503 "), self.transport.value())
+
+    def test_successCounted(self):
+        """
+        A response through a remembered member still counts as its passive success.
+        """
+        self.get()
+        server, backend = self.backend(0)
+        server.dataReceived(OK)
+        member = self.context.connector.members[("127.0.0.1", 8001)]
+        member._passiveBad = 1
+        self.get()
+        server.dataReceived(OK)
+        self.assertEqual(member._passiveBad, 0)
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)

@@ -171,6 +171,8 @@ class ProxyChannel(http.HTTPChannel):
     #: The connection's client and the real client a trusted balancer's headers named in the
     #: last header section (L{protocols.http.site.HTTPSite.begin}).
     _forwardedMemo = None
+    #: The last route's members (L{protocols.http.site.HTTPSite._availableFor}).
+    _membersMemo = None
     #: Whether a response relay made the client's transport write through (once is enough).
     writingThrough = False
     client = None

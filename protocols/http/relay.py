@@ -121,7 +121,7 @@ class Relay:
         self.exchange = None
         site, request = self.site, self.request
         target = self.targets[self.index]
-        site.context.connector.member(target).connectFailed(
+        site.memberFor(self.channel, target).connectFailed(
             str(reason.value) or type(reason.value).__name__
         )
         pipe = request._pipe
@@ -155,7 +155,7 @@ class Relay:
     def responseStarted(self, exchange, code, phrase, headers) -> None:
         self.started = True
         request = self.request
-        self.site.context.connector.member(self.targets[self.index]).connectSucceeded()
+        self.site.memberFor(self.channel, self.targets[self.index]).connectSucceeded()
         if request._gone:
             self.clientGone()
             return

@@ -568,7 +568,7 @@ class HTTPSite(server.Site):
     def _send(self, decision, request, vdir):
         if request._gone:
             return None
-        targets = self._available(decision.route)
+        targets = self._availableFor(request.channel, decision.route)
         if not targets:
             raise _noBackend(decision.route)
         request.sendContinue()
@@ -580,6 +580,38 @@ class HTTPSite(server.Site):
             t for t in route.targets
             if t.server not in connector.draining and connector.member(t).available()
         ]
+
+    def _availableFor(self, channel, route):
+        """
+        L{_available}, with the route's members remembered by the client connection while it
+        asks the same route (the pool keeps a member for good once it made it): no member
+        look-up per request; each member's health is asked every time.
+        """
+        connector = self.context.connector
+        memo = channel._membersMemo
+        if memo is not None and memo[0] is route and memo[1] is connector:
+            pairs = memo[2]
+            for target, member in pairs:
+                # What connector.member() does to a member it finds.
+                member.target = target
+        else:
+            pairs = tuple([(t, connector.member(t)) for t in route.targets])
+            channel._membersMemo = (route, connector, pairs)
+        draining = connector.draining
+        return [t for t, member in pairs if t.server not in draining and member.available()]
+
+    def memberFor(self, channel, target):
+        """
+        The pool's member for C{target} (L{casd.pool.connector.BackendConnector.member}),
+        from the connection's memo of its route's members when it holds it.
+        """
+        memo = channel._membersMemo
+        if memo is not None:
+            for known, member in memo[2]:
+                if known is target:
+                    member.target = target
+                    return member
+        return self.context.connector.member(target)
 
     def _attempt(self, request, vdir, decision, targets, index):
         target = targets[index]
