@@ -102,3 +102,24 @@ class ResponseHeadTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.server.dataReceived(b"cde")
         self.assertEqual(request.sentLength, 5)
         self.assertEqual(request.code, 200)
+
+    def test_producerEndsWithResponse(self):
+        """
+        The relay is the client's producer while the response lasts (a full client buffer
+        pauses the backend), and no longer once it is complete.
+        """
+        self.get()
+        request = self.client.requests[-1]
+        self.server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        relay = request._relay
+        self.assertIs(self.client._requestProducer, relay)
+        self.assertIs(request.producer, relay)
+        self.client.pauseProducing()
+        self.assertTrue(self.server.paused)
+        self.client.resumeProducing()
+        self.assertFalse(self.server.paused)
+        self.server.dataReceived(b"cd")
+        self.assertIsNone(self.client._requestProducer)
+        self.assertIsNone(request.producer)
+        self.assertTrue(request.finished)
+        self.assertEqual(self.client.requests, [])

@@ -238,7 +238,7 @@ class Relay:
         The relay becomes the client's producer; the client's transport writes through.
         """
         request = self.request
-        request.registerProducer(self, True)
+        request.relayFrom(self)
         # The client's writes try the socket at once (the core's, as the mail relay's): the
         # head and the body pieces go out without a reactor turn each.
         channel = self.channel
@@ -281,7 +281,6 @@ class Relay:
         request = self.request
         if request._gone:
             return
-        request.unregisterProducer()
         head = self.headBytes
         if head is not None:
             # No body bytes came: the head alone for an empty body, nothing for a cut one.
@@ -289,8 +288,9 @@ class Relay:
             if complete:
                 self.transport.write(head)
         if complete:
-            request.finish()
+            request.finishRelayed()
         else:
+            request.unregisterProducer()
             # A body cut short must not look complete: close the connection.
             request.channel.transport.loseConnection()
 
