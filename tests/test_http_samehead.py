@@ -205,3 +205,41 @@ class RememberedMembersTests(HTTPSiteTestsMixin, SynchronousTestCase):
         server.dataReceived(OK)
         self.assertEqual(member._passiveBad, 0)
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+
+    def test_silenceTimerMovedEarlier(self):
+        """
+        The connection's silence timer, left by a long-poll vdir's request (3660 s), is moved
+        earlier for the next request to a vdir with a shorter timeout (60 s): that one gets its
+        504 after 60 s.
+        """
+        self.request(b"GET /Microsoft-Server-ActiveSync/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend(0)
+        server.dataReceived(OK)
+        timer = self.client._silence
+        self.assertGreater(timer.getTime(), 3000)
+        self.transport.clear()
+        self.get()
+        self.reactor.advance(59)
+        self.assertEqual(self.transport.value(), b"")
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())
+
+    def test_silenceTimerLeftForLater(self):
+        """
+        A timer due before the next request's deadline is left as it is and, when it fires
+        during that request, set again for the rest: the 504 comes 60 s after the request's
+        start, not at the timer's first due time.
+        """
+        self.get()
+        server, backend = self.backend(0)
+        server.dataReceived(OK)
+        self.reactor.advance(30)
+        self.transport.clear()
+        self.get()
+        self.reactor.advance(31)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertIsNotNone(self.client._silence)
+        self.reactor.advance(28)
+        self.assertEqual(self.transport.value(), b"")
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())

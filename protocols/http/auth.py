@@ -187,7 +187,7 @@ class HTTPAuthenticator:
         C{None} (ask L{authenticate}).
         """
         auth = vdir.auth
-        if auth and auth[0] == "basic":
+        if auth and auth[0] == "basic" and request.channel.basicMemo is not None:
             source = self.sources.get("basic")
             if source.__class__ is BasicCredentials:
                 return source.again(request, client)

@@ -173,6 +173,8 @@ class ProxyChannel(http.HTTPChannel):
     _forwardedMemo = None
     #: The last route's members (L{protocols.http.site.HTTPSite._availableFor}).
     _membersMemo = None
+    #: The last backend target and its name in the access line.
+    _describedMemo = None
     #: Whether a response relay made the client's transport write through (once is enough).
     writingThrough = False
     client = None

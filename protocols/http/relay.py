@@ -65,16 +65,20 @@ class Relay:
         self.ended = None
         self.head = None
         clock = self.clock = site.clock
-        self.active = clock.seconds()
-        # The client connection's silence timer, kept between its requests: moved on (arithmetic
-        # while it only moves later), not a timer scheduled and cancelled per request.
+        now = self.active = clock.seconds()
+        # The client connection's silence timer, kept between its requests.  One due before
+        # this exchange's deadline is left alone (when it fires, L{_silent} sees the exchange
+        # active since C{self.active} and sets it for the rest); one due later is moved
+        # earlier.  Not a timer scheduled and cancelled, nor moved, per request.  (C{time} and
+        # C{delayed_time}: what L{DelayedCall.getTime} adds, read without a call.)
+        timeout = request.vdirTimeout or vdir.timeout
         channel = self.channel = request.channel
         channel._silenceOwner = self
         timer = channel._silence
         if timer is None:
-            channel._silence = clock.callLater(vdir.timeout, channel._silenceFired)
-        else:
-            timer.reset(vdir.timeout)
+            channel._silence = clock.callLater(timeout, channel._silenceFired)
+        elif timer.time + timer.delayed_time > now + timeout:
+            timer.reset(timeout)
 
     # -- the timer --------------------------------------------------------------------------
 

@@ -255,6 +255,8 @@ class ProxyRequest(server.Request):
     #: had no framing field (L{ProxyChannel._headReceived}): requests with the same one share
     #: it.
     section = None
+    #: The matched vdir's timeout (L{protocols.http.vdir.VirtualDirectory.timeout}), read once.
+    vdirTimeout = None
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytesIn += len(data)
@@ -536,7 +538,7 @@ class HTTPSite(server.Site):
             request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
         # While the body comes in, the client's silence is bounded by the vdir's timeout (the
         # same timeout was just restarted by the bytes of this head).
-        timeout = vdir.timeout
+        timeout = request.vdirTimeout = vdir.timeout
         if channel.timeOut != timeout:
             channel.setTimeout(timeout)
         self.proxy(request, vdir)
@@ -675,7 +677,13 @@ class HTTPSite(server.Site):
 
     def _attempt(self, request, vdir, decision, targets, index):
         target = targets[index]
-        request.backendName = target.describe()
+        channel = request.channel
+        described = channel._describedMemo
+        if described is not None and described[0] is target:
+            request.backendName = described[1]
+        else:
+            request.backendName = target.describe()
+            channel._describedMemo = (target, request.backendName)
         strip = self._strip
         if strip is None:
             strip = set()
@@ -684,7 +692,6 @@ class HTTPSite(server.Site):
             strip.add(b"host")
             strip = self._strip = frozenset(strip)
         toCAS = decision.route.kind == "cas"
-        channel = request.channel
         # The fields of the connection's last proxied request, when this one has the same
         # header section (the same parsed table) for the same vdir, user, client and filters.
         section = request.section
@@ -796,14 +803,16 @@ class HTTPSite(server.Site):
         user = request.user
         vdir = request.vdir
         service = request.service
+        method = request.method
         # Never a header, a cookie or a query string: they may hold secrets.
         fields = {
             "session": client.sessionId,
-            "vdir": vdir.name if vdir is not None else (service.name if service is not None else "-"),
+            # (vdir.name, without the property's call)
+            "vdir": (vdir.path or "/") if vdir is not None else (service.name if service is not None else "-"),
             "client": f"{host}:{client.peerPort}",
             "user": user.login if user is not None else "-",
             "backend": request.backendName or "-",
-            "method": (request.method or b"-").decode("ascii", "replace"),
+            "method": _METHOD_TEXT[method] if method in _METHOD_TEXT else (method or b"-").decode("ascii", "replace"),
             "path": (request.path or b"-").decode("utf-8", "replace")[:200],
             "status": request.code,
             "bytesIn": request.bytesIn,
@@ -817,6 +826,13 @@ class HTTPSite(server.Site):
             f" out={fields['bytesOut']} duration={fields['duration']:.3f}",
             fields,
         )
+
+
+#: The usual methods as the access line writes them.
+_METHOD_TEXT = {
+    m: m.decode("ascii") for m in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH",
+                                   b"PROPFIND", b"PROPPATCH", b"REPORT", b"MKCOL", b"MOVE", b"COPY")
+}
 
 
 class _HealthUser:
