@@ -64,6 +64,22 @@ class SameSectionTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertIsNotNone(self.client._fieldsMemo)
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
 
+    def test_sameRequestLine(self):
+        """
+        The same request line again is taken from the connection's memo: the same method,
+        target and path (without the query) as parsed the first time.
+        """
+        for _ in range(2):
+            self.request(b"PUT /EWS/a?q=1 HTTP/1.1\r\n" + SECTION + b"X-N: 1\r\n")
+            if not hasattr(self, "server"):
+                self.server, self.backendTransport = self.backend()
+            request = self.client.requests[-1]
+            self.assertEqual((request.method, request.uri, request.path), (b"PUT", b"/EWS/a?q=1", b"/EWS/a"))
+            self.assertTrue(self.backendTransport.value().startswith(b"PUT /EWS/a?q=1 HTTP/1.1\r\n"))
+            self.backendTransport.clear()
+            self.server.dataReceived(OK)
+        self.assertEqual(self.client._lineMemo[0], b"PUT /EWS/a?q=1 HTTP/1.1")
+
     def test_tablesNotShared(self):
         """
         Each request gets its own header table (the remembered one is not the request's).

@@ -173,6 +173,9 @@ class ProxyChannel(http.HTTPChannel):
     _forwardedMemo = None
     #: The last route's members (L{protocols.http.site.HTTPSite._availableFor}).
     _membersMemo = None
+    #: The last request line and its parse (L{_requestLine}), the last target's path.
+    _lineMemo = None
+    targetPath = b""
     #: The last backend target and its name in the access line.
     _describedMemo = None
     #: Whether a response relay made the client's transport write through (once is enough).
@@ -273,14 +276,11 @@ class ProxyChannel(http.HTTPChannel):
         ):
             self._badRequest()
             return b""
-        request = self.requestFactory(self, len(self.requests))
+        # (ProxyRequest ignores Twisted's deprecated "queued" argument.)
+        request = self.requestFactory(self, 0)
         self.requests.append(request)
         first = lines[0]
-        try:
-            if first[:1] in (b" ", b"\t"):
-                raise ValueError(first)
-            self._command, self._path, self._version = _parseRequestLine(first)
-        except ValueError:
+        if not self._requestLine(first):
             self._badRequest()
             return b""
         raw = request.requestHeaders._rawHeaders
@@ -340,18 +340,37 @@ class ProxyChannel(http.HTTPChannel):
         A request whose header section is the one of C{memo} (bytes, parsed table): its
         request line parsed, its headers a copy of the table.
         """
-        request = self.requestFactory(self, len(self.requests))
+        request = self.requestFactory(self, 0)
         self.requests.append(request)
-        try:
-            if first[:1] in (b" ", b"\t"):
-                raise ValueError(first)
-            self._command, self._path, self._version = _parseRequestLine(first)
-        except ValueError:
+        if not self._requestLine(first):
             self._badRequest()
             return b""
         request.requestHeaders._rawHeaders = memo[1].copy()
         request.section = memo
         return self._headParsed(head, end)
+
+    def _requestLine(self, first: bytes) -> bool:
+        """
+        Parse a request line into C{_command}, C{_path} (the target) and C{_version}, and the
+        target's path into C{targetPath}; the connection's last line is remembered with its
+        parse (the same line comes again on a keep-alive connection).
+
+        @return: whether the line is valid.
+        """
+        memo = self._lineMemo
+        if memo is not None and memo[0] == first:
+            self._command, self._path, self._version, self.targetPath = memo[1]
+            return True
+        try:
+            if first[:1] in (b" ", b"\t"):
+                raise ValueError(first)
+            command, target, version = _parseRequestLine(first)
+        except ValueError:
+            return False
+        parsed = (command, target, version, target.split(b"?", 1)[0])
+        self._lineMemo = (first, parsed)
+        self._command, self._path, self._version, self.targetPath = parsed
+        return True
 
     def _headParsed(self, head: bytes, end: int) -> bytes:
         """

@@ -159,7 +159,7 @@ class ProxyRequest(server.Request):
         self.method = channel._command
         self.uri = channel._path
         self.clientproto = channel._version
-        self.path = self.uri.split(b"?", 1)[0]
+        self.path = channel.targetPath
         # The body is read only for a local service (begin); a proxied one streams through.
         self.content = None
         channel.site.begin(self, length)
