@@ -401,7 +401,7 @@ class ProxyChannel(http.HTTPChannel):
         else:
             self.persistent = True
         request.gotLength(self.length)
-        expect = raw.get(b"Expect")
+        expect = raw[b"Expect"] if b"Expect" in raw else None
         if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             self._send100Continue()
 

@@ -215,7 +215,12 @@ class Relay:
                 parts.append(b"\r\n")
             request.startedWriting = 1
             self.headBytes = b"".join(parts)
-            self._producing()
+            request.relayFrom(self)
+            channel = self.channel
+            self.transport = channel.transport
+            if not channel.writingThrough:
+                channel.writingThrough = True
+                writeThrough(self.transport)
             return
         request.setResponseCode(code, phrase or None)
         if raw:
@@ -280,7 +285,9 @@ class Relay:
         if self.held is not None:
             self.ended = complete
             return
-        self._stopTimer()
+        channel = self.channel
+        if channel._silenceOwner is self:
+            channel._silenceOwner = None  # (L{_stopTimer}, without the call)
         self.exchange = None
         request = self.request
         if request._gone:

@@ -282,7 +282,10 @@ class ProxyRequest(server.Request):
             # The channel restores this timeout once the response is done; the vdir's timeout
             # was for this request only.
             self.channel._savedTimeOut = self.site.timeOut
-        self._bodyFinished()
+        if self._afterBody is None:
+            self.bodyRead = True  # nothing waits for it
+        else:
+            self._bodyFinished()
 
     #: Whether the whole body was read, and what waits for it (L{afterBody}).
     bodyRead = False
@@ -633,7 +636,10 @@ class HTTPSite(server.Site):
         targets = self._availableFor(request.channel, decision.route)
         if not targets:
             raise _noBackend(decision.route)
-        request.sendContinue()
+        if request.continueWanted:
+            request.sendContinue()
+        else:
+            request.mayContinue = True  # (what sendContinue does when no 100 is wanted)
         return self._attempt(request, vdir, decision, targets, 0)
 
     def _available(self, route):
