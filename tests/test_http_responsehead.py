@@ -123,3 +123,69 @@ class ResponseHeadTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertIsNone(request.producer)
         self.assertTrue(request.finished)
         self.assertEqual(self.client.requests, [])
+
+
+class ReadSwitchTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    """
+    The client connection's reading paused and resumed through its read switch
+    (L{protocols.http.channel.ReadSwitch}): the end of a request resumes a paused transport,
+    and leaves a reading one alone.
+    """
+
+    def test_pipelinedFloodPausedThenResumed(self):
+        """
+        Over 16 KiB of pipelined requests behind a proxied one pause reading (Twisted's
+        channel); the proxied response's end resumes it and the next requests are answered.
+        """
+        get = b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n\r\n"
+        filler = b"GET /healthcheck.htm HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * 1000 + b"\r\n\r\n"
+        self.client.dataReceived(get + filler * 20)
+        self.reactor.advance(0)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertTrue(self.client._networkProducer.paused)
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.reactor.advance(0)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertFalse(self.client._networkProducer.paused)
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK\r\n"), 21)
+
+    def test_readingLeftAlone(self):
+        """
+        A request's end does not resume a transport that was never paused.
+        """
+        calls = []
+        switch = self.client._networkProducer
+        original = switch.producer
+
+        class Counting:
+            def resumeProducing(self):
+                calls.append("resume")
+                original.resumeProducing()
+
+            def pauseProducing(self):
+                calls.append("pause")
+                original.pauseProducing()
+
+        switch.producer = Counting()
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertIn(b"\r\n\r\nok", self.transport.value())
+        self.assertEqual(calls, [])
+
+    def test_bodyPausesThroughSwitch(self):
+        """
+        A request body the backend does not take yet pauses reading through the switch; once
+        the backend takes it, reading resumes.
+        """
+        self.client.dataReceived(
+            b"POST /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 400000\r\n\r\n" + b"a" * 300000
+        )
+        self.reactor.advance(0)
+        self.assertTrue(self.client._networkProducer.paused)
+        self.assertEqual(self.transport.producerState, "paused")
+        server, backend = self.backend()
+        self.assertFalse(self.client._networkProducer.paused)
+        self.assertEqual(self.transport.producerState, "producing")

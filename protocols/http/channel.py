@@ -203,6 +203,9 @@ class ProxyChannel(http.HTTPChannel):
         # (two epoll_ctl calls and a pass of the reactor saved per write).
         writeThrough(self.transport)
         super().connectionMade()
+        # Reading from the client paused and resumed through one switch that knows whether it
+        # is paused: the end of each request need not resume a transport that reads.
+        self._networkProducer = ReadSwitch(self._networkProducer)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
@@ -444,7 +447,10 @@ class ProxyChannel(http.HTTPChannel):
             raise TypeError
         del requests[0]
         if not self._waitingForTransport:
-            self._networkProducer.resumeProducing()
+            # Twisted resumes the transport here, whether it was paused or not.
+            producer = self._networkProducer
+            if producer.__class__ is not ReadSwitch or producer.paused:
+                producer.resumeProducing()
         if self.persistent:
             self._handlingRequest = False
             if self._savedTimeOut:
@@ -548,6 +554,39 @@ class ProxyChannel(http.HTTPChannel):
         if timer is not None:
             timer.cancel()
         super().connectionLost(reason)
+
+
+class ReadSwitch:
+    """
+    The client connection's network producer (C{HTTPChannel._networkProducer}: its transport)
+    as every pause and resume of reading by the HTTP front end goes through it (Twisted's
+    channel, a request body's L{protocols.http.proxy.BodyPipe}), with whether it is paused.
+
+    @ivar paused: whether the last call was a pause.
+    """
+
+    __slots__ = ("producer", "paused")
+
+    def __init__(self, producer) -> None:
+        self.producer = producer
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+    def registerProducer(self, producer, streaming) -> None:
+        self.producer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.producer.unregisterProducer()
 
 
 def canonicalName(name: bytes) -> bytes:

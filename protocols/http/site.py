@@ -537,8 +537,9 @@ class HTTPSite(server.Site):
             request.refuseTooLarge()
             return
         if length != 0:
-            transport = channel.transport
-            request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
+            # Through the channel's read switch (L{protocols.http.channel.ReadSwitch}).
+            reading = channel._networkProducer
+            request._pipe = BodyPipe(length, reading.pauseProducing, reading.resumeProducing)
         # While the body comes in, the client's silence is bounded by the vdir's timeout (the
         # same timeout was just restarted by the bytes of this head).
         timeout = request.vdirTimeout = vdir.timeout
