@@ -189,3 +189,48 @@ class ReadSwitchTests(HTTPSiteTestsMixin, SynchronousTestCase):
         server, backend = self.backend()
         self.assertFalse(self.client._networkProducer.paused)
         self.assertEqual(self.transport.producerState, "producing")
+
+
+class IdleTimerTests(HTTPSiteTestsMixin, SynchronousTestCase):
+    """
+    The client connection's idle (keep-alive) timer: restarted by the client's bytes unless
+    they made a request that is answered, and by each request's end.
+    """
+
+    def get(self) -> None:
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC + b"\r\n")
+
+    def test_countsFromTheResponsesEnd(self):
+        """
+        A request answered 50 s after it came: the connection is idle from the answer on, and
+        closed 120 s later.
+        """
+        self.get()
+        server, backend = self.backend()
+        self.reactor.advance(50)
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.reactor.advance(119)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_bodyBytesRestartIt(self):
+        """
+        A request head with the start of its body after 100 s of idleness restarts the timer:
+        the connection is still open when the rest of the body comes 100 s later.
+        """
+        self.get()
+        server, backend = self.backend()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.reactor.advance(100)
+        self.client.dataReceived(
+            b"POST /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nContent-Length: 10\r\n\r\n01234"
+        )
+        self.reactor.advance(100)
+        self.assertFalse(self.transport.disconnecting)
+        # (The idle backend connection was closed meanwhile: the POST has a new one.)
+        server, backend = self.backend()
+        self.client.dataReceived(b"56789")
+        self.assertTrue(backend.value().startswith(b"POST /EWS/x "), backend.value())
+        self.assertTrue(backend.value().endswith(b"\r\n\r\n0123456789"), backend.value())

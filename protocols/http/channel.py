@@ -188,6 +188,8 @@ class ProxyChannel(http.HTTPChannel):
     #: Inside L{dataReceived} (bytes given meanwhile wait in L{_pending}).
     _receiving = False
     _pending = b""
+    #: How many requests were answered (L{requestDone}).
+    _requestsDone = 0
 
     def connectionMade(self) -> None:
         site = self.site
@@ -208,12 +210,13 @@ class ProxyChannel(http.HTTPChannel):
         self._networkProducer = ReadSwitch(self._networkProducer)
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
         if self._receiving:
-            # Twisted hands back buffered bytes from inside a call (requestDone -> setLineMode).
+            # Twisted hands back buffered bytes from inside a call (requestDone -> setLineMode),
+            # which restarted the idle timer.
             self._pending += data
             return
         self._receiving = True
+        done = self._requestsDone
         try:
             while data:
                 if not self.line_mode or self._handlingRequest:
@@ -227,6 +230,12 @@ class ProxyChannel(http.HTTPChannel):
                     data, self._pending = data + self._pending, b""
         finally:
             self._receiving = False
+        # The idle timer restarts with the client's bytes (Twisted's dataReceived: before
+        # reading them), unless they made a request that is being answered (the timer does not
+        # close a connection then: L{timeoutConnection}) or that was answered meanwhile
+        # (L{requestDone} restarted it): no reset per request.
+        if not self._handlingRequest and self._requestsDone == done:
+            self.resetTimeout()
 
     def _headReceived(self, data: bytes) -> bytes:
         """
@@ -446,6 +455,7 @@ class ProxyChannel(http.HTTPChannel):
         if request is not requests[0]:
             raise TypeError
         del requests[0]
+        self._requestsDone += 1
         if not self._waitingForTransport:
             # Twisted resumes the transport here, whether it was paused or not.
             producer = self._networkProducer
