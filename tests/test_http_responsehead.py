@@ -72,6 +72,20 @@ class ResponseHeadTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"HTTP/1.0 200 OK\r\n\r\nabc")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_clientAsksToClose(self):
+        """
+        A client's C{Connection: close}: the response says so (Twisted's path, since casd adds
+        that field) and the connection closes after it.
+        """
+        self.request(b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\nAuthorization: " + BASIC + b"\r\n")
+        server, backend = self.backend()
+        self.transport.clear()
+        server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        out = self.transport.value()
+        self.assertIn(b"\r\nConnection: close\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\nok"), out)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_cutBeforeBodyWritesNothing(self):
         """
         A response cut before its first body byte: no head is sent, the client connection
