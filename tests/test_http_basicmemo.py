@@ -90,6 +90,22 @@ class BasicMemoTests(SynchronousTestCase):
         self.assertEqual(self.directory.checks, 1)
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 5)
 
+    def test_secondAuthorizationNotRemembered(self):
+        """
+        With the memo set, the same credentials sent twice in one request are refused (401),
+        not answered from the memo.
+        """
+        self.get()
+        self.get()
+        self.assertIsNotNone(self.client.basicMemo)
+        self.transport.clear()
+        self.client.dataReceived(
+            b"GET /EWS/x HTTP/1.1\r\nHost: h\r\nAuthorization: " + BASIC
+            + b"\r\nAuthorization: " + BASIC + b"\r\n\r\n"
+        )
+        self.reactor.advance(0)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 401 "), self.transport.value())
+
     def test_otherHeaderLoggedInAfresh(self):
         """
         Other credentials on the same connection are their own login.

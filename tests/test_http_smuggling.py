@@ -119,6 +119,21 @@ class TwistedPrivatesTests(SynchronousTestCase):
         self.assertEqual(seen, [(b"PUT", b"/a?b", b"HTTP/1.1", 2)])
         channel.connectionLost(None)
 
+    def test_delayedCallTime(self):
+        """
+        A L{DelayedCall}'s due time is C{time + delayed_time} (L{protocols.http.relay.Relay}
+        reads both instead of calling C{getTime}).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        clock = MemoryReactorClock()
+        call = clock.callLater(5, lambda: None)
+        clock.advance(1)
+        call.reset(10)
+        self.assertEqual(call.time + call.delayed_time, call.getTime())
+        self.assertEqual(call.getTime(), 11)
+        call.cancel()
+
     def test_savedTimeout(self):
         """
         C{allContentReceived} keeps the channel's timeout in C{_savedTimeOut} and

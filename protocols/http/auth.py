@@ -143,6 +143,21 @@ class BasicCredentials:
     def challenge(self, request, vdir):
         return basicChallenge(vdir)
 
+    def again(self, request, client):
+        """
+        What L{authenticate} answers at once from the connection's memo (the same single
+        C{Authorization} header as its last Basic login, the credential cache still holding that
+        success, no lock-out since: L{casd.auth.authenticator.Authenticator.loginAgain}), else
+        C{None}.
+        """
+        memo = request.channel.basicMemo
+        if memo is None:
+            return None
+        headers = request.requestHeaders._rawHeaders.get(b"Authorization")
+        if headers is None or headers[1:] or headers[0] != memo[0] or not client.plaintextAllowed:
+            return None
+        return self.authenticator.loginAgain(memo[1], client)
+
 
 class HTTPAuthenticator:
     """
@@ -164,6 +179,19 @@ class HTTPAuthenticator:
         Add (or replace) the method C{source.method}.
         """
         self.sources[source.method] = source
+
+    def authenticatedAgain(self, request, vdir, client):
+        """
+        The user L{authenticate} would give at once for a vdir whose first method is Basic,
+        from the connection's memo (L{BasicCredentials.again}), without a L{Deferred}; else
+        C{None} (ask L{authenticate}).
+        """
+        auth = vdir.auth
+        if auth and auth[0] == "basic" and request.channel.basicMemo is not None:
+            source = self.sources.get("basic")
+            if source.__class__ is BasicCredentials:
+                return source.again(request, client)
+        return None
 
     def _sourcesFor(self, vdir):
         for method in vdir.auth:

@@ -48,6 +48,13 @@ _CONNECTION_VALUES = {
     for value in (token, token.title(), token.upper())
 }
 
+#: The usual spellings of the response fields L{_PLAIN} never holds, and their lower case.
+_LOWER = {
+    spelling: name
+    for name in (b"content-length", b"connection", b"keep-alive", b"transfer-encoding")
+    for spelling in (name, name.title())
+}
+
 #: Response field names as backends spell them that need no look at their lower case (not
 #: hop-by-hop, not C{Content-Length}): a bounded set, the same few names come back.
 _PLAIN: set = set()
@@ -226,17 +233,19 @@ class UpstreamConnection(Protocol):
         length = None
         chunked = False
         delimited = False
-        headers = []
         hop = HOP_BY_HOP
         named = None
         plain = _PLAIN
-        for name, value in _FIELD.findall(head):
+        # The fields in the backend's order, less the hop-by-hop ones (filtered once at the end).
+        headers = _FIELD.findall(head)
+        dropped = ()
+        for name, value in headers:
             if name in plain:
                 # A name seen before, neither hop-by-hop nor Content-Length in any spelling.
-                headers.append((name, value))
                 continue
-            lower = name.lower()
+            lower = _LOWER[name] if name in _LOWER else name.lower()
             if lower in hop:
+                dropped += (name,)
                 if lower == b"connection":
                     tokens = _CONNECTION_VALUES.get(value)
                     if tokens is None:
@@ -254,7 +263,8 @@ class UpstreamConnection(Protocol):
                 length = int(value)
             elif len(plain) < _PLAIN_MAX:
                 plain.add(name)
-            headers.append((name, value))
+        if dropped:
+            headers = [field for field in headers if field[0] not in dropped]
         if named is not None:
             if b"close" in named:
                 keepAlive = False
@@ -271,6 +281,7 @@ class UpstreamConnection(Protocol):
                 headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
                 length = None
         self._keepAlive = keepAlive
+        exchange.length = length
         if code in (204, 304) or exchange.noBody:
             self._state = _DONE
         elif chunked:

@@ -160,6 +160,26 @@ class ProxyChannel(http.HTTPChannel):
     _pathMemo = None
     #: The last request's own route (L{protocols.http.routing.RequestRouter.routeNow}).
     _routeMemo = None
+    #: The last request's header section (the bytes between the request line and the empty
+    #: line) and its parsed table, when it had no framing field (L{_headReceived}).
+    _sectionMemo = None
+    #: The header fields sent to the backend for the last proxied request, with what they were
+    #: made from (L{protocols.http.site.HTTPSite._attempt}).
+    _fieldsMemo = None
+    #: The last Basic login's header and memo (L{protocols.http.auth.BasicCredentials}).
+    basicMemo = None
+    #: The connection's client and the real client a trusted balancer's headers named in the
+    #: last header section (L{protocols.http.site.HTTPSite.begin}).
+    _forwardedMemo = None
+    #: The last route's members (L{protocols.http.site.HTTPSite._availableFor}).
+    _membersMemo = None
+    #: The last request line and its parse (L{_requestLine}), the last target's path.
+    _lineMemo = None
+    targetPath = b""
+    #: The last backend target and its name in the access line.
+    _describedMemo = None
+    #: Whether a response relay made the client's transport write through (once is enough).
+    writingThrough = False
     client = None
     #: The start of a request head whose end has not arrived yet.
     _head = b""
@@ -168,6 +188,8 @@ class ProxyChannel(http.HTTPChannel):
     #: Inside L{dataReceived} (bytes given meanwhile wait in L{_pending}).
     _receiving = False
     _pending = b""
+    #: How many requests were answered (L{requestDone}).
+    _requestsDone = 0
 
     def connectionMade(self) -> None:
         site = self.site
@@ -183,14 +205,18 @@ class ProxyChannel(http.HTTPChannel):
         # (two epoll_ctl calls and a pass of the reactor saved per write).
         writeThrough(self.transport)
         super().connectionMade()
+        # Reading from the client paused and resumed through one switch that knows whether it
+        # is paused: the end of each request need not resume a transport that reads.
+        self._networkProducer = ReadSwitch(self._networkProducer)
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
         if self._receiving:
-            # Twisted hands back buffered bytes from inside a call (requestDone -> setLineMode).
+            # Twisted hands back buffered bytes from inside a call (requestDone -> setLineMode),
+            # which restarted the idle timer.
             self._pending += data
             return
         self._receiving = True
+        done = self._requestsDone
         try:
             while data:
                 if not self.line_mode or self._handlingRequest:
@@ -204,6 +230,12 @@ class ProxyChannel(http.HTTPChannel):
                     data, self._pending = data + self._pending, b""
         finally:
             self._receiving = False
+        # The idle timer restarts with the client's bytes (Twisted's dataReceived: before
+        # reading them), unless they made a request that is being answered (the timer does not
+        # close a connection then: L{timeoutConnection}) or that was answered meanwhile
+        # (L{requestDone} restarted it): no reset per request.
+        if not self._handlingRequest and self._requestsDone == done:
+            self.resetTimeout()
 
     def _headReceived(self, data: bytes) -> bytes:
         """
@@ -233,6 +265,17 @@ class ProxyChannel(http.HTTPChannel):
             return b""
         self._head = b""
         self._skippedBlank = False
+        lineEnd = head.find(b"\r\n")
+        memo = self._sectionMemo
+        if memo is not None and lineEnd < end and memo[0] == head[lineEnd + 2 : end]:
+            # The same header section as this connection's last request (a keep-alive client
+            # asking again): checked and parsed then, and free of framing fields; only the
+            # request line is new.
+            first = head[:lineEnd]
+            if b"\n" in first or b"\r" in first or b"\0" in first:
+                self._badRequest()
+                return b""
+            return self._sameSection(head, end, first, memo)
         lines = head[:end].split(b"\r\n")
         breaks = len(lines) - 1
         if (
@@ -245,19 +288,17 @@ class ProxyChannel(http.HTTPChannel):
         ):
             self._badRequest()
             return b""
-        request = self.requestFactory(self, len(self.requests))
+        # (ProxyRequest ignores Twisted's deprecated "queued" argument.)
+        request = self.requestFactory(self, 0)
         self.requests.append(request)
         first = lines[0]
-        try:
-            if first[:1] in (b" ", b"\t"):
-                raise ValueError(first)
-            self._command, self._path, self._version = _parseRequestLine(first)
-        except ValueError:
+        if not self._requestLine(first):
             self._badRequest()
             return b""
         raw = request.requestHeaders._rawHeaders
         canonical = _canonical
         memo = _LINES
+        framed = False
         for line in lines[1:]:
             known = memo.get(line)
             if known is not None:
@@ -285,12 +326,12 @@ class ProxyChannel(http.HTTPChannel):
                 if len(canonical) < _CANONICAL_MAX:
                     canonical[name] = key
             value = value.strip(b" \t")
-            if (key == _CONTENT_LENGTH or key == _TRANSFER_ENCODING) and not (
-                self._maybeChooseTransferDecoder(key, value)
-            ):
-                # CL+TE, two lengths, a bad length or coding: Twisted has answered 400.
-                self._badRequest(answered=True)
-                return b""
+            if key == _CONTENT_LENGTH or key == _TRANSFER_ENCODING:
+                framed = True
+                if not self._maybeChooseTransferDecoder(key, value):
+                    # CL+TE, two lengths, a bad length or coding: Twisted has answered 400.
+                    self._badRequest(answered=True)
+                    return b""
             if key in _REMEMBERED and len(memo) < _LINES_MAX and len(line) <= _LINE_MAX:
                 memo[line] = (key, value)
             values = raw.get(key)
@@ -298,6 +339,55 @@ class ProxyChannel(http.HTTPChannel):
                 raw[key] = [value]
             else:
                 values.append(value)
+        if framed or breaks == 0:
+            self._sectionMemo = None
+        else:
+            # Remembered for the connection's next request (values shared, never changed:
+            # L{_sameSection} gives each request its own table).
+            self._sectionMemo = request.section = (head[len(first) + 2 : end], raw.copy())
+        return self._headParsed(head, end)
+
+    def _sameSection(self, head: bytes, end: int, first: bytes, memo) -> bytes:
+        """
+        A request whose header section is the one of C{memo} (bytes, parsed table): its
+        request line parsed, its headers a copy of the table.
+        """
+        request = self.requestFactory(self, 0)
+        self.requests.append(request)
+        if not self._requestLine(first):
+            self._badRequest()
+            return b""
+        request.requestHeaders._rawHeaders = memo[1].copy()
+        request.section = memo
+        return self._headParsed(head, end)
+
+    def _requestLine(self, first: bytes) -> bool:
+        """
+        Parse a request line into C{_command}, C{_path} (the target) and C{_version}, and the
+        target's path into C{targetPath}; the connection's last line is remembered with its
+        parse (the same line comes again on a keep-alive connection).
+
+        @return: whether the line is valid.
+        """
+        memo = self._lineMemo
+        if memo is not None and memo[0] == first:
+            self._command, self._path, self._version, self.targetPath = memo[1]
+            return True
+        try:
+            if first[:1] in (b" ", b"\t"):
+                raise ValueError(first)
+            command, target, version = _parseRequestLine(first)
+        except ValueError:
+            return False
+        parsed = (command, target, version, target.split(b"?", 1)[0])
+        self._lineMemo = (first, parsed)
+        self._command, self._path, self._version, self.targetPath = parsed
+        return True
+
+    def _headParsed(self, head: bytes, end: int) -> bytes:
+        """
+        The head of the last request is parsed: hand it over, and return what follows it.
+        """
         self.allHeadersReceived()
         if self.length == 0:
             self.allContentReceived()
@@ -323,7 +413,7 @@ class ProxyChannel(http.HTTPChannel):
         else:
             self.persistent = True
         request.gotLength(self.length)
-        expect = raw.get(b"Expect")
+        expect = raw[b"Expect"] if b"Expect" in raw else None
         if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             self._send100Continue()
 
@@ -356,8 +446,32 @@ class ProxyChannel(http.HTTPChannel):
             self._headerTimer = None
 
     def requestDone(self, request) -> None:
-        self._cancelHeaderTimer()
-        super().requestDone(request)
+        # Twisted's requestDone (TWISTED_SOURCES), with the request compared by identity (what
+        # its Request.__eq__ does, in two calls), the line mode set without a call and the
+        # buffer of pipelined bytes joined only when there is one.
+        if self._headerTimer is not None:
+            self._cancelHeaderTimer()
+        requests = self.requests
+        if request is not requests[0]:
+            raise TypeError
+        del requests[0]
+        self._requestsDone += 1
+        if not self._waitingForTransport:
+            # Twisted resumes the transport here, whether it was paused or not.
+            producer = self._networkProducer
+            if producer.__class__ is not ReadSwitch or producer.paused:
+                producer.resumeProducing()
+        if self.persistent:
+            self._handlingRequest = False
+            if self._savedTimeOut:
+                self.setTimeout(self._savedTimeOut)
+            buffered = self._dataBuffer
+            self.line_mode = 1
+            if buffered:
+                self._dataBuffer = []
+                self.dataReceived(b"".join(buffered))
+        else:
+            self.loseConnection()
 
     def _headersTooSlow(self) -> None:
         self._headerTimer = None
@@ -450,6 +564,39 @@ class ProxyChannel(http.HTTPChannel):
         if timer is not None:
             timer.cancel()
         super().connectionLost(reason)
+
+
+class ReadSwitch:
+    """
+    The client connection's network producer (C{HTTPChannel._networkProducer}: its transport)
+    as every pause and resume of reading by the HTTP front end goes through it (Twisted's
+    channel, a request body's L{protocols.http.proxy.BodyPipe}), with whether it is paused.
+
+    @ivar paused: whether the last call was a pause.
+    """
+
+    __slots__ = ("producer", "paused")
+
+    def __init__(self, producer) -> None:
+        self.producer = producer
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+    def registerProducer(self, producer, streaming) -> None:
+        self.producer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.producer.unregisterProducer()
 
 
 def canonicalName(name: bytes) -> bytes:

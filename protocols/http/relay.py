@@ -10,6 +10,7 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES as _NO_BODY_CODES, RESPONSES as _RESPONSES
 from twisted.web.http_headers import _nameEncoder
 
 from casd.session.relay import writeThrough
@@ -49,6 +50,8 @@ class Relay:
     transport = None
     #: How much of the client's body the silence timer saw last.
     seenIn = 0
+    #: The response head L{_start} wrote, until the first body bytes take it along.
+    headBytes = None
 
     def __init__(self, site, request, vdir, decision, targets, index) -> None:
         self.site = site
@@ -62,16 +65,20 @@ class Relay:
         self.ended = None
         self.head = None
         clock = self.clock = site.clock
-        self.active = clock.seconds()
-        # The client connection's silence timer, kept between its requests: moved on (arithmetic
-        # while it only moves later), not a timer scheduled and cancelled per request.
+        now = self.active = clock.seconds()
+        # The client connection's silence timer, kept between its requests.  One due before
+        # this exchange's deadline is left alone (when it fires, L{_silent} sees the exchange
+        # active since C{self.active} and sets it for the rest); one due later is moved
+        # earlier.  Not a timer scheduled and cancelled, nor moved, per request.  (C{time} and
+        # C{delayed_time}: what L{DelayedCall.getTime} adds, read without a call.)
+        timeout = request.vdirTimeout or vdir.timeout
         channel = self.channel = request.channel
         channel._silenceOwner = self
         timer = channel._silence
         if timer is None:
-            channel._silence = clock.callLater(vdir.timeout, channel._silenceFired)
-        else:
-            timer.reset(vdir.timeout)
+            channel._silence = clock.callLater(timeout, channel._silenceFired)
+        elif timer.time + timer.delayed_time > now + timeout:
+            timer.reset(timeout)
 
     # -- the timer --------------------------------------------------------------------------
 
@@ -118,7 +125,7 @@ class Relay:
         self.exchange = None
         site, request = self.site, self.request
         target = self.targets[self.index]
-        site.context.connector.member(target).connectFailed(
+        site.memberFor(self.channel, target).connectFailed(
             str(reason.value) or type(reason.value).__name__
         )
         pipe = request._pipe
@@ -152,21 +159,21 @@ class Relay:
     def responseStarted(self, exchange, code, phrase, headers) -> None:
         self.started = True
         request = self.request
-        self.site.context.connector.member(self.targets[self.index]).connectSucceeded()
+        self.site.memberFor(self.channel, self.targets[self.index]).connectSucceeded()
         if request._gone:
             self.clientGone()
             return
         self.head = (code, phrase, headers)
-        if request.bodyDone.called:
+        if request.bodyRead:
             self._start()
             return
         # The client's body is still coming: the response waits for it (Twisted's channel reads
         # the next request from the same buffer), the backend connection paused meanwhile.
         self.held = []
         exchange.pauseResponse()
-        request.bodyDone.addCallback(self._release)
+        request.afterBody(self._release)
 
-    def _release(self, _=None) -> None:
+    def _release(self) -> None:
         held, self.held = self.held, None
         if self.request._gone:
             return
@@ -181,9 +188,41 @@ class Relay:
     def _start(self) -> None:
         request = self.request
         code, phrase, headers = self.head
-        request.setResponseCode(code, phrase or None)
         out = request.responseHeaders
         raw = out._rawHeaders
+        if (
+            not raw
+            and self.decision.cookie is None
+            and code not in _NO_BODY_CODES
+            and request.method != b"HEAD"
+            and not request.cookies
+            and request.lastModified is None
+            and request.etag is None
+        ):
+            # The usual response: its head written here from the backend's fields in one pass
+            # (their order and spelling kept), sent with the first body bytes; what Twisted's
+            # Request.write would frame otherwise (chunked for HTTP/1.1 without a length).
+            request.code = code
+            message = request.code_message = phrase or _RESPONSES.get(code, b"Unknown Status")
+            version = request.clientproto
+            parts = [version, b" %d " % code, message, b"\r\n"]
+            for name, value in headers:
+                parts += (name, b": ", value, b"\r\n")
+            if self.exchange.length is None and version == b"HTTP/1.1":
+                parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+                request.chunked = 1
+            else:
+                parts.append(b"\r\n")
+            request.startedWriting = 1
+            self.headBytes = b"".join(parts)
+            request.relayFrom(self)
+            channel = self.channel
+            self.transport = channel.transport
+            if not channel.writingThrough:
+                channel.writingThrough = True
+                writeThrough(self.transport)
+            return
+        request.setResponseCode(code, phrase or None)
         if raw:
             # casd set some already (a refreshed forms session's cookie): merged.
             copyResponseHeaders(headers, out)
@@ -201,11 +240,21 @@ class Relay:
                     raw[key] = [value]
         if self.decision.cookie is not None:
             out.addRawHeader(b"Set-Cookie", self.decision.cookie)
-        request.registerProducer(self, True)
+        self._producing()
+
+    def _producing(self) -> None:
+        """
+        The relay becomes the client's producer; the client's transport writes through.
+        """
+        request = self.request
+        request.relayFrom(self)
         # The client's writes try the socket at once (the core's, as the mail relay's): the
         # head and the body pieces go out without a reactor turn each.
-        transport = self.transport = request.channel.transport
-        writeThrough(transport)
+        channel = self.channel
+        transport = self.transport = channel.transport
+        if not channel.writingThrough:
+            channel.writingThrough = True
+            writeThrough(transport)
 
     def responseData(self, data: bytes) -> None:
         if self.held is not None:
@@ -213,6 +262,18 @@ class Relay:
             return
         self.active = self.clock.seconds()
         request = self.request
+        head = self.headBytes
+        if head is not None:
+            # The first bytes, with the head L{_start} wrote.
+            if not data:
+                return
+            self.headBytes = None
+            request.sentLength += len(data)
+            if request.chunked:
+                self.transport.write(b"%s%x\r\n%s\r\n" % (head, len(data), data))
+            else:
+                self.transport.write(head + data)
+            return
         if request.startedWriting and not request.chunked:
             # The head is out and the body needs no framing: to the client's transport.
             request.sentLength += len(data)
@@ -224,15 +285,23 @@ class Relay:
         if self.held is not None:
             self.ended = complete
             return
-        self._stopTimer()
+        channel = self.channel
+        if channel._silenceOwner is self:
+            channel._silenceOwner = None  # (L{_stopTimer}, without the call)
         self.exchange = None
         request = self.request
         if request._gone:
             return
-        request.unregisterProducer()
+        head = self.headBytes
+        if head is not None:
+            # No body bytes came: the head alone for an empty body, nothing for a cut one.
+            self.headBytes = None
+            if complete:
+                self.transport.write(head)
         if complete:
-            request.finish()
+            request.finishRelayed()
         else:
+            request.unregisterProducer()
             # A body cut short must not look complete: close the connection.
             request.channel.transport.loseConnection()
 

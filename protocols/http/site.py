@@ -30,290 +30,23 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.http_headers import Headers
 
 from casd.failures import BackendUnavailable, CASFailure
 from casd.service.logs import LineLog
 from casd.routing.router import routeTo
 from protocols.http.headers import PROXY_TTL, backendRequestHeaders
-from protocols.http.channel import ProxyChannel, forwardedClient, rawResponse, sourcesChanged
+from protocols.http.channel import ProxyChannel, forwardedClient
 from protocols.http.proxy import IDEMPOTENT, BodyPipe
 from protocols.http.relay import Relay
 from protocols.http.routing import ROUTE_COOKIE
-from protocols.http.status import (
-    HTTPError,
-    NotFound,
-    httpError,
-    render,
-)
-
-#: The Twisted sources whose attributes L{ProxyRequest.__init__} sets itself, with the SHA-256
-#: of each in Twisted 26.10.0 (a test fails when one changes: see L{leanInitSourcesChanged}).
-LEAN_INIT_SOURCES = {
-    "twisted.web.server.Request.__init__":
-        "f79aac5ec350503e5367940d865a8b57b43088425ed0f82f6eb3388dbdcb7eb9",
-    "twisted.web.http.Request.__init__":
-        "2d3f7dbd28d0ce02f4b8f99942bd6e2f62165fc512304e8f366b361444278e29",
-    "twisted.python.components.Componentized.__init__":
-        "31cb3de9ee79eae252d7b1c13acb318b0a6c673829c19925e156b409fe0dcf4e",
-    "twisted.web.http.Request._cleanup":
-        "3e4358e4df9cc52d46752cf89bd03f1cee86b3e7d364485a18283f3cddabde2a",
-    "twisted.web.server.Request.write":
-        "e0629de84fb9e31d508fcda0a564c768705add8a095b140c03a9a62e8326b523",
-    "twisted.web.http.Request.connectionLost":
-        "e874acaf9f19205d5b7ed2a52b73a8327013a0c3df87a724eab07caabe5e4ba4",
-}
-
-
-def leanInitSourcesChanged() -> list[str]:
-    """
-    @return: the names in L{LEAN_INIT_SOURCES} whose source changed (empty when none did).
-    """
-    return sourcesChanged(LEAN_INIT_SOURCES)
-
-
-_httpWrite = http.Request.write
-_NO_BODY_CODES = http.NO_BODY_CODES
+from protocols.http.request import LEAN_INIT_SOURCES, ProxyRequest, leanInitSourcesChanged
+from protocols.http.status import HTTPError, NotFound
 
 #: The access log: one line per request (namespace C{casd.http.access}), rendered once
 #: (L{casd.service.logs.LineLog}).
 ACCESS_LOG = LineLog("casd.http.access")
-
-
-class ProxyRequest(server.Request):
-    """
-    One request: a local service's, a vdir's (proxied) or an error.
-
-    @ivar mode: C{"local"}, C{"proxy"} or C{"error"}.
-    @ivar vdir: the matched vdir, or C{None}.
-    @ivar user: the authenticated user, once known.
-    @ivar bodyDone: a L{Deferred} firing when the whole body was read.
-    """
-
-    defaultContentType = None
-
-    def __init__(self, channel, *args, **kw) -> None:
-        # What twisted.web's Request.__init__ chain sets (L{server.Request}, L{http.Request},
-        # L{Componentized}: see L{LEAN_INIT_SOURCES}), without asking the transport for its
-        # addresses: C{client} is the connection's L{ClientInfo}, C{host} is looked up if
-        # asked for.
-        self.notifications = []
-        self.channel = channel
-        self.requestHeaders = Headers()
-        self.received_cookies = {}
-        self.responseHeaders = Headers()
-        self.cookies = []
-        self.transport = channel.transport
-        self.queued = False
-        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
-        self._adapterCache = {}
-        self.mode = "error"
-        self.vdir = None
-        self.user = None
-        self.backendName = ""
-        self.bytesIn = 0
-        self.bodyDone = defer.Deferred()
-        self.service = None
-        self._limit = 0
-        self._pipe = None
-        self._relay = None
-        self._gone = False
-        self._logged = False
-        self.site = channel.site
-        self.client = channel.client
-        self.startedAt = self.site.clock.seconds()
-
-    @property
-    def host(self):
-        """
-        The address of the listener (L{twisted.web.http.Request.getHost}), looked up when
-        asked for.
-        """
-        host = self.__dict__.get("_host")
-        if host is None:
-            host = self._host = self.transport.getHost()
-        return host
-
-    @host.setter
-    def host(self, value) -> None:
-        self._host = value
-
-    # -- reading ------------------------------------------------------------------------
-
-    def gotLength(self, length) -> None:
-        channel = self.channel
-        # The request line, known to the channel but given to the request only at the end.
-        self.method = channel._command
-        self.uri = channel._path
-        self.clientproto = channel._version
-        self.path = self.uri.split(b"?", 1)[0]
-        # The body is read only for a local service (begin); a proxied one streams through.
-        self.content = None
-        channel.site.begin(self, length)
-
-    def write(self, data: bytes) -> None:
-        if self._encoder is None and not self._inFakeHead and self.defaultContentType is None:
-            # twisted.web.server.Request.write would only look for headers it never sets.
-            if self.startedWriting or not data:
-                _httpWrite(self, data)
-                return
-            # The first bytes: the head goes out with them, in one write.
-            if (
-                self.lastModified is None
-                and self.etag is None
-                and not self.cookies
-                and self.method != b"HEAD"
-                and self.code not in _NO_BODY_CODES
-                and not self.finished
-                and not self._disconnected
-            ):
-                self._firstWrite(data)
-                return
-            channel = self.channel
-            channel._holdHead = True
-            try:
-                _httpWrite(self, data)
-            finally:
-                channel.flushHead()
-        else:
-            server.Request.write(self, data)
-
-    def _firstWrite(self, data: bytes) -> None:
-        """
-        What C{http.Request.write} does for the first bytes of a response with a body and no
-        C{lastModified}, C{etag} or C{cookies} (chunked framing when HTTP/1.1 has no length),
-        with the head and the bytes written as one string (C{ProxyChannel.writeHeaders}'s head).
-        """
-        self.startedWriting = 1
-        raw = self.responseHeaders._rawHeaders
-        version = self.clientproto
-        if version == b"HTTP/1.1" and b"Content-Length" not in raw:
-            raw[b"Transfer-Encoding"] = [b"chunked"]
-            self.chunked = 1
-        parts = [version, b" %d " % self.code, self.code_message, b"\r\n"]
-        for name, values in raw.items():
-            for value in values:
-                parts += (name, b": ", value, b"\r\n")
-        self.sentLength += len(data)
-        if self.chunked:
-            parts += (b"\r\n", *http.toChunk(data))
-        else:
-            parts += (b"\r\n", data)
-        self.channel.transport.write(b"".join(parts))
-
-    def refuseTooLarge(self) -> None:
-        """
-        Answer 413 at once and close: the client is still sending a body nobody will read.
-        """
-        self.answerNow(HTTPError(413, reason=b"Payload Too Large"))
-
-    def answerNow(self, error: HTTPError) -> None:
-        """
-        Answer before the body is read, and close the connection (the only way to skip a body
-        in HTTP/1.1).
-        """
-        self._gone = True
-        if self._pipe is not None:
-            self._pipe.fail(Failure(CASFailure(f"answered {error.code} before the body")))
-        transport = self.channel.transport
-        transport.write(rawResponse(error))
-        self.channel._cancelHeaderTimer()
-        self.channel.dataReceived = lambda data: None
-        self.setResponseCode(error.code)
-        self._writeAccessLog()
-        transport.loseConnection()
-
-    def sendContinue(self) -> None:
-        """
-        The request may proceed: send the C{100 Continue} the client asked for, if it did.
-        """
-        self.mayContinue = True
-        if self.continueWanted and not self._gone and not self.bodyDone.called:
-            self.continueWanted = False
-            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    #: Whether the client sent C{Expect: 100-continue} and still waits for it.
-    continueWanted = False
-    #: Whether the request was authenticated and routed (a 100 may be sent).
-    mayContinue = False
-    #: The answer decided before the body was read, if any.
-    pendingError = None
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self.bytesIn += len(data)
-        if self._limit and self.bytesIn > self._limit:
-            if not self._gone:
-                self.refuseTooLarge()
-            return
-        if self.mode == "proxy" and self._pipe is not None:
-            self._pipe.write(data)
-        elif self.mode == "local":
-            self.content.write(data)
-
-    def requestReceived(self, command, path, version) -> None:
-        if self._gone:
-            return
-        if self._pipe is not None:
-            self._pipe.finish()
-        if self.mode == "local":
-            self.channel.site.processLocal(self, command, path, version)
-            return
-        self.method, self.uri, self.clientproto = command, path, version
-        if self.vdir is not None:
-            # The channel restores this timeout once the response is done; the vdir's timeout
-            # was for this request only.
-            self.channel._savedTimeOut = self.site.timeOut
-        self.bodyDone.callback(None)
-
-    def runLocal(self, command, path, version) -> None:
-        """
-        Process a local service's request (Twisted's own path: args, resources).
-        """
-        server.Request.requestReceived(self, command, path, version)
-
-    # -- answering ----------------------------------------------------------------------
-
-    def fail(self, exc) -> None:
-        """
-        Answer with the response for C{exc} (once the body is read).
-        """
-        if isinstance(exc, Failure):
-            exc = exc.value
-        self.answer(httpError(exc))
-
-    def answer(self, error: HTTPError) -> None:
-        self.pendingError = error
-        if self.continueWanted and not self.bodyDone.called and not self._gone:
-            # The client holds its body back until told to continue: answer now, and close.
-            self.answerNow(error)
-            return
-
-        def send(_):
-            if not self._gone and not self.finished:
-                if self._relay is None:
-                    render(self, error)
-        self.bodyDone.addCallback(send)
-
-    def connectionLost(self, reason) -> None:
-        self._gone = True
-        if self._pipe is not None:
-            self._pipe.fail(reason)
-        if self._relay is not None:
-            self._relay.clientGone()
-        super().connectionLost(reason)
-        self._writeAccessLog()
-
-    def _cleanup(self) -> None:
-        # The response is complete (what notifyFinish() reports, without a Deferred of ours).
-        super()._cleanup()
-        self._writeAccessLog()
-
-    def _writeAccessLog(self) -> None:
-        if self._logged:
-            return
-        self._logged = True
-        self.site.accessLog(self)
 
 
 _PENDING = object()
@@ -395,12 +128,20 @@ class HTTPSite(server.Site):
         The request's headers are in: decide what serves it.
         """
         path = request.path
-        if request.client.trusted:
-            request.client = forwardedClient(request.client, request.requestHeaders)
+        channel = request.channel
+        client = request.client
+        if client.trusted:
+            # The same header section from the same connection names the same real client.
+            memo = channel._forwardedMemo
+            section = request.section
+            if memo is not None and section is not None and memo[0] is section and memo[1] is client:
+                request.client = memo[2]
+            else:
+                request.client = forwardedClient(client, request.requestHeaders)
+                channel._forwardedMemo = (section, client, request.client) if section is not None else None
         # The connection's last request target and what matched it (a keep-alive client asks
         # the same target again: EWS, ActiveSync, MAPI), valid while the site's tables are the
         # same objects.
-        channel = request.channel
         local = self.local
         index = local._index if local is not None else None
         memo = channel._targetMemo
@@ -436,11 +177,12 @@ class HTTPSite(server.Site):
             request.refuseTooLarge()
             return
         if length != 0:
-            transport = channel.transport
-            request._pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
+            # Through the channel's read switch (L{protocols.http.channel.ReadSwitch}).
+            reading = channel._networkProducer
+            request._pipe = BodyPipe(length, reading.pauseProducing, reading.resumeProducing)
         # While the body comes in, the client's silence is bounded by the vdir's timeout (the
         # same timeout was just restarted by the bytes of this head).
-        timeout = vdir.timeout
+        timeout = request.vdirTimeout = vdir.timeout
         if channel.timeOut != timeout:
             channel.setTimeout(timeout)
         self.proxy(request, vdir)
@@ -476,7 +218,7 @@ class HTTPSite(server.Site):
             request.runLocal(command, path, version)
 
         def failed(f):
-            request.bodyDone.callback(None)
+            request._bodyFinished()
             request.fail(f)
 
         d.addCallbacks(authenticated, failed)
@@ -501,8 +243,11 @@ class HTTPSite(server.Site):
     # -- proxying -----------------------------------------------------------------------
 
     def proxy(self, request, vdir) -> None:
-        d = self.authenticator.authenticate(request, vdir, request.client)
-        user = resultNow(d)
+        authenticator = self.authenticator
+        user = authenticator.authenticatedAgain(request, vdir, request.client)
+        if user is None:
+            d = authenticator.authenticate(request, vdir, request.client)
+            user = resultNow(d)
         if user is not _PENDING:
             # The credential cache answered at once (the usual case): no callback chain.
             request.user = user
@@ -529,10 +274,13 @@ class HTTPSite(server.Site):
     def _send(self, decision, request, vdir):
         if request._gone:
             return None
-        targets = self._available(decision.route)
+        targets = self._availableFor(request.channel, decision.route)
         if not targets:
             raise _noBackend(decision.route)
-        request.sendContinue()
+        if request.continueWanted:
+            request.sendContinue()
+        else:
+            request.mayContinue = True  # (what sendContinue does when no 100 is wanted)
         return self._attempt(request, vdir, decision, targets, 0)
 
     def _available(self, route):
@@ -542,9 +290,47 @@ class HTTPSite(server.Site):
             if t.server not in connector.draining and connector.member(t).available()
         ]
 
+    def _availableFor(self, channel, route):
+        """
+        L{_available}, with the route's members remembered by the client connection while it
+        asks the same route (the pool keeps a member for good once it made it): no member
+        look-up per request; each member's health is asked every time.
+        """
+        connector = self.context.connector
+        memo = channel._membersMemo
+        if memo is not None and memo[0] is route and memo[1] is connector:
+            pairs = memo[2]
+            for target, member in pairs:
+                # What connector.member() does to a member it finds.
+                member.target = target
+        else:
+            pairs = tuple([(t, connector.member(t)) for t in route.targets])
+            channel._membersMemo = (route, connector, pairs)
+        draining = connector.draining
+        return [t for t, member in pairs if t.server not in draining and member.available()]
+
+    def memberFor(self, channel, target):
+        """
+        The pool's member for C{target} (L{casd.pool.connector.BackendConnector.member}),
+        from the connection's memo of its route's members when it holds it.
+        """
+        memo = channel._membersMemo
+        if memo is not None:
+            for known, member in memo[2]:
+                if known is target:
+                    member.target = target
+                    return member
+        return self.context.connector.member(target)
+
     def _attempt(self, request, vdir, decision, targets, index):
         target = targets[index]
-        request.backendName = target.describe()
+        channel = request.channel
+        described = channel._describedMemo
+        if described is not None and described[0] is target:
+            request.backendName = described[1]
+        else:
+            request.backendName = target.describe()
+            channel._describedMemo = (target, request.backendName)
         strip = self._strip
         if strip is None:
             strip = set()
@@ -553,24 +339,47 @@ class HTTPSite(server.Site):
             strip.add(b"host")
             strip = self._strip = frozenset(strip)
         toCAS = decision.route.kind == "cas"
-        headers = backendRequestHeaders(
-            request.requestHeaders,
-            # Another site's casd authenticates the request again: it gets the client's own
-            # credentials and path, not this vdir's backend identity and backend path.
-            attr.evolve(vdir, identity="passthrough") if toCAS else vdir,
-            request.client,
-            (request.requestHeaders._rawHeaders.get(b"Host") or (b"",))[0],
-            request.user,
-            strip=strip,
-            cookieFilter=self.cookieFilter,
-        )
-        if toCAS:
-            # It counts the hops down, and refuses a loop.
-            headers.append((PROXY_TTL, str(decision.route.proxyTTL).encode("ascii")))
+        # The fields of the connection's last proxied request, when this one has the same
+        # header section (the same parsed table) for the same vdir, user, client and filters.
+        section = request.section
+        memo = channel._fieldsMemo
+        client = request.client
+        user = request.user
+        private = self.privateCookies
+        if (
+            memo is not None
+            and section is not None
+            and memo[0] is section
+            and memo[1] is vdir
+            and memo[2] is user
+            and memo[3] is client
+            and memo[4] is strip
+            and memo[5] is private
+            and not toCAS
+        ):
+            headers = memo[6]
+        else:
+            headers = backendRequestHeaders(
+                request.requestHeaders,
+                # Another site's casd authenticates the request again: it gets the client's
+                # own credentials and path, not this vdir's backend identity and backend path.
+                attr.evolve(vdir, identity="passthrough") if toCAS else vdir,
+                client,
+                (request.requestHeaders._rawHeaders.get(b"Host") or (b"",))[0],
+                user,
+                strip=strip,
+                cookieFilter=self.cookieFilter,
+            )
+            if toCAS:
+                # It counts the hops down, and refuses a loop.
+                headers.append((PROXY_TTL, str(decision.route.proxyTTL).encode("ascii")))
+                channel._fieldsMemo = None
+            elif section is not None:
+                # Never changed after this (L{protocols.http.upstream} only reads it).
+                channel._fieldsMemo = (section, vdir, user, client, strip, private, headers)
         # The backend's path for the target, remembered by the connection for its next
         # request (the same target again, usually).
         uri = request.uri
-        channel = request.channel
         memo = channel._pathMemo
         if memo is not None and memo[0] == uri and memo[1] is vdir and memo[2] is toCAS:
             path = memo[3]
@@ -641,14 +450,16 @@ class HTTPSite(server.Site):
         user = request.user
         vdir = request.vdir
         service = request.service
+        method = request.method
         # Never a header, a cookie or a query string: they may hold secrets.
         fields = {
             "session": client.sessionId,
-            "vdir": vdir.name if vdir is not None else (service.name if service is not None else "-"),
+            # (vdir.name, without the property's call)
+            "vdir": (vdir.path or "/") if vdir is not None else (service.name if service is not None else "-"),
             "client": f"{host}:{client.peerPort}",
             "user": user.login if user is not None else "-",
             "backend": request.backendName or "-",
-            "method": (request.method or b"-").decode("ascii", "replace"),
+            "method": _METHOD_TEXT[method] if method in _METHOD_TEXT else (method or b"-").decode("ascii", "replace"),
             "path": (request.path or b"-").decode("utf-8", "replace")[:200],
             "status": request.code,
             "bytesIn": request.bytesIn,
@@ -662,6 +473,13 @@ class HTTPSite(server.Site):
             f" out={fields['bytesOut']} duration={fields['duration']:.3f}",
             fields,
         )
+
+
+#: The usual methods as the access line writes them.
+_METHOD_TEXT = {
+    m: m.decode("ascii") for m in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH",
+                                   b"PROPFIND", b"PROPPATCH", b"REPORT", b"MKCOL", b"MOVE", b"COPY")
+}
 
 
 class _HealthUser:
@@ -683,4 +501,7 @@ def _defaultLocalVdir():
     return VirtualDirectory(path="", auth=("basic",))
 
 
-__all__ = ["HTTPSite", "ProxyChannel", "ProxyRequest", "Headers", "IDEMPOTENT"]
+__all__ = [
+    "HTTPSite", "ProxyChannel", "ProxyRequest", "Headers", "IDEMPOTENT", "LEAN_INIT_SOURCES",
+    "leanInitSourcesChanged",
+]

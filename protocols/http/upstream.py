@@ -84,7 +84,7 @@ class Exchange:
     """
 
     __slots__ = ("method", "head", "body", "sink", "connection", "connecting", "backend",
-                 "retried", "noBody")
+                 "retried", "noBody", "length")
 
     def __init__(self, backend, method: bytes, head: bytes, body, sink) -> None:
         self.backend = backend
@@ -96,6 +96,8 @@ class Exchange:
         self.connecting = None
         self.retried = False
         self.noBody = method == b"HEAD"
+        #: The response body's length, when the backend gave one (set with its head).
+        self.length = None
 
     def retryable(self) -> bool:
         """
@@ -207,6 +209,10 @@ class UpstreamPool:
         self.idleTimeout = idleTimeout
         self._backends: dict = {}
 
+    #: The last target asked for and its connections (the same target comes again).
+    _lastTarget = None
+    _lastBackend = None
+
     def backendFor(self, target) -> _Backend:
         key = (target.key, target.tls, target.tlsName)
         backend = self._backends.get(key)
@@ -223,7 +229,11 @@ class UpstreamPool:
         @param body: a L{protocols.http.proxy.BodyPipe}, or C{None}.
         @param sink: the L{IResponseSink}.
         """
-        backend = self.backendFor(target)
+        if target is self._lastTarget:
+            backend = self._lastBackend
+        else:
+            backend = self._lastBackend = self.backendFor(target)
+            self._lastTarget = target
         head = [method, b" ", path, b" HTTP/1.1\r\nHost: ", backend.host, b"\r\n"]
         for name, value in headers:
             if b"\r" in value or b"\n" in value:
