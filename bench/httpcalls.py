@@ -29,6 +29,7 @@ import tempfile
 import time
 
 from bench.callcount import START, STATS_ENV, STOP
+from bench.garbage import GARBAGE_ENV
 from bench.http import PASSWORD, USER, startBackend, writeCasdConfig
 from bench.servers import ROOT
 from tests.support.procs import freePort, pidAlive, stopPid, waitForPort
@@ -106,11 +107,12 @@ def _where(path: str) -> str:
     return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path.rsplit("site-packages/", 1)[-1]
 
 
-def startProfiledCASD(work: str, config: str):
+def startProfiledCASD(work: str, config: str, garbage: str | None = None):
     """
     Start casd (C{twistd -n cas}) under L{bench.callcount}'s C{wrap}: its profiler switched by
     L{bench.callcount.START} and L{bench.callcount.STOP}, the statistics written to C{stats}.
 
+    @param garbage: where casd writes its cyclic-garbage report (L{bench.garbage}), if wanted.
     @return: C{(process, stats, log)}: the process, the statistics' path, casd's open output file.
     """
     stats = os.path.join(work, "calls.prof")
@@ -119,7 +121,7 @@ def startProfiledCASD(work: str, config: str):
         [sys.executable, "-m", "bench.callcount", "wrap", "-n", "--pidfile=",
          "--logfile", os.path.join(work, "twistd.log"), "cas", "--config", config],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        env=dict(os.environ, **{STATS_ENV: stats, "PYTHONPATH": ROOT}),
+        env=dict(os.environ, **{STATS_ENV: stats, "PYTHONPATH": ROOT}, **({GARBAGE_ENV: garbage} if garbage else {})),
     )
     return casd, stats, log
 
@@ -130,7 +132,8 @@ def measure(args) -> int:
     port = freePort()
     # HTTP only: IMAP would take its default port (busy on a shared machine).
     config = writeCasdConfig(work, backend.port, port)
-    casd, stats, log = startProfiledCASD(work, config)
+    garbage = os.path.join(work, "garbage.json") if args.garbage else None
+    casd, stats, log = startProfiledCASD(work, config, garbage)
     try:
         try:
             waitForPort("127.0.0.1", port, 30, alive=lambda: pidAlive(casd.pid))
@@ -160,6 +163,11 @@ def measure(args) -> int:
         rows = sorted(result.stats.items(), key=lambda kv: -kv[1][1])[: args.top]
         for (path, line, name), (cc, nc, tt, ct, _) in rows:
             print(f"{nc / done:8.2f}  {_where(path)}:{line}({name})")
+        if garbage:
+            from bench.garbage import render
+
+            with open(garbage) as f:
+                print(render(json.load(f), done, "request"))
         if args.by_module:
             # Built-ins counted with the module that called them.
             modules: dict = {}
@@ -190,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--by-module", action="store_true")
+    parser.add_argument("--garbage", action="store_true", help="also report the cyclic garbage casd leaves (bench.garbage)")
     parser.add_argument("--save", help="keep the cProfile statistics in this file")
     parser.add_argument("--strace", action="store_true", help="count system calls instead")
     return measure(parser.parse_args(argv))
