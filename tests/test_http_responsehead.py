@@ -7,6 +7,8 @@ casd adds fields of its own.
 
 from __future__ import annotations
 
+import gc
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_http_site import BASIC, HTTPSiteTestsMixin
@@ -137,6 +139,27 @@ class ResponseHeadTests(HTTPSiteTestsMixin, SynchronousTestCase):
         self.assertIsNone(request.producer)
         self.assertTrue(request.finished)
         self.assertEqual(self.client.requests, [])
+        # Nor does the request hold its relay (which holds the request: a cycle for the collector).
+        self.assertIsNone(request._relay)
+
+    def test_noCycleLeft(self):
+        """
+        A completed exchange leaves nothing for the garbage collector: the request, its relay
+        and their headers are freed by reference counting (casd/service/gctune.py).
+        """
+        self.get()
+        request = self.client.requests[-1]
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            self.server.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab")
+            del request
+            gc.collect()
+            kept = sorted({type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("protocols.")})
+        finally:
+            gc.set_debug(0)
+            del gc.garbage[:]
+        self.assertEqual(kept, [])
 
 
 class ReadSwitchTests(HTTPSiteTestsMixin, SynchronousTestCase):

@@ -300,6 +300,9 @@ class Relay:
                 self.transport.write(head)
         if complete:
             request.finishRelayed()
+            # The exchange is over: the request and its relay refer to each other no more (a
+            # cycle would leave both to the garbage collector: casd/service/gctune.py).
+            request._relay = None
         else:
             request.unregisterProducer()
             # A body cut short must not look complete: close the connection.
