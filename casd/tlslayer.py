@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 
+from OpenSSL import SSL as _pyOpenSSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from zope.interface import implementer, providedBy
 from zope.interface.declarations import Provides
 
 from twisted.internet import _newtls
-from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -63,6 +64,24 @@ COPIED = {
     (TLSMemoryBIOProtocol, "dataReceived"): (
         "0c9326eac628dc892f23a20f2d0bf02d93bd3a8e5caccfa70bfeb096a3ca8758"
     ),
+    (TLSMemoryBIOProtocol, "_checkHandshakeStatus"): (
+        "3902da2549f56145492bb3e49c7b933bca242e0e888d13d2d192f3e3fc15e57b"
+    ),
+}
+
+#: SHA-256 of the sources, in pyOpenSSL 26.4.0, of what L{handshake} repeats: its checks of the
+#: context's callback helpers and of C{SSL_get_error} (C{_raise_ssl_error}), the call it
+#: replaces (C{do_handshake}), and the helpers' C{_problems} (C{raise_if_problem}).
+COPIED_PYOPENSSL = {
+    (_pyOpenSSL.Connection, "do_handshake"): (
+        "fcfb0befeab35810f9401987e7b062c956a073d9e04a1ce572f8923fdb0da186"
+    ),
+    (_pyOpenSSL.Connection, "_raise_ssl_error"): (
+        "04b0d7964c73ea9eb7948883b2bd1c1d7d188ca9b5826f73f339de781868b18f"
+    ),
+    (_pyOpenSSL._CallbackExceptionHelper, "raise_if_problem"): (
+        "b88aff40bdb7525f9ad5cde1faf7f66cd0a6be149963a43f69d7688b77bbb2c2"
+    ),
 }
 
 #: (protocol class, transport's declaration) -> (the declaration of the last interface only,
@@ -79,16 +98,28 @@ def _sourceHash(function) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()
 
 
+def _changed(copied: dict) -> list[str]:
+    return [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for (owner, name), digest in copied.items()
+        if _sourceHash(getattr(owner, name)) != digest
+    ]
+
+
 def changedInTwisted() -> list[str]:
     """
     @return: the names of the Twisted functions L{TLSProtocol} and L{startTLS} repeat or replace
         whose source is not the one they were written against (L{COPIED}); empty when all are.
     """
-    return [
-        f"{getattr(owner, '__name__', owner)}.{name}"
-        for (owner, name), digest in COPIED.items()
-        if _sourceHash(getattr(owner, name)) != digest
-    ]
+    return _changed(COPIED)
+
+
+def changedInPyOpenSSL() -> list[str]:
+    """
+    @return: the names of the pyOpenSSL functions L{handshake} repeats whose source is not the
+        one it was written against (L{COPIED_PYOPENSSL}); empty when all are.
+    """
+    return _changed(COPIED_PYOPENSSL)
 
 
 def _declarationsFor(cls, transport):
@@ -133,6 +164,43 @@ def drain(connection) -> bytes:
     out = _allocate("char[]", size)
     got = _BIO_read(bio, out, size)
     return _buffer(out, got)[:] if got > 0 else b""
+
+
+_SSL_do_handshake = _lib.SSL_do_handshake
+_SSL_get_error = _lib.SSL_get_error
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+
+
+def handshake(connection) -> bool:
+    """
+    One step of a TLS handshake: pyOpenSSL's C{do_handshake}, without the C{WantReadError} it
+    raises (through several Python calls) each time OpenSSL waits for the peer's next flight,
+    twice per server handshake.
+
+    As C{_raise_ssl_error} does, a problem a callback of the context left (its verify, ALPN or
+    OCSP helper) comes first; anything but success or "want read" goes through
+    C{_raise_ssl_error} itself, so it raises what C{do_handshake} would.
+
+    @param connection: a pyOpenSSL C{Connection}.
+    @return: C{True} when the handshake is done, C{False} when OpenSSL waits for bytes.
+    @raise Error: what C{do_handshake} raises otherwise.
+    """
+    ssl = connection._ssl
+    result = _SSL_do_handshake(ssl)
+    context = connection._context
+    verify, alpn, ocsp = context._verify_helper, context._alpn_select_helper, context._ocsp_helper
+    if (
+        (verify is None or not verify._problems)
+        and (alpn is None or not alpn._problems)
+        and (ocsp is None or not ocsp._problems)
+    ):
+        if result == 1:
+            return True
+        if _SSL_get_error(ssl, result) == _WANT_READ:
+            return False
+    connection._raise_ssl_error(ssl, result)
+    # What do_handshake does when that does not raise: return, the handshake done.
+    return True
 
 
 _SSL_read = _lib.SSL_read
@@ -187,6 +255,25 @@ class TLSProtocol(BufferingTLSTransport):
             self.wrappedProtocol.makeConnection(self)
 
         self._checkHandshakeStatus()
+
+    def _checkHandshakeStatus(self):
+        """
+        C{TLSMemoryBIOProtocol._checkHandshakeStatus}, each step through L{handshake}: no
+        exception while OpenSSL waits for the peer.
+        """
+        if self._aborted:
+            return
+        try:
+            done = handshake(self._tlsConnection)
+        except Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        if not done:
+            self._flushSendBIO()
+            return
+        self._handshakeDone = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def dataReceived(self, data):
         """

@@ -13,9 +13,11 @@ one C{SSL_write} of the whole chunk (OpenSSL cuts the records) and one read of e
 made, written to the transport at once; nothing is held for later.  pyOpenSSL's contexts let
 C{SSL_write} stop after one record (C{SSL_MODE_ENABLE_PARTIAL_WRITE}); the first time it does,
 the mode is cleared for that connection, so that later chunks take one C{SSL_write} each, not
-one per 16 KiB record.  Once the handshake is done, C{SSL_write} is called directly rather than
-through pyOpenSSL's C{send} (the same call, without its Python checks; a failure goes through
-pyOpenSSL's own C{_raise_ssl_error}, so it raises what C{send} would).  Reads are casd's TLS
+one per 16 KiB record.  C{SSL_write} is called directly rather than through pyOpenSSL's C{send}
+(the same call, without its Python checks; a failure goes through pyOpenSSL's own
+C{_raise_ssl_error}, so it raises what C{send} would); before the handshake is done, a write is
+kept for after it at once (where C{send} would raise C{WantReadError}: a greeting written as a
+TLS client connects, before its first flight has arrived).  Reads are casd's TLS
 layer's (L{casd.tlslayer.TLSProtocol}).
 
 This relies on L{TLSMemoryBIOProtocol}'s private state (C{_tlsConnection},
@@ -73,30 +75,35 @@ class _WholeChunkWrites:
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
+        if not self._handshakeDone:
+            # Kept until the handshake is done, as pyOpenSSL's send would have had it kept,
+            # through a WantReadError: a write cannot move the handshake on, since the TLS
+            # layer has OpenSSL take each of the peer's flights as it arrives (dataReceived),
+            # and starts it itself (makeConnection).
+            if data:
+                self._bufferedWrite(data)
+            return
         connection = self._tlsConnection
         total = len(data)
         sent = 0
         try:
-            if self._handshakeDone:
-                # pyOpenSSL's send without its Python around SSL_write (several calls a chunk);
-                # its own error handling when OpenSSL fails.
-                ssl = connection._ssl
-                while sent < total:
-                    rest = memoryview(data)[sent:] if sent else data
-                    result = _SSL_write(ssl, _fromBuffer(rest), total - sent)
-                    if result <= 0:
-                        connection._raise_ssl_error(ssl, result)
-                        raise Error([("SSL routines", "", "SSL_write failed")])
-                    sent += result
-                    if sent < total:
-                        # pyOpenSSL's contexts allow partial writes: OpenSSL wrote one 16 KiB
-                        # record.  From now on one SSL_write takes a whole chunk.
-                        _lib.SSL_clear_mode(ssl, _PARTIAL_WRITE)
-            else:
-                while sent < total:
-                    sent += connection.send(memoryview(data)[sent:] if sent else data)
+            # pyOpenSSL's send without its Python around SSL_write (several calls a chunk);
+            # its own error handling when OpenSSL fails.
+            ssl = connection._ssl
+            while sent < total:
+                rest = memoryview(data)[sent:] if sent else data
+                result = _SSL_write(ssl, _fromBuffer(rest), total - sent)
+                if result <= 0:
+                    connection._raise_ssl_error(ssl, result)
+                    raise Error([("SSL routines", "", "SSL_write failed")])
+                sent += result
+                if sent < total:
+                    # pyOpenSSL's contexts allow partial writes: OpenSSL wrote one 16 KiB
+                    # record.  From now on one SSL_write takes a whole chunk.
+                    _lib.SSL_clear_mode(ssl, _PARTIAL_WRITE)
         except WantReadError:
-            # A handshake in progress: keep the rest for later, as Twisted does.
+            # A handshake in progress again (a TLS 1.2 backend renegotiating): keep the rest for
+            # later, as Twisted does.
             self._bufferedWrite(data[sent:])
         except Error:
             self._tlsShutdownFinished(Failure())

@@ -1,0 +1,184 @@
+"""
+casd's TLS layer on a login's path: the handshake driven without an exception per step
+(casd.tlslayer.handshake), writes before it kept without asking OpenSSL.
+"""
+
+import types
+
+from OpenSSL import SSL
+
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase
+
+from casd import tlslayer
+from casd.config import TLSConfig
+from casd.session.tlsrelay import wholeChunks
+from casd.tls import ALPNRefused, ServerTLS
+from casd.tlslayer import TLSFactory, changedInPyOpenSSL, handshake
+from tests.support.certs import CertificateAuthority
+from tests.test_tlslayer import Counting
+from tests.test_tlsrelay import pump
+
+
+class Greeter(Counting):
+    """
+    A server protocol that greets as casd's frontends do: in C{connectionMade}, before the
+    handshake, through whole-chunk writes.
+    """
+
+    def connectionMade(self):
+        wholeChunks(self.transport)
+        self.transport.write(b"* OK ready\r\n")
+
+
+class HandshakeTests(SynchronousTestCase):
+    def setUp(self):
+        directory = self.mktemp()
+        ca = CertificateAuthority.create(directory)
+        certPath, keyPath = ca.issue(["mail.example.com"], "server")
+        self.tls = ServerTLS(TLSConfig(certificate=certPath, key=keyPath, minimumVersion="TLSv1.2", sni=()))
+        with open(ca.caPath, "rb") as f:
+            self.trust = Certificate.loadPEM(f.read())
+        self.clock = Clock()
+
+    def connect(self, serverApp, clientApp, alpn=("imap",), clientALPN=None):
+        descriptor = types.SimpleNamespace(name="imap", alpnProtocols=alpn)
+        serverFactory = TLSFactory(
+            self.tls.optionsFor(descriptor), False, Factory.forProtocol(lambda: serverApp), self.clock
+        )
+        kwargs = {"acceptableProtocols": clientALPN} if clientALPN else {}
+        clientOptions = optionsForClientTLS("mail.example.com", self.trust, **kwargs)
+        clientFactory = TLSMemoryBIOFactory(
+            clientOptions, True, Factory.forProtocol(lambda: clientApp), self.clock
+        )
+        server, client = serverFactory.buildProtocol(None), clientFactory.buildProtocol(None)
+        serverWire, clientWire = StringTransport(), StringTransport()
+        server.makeConnection(serverWire)
+        client.makeConnection(clientWire)
+        return server, serverWire, client, clientWire
+
+    def test_pyOpenSSLSourcesUnchanged(self):
+        """
+        If this fails after a pyOpenSSL upgrade: compare the functions named with
+        C{casd.tlslayer.handshake}, bring it up to date and the hashes
+        (C{casd.tlslayer.COPIED_PYOPENSSL}) with it.
+        """
+        self.assertEqual(changedInPyOpenSSL(), [])
+
+    def test_stepsWithoutExceptions(self):
+        """
+        Each step of a server handshake: C{False} while OpenSSL waits for the client, C{True} at
+        the end, and never pyOpenSSL's C{do_handshake} (whose C{WantReadError} is the cost).
+        """
+        steps = []
+        original = handshake
+
+        def recording(connection):
+            steps.append(original(connection))
+            return steps[-1]
+
+        self.patch(tlslayer, "handshake", recording)
+        throughPyOpenSSL = []
+        doHandshake = SSL.Connection.do_handshake
+
+        def recordingPyOpenSSL(connection):
+            throughPyOpenSSL.append(connection)
+            return doHandshake(connection)
+
+        self.patch(SSL.Connection, "do_handshake", recordingPyOpenSSL)
+        serverApp, clientApp = Counting(), Counting()
+        server, serverWire, client, clientWire = self.connect(
+            serverApp, clientApp, clientALPN=[b"imap"]
+        )
+        pump(server, serverWire, client, clientWire, self.clock)
+        self.assertTrue(server._handshakeDone)
+        # The client is Twisted's own layer, through pyOpenSSL; the server never is.
+        self.assertIn(client._tlsConnection, throughPyOpenSSL)
+        self.assertNotIn(server._tlsConnection, throughPyOpenSSL)
+        self.assertEqual(steps, [False, False, True])
+        self.assertEqual(server.negotiatedProtocol, b"imap")
+        server.write(b"hello")
+        pump(server, serverWire, client, clientWire, self.clock)
+        self.assertEqual(b"".join(clientApp.received), b"hello")
+
+    def test_refusedALPNRaisesAsPyOpenSSL(self):
+        """
+        A client offering only another protocol's ALPN id: the handshake fails with the ALPN
+        callback's own exception (pyOpenSSL's order: the callback helpers' problems first),
+        the connection ends with it as the reason, and the client gets an alert.
+        """
+        serverApp, clientApp = Counting(), Counting()
+        server, serverWire, client, clientWire = self.connect(
+            serverApp, clientApp, clientALPN=[b"http/1.1"]
+        )
+        server.dataReceived(clientWire.value())
+        self.assertTrue(server._lostTLSConnection)
+        self.assertIsInstance(server._reason.value, ALPNRefused)
+        self.assertTrue(serverWire.value(), "no alert sent")
+        self.assertTrue(serverWire.disconnecting)
+
+    def test_callbackProblemComesFirst(self):
+        """
+        A problem a callback left is raised even when OpenSSL only wants to read, as
+        pyOpenSSL's C{_raise_ssl_error} does.
+        """
+        serverApp, clientApp = Counting(), Counting()
+        server, serverWire, client, clientWire = self.connect(serverApp, clientApp)
+        connection = server._tlsConnection
+        helper = connection._context._alpn_select_helper
+        self.assertIsNotNone(helper)
+        problem = ValueError("left by a callback")
+        helper._problems.append(problem)
+        self.addCleanup(helper._problems.clear)
+        with self.assertRaises(ValueError) as raised:
+            handshake(connection)
+        self.assertIs(raised.exception, problem)
+
+    def test_junkEndsTheHandshake(self):
+        """
+        Bytes that are not TLS: the handshake fails with pyOpenSSL's C{Error}, no exception
+        leaves C{dataReceived}, nothing reaches the protocol.
+        """
+        serverApp = Counting()
+        server, serverWire, _, _ = self.connect(serverApp, Counting())
+        server.dataReceived(b"a LOGIN user secret\r\n")
+        self.assertTrue(server._lostTLSConnection)
+        self.assertIsInstance(server._reason.value, SSL.Error)
+        self.assertEqual(serverApp.received, [])
+        self.assertTrue(serverWire.disconnecting)
+
+    def test_greetingKeptForAfterTheHandshake(self):
+        """
+        A greeting written before the handshake is kept (not handed to C{SSL_write}) and
+        reaches the client once it is done, ahead of anything written later.
+        """
+        sends = []
+        self.patch(SSL.Connection, "send", lambda self, data: sends.append(data))
+        serverApp, clientApp = Greeter(), Counting()
+        server, serverWire, client, clientWire = self.connect(serverApp, clientApp)
+        self.assertEqual(server._appSendBuffer, [b"* OK ready\r\n"])
+        clientHello = clientWire.value()
+        self.assertTrue(clientHello)
+        self.assertEqual(serverWire.value(), b"")
+        pump(server, serverWire, client, clientWire, self.clock)
+        server.write(b"* BYE\r\n")
+        pump(server, serverWire, client, clientWire, self.clock)
+        self.assertEqual(b"".join(clientApp.received), b"* OK ready\r\n* BYE\r\n")
+        self.assertEqual(server._appSendBuffer, [])
+        self.assertEqual(sends, [])
+
+    def test_emptyWriteBeforeHandshakeKeepsNothing(self):
+        """
+        An empty write before the handshake keeps nothing: C{loseConnection} then aborts, as
+        with nothing written (Twisted's rule for a connection whose handshake is not done).
+        """
+        server, serverWire, _, _ = self.connect(Counting(), Counting())
+        wholeChunks(server)
+        server.write(b"")
+        self.assertEqual(server._appSendBuffer, [])
+        server.loseConnection()
+        self.assertTrue(serverWire.disconnecting)
