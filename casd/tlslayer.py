@@ -64,6 +64,9 @@ COPIED = {
     (TLSMemoryBIOProtocol, "dataReceived"): (
         "0c9326eac628dc892f23a20f2d0bf02d93bd3a8e5caccfa70bfeb096a3ca8758"
     ),
+    (TLSMemoryBIOProtocol, "_shutdownTLS"): (
+        "f72004ba90a03215335f0315a12a2a4a769e931048f58a673cc1222cd666637a"
+    ),
     (TLSMemoryBIOProtocol, "_checkHandshakeStatus"): (
         "3902da2549f56145492bb3e49c7b933bca242e0e888d13d2d192f3e3fc15e57b"
     ),
@@ -346,6 +349,32 @@ class TLSProtocol(BufferingTLSTransport):
         if got:
             self._deliver(got)
         self._flushSendBIO()
+
+    def _shutdownTLS(self):
+        """
+        C{TLSMemoryBIOProtocol._shutdownTLS}, which, when this side ends TLS (C{loseConnection}
+        after the handshake), closes the connection once its close_notify is written, without
+        waiting for the peer's: as nginx, Dovecot and Postfix do, and as TLS allows (RFC 8446
+        6.1, RFC 5246 7.2.1: the side that closes need not wait for the answering close_notify).
+        Twisted waited, reading until the peer's close_notify (or its end of stream) came: one
+        more read and reactor iteration per session, and a session kept open by a client that
+        never answers.  The peer's answer, if it comes, is not read: TLS ended cleanly on this
+        side, and the protocol's C{connectionLost} gets the transport's reason, as after an
+        answered close_notify.  A shutdown that completes (the peer's close_notify read) closes
+        the connection as Twisted does; an aborted connection or an unfinished handshake goes
+        Twisted's way.
+        """
+        try:
+            shutdownSuccess = self._tlsConnection.shutdown()
+        except Error:
+            # Mid-handshake: SSL_ERROR_WANT_READ, which pyOpenSSL raises as an Error.
+            shutdownSuccess = False
+        self._flushSendBIO()
+        if shutdownSuccess:
+            self.transport.loseConnection()
+        elif self.disconnecting and self._handshakeDone and not self._aborted:
+            self._lostTLSConnection = True
+            self.transport.loseConnection()
 
     def _deliver(self, got: int) -> int:
         """

@@ -1,17 +1,20 @@
 """
 casd's TLS layer on a login's path: the handshake driven without an exception per step
-(casd.tlslayer.handshake), writes before it kept without asking OpenSSL.
+(casd.tlslayer.handshake), writes before it kept without asking OpenSSL, the connection closed
+once this side's close_notify is out.
 """
 
 import types
 
 from OpenSSL import SSL
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd import tlslayer
@@ -20,7 +23,7 @@ from casd.session.tlsrelay import wholeChunks
 from casd.tls import ALPNRefused, ServerTLS
 from casd.tlslayer import TLSFactory, changedInPyOpenSSL, handshake
 from tests.support.certs import CertificateAuthority
-from tests.test_tlslayer import Counting
+from tests.test_tlslayer import Counting, _casdOptions
 from tests.test_tlsrelay import pump
 
 
@@ -182,3 +185,106 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(server._appSendBuffer, [])
         server.loseConnection()
         self.assertTrue(serverWire.disconnecting)
+
+
+class PromptCloseTests(SynchronousTestCase):
+    """
+    The side that ends TLS closes once its close_notify is written, without waiting for the
+    peer's (L{TLSProtocol._shutdownTLS}).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.serverOptions, self.clientOptions = _casdOptions(self.mktemp())
+
+    def connect(self, serverApp, clientApp, serverFactoryClass=TLSFactory, clientFactoryClass=TLSFactory):
+        serverFactory = serverFactoryClass(
+            self.serverOptions, False, Factory.forProtocol(lambda: serverApp), self.clock
+        )
+        clientFactory = clientFactoryClass(
+            self.clientOptions, True, Factory.forProtocol(lambda: clientApp), self.clock
+        )
+        server, client = serverFactory.buildProtocol(None), clientFactory.buildProtocol(None)
+        serverWire, clientWire = StringTransport(), StringTransport()
+        server.makeConnection(serverWire)
+        client.makeConnection(clientWire)
+        return server, serverWire, client, clientWire
+
+    def assertClosesFirst(self, closing, closingWire, closingApp, peer, peerWire, peerApp):
+        pump(closing, closingWire, peer, peerWire, self.clock)
+        closing.write(b"* BYE logging out\r\n")
+        closing.loseConnection()
+        # Closed at once: the peer's close_notify is not waited for.
+        self.assertTrue(closingWire.disconnecting)
+        self.assertTrue(closing._lostTLSConnection)
+        wire = closingWire.value()
+        closingWire.clear()
+        peer.dataReceived(wire)
+        # The peer got the data, then a clean end of TLS (close_notify), and answers it.
+        self.assertEqual(b"".join(peerApp.received), b"* BYE logging out\r\n")
+        self.assertTrue(peer._lostTLSConnection)
+        self.assertIsNone(peer._reason)
+        self.assertTrue(peerWire.value(), "the peer did not answer the close_notify")
+        # The answer is not read (the transport stopped reading); the protocol is told of a
+        # clean end, the transport's reason, as after an answered close_notify.
+        closing.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(closingApp.lost), 1)
+        self.assertIsInstance(closingApp.lost[0].value, ConnectionDone)
+
+    def test_serverClosesFirst(self):
+        serverApp, clientApp = Counting(), Counting()
+        server, serverWire, client, clientWire = self.connect(serverApp, clientApp)
+        self.assertClosesFirst(server, serverWire, serverApp, client, clientWire, clientApp)
+
+    def test_clientClosesFirst(self):
+        """
+        A backend connection casd ends (its client contexts do not ignore an end of stream
+        without close_notify, so a read at C{connectionLost} would have ended in an error).
+        """
+        serverApp, clientApp = Counting(), Counting()
+        server, serverWire, client, clientWire = self.connect(serverApp, clientApp)
+        self.assertClosesFirst(client, clientWire, clientApp, server, serverWire, serverApp)
+
+    def test_peerClosesFirst(self):
+        """
+        The peer's close_notify: answered, then the connection closed (Twisted's way).
+        """
+        serverApp, clientApp = Counting(), Counting()
+        server, serverWire, client, clientWire = self.connect(
+            serverApp, clientApp, clientFactoryClass=TLSMemoryBIOFactory
+        )
+        pump(server, serverWire, client, clientWire, self.clock)
+        client.loseConnection()
+        self.assertFalse(clientWire.disconnecting)  # Twisted's layer waits for the answer
+        server.dataReceived(clientWire.value())
+        self.assertTrue(serverWire.disconnecting)
+        self.assertIsNone(server._reason)
+        client.dataReceived(serverWire.value())
+        self.assertTrue(clientWire.disconnecting)
+
+    def test_beforeTheHandshakeWaitsForIt(self):
+        """
+        Closed with a greeting kept for after the handshake: the handshake, the greeting and
+        the close_notify go out, then the connection closes.
+        """
+        serverApp, clientApp = Greeter(), Counting()
+        server, serverWire, client, clientWire = self.connect(
+            serverApp, clientApp, clientFactoryClass=TLSMemoryBIOFactory
+        )
+        server.loseConnection()
+        self.assertFalse(serverWire.disconnecting)
+        pump(server, serverWire, client, clientWire, self.clock)
+        self.assertTrue(serverWire.disconnecting)
+        self.assertEqual(b"".join(clientApp.received), b"* OK ready\r\n")
+        self.assertTrue(client._lostTLSConnection)
+        self.assertIsNone(client._reason)
+
+    def test_abortedConnectionAborts(self):
+        serverApp, clientApp = Counting(), Counting()
+        server, serverWire, client, clientWire = self.connect(serverApp, clientApp)
+        pump(server, serverWire, client, clientWire, self.clock)
+        aborted = []
+        serverWire.abortConnection = lambda: aborted.append(True)
+        server.abortConnection()
+        self.assertEqual(aborted, [True])
+        self.assertFalse(serverWire.disconnecting)
