@@ -251,10 +251,10 @@ class TLSProtocol(BufferingTLSTransport):
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         if self._connectWrapped:
-            # ProtocolWrapper.makeConnection, its declaration (all of the transport's) at hand.
+            # ProtocolWrapper.makeConnection, its declaration (all of the transport's) at hand;
+            # not its Protocol.makeConnection and registerProtocol again (done just above:
+            # the same attributes set, the same no-op connectionMade, the same entry).
             self.__provides__ = every
-            Protocol.makeConnection(self, transport)
-            self.factory.registerProtocol(self)
             self.wrappedProtocol.makeConnection(self)
 
         self._checkHandshakeStatus()
@@ -346,9 +346,11 @@ class TLSProtocol(BufferingTLSTransport):
                 got += result
                 if not _held(connection._into_ssl, _NULL) and not _sslPending(ssl):
                     break
-        if got:
-            self._deliver(got)
-        self._flushSendBIO()
+        if got and not self._aborted:
+            # _deliver and _flushSendBIO inline: this runs once per read.
+            self.wrappedProtocol.dataReceived(_buffer(_READ, got)[:])
+        if _held(connection._from_ssl, _NULL) > 0:
+            self.transport.write(drain(connection))
 
     def _shutdownTLS(self):
         """

@@ -108,13 +108,8 @@ class _WholeChunkWrites:
         except Error:
             self._tlsShutdownFinished(Failure())
             return
-        self._flushAllRecords()
-
-    def _flushAllRecords(self) -> None:
-        """
-        Write every record OpenSSL made to the transport, in one write.
-        """
-        records = drain(self._tlsConnection)
+        # _flushAllRecords inline: this runs once per write.
+        records = drain(connection)
         if records:
             self.transport.write(records)
 
@@ -136,6 +131,11 @@ _WHOLE = {
     BufferingTLSTransport: _WholeChunkBufferingTLS,
     TLSProtocol: _WholeChunkTLSProtocol,
 }
+
+
+#: casd's TLS layers over a transport (L{TLSProtocol}, whole-chunk writes or not), whose
+#: C{getPeer} and C{getHost} are their transport's (L{ProtocolWrapper}'s, not overridden).
+TLS_LAYERS = frozenset([TLSProtocol, _WholeChunkTLSProtocol])
 
 
 def wholeChunks(transport) -> bool:
