@@ -1,25 +1,28 @@
 """
 casd's TLS layer on a login's path: the handshake driven without an exception per step
 (casd.tlslayer.handshake), writes before it kept without asking OpenSSL, the connection closed
-once this side's close_notify is out.
+once this side's close_notify is out, and at once when a relay ends (closeTLSNow).
 """
 
+import socket
 import types
 
 from OpenSSL import SSL
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd import tlslayer
 from casd.config import TLSConfig
-from casd.session.tlsrelay import wholeChunks
+from casd.session.relay import writeThrough
+from casd.session.tlsrelay import closeTLSNow, wholeChunks
 from casd.tls import ALPNRefused, ServerTLS
 from casd.tlslayer import TLSFactory, changedInPyOpenSSL, handshake
 from tests.support.certs import CertificateAuthority
@@ -288,3 +291,123 @@ class PromptCloseTests(SynchronousTestCase):
         server.abortConnection()
         self.assertEqual(aborted, [True])
         self.assertFalse(serverWire.disconnecting)
+
+
+class _Port:
+    """
+    What a L{tcp.Server} asks of its listening port.
+    """
+
+    _realPortNumber = 993
+
+    def logPrefix(self):
+        return "test"
+
+
+class _Full:
+    """
+    A socket whose send buffer is full.
+    """
+
+    def __init__(self, real):
+        self._real = real
+
+    def send(self, data):
+        return 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class CloseNowTests(SynchronousTestCase):
+    """
+    L{closeTLSNow}: a relayed TLS client connection ended at once, its close_notify written
+    through, its socket closed, its protocol told, before it returns.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        serverOptions, clientOptions = _casdOptions(self.mktemp())
+        self.serverApp, self.clientApp = Counting(), Counting()
+        serverFactory = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: self.serverApp), self.clock)
+        clientFactory = TLSMemoryBIOFactory(
+            clientOptions, True, Factory.forProtocol(lambda: self.clientApp), self.clock
+        )
+        self.server, self.client = serverFactory.buildProtocol(None), clientFactory.buildProtocol(None)
+        serverWire, clientWire = StringTransport(), StringTransport()
+        self.server.makeConnection(serverWire)
+        self.client.makeConnection(clientWire)
+        pump(self.server, serverWire, self.client, clientWire, self.clock)
+        wholeChunks(self.server)
+        # The handshake done, the server's layer now over an accepted TCP connection: one end
+        # of a socket pair, the client reading the other.
+        ours, self.peer = socket.socketpair()
+        self.addCleanup(self.peer.close)
+        ours.setblocking(False)
+        self.reactor = MemoryReactor()
+        self.tcp = tcp.Server(ours, self.server, ("127.0.0.1", 50000), _Port(), 1, self.reactor)
+        self.server.transport = self.tcp
+        writeThrough(self.server)
+        self.addCleanup(lambda: self.tcp.connected and self.tcp.connectionLost(Failure(ConnectionDone())))
+
+    def peerReceived(self) -> bytes:
+        self.peer.settimeout(5)
+        received = b""
+        while True:
+            chunk = self.peer.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+
+    def test_closedAtOnce(self):
+        self.server.write(b"* BYE\r\n")
+        self.assertTrue(closeTLSNow(self.server))
+        # Closed: the protocol told (a clean end), the socket closed, out of the reactor.
+        self.assertEqual(len(self.serverApp.lost), 1)
+        self.assertIsInstance(self.serverApp.lost[0].value, ConnectionDone)
+        self.assertTrue(self.tcp.disconnected)
+        self.assertNotIn(self.tcp, self.reactor.readers)
+        self.assertNotIn(self.tcp, self.reactor.writers)
+        # The peer read the data, then a close_notify, then the end of the stream (no reset).
+        self.client.dataReceived(self.peerReceived())
+        self.assertEqual(b"".join(self.clientApp.received), b"* BYE\r\n")
+        self.assertTrue(self.client._lostTLSConnection)
+        self.assertIsNone(self.client._reason)
+        # Nothing more from the layer: it is closed.
+        self.server.loseConnection()
+        self.server.write(b"late")
+        self.assertEqual(len(self.serverApp.lost), 1)
+
+    def test_notWithBytesQueued(self):
+        self.tcp.dataBuffer = b"queued"
+        self.assertFalse(closeTLSNow(self.server))
+        self.assertFalse(self.server.disconnecting)
+        self.assertEqual(self.serverApp.lost, [])
+
+    def test_notWithAProducer(self):
+        self.server.registerProducer(Counting(), True)
+        self.assertFalse(closeTLSNow(self.server))
+        self.server.unregisterProducer()
+        self.assertTrue(closeTLSNow(self.server))
+
+    def test_notBeforeTheHandshake(self):
+        self.server._handshakeDone = False
+        self.assertFalse(closeTLSNow(self.server))
+        self.assertFalse(self.tcp.disconnecting)
+
+    def test_notOtherTransports(self):
+        self.assertFalse(closeTLSNow(self.tcp))
+        self.assertFalse(closeTLSNow(StringTransport()))
+        self.assertFalse(self.tcp.disconnecting)
+
+    def test_closeNotifyNotTakenWholeIsFlushedFirst(self):
+        """
+        When the kernel does not take the close_notify whole, the TCP connection flushes it,
+        then closes (its own C{loseConnection}); the caller is told it did not close.
+        """
+        self.tcp.socket = _Full(self.tcp.socket)
+        self.assertFalse(closeTLSNow(self.server))
+        self.assertTrue(self.server.disconnecting)
+        self.assertTrue(self.tcp.disconnecting)
+        self.assertTrue(self.tcp._tempDataLen)  # queued by Twisted
+        self.assertEqual(self.serverApp.lost, [])

@@ -30,6 +30,8 @@ from __future__ import annotations
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from OpenSSL.SSL import Error, WantReadError
 
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
@@ -156,4 +158,69 @@ def wholeChunks(transport) -> bool:
         aggregator.flush()
     layer.__dict__.pop("write", None)
     layer.__class__ = faster
+    return True
+
+
+#: The reason a connection closed by L{closeTLSNow} gives its protocol: one shared failure, as
+#: the reactor shares its own for every connection it closes.
+_CLOSED = Failure(ConnectionDone())
+
+
+def closeTLSNow(transport) -> bool:
+    """
+    End a relayed TLS client connection at once, as L{TLSProtocol}'s C{loseConnection} and the
+    reactor's next iteration would with nothing left to send: this side's close_notify written
+    (L{TLSProtocol._shutdownTLS}: the peer's is not waited for), then, once the kernel took it
+    all, the TCP connection closed and the protocol's C{connectionLost} called, before this
+    returns (as the relay's own C{_closeNow} does for plain TCP).  That saves the reactor
+    iteration of arming the connection for writing only to find nothing to flush, its
+    C{epoll_ctl} calls, and the relay's grace timer for a connection that may still hold bytes.
+
+    @return: whether it did; anything else (not casd's TLS layer over an accepted TCP
+        connection, the handshake not done, bytes or a producer still in the TLS layer or the
+        TCP transport, a close in progress) is left to the caller's C{loseConnection()}.  When
+        the kernel does not take the close_notify whole, the TCP transport is left to flush it
+        and close (its C{loseConnection()}), the TLS layer marked closing: C{False}, so that
+        the caller bounds that wait as it would any other.
+    """
+    if (
+        type(transport) is not _WholeChunkTLSProtocol
+        or not transport._handshakeDone
+        or transport.disconnecting
+        or transport._lostTLSConnection
+        or transport._appSendBuffer
+        or transport._producer is not None
+    ):
+        return False
+    below = transport.transport
+    if (
+        not isinstance(below, tcp.Server)
+        or below.TLS
+        or not below.connected
+        or below.disconnecting
+        or below._writeDisconnecting
+        or below.dataBuffer
+        or below._tempDataLen
+        or below.producer is not None
+    ):
+        return False
+    # TLSMemoryBIOProtocol.loseConnection with TLSProtocol._shutdownTLS, the close_notify
+    # written through at once.
+    transport.disconnecting = True
+    transport._lostTLSConnection = True
+    connection = transport._tlsConnection
+    try:
+        connection.shutdown()
+    except Error:
+        pass  # as Twisted's _shutdownTLS: closed all the same
+    records = drain(connection)
+    if records:
+        below.write(records)
+    if below.dataBuffer or below._tempDataLen or not below.connected:
+        below.loseConnection()
+        return False
+    reactor = below.reactor
+    reactor.removeReader(below)
+    reactor.removeWriter(below)
+    below.connectionLost(_CLOSED)
     return True
