@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from casd import tlslayer
 from casd.config import TLSConfig
-from casd.session.relay import writeThrough
+from casd.session.relay import _closeNow, writeThrough
 from casd.session.tlsrelay import closeTLSNow, wholeChunks
 from casd.tls import ALPNRefused, ServerTLS
 from casd.tlslayer import TLSFactory, changedInPyOpenSSL, handshake
@@ -361,7 +361,7 @@ class CloseNowTests(SynchronousTestCase):
 
     def test_closedAtOnce(self):
         self.server.write(b"* BYE\r\n")
-        self.assertTrue(closeTLSNow(self.server))
+        self.assertTrue(closeTLSNow(self.server, _closeNow))
         # Closed: the protocol told (a clean end), the socket closed, out of the reactor.
         self.assertEqual(len(self.serverApp.lost), 1)
         self.assertIsInstance(self.serverApp.lost[0].value, ConnectionDone)
@@ -378,26 +378,34 @@ class CloseNowTests(SynchronousTestCase):
         self.server.write(b"late")
         self.assertEqual(len(self.serverApp.lost), 1)
 
-    def test_notWithBytesQueued(self):
+    def test_bytesQueuedFlushedFirst(self):
+        """
+        With bytes still queued below: the close_notify queued behind them, the TCP connection
+        left to flush and close (its C{loseConnection}); the caller is told it did not close.
+        """
         self.tcp.dataBuffer = b"queued"
-        self.assertFalse(closeTLSNow(self.server))
-        self.assertFalse(self.server.disconnecting)
+        self.assertFalse(closeTLSNow(self.server, _closeNow))
+        self.assertTrue(self.server.disconnecting)
+        self.assertTrue(self.tcp.disconnecting)
+        self.assertTrue(self.tcp._tempDataLen)  # the close_notify, behind them
+        self.assertEqual(self.serverApp.lost, [])
+        self.server.loseConnection()  # the relay's next step: nothing more
         self.assertEqual(self.serverApp.lost, [])
 
     def test_notWithAProducer(self):
         self.server.registerProducer(Counting(), True)
-        self.assertFalse(closeTLSNow(self.server))
+        self.assertFalse(closeTLSNow(self.server, _closeNow))
         self.server.unregisterProducer()
-        self.assertTrue(closeTLSNow(self.server))
+        self.assertTrue(closeTLSNow(self.server, _closeNow))
 
     def test_notBeforeTheHandshake(self):
         self.server._handshakeDone = False
-        self.assertFalse(closeTLSNow(self.server))
+        self.assertFalse(closeTLSNow(self.server, _closeNow))
         self.assertFalse(self.tcp.disconnecting)
 
     def test_notOtherTransports(self):
-        self.assertFalse(closeTLSNow(self.tcp))
-        self.assertFalse(closeTLSNow(StringTransport()))
+        self.assertFalse(closeTLSNow(self.tcp, _closeNow))
+        self.assertFalse(closeTLSNow(StringTransport(), _closeNow))
         self.assertFalse(self.tcp.disconnecting)
 
     def test_closeNotifyNotTakenWholeIsFlushedFirst(self):
@@ -406,7 +414,7 @@ class CloseNowTests(SynchronousTestCase):
         then closes (its own C{loseConnection}); the caller is told it did not close.
         """
         self.tcp.socket = _Full(self.tcp.socket)
-        self.assertFalse(closeTLSNow(self.server))
+        self.assertFalse(closeTLSNow(self.server, _closeNow))
         self.assertTrue(self.server.disconnecting)
         self.assertTrue(self.tcp.disconnecting)
         self.assertTrue(self.tcp._tempDataLen)  # queued by Twisted

@@ -439,7 +439,7 @@ class Relay:
                 # A plain TCP transport with nothing queued closes at once, and so does a TLS
                 # client's (closeTLSNow).  Otherwise flush what is pending, but never wait for a
                 # peer that stopped reading.
-                if _closeNow(transport) or closeTLSNow(transport):
+                if _closeNow(transport) or closeTLSNow(transport, _closeNow):
                     continue
                 pending = _pending(transport)
                 transport.loseConnection()

@@ -30,8 +30,6 @@ from __future__ import annotations
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from OpenSSL.SSL import Error, WantReadError
 
-from twisted.internet import tcp
-from twisted.internet.error import ConnectionDone
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
@@ -161,27 +159,25 @@ def wholeChunks(transport) -> bool:
     return True
 
 
-#: The reason a connection closed by L{closeTLSNow} gives its protocol: one shared failure, as
-#: the reactor shares its own for every connection it closes.
-_CLOSED = Failure(ConnectionDone())
-
-
-def closeTLSNow(transport) -> bool:
+def closeTLSNow(transport, closeNow) -> bool:
     """
-    End a relayed TLS client connection at once, as L{TLSProtocol}'s C{loseConnection} and the
+    End a relayed TLS connection at once, as L{TLSProtocol}'s C{loseConnection} and the
     reactor's next iteration would with nothing left to send: this side's close_notify written
-    (L{TLSProtocol._shutdownTLS}: the peer's is not waited for), then, once the kernel took it
-    all, the TCP connection closed and the protocol's C{connectionLost} called, before this
-    returns (as the relay's own C{_closeNow} does for plain TCP).  That saves the reactor
-    iteration of arming the connection for writing only to find nothing to flush, its
-    C{epoll_ctl} calls, and the relay's grace timer for a connection that may still hold bytes.
+    through (L{TLSProtocol._shutdownTLS}: the peer's is not waited for), then the connection
+    below closed by C{closeNow} (the relay's own for plain TCP: at once, the protocols'
+    C{connectionLost} called before it returns, when the kernel took everything).  That saves
+    the reactor iteration of arming the connection for writing only to find nothing to flush,
+    its C{epoll_ctl} calls, and the relay's grace timer.
 
-    @return: whether it did; anything else (not casd's TLS layer over an accepted TCP
-        connection, the handshake not done, bytes or a producer still in the TLS layer or the
-        TCP transport, a close in progress) is left to the caller's C{loseConnection()}.  When
-        the kernel does not take the close_notify whole, the TCP transport is left to flush it
-        and close (its C{loseConnection()}), the TLS layer marked closing: C{False}, so that
-        the caller bounds that wait as it would any other.
+    @param closeNow: closes a plain TCP transport with nothing queued at once, and says whether
+        it did (L{casd.session.relay._closeNow}).
+    @return: whether it closed; C{False} without a change for anything but casd's TLS layer
+        writing whole chunks, with the handshake done and nothing kept in it (bytes waiting for
+        the handshake, a producer, a close in progress).  When the connection below cannot be
+        closed at once (bytes the kernel did not take, not plain TCP), it is left to flush and
+        close (its C{loseConnection()}), the TLS layer closing: C{False}, so that the caller
+        bounds that wait as it would any other (the layer's own C{loseConnection()} does
+        nothing more).
     """
     if (
         type(transport) is not _WholeChunkTLSProtocol
@@ -192,20 +188,8 @@ def closeTLSNow(transport) -> bool:
         or transport._producer is not None
     ):
         return False
-    below = transport.transport
-    if (
-        not isinstance(below, tcp.Server)
-        or below.TLS
-        or not below.connected
-        or below.disconnecting
-        or below._writeDisconnecting
-        or below.dataBuffer
-        or below._tempDataLen
-        or below.producer is not None
-    ):
-        return False
     # TLSMemoryBIOProtocol.loseConnection with TLSProtocol._shutdownTLS, the close_notify
-    # written through at once.
+    # written at once, the close below left to closeNow.
     transport.disconnecting = True
     transport._lostTLSConnection = True
     connection = transport._tlsConnection
@@ -213,14 +197,11 @@ def closeTLSNow(transport) -> bool:
         connection.shutdown()
     except Error:
         pass  # as Twisted's _shutdownTLS: closed all the same
+    below = transport.transport
     records = drain(connection)
     if records:
         below.write(records)
-    if below.dataBuffer or below._tempDataLen or not below.connected:
-        below.loseConnection()
-        return False
-    reactor = below.reactor
-    reactor.removeReader(below)
-    reactor.removeWriter(below)
-    below.connectionLost(_CLOSED)
-    return True
+    if closeNow(below):
+        return True
+    below.loseConnection()
+    return False
