@@ -392,6 +392,19 @@ class CloseNowTests(SynchronousTestCase):
         self.server.loseConnection()  # the relay's next step: nothing more
         self.assertEqual(self.serverApp.lost, [])
 
+    def test_switchedOnce(self):
+        """
+        Asked again (the relay's start), L{wholeChunks} leaves a switched layer as it is.
+        """
+        switched = type(self.server)
+        self.assertFalse(wholeChunks(self.server))
+        self.assertIs(type(self.server), switched)
+        self.server.write(b"x" * 100000)
+        self.peer.settimeout(5)
+        while len(b"".join(self.clientApp.received)) < 100000:
+            self.client.dataReceived(self.peer.recv(200000))
+        self.assertEqual(b"".join(self.clientApp.received), b"x" * 100000)
+
     def test_notWithAProducer(self):
         self.server.registerProducer(Counting(), True)
         self.assertFalse(closeTLSNow(self.server, _closeNow))

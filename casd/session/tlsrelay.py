@@ -133,6 +133,9 @@ _WHOLE = {
 }
 
 
+#: The TLS layers L{wholeChunks} switched.
+_SWITCHED = frozenset(_WHOLE.values())
+
 #: casd's TLS layers over a transport (L{TLSProtocol}, whole-chunk writes or not), whose
 #: C{getPeer} and C{getHost} are their transport's (L{ProtocolWrapper}'s, not overridden).
 TLS_LAYERS = frozenset([TLSProtocol, _WholeChunkTLSProtocol])
@@ -145,6 +148,8 @@ def wholeChunks(transport) -> bool:
 
     @return: whether it was switched.
     """
+    if type(transport) in _SWITCHED:
+        return False  # switched already (the relay's start asks again): in the fewest calls
     layer = tlsLayer(transport)
     if layer is None:
         return False
