@@ -67,6 +67,13 @@ COPIED = {
     (TLSMemoryBIOProtocol, "_shutdownTLS"): (
         "f72004ba90a03215335f0315a12a2a4a769e931048f58a673cc1222cd666637a"
     ),
+    # casd.session.tlsrelay's whole-chunk writes: write and _write in one, kept writes flushed.
+    (TLSMemoryBIOProtocol, "write"): (
+        "e029bcaebbb754c2b86823eb836767552d26e1d38df20ae8d83f005ed890a30e"
+    ),
+    (TLSMemoryBIOProtocol, "_unbufferPendingWrites"): (
+        "c2b342c0a2c729782c7b4dd0d8ac97fa570744e8da078698a9389a714bfa8242"
+    ),
     (TLSMemoryBIOProtocol, "_checkHandshakeStatus"): (
         "3902da2549f56145492bb3e49c7b933bca242e0e888d13d2d192f3e3fc15e57b"
     ),

@@ -33,7 +33,7 @@ from OpenSSL.SSL import Error, WantReadError
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
-from casd.tlslayer import TLSProtocol, drain
+from casd.tlslayer import _BIO_read, _NULL, TLSProtocol, _allocate, _buffer, _held, drain
 
 
 _PARTIAL_WRITE = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
@@ -60,20 +60,23 @@ class _WholeChunkWrites:
     The write path of L{TLSMemoryBIOProtocol}, a whole chunk at a time.
     """
 
+    #: True while the writes kept for after the handshake go out (L{_unbufferPendingWrites}):
+    #: those are written even after C{loseConnection()}, as Twisted's C{_write} has them.
+    _flushingKept = False
+
     def write(self, data: bytes) -> None:
-        # BufferingTLSTransport's write is an instance attribute (its aggregator); this class's
-        # write replaces it (see wholeChunks), with TLSMemoryBIOProtocol.write's rule.
-        if self.disconnecting and self._producer is None:
-            return
-        self._write(data)
+        """
+        C{TLSMemoryBIOProtocol.write} and C{_write} in one (one call per write, not two):
+        nothing after C{loseConnection()} unless a producer is registered (Twisted's rule),
+        except while the writes kept for after the handshake go out.
 
-    def writeSequence(self, iovec) -> None:
-        # BufferingTLSTransport's writeSequence goes to its aggregator, held for the next
-        # reactor iteration: after a later write() it would arrive out of order.
-        self.write(b"".join(iovec))
-
-    def _write(self, data: bytes) -> None:
-        if self._lostTLSConnection:
+        BufferingTLSTransport's write is an instance attribute (its aggregator); this replaces
+        it (see L{wholeChunks}).
+        """
+        if (
+            self._lostTLSConnection
+            or (self.disconnecting and self._producer is None and not self._flushingKept)
+        ):
             return
         if not self._handshakeDone:
             # Kept until the handshake is done, as pyOpenSSL's send would have had it kept,
@@ -108,10 +111,28 @@ class _WholeChunkWrites:
         except Error:
             self._tlsShutdownFinished(Failure())
             return
-        # _flushAllRecords inline: this runs once per write.
-        records = drain(connection)
-        if records:
-            self.transport.write(records)
+        # Every record made, in one transport write (drain inline: this runs once per write).
+        bio = connection._from_ssl
+        size = _held(bio, _NULL)
+        if size > 0:
+            out = _allocate("char[]", size)
+            got = _BIO_read(bio, out, size)
+            if got > 0:
+                self.transport.write(_buffer(out, got)[:])
+
+    _write = write
+
+    def _unbufferPendingWrites(self) -> None:
+        self._flushingKept = True
+        try:
+            TLSMemoryBIOProtocol._unbufferPendingWrites(self)
+        finally:
+            del self._flushingKept
+
+    def writeSequence(self, iovec) -> None:
+        # BufferingTLSTransport's writeSequence goes to its aggregator, held for the next
+        # reactor iteration: after a later write() it would arrive out of order.
+        self.write(b"".join(iovec))
 
 
 class _WholeChunkTLS(_WholeChunkWrites, TLSMemoryBIOProtocol):
