@@ -42,7 +42,13 @@ from twisted.internet import _newtls
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import (
+    BufferingTLSTransport,
+    TLSMemoryBIOFactory,
+    TLSMemoryBIOProtocol,
+    _AggregateSmallWrites,
+    _NullAggregator,
+)
 from twisted.python.failure import Failure
 
 #: SHA-256 of the sources, in Twisted 26.10.0, of what L{TLSProtocol} and L{startTLS} repeat or
@@ -66,6 +72,19 @@ COPIED = {
     ),
     (TLSMemoryBIOProtocol, "_shutdownTLS"): (
         "f72004ba90a03215335f0315a12a2a4a769e931048f58a673cc1222cd666637a"
+    ),
+    # TLSProtocol's aggregator, made on its first write: what uses BufferingTLSTransport's.
+    (BufferingTLSTransport, "__init__"): (
+        "2d7152b65488afb968307b1f2ed746a2b3e7fc0a4e36741f0df11394d3e05f75"
+    ),
+    (BufferingTLSTransport, "writeSequence"): (
+        "ec75e8b6dcd824134a38cbddcbf4497e1a880f8e826bf6d45cdbd8120a2e6098"
+    ),
+    (BufferingTLSTransport, "loseConnection"): (
+        "3b78ec1fa7972cf796d625a87b165bc4d53681ba6252ab359b7c03c34efb1f3d"
+    ),
+    (BufferingTLSTransport, "connectionLost"): (
+        "7e3899252d6d64856d8376355dcbad6f4ea2ed9bf0ec60533c9c2ddc72d9c103"
     ),
     # casd.session.tlsrelay's whole-chunk writes: write and _write in one, kept writes flushed.
     (TLSMemoryBIOProtocol, "write"): (
@@ -243,6 +262,35 @@ class TLSProtocol(BufferingTLSTransport):
     Twisted and casd leave C{SSL_CTX_set_read_ahead} off), so once the incoming BIO is empty and
     C{SSL_pending} is 0 there is nothing more to read until more bytes arrive.
     """
+
+    #: No aggregator until a write needs one (L{write}); until then this shared one, which
+    #: holds nothing, is what C{loseConnection} flushes and C{connectionLost} closes.
+    _aggregator = _NullAggregator()
+
+    def __init__(self, factory, wrappedProtocol, _connectWrapped=True):
+        """
+        L{BufferingTLSTransport}'s, without making its aggregator: a layer switched to
+        whole-chunk writes before its first write (every casd session's, at connectionMade)
+        never needs one.
+        """
+        TLSMemoryBIOProtocol.__init__(self, factory, wrappedProtocol, _connectWrapped)
+
+    def write(self, data):
+        """
+        The first write of a layer not switched to whole-chunk writes: from now on,
+        L{BufferingTLSTransport}'s aggregated writes, as it would have had them from the start.
+        """
+        aggregator = self._aggregator = _AggregateSmallWrites(
+            TLSMemoryBIOProtocol.write.__get__(self), self.factory._clock
+        )
+        self.write = aggregator.write
+        aggregator.write(data)
+
+    def writeSequence(self, sequence):
+        """
+        L{BufferingTLSTransport.writeSequence}: one aggregated write (made if need be).
+        """
+        self.write(b"".join(sequence))
 
     def makeConnection(self, transport):
         """

@@ -26,7 +26,7 @@ from casd.session.tlsrelay import closeTLSNow, wholeChunks
 from casd.tls import ALPNRefused, ServerTLS
 from casd.tlslayer import TLSFactory, changedInPyOpenSSL, handshake
 from tests.support.certs import CertificateAuthority
-from tests.test_tlslayer import Counting, _casdOptions
+from tests.test_tlslayer import Counting, _casdOptions, _records
 from tests.test_tlsrelay import pump
 
 
@@ -432,3 +432,81 @@ class CloseNowTests(SynchronousTestCase):
         self.assertTrue(self.tcp.disconnecting)
         self.assertTrue(self.tcp._tempDataLen)  # queued by Twisted
         self.assertEqual(self.serverApp.lost, [])
+
+
+class AggregatorTests(SynchronousTestCase):
+    """
+    L{TLSProtocol} makes Twisted's write aggregator only on a first write: a layer switched to
+    whole-chunk writes before it (every casd session's) never has one; any other aggregates as
+    L{BufferingTLSTransport} does.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        serverOptions, clientOptions = _casdOptions(self.mktemp())
+        self.serverApp, self.clientApp = Counting(), Counting()
+        serverFactory = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: self.serverApp), self.clock)
+        clientFactory = TLSMemoryBIOFactory(
+            clientOptions, True, Factory.forProtocol(lambda: self.clientApp), self.clock
+        )
+        self.server, self.client = serverFactory.buildProtocol(None), clientFactory.buildProtocol(None)
+        self.serverWire, self.clientWire = StringTransport(), StringTransport()
+        self.server.makeConnection(self.serverWire)
+        self.client.makeConnection(self.clientWire)
+        self.pump()
+
+    def pump(self):
+        pump(self.server, self.serverWire, self.client, self.clientWire, self.clock)
+
+    def test_unswitchedAggregates(self):
+        """
+        Small writes are held for the next reactor iteration and go out together, in order,
+        C{writeSequence} among them.
+        """
+        self.server.write(b"a")
+        self.server.writeSequence([b"b", b"c"])
+        self.server.write(b"d")
+        self.assertEqual(self.serverWire.value(), b"")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0)
+        wire = self.serverWire.value()
+        self.assertEqual(len(_records(wire)), 1)
+        self.pump()
+        self.assertEqual(b"".join(self.clientApp.received), b"abcd")
+
+    def test_loseConnectionFlushesWhatIsHeld(self):
+        self.server.write(b"* BYE\r\n")
+        self.server.loseConnection()
+        self.assertTrue(self.serverWire.disconnecting)
+        self.client.dataReceived(self.serverWire.value())
+        self.assertEqual(b"".join(self.clientApp.received), b"* BYE\r\n")
+        self.assertTrue(self.client._lostTLSConnection)
+        self.assertIsNone(self.client._reason)
+
+    def test_switchedMakesNone(self):
+        """
+        Switched before any write: no aggregator and no per-connection C{write} attribute;
+        writes go out at once; the end of the connection closes the shared empty one.
+        """
+        self.assertTrue(wholeChunks(self.server))
+        self.server.write(b"* OK\r\n")
+        self.assertNotIn("_aggregator", self.server.__dict__)
+        self.assertTrue(self.serverWire.value())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.pump()
+        self.assertEqual(b"".join(self.clientApp.received), b"* OK\r\n")
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.serverApp.lost), 1)
+        self.serverWire.clear()  # the answer to the end of stream: a close_notify
+        self.server.write(b"late")  # dropped, as after Twisted's connectionLost
+        self.assertEqual(self.serverWire.value(), b"")
+
+    def test_writtenThenSwitched(self):
+        """
+        A write held by the aggregator, then the switch: the held bytes go first.
+        """
+        self.server.write(b"first ")
+        self.assertTrue(wholeChunks(self.server))
+        self.server.write(b"second")
+        self.pump()
+        self.assertEqual(b"".join(self.clientApp.received), b"first second")

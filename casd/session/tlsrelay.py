@@ -177,7 +177,8 @@ def wholeChunks(transport) -> bool:
     faster = _WHOLE.get(type(layer))
     if faster is None:
         return False
-    aggregator = getattr(layer, "_aggregator", None)
+    # An aggregator the layer made (casd's TLSProtocol makes one only on a first write).
+    aggregator = layer.__dict__.get("_aggregator")
     if aggregator is not None:
         aggregator.flush()
     layer.__dict__.pop("write", None)
