@@ -319,6 +319,25 @@ class _Full:
         return getattr(self._real, name)
 
 
+def _connectedPair(case):
+    """
+    Set C{case}'s clock, applications, a casd server layer and a Twisted client layer over
+    string transports, the handshake done.
+    """
+    case.clock = Clock()
+    serverOptions, clientOptions = _casdOptions(case.mktemp())
+    case.serverApp, case.clientApp = Counting(), Counting()
+    serverFactory = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: case.serverApp), case.clock)
+    clientFactory = TLSMemoryBIOFactory(
+        clientOptions, True, Factory.forProtocol(lambda: case.clientApp), case.clock
+    )
+    case.server, case.client = serverFactory.buildProtocol(None), clientFactory.buildProtocol(None)
+    case.serverWire, case.clientWire = StringTransport(), StringTransport()
+    case.server.makeConnection(case.serverWire)
+    case.client.makeConnection(case.clientWire)
+    pump(case.server, case.serverWire, case.client, case.clientWire, case.clock)
+
+
 class CloseNowTests(SynchronousTestCase):
     """
     L{closeTLSNow}: a relayed TLS client connection ended at once, its close_notify written
@@ -326,18 +345,7 @@ class CloseNowTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        self.clock = Clock()
-        serverOptions, clientOptions = _casdOptions(self.mktemp())
-        self.serverApp, self.clientApp = Counting(), Counting()
-        serverFactory = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: self.serverApp), self.clock)
-        clientFactory = TLSMemoryBIOFactory(
-            clientOptions, True, Factory.forProtocol(lambda: self.clientApp), self.clock
-        )
-        self.server, self.client = serverFactory.buildProtocol(None), clientFactory.buildProtocol(None)
-        serverWire, clientWire = StringTransport(), StringTransport()
-        self.server.makeConnection(serverWire)
-        self.client.makeConnection(clientWire)
-        pump(self.server, serverWire, self.client, clientWire, self.clock)
+        _connectedPair(self)
         wholeChunks(self.server)
         # The handshake done, the server's layer now over an accepted TCP connection: one end
         # of a socket pair, the client reading the other.
@@ -442,18 +450,7 @@ class AggregatorTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        self.clock = Clock()
-        serverOptions, clientOptions = _casdOptions(self.mktemp())
-        self.serverApp, self.clientApp = Counting(), Counting()
-        serverFactory = TLSFactory(serverOptions, False, Factory.forProtocol(lambda: self.serverApp), self.clock)
-        clientFactory = TLSMemoryBIOFactory(
-            clientOptions, True, Factory.forProtocol(lambda: self.clientApp), self.clock
-        )
-        self.server, self.client = serverFactory.buildProtocol(None), clientFactory.buildProtocol(None)
-        self.serverWire, self.clientWire = StringTransport(), StringTransport()
-        self.server.makeConnection(self.serverWire)
-        self.client.makeConnection(self.clientWire)
-        self.pump()
+        _connectedPair(self)
 
     def pump(self):
         pump(self.server, self.serverWire, self.client, self.clientWire, self.clock)
