@@ -32,16 +32,23 @@ from __future__ import annotations
 import hashlib
 import inspect
 
+from OpenSSL import SSL as _pyOpenSSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from OpenSSL._util import ffi as _ffi, lib as _lib
 from zope.interface import implementer, providedBy
 from zope.interface.declarations import Provides
 
 from twisted.internet import _newtls
-from twisted.internet.interfaces import ISSLTransport, IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import (
+    BufferingTLSTransport,
+    TLSMemoryBIOFactory,
+    TLSMemoryBIOProtocol,
+    _AggregateSmallWrites,
+    _NullAggregator,
+)
 from twisted.python.failure import Failure
 
 #: SHA-256 of the sources, in Twisted 26.10.0, of what L{TLSProtocol} and L{startTLS} repeat or
@@ -63,6 +70,47 @@ COPIED = {
     (TLSMemoryBIOProtocol, "dataReceived"): (
         "0c9326eac628dc892f23a20f2d0bf02d93bd3a8e5caccfa70bfeb096a3ca8758"
     ),
+    (TLSMemoryBIOProtocol, "_shutdownTLS"): (
+        "f72004ba90a03215335f0315a12a2a4a769e931048f58a673cc1222cd666637a"
+    ),
+    # TLSProtocol's aggregator, made on its first write: what uses BufferingTLSTransport's.
+    (BufferingTLSTransport, "__init__"): (
+        "2d7152b65488afb968307b1f2ed746a2b3e7fc0a4e36741f0df11394d3e05f75"
+    ),
+    (BufferingTLSTransport, "writeSequence"): (
+        "ec75e8b6dcd824134a38cbddcbf4497e1a880f8e826bf6d45cdbd8120a2e6098"
+    ),
+    (BufferingTLSTransport, "loseConnection"): (
+        "3b78ec1fa7972cf796d625a87b165bc4d53681ba6252ab359b7c03c34efb1f3d"
+    ),
+    (BufferingTLSTransport, "connectionLost"): (
+        "7e3899252d6d64856d8376355dcbad6f4ea2ed9bf0ec60533c9c2ddc72d9c103"
+    ),
+    # casd.session.tlsrelay's whole-chunk writes: write and _write in one, kept writes flushed.
+    (TLSMemoryBIOProtocol, "write"): (
+        "e029bcaebbb754c2b86823eb836767552d26e1d38df20ae8d83f005ed890a30e"
+    ),
+    (TLSMemoryBIOProtocol, "_unbufferPendingWrites"): (
+        "c2b342c0a2c729782c7b4dd0d8ac97fa570744e8da078698a9389a714bfa8242"
+    ),
+    (TLSMemoryBIOProtocol, "_checkHandshakeStatus"): (
+        "3902da2549f56145492bb3e49c7b933bca242e0e888d13d2d192f3e3fc15e57b"
+    ),
+}
+
+#: SHA-256 of the sources, in pyOpenSSL 26.4.0, of what L{handshake} repeats: its checks of the
+#: context's callback helpers and of C{SSL_get_error} (C{_raise_ssl_error}), the call it
+#: replaces (C{do_handshake}), and the helpers' C{_problems} (C{raise_if_problem}).
+COPIED_PYOPENSSL = {
+    (_pyOpenSSL.Connection, "do_handshake"): (
+        "fcfb0befeab35810f9401987e7b062c956a073d9e04a1ce572f8923fdb0da186"
+    ),
+    (_pyOpenSSL.Connection, "_raise_ssl_error"): (
+        "04b0d7964c73ea9eb7948883b2bd1c1d7d188ca9b5826f73f339de781868b18f"
+    ),
+    (_pyOpenSSL._CallbackExceptionHelper, "raise_if_problem"): (
+        "b88aff40bdb7525f9ad5cde1faf7f66cd0a6be149963a43f69d7688b77bbb2c2"
+    ),
 }
 
 #: (protocol class, transport's declaration) -> (the declaration of the last interface only,
@@ -79,16 +127,28 @@ def _sourceHash(function) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()
 
 
+def _changed(copied: dict) -> list[str]:
+    return [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for (owner, name), digest in copied.items()
+        if _sourceHash(getattr(owner, name)) != digest
+    ]
+
+
 def changedInTwisted() -> list[str]:
     """
     @return: the names of the Twisted functions L{TLSProtocol} and L{startTLS} repeat or replace
         whose source is not the one they were written against (L{COPIED}); empty when all are.
     """
-    return [
-        f"{getattr(owner, '__name__', owner)}.{name}"
-        for (owner, name), digest in COPIED.items()
-        if _sourceHash(getattr(owner, name)) != digest
-    ]
+    return _changed(COPIED)
+
+
+def changedInPyOpenSSL() -> list[str]:
+    """
+    @return: the names of the pyOpenSSL functions L{handshake} repeats whose source is not the
+        one it was written against (L{COPIED_PYOPENSSL}); empty when all are.
+    """
+    return _changed(COPIED_PYOPENSSL)
 
 
 def _declarationsFor(cls, transport):
@@ -135,6 +195,43 @@ def drain(connection) -> bytes:
     return _buffer(out, got)[:] if got > 0 else b""
 
 
+_SSL_do_handshake = _lib.SSL_do_handshake
+_SSL_get_error = _lib.SSL_get_error
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+
+
+def handshake(connection) -> bool:
+    """
+    One step of a TLS handshake: pyOpenSSL's C{do_handshake}, without the C{WantReadError} it
+    raises (through several Python calls) each time OpenSSL waits for the peer's next flight,
+    twice per server handshake.
+
+    As C{_raise_ssl_error} does, a problem a callback of the context left (its verify, ALPN or
+    OCSP helper) comes first; anything but success or "want read" goes through
+    C{_raise_ssl_error} itself, so it raises what C{do_handshake} would.
+
+    @param connection: a pyOpenSSL C{Connection}.
+    @return: C{True} when the handshake is done, C{False} when OpenSSL waits for bytes.
+    @raise Error: what C{do_handshake} raises otherwise.
+    """
+    ssl = connection._ssl
+    result = _SSL_do_handshake(ssl)
+    context = connection._context
+    verify, alpn, ocsp = context._verify_helper, context._alpn_select_helper, context._ocsp_helper
+    if (
+        (verify is None or not verify._problems)
+        and (alpn is None or not alpn._problems)
+        and (ocsp is None or not ocsp._problems)
+    ):
+        if result == 1:
+            return True
+        if _SSL_get_error(ssl, result) == _WANT_READ:
+            return False
+    connection._raise_ssl_error(ssl, result)
+    # What do_handshake does when that does not raise: return, the handshake done.
+    return True
+
+
 _SSL_read = _lib.SSL_read
 _BIO_write = _lib.BIO_write
 _fromBuffer = _ffi.from_buffer
@@ -166,6 +263,35 @@ class TLSProtocol(BufferingTLSTransport):
     C{SSL_pending} is 0 there is nothing more to read until more bytes arrive.
     """
 
+    #: No aggregator until a write needs one (L{write}); until then this shared one, which
+    #: holds nothing, is what C{loseConnection} flushes and C{connectionLost} closes.
+    _aggregator = _NullAggregator()
+
+    def __init__(self, factory, wrappedProtocol, _connectWrapped=True):
+        """
+        L{BufferingTLSTransport}'s, without making its aggregator: a layer switched to
+        whole-chunk writes before its first write (every casd session's, at connectionMade)
+        never needs one.
+        """
+        TLSMemoryBIOProtocol.__init__(self, factory, wrappedProtocol, _connectWrapped)
+
+    def write(self, data):
+        """
+        The first write of a layer not switched to whole-chunk writes: from now on,
+        L{BufferingTLSTransport}'s aggregated writes, as it would have had them from the start.
+        """
+        aggregator = self._aggregator = _AggregateSmallWrites(
+            TLSMemoryBIOProtocol.write.__get__(self), self.factory._clock
+        )
+        self.write = aggregator.write
+        aggregator.write(data)
+
+    def writeSequence(self, sequence):
+        """
+        L{BufferingTLSTransport.writeSequence}: one aggregated write (made if need be).
+        """
+        self.write(b"".join(sequence))
+
     def makeConnection(self, transport):
         """
         C{TLSMemoryBIOProtocol.makeConnection}, with the declarations of L{_declarationsFor}.
@@ -180,13 +306,32 @@ class TLSProtocol(BufferingTLSTransport):
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         if self._connectWrapped:
-            # ProtocolWrapper.makeConnection, its declaration (all of the transport's) at hand.
+            # ProtocolWrapper.makeConnection, its declaration (all of the transport's) at hand;
+            # not its Protocol.makeConnection and registerProtocol again (done just above:
+            # the same attributes set, the same no-op connectionMade, the same entry).
             self.__provides__ = every
-            Protocol.makeConnection(self, transport)
-            self.factory.registerProtocol(self)
             self.wrappedProtocol.makeConnection(self)
 
         self._checkHandshakeStatus()
+
+    def _checkHandshakeStatus(self):
+        """
+        C{TLSMemoryBIOProtocol._checkHandshakeStatus}, each step through L{handshake}: no
+        exception while OpenSSL waits for the peer.
+        """
+        if self._aborted:
+            return
+        try:
+            done = handshake(self._tlsConnection)
+        except Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        if not done:
+            self._flushSendBIO()
+            return
+        self._handshakeDone = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def dataReceived(self, data):
         """
@@ -256,9 +401,37 @@ class TLSProtocol(BufferingTLSTransport):
                 got += result
                 if not _held(connection._into_ssl, _NULL) and not _sslPending(ssl):
                     break
-        if got:
-            self._deliver(got)
+        if got and not self._aborted:
+            # _deliver and _flushSendBIO inline: this runs once per read.
+            self.wrappedProtocol.dataReceived(_buffer(_READ, got)[:])
+        if _held(connection._from_ssl, _NULL) > 0:
+            self.transport.write(drain(connection))
+
+    def _shutdownTLS(self):
+        """
+        C{TLSMemoryBIOProtocol._shutdownTLS}, which, when this side ends TLS (C{loseConnection}
+        after the handshake), closes the connection once its close_notify is written, without
+        waiting for the peer's: as nginx, Dovecot and Postfix do, and as TLS allows (RFC 8446
+        6.1, RFC 5246 7.2.1: the side that closes need not wait for the answering close_notify).
+        Twisted waited, reading until the peer's close_notify (or its end of stream) came: one
+        more read and reactor iteration per session, and a session kept open by a client that
+        never answers.  The peer's answer, if it comes, is not read: TLS ended cleanly on this
+        side, and the protocol's C{connectionLost} gets the transport's reason, as after an
+        answered close_notify.  A shutdown that completes (the peer's close_notify read) closes
+        the connection as Twisted does; an aborted connection or an unfinished handshake goes
+        Twisted's way.
+        """
+        try:
+            shutdownSuccess = self._tlsConnection.shutdown()
+        except Error:
+            # Mid-handshake: SSL_ERROR_WANT_READ, which pyOpenSSL raises as an Error.
+            shutdownSuccess = False
         self._flushSendBIO()
+        if shutdownSuccess:
+            self.transport.loseConnection()
+        elif self.disconnecting and self._handshakeDone and not self._aborted:
+            self._lostTLSConnection = True
+            self.transport.loseConnection()
 
     def _deliver(self, got: int) -> int:
         """

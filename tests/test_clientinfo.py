@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from casd.session import clientinfo
 from casd.session.clientinfo import ClientInfo, newSessionId
 from casd.session.relay import writeThrough
+from casd.session.tlsrelay import TLS_LAYERS
 
 
 class _Listener:
@@ -62,6 +63,18 @@ class FromTransportTests(TestCase):
             )
             self.assertEqual(info.peerPort, client.transport.getHost().port)
             self.assertEqual((info.protocol, info.listener, info.trusted), ("imap", "imap-1", False))
+        # casd's TLS layers over it: the TCP connection's addresses, read the same way (its
+        # getPeer and getHost, which would build Twisted's address objects, not asked).
+        for cls in TLS_LAYERS:
+            layer = cls.__new__(cls)
+            layer.transport = transport
+            layer.getPeer = layer.getHost = lambda: self.fail("address objects built")
+            info = ClientInfo.fromTransport(layer, "imap", _Listener(), (), tls=True)
+            self.assertEqual(
+                (info.peerHost, info.peerPort, info.localHost, info.localPort, info.tls),
+                (peer.host, peer.port, host.host, host.port, True),
+                cls,
+            )
 
 
 class SessionIdTests(SynchronousTestCase):

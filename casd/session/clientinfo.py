@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 
 from casd.net import parseAddress
 from casd.session.relay import PLAIN_TCP_SERVERS
+from casd.session.tlsrelay import TLS_LAYERS
 
 
 #: Bytes of randomness per session id, and how many ids one read of the kernel's random pool
@@ -109,10 +110,12 @@ class ClientInfo:
         """
         @param listener: the L{casd.config.ListenerConfig} the client came in through.
         """
-        if type(transport) in PLAIN_TCP_SERVERS and len(transport.client) == 2:
+        # casd's TLS layer gives its TCP connection's addresses (ProtocolWrapper.getPeer/getHost).
+        below = transport.transport if type(transport) in TLS_LAYERS else transport
+        if type(below) in PLAIN_TCP_SERVERS and len(below.client) == 2:
             # A plain IPv4 connection: the addresses getPeer() and getHost() would wrap.
-            peerHost, peerPort = transport.client
-            localHost, localPort = transport.socket.getsockname()
+            peerHost, peerPort = below.client
+            localHost, localPort = below.socket.getsockname()
         else:
             peerHost, peerPort = _hostPort(transport.getPeer())
             localHost, localPort = _hostPort(transport.getHost())

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from casd.session.tlsrelay import wholeChunks
+from casd.session.tlsrelay import closeTLSNow, wholeChunks
 
 try:
     from twisted.internet.endpoints import _WrappingProtocol
@@ -458,9 +458,10 @@ class Relay:
                     transport.unregisterProducer()
                 except RuntimeError:
                     pass  # none registered (a test transport says so)
-                # A plain TCP transport with nothing queued closes at once.  Otherwise flush
-                # what is pending, but never wait for a peer that stopped reading.
-                if _closeNow(transport):
+                # A plain TCP transport with nothing queued closes at once, and so does a TLS
+                # client's (closeTLSNow).  Otherwise flush what is pending, but never wait for a
+                # peer that stopped reading.
+                if _closeNow(transport) or closeTLSNow(transport, _closeNow):
                     continue
                 pending = _pending(transport)
                 transport.loseConnection()
