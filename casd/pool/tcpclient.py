@@ -35,6 +35,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol
 
 from casd.service.leanpoll import readInsteadOfWriting
+from casd.session import teardown
 from casd.session.relay import _writeNow, writesThrough
 
 #: SHA-256 of the sources L{LeanClient} stands in for, in Twisted 26.10.0.
@@ -153,6 +154,11 @@ class LeanClient(tcp.Client):
                 self.failIfNotConnected(error.getConnectError((err, strerror(err))))
                 return
         super().connectionLost(reason)
+
+
+# Connected, its connectionLost is Twisted's client's (the override above only names a failed
+# connect): casd.session.teardown may end it in one step.
+teardown.relayed(LeanClient, client=True)
 
 
 class LeanConnector:

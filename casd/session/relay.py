@@ -20,13 +20,14 @@ import inspect
 
 from zope.interface import implementer
 
-from twisted.internet import main, tcp
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet import _newtls, abstract, main, tcp
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from casd.session import teardown
 from casd.session.tlsrelay import wholeChunks
 
 try:
@@ -40,6 +41,11 @@ RELAY_READ_SIZE = 256 * 1024
 #: SHA-256 of the sources of Twisted's C{tcp.Connection.doRead} and C{_dataReceived} (Twisted
 #: 26.10.0), which L{_DirectRead} repeats.
 READ_SHA256 = "cec22be7f7657ee37ba569c3b22ed126fd32ebff5ff5a0551dc60172721de8d9"
+
+#: SHA-256 of the sources of Twisted's C{_newtls.ConnectionMixin.registerProducer} and
+#: C{abstract.FileDescriptor.registerProducer} (Twisted 26.10.0), which L{Relay.start} does
+#: inline for a plain TCP side.
+FLOW_SHA256 = "808b03e67bda26c3f4bf762991088c4c9bcb8f9f732fee6e0c8de50a8bbc4ab0"
 
 
 def readPathMatches() -> bool:
@@ -55,9 +61,26 @@ def readPathMatches() -> bool:
     return hashlib.sha256(source.encode("utf-8")).hexdigest() == READ_SHA256
 
 
+def flowPathMatches() -> bool:
+    """
+    @return: whether Twisted's producer registration on a plain TCP transport is the one
+        L{Relay.start} does inline.
+    """
+    try:
+        source = inspect.getsource(_newtls.ConnectionMixin.registerProducer) + inspect.getsource(
+            abstract.FileDescriptor.registerProducer
+        )
+    except (OSError, TypeError, AttributeError):
+        return False
+    return hashlib.sha256(source.encode("utf-8")).hexdigest() == FLOW_SHA256
+
+
 #: Whether relayed plain TCP transports read through the relay directly: L{readPathMatches},
 #: asked on the first relay.
 _DIRECT = None
+#: Whether a plain TCP side's producer is set inline: L{flowPathMatches}, asked on the first
+#: relay.
+_FLOW = None
 _TWISTED_DO_READ = tcp.Connection.doRead
 _TWISTED_DATA_RECEIVED = tcp.Connection._dataReceived
 
@@ -102,6 +125,10 @@ class _WriteThroughServer(tcp.Server):
 class _WriteThroughClient(tcp.Client):
     write = _writeNow
     _shouldShutdown = False
+
+
+teardown.relayed(_WriteThroughServer, client=False)
+teardown.relayed(_WriteThroughClient, client=True)
 
 
 _WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
@@ -159,6 +186,8 @@ def _pending(transport) -> bool:
 #: The reason a transport closed by L{_closeNow} gives its protocol: one shared failure, as the
 #: reactor shares its own for every connection it closes.
 _CLOSED = Failure(ConnectionDone())
+#: The same for a connection whose read failed (the reactor's C{CONNECTION_LOST}).
+_LOST = Failure(ConnectionLost())
 
 
 def _closeNow(transport) -> bool:
@@ -171,9 +200,9 @@ def _closeNow(transport) -> bool:
     already (Twisted calls it when the other side, of which it was the producer, was lost) is
     in that state too.
 
-    @return: whether it did; anything else (TLS, bytes queued, a producer registered, a
-        half-close in progress, not a TCP transport) is left to the caller's
-        C{loseConnection()}.
+    @return: whether it did; anything else (TLS, bytes queued, a producer other than the
+        relay's own registered, a half-close in progress, not a TCP transport) is left to the
+        caller's C{loseConnection()}.
     """
     if (
         type(transport) not in _PLAIN_TCP
@@ -182,9 +211,12 @@ def _closeNow(transport) -> bool:
         or transport._writeDisconnecting
         or transport.dataBuffer
         or transport._tempDataLen
-        or transport.producer is not None
+        or (transport.producer is not None and type(transport.producer) not in _FLOW_ONLY)
     ):
         return False
+    # The reactor's and the transport's steps in one (casd.session.teardown), where it can.
+    if teardown.dropNow(transport, _CLOSED):
+        return True
     reactor = transport.reactor
     reactor.removeReader(transport)
     reactor.removeWriter(transport)
@@ -218,15 +250,31 @@ class _FlowOnly:
         pass
 
 
+@implementer(IPushProducer)
 class _DirectRead:
     """
     The C{doRead} of one side's plain TCP transport while relaying: Twisted's
     C{tcp.Connection.doRead} and C{_dataReceived} with L{Relay.fromClient} (or
     L{Relay.fromBackend}) inline, two Python calls fewer per chunk (L{READ_SHA256} pins what it
     repeats).
+
+    When the peer closes and the protocol takes no half-close, the transport is ended here
+    (L{teardown.dropNow}: what the reactor's C{_disconnectSelectable} and the transport's
+    C{connectionLost} chain do, in one step) rather than by the reactor.
+
+    It is also the other side's producer for flow control, as L{_FlowOnly} is.
     """
 
     __slots__ = ("relay", "source", "sink", "inbound")
+
+    def pauseProducing(self) -> None:
+        self.source.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.source.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
     def __init__(self, relay, source, sink, inbound: bool) -> None:
         self.relay = relay
@@ -241,8 +289,15 @@ class _DirectRead:
         except OSError as se:
             if se.args[0] == tcp.EWOULDBLOCK:
                 return None
+            if teardown.dropNow(source, _LOST):
+                return None
             return main.CONNECTION_LOST
         if not data:
+            # Twisted's reactor gives a half-closeable protocol readConnectionLost() instead.
+            if not IHalfCloseableProtocol.providedBy(source.protocol) and teardown.dropNow(
+                source, _CLOSED
+            ):
+                return None
             return main.CONNECTION_DONE
         if self.inbound:
             self.relay.bytesIn += len(data)
@@ -250,6 +305,10 @@ class _DirectRead:
             self.relay.bytesOut += len(data)
         self.sink.write(data)
         return None
+
+
+#: The relay's own producers: L{_closeNow} may close a transport that has one registered.
+_FLOW_ONLY = (_FlowOnly, _DirectRead)
 
 
 def _closeWrite(transport) -> None:
@@ -315,11 +374,14 @@ class Relay:
         ):
             # The endpoint's wrapper only forwards: chunks reach the relay with one call less.
             wrapper.dataReceived = self.fromBackend
-        global _DIRECT
+        global _DIRECT, _FLOW
         if _DIRECT is None:
             _DIRECT = readPathMatches()
-        sides = ((self.client, self.server, True), (self.server, self.client, False))
-        for transport, other, inbound in sides:
+            _FLOW = flowPathMatches()
+        client, server = self.client, self.server
+        # Each side's producer for flow control: the other side's reader (or a _FlowOnly).
+        toServer = toClient = None
+        for transport, other, inbound in ((client, server, True), (server, client, False)):
             kind = type(transport)
             if kind in _PLAIN_TCP and not transport.TLS:
                 # Plain TCP: write-through (most are already), large reads, and each read
@@ -332,7 +394,12 @@ class Relay:
                     and kind._dataReceived is _TWISTED_DATA_RECEIVED
                     and "doRead" not in transport.__dict__
                 ):
-                    transport.doRead = _DirectRead(self, transport, other, inbound).doRead
+                    reader = _DirectRead(self, transport, other, inbound)
+                    transport.doRead = reader.doRead
+                    if inbound:
+                        toServer = reader
+                    else:
+                        toClient = reader
                 continue
             writeThrough(transport)
             # Large reads, below the TLS layer too (a TLS-wrapped transport's is underneath).
@@ -340,8 +407,22 @@ class Relay:
                 transport = transport.transport
             if isinstance(transport, _TCP_TYPES):
                 transport.bufferSize = RELAY_READ_SIZE
-        self.client.registerProducer(_FlowOnly(self.server), True)
-        self.server.registerProducer(_FlowOnly(self.client), True)
+        for consumer, producer in (
+            (server, toServer or _FlowOnly(client)),
+            (client, toClient or _FlowOnly(server)),
+        ):
+            if (
+                _FLOW
+                and type(consumer) in _PLAIN_TCP
+                and not consumer.TLS
+                and consumer.producer is None
+                and not consumer.disconnected
+            ):
+                # FileDescriptor.registerProducer(producer, True), inline.
+                consumer.producer = producer
+                consumer.streamingProducer = True
+            else:
+                consumer.registerProducer(producer, True)
         if fromBackend:
             self.fromBackend(fromBackend)
         if fromClient:
@@ -414,9 +495,10 @@ class Relay:
         self._gone("backend")
 
     def _gone(self, side: str) -> None:
-        timer = self._aborts.pop(side, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._aborts:
+            timer = self._aborts.pop(side, None)
+            if timer is not None and timer.active():
+                timer.cancel()
         self._end(f"{side} closed", lost=side)
 
     def _end(self, why: str, lost: str = "") -> None:
@@ -430,16 +512,18 @@ class Relay:
         self.onEnd(why)
         for side, transport in (("client", self.client), ("backend", self.server)):
             if side != lost:
+                # A plain TCP transport with nothing queued closes at once (its producer, the
+                # relay's own, told to stop: it does nothing).
+                if _closeNow(transport):
+                    continue
                 # A TLS transport (a STARTTLS client) does not close while a producer is
                 # registered with it: the other side, gone or going, is one no longer.
                 try:
                     transport.unregisterProducer()
                 except RuntimeError:
                     pass  # none registered (a test transport says so)
-                # A plain TCP transport with nothing queued closes at once.  Otherwise flush
-                # what is pending, but never wait for a peer that stopped reading.
-                if _closeNow(transport):
-                    continue
+                # Otherwise flush what is pending, but never wait for a peer that stopped
+                # reading.
                 pending = _pending(transport)
                 transport.loseConnection()
                 if pending:
