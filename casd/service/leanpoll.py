@@ -35,6 +35,8 @@ from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
 from twisted.python import log as legacyLog
 
+from casd.service.leanaccept import leanAccept
+
 log = Logger()
 
 #: SHA-256 of the sources of C{EPollReactor.doPoll} and C{EPollReactor._doReadOrWrite} in
@@ -114,13 +116,15 @@ def _leanDoPoll(self, timeout):
 def leanDispatch(reactor) -> bool:
     """
     Give C{reactor} the lean per-event dispatch, if it is Twisted's epoll reactor with the
-    C{doPoll} this module knows.
+    C{doPoll} this module knows, and its TCP listening ports the lean accept
+    (L{casd.service.leanaccept.leanAccept}, which checks its own pinned sources).
 
-    @return: whether it was installed.
+    @return: whether the dispatch was installed.
     """
     if type(reactor) is not EPollReactor or not doPollMatches():
         return False
     reactor.doIteration = types.MethodType(_leanDoPoll, reactor)
+    leanAccept(reactor)
     return True
 
 
