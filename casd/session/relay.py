@@ -163,7 +163,8 @@ def writeThrough(transport) -> None:
     kind = type(transport)
     if kind in _PLAIN_TCP and not transport.TLS:
         # The common case first, in as few calls as possible: this runs 4 times per login.
-        transport.__class__ = _WRITE_THROUGH.get(kind, kind)
+        if kind in _WRITE_THROUGH:
+            transport.__class__ = _WRITE_THROUGH[kind]
         return
     wholeChunks(transport)
     if isinstance(transport, TLSMemoryBIOProtocol):
@@ -366,9 +367,14 @@ class Relay:
         # Bind the hot path directly: no per-chunk dispatch through the protocols' state.
         self.frontend.dataReceived = self.fromClient
         self.backend.dataReceived = self.fromBackend
-        wrapper = getattr(self.server, "protocol", None)
+        try:
+            wrapper = self.server.protocol
+        except AttributeError:
+            wrapper = None
         if (
-            _WrappingProtocol is not None
+            wrapper is not None
+            and wrapper is not self.backend
+            and _WrappingProtocol is not None
             and isinstance(wrapper, _WrappingProtocol)
             and wrapper._wrappedProtocol is self.backend
         ):
@@ -386,7 +392,8 @@ class Relay:
             if kind in _PLAIN_TCP and not transport.TLS:
                 # Plain TCP: write-through (most are already), large reads, and each read
                 # handed to the other side by the relay itself (L{_DirectRead}).
-                transport.__class__ = _WRITE_THROUGH.get(kind, kind)
+                if kind in _WRITE_THROUGH:
+                    transport.__class__ = _WRITE_THROUGH[kind]
                 transport.bufferSize = RELAY_READ_SIZE
                 if (
                     _DIRECT
@@ -489,10 +496,12 @@ class Relay:
             self._end("closed")
 
     def clientLost(self, reason) -> None:
-        self._gone("client")
+        if self._aborts or not self._ended:  # else nothing left to do
+            self._gone("client")
 
     def backendLost(self, reason) -> None:
-        self._gone("backend")
+        if self._aborts or not self._ended:
+            self._gone("backend")
 
     def _gone(self, side: str) -> None:
         if self._aborts:

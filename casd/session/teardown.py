@@ -113,9 +113,12 @@ def dropNow(transport, reason) -> bool:
     # EPollReactor.removeReader then removeWriter: both sets, one unregister.
     reads = reactor._reads
     writes = reactor._writes
-    if fd in reads or fd in writes:
-        reads.discard(fd)
-        writes.discard(fd)
+    reading = fd in reads
+    if reading or fd in writes:
+        if reading:
+            reads.remove(fd)
+        if fd in writes:
+            writes.remove(fd)
         del reactor._selectables[fd]
         reactor._poller.unregister(fd)
     # abstract.FileDescriptor.connectionLost.
