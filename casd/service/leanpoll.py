@@ -60,15 +60,22 @@ def doPollMatches() -> bool:
     return hashlib.sha256(source.encode("utf-8")).hexdigest() == DOPOLL_SHA256
 
 
+#: The most events one C{epoll_wait} reports.  Twisted asks for as many as there are registered
+#: descriptors, which costs a C{len()} per wake-up; the rest of a larger batch of ready
+#: descriptors is reported by the next C{epoll_wait} (epoll is level-triggered: nothing is lost),
+#: with the reactor's due timers run in between.
+_MAX_EVENTS = 1024
+
+
 def _leanDoPoll(self, timeout):
     """
-    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event, and with
-    C{_doReadOrWrite} inlined.
+    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event, with
+    C{_doReadOrWrite} inlined, and at most L{_MAX_EVENTS} events per wake-up.
     """
     if timeout is None:
         timeout = -1
     try:
-        l = self._poller.poll(timeout, len(self._selectables))
+        l = self._poller.poll(timeout, _MAX_EVENTS)
     except OSError as err:
         if err.errno == errno.EINTR:
             return
