@@ -36,7 +36,7 @@ from twisted.internet.protocol import Protocol
 
 from casd.service.leanpoll import readInsteadOfWriting
 from casd.session import teardown
-from casd.session.relay import _writeNow, writesThrough
+from casd.session.relay import PLAIN_READ, _writeNow, writesThrough
 
 #: SHA-256 of the sources L{LeanClient} stands in for, in Twisted 26.10.0.
 TWISTED_SHA256 = "13916e1f1a01ea5ce8bb1c2df7ca9347a64f8bce3b1db2b78891422c1ec7555e"
@@ -83,6 +83,8 @@ class LeanClient(tcp.Client):
 
     #: Writes try the socket at once (L{casd.session.relay.writeThrough}), from the first.
     write = _writeNow
+    #: Reads hand the bytes to the protocol in one call (L{casd.session.relay._readNow}).
+    doRead = PLAIN_READ
 
     def __init__(self, host: str, port: int, connector, reactor) -> None:
         self.connector = connector
