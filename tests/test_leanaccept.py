@@ -18,6 +18,10 @@ from tests.test_leanpoll import EPollMixin
 class Recorder(Protocol):
     def __init__(self):
         self.received = []
+        self.made = []
+
+    def connectionMade(self):
+        self.made.append(self.transport)
 
     def dataReceived(self, data):
         self.received.append(data)
@@ -97,6 +101,7 @@ class LeanAcceptTests(EPollMixin, SynchronousTestCase):
         self.turn(lambda: lean.built and twisted.built)
         ours, theirs = lean.built[0].transport, twisted.built[0].transport
         self.assertIs(type(ours), tcp.Server)
+        self.assertEqual((lean.built[0].made, lean.built[0].connected), ([ours], 1))
         self.assertEqual(lean.addresses, [ours.getPeer()])
         self.assertEqual(ours.getPeer().port, a.getsockname()[1])
         self.assertEqual(ours.getHost().port, leanPort.getHost().port)
@@ -188,13 +193,22 @@ class LeanAcceptTests(EPollMixin, SynchronousTestCase):
         class Own(tcp.Server):
             pass
 
+        made = []
+
+        class OwnMaking(Recorder):
+            def makeConnection(self, transport):
+                made.append(transport)
+                super().makeConnection(transport)
+
         factory = Recorders()
+        factory.buildProtocol = lambda addr: factory.built.append(OwnMaking()) or factory.built[-1]
         port = self.listen(factory)
         port.transport = Own
         self.connect(port)
         port.doRead()
         self.assertIs(type(factory.built[0].transport), Own)
-        self.assertEqual(factory.built[0].transport.logstr, "Recorder,0,127.0.0.1")
+        self.assertEqual(made, [factory.built[0].transport])
+        self.assertEqual(factory.built[0].transport.logstr, "OwnMaking,0,127.0.0.1")
 
     def test_otherReactorsLeftAlone(self):
         reactor = MemoryReactor()

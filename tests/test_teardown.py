@@ -171,6 +171,27 @@ class TeardownTests(TestCase):
         self.assertEqual(self.casdSides(relay), [])
 
     @defer.inlineCallbacks
+    def test_producerStopped(self):
+        """
+        A producer registered with a side that ends is told to stop, as by Twisted, unless it is
+        one of the relay's own (whose C{stopProducing} does nothing: not called).
+        """
+        stopped = []
+
+        class Producer:
+            def stopProducing(self):
+                stopped.append("other")
+
+        self.patch(_DirectRead, "stopProducing", lambda self: stopped.append("relay's"))
+        record, relay, clientPeer, backendPeer, factory = yield self.relayed()
+        relay.server.producer = Producer()
+        backendPeer.transport.loseConnection()
+        yield defer.Deferred.fromCoroutine(_until(lambda: clientPeer.lost))
+        self.assertEqual(stopped, ["other"])
+        self.assertIsNone(relay.server.producer)
+        self.assertIsNone(relay.client.producer)
+
+    @defer.inlineCallbacks
     def test_twistedPathWhenItDiffers(self):
         """
         With a Twisted whose teardown is not the pinned one, the same end goes through the

@@ -125,7 +125,7 @@ class LeanClient(tcp.Client):
         """
         C{doWrite} (and C{doRead}) until connected: the connect finished, one way or the other.
         """
-        if not hasattr(self, "connector"):
+        if "connector" not in self.__dict__:  # hasattr(self, "connector"), without a call
             return None
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:

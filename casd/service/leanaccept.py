@@ -42,7 +42,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python import log as legacyLog
 
 #: SHA-256 of the sources L{LeanPort.doRead} stands in for, in Twisted 26.10.0.
-ACCEPT_SHA256 = "411c9fec5908edb901c3238ab2486d0ec8869d0e5dd850eff8eab65cc04a4fe5"
+ACCEPT_SHA256 = "689733298d4a96f2868b0efa332c69da3592e6f19305be5a3e53b36cac2c7815"
 
 
 def _pinnedSource() -> str:
@@ -55,6 +55,7 @@ def _pinnedSource() -> str:
         abstract._LogOwner._getLogPrefix,
         abstract.FileDescriptor.startReading,
         Protocol.logPrefix,
+        Protocol.makeConnection,
         EPollReactor.addReader,
         EPollReactor._add,
         PosixReactorBase.listenTCP,
@@ -76,14 +77,17 @@ def acceptMatches() -> bool:
 
 _NO_MORE = (EWOULDBLOCK, EAGAIN)
 _PROTOCOL_PREFIX = Protocol.logPrefix
+_MAKE_CONNECTION = Protocol.makeConnection
 _Server = tcp.Server
 _newSocket = socket.socket
 
 
-def _newServer(skt, protocol, client, port, sessionno, reactor):
+def _newServer(skt, protocol, client, port, sessionno, reactor, ipv6):
     """
     C{tcp.Server(skt, protocol, client, port, sessionno, reactor)} on Twisted's epoll reactor,
     its C{__init__}s inline.
+
+    @param ipv6: whether C{client} is an IPv6 address (four items), as C{len(client) != 2}.
     """
     transport = _Server.__new__(_Server)
     # abstract.FileDescriptor.__init__
@@ -96,7 +100,7 @@ def _newServer(skt, protocol, client, port, sessionno, reactor):
     transport.fileno = fileno = skt.fileno
     transport.protocol = protocol
     # tcp.Server.__init__
-    if len(client) != 2:
+    if ipv6:
         transport._addressType = address.IPv6Address
     transport.server = port
     transport.client = client
@@ -143,6 +147,8 @@ class LeanPort(tcp.Port):
                     listener.proto,
                 )
             family, kind, proto = args
+            # An AF_INET6 listener's accept() gives 4-tuples, an AF_INET one's 2-tuples.
+            ipv6 = family == socket.AF_INET6
             accept = listener._accept
             reactor = self.reactor
             factory = self.factory
@@ -160,7 +166,7 @@ class LeanPort(tcp.Port):
                     return
                 skt = _newSocket(family, kind, proto, fd)
                 accepted += 1
-                if len(addr) == 4:
+                if ipv6:
                     # IPv6, make sure we get the scopeID if it exists
                     host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                     addr = tuple([host[0]] + list(addr[1:]))
@@ -171,10 +177,16 @@ class LeanPort(tcp.Port):
                 s = self.sessionno
                 self.sessionno = s + 1
                 if inline:
-                    transport = _newServer(skt, protocol, addr, self, s, reactor)
+                    transport = _newServer(skt, protocol, addr, self, s, reactor, ipv6)
                 else:
                     transport = self.transport(skt, protocol, addr, self, s, reactor)
-                protocol.makeConnection(transport)
+                if protocol.__class__.makeConnection is _MAKE_CONNECTION:
+                    # Protocol.makeConnection, inline.
+                    protocol.connected = 1
+                    protocol.transport = transport
+                    protocol.connectionMade()
+                else:
+                    protocol.makeConnection(transport)
             if accepted == self.numberAccepts:
                 self.numberAccepts += 20
             else:

@@ -251,6 +251,7 @@ def _closeNow(transport) -> bool:
     return True
 
 
+@teardown.quietProducer
 @implementer(IPushProducer)
 class _FlowOnly:
     """
@@ -277,6 +278,7 @@ class _FlowOnly:
         pass
 
 
+@teardown.quietProducer
 @implementer(IPushProducer)
 class _DirectRead:
     """

@@ -69,6 +69,8 @@ def matches() -> bool:
 _KINDS: dict[type, bool] = {}
 #: L{matches}, asked on the first use.
 _KNOWN: list[bool] = []
+#: Producer classes whose C{stopProducing} does nothing (the relay's own): not called.
+_QUIET: set[type] = set()
 
 _realClose = _socket.socket.close
 
@@ -84,6 +86,14 @@ def relayed(cls, client: bool) -> None:
     _KINDS[cls] = client
 
 
+def quietProducer(cls):
+    """
+    Class decorator: C{cls}'s C{stopProducing} does nothing, so L{dropNow} need not call it.
+    """
+    _QUIET.add(cls)
+    return cls
+
+
 def dropNow(transport, reason) -> bool:
     """
     End C{transport}, a connected plain TCP transport whose peer closed or which its owner
@@ -96,9 +106,10 @@ def dropNow(transport, reason) -> bool:
     @return: whether it did; C{False} (nothing done) for a transport or reactor it does not
         know, or a Twisted whose teardown differs.
     """
-    client = _KINDS.get(type(transport))
-    if client is None or not transport.connected:
+    kind = type(transport)
+    if kind not in _KINDS or not transport.connected:
         return False
+    client = _KINDS[kind]
     reactor = transport.reactor
     if type(reactor) is not EPollReactor:
         return False
@@ -126,7 +137,8 @@ def dropNow(transport, reason) -> bool:
     transport.connected = 0
     producer = transport.producer
     if producer is not None:
-        producer.stopProducing()
+        if type(producer) not in _QUIET:
+            producer.stopProducing()
         transport.producer = None
     # tcp._SocketCloser._closeSocket(orderly=True) with _shouldShutdown off: socket.close().
     skt._closed = True
