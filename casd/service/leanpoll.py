@@ -84,9 +84,10 @@ def _leanDoPoll(self, timeout):
     reads = self._reads
     pollIn, pollOut, pollDisconnected = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
     for fd, event in l:
-        selectable = selectables.get(fd)
-        if selectable is None:
+        # selectables.get(fd), and nothing for a descriptor gone since the poll, without a call.
+        if fd not in selectables:
             continue
+        selectable = selectables[fd]
         try:
             # _PollLikeMixin._doReadOrWrite(selectable, fd, event), line for line.
             why = None
@@ -175,7 +176,13 @@ def readInsteadOfWriting(selectable) -> None:
         if _fdSetKnown[0]:
             fd = selectable.fileno()
             writes = reactor._writes
-            if fd in writes and fd not in reactor._reads and reactor._selectables.get(fd) is selectable:
+            selectables = reactor._selectables
+            if (
+                fd in writes
+                and fd not in reactor._reads
+                and fd in selectables
+                and selectables[fd] is selectable
+            ):
                 reactor._poller.modify(fd, EPOLLIN)
                 # As _add and _remove do: the sets follow the poller's state once it succeeded.
                 writes.remove(fd)
