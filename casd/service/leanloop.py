@@ -27,19 +27,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import types
-from time import time as _now
 
 from twisted.internet.base import ReactorBase
 from twisted.logger import Logger
+
+from casd.service.leanpoll import dispatchesInline, passes
 
 log = Logger(namespace="twisted.internet.base")
 
 #: SHA-256 of the sources of C{ReactorBase.mainLoop}, C{timeout}, C{runUntilCurrent} and
 #: C{_insertNewDelayedCalls} in Twisted 26.10.0, which L{_leanMainLoop} stands in for.
 BASE_SHA256 = "28f433b18218d4fe81fb668c68e1048e1a3b3dc120b5bb842365a0b86b65f062"
-
-#: The longest sleep, as L{ReactorBase.timeout} bounds it (epoll's milliseconds in a C int).
-_LONGEST = 2147483
 
 _PINNED = ("mainLoop", "timeout", "runUntilCurrent", "_insertNewDelayedCalls")
 
@@ -63,29 +61,13 @@ def baseMatches() -> bool:
 def _leanMainLoop(self) -> None:
     """
     L{ReactorBase.mainLoop}, with the timer bookkeeping of an iteration skipped when there is
-    none to do.
+    none to do (L{casd.service.leanpoll.passes}), and the lean dispatch inline when the reactor
+    has it.
     """
+    inline = dispatchesInline(self)
     while self._started:
         try:
-            while self._started:
-                pending = self._pendingTimedCalls
-                now = _now()
-                if (
-                    self.threadCallQueue
-                    or self._newTimedCalls
-                    or (pending and pending[0].time <= now)
-                ):
-                    self.runUntilCurrent()
-                    if self._newTimedCalls:
-                        self._insertNewDelayedCalls()
-                    pending = self._pendingTimedCalls  # runUntilCurrent may rebuild the heap
-                    now = _now()
-                if pending:
-                    delay = pending[0].time - now
-                    t2 = 0 if delay < 0 else (delay if delay < _LONGEST else _LONGEST)
-                else:
-                    t2 = None
-                self.doIteration(self.running and t2)
+            passes(self, None, True, inline)
         except BaseException:
             log.failure("Unexpected error in main loop")
     log.info("Main loop terminated.")

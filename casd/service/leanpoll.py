@@ -28,6 +28,7 @@ import inspect
 import sys
 import types
 from select import EPOLLIN
+from time import time as _now
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
@@ -66,59 +67,115 @@ def doPollMatches() -> bool:
 #: with the reactor's due timers run in between.
 _MAX_EVENTS = 1024
 
+#: The longest sleep, as L{twisted.internet.base.ReactorBase.timeout} bounds it (epoll's
+#: milliseconds in a C int).
+_LONGEST = 2147483
+
 
 def _leanDoPoll(self, timeout):
     """
     C{EPollReactor.doPoll} without C{log.callWithLogger} around each event, with
-    C{_doReadOrWrite} inlined, and at most L{_MAX_EVENTS} events per wake-up.
+    C{_doReadOrWrite} inlined, and at most L{_MAX_EVENTS} events per wake-up: one pass of
+    L{passes}.
     """
-    if timeout is None:
-        timeout = -1
-    try:
-        l = self._poller.poll(timeout, _MAX_EVENTS)
-    except OSError as err:
-        if err.errno == errno.EINTR:
-            return
-        raise
-    selectables = self._selectables
-    reads = self._reads
-    pollIn, pollOut, pollDisconnected = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
-    for fd, event in l:
-        # selectables.get(fd), and nothing for a descriptor gone since the poll, without a call.
-        if fd not in selectables:
-            continue
-        selectable = selectables[fd]
-        try:
-            # _PollLikeMixin._doReadOrWrite(selectable, fd, event), line for line.
-            why = None
-            inRead = False
-            if event & pollDisconnected and not (event & pollIn):
-                # Disconnected, with all input read: a clean shutdown if it was being read.
-                if fd in reads:
-                    inRead = True
-                    why = CONNECTION_DONE
-                else:
-                    why = CONNECTION_LOST
+    passes(self, timeout)
+
+
+def passes(self, timeout=None, loop=False, inline=True):
+    """
+    One pass of the lean dispatch (L{_leanDoPoll}) or, with C{loop}, the passes of the lean main
+    loop (L{casd.service.leanloop}) until the reactor stops: before each, the reactor's timer
+    bookkeeping when it has some to do (C{runUntilCurrent} only when a call from a thread is
+    queued, a timer was armed since the last pass or the earliest is due; the time asked once
+    otherwise; the sleep computed inline), then the poll, with its dispatch inline (no call to
+    C{doIteration} per pass) when C{inline}, else the reactor's own C{doIteration}.
+
+    An exception that escapes a pass ends the call; the main loop logs it and calls again.
+    """
+    while True:
+        if loop:
+            if not self._started:
+                return
+            # ReactorBase.mainLoop's runUntilCurrent() and timeout(), when there is work.
+            pending = self._pendingTimedCalls
+            now = _now()
+            if self.threadCallQueue or self._newTimedCalls or (pending and pending[0].time <= now):
+                self.runUntilCurrent()
+                if self._newTimedCalls:
+                    self._insertNewDelayedCalls()
+                pending = self._pendingTimedCalls  # runUntilCurrent may rebuild the heap
+                now = _now()
+            if pending:
+                delay = pending[0].time - now
+                t2 = 0 if delay < 0 else (delay if delay < _LONGEST else _LONGEST)
             else:
-                try:
-                    if selectable.fileno() == -1:
-                        why = _NO_FILEDESC
-                    else:
-                        if event & pollIn:
-                            why = selectable.doRead()
-                            inRead = True
-                        if not why and event & pollOut:
-                            why = selectable.doWrite()
-                            inRead = False
-                except BaseException:
-                    why = sys.exc_info()[1]
-                    legacyLog.err()
-            if why:
-                self._disconnectSelectable(selectable, why, inRead)
-        except KeyboardInterrupt:
+                t2 = None
+            timeout = self.running and t2
+            if not inline:
+                self.doIteration(timeout)
+                continue
+        # EPollReactor.doPoll(timeout), line for line but for the dispatch below.
+        if timeout is None:
+            timeout = -1
+        try:
+            l = self._poller.poll(timeout, _MAX_EVENTS)
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                if loop:
+                    continue
+                return
             raise
-        except BaseException:
-            log.failure("while handling an event on {selectable!r}", selectable=selectable)
+        selectables = self._selectables
+        reads = self._reads
+        pollIn, pollOut, pollDisconnected = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
+        for fd, event in l:
+            # selectables.get(fd), and nothing for a descriptor gone since the poll, without a
+            # call.
+            if fd not in selectables:
+                continue
+            selectable = selectables[fd]
+            try:
+                # _PollLikeMixin._doReadOrWrite(selectable, fd, event), line for line.
+                why = None
+                inRead = False
+                if event & pollDisconnected and not (event & pollIn):
+                    # Disconnected, with all input read: a clean shutdown if it was being read.
+                    if fd in reads:
+                        inRead = True
+                        why = CONNECTION_DONE
+                    else:
+                        why = CONNECTION_LOST
+                else:
+                    try:
+                        if selectable.fileno() == -1:
+                            why = _NO_FILEDESC
+                        else:
+                            if event & pollIn:
+                                why = selectable.doRead()
+                                inRead = True
+                            if not why and event & pollOut:
+                                why = selectable.doWrite()
+                                inRead = False
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        legacyLog.err()
+                if why:
+                    self._disconnectSelectable(selectable, why, inRead)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.failure("while handling an event on {selectable!r}", selectable=selectable)
+        if not loop:
+            return
+
+
+def dispatchesInline(reactor) -> bool:
+    """
+    @return: whether C{reactor} has the lean dispatch (L{leanDispatch}), which L{passes} can
+        run inline.
+    """
+    iteration = reactor.__dict__.get("doIteration")
+    return getattr(iteration, "__func__", None) is _leanDoPoll
 
 
 def leanDispatch(reactor) -> bool:
