@@ -171,6 +171,37 @@ class TeardownTests(TestCase):
         self.assertEqual(self.casdSides(relay), [])
 
     @defer.inlineCallbacks
+    def test_writingSideLeftToTheReactor(self):
+        """
+        A side registered for writing too when its peer's end of stream is read is left to the
+        reactor (which would otherwise go on to its C{doWrite} for the same event): the read
+        reports the end, the transport is still whole, and the reactor's own disconnection
+        ends the session as usual.
+        """
+        import select
+
+        record, relay, clientPeer, backendPeer, factory = yield self.relayed(lean=True)
+        server = relay.server
+        server.stopReading()
+        backendPeer.transport.loseConnection()
+        yield defer.Deferred.fromCoroutine(
+            _until(lambda: select.select([server.socket], [], [], 0)[0])
+        )
+        server.startReading()
+        server.startWriting()
+        why = server.doRead()
+        self.assertIsInstance(why, ConnectionDone)
+        self.assertTrue(hasattr(server, "socket"))
+        self.assertEqual(record, [])
+        self.reactor._disconnectSelectable(server, why, True)
+        yield defer.Deferred.fromCoroutine(_until(lambda: clientPeer.lost))
+        self.assertEqual(
+            record,
+            ["backend lost: ConnectionDone", "ended: backend closed", "client lost: ConnectionDone"],
+        )
+        self.assertEqual(len(factory.lost), 1)
+
+    @defer.inlineCallbacks
     def test_producerStopped(self):
         """
         A producer registered with a side that ends is told to stop, as by Twisted, unless it is

@@ -318,13 +318,13 @@ class _DirectRead:
         except OSError as se:
             if se.args[0] == tcp.EWOULDBLOCK:
                 return None
-            if teardown.dropNow(source, _LOST):
+            if teardown.dropNow(source, _LOST, True):
                 return None
             return main.CONNECTION_LOST
         if not data:
             # Twisted's reactor gives a half-closeable protocol readConnectionLost() instead.
             if not IHalfCloseableProtocol.providedBy(source.protocol) and teardown.dropNow(
-                source, _CLOSED
+                source, _CLOSED, True
             ):
                 return None
             return main.CONNECTION_DONE

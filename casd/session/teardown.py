@@ -94,7 +94,7 @@ def quietProducer(cls):
     return cls
 
 
-def dropNow(transport, reason) -> bool:
+def dropNow(transport, reason, inRead: bool = False) -> bool:
     """
     End C{transport}, a connected plain TCP transport whose peer closed or which its owner
     closes with nothing left to send, as the reactor and Twisted's transport would: out of the
@@ -103,6 +103,9 @@ def dropNow(transport, reason) -> bool:
 
     @param reason: a L{Failure} of C{ConnectionDone} or C{ConnectionLost} (never
         C{ConnectionAborted}: an abort resets the connection, which Twisted's own path does).
+    @param inRead: called from the transport's C{doRead}: a transport registered for writing
+        too is left to the reactor (which, for the same event, would otherwise call its
+        C{doWrite} next, on a transport no longer there).
     @return: whether it did; C{False} (nothing done) for a transport or reactor it does not
         know, or a Twisted whose teardown differs.
     """
@@ -125,6 +128,8 @@ def dropNow(transport, reason) -> bool:
     reads = reactor._reads
     writes = reactor._writes
     reading = fd in reads
+    if inRead and fd in writes:
+        return False
     if reading or fd in writes:
         if reading:
             reads.remove(fd)
