@@ -105,8 +105,8 @@ class DirectReadTests(TestCase):
         relay, clientPeer, backendPeer, ended = yield self.relayed()
         fromClient, fromBackend = relay.client.doRead.__self__, relay.server.doRead.__self__
         self.assertIsInstance(fromClient, _DirectRead)
-        self.assertEqual((fromClient.source, fromClient.sink), (relay.client, relay.server))
-        self.assertEqual((fromBackend.source, fromBackend.sink), (relay.server, relay.client))
+        self.assertEqual((fromClient.transport, fromClient.sink), (relay.client, relay.server))
+        self.assertEqual((fromBackend.transport, fromBackend.sink), (relay.server, relay.client))
         self.assertEqual((fromClient.inbound, fromBackend.inbound), (True, False))
         clientPeer.transport.loseConnection()
         yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))

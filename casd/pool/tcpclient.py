@@ -23,8 +23,6 @@ C{connectTCP} when they differ (a test fails loudly then).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import socket
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
@@ -34,6 +32,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol
 
+from casd.pinned import sourceMatches
 from casd.service.leanpoll import readInsteadOfWriting
 from casd.session import teardown
 from casd.session.relay import PLAIN_READ, _writeNow, writesThrough
@@ -42,30 +41,24 @@ from casd.session.relay import PLAIN_READ, _writeNow, writesThrough
 TWISTED_SHA256 = "13916e1f1a01ea5ce8bb1c2df7ca9347a64f8bce3b1db2b78891422c1ec7555e"
 
 
-def _pinnedSource() -> str:
-    parts = (
-        tcp._BaseTCPClient.__init__,
-        tcp._BaseBaseClient._finishInit,
-        tcp._BaseBaseClient.failIfNotConnected,
-        tcp._BaseBaseClient.connectionLost,
-        tcp.BaseClient.doConnect,
-        tcp.BaseClient._connectDone,
-        tcp.Connection.__init__,
-        tcp.Connection.logPrefix,
-        tcp._SocketCloser._closeSocket,
-    )
-    return "".join(inspect.getsource(p) for p in parts)
-
-
 def twistedMatches() -> bool:
     """
     @return: whether Twisted's TCP client is the one L{LeanClient} was written against.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == TWISTED_SHA256
+    return sourceMatches(
+        TWISTED_SHA256,
+        lambda: (
+            tcp._BaseTCPClient.__init__,
+            tcp._BaseBaseClient._finishInit,
+            tcp._BaseBaseClient.failIfNotConnected,
+            tcp._BaseBaseClient.connectionLost,
+            tcp.BaseClient.doConnect,
+            tcp.BaseClient._connectDone,
+            tcp.Connection.__init__,
+            tcp.Connection.logPrefix,
+            tcp._SocketCloser._closeSocket,
+        ),
+    )
 
 
 #: Whether L{LeanClient} is used: L{twistedMatches}, asked on the first connect.

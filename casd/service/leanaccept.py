@@ -28,8 +28,6 @@ against (L{ACCEPT_SHA256}); the tests fail on a Twisted where they changed.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import socket
 import types
 from errno import EAGAIN, EWOULDBLOCK
@@ -41,38 +39,34 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol
 from twisted.python import log as legacyLog
 
+from casd.pinned import sourceMatches
+
 #: SHA-256 of the sources L{LeanPort.doRead} stands in for, in Twisted 26.10.0.
 ACCEPT_SHA256 = "689733298d4a96f2868b0efa332c69da3592e6f19305be5a3e53b36cac2c7815"
-
-
-def _pinnedSource() -> str:
-    parts = (
-        tcp.Port.doRead,
-        tcp._accept,
-        tcp.Server.__init__,
-        tcp.Connection.__init__,
-        abstract.FileDescriptor.__init__,
-        abstract._LogOwner._getLogPrefix,
-        abstract.FileDescriptor.startReading,
-        Protocol.logPrefix,
-        Protocol.makeConnection,
-        EPollReactor.addReader,
-        EPollReactor._add,
-        PosixReactorBase.listenTCP,
-        PosixReactorBase.adoptStreamPort,
-    )
-    return "".join(inspect.getsource(p) for p in parts)
 
 
 def acceptMatches() -> bool:
     """
     @return: whether Twisted's accept path is the one L{LeanPort} repeats.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == ACCEPT_SHA256
+    return sourceMatches(
+        ACCEPT_SHA256,
+        lambda: (
+            tcp.Port.doRead,
+            tcp._accept,
+            tcp.Server.__init__,
+            tcp.Connection.__init__,
+            abstract.FileDescriptor.__init__,
+            abstract._LogOwner._getLogPrefix,
+            abstract.FileDescriptor.startReading,
+            Protocol.logPrefix,
+            Protocol.makeConnection,
+            EPollReactor.addReader,
+            EPollReactor._add,
+            PosixReactorBase.listenTCP,
+            PosixReactorBase.adoptStreamPort,
+        ),
+    )
 
 
 _NO_MORE = (EWOULDBLOCK, EAGAIN)

@@ -24,13 +24,12 @@ at again.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import types
 
 from twisted.internet.base import ReactorBase
 from twisted.logger import Logger
 
+from casd.pinned import sourceMatches
 from casd.service.leanpoll import dispatchesInline, passes
 
 log = Logger(namespace="twisted.internet.base")
@@ -42,20 +41,12 @@ BASE_SHA256 = "28f433b18218d4fe81fb668c68e1048e1a3b3dc120b5bb842365a0b86b65f062"
 _PINNED = ("mainLoop", "timeout", "runUntilCurrent", "_insertNewDelayedCalls")
 
 
-def _pinnedSource() -> str:
-    return "".join(inspect.getsource(getattr(ReactorBase, name)) for name in _PINNED)
-
-
 def baseMatches() -> bool:
     """
     @return: whether Twisted's main loop and timer handling are those L{_leanMainLoop} was
         written against.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == BASE_SHA256
+    return sourceMatches(BASE_SHA256, lambda: [getattr(ReactorBase, name) for name in _PINNED])
 
 
 def _leanMainLoop(self) -> None:

@@ -23,8 +23,6 @@ copy is looked at again.
 from __future__ import annotations
 
 import errno
-import hashlib
-import inspect
 import sys
 import types
 from select import EPOLLIN
@@ -36,6 +34,7 @@ from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
 from twisted.python import log as legacyLog
 
+from casd.pinned import sourceMatches
 from casd.service.leanaccept import leanAccept
 
 log = Logger()
@@ -45,20 +44,12 @@ log = Logger()
 DOPOLL_SHA256 = "819089e0c72b570d461e7ee0d1f5e43a14246f75f4f19ef9c53cf24cd7a30f18"
 
 
-def _pinnedSource() -> str:
-    return inspect.getsource(EPollReactor.doPoll) + inspect.getsource(EPollReactor._doReadOrWrite)
-
-
 def doPollMatches() -> bool:
     """
     @return: whether Twisted's C{EPollReactor.doPoll} and C{_doReadOrWrite} are the ones
         L{_leanDoPoll} was copied from.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == DOPOLL_SHA256
+    return sourceMatches(DOPOLL_SHA256, lambda: (EPollReactor.doPoll, EPollReactor._doReadOrWrite))
 
 
 #: The most events one C{epoll_wait} reports.  Twisted asks for as many as there are registered
@@ -206,11 +197,9 @@ def fdSetMatches() -> bool:
     @return: whether Twisted's epoll reactor keeps its readers and writers as
         L{readInsteadOfWriting} expects.
     """
-    try:
-        source = "".join(inspect.getsource(getattr(EPollReactor, name)) for name in _FDSET_PINNED)
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == FDSET_SHA256
+    return sourceMatches(
+        FDSET_SHA256, lambda: [getattr(EPollReactor, name) for name in _FDSET_PINNED]
+    )
 
 
 _fdSetKnown: list[bool] = []

@@ -15,9 +15,6 @@ more reactor iteration per write, which were a third of the cost of a proxied lo
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-
 from zope.interface import implementer
 
 from twisted.internet import _newtls, abstract, main, tcp
@@ -27,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from casd.pinned import sourceMatches
 from casd.session import teardown
 from casd.session.tlsrelay import wholeChunks
 
@@ -52,13 +50,7 @@ def readPathMatches() -> bool:
     """
     @return: whether Twisted's TCP read path is the one the relay's direct reads repeat.
     """
-    try:
-        source = inspect.getsource(tcp.Connection.doRead) + inspect.getsource(
-            tcp.Connection._dataReceived
-        )
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == READ_SHA256
+    return sourceMatches(READ_SHA256, lambda: (tcp.Connection.doRead, tcp.Connection._dataReceived))
 
 
 def flowPathMatches() -> bool:
@@ -66,13 +58,10 @@ def flowPathMatches() -> bool:
     @return: whether Twisted's producer registration on a plain TCP transport is the one
         L{Relay.start} does inline.
     """
-    try:
-        source = inspect.getsource(_newtls.ConnectionMixin.registerProducer) + inspect.getsource(
-            abstract.FileDescriptor.registerProducer
-        )
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == FLOW_SHA256
+    return sourceMatches(
+        FLOW_SHA256,
+        lambda: (_newtls.ConnectionMixin.registerProducer, abstract.FileDescriptor.registerProducer),
+    )
 
 
 #: Whether relayed plain TCP transports read through the relay directly: L{readPathMatches},
@@ -279,8 +268,7 @@ class _FlowOnly:
 
 
 @teardown.quietProducer
-@implementer(IPushProducer)
-class _DirectRead:
+class _DirectRead(_FlowOnly):
     """
     The C{doRead} of one side's plain TCP transport while relaying: Twisted's
     C{tcp.Connection.doRead} and C{_dataReceived} with L{Relay.fromClient} (or
@@ -291,28 +279,20 @@ class _DirectRead:
     (L{teardown.dropNow}: what the reactor's C{_disconnectSelectable} and the transport's
     C{connectionLost} chain do, in one step) rather than by the reactor.
 
-    It is also the other side's producer for flow control, as L{_FlowOnly} is.
+    It is also the other side's producer for flow control (a L{_FlowOnly} of the transport it
+    reads, C{transport}).
     """
 
-    __slots__ = ("relay", "source", "sink", "inbound")
-
-    def pauseProducing(self) -> None:
-        self.source.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.source.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
+    __slots__ = ("relay", "sink", "inbound")
 
     def __init__(self, relay, source, sink, inbound: bool) -> None:
         self.relay = relay
-        self.source = source
+        self.transport = source
         self.sink = sink
         self.inbound = inbound
 
     def doRead(self):
-        source = self.source
+        source = self.transport
         try:
             data = source.socket.recv(source.bufferSize)
         except OSError as se:

@@ -25,43 +25,37 @@ SHA-256 of their source); anything else goes Twisted's way.
 from __future__ import annotations
 
 import _socket
-import hashlib
-import inspect
 
 from twisted.internet import abstract, tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.posixbase import _DisconnectSelectableMixin
 
+from casd.pinned import sourceMatches
+
 #: SHA-256 of the sources L{dropNow} stands in for, in Twisted 26.10.0.
 TEARDOWN_SHA256 = "218a6ac3412bae47e32c692a0bd2e2289876a50936e84acb37224b82afbe6740"
-
-
-def _pinnedSource() -> str:
-    parts = (
-        _DisconnectSelectableMixin._disconnectSelectable,
-        EPollReactor._remove,
-        EPollReactor.removeReader,
-        EPollReactor.removeWriter,
-        tcp.Connection.readConnectionLost,
-        tcp.Connection.connectionLost,
-        tcp._BaseBaseClient.connectionLost,
-        tcp._SocketCloser._closeSocket,
-        abstract.FileDescriptor.connectionLost,
-        abstract.FileDescriptor.stopReading,
-        abstract.FileDescriptor.stopWriting,
-    )
-    return "".join(inspect.getsource(p) for p in parts)
 
 
 def matches() -> bool:
     """
     @return: whether Twisted's teardown of a TCP connection is the one L{dropNow} repeats.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == TEARDOWN_SHA256
+    return sourceMatches(
+        TEARDOWN_SHA256,
+        lambda: (
+            _DisconnectSelectableMixin._disconnectSelectable,
+            EPollReactor._remove,
+            EPollReactor.removeReader,
+            EPollReactor.removeWriter,
+            tcp.Connection.readConnectionLost,
+            tcp.Connection.connectionLost,
+            tcp._BaseBaseClient.connectionLost,
+            tcp._SocketCloser._closeSocket,
+            abstract.FileDescriptor.connectionLost,
+            abstract.FileDescriptor.stopReading,
+            abstract.FileDescriptor.stopWriting,
+        ),
+    )
 
 
 #: The transport classes L{dropNow} ends, each mapped to whether it is a client connection
