@@ -14,7 +14,8 @@ call from a thread queued, a timer armed since the last pass, or the earliest ti
 time asked once when it has none, and the sleep computed inline; an exception that escapes an
 iteration is logged as C{mainLoop}'s handler logs it ("Unexpected error in main loop") and the
 loop goes on.  The timers themselves (L{twisted.internet.base.DelayedCall} on the reactor's
-heap) are unchanged.
+heap) are unchanged.  The passes are L{casd.service.leanpoll.passes}, which on a reactor with the
+lean dispatch also polls and dispatches inline (no C{doIteration} call per pass).
 
 L{leanLoop} installs it on a reactor whose class keeps L{ReactorBase}'s C{mainLoop},
 C{runUntilCurrent} and C{timeout}, and only when their source is the one this was written

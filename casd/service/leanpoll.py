@@ -17,7 +17,8 @@ logged and disconnects the selectable, as there; a failure that escapes the disp
 as before.  It is installed only on an L{EPollReactor} whose C{doPoll} and C{_doReadOrWrite}
 are the ones it was copied from (the hash of their source, L{DOPOLL_SHA256}); any other reactor
 or Twisted keeps its own, and the tests fail on a Twisted where either changed, so that the
-copy is looked at again.
+copy is looked at again.  The dispatch lives in L{passes}, which the lean main loop
+(L{casd.service.leanloop}) runs whole; each C{epoll_wait} reports at most L{_MAX_EVENTS} events.
 """
 
 from __future__ import annotations
