@@ -101,7 +101,12 @@ def _newServer(skt, protocol, client, port, sessionno, reactor, ipv6):
     transport.sessionno = sessionno
     transport.hostname = hostname = client[0]
     kind = protocol.__class__
-    if kind.logPrefix is _PROTOCOL_PREFIX and "logPrefix" not in protocol.__dict__:
+    try:
+        simple = kind.logPrefix is _PROTOCOL_PREFIX and "logPrefix" not in protocol.__dict__
+    except AttributeError:
+        # No logPrefix at all (twisted.web's HTTP channel proxy), or no instance dictionary.
+        simple = False
+    if simple:
         prefix = kind.__name__  # what _getLogPrefix gets from Protocol.logPrefix
     else:
         prefix = transport._getLogPrefix(protocol)
