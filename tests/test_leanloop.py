@@ -4,6 +4,7 @@ one): timers fire, move, cancel; calls from threads run; a failing iteration is 
 loop goes on; the loop stops.
 """
 
+import socket
 import threading
 
 from twisted.internet.base import ReactorBase
@@ -11,7 +12,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from casd.service import leanloop
+from casd.service import leanloop, leanpoll
 
 
 class LeanLoopTests(SynchronousTestCase):
@@ -129,6 +130,58 @@ class LeanLoopTests(SynchronousTestCase):
         self.runReactor()
         self.assertEqual(fired, ["kept"])
         self.assertLess(len(r._pendingTimedCalls), 50)
+
+
+class LeanLoopWithDispatchTests(LeanLoopTests):
+    """
+    The same, on a reactor with the lean dispatch too: the loop polls and dispatches inline.
+    """
+
+    def setUp(self):
+        self.reactor = EPollReactor()
+        self.addCleanup(self._closeReactor)
+        self.assertFalse(leanpoll.dispatchesInline(self.reactor))
+        self.assertTrue(leanpoll.leanDispatch(self.reactor))
+        self.assertTrue(leanpoll.dispatchesInline(self.reactor))
+        self.assertTrue(leanloop.leanLoop(self.reactor))
+        self.watchdog = self.reactor.callLater(10, self._expired)
+        self.expired = False
+
+    def test_readsDispatchedWithoutDoIteration(self):
+        """
+        A readable socket is dispatched by the loop itself: the reactor's C{doIteration} is not
+        called once per pass.
+        """
+        r = self.reactor
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        iterations = []
+        read = []
+
+        class Reader:
+            def fileno(self):
+                return a.fileno()
+
+            def logPrefix(self):
+                return "Reader"
+
+            def doRead(self):
+                read.append(a.recv(10))
+                r.removeReader(self)
+                r.callLater(0, r.stop)
+
+            def connectionLost(self, reason):
+                pass
+
+        def started():
+            r.doIteration = lambda timeout: iterations.append(timeout)
+            r.addReader(Reader())
+            b.send(b"ready")
+
+        r.callLater(0, started)  # in the loop (callWhenRunning's triggers run before it)
+        self.runReactor()
+        self.assertEqual((read, iterations), ([b"ready"], []))
 
 
 class InstallTests(SynchronousTestCase):

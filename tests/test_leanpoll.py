@@ -110,6 +110,55 @@ class LeanDispatchTests(EPollMixin, SynchronousTestCase):
         self.assertFalse(leanDispatch(reactor))
         self.assertNotIn("doIteration", vars(reactor))
 
+    def test_goneSinceThePollSkipped(self):
+        """
+        A descriptor removed by an earlier event's handler of the same wake-up is not dispatched.
+        """
+        leanDispatch(self.reactor)
+        readers = []
+
+        class Removing(Reader):
+            def doRead(self):
+                super().doRead()
+                for other in readers:
+                    if other is not self:
+                        self.reactor.removeReader(other)
+
+        for _ in range(2):
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            reader = Removing(a)
+            reader.reactor = self.reactor
+            self.reactor.addReader(reader)
+            self.addCleanup(self.reactor.removeReader, reader)
+            b.send(b"x")
+            readers.append(reader)
+        self.reactor.doIteration(0)
+        self.assertEqual(sorted(len(r.read) for r in readers), [0, 1])
+
+    def test_moreReadyThanOneWakeUpTakes(self):
+        """
+        More ready descriptors than one wake-up reports (L{leanpoll._MAX_EVENTS}): the rest are
+        dispatched by the next one, none lost.
+        """
+        self.patch(leanpoll, "_MAX_EVENTS", 2)
+        leanDispatch(self.reactor)
+        readers = []
+        for _ in range(3):
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            reader = Reader(a)
+            self.reactor.addReader(reader)
+            self.addCleanup(self.reactor.removeReader, reader)
+            b.send(b"x")
+            readers.append(reader)
+        self.reactor.doIteration(0)
+        self.assertEqual(sorted(len(r.read) for r in readers), [0, 1, 1])
+        self.reactor.doIteration(0)
+        self.assertEqual([r.read for r in readers], [[b"x"]] * 3)
+
 
 class Writer(Reader):
     """

@@ -113,8 +113,8 @@ class DirectReadTests(TestCase):
         relay, clientPeer, backendPeer, ended = yield self.relayed()
         fromClient, fromBackend = relay.client.doRead.__self__, relay.server.doRead.__self__
         self.assertIsInstance(fromClient, _DirectRead)
-        self.assertEqual((fromClient.source, fromClient.sink), (relay.client, relay.server))
-        self.assertEqual((fromBackend.source, fromBackend.sink), (relay.server, relay.client))
+        self.assertEqual((fromClient.transport, fromClient.sink), (relay.client, relay.server))
+        self.assertEqual((fromBackend.transport, fromBackend.sink), (relay.server, relay.client))
         self.assertEqual((fromClient.inbound, fromBackend.inbound), (True, False))
         clientPeer.transport.loseConnection()
         yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))
@@ -171,3 +171,50 @@ class DirectReadTests(TestCase):
         self.assertIs(transport.__dict__["doRead"], own)
         transport.loseConnection()
         yield defer.Deferred.fromCoroutine(_until(lambda: backendPeer.lost))
+
+
+class PlainReadTests(TestCase):
+    """
+    casd's write-through transports read with L{relayModule._readNow} (Twisted's C{doRead} and
+    C{_dataReceived} in one) before the relay too.
+    """
+
+    def test_pinnedAndUsed(self):
+        from casd.pool.tcpclient import LeanClient
+
+        self.assertTrue(readPathMatches())
+        self.assertIs(relayModule.PLAIN_READ, relayModule._readNow)
+        for kind in (relayModule._WriteThroughServer, relayModule._WriteThroughClient, LeanClient):
+            self.assertIs(kind.doRead, relayModule._readNow)
+
+    @defer.inlineCallbacks
+    def test_bytesThenEnd(self):
+        """
+        Bytes reach the protocol as they come; the peer's close is the protocol's
+        C{connectionLost} with C{ConnectionDone}.
+        """
+        from twisted.internet import reactor
+
+        casdSide = Peer()
+        port = reactor.listenTCP(0, _OneShot(casdSide), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        peer = Peer()
+        yield ClientCreator(reactor, lambda: peer).connectTCP("127.0.0.1", port.getHost().port)
+        yield defer.Deferred.fromCoroutine(_until(lambda: casdSide.transport is not None))
+        relayModule.writeThrough(casdSide.transport)
+        self.assertIs(type(casdSide.transport), relayModule._WriteThroughServer)
+        read = []
+        original = relayModule._readNow
+
+        def counted(transport):
+            read.append(transport)
+            return original(transport)
+
+        self.patch(relayModule._WriteThroughServer, "doRead", counted)
+        peer.transport.write(b"a1 LOGIN user pass\r\n")
+        yield defer.Deferred.fromCoroutine(_until(lambda: casdSide.received))
+        self.assertEqual(b"".join(casdSide.received), b"a1 LOGIN user pass\r\n")
+        peer.transport.loseConnection()
+        yield defer.Deferred.fromCoroutine(_until(lambda: casdSide.lost))
+        self.assertTrue(casdSide.lost[0].check(ConnectionDone))
+        self.assertIn(casdSide.transport, read)

@@ -23,8 +23,6 @@ C{connectTCP} when they differ (a test fails loudly then).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import socket
 from errno import EALREADY, EINPROGRESS, EISCONN, EWOULDBLOCK
 from os import strerror
@@ -34,37 +32,33 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol
 
+from casd.pinned import sourceMatches
 from casd.service.leanpoll import readInsteadOfWriting
-from casd.session.relay import _writeNow, writesThrough
+from casd.session import teardown
+from casd.session.relay import PLAIN_READ, _writeNow, writesThrough
 
 #: SHA-256 of the sources L{LeanClient} stands in for, in Twisted 26.10.0.
 TWISTED_SHA256 = "13916e1f1a01ea5ce8bb1c2df7ca9347a64f8bce3b1db2b78891422c1ec7555e"
-
-
-def _pinnedSource() -> str:
-    parts = (
-        tcp._BaseTCPClient.__init__,
-        tcp._BaseBaseClient._finishInit,
-        tcp._BaseBaseClient.failIfNotConnected,
-        tcp._BaseBaseClient.connectionLost,
-        tcp.BaseClient.doConnect,
-        tcp.BaseClient._connectDone,
-        tcp.Connection.__init__,
-        tcp.Connection.logPrefix,
-        tcp._SocketCloser._closeSocket,
-    )
-    return "".join(inspect.getsource(p) for p in parts)
 
 
 def twistedMatches() -> bool:
     """
     @return: whether Twisted's TCP client is the one L{LeanClient} was written against.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == TWISTED_SHA256
+    return sourceMatches(
+        TWISTED_SHA256,
+        lambda: (
+            tcp._BaseTCPClient.__init__,
+            tcp._BaseBaseClient._finishInit,
+            tcp._BaseBaseClient.failIfNotConnected,
+            tcp._BaseBaseClient.connectionLost,
+            tcp.BaseClient.doConnect,
+            tcp.BaseClient._connectDone,
+            tcp.Connection.__init__,
+            tcp.Connection.logPrefix,
+            tcp._SocketCloser._closeSocket,
+        ),
+    )
 
 
 #: Whether L{LeanClient} is used: L{twistedMatches}, asked on the first connect.
@@ -82,6 +76,8 @@ class LeanClient(tcp.Client):
 
     #: Writes try the socket at once (L{casd.session.relay.writeThrough}), from the first.
     write = _writeNow
+    #: Reads hand the bytes to the protocol in one call (L{casd.session.relay._readNow}).
+    doRead = PLAIN_READ
 
     def __init__(self, host: str, port: int, connector, reactor) -> None:
         self.connector = connector
@@ -122,7 +118,7 @@ class LeanClient(tcp.Client):
         """
         C{doWrite} (and C{doRead}) until connected: the connect finished, one way or the other.
         """
-        if not hasattr(self, "connector"):
+        if "connector" not in self.__dict__:  # hasattr(self, "connector"), without a call
             return None
         err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -153,6 +149,11 @@ class LeanClient(tcp.Client):
                 self.failIfNotConnected(error.getConnectError((err, strerror(err))))
                 return
         super().connectionLost(reason)
+
+
+# Connected, its connectionLost is Twisted's client's (the override above only names a failed
+# connect): casd.session.teardown may end it in one step.
+teardown.relayed(LeanClient, client=True)
 
 
 class LeanConnector:

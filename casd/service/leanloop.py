@@ -14,7 +14,8 @@ call from a thread queued, a timer armed since the last pass, or the earliest ti
 time asked once when it has none, and the sleep computed inline; an exception that escapes an
 iteration is logged as C{mainLoop}'s handler logs it ("Unexpected error in main loop") and the
 loop goes on.  The timers themselves (L{twisted.internet.base.DelayedCall} on the reactor's
-heap) are unchanged.
+heap) are unchanged.  The passes are L{casd.service.leanpoll.passes}, which on a reactor with the
+lean dispatch also polls and dispatches inline (no C{doIteration} call per pass).
 
 L{leanLoop} installs it on a reactor whose class keeps L{ReactorBase}'s C{mainLoop},
 C{runUntilCurrent} and C{timeout}, and only when their source is the one this was written
@@ -24,13 +25,13 @@ at again.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import types
-from time import time as _now
 
 from twisted.internet.base import ReactorBase
 from twisted.logger import Logger
+
+from casd.pinned import sourceMatches
+from casd.service.leanpoll import dispatchesInline, passes
 
 log = Logger(namespace="twisted.internet.base")
 
@@ -38,14 +39,7 @@ log = Logger(namespace="twisted.internet.base")
 #: C{_insertNewDelayedCalls} in Twisted 26.10.0, which L{_leanMainLoop} stands in for.
 BASE_SHA256 = "28f433b18218d4fe81fb668c68e1048e1a3b3dc120b5bb842365a0b86b65f062"
 
-#: The longest sleep, as L{ReactorBase.timeout} bounds it (epoll's milliseconds in a C int).
-_LONGEST = 2147483
-
 _PINNED = ("mainLoop", "timeout", "runUntilCurrent", "_insertNewDelayedCalls")
-
-
-def _pinnedSource() -> str:
-    return "".join(inspect.getsource(getattr(ReactorBase, name)) for name in _PINNED)
 
 
 def baseMatches() -> bool:
@@ -53,39 +47,19 @@ def baseMatches() -> bool:
     @return: whether Twisted's main loop and timer handling are those L{_leanMainLoop} was
         written against.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == BASE_SHA256
+    return sourceMatches(BASE_SHA256, lambda: [getattr(ReactorBase, name) for name in _PINNED])
 
 
 def _leanMainLoop(self) -> None:
     """
     L{ReactorBase.mainLoop}, with the timer bookkeeping of an iteration skipped when there is
-    none to do.
+    none to do (L{casd.service.leanpoll.passes}), and the lean dispatch inline when the reactor
+    has it.
     """
+    inline = dispatchesInline(self)
     while self._started:
         try:
-            while self._started:
-                pending = self._pendingTimedCalls
-                now = _now()
-                if (
-                    self.threadCallQueue
-                    or self._newTimedCalls
-                    or (pending and pending[0].time <= now)
-                ):
-                    self.runUntilCurrent()
-                    if self._newTimedCalls:
-                        self._insertNewDelayedCalls()
-                    pending = self._pendingTimedCalls  # runUntilCurrent may rebuild the heap
-                    now = _now()
-                if pending:
-                    delay = pending[0].time - now
-                    t2 = 0 if delay < 0 else (delay if delay < _LONGEST else _LONGEST)
-                else:
-                    t2 = None
-                self.doIteration(self.running and t2)
+            passes(self, None, True, inline)
         except BaseException:
             log.failure("Unexpected error in main loop")
     log.info("Main loop terminated.")

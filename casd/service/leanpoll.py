@@ -17,23 +17,26 @@ logged and disconnects the selectable, as there; a failure that escapes the disp
 as before.  It is installed only on an L{EPollReactor} whose C{doPoll} and C{_doReadOrWrite}
 are the ones it was copied from (the hash of their source, L{DOPOLL_SHA256}); any other reactor
 or Twisted keeps its own, and the tests fail on a Twisted where either changed, so that the
-copy is looked at again.
+copy is looked at again.  The dispatch lives in L{passes}, which the lean main loop
+(L{casd.service.leanloop}) runs whole; each C{epoll_wait} reports at most L{_MAX_EVENTS} events.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import inspect
 import sys
 import types
 from select import EPOLLIN
+from time import time as _now
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.logger import Logger
 from twisted.python import log as legacyLog
+
+from casd.pinned import sourceMatches
+from casd.service.leanaccept import leanAccept
 
 log = Logger()
 
@@ -42,85 +45,143 @@ log = Logger()
 DOPOLL_SHA256 = "819089e0c72b570d461e7ee0d1f5e43a14246f75f4f19ef9c53cf24cd7a30f18"
 
 
-def _pinnedSource() -> str:
-    return inspect.getsource(EPollReactor.doPoll) + inspect.getsource(EPollReactor._doReadOrWrite)
-
-
 def doPollMatches() -> bool:
     """
     @return: whether Twisted's C{EPollReactor.doPoll} and C{_doReadOrWrite} are the ones
         L{_leanDoPoll} was copied from.
     """
-    try:
-        source = _pinnedSource()
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == DOPOLL_SHA256
+    return sourceMatches(DOPOLL_SHA256, lambda: (EPollReactor.doPoll, EPollReactor._doReadOrWrite))
+
+
+#: The most events one C{epoll_wait} reports.  Twisted asks for as many as there are registered
+#: descriptors, which costs a C{len()} per wake-up; the rest of a larger batch of ready
+#: descriptors is reported by the next C{epoll_wait} (epoll is level-triggered: nothing is lost),
+#: with the reactor's due timers run in between.
+_MAX_EVENTS = 1024
+
+#: The longest sleep, as L{twisted.internet.base.ReactorBase.timeout} bounds it (epoll's
+#: milliseconds in a C int).
+_LONGEST = 2147483
 
 
 def _leanDoPoll(self, timeout):
     """
-    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event, and with
-    C{_doReadOrWrite} inlined.
+    C{EPollReactor.doPoll} without C{log.callWithLogger} around each event, with
+    C{_doReadOrWrite} inlined, and at most L{_MAX_EVENTS} events per wake-up: one pass of
+    L{passes}.
     """
-    if timeout is None:
-        timeout = -1
-    try:
-        l = self._poller.poll(timeout, len(self._selectables))
-    except OSError as err:
-        if err.errno == errno.EINTR:
-            return
-        raise
-    selectables = self._selectables
-    reads = self._reads
-    pollIn, pollOut, pollDisconnected = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
-    for fd, event in l:
-        selectable = selectables.get(fd)
-        if selectable is None:
-            continue
-        try:
-            # _PollLikeMixin._doReadOrWrite(selectable, fd, event), line for line.
-            why = None
-            inRead = False
-            if event & pollDisconnected and not (event & pollIn):
-                # Disconnected, with all input read: a clean shutdown if it was being read.
-                if fd in reads:
-                    inRead = True
-                    why = CONNECTION_DONE
-                else:
-                    why = CONNECTION_LOST
+    passes(self, timeout)
+
+
+def passes(self, timeout=None, loop=False, inline=True):
+    """
+    One pass of the lean dispatch (L{_leanDoPoll}) or, with C{loop}, the passes of the lean main
+    loop (L{casd.service.leanloop}) until the reactor stops: before each, the reactor's timer
+    bookkeeping when it has some to do (C{runUntilCurrent} only when a call from a thread is
+    queued, a timer was armed since the last pass or the earliest is due; the time asked once
+    otherwise; the sleep computed inline), then the poll, with its dispatch inline (no call to
+    C{doIteration} per pass) when C{inline}, else the reactor's own C{doIteration}.
+
+    An exception that escapes a pass ends the call; the main loop logs it and calls again.
+    """
+    while True:
+        if loop:
+            if not self._started:
+                return
+            # ReactorBase.mainLoop's runUntilCurrent() and timeout(), when there is work.
+            pending = self._pendingTimedCalls
+            now = _now()
+            if self.threadCallQueue or self._newTimedCalls or (pending and pending[0].time <= now):
+                self.runUntilCurrent()
+                if self._newTimedCalls:
+                    self._insertNewDelayedCalls()
+                pending = self._pendingTimedCalls  # runUntilCurrent may rebuild the heap
+                now = _now()
+            if pending:
+                delay = pending[0].time - now
+                t2 = 0 if delay < 0 else (delay if delay < _LONGEST else _LONGEST)
             else:
-                try:
-                    if selectable.fileno() == -1:
-                        why = _NO_FILEDESC
-                    else:
-                        if event & pollIn:
-                            why = selectable.doRead()
-                            inRead = True
-                        if not why and event & pollOut:
-                            why = selectable.doWrite()
-                            inRead = False
-                except BaseException:
-                    why = sys.exc_info()[1]
-                    legacyLog.err()
-            if why:
-                self._disconnectSelectable(selectable, why, inRead)
-        except KeyboardInterrupt:
+                t2 = None
+            timeout = self.running and t2
+            if not inline:
+                self.doIteration(timeout)
+                continue
+        # EPollReactor.doPoll(timeout), line for line but for the dispatch below.
+        if timeout is None:
+            timeout = -1
+        try:
+            l = self._poller.poll(timeout, _MAX_EVENTS)
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                if loop:
+                    continue
+                return
             raise
-        except BaseException:
-            log.failure("while handling an event on {selectable!r}", selectable=selectable)
+        selectables = self._selectables
+        reads = self._reads
+        pollIn, pollOut, pollDisconnected = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
+        for fd, event in l:
+            # selectables.get(fd), and nothing for a descriptor gone since the poll, without a
+            # call.
+            if fd not in selectables:
+                continue
+            selectable = selectables[fd]
+            try:
+                # _PollLikeMixin._doReadOrWrite(selectable, fd, event), line for line.
+                why = None
+                inRead = False
+                if event & pollDisconnected and not (event & pollIn):
+                    # Disconnected, with all input read: a clean shutdown if it was being read.
+                    if fd in reads:
+                        inRead = True
+                        why = CONNECTION_DONE
+                    else:
+                        why = CONNECTION_LOST
+                else:
+                    try:
+                        if selectable.fileno() == -1:
+                            why = _NO_FILEDESC
+                        else:
+                            if event & pollIn:
+                                why = selectable.doRead()
+                                inRead = True
+                            if not why and event & pollOut:
+                                why = selectable.doWrite()
+                                inRead = False
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        legacyLog.err()
+                if why:
+                    self._disconnectSelectable(selectable, why, inRead)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.failure("while handling an event on {selectable!r}", selectable=selectable)
+        if not loop:
+            return
+
+
+def dispatchesInline(reactor) -> bool:
+    """
+    @return: whether C{reactor} has the lean dispatch (L{leanDispatch}), which L{passes} can
+        run inline.
+    """
+    iteration = reactor.__dict__.get("doIteration")
+    return getattr(iteration, "__func__", None) is _leanDoPoll
 
 
 def leanDispatch(reactor) -> bool:
     """
     Give C{reactor} the lean per-event dispatch, if it is Twisted's epoll reactor with the
-    C{doPoll} this module knows.
+    C{doPoll} this module knows, and its TCP listening ports the lean accept
+    (L{casd.service.leanaccept.leanAccept}, which checks its own pinned sources).
 
-    @return: whether it was installed.
+    @return: whether the dispatch was installed.
     """
     if type(reactor) is not EPollReactor or not doPollMatches():
         return False
     reactor.doIteration = types.MethodType(_leanDoPoll, reactor)
+    leanAccept(reactor)
     return True
 
 
@@ -137,11 +198,9 @@ def fdSetMatches() -> bool:
     @return: whether Twisted's epoll reactor keeps its readers and writers as
         L{readInsteadOfWriting} expects.
     """
-    try:
-        source = "".join(inspect.getsource(getattr(EPollReactor, name)) for name in _FDSET_PINNED)
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == FDSET_SHA256
+    return sourceMatches(
+        FDSET_SHA256, lambda: [getattr(EPollReactor, name) for name in _FDSET_PINNED]
+    )
 
 
 _fdSetKnown: list[bool] = []
@@ -164,7 +223,13 @@ def readInsteadOfWriting(selectable) -> None:
         if _fdSetKnown[0]:
             fd = selectable.fileno()
             writes = reactor._writes
-            if fd in writes and fd not in reactor._reads and reactor._selectables.get(fd) is selectable:
+            selectables = reactor._selectables
+            if (
+                fd in writes
+                and fd not in reactor._reads
+                and fd in selectables
+                and selectables[fd] is selectable
+            ):
                 reactor._poller.modify(fd, EPOLLIN)
                 # As _add and _remove do: the sets follow the poller's state once it succeeded.
                 writes.remove(fd)

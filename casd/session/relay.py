@@ -15,18 +15,17 @@ more reactor iteration per write, which were a third of the cost of a proxied lo
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-
 from zope.interface import implementer
 
-from twisted.internet import main, tcp
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet import _newtls, abstract, main, tcp
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from casd.pinned import sourceMatches
+from casd.session import teardown
 from casd.session.tlsrelay import closeTLSNow, wholeChunks
 
 try:
@@ -41,23 +40,36 @@ RELAY_READ_SIZE = 256 * 1024
 #: 26.10.0), which L{_DirectRead} repeats.
 READ_SHA256 = "cec22be7f7657ee37ba569c3b22ed126fd32ebff5ff5a0551dc60172721de8d9"
 
+#: SHA-256 of the sources of Twisted's C{_newtls.ConnectionMixin.registerProducer} and
+#: C{abstract.FileDescriptor.registerProducer} (Twisted 26.10.0), which L{Relay.start} does
+#: inline for a plain TCP side.
+FLOW_SHA256 = "808b03e67bda26c3f4bf762991088c4c9bcb8f9f732fee6e0c8de50a8bbc4ab0"
+
 
 def readPathMatches() -> bool:
     """
     @return: whether Twisted's TCP read path is the one the relay's direct reads repeat.
     """
-    try:
-        source = inspect.getsource(tcp.Connection.doRead) + inspect.getsource(
-            tcp.Connection._dataReceived
-        )
-    except (OSError, TypeError, AttributeError):
-        return False
-    return hashlib.sha256(source.encode("utf-8")).hexdigest() == READ_SHA256
+    return sourceMatches(READ_SHA256, lambda: (tcp.Connection.doRead, tcp.Connection._dataReceived))
+
+
+def flowPathMatches() -> bool:
+    """
+    @return: whether Twisted's producer registration on a plain TCP transport is the one
+        L{Relay.start} does inline.
+    """
+    return sourceMatches(
+        FLOW_SHA256,
+        lambda: (_newtls.ConnectionMixin.registerProducer, abstract.FileDescriptor.registerProducer),
+    )
 
 
 #: Whether relayed plain TCP transports read through the relay directly: L{readPathMatches},
 #: asked on the first relay.
 _DIRECT = None
+#: Whether a plain TCP side's producer is set inline: L{flowPathMatches}, asked on the first
+#: relay.
+_FLOW = None
 _TWISTED_DO_READ = tcp.Connection.doRead
 _TWISTED_DATA_RECEIVED = tcp.Connection._dataReceived
 
@@ -91,8 +103,33 @@ def _writeNow(self, data: bytes) -> None:
     tcp.Connection.write(self, data)
 
 
+def _readNow(self):
+    """
+    Twisted's C{tcp.Connection.doRead} with its C{_dataReceived} inline (one Python call fewer
+    per read; L{READ_SHA256} pins both): the C{doRead} of casd's write-through transports.
+    """
+    try:
+        data = self.socket.recv(self.bufferSize)
+    except OSError as se:
+        if se.args[0] == tcp.EWOULDBLOCK:
+            return None
+        return main.CONNECTION_LOST
+    if not data:
+        return main.CONNECTION_DONE
+    self.protocol.dataReceived(data)
+    return None
+
+
+#: The C{doRead} of casd's plain TCP transports: L{_readNow}, or Twisted's own when its read
+#: path is not the one L{_readNow} repeats.
+PLAIN_READ = _readNow if readPathMatches() else _TWISTED_DO_READ
+#: The C{doRead}s that L{_DirectRead} may stand in for.
+_TWISTED_READS = (_TWISTED_DO_READ, _readNow)
+
+
 class _WriteThroughServer(tcp.Server):
     write = _writeNow
+    doRead = PLAIN_READ
     # No shutdown() before close(): the socket is this process's alone (close-on-exec), so
     # close() ends the connection the same way, one system call less (Twisted's own comment
     # on shutdown(): "isn't really necessary"; it skips it for sockets it adopted).
@@ -101,7 +138,12 @@ class _WriteThroughServer(tcp.Server):
 
 class _WriteThroughClient(tcp.Client):
     write = _writeNow
+    doRead = PLAIN_READ
     _shouldShutdown = False
+
+
+teardown.relayed(_WriteThroughServer, client=False)
+teardown.relayed(_WriteThroughClient, client=True)
 
 
 _WRITE_THROUGH = {tcp.Server: _WriteThroughServer, tcp.Client: _WriteThroughClient}
@@ -136,7 +178,8 @@ def writeThrough(transport) -> None:
     kind = type(transport)
     if kind in _PLAIN_TCP and not transport.TLS:
         # The common case first, in as few calls as possible: this runs 4 times per login.
-        transport.__class__ = _WRITE_THROUGH.get(kind, kind)
+        if kind in _WRITE_THROUGH:
+            transport.__class__ = _WRITE_THROUGH[kind]
         return
     wholeChunks(transport)
     if isinstance(transport, TLSMemoryBIOProtocol):
@@ -159,6 +202,8 @@ def _pending(transport) -> bool:
 #: The reason a transport closed by L{_closeNow} gives its protocol: one shared failure, as the
 #: reactor shares its own for every connection it closes.
 _CLOSED = Failure(ConnectionDone())
+#: The same for a connection whose read failed (the reactor's C{CONNECTION_LOST}).
+_LOST = Failure(ConnectionLost())
 
 
 def _closeNow(transport) -> bool:
@@ -171,9 +216,9 @@ def _closeNow(transport) -> bool:
     already (Twisted calls it when the other side, of which it was the producer, was lost) is
     in that state too.
 
-    @return: whether it did; anything else (TLS, bytes queued, a producer registered, a
-        half-close in progress, not a TCP transport) is left to the caller's
-        C{loseConnection()}.
+    @return: whether it did; anything else (TLS, bytes queued, a producer other than the
+        relay's own registered, a half-close in progress, not a TCP transport) is left to the
+        caller's C{loseConnection()}.
     """
     if (
         type(transport) not in _PLAIN_TCP
@@ -182,9 +227,12 @@ def _closeNow(transport) -> bool:
         or transport._writeDisconnecting
         or transport.dataBuffer
         or transport._tempDataLen
-        or transport.producer is not None
+        or (transport.producer is not None and type(transport.producer) not in _FLOW_ONLY)
     ):
         return False
+    # The reactor's and the transport's steps in one (casd.session.teardown), where it can.
+    if teardown.dropNow(transport, _CLOSED):
+        return True
     reactor = transport.reactor
     reactor.removeReader(transport)
     reactor.removeWriter(transport)
@@ -192,6 +240,7 @@ def _closeNow(transport) -> bool:
     return True
 
 
+@teardown.quietProducer
 @implementer(IPushProducer)
 class _FlowOnly:
     """
@@ -218,31 +267,46 @@ class _FlowOnly:
         pass
 
 
-class _DirectRead:
+@teardown.quietProducer
+class _DirectRead(_FlowOnly):
     """
     The C{doRead} of one side's plain TCP transport while relaying: Twisted's
     C{tcp.Connection.doRead} and C{_dataReceived} with L{Relay.fromClient} (or
     L{Relay.fromBackend}) inline, two Python calls fewer per chunk (L{READ_SHA256} pins what it
     repeats).
+
+    When the peer closes and the protocol takes no half-close, the transport is ended here
+    (L{teardown.dropNow}: what the reactor's C{_disconnectSelectable} and the transport's
+    C{connectionLost} chain do, in one step) rather than by the reactor.
+
+    It is also the other side's producer for flow control (a L{_FlowOnly} of the transport it
+    reads, C{transport}).
     """
 
-    __slots__ = ("relay", "source", "sink", "inbound")
+    __slots__ = ("relay", "sink", "inbound")
 
     def __init__(self, relay, source, sink, inbound: bool) -> None:
         self.relay = relay
-        self.source = source
+        self.transport = source
         self.sink = sink
         self.inbound = inbound
 
     def doRead(self):
-        source = self.source
+        source = self.transport
         try:
             data = source.socket.recv(source.bufferSize)
         except OSError as se:
             if se.args[0] == tcp.EWOULDBLOCK:
                 return None
+            if teardown.dropNow(source, _LOST, True):
+                return None
             return main.CONNECTION_LOST
         if not data:
+            # Twisted's reactor gives a half-closeable protocol readConnectionLost() instead.
+            if not IHalfCloseableProtocol.providedBy(source.protocol) and teardown.dropNow(
+                source, _CLOSED, True
+            ):
+                return None
             return main.CONNECTION_DONE
         if self.inbound:
             self.relay.bytesIn += len(data)
@@ -250,6 +314,10 @@ class _DirectRead:
             self.relay.bytesOut += len(data)
         self.sink.write(data)
         return None
+
+
+#: The relay's own producers: L{_closeNow} may close a transport that has one registered.
+_FLOW_ONLY = (_FlowOnly, _DirectRead)
 
 
 def _closeWrite(transport) -> None:
@@ -308,32 +376,46 @@ class Relay:
         # Bind the hot path directly: no per-chunk dispatch through the protocols' state.
         self.frontend.dataReceived = self.fromClient
         self.backend.dataReceived = self.fromBackend
-        wrapper = getattr(self.server, "protocol", None)
+        try:
+            wrapper = self.server.protocol
+        except AttributeError:
+            wrapper = None
         if (
-            _WrappingProtocol is not None
+            wrapper is not None
+            and wrapper is not self.backend
+            and _WrappingProtocol is not None
             and isinstance(wrapper, _WrappingProtocol)
             and wrapper._wrappedProtocol is self.backend
         ):
             # The endpoint's wrapper only forwards: chunks reach the relay with one call less.
             wrapper.dataReceived = self.fromBackend
-        global _DIRECT
+        global _DIRECT, _FLOW
         if _DIRECT is None:
             _DIRECT = readPathMatches()
-        sides = ((self.client, self.server, True), (self.server, self.client, False))
-        for transport, other, inbound in sides:
+            _FLOW = flowPathMatches()
+        client, server = self.client, self.server
+        # Each side's producer for flow control: the other side's reader (or a _FlowOnly).
+        toServer = toClient = None
+        for transport, other, inbound in ((client, server, True), (server, client, False)):
             kind = type(transport)
             if kind in _PLAIN_TCP and not transport.TLS:
                 # Plain TCP: write-through (most are already), large reads, and each read
                 # handed to the other side by the relay itself (L{_DirectRead}).
-                transport.__class__ = _WRITE_THROUGH.get(kind, kind)
+                if kind in _WRITE_THROUGH:
+                    transport.__class__ = _WRITE_THROUGH[kind]
                 transport.bufferSize = RELAY_READ_SIZE
                 if (
                     _DIRECT
-                    and kind.doRead is _TWISTED_DO_READ
+                    and kind.doRead in _TWISTED_READS
                     and kind._dataReceived is _TWISTED_DATA_RECEIVED
                     and "doRead" not in transport.__dict__
                 ):
-                    transport.doRead = _DirectRead(self, transport, other, inbound).doRead
+                    reader = _DirectRead(self, transport, other, inbound)
+                    transport.doRead = reader.doRead
+                    if inbound:
+                        toServer = reader
+                    else:
+                        toClient = reader
                 continue
             writeThrough(transport)
             # Large reads, below the TLS layer too (a TLS-wrapped transport's is underneath).
@@ -341,8 +423,22 @@ class Relay:
                 transport = transport.transport
             if isinstance(transport, _TCP_TYPES):
                 transport.bufferSize = RELAY_READ_SIZE
-        self.client.registerProducer(_FlowOnly(self.server), True)
-        self.server.registerProducer(_FlowOnly(self.client), True)
+        for consumer, producer in (
+            (server, toServer or _FlowOnly(client)),
+            (client, toClient or _FlowOnly(server)),
+        ):
+            if (
+                _FLOW
+                and type(consumer) in _PLAIN_TCP
+                and not consumer.TLS
+                and consumer.producer is None
+                and not consumer.disconnected
+            ):
+                # FileDescriptor.registerProducer(producer, True), inline.
+                consumer.producer = producer
+                consumer.streamingProducer = True
+            else:
+                consumer.registerProducer(producer, True)
         if fromBackend:
             self.fromBackend(fromBackend)
         if fromClient:
@@ -409,18 +505,29 @@ class Relay:
             self._end("closed")
 
     def clientLost(self, reason) -> None:
-        self._gone("client")
+        if self._aborts or not self._ended:
+            self._gone("client")
+        else:  # nothing left to do but let go once both are gone
+            self._forget("client")
 
     def backendLost(self, reason) -> None:
-        self._gone("backend")
+        if self._aborts or not self._ended:
+            self._gone("backend")
+        else:
+            self._forget("backend")
 
     def _gone(self, side: str) -> None:
-        timer = self._aborts.pop(side, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._aborts:
+            timer = self._aborts.pop(side, None)
+            if timer is not None and timer.active():
+                timer.cancel()
         self._end(f"{side} closed", lost=side)
-        self._lostSides.add(side)
-        if len(self._lostSides) == 2:
+        self._forget(side)
+
+    def _forget(self, side: str) -> None:
+        lost = self._lostSides
+        lost.add(side)
+        if len(lost) == 2:
             self._release()
 
     def _release(self) -> None:
@@ -452,16 +559,19 @@ class Relay:
         self.onEnd(why)
         for side, transport in (("client", self.client), ("backend", self.server)):
             if side != lost:
+                # A plain TCP transport with nothing queued closes at once (its producer, the
+                # relay's own, told to stop: it does nothing).
+                if _closeNow(transport):
+                    continue
                 # A TLS transport (a STARTTLS client) does not close while a producer is
                 # registered with it: the other side, gone or going, is one no longer.
                 try:
                     transport.unregisterProducer()
                 except RuntimeError:
                     pass  # none registered (a test transport says so)
-                # A plain TCP transport with nothing queued closes at once, and so does a TLS
-                # client's (closeTLSNow).  Otherwise flush what is pending, but never wait for a
-                # peer that stopped reading.
-                if _closeNow(transport) or closeTLSNow(transport, _closeNow):
+                # A TLS client's closes at once too (closeTLSNow).  Otherwise flush what is
+                # pending, but never wait for a peer that stopped reading.
+                if closeTLSNow(transport, _closeNow):
                     continue
                 pending = _pending(transport)
                 transport.loseConnection()
