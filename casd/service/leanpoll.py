@@ -36,7 +36,6 @@ from twisted.logger import Logger
 from twisted.python import log as legacyLog
 
 from casd.pinned import sourceMatches
-from casd.service.leanaccept import leanAccept
 
 log = Logger()
 
@@ -181,6 +180,9 @@ def leanDispatch(reactor) -> bool:
     if type(reactor) is not EPollReactor or not doPollMatches():
         return False
     reactor.doIteration = types.MethodType(_leanDoPoll, reactor)
+    # Imported here: the lean accept checks this module's pinned sources (fdSetMatches).
+    from casd.service.leanaccept import leanAccept
+
     leanAccept(reactor)
     return True
 
