@@ -97,6 +97,8 @@ class TeardownTests(TestCase):
         )
         relay = Relay(front, back, reactor, 1000.0, lambda why: record.append(f"ended: {why}"))
         relay.start()
+        # casd's two transports, kept: the relay lets go of them once both are gone.
+        self.client, self.server = relay.client, relay.server
         self.addCleanup(lambda: clientPeer.transport and clientPeer.transport.abortConnection())
         return record, relay, clientPeer, backendPeer, factory
 
@@ -105,7 +107,7 @@ class TeardownTests(TestCase):
         @return: which of casd's two sides the reactor disconnected (the peers are in this
             process too).
         """
-        return [s for s in self.disconnected if s is relay.client or s is relay.server]
+        return [s for s in self.disconnected if s is self.client or s is self.server]
 
     def assertGone(self, transport, fd):
         """
@@ -165,7 +167,7 @@ class TeardownTests(TestCase):
         connector, hence the pool's factory, as Twisted's client does.
         """
         relay, factory = yield self.backendCloses(lean=True)
-        self.assertIsInstance(relay.server, tcpclient.LeanClient)
+        self.assertIsInstance(self.server, tcpclient.LeanClient)
         self.assertEqual(len(factory.lost), 1)
         self.assertTrue(factory.lost[0].check(ConnectionDone))
         self.assertEqual(self.casdSides(relay), [])
@@ -219,8 +221,8 @@ class TeardownTests(TestCase):
         backendPeer.transport.loseConnection()
         yield defer.Deferred.fromCoroutine(_until(lambda: clientPeer.lost))
         self.assertEqual(stopped, ["other"])
-        self.assertIsNone(relay.server.producer)
-        self.assertIsNone(relay.client.producer)
+        self.assertIsNone(self.server.producer)
+        self.assertIsNone(self.client.producer)
 
     @defer.inlineCallbacks
     def test_twistedPathWhenItDiffers(self):
@@ -230,7 +232,7 @@ class TeardownTests(TestCase):
         """
         self.patch(teardown, "_KNOWN", [False])
         relay, factory = yield self.backendCloses(lean=True)
-        self.assertEqual(self.casdSides(relay), [relay.server])
+        self.assertEqual(self.casdSides(relay), [self.server])
         self.assertEqual(len(factory.lost), 1)
 
     @defer.inlineCallbacks
@@ -255,7 +257,7 @@ class TeardownTests(TestCase):
         )
         self.assertTrue(backendPeer.lost)
         # The client's end of stream went the reactor's way (readConnectionLost).
-        self.assertEqual(self.casdSides(relay), [relay.client])
+        self.assertEqual(self.casdSides(relay), [self.client])
 
     @defer.inlineCallbacks
     def test_producersAreTheReaders(self):

@@ -172,18 +172,14 @@ def dispatchesInline(reactor) -> bool:
 def leanDispatch(reactor) -> bool:
     """
     Give C{reactor} the lean per-event dispatch, if it is Twisted's epoll reactor with the
-    C{doPoll} this module knows, and its TCP listening ports the lean accept
-    (L{casd.service.leanaccept.leanAccept}, which checks its own pinned sources).
+    C{doPoll} this module knows.  (Its TCP listening ports get the lean accept from
+    L{casd.service.leanaccept.leanAccept}, installed beside it.)
 
     @return: whether the dispatch was installed.
     """
     if type(reactor) is not EPollReactor or not doPollMatches():
         return False
     reactor.doIteration = types.MethodType(_leanDoPoll, reactor)
-    # Imported here: the lean accept checks this module's pinned sources (fdSetMatches).
-    from casd.service.leanaccept import leanAccept
-
-    leanAccept(reactor)
     return True
 
 

@@ -26,6 +26,7 @@ from casd.service.context import CASContext
 from casd.service.discovery import discoverProtocols
 from casd.service.node import NodeService
 from casd.service.gctune import refreeze, tuneCollector
+from casd.service.leanaccept import leanAccept
 from casd.service.leanloop import leanLoop
 from casd.service.leanpoll import leanDispatch
 from casd.service.logs import MainLogRoot
@@ -163,6 +164,7 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
         from twisted.internet import reactor
 
         leanDispatch(reactor)  # the process's own reactor: casd.service.leanpoll
+        leanAccept(reactor)  # its TCP listening ports: casd.service.leanaccept
         leanLoop(reactor)  # and its main loop: casd.service.leanloop
         tuneCollector(reactor)  # and its garbage collector: casd.service.gctune
     if adopted is None and options.get("workers", 1) > 1:

@@ -17,7 +17,7 @@ import sys
 from twisted.internet import error
 from twisted.logger import globalLogBeginner
 
-from casd.service.leanaccept import adoptStreamPort
+from casd.service.leanaccept import adoptStreamPort, leanAccept
 from casd.service.logfile import REOPEN_WORD, AppendFile
 from casd.service.logs import workerLogObserver
 from casd.service.tap import Options, makeService
@@ -142,6 +142,7 @@ def workerMain(argv=None) -> int:
     from casd.service.leanpoll import leanDispatch
 
     leanDispatch(reactor)
+    leanAccept(reactor)
     leanLoop(reactor)
     tuneCollector(reactor)
     # Structured events to the parent, which reads them back (casd.service.logs).
