@@ -256,6 +256,40 @@ class AcceptTests(EPollCase):
         self.assertTrue(protocol.transport.logPrefix().startswith("own-prefix,0,"))
         self.assertEqual(repr(protocol.transport), f"<OwnLogPrefix #0 on {port.getHost().port}>")
 
+    def test_protocolsOfOtherKinds(self):
+        """
+        Protocols that are no L{Protocol} (twisted.web's HTTP channel, without a C{logPrefix}:
+        the admin listener's) or have no instance dictionary get the log prefix Twisted's own
+        port gives them.
+        """
+        from twisted.web.http import HTTPFactory
+
+        class Slotted:
+            __slots__ = ("transport", "connected", "factory")
+
+            def makeConnection(self, transport):
+                self.transport = transport
+
+            def dataReceived(self, data):
+                pass
+
+            def connectionLost(self, reason):
+                pass
+
+        for factory, prefix in (
+            (HTTPFactory(), "_GenericHTTPChannelProtocol"),
+            (Factory.forProtocol(Slotted), "Slotted"),
+        ):
+            built = []
+            original = factory.buildProtocol
+            factory.buildProtocol = lambda addr, original=original, built=built: built.append(original(addr)) or built[-1]
+            port = self.listen(factory)
+            self.connect(port)
+            port.doRead()
+            transport = getattr(built[0], "_channel", built[0]).transport  # HTTP: its proxy's
+            self.assertEqual(transport.logstr, f"{prefix},0,127.0.0.1")
+            transport.loseConnection()
+
     def test_wrapperLogPrefix(self):
         """
         A protocol wrapper's log prefix (TLS, PROXY) is the one Twisted's C{_getLogPrefix}

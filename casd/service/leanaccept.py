@@ -123,7 +123,7 @@ def _prefixOf(protocol, own):
     @param own: C{protocol}'s instance dictionary.
     @return: the prefix, or C{None} for Twisted's C{_getLogPrefix} to find.
     """
-    method = type(protocol).logPrefix
+    method = getattr(type(protocol), "logPrefix", None)
     if "logPrefix" in own:
         return None
     if method is _logPrefix:
@@ -134,7 +134,7 @@ def _prefixOf(protocol, own):
             inner = wrapped.__dict__
         except (KeyError, AttributeError):
             return None
-        if type(wrapped).logPrefix is _logPrefix and "logPrefix" not in inner:
+        if getattr(type(wrapped), "logPrefix", None) is _logPrefix and "logPrefix" not in inner:
             return f"{wrapped.__class__.__name__} ({protocol.__class__.__name__})"
     return None
 
@@ -228,7 +228,8 @@ class LeanPort(tcp.Port):
                     own = protocol.__dict__  # methods set on the instance are Twisted's to call
                 except AttributeError:
                     own = _NO_ATTRIBUTES
-                if type(protocol).logPrefix is _logPrefix and "logPrefix" not in own:
+                # (A protocol may have no logPrefix at all: twisted.web's HTTP channel.)
+                if getattr(type(protocol), "logPrefix", None) is _logPrefix and "logPrefix" not in own:
                     transport.logstr = f"{name},{s},{host}"
                 else:
                     prefix = _prefixOf(protocol, own)
