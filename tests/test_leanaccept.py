@@ -277,7 +277,9 @@ class AcceptTests(EPollCase):
                 pass
 
         for factory, prefix in (
-            (HTTPFactory(), "_GenericHTTPChannelProtocol"),
+            # Its timers on this test's reactor, not the global one (where they would outlive
+            # this synchronous test and make the next asynchronous one unclean).
+            (HTTPFactory(reactor=self.reactor), "_GenericHTTPChannelProtocol"),
             (Factory.forProtocol(Slotted), "Slotted"),
         ):
             built = []
