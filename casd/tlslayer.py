@@ -29,9 +29,6 @@ on a Twisted where they changed, so that the copies are looked at again.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-
 from OpenSSL import SSL as _pyOpenSSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from OpenSSL._util import ffi as _ffi, lib as _lib
@@ -50,6 +47,8 @@ from twisted.protocols.tls import (
     _NullAggregator,
 )
 from twisted.python.failure import Failure
+
+from casd.pinned import sourceSha256
 
 #: SHA-256 of the sources, in Twisted 26.10.0, of what L{TLSProtocol} and L{startTLS} repeat or
 #: replace.
@@ -120,11 +119,7 @@ _DECLARATIONS: dict = {}
 
 
 def _sourceHash(function) -> str:
-    try:
-        source = inspect.getsource(function)
-    except (OSError, TypeError):
-        return ""
-    return hashlib.sha256(source.encode("utf-8")).hexdigest()
+    return sourceSha256(lambda: (function,)) or ""
 
 
 def _changed(copied: dict) -> list[str]:

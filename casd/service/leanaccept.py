@@ -31,8 +31,6 @@ L{tcp.Port}, and the tests fail so that the copy is looked at again.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import _socket
 import socket
 import types
@@ -47,6 +45,7 @@ from twisted.internet.protocol import BaseProtocol, Protocol
 from twisted.protocols.policies import ProtocolWrapper, _wrappedLogPrefix
 from twisted.python import log as legacyLog
 
+from casd.pinned import sourceMatches
 from casd.service.leanpoll import fdSetMatches
 
 #: SHA-256 of the Twisted (26.10.0) and Python (3.11) code L{LeanPort.doRead} repeats:
@@ -80,12 +79,8 @@ def acceptMatches() -> bool:
     @return: whether the code L{LeanPort.doRead} stands in for is the code it was written
         against, and the address and transport classes are as it expects.
     """
-    try:
-        source = "".join(inspect.getsource(f) for f in _pinned())
-    except (OSError, TypeError, AttributeError):
-        return False
     return (
-        hashlib.sha256(source.encode("utf-8")).hexdigest() == ACCEPT_SHA256
+        sourceMatches(ACCEPT_SHA256, _pinned)
         and fdSetMatches()
         and not hasattr(IPv4Address, "__slots__")
         and IPv4Address.__setattr__ is object.__setattr__

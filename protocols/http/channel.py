@@ -7,8 +7,6 @@ only once a request may proceed), and what a connection learns from a trusted ba
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 
 import attr
 
@@ -17,6 +15,7 @@ from twisted.web import http
 from twisted.web.http import _parseRequestLine
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 
+from casd.pinned import sourceMatches
 from casd.session.clientinfo import ClientInfo
 from casd.session.relay import writeThrough
 from protocols.http.proxy import largerBuffers
@@ -79,11 +78,11 @@ def sourcesChanged(sources: dict) -> list[str]:
     changed = []
     for name, digest in sources.items():
         try:
-            source = inspect.getsource(namedAny(name))
-        except (AttributeError, OSError, TypeError, ValueError):
+            found = namedAny(name)
+        except (AttributeError, ValueError):
             changed.append(name)
             continue
-        if hashlib.sha256(source.encode("utf-8")).hexdigest() != digest:
+        if not sourceMatches(digest, lambda: (found,)):
             changed.append(name)
     return changed
 
