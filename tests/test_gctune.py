@@ -96,3 +96,90 @@ class TuneTests(unittest.TestCase):
         collector = FakeCollector()
         gctune.refreeze(object(), collector)
         self.assertEqual(collector.calls, [])
+
+
+class FakeLibc:
+    def __init__(self, answer=1):
+        self.calls = []
+        self.answer = answer
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return self.answer
+
+
+#: A relay's reads in a child process: 256 KiB C{recv}s of 512 MiB through a socket pair, after
+#: L{gctune.tuneAllocator} when the argument says so; prints the minor page faults per MB.
+_RECV_LOOP = """
+import os, resource, socket, sys
+if sys.argv[1] == "tuned":
+    from casd.service.gctune import tuneAllocator
+    assert tuneAllocator()
+a, b = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    a.close()
+    chunk = b"x" * (1 << 20)
+    for _ in range(512):
+        b.sendall(chunk)
+    os._exit(0)
+b.close()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+received = 0
+while True:
+    data = a.recv(262144)
+    if not data:
+        break
+    received += len(data)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+os.waitpid(pid, 0)
+print(faults / (received / 1e6))
+"""
+
+
+class AllocatorTests(unittest.TestCase):
+    def test_thresholdsSet(self):
+        """
+        Blocks up to 1 MiB from the heap, 16 MiB kept at its top: both thresholds set (setting
+        one turns glibc's dynamic thresholds off, so the other must be set too).
+        """
+        libc = FakeLibc()
+        self.assertTrue(gctune.tuneAllocator(libc))
+        self.assertEqual(
+            libc.calls,
+            [(gctune.M_MMAP_THRESHOLD, 1 << 20), (gctune.M_TRIM_THRESHOLD, 16 << 20)],
+        )
+
+    def test_withoutMallopt(self):
+        """
+        A C library without C{mallopt} (not glibc) is left alone.
+        """
+        self.assertFalse(gctune.tuneAllocator(object()))
+
+    def test_refused(self):
+        """
+        C{mallopt} answering 0 (refused) is reported.
+        """
+        self.assertFalse(gctune.tuneAllocator(FakeLibc(answer=0)))
+
+    def test_relayReadsWithoutPageFaults(self):
+        """
+        With this process's glibc, a loop of 256 KiB reads faults pages in again and again by
+        default, and hardly at all once tuned.
+        """
+        import os
+        import subprocess
+        import sys
+
+        package = os.path.dirname(os.path.dirname(os.path.abspath(gctune.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(package))
+
+        def faultsPerMB(mode):
+            out = subprocess.run(
+                [sys.executable, "-c", _RECV_LOOP, mode], env=env, capture_output=True, text=True, timeout=60
+            )
+            self.assertEqual(out.returncode, 0, out.stderr)
+            return float(out.stdout)
+
+        self.assertLess(faultsPerMB("tuned"), 1.0)
+        self.assertGreater(faultsPerMB("default"), 4.0)

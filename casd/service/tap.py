@@ -25,7 +25,7 @@ from casd.config import ConfigError, loadConfig
 from casd.service.context import CASContext
 from casd.service.discovery import discoverProtocols
 from casd.service.node import NodeService
-from casd.service.gctune import refreeze, tuneCollector
+from casd.service.gctune import refreeze, tuneAllocator, tuneCollector
 from casd.service.leanaccept import leanAccept
 from casd.service.leanloop import leanLoop
 from casd.service.leanpoll import leanDispatch
@@ -167,6 +167,7 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
         leanAccept(reactor)  # its TCP listening ports: casd.service.leanaccept
         leanLoop(reactor)  # and its main loop: casd.service.leanloop
         tuneCollector(reactor)  # and its garbage collector: casd.service.gctune
+        tuneAllocator()  # and its memory allocator (the same module)
     if adopted is None and options.get("workers", 1) > 1:
         from casd.service.workers import makeParentService
 

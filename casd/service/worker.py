@@ -137,7 +137,7 @@ def workerMain(argv=None) -> int:
 
     from twisted.internet import reactor
 
-    from casd.service.gctune import tuneCollector
+    from casd.service.gctune import tuneAllocator, tuneCollector
     from casd.service.leanloop import leanLoop
     from casd.service.leanpoll import leanDispatch
 
@@ -145,6 +145,7 @@ def workerMain(argv=None) -> int:
     leanAccept(reactor)
     leanLoop(reactor)
     tuneCollector(reactor)
+    tuneAllocator()
     # Structured events to the parent, which reads them back (casd.service.logs).
     # The session lines straight to the parent's log when it is a stream the worker shares.
     if args.log_fd is None:
