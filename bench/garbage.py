@@ -75,13 +75,14 @@ def _label(source, target) -> str:
     return " ->"
 
 
-def _cycles(kept: list, most: int = 12) -> list:
+def stronglyConnected(edges: dict) -> list:
     """
-    The strongly connected components of the references among C{kept} (Tarjan's algorithm,
-    iterative), grouped by the types they hold.
+    The cycles of a directed graph: its strongly connected components of more than one node, or
+    of one node that points to itself (Tarjan's algorithm, iterative: no recursion limit).
+
+    @param edges: node -> the nodes it points to; nodes not in C{edges} are ignored.
+    @return: the components, each a list of nodes.
     """
-    objects = {id(o): o for o in kept}
-    edges = {i: [id(r) for r in gc.get_referents(o) if id(r) in objects] for i, o in objects.items()}
     index: dict = {}
     low: dict = {}
     stack: list = []
@@ -98,8 +99,11 @@ def _cycles(kept: list, most: int = 12) -> list:
                 stack.append(node)
                 onStack.add(node)
             descended = False
-            for k in range(at, len(edges[node])):
-                nxt = edges[node][k]
+            successors = edges[node]
+            for k in range(at, len(successors)):
+                nxt = successors[k]
+                if nxt not in edges:
+                    continue
                 if nxt not in index:
                     work.append((node, k + 1))
                     work.append((nxt, 0))
@@ -117,11 +121,21 @@ def _cycles(kept: list, most: int = 12) -> list:
                     component.append(member)
                     if member == node:
                         break
-                if len(component) > 1 or node in edges[node]:
+                if len(component) > 1 or node in successors:
                     components.append(component)
             if work:
                 parent = work[-1][0]
                 low[parent] = min(low[parent], low[node])
+    return components
+
+
+def _cycles(kept: list, most: int = 12) -> list:
+    """
+    The reference cycles among C{kept} (L{stronglyConnected}), grouped by the types they hold.
+    """
+    objects = {id(o): o for o in kept}
+    edges = {i: [id(r) for r in gc.get_referents(o) if id(r) in objects] for i, o in objects.items()}
+    components = stronglyConnected(edges)
     shapes = collections.Counter()
     example = {}
     for component in components:

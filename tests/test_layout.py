@@ -10,6 +10,8 @@ import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from bench.garbage import stronglyConnected
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LINES = 700
 
@@ -50,37 +52,9 @@ def imports(path, known):
 
 def cycles(graph):
     """
-    The strongly connected components of more than one module (Tarjan).
+    The strongly connected components of more than one module (L{bench.garbage.stronglyConnected}).
     """
-    index, low, stack, onStack, result = {}, {}, [], set(), []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        onStack.add(v)
-        for w in graph.get(v, ()):
-            if w not in graph:
-                continue
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in onStack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                onStack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                result.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return result
+    return sorted(sorted(c) for c in stronglyConnected({v: sorted(ws) for v, ws in graph.items()}))
 
 
 def lineCount(path):
