@@ -140,14 +140,14 @@ print(faults / (received / 1e6))
 class AllocatorTests(unittest.TestCase):
     def test_thresholdsSet(self):
         """
-        Blocks up to 1 MiB from the heap, 16 MiB kept at its top: both thresholds set (setting
+        Blocks up to 4 MiB from the heap (an HTTP body's reads grow to 2 MiB), 16 MiB kept at its top: both thresholds set (setting
         one turns glibc's dynamic thresholds off, so the other must be set too).
         """
         libc = FakeLibc()
         self.assertTrue(gctune.tuneAllocator(libc))
         self.assertEqual(
             libc.calls,
-            [(gctune.M_MMAP_THRESHOLD, 1 << 20), (gctune.M_TRIM_THRESHOLD, 16 << 20)],
+            [(gctune.M_MMAP_THRESHOLD, 4 << 20), (gctune.M_TRIM_THRESHOLD, 16 << 20)],
         )
 
     def test_withoutMallopt(self):

@@ -4,13 +4,14 @@ The memory allocator and the cyclic garbage collector, set for a long-running se
 buffers taken from the heap without page faults, start-up's objects frozen, the young
 generation's threshold raised.
 
-L{tuneAllocator}: every relayed chunk is a new C{bytes} object of up to 256 KiB (a C{recv}).  With
+L{tuneAllocator}: every relayed chunk is a new C{bytes} object of up to 256 KiB (a C{recv}; up
+to 2 MiB for an HTTP response body, L{protocols.http.proxy.MAX_READ_SIZE}).  With
 glibc's defaults such a block is carved from the top of the heap, freed, and the heap's top given
 back to the kernel soon after (C{M_TRIM_THRESHOLD} follows C{M_MMAP_THRESHOLD}, which follows the
 largest freed block), so the next chunk's pages fault in again, zeroed by the kernel: measured
 with a 256 KiB C{recv} loop on Debian 12, 13-20 minor page faults per MB received and 0.17-0.21 s
 of CPU per GB, against 0.1 and 0.12-0.14 s with the thresholds below.  casd sets, through
-C{mallopt}, blocks up to 1 MiB from the heap (not C{mmap}) and keeps up to 16 MiB free at the
+C{mallopt}, blocks up to 4 MiB from the heap (not C{mmap}) and keeps up to 16 MiB free at the
 heap's top before trimming: a process keeps a few MiB more resident after a burst, and no relay
 chunk pays page faults.  Only on glibc (C{mallopt} found in the process); elsewhere nothing
 changes.
@@ -48,8 +49,9 @@ YOUNG_THRESHOLD = 20000
 #: glibc's C{mallopt} parameters (malloc.h) and casd's values for them.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-#: Blocks up to this size come from the heap: a relay chunk (256 KiB) and then some.
-MMAP_THRESHOLD = 1 << 20
+#: Blocks up to this size come from the heap: a relay chunk (256 KiB; an HTTP body's read grows
+#: to 2 MiB) and then some.
+MMAP_THRESHOLD = 4 << 20
 #: Free memory at the heap's top kept before it is given back to the kernel.
 TRIM_THRESHOLD = 16 << 20
 

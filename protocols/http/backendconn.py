@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from protocols.http.headers import HOP_BY_HOP
 from casd.session.relay import writeThrough
-from protocols.http.proxy import largerBuffers
+from protocols.http.proxy import BUFFER_SIZE, growReads, largerBuffers
 
 #: The largest response head casd reads from a backend.
 MAX_HEAD = 65536
@@ -60,6 +60,9 @@ _LOWER = {
 _PLAIN: set = set()
 _PLAIN_MAX = 1024
 
+#: A C{_readSize} no read reaches: reads that never grow.
+_NEVER = 1 << 62
+
 # Parser states of a connection.
 _IDLE, _HEAD_STATE, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = range(6)
 
@@ -85,6 +88,9 @@ class UpstreamConnection(Protocol):
     counted = True
     #: Whether reading is paused (the client is slow): undone before the connection is reused.
     paused = False
+    #: The size of the next read when a body streams over plain TCP (L{growReads}); through
+    #: TLS, whose chunks are the TLS layer's, reads never grow.
+    _readSize = BUFFER_SIZE
 
     def __init__(self, pool, backend) -> None:
         self.pool = pool
@@ -103,6 +109,8 @@ class UpstreamConnection(Protocol):
         if setNoDelay is not None:
             setNoDelay(True)
         largerBuffers(self.transport)
+        if not hasattr(self.transport, "socket"):
+            self._readSize = _NEVER
         # Writes try the socket at once (the core's, as the mail relay's): no write
         # registration with the reactor and no later turn to flush a request head.
         writeThrough(self.transport)
@@ -181,8 +189,11 @@ class UpstreamConnection(Protocol):
         state = self._state
         if state == _LENGTH:
             remaining = self._remaining
-            if len(data) < remaining:
-                self._remaining = remaining - len(data)
+            size = len(data)
+            if size < remaining:
+                self._remaining = remaining - size
+                if size >= self._readSize:
+                    self._readSize = growReads(self.transport, size)
                 self.exchange.sink.responseData(data)
                 return
             self._remaining = 0
@@ -195,8 +206,12 @@ class UpstreamConnection(Protocol):
             self._buffer += data
             self._readHead()
         elif state == _CHUNKED:
+            if len(data) >= self._readSize:
+                self._readSize = growReads(self.transport, len(data))
             self._readChunks(data)
         elif state == _UNTIL_CLOSE:
+            if len(data) >= self._readSize:
+                self._readSize = growReads(self.transport, len(data))
             self.exchange.sink.responseData(data)
         elif state == _DONE:
             return  # given up, closing
@@ -405,11 +420,22 @@ class UpstreamConnection(Protocol):
             # The response ended while the client was slow: the next one must be read.
             self.paused = False
             self.transport.resumeProducing()
+        if self._readSize != BUFFER_SIZE:
+            self.smallReads()
         sink = exchange.sink
         exchange.sink = None
         self.pool._release(self, self._keepAlive)
         if sink is not None:
             sink.responseEnded(True)
+
+    def smallReads(self) -> None:
+        """
+        Reads of L{BUFFER_SIZE} again (the client is slow, or the response ended), unless they
+        never grow on this connection.
+        """
+        if self._readSize != _NEVER:
+            self._readSize = BUFFER_SIZE
+            self.transport.bufferSize = BUFFER_SIZE
 
     def _malformed(self, why: str) -> None:
         exchange = self.exchange

@@ -114,6 +114,8 @@ class Exchange:
         if connection is not None and not connection.paused:
             connection.paused = True
             connection.transport.pauseProducing()
+            # A slow client: the reads that grew while it kept up shrink again.
+            connection.smallReads()
 
     def resumeResponse(self) -> None:
         """
