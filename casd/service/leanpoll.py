@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python import log as legacyLog
 
 from casd.pinned import sourceMatches
+from casd.session.heldwrites import flushHeld, sendHeld, startHolding
 
 log = Logger()
 
@@ -83,9 +84,14 @@ def passes(self, timeout=None, loop=False, inline=True):
 
     An exception that escapes a pass ends the call; the main loop logs it and calls again.
     """
+    held = self.__dict__.get("casdHeld")
+    if held is None:
+        held = ()
     while True:
         if loop:
             if not self._started:
+                if held:
+                    flushHeld(held)
                 return
             # ReactorBase.mainLoop's runUntilCurrent() and timeout(), when there is work.
             pending = self._pendingTimedCalls
@@ -105,6 +111,9 @@ def passes(self, timeout=None, loop=False, inline=True):
             if not inline:
                 self.doIteration(timeout)
                 continue
+        if held:
+            # The small writes of the turn so far, before sleeping (casd.session.heldwrites).
+            flushHeld(held)
         # EPollReactor.doPoll(timeout), line for line but for the dispatch below.
         if timeout is None:
             timeout = -1
@@ -151,6 +160,10 @@ def passes(self, timeout=None, loop=False, inline=True):
                         why = sys.exc_info()[1]
                         legacyLog.err()
                 if why:
+                    if held and getattr(selectable, "casdHeldNow", False) and selectable.connected:
+                        # Its peer closed, or it failed: what this turn wrote to it goes first
+                        # (casd.session.heldwrites), as it would have without holding.
+                        sendHeld(selectable)
                     self._disconnectSelectable(selectable, why, inRead)
             except KeyboardInterrupt:
                 raise
@@ -180,6 +193,9 @@ def leanDispatch(reactor) -> bool:
     if type(reactor) is not EPollReactor or not doPollMatches():
         return False
     reactor.doIteration = types.MethodType(_leanDoPoll, reactor)
+    # Small writes wait for the end of the turn (casd.session.heldwrites): passes() sends them
+    # before each poll.
+    startHolding(reactor)
     return True
 
 

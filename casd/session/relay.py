@@ -26,6 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from casd.pinned import sourceMatches
 from casd.session import teardown
+from casd.session.heldwrites import HOLD_LIMIT, sendHeld
 from casd.session.tlsrelay import closeTLSNow, wholeChunks
 
 try:
@@ -77,12 +78,20 @@ _TWISTED_DATA_RECEIVED = tcp.Connection._dataReceived
 def _writeNow(self, data: bytes) -> None:
     """
     L{tcp.Connection.write}, but with nothing queued (Twisted empties C{dataBuffer} once it has
-    sent it all) the bytes go to the socket at once; what the kernel does not take is queued the
+    sent it all) the bytes go to the socket at once, or, when they are few and the reactor
+    holds writes, at the end of the turn (L{casd.session.heldwrites}, with the bytes written
+    after them in the same turn); what the kernel does not take is queued the
     usual way (and so is everything while a close is in progress, and everything after
     C{startTLS()}, which must go through the TLS layer), so ordering, flow control and error
     reporting stay Twisted's.
     """
-    if (
+    if self.casdHeldNow:
+        # Bytes held for the end of this turn already (casd.session.heldwrites): these follow.
+        if type(data) is bytes and len(data) < HOLD_LIMIT and self.connected:
+            self._tempDataBuffer.append(data)
+            self._tempDataLen += len(data)
+            return
+    elif (
         not self.TLS
         and not self.dataBuffer
         and not self._tempDataLen
@@ -91,6 +100,18 @@ def _writeNow(self, data: bytes) -> None:
         and not self._writeDisconnecting
         and type(data) is bytes
     ):
+        if len(data) < HOLD_LIMIT:
+            try:
+                held = self.reactor.casdHeld
+            except AttributeError:
+                held = None
+            if held is not None:
+                # Held until the end of the turn, sent with the turn's other writes.
+                self._tempDataBuffer.append(data)
+                self._tempDataLen = len(data)
+                self.casdHeldNow = True
+                held.append(self)
+                return
         try:
             sent = self.socket.send(data)
         except OSError:
@@ -129,6 +150,8 @@ _TWISTED_READS = (_TWISTED_DO_READ, _readNow)
 
 class _WriteThroughServer(tcp.Server):
     write = _writeNow
+    #: Whether bytes are held for the end of the turn (L{casd.session.heldwrites}).
+    casdHeldNow = False
     doRead = PLAIN_READ
     # No shutdown() before close(): the socket is this process's alone (close-on-exec), so
     # close() ends the connection the same way, one system call less (Twisted's own comment
@@ -138,6 +161,7 @@ class _WriteThroughServer(tcp.Server):
 
 class _WriteThroughClient(tcp.Client):
     write = _writeNow
+    casdHeldNow = False
     doRead = PLAIN_READ
     _shouldShutdown = False
 
@@ -161,6 +185,8 @@ def writesThrough(cls):
     """
     if not (issubclass(cls, _TCP_TYPES) and cls.write is _writeNow):
         raise TypeError(f"{cls!r} is not a write-through TCP transport")
+    if "casdHeldNow" not in cls.__dict__:
+        cls.casdHeldNow = False
     _PLAIN_TCP.add(cls)
     return cls
 
@@ -220,6 +246,9 @@ def _closeNow(transport) -> bool:
         relay's own registered, a half-close in progress, not a TCP transport) is left to the
         caller's C{loseConnection()}.
     """
+    if getattr(transport, "casdHeldNow", False) and not transport.dataBuffer and transport.connected:
+        # Bytes held for the end of the turn go now, as they would have without holding.
+        sendHeld(transport)
     if (
         type(transport) not in _PLAIN_TCP
         or transport.TLS
@@ -302,6 +331,10 @@ class _DirectRead(_FlowOnly):
                 return None
             return main.CONNECTION_LOST
         if not data:
+            if source.casdHeldNow:
+                # What this turn wrote to the peer goes before the close, as it would have
+                # without holding (casd.session.heldwrites).
+                sendHeld(source)
             # Twisted's reactor gives a half-closeable protocol readConnectionLost() instead.
             if not IHalfCloseableProtocol.providedBy(source.protocol) and teardown.dropNow(
                 source, _CLOSED, True
