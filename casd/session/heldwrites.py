@@ -81,10 +81,11 @@ def sendHeld(transport) -> None:
     kernel does not take is queued the usual way.
     """
     transport.casdHeldNow = False
-    chunks = transport._tempDataBuffer
-    if not chunks:
+    size = transport._tempDataLen
+    if not size:
         return
-    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    # (One bytes object is joined into itself, without a copy.)
+    data = b"".join(transport._tempDataBuffer)
     transport._tempDataBuffer = []
     transport._tempDataLen = 0
     try:
@@ -92,7 +93,7 @@ def sendHeld(transport) -> None:
     except OSError:
         # EAGAIN, or an error the queued write's doWrite reports as a lost connection.
         sent = 0
-    if sent != len(data):
+    if sent != size:
         tcp.Connection.write(transport, data[sent:] if sent else data)
 
 

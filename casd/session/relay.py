@@ -87,10 +87,12 @@ def _writeNow(self, data: bytes) -> None:
     """
     if self.casdHeldNow:
         # Bytes held for the end of this turn already (casd.session.heldwrites): these follow.
-        if type(data) is bytes and len(data) < HOLD_LIMIT and self.connected:
-            self._tempDataBuffer.append(data)
-            self._tempDataLen += len(data)
-            return
+        if type(data) is bytes and self.connected:
+            size = len(data)
+            if size < HOLD_LIMIT:
+                self._tempDataBuffer.append(data)
+                self._tempDataLen += size
+                return
     elif (
         not self.TLS
         and not self.dataBuffer
@@ -100,7 +102,8 @@ def _writeNow(self, data: bytes) -> None:
         and not self._writeDisconnecting
         and type(data) is bytes
     ):
-        if len(data) < HOLD_LIMIT:
+        size = len(data)
+        if size < HOLD_LIMIT:
             try:
                 held = self.reactor.casdHeld
             except AttributeError:
@@ -108,7 +111,7 @@ def _writeNow(self, data: bytes) -> None:
             if held is not None:
                 # Held until the end of the turn, sent with the turn's other writes.
                 self._tempDataBuffer.append(data)
-                self._tempDataLen = len(data)
+                self._tempDataLen = size
                 self.casdHeldNow = True
                 held.append(self)
                 return
@@ -118,7 +121,7 @@ def _writeNow(self, data: bytes) -> None:
             # EAGAIN, or an error the queued write's doWrite reports as a lost connection.
             sent = 0
         if sent:
-            if sent == len(data):
+            if sent == size:
                 return
             data = data[sent:]
     tcp.Connection.write(self, data)
