@@ -191,6 +191,22 @@ class ResponseTests(UpstreamTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.assertIn(b"GET /x HTTP/1.1", transport.value().split(b"\r\n\r\n", 1)[1])
 
+    def test_valuesTrimmed(self):
+        """
+        White space around a field's value is not part of it, whether or not a line of the head
+        ends in white space (two parsers, the quicker for heads without).
+        """
+        sink, _, _ = self.respond(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nA:  x  \r\nB:\r\nC: \t\r\nD:y z\t \r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        self.assertEqual(
+            sink.head[2],
+            [(b"Content-Length", b"0"), (b"A", b"x"), (b"B", b""), (b"C", b""), (b"D", b"y z")],
+        )
+        sink, _, _ = self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nA:\t x\r\nB: y z\r\n\r\n")
+        self.assertEqual(sink.head[2], [(b"Content-Length", b"0"), (b"A", b"x"), (b"B", b"y z")])
+
     def test_plainNamesRemembered(self):
         """
         A field name seen as end-to-end is remembered (no lower case computed again), and is

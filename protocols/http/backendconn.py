@@ -35,6 +35,9 @@ _HEAD = re.compile(
 )
 #: One field of a head that L{_HEAD} accepted.
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+#: The same for a head without white space at a line's end (the usual case): a greedy value,
+#: found in about half the time.
+_FIELD_TRIMMED = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*)\r\n")
 #: A chunk-size line (RFC 9112 7.1), extensions ignored.
 _CHUNK = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[^\r\n\x00]*)?\r\n")
 
@@ -252,7 +255,10 @@ class UpstreamConnection(Protocol):
         named = None
         plain = _PLAIN
         # The fields in the backend's order, less the hop-by-hop ones (filtered once at the end).
-        headers = _FIELD.findall(head)
+        if b" \r\n" in head or b"\t\r\n" in head:
+            headers = _FIELD.findall(head)
+        else:
+            headers = _FIELD_TRIMMED.findall(head)
         dropped = ()
         for name, value in headers:
             if name in plain:
