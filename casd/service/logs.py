@@ -33,7 +33,8 @@ from twisted.logger import (
 )
 from twisted.python.components import Componentized
 
-from casd.service.logfile import AppendFile, RotatingLogFile
+from casd.service.logfile import PENDING_LIMIT, AppendFile, RotatingLogFile
+from casd.service.turns import here as _here
 
 #: Event keys never written as JSON fields (Twisted's bookkeeping, or objects).
 _SKIP = frozenset({"log_logger", "log_source", "log_format", "log_time", "log_level", "log_namespace",
@@ -98,8 +99,12 @@ class TextLogObserver:
     L{LineLog}'s lines written as they are.
 
     C{outFile} is a text stream (C{write} and C{flush} per event), or a sink of
-    L{casd.service.logfile} (L{RotatingLogFile}, L{AppendFile}): then a line is encoded once and
-    written as one C{write(2)} of bytes, rotating first when due, with no Python call on the way.
+    L{casd.service.logfile} (L{RotatingLogFile}, L{AppendFile}): then a line is encoded once and,
+    in the thread of casd's lean main loop, appended to the sink's pending bytes, which the sink
+    writes with one C{write(2)} at the end of the reactor's turn (L{casd.service.turns}); in
+    other threads, or without the lean loop, written at once (after the pending ones) as one
+    C{write(2)}, rotating first when due; no Python call on the way either way.  Any other event
+    is written after the pending lines.
     """
 
     def __init__(self, outFile, systemPrefix: str | None = None, other=None) -> None:
@@ -127,6 +132,9 @@ class TextLogObserver:
     def __call__(self, event: dict) -> None:
         # Subscripts and "in" rather than event.get: no call per line.
         if LINE_KEY not in event or "log_failure" in event:
+            sink = self._sink
+            if sink is not None and sink.pending:
+                sink.drain()  # the lines before it first, wherever it goes
             self._other(event)
             return
         text = event[LINE_KEY]
@@ -154,7 +162,20 @@ class TextLogObserver:
             out.flush()
             return
         data = f"{stamp} [{system}] {text}\n".encode("utf-8", "backslashreplace")
+        # TurnBuffer.put(data), inline: held for the end of the turn in the lean loop's thread.
+        turn = _here.turn
+        if turn is not None:
+            if sink.turn is not turn:
+                sink.joinTurn(turn)
+            pending = sink.pending
+            pending += data
+            turn.due = True
+            if pending[PENDING_LIMIT:]:
+                sink.flushTurn()
+            return
         with sink.lock:
+            if sink.pending:
+                sink.drain()
             if sink.rotateLength and sink.size >= sink.rotateLength:
                 sink.rotate()
             sink.size += sink.raw(data)
@@ -466,8 +487,10 @@ class LogFileService(service.Service):
         try:
             if self.format == "json":
                 data = (eventAsLine(event) + "\n").encode("utf-8", "backslashreplace")
-                with f.lock:
-                    f.raw(data)
+                if LINE_KEY in event and "log_failure" not in event:
+                    f.put(data)  # held for the end of the turn, as the text observer's lines
+                else:
+                    f.write(data)  # after the lines before it
             else:
                 self._text(event)
         except (OSError, ValueError, TypeError):
