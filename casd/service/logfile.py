@@ -229,7 +229,9 @@ class RotatingLogFile(TurnBuffer, LogFile):
         """
         with self.lock:
             self.leaveTurn()
-            if self.pending and not self.closed:
+            if self.closed:
+                return
+            if self.pending:
                 try:
                     self.drain()
                 except (OSError, ValueError):
