@@ -4,9 +4,12 @@ L{TurnBuffer}): held in the lean loop's thread until the end of the turn, writte
 something else must go to the file first, and at once everywhere else.
 """
 
+import io
+import json
 import os
 import socket
 import threading
+from select import PIPE_BUF
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import LogPublisher, Logger
@@ -14,8 +17,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.service import leanloop, leanpoll
-from casd.service.logfile import PENDING_LIMIT, AppendFile, RotatingLogFile
-from casd.service.logs import LogFileService, LineLog, TextLogObserver, workerLogObserver
+from casd.service.logfile import PENDING_LIMIT, AppendFile, RotatingLogFile, StreamFile, standardOutput
+from casd.service.logs import LogFileService, LineLog, TextLogObserver, WorkerLogObserver, workerLogObserver
 from casd.service.turns import TurnEnd, here
 from tests.support.calls import pythonCalls
 
@@ -68,6 +71,9 @@ class _SinkTests:
     """
     For both sinks: C{self.open()} returns one at C{self.path}.
     """
+
+    #: The calls of a turn's write: the hook, the lock, the write.
+    flushCalls = 3
 
     def lines(self, sink):
         return LineLog("casd.session", TextLogObserver(sink))
@@ -234,14 +240,14 @@ class _SinkTests:
         A held line costs the observer and the encoding; the end of a turn the hook, the lock
         and the write.
         """
-        turn = self.holdTurns()
+        self.holdTurns()
         sink = self.open()
         observer = TextLogObserver(sink)
         events = []
         LineLog("casd.session", LogPublisher(events.append), now=lambda: 1000.0).emit("x=1", {})
         observer(events[0])  # the time stamp of this second, the turn joined
         self.assertLessEqual(pythonCalls(observer, events[0]), 2)
-        self.assertLessEqual(pythonCalls(sink.flushTurn), 3)
+        self.assertLessEqual(pythonCalls(sink.flushTurn), self.flushCalls)
         self.assertEqual(self.read().count("x=1\n"), 2)
 
 
@@ -306,6 +312,122 @@ class AppendFileTurnTests(_SinkTests, TurnCase):
         self.assertEqual(texts(self.read().encode()), ["new"])
 
 
+class StreamFileTurnTests(_SinkTests, TurnCase):
+    """
+    Standard output (here a file opened for appending) the same way.
+    """
+
+    #: And the pieces of at most PIPE_BUF bytes.
+    flushCalls = 6
+
+    def open(self):
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        return StreamFile(fd)
+
+    def test_wholeLinesUpToPipeBuf(self):
+        """
+        Each C{write(2)} is at most C{PIPE_BUF} bytes and ends at a line's end (a pipe shared
+        with the workers never cuts a line with theirs); a longer line goes in pieces, whole.
+        """
+        turn = self.holdTurns()
+        writes = []
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.set_blocking(r, False)
+
+        def write(fd, data):
+            writes.append(bytes(data))
+            return os.write(fd, data)
+
+        sink = StreamFile(w, write)
+        lines = self.lines(sink)
+        expected = [f"n={n:02d} " + "y" * 300 for n in range(40)] + ["z" * (PIPE_BUF + 100), "end"]
+        for text in expected:
+            lines.emit(text, {})
+        turn.end()
+        received = b""
+        while True:
+            try:
+                received += os.read(r, 65536)
+            except BlockingIOError:
+                break
+        self.assertEqual(texts(received), expected)
+        self.assertTrue(all(len(w) <= PIPE_BUF for w in writes))
+        self.assertTrue(all(w.endswith(b"\n") for w in writes if len(w) < PIPE_BUF))
+        self.assertLess(len(writes), 10)
+
+    def test_partialWritesCompleted(self):
+        """
+        A descriptor that takes fewer bytes than given gets the rest.
+        """
+        turn = self.holdTurns()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        sink = StreamFile(fd, lambda fd, data: os.write(fd, data[:7]))
+        lines = self.lines(sink)
+        lines.emit("a line longer than seven bytes", {})
+        lines.emit("and another", {})
+        turn.end()
+        self.assertEqual(texts(self.read().encode()), ["a line longer than seven bytes", "and another"])
+
+    def test_standardOutput(self):
+        """
+        A text stream with a descriptor becomes a L{StreamFile} on it, once what it held is
+        written; one without stays as it is.
+        """
+        out = io.StringIO()
+        self.assertIs(standardOutput(out), out)
+        with open(self.path, "w") as f:
+            f.write("printed before\n")
+            sink = standardOutput(f)
+            self.assertIsInstance(sink, StreamFile)
+            self.assertEqual(sink.fd, f.fileno())
+            self.assertEqual(self.read(), "printed before\n")
+            self.lines(sink).emit("logged", {})
+            sink.close()
+            self.assertFalse(f.closed)
+        self.assertEqual(self.read().splitlines()[0], "printed before")
+        self.assertEqual(texts(self.read().split("\n", 1)[1].encode()), ["logged"])
+
+
+class WorkerPipeTests(TurnCase):
+    """
+    A worker whose lines go to the parent (its standard output, a pipe): the records of a turn
+    are flushed together at its end.
+    """
+
+    def test_recordsFlushedAtTheEndOfTheTurn(self):
+        flushed = []
+
+        class Pipe(io.StringIO):
+            def flush(self):
+                flushed.append(self.getvalue())
+
+        out = Pipe()
+        observer = WorkerLogObserver(out)
+        lines = LineLog("casd.session", observer)
+        lines.emit("one", {})
+        self.assertEqual(len(flushed), 1)  # no turn: at once
+        turn = self.holdTurns()
+        lines.emit("two", {})
+        lines.emit("three", {})
+        self.assertEqual(len(flushed), 1)
+        self.assertTrue(turn.due)
+        turn.end()
+        self.assertEqual(len(flushed), 2)
+        records = flushed[1].splitlines()
+        self.assertEqual([r[:1] for r in records], ["\x1f"] * 3)
+        self.assertEqual([json.loads(r[1:])["casd_line"] for r in records], ["one", "two", "three"])
+        lines.emit("four", {})
+        Logger(namespace="casd.other", observer=observer).warn("warned")
+        # The other event's own flush takes the record before it.
+        self.assertIn('"four"', flushed[-1])
+        self.assertIn("warned", flushed[-1])
+        self.assertLess(flushed[-1].index('"four"'), flushed[-1].index("warned"))
+
+
 class FakeSignals:
     SIGUSR2 = 12
 
@@ -338,7 +460,7 @@ class LogFileServiceTurnTests(TurnCase):
         Logger(namespace="casd.other", observer=self.publisher).error("boom")
         lines.emit("status=500", {"status": 500})
         turn.end()
-        records = [__import__("json").loads(line) for line in self.read().splitlines()]
+        records = [json.loads(line) for line in self.read().splitlines()]
         self.assertEqual([r.get("status", r["message"]) for r in records], [200, 404, "boom", 500])
 
     def test_stopWritesThePendingLines(self):

@@ -18,13 +18,17 @@ C{write(2)} each.
     written without the pure-Python lock of C{threadable.synchronize} around every write, and
     opened for appending (C{O_APPEND}): with C{--workers} the workers append to it too and the
     parent rotates it (L{SharedRotation});
-  - L{AppendFile}: casd's C{[log] file}, opened with C{O_APPEND} and reopened for logrotate.
+  - L{AppendFile}: casd's C{[log] file}, opened with C{O_APPEND} and reopened for logrotate;
+  - L{StreamFile}: standard output (C{twistd -n} without C{--logfile}), the process's own or
+    a worker's inherited one.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
+from select import PIPE_BUF
 
 from casd.service.turns import here as _here
 
@@ -68,6 +72,18 @@ class TurnBuffer:
             self.turn.leave(self.flushTurn)
             self.turn = None
 
+    def lastWrite(self) -> None:
+        """
+        Before the file is closed: no more turns, and the pending lines written if they can be.
+        """
+        with self.lock:
+            self.leaveTurn()
+            if self.pending:
+                try:
+                    self.drain()
+                except (OSError, ValueError):
+                    del self.pending[:]
+
     def flushTurn(self) -> None:
         """
         Write the pending lines, one C{write(2)}: the end of the turn, in the loop's thread.
@@ -102,6 +118,25 @@ class TurnBuffer:
                 self.rotate()
             self.size += self.raw(data)
 
+    def write(self, data) -> None:
+        """
+        Write C{data} (text is encoded as UTF-8) now, after the pending lines, rotating first
+        when the file has reached C{rotateLength} bytes.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8", "backslashreplace")
+        with self.lock:
+            if self.pending:
+                self.drain()
+            if self.rotateLength and self.size >= self.rotateLength:
+                self.rotate()
+            self.size += self.raw(data)
+
+    def flush(self) -> None:
+        """
+        Nothing to do: the file is unbuffered (L{flushTurn} and L{drain} write what is held).
+        """
+
     def put(self, data: bytes) -> None:
         """
         Write one line: held for the end of the turn in the lean loop's thread, else now
@@ -129,7 +164,7 @@ class RotatingLogFile(TurnBuffer, LogFile):
     """
     Twisted's L{LogFile} (twistd's C{--logfile}), with a C lock shared by L{write} and C{rotate}
     (C{LogFile}'s synchronised C{rotate} takes the same lock: it is the object's
-    C{_threadable_lock}) and a L{write} of one Python call.
+    C{_threadable_lock}), and the lines of a turn held (L{TurnBuffer}).
 
     @ivar raw: the open file's C{write} (bytes, unbuffered).
     @ivar lock: the lock around C{size}, the rotation and C{raw}.
@@ -204,38 +239,15 @@ class RotatingLogFile(TurnBuffer, LogFile):
         except OSError:
             pass  # the next check tries again; the lines go on to the file that is open
 
-    def write(self, data) -> None:
-        """
-        Write C{data} (text is encoded as UTF-8) now, after the pending lines, rotating first
-        when the file has reached C{rotateLength} bytes.
-        """
-        if isinstance(data, str):
-            data = data.encode("utf-8", "backslashreplace")
-        with self.lock:
-            if self.pending:
-                self.drain()
-            if self.rotateLength and self.size >= self.rotateLength:
-                self.rotate()
-            self.size += self.raw(data)
-
-    def flush(self) -> None:
-        """
-        Nothing to do: the file is unbuffered.
-        """
-
     def close(self) -> None:
         """
         Write the pending lines, then close the file as Twisted's L{LogFile} does.
         """
         with self.lock:
-            self.leaveTurn()
             if self.closed:
+                self.leaveTurn()
                 return
-            if self.pending:
-                try:
-                    self.drain()
-                except (OSError, ValueError):
-                    del self.pending[:]
+            self.lastWrite()
             LogFile.close(self)
 
 
@@ -263,22 +275,6 @@ class AppendFile(TurnBuffer):
         self._file = open(path if fd is None else fd, "ab", buffering=0)
         self.raw = self._file.write
 
-    def write(self, data) -> None:
-        """
-        Write C{data} (text is encoded as UTF-8) now, after the pending lines.
-        """
-        if isinstance(data, str):
-            data = data.encode("utf-8", "backslashreplace")
-        with self.lock:
-            if self.pending:
-                self.drain()
-            self.raw(data)
-
-    def flush(self) -> None:
-        """
-        Nothing to do: the file is unbuffered.
-        """
-
     def rotate(self) -> None:  # pragma: no cover - rotateLength is 0
         """
         Never called: logrotate moves the file.
@@ -302,14 +298,73 @@ class AppendFile(TurnBuffer):
         Write the pending lines and close the file.
         """
         with self.lock:
-            self.leaveTurn()
-            if self.pending:
-                try:
-                    self.drain()
-                except (OSError, ValueError):
-                    del self.pending[:]
+            self.lastWrite()
             self._file.close()
             self.raw = _closed
+
+
+class StreamFile(TurnBuffer):
+    """
+    A descriptor casd's log goes to that it neither opened nor rotates: standard output (a
+    terminal, a pipe, journald's socket, a file), its own or, in a worker, the parent's.  Each
+    C{write(2)} is at most C{PIPE_BUF} bytes and ends at the end of a line when it can, so that
+    on a pipe shared with other processes (the workers) another's lines never cut one; a partial
+    write is completed.
+
+    @ivar fd: the descriptor (not closed by L{close}).
+    """
+
+    rotateLength = 0
+    size = 0
+
+    def __init__(self, fd: int, write=os.write) -> None:
+        """
+        @param write: C{os.write}.
+        """
+        self.fd = fd
+        self._write = write
+        self.lock = threading.RLock()
+        self.pending = bytearray()
+        self.raw = self._writeWhole
+
+    def _writeWhole(self, data) -> int:
+        total = len(data)
+        view = memoryview(data)
+        start = 0
+        while start < total:
+            end = start + PIPE_BUF
+            if end < total:
+                cut = data.rfind(b"\n", start, end)
+                if cut >= start:
+                    end = cut + 1
+            start += self._write(self.fd, view[start:end])
+        return total
+
+    def rotate(self) -> None:  # pragma: no cover - rotateLength is 0
+        """
+        Never called.
+        """
+
+    def close(self) -> None:
+        """
+        Write the pending lines; the descriptor stays open.
+        """
+        self.lastWrite()
+
+
+def standardOutput(stdout=None):
+    """
+    @param stdout: a text stream (default: C{sys.stdout}).
+    @return: a L{StreamFile} on C{stdout}'s descriptor (once what was written to it is flushed),
+        or C{stdout} itself if it has none.
+    """
+    stdout = sys.stdout if stdout is None else stdout
+    try:
+        stdout.flush()
+        fd = stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stdout
+    return StreamFile(fd)
 
 
 def _closed(data: bytes) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import json.scanner
 import signal as _signal
-import sys
 import time
 
 from zope.interface import implementer
@@ -33,7 +32,7 @@ from twisted.logger import (
 )
 from twisted.python.components import Componentized
 
-from casd.service.logfile import PENDING_LIMIT, AppendFile, RotatingLogFile
+from casd.service.logfile import PENDING_LIMIT, AppendFile, RotatingLogFile, TurnBuffer, standardOutput
 from casd.service.turns import here as _here
 
 #: Event keys never written as JSON fields (Twisted's bookkeeping, or objects).
@@ -99,7 +98,8 @@ class TextLogObserver:
     L{LineLog}'s lines written as they are.
 
     C{outFile} is a text stream (C{write} and C{flush} per event), or a sink of
-    L{casd.service.logfile} (L{RotatingLogFile}, L{AppendFile}): then a line is encoded once and,
+    L{casd.service.logfile} (L{RotatingLogFile}, L{casd.service.logfile.AppendFile},
+    L{casd.service.logfile.StreamFile}): then a line is encoded once and,
     in the thread of casd's lean main loop, appended to the sink's pending bytes, which the sink
     writes with one C{write(2)} at the end of the reactor's turn (L{casd.service.turns}); in
     other threads, or without the lean loop, written at once (after the pending ones) as one
@@ -127,7 +127,7 @@ class TextLogObserver:
     @outFile.setter
     def outFile(self, outFile) -> None:
         self._out = outFile
-        self._sink = outFile if isinstance(outFile, (RotatingLogFile, AppendFile)) else None
+        self._sink = outFile if isinstance(outFile, TurnBuffer) else None
 
     def __call__(self, event: dict) -> None:
         # Subscripts and "in" rather than event.get: no call per line.
@@ -214,7 +214,7 @@ def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
     if name == "-" or (get("nodaemon") and not name):
         if not logsToStandardOutput(twistdOptions):
             return None
-        return TextLogObserver(sys.stdout if stdout is None else stdout)
+        return TextLogObserver(standardOutput(stdout))
     logFile = RotatingLogFile.fromFullPath(name or "twistd.log")
     if not signals.getsignal(signals.SIGUSR1):
         # twistd's own rotation signal (casd's node takes SIGUSR1 for draining when it starts).
@@ -287,14 +287,19 @@ class WorkerLogObserver:
     A worker's log to its parent (its standard output): a L{LineLog} line as one compact JSON
     record (L{LINE_RECORD}, then its plain fields), which the parent reads back with
     L{eventFromLineRecord} without Twisted's JSON event decoding; every other event as
-    C{jsonFileLogObserver} writes it.
+    C{jsonFileLogObserver} writes it.  In the thread of the lean loop the records of a turn are
+    flushed to the pipe together at its end (L{casd.service.turns}); the other events flush the
+    stream, the records before them with them.
     """
+
+    _turn = None
 
     def __init__(self, outFile, direct=None, index: int = 0) -> None:
         """
         @param direct: where the parent's own log goes when the worker can write it too: the
-            parent's standard output (inherited), or twistd's C{--logfile} opened for appending
-            (an L{AppendFile}, reopened when the parent rotates it): the worker writes its
+            parent's standard output (inherited: a L{casd.service.logfile.StreamFile}), or
+            twistd's C{--logfile} opened for appending (an L{AppendFile}, reopened when the
+            parent rotates it): the worker writes its
             L{LineLog} lines there itself, as the parent would have written them
             (C{[worker<index>:...]}), and the parent does nothing per line.  L{None}: they go to
             the parent.
@@ -322,7 +327,14 @@ class WorkerLogObserver:
         record["log_level"] = "info" if level is None else level.name
         out = self.outFile
         out.write(LINE_RECORD + _ENCODE(record) + "\n")
-        out.flush()
+        turn = _here.turn
+        if turn is None:
+            out.flush()
+            return
+        if self._turn is not turn:
+            self._turn = turn
+            turn.join(out.flush)
+        turn.due = True
 
 
 def workerLogObserver(outFile, direct=None, index: int = 0):
