@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_leanloop -*-
+# -*- test-case-name: tests.test_leanloop,tests.test_turnloop -*-
 """
 A leaner main loop for Twisted's reactor: the timer bookkeeping of each iteration done only when
 there is some to do.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logfile -*-
+# -*- test-case-name: tests.test_logfile,tests.test_turnlog -*-
 """
 The files casd's text observers write (L{casd.service.logs.TextLogObserver}), each a I{sink}:
 bytes go to C{raw} (an unbuffered file's C{write}) under C{lock} (a C lock: no Python call),
@@ -97,6 +97,7 @@ class TurnBuffer:
             data = pending[:]
             del pending[:]
             try:
+                # _writeOut(data), inline.
                 if self.rotateLength and self.size >= self.rotateLength:
                     self.rotate()
                 self.size += self.raw(data)
@@ -114,9 +115,15 @@ class TurnBuffer:
                 return
             data = pending[:n]
             del pending[:n]
-            if self.rotateLength and self.size >= self.rotateLength:
-                self.rotate()
-            self.size += self.raw(data)
+            self._writeOut(data)
+
+    def _writeOut(self, data) -> None:
+        """
+        Under C{lock}: rotate first when the file has reached C{rotateLength}, then write.
+        """
+        if self.rotateLength and self.size >= self.rotateLength:
+            self.rotate()
+        self.size += self.raw(data)
 
     def write(self, data) -> None:
         """
@@ -128,9 +135,7 @@ class TurnBuffer:
         with self.lock:
             if self.pending:
                 self.drain()
-            if self.rotateLength and self.size >= self.rotateLength:
-                self.rotate()
-            self.size += self.raw(data)
+            self._writeOut(data)
 
     def flush(self) -> None:
         """
@@ -152,12 +157,7 @@ class TurnBuffer:
             if pending[PENDING_LIMIT:]:
                 self.flushTurn()
             return
-        with self.lock:
-            if self.pending:
-                self.drain()
-            if self.rotateLength and self.size >= self.rotateLength:
-                self.rotate()
-            self.size += self.raw(data)
+        self.write(data)
 
 
 class RotatingLogFile(TurnBuffer, LogFile):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.test_logs,tests.test_turnlog -*-
 """
 casd's logs.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_turnlog -*-
+# -*- test-case-name: tests.test_turnlog,tests.test_turnloop -*-
 """
 The end of the reactor's turn: work held until the reactor has handled what one wake-up brought
 and is about to sleep again.
