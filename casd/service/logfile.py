@@ -30,9 +30,9 @@ import sys
 import threading
 from select import PIPE_BUF
 
-from casd.service.turns import here as _here
-
 from twisted.python.logfile import LogFile
+
+from casd.service.turns import here as _here
 
 #: The most bytes a sink holds for the end of the turn: one more line and they are written.
 PENDING_LIMIT = 65536
@@ -40,8 +40,8 @@ PENDING_LIMIT = 65536
 
 class TurnBuffer:
     """
-    The lines a sink holds until the end of the reactor's turn (mixed into L{RotatingLogFile}
-    and L{AppendFile}).
+    The lines a sink holds until the end of the reactor's turn (mixed into L{RotatingLogFile},
+    L{AppendFile} and L{StreamFile}), and what writes them.
 
     Only the thread of the lean loop appends to C{pending}, without the lock (its observers do
     it inline: L{casd.service.logs.TextLogObserver}, L{put}); every other change to it is made

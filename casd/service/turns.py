@@ -38,7 +38,8 @@ class TurnEnd:
 
     def join(self, hook) -> None:
         """
-        Have C{hook} called at the end of every turn in which C{due} was set.
+        Have C{hook} called at the end of every turn in which C{due} was set.  A hook finishes
+        work (it writes what was held); it arms no timer (the loop has computed its sleep).
         """
         if hook not in self.hooks:
             self.hooks.append(hook)
