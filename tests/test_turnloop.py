@@ -222,3 +222,39 @@ class LeanLoopWithoutDispatchTurnTests(LeanLoopTurnTests):
     """
 
     inline = False
+
+
+class OtherLoopTests(SynchronousTestCase):
+    """
+    A reactor without the lean main loop (Twisted's own C{mainLoop}, here with the lean
+    dispatch): no turns, every line written at once, one C{write(2)} each, as before.
+    """
+
+    def test_linesWrittenAtOnce(self):
+        r = EPollReactor()
+        self.addCleanup(r._poller.close)
+        self.addCleanup(r.waker.connectionLost, None)
+        self.addCleanup(r.removeAll)
+        self.assertTrue(leanpoll.leanDispatch(r))
+        watchdog = r.callLater(10, r.stop)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "twistd.log")
+        sink = RotatingLogFile.fromFullPath(path)
+        self.addCleanup(sink.close)
+        writes = countWrites(sink)
+        lines = LineLog("casd.session", TextLogObserver(sink))
+        seen = []
+
+        def inLoop():
+            seen.append(here.turn)
+            lines.emit("one", {})
+            lines.emit("two", {})
+            seen.append([texts(w) for w in writes])
+            r.stop()
+
+        r.callLater(0.01, inLoop)
+        r.run(installSignalHandlers=False)
+        self.assertTrue(watchdog.active(), "the loop did not stop by itself")
+        watchdog.cancel()
+        self.assertEqual(seen, [None, [["one"], ["two"]]])
