@@ -131,14 +131,17 @@ class LeanLoopTurnTests(SynchronousTestCase):
         r = self.reactor
         seen = []
 
-        def tick(n):
+        def tick(n, then):
             self.lines.emit(f"tick {n}", {})
             self.lines.emit(f"tock {n}", {})
+            r.callLater(0.01, *then)
 
-        r.callLater(0.01, tick, 1)
-        r.callLater(0.05, lambda: seen.append(self.read()))
-        r.callLater(0.06, tick, 2)
-        r.callLater(0.1, r.stop)
+        def look():
+            seen.append(self.read())
+            r.callLater(0.01, tick, 2, (r.stop,))
+
+        # Each step armed by the one before: never two of them in one turn, however late.
+        r.callLater(0.01, tick, 1, (look,))
         self.runLoop()
         self.assertEqual(self.held, [])
         self.assertEqual(seen, [["tick 1", "tock 1"]])
