@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_leanloop -*-
+# -*- test-case-name: tests.test_leanloop,tests.test_turnloop -*-
 """
 A leaner main loop for Twisted's reactor: the timer bookkeeping of each iteration done only when
 there is some to do.
@@ -15,7 +15,9 @@ time asked once when it has none, and the sleep computed inline; an exception th
 iteration is logged as C{mainLoop}'s handler logs it ("Unexpected error in main loop") and the
 loop goes on.  The timers themselves (L{twisted.internet.base.DelayedCall} on the reactor's
 heap) are unchanged.  The passes are L{casd.service.leanpoll.passes}, which on a reactor with the
-lean dispatch also polls and dispatches inline (no C{doIteration} call per pass).
+lean dispatch also polls and dispatches inline (no C{doIteration} call per pass).  While it runs,
+the loop ends each turn (L{casd.service.turns}): before it sleeps again, it runs the hooks that
+code of its thread gave it work for (the log files' lines of the turn, one C{write(2)}).
 
 L{leanLoop} installs it on a reactor whose class keeps L{ReactorBase}'s C{mainLoop},
 C{runUntilCurrent} and C{timeout}, and only when their source is the one this was written
@@ -32,6 +34,7 @@ from twisted.logger import Logger
 
 from casd.pinned import sourceMatches
 from casd.service.leanpoll import dispatchesInline, passes
+from casd.service.turns import TurnEnd, here
 
 log = Logger(namespace="twisted.internet.base")
 
@@ -57,11 +60,21 @@ def _leanMainLoop(self) -> None:
     has it.
     """
     inline = dispatchesInline(self)
-    while self._started:
-        try:
-            passes(self, None, True, inline)
-        except BaseException:
-            log.failure("Unexpected error in main loop")
+    # The end of each turn (casd.service.turns), for the code of this thread: the log files'
+    # lines of a turn in one write.
+    turn = TurnEnd()
+    previous = here.turn
+    here.turn = turn
+    try:
+        while self._started:
+            try:
+                passes(self, None, True, inline, turn)
+            except BaseException:
+                log.failure("Unexpected error in main loop")
+    finally:
+        # No turn after the loop: the last one's work now, and anything later at once.
+        here.turn = previous
+        turn.end()
     log.info("Main loop terminated.")
 
 

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python import log as legacyLog
 
 from casd.pinned import sourceMatches
+from casd.service.turns import TurnEnd
 from casd.session.heldwrites import flushHeld, sendHeld, startHolding
 
 log = Logger()
@@ -63,6 +64,9 @@ _MAX_EVENTS = 1024
 #: milliseconds in a C int).
 _LONGEST = 2147483
 
+#: The turn of a single pass (never due).
+_NO_TURN = TurnEnd()
+
 
 def _leanDoPoll(self, timeout):
     """
@@ -73,16 +77,20 @@ def _leanDoPoll(self, timeout):
     passes(self, timeout)
 
 
-def passes(self, timeout=None, loop=False, inline=True):
+def passes(self, timeout=None, loop=False, inline=True, turn=_NO_TURN):
     """
     One pass of the lean dispatch (L{_leanDoPoll}) or, with C{loop}, the passes of the lean main
     loop (L{casd.service.leanloop}) until the reactor stops: before each, the reactor's timer
     bookkeeping when it has some to do (C{runUntilCurrent} only when a call from a thread is
     queued, a timer was armed since the last pass or the earliest is due; the time asked once
-    otherwise; the sleep computed inline), then the poll, with its dispatch inline (no call to
+    otherwise; the sleep computed inline), then the end of the turn (C{turn}'s hooks, when it
+    is C{due}: the work of the events the last poll brought and of the timers that just ran,
+    done before the loop sleeps again), then the poll, with its dispatch inline (no call to
     C{doIteration} per pass) when C{inline}, else the reactor's own C{doIteration}.
 
     An exception that escapes a pass ends the call; the main loop logs it and calls again.
+
+    @param turn: with C{loop}, the loop's L{casd.service.turns.TurnEnd}.
     """
     held = self.__dict__.get("casdHeld")
     if held is None:
@@ -108,6 +116,14 @@ def passes(self, timeout=None, loop=False, inline=True):
             else:
                 t2 = None
             timeout = self.running and t2
+            if turn.due:
+                # TurnEnd.end(), inline: one attribute test per pass when nothing is due.
+                turn.due = False
+                for hook in turn.hooks:
+                    try:
+                        hook()
+                    except Exception:
+                        log.failure("while ending a turn: {hook!r}", hook=hook)
             if not inline:
                 self.doIteration(timeout)
                 continue

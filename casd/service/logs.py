@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.test_logs,tests.test_turnlog -*-
 """
 casd's logs.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import json.scanner
 import signal as _signal
-import sys
 import time
 
 from zope.interface import implementer
@@ -33,7 +32,8 @@ from twisted.logger import (
 )
 from twisted.python.components import Componentized
 
-from casd.service.logfile import AppendFile, RotatingLogFile
+from casd.service.logfile import PENDING_LIMIT, AppendFile, RotatingLogFile, TurnBuffer, standardOutput
+from casd.service.turns import here as _here
 
 #: Event keys never written as JSON fields (Twisted's bookkeeping, or objects).
 _SKIP = frozenset({"log_logger", "log_source", "log_format", "log_time", "log_level", "log_namespace",
@@ -98,8 +98,13 @@ class TextLogObserver:
     L{LineLog}'s lines written as they are.
 
     C{outFile} is a text stream (C{write} and C{flush} per event), or a sink of
-    L{casd.service.logfile} (L{RotatingLogFile}, L{AppendFile}): then a line is encoded once and
-    written as one C{write(2)} of bytes, rotating first when due, with no Python call on the way.
+    L{casd.service.logfile} (L{RotatingLogFile}, L{casd.service.logfile.AppendFile},
+    L{casd.service.logfile.StreamFile}): then a line is encoded once and,
+    in the thread of casd's lean main loop, appended to the sink's pending bytes, which the sink
+    writes with one C{write(2)} at the end of the reactor's turn (L{casd.service.turns}); in
+    other threads, or without the lean loop, written at once (after the pending ones) as one
+    C{write(2)}, rotating first when due; no Python call on the way either way.  Any other event
+    is written after the pending lines.
     """
 
     def __init__(self, outFile, systemPrefix: str | None = None, other=None) -> None:
@@ -122,11 +127,14 @@ class TextLogObserver:
     @outFile.setter
     def outFile(self, outFile) -> None:
         self._out = outFile
-        self._sink = outFile if isinstance(outFile, (RotatingLogFile, AppendFile)) else None
+        self._sink = outFile if isinstance(outFile, TurnBuffer) else None
 
     def __call__(self, event: dict) -> None:
         # Subscripts and "in" rather than event.get: no call per line.
         if LINE_KEY not in event or "log_failure" in event:
+            sink = self._sink
+            if sink is not None and sink.pending:
+                sink.drain()  # the lines before it first, wherever it goes
             self._other(event)
             return
         text = event[LINE_KEY]
@@ -154,7 +162,20 @@ class TextLogObserver:
             out.flush()
             return
         data = f"{stamp} [{system}] {text}\n".encode("utf-8", "backslashreplace")
+        # TurnBuffer.put(data), inline: held for the end of the turn in the lean loop's thread.
+        turn = _here.turn
+        if turn is not None:
+            if sink.turn is not turn:
+                sink.joinTurn(turn)
+            pending = sink.pending
+            pending += data
+            turn.due = True
+            if pending[PENDING_LIMIT:]:
+                sink.flushTurn()
+            return
         with sink.lock:
+            if sink.pending:
+                sink.drain()
             if sink.rotateLength and sink.size >= sink.rotateLength:
                 sink.rotate()
             sink.size += sink.raw(data)
@@ -193,7 +214,7 @@ def mainLogObserver(twistdOptions, reactor, stdout=None, signals=_signal):
     if name == "-" or (get("nodaemon") and not name):
         if not logsToStandardOutput(twistdOptions):
             return None
-        return TextLogObserver(sys.stdout if stdout is None else stdout)
+        return TextLogObserver(standardOutput(stdout))
     logFile = RotatingLogFile.fromFullPath(name or "twistd.log")
     if not signals.getsignal(signals.SIGUSR1):
         # twistd's own rotation signal (casd's node takes SIGUSR1 for draining when it starts).
@@ -266,14 +287,19 @@ class WorkerLogObserver:
     A worker's log to its parent (its standard output): a L{LineLog} line as one compact JSON
     record (L{LINE_RECORD}, then its plain fields), which the parent reads back with
     L{eventFromLineRecord} without Twisted's JSON event decoding; every other event as
-    C{jsonFileLogObserver} writes it.
+    C{jsonFileLogObserver} writes it.  In the thread of the lean loop the records of a turn are
+    flushed to the pipe together at its end (L{casd.service.turns}); the other events flush the
+    stream, the records before them with them.
     """
+
+    _turn = None
 
     def __init__(self, outFile, direct=None, index: int = 0) -> None:
         """
         @param direct: where the parent's own log goes when the worker can write it too: the
-            parent's standard output (inherited), or twistd's C{--logfile} opened for appending
-            (an L{AppendFile}, reopened when the parent rotates it): the worker writes its
+            parent's standard output (inherited: a L{casd.service.logfile.StreamFile}), or
+            twistd's C{--logfile} opened for appending (an L{AppendFile}, reopened when the
+            parent rotates it): the worker writes its
             L{LineLog} lines there itself, as the parent would have written them
             (C{[worker<index>:...]}), and the parent does nothing per line.  L{None}: they go to
             the parent.
@@ -301,7 +327,14 @@ class WorkerLogObserver:
         record["log_level"] = "info" if level is None else level.name
         out = self.outFile
         out.write(LINE_RECORD + _ENCODE(record) + "\n")
-        out.flush()
+        turn = _here.turn
+        if turn is None:
+            out.flush()
+            return
+        if self._turn is not turn:
+            self._turn = turn
+            turn.join(out.flush)
+        turn.due = True
 
 
 def workerLogObserver(outFile, direct=None, index: int = 0):
@@ -466,8 +499,10 @@ class LogFileService(service.Service):
         try:
             if self.format == "json":
                 data = (eventAsLine(event) + "\n").encode("utf-8", "backslashreplace")
-                with f.lock:
-                    f.raw(data)
+                if LINE_KEY in event and "log_failure" not in event:
+                    f.put(data)  # held for the end of the turn, as the text observer's lines
+                else:
+                    f.write(data)  # after the lines before it
             else:
                 self._text(event)
         except (OSError, ValueError, TypeError):

@@ -34,7 +34,6 @@ from zope.interface.declarations import Provides, _normalizeargs
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v2parser import V2Parser

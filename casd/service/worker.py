@@ -18,7 +18,7 @@ from twisted.internet import error
 from twisted.logger import globalLogBeginner
 
 from casd.service.leanaccept import adoptStreamPort, leanAccept
-from casd.service.logfile import REOPEN_WORD, AppendFile
+from casd.service.logfile import REOPEN_WORD, AppendFile, StreamFile
 from casd.service.logs import workerLogObserver
 from casd.service.tap import Options, makeService
 from casd.tlslayer import TLSFactory
@@ -154,7 +154,8 @@ def workerMain(argv=None) -> int:
         # twistd's --logfile, appended to; the parent rotates it.
         direct = AppendFile(args.log_file, fd=args.log_fd)
     else:
-        direct = open(args.log_fd, "w", encoding="utf-8", closefd=False)
+        # The parent's standard output, inherited.
+        direct = StreamFile(args.log_fd)
     globalLogBeginner.beginLoggingTo(
         [workerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
     )
