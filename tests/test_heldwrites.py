@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from casd.service.leanpoll import leanDispatch
+from casd.session import heldwrites, relay
 from casd.session.heldwrites import HOLD_LIMIT, holdList
 from casd.session.relay import _closeNow, writeThrough
 
@@ -47,6 +48,7 @@ class HeldWritesTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = self.newReactor()
         self.assertTrue(leanDispatch(self.reactor))
+        self.known = []
 
     def newReactor(self):
         """
@@ -76,10 +78,14 @@ class HeldWritesTests(SynchronousTestCase):
         peer.settimeout(5)
         for _ in range(50):
             self.reactor.doIteration(0.05)
-            servers = [s for s in self.reactor.getReaders() if s is not port and hasattr(s, "protocol")]
+            servers = [
+                s for s in self.reactor.getReaders()
+                if s is not port and hasattr(s, "protocol") and s not in self.known
+            ]
             if servers:
                 break
         [transport] = servers
+        self.known.append(transport)
         writeThrough(transport)
         transport.socket = CountingSocket(transport.socket)
         return transport, peer
@@ -113,6 +119,22 @@ class HeldWritesTests(SynchronousTestCase):
         self.assertEqual(peer.recv(100), b"one two")
         self.assertEqual(holdList(self.reactor), [])
         self.assertFalse(transport.casdHeldNow)
+
+    def test_batchBounded(self):
+        """
+        When L{HOLD_BATCH} connections hold bytes, they are sent at once: a long turn does not
+        keep every write for its end.
+        """
+        self.patch(heldwrites, "HOLD_BATCH", 2)
+        self.patch(relay, "HOLD_BATCH", 2)
+        first, firstPeer = self.connect()
+        second, secondPeer = self.connect()
+        first.write(b"1")
+        self.assertEqual(self.pending(firstPeer), b"")
+        second.write(b"2")
+        self.assertEqual(firstPeer.recv(10), b"1")
+        self.assertEqual(secondPeer.recv(10), b"2")
+        self.assertEqual(holdList(self.reactor), [])
 
     def test_largeSentAtOnce(self):
         """

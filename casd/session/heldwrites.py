@@ -19,11 +19,13 @@ the transport to the reactor's list C{casdHeld}, without registering it for writ
 the reactor polls again (L{flushHeld}, called by the lean dispatch) each held transport's bytes
 are sent, in one C{send} per connection, back to back: the first wakes a peer, the others find
 it awake.  What the kernel does not take is queued the usual way (registered for writing, flow
-control).  No byte waits longer than the turn it was written in; a large write (bulk relaying,
-where the wake-ups are few already) is sent at once as before.
+control).  No byte waits longer than the turn it was written in, and when L{HOLD_BATCH}
+connections hold bytes they are sent then, so that in a long turn (under heavy load an
+C{epoll_wait} reports up to 1,024 events) no write waits for the whole turn's work.  A large
+write (bulk relaying, where the wake-ups are few already) is sent at once as before.
 
-With 16 keep-alive connections of small proxied HTTP GETs, casd's CPU per request fell by about
-a fifth (the kernel's share of it by more); see C{docs/performance.md}.
+With 16 keep-alive connections of small proxied HTTP GETs (C{bench.http}), casd's CPU per
+request fell by about a quarter; see C{docs/performance.md}.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from twisted.internet import tcp
 
 #: Writes smaller than this are held until the end of the turn; larger ones are sent at once.
 HOLD_LIMIT = 64 * 1024
+
+#: At most this many connections hold bytes at once: in a long turn (up to 1,024 events under
+#: load) the writes go out by batches of this many, so that none waits for the whole turn.
+HOLD_BATCH = 64
 
 
 def holdList(reactor):
@@ -97,4 +103,4 @@ def sendHeld(transport) -> None:
         tcp.Connection.write(transport, data[sent:] if sent else data)
 
 
-__all__ = ["HOLD_LIMIT", "flushHeld", "holdList", "sendHeld", "startHolding"]
+__all__ = ["HOLD_BATCH", "HOLD_LIMIT", "flushHeld", "holdList", "sendHeld", "startHolding"]

@@ -26,7 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from casd.pinned import sourceMatches
 from casd.session import teardown
-from casd.session.heldwrites import HOLD_LIMIT, sendHeld
+from casd.session.heldwrites import HOLD_BATCH, HOLD_LIMIT, flushHeld, sendHeld
 from casd.session.tlsrelay import closeTLSNow, wholeChunks
 
 try:
@@ -114,6 +114,10 @@ def _writeNow(self, data: bytes) -> None:
                 self._tempDataLen = size
                 self.casdHeldNow = True
                 held.append(self)
+                if len(held) >= HOLD_BATCH:
+                    # A long turn: what it held so far goes now, so no write waits for more
+                    # than a few dozen events' work.
+                    flushHeld(held)
                 return
         try:
             sent = self.socket.send(data)
