@@ -218,3 +218,74 @@ class PlainReadTests(TestCase):
         yield defer.Deferred.fromCoroutine(_until(lambda: casdSide.lost))
         self.assertTrue(casdSide.lost[0].check(ConnectionDone))
         self.assertIn(casdSide.transport, read)
+
+
+class _Socket:
+    """
+    A socket whose reads return C{size} bytes when asked for more, else fill the buffer.
+    """
+
+    def __init__(self):
+        self.short = None
+
+    def recv(self, size):
+        return b"x" * (self.short if self.short is not None else size)
+
+
+class _Source:
+    """
+    The least of a plain TCP transport that L{_DirectRead} reads.
+    """
+
+    def __init__(self):
+        self.socket = _Socket()
+        self.bufferSize = relayModule.RELAY_READ_SIZE
+        self.paused = 0
+
+    def pauseProducing(self):
+        self.paused += 1
+
+
+class _Counts:
+    bytesIn = bytesOut = 0
+
+
+class GrowingReadTests(TestCase):
+    def setUp(self):
+        self.source = _Source()
+        self.sink = StringTransport()
+        self.reader = _DirectRead(_Counts(), self.source, self.sink, False)
+
+    def test_fullReadsGrow(self):
+        """
+        Each read that fills the buffer doubles the next, up to L{RELAY_MAX_READ}; the bytes go
+        to the other side whole and are counted.
+        """
+        sizes = []
+        for _ in range(5):
+            sizes.append(self.source.bufferSize)
+            self.reader.doRead()
+        base = relayModule.RELAY_READ_SIZE
+        self.assertEqual(sizes, [base, 2 * base, 4 * base, 8 * base, 8 * base])
+        self.assertEqual(relayModule.RELAY_MAX_READ, 8 * base)
+        self.assertEqual(self.reader.relay.bytesOut, sum(sizes))
+        self.assertEqual(len(self.sink.value()), sum(sizes))
+
+    def test_shortReadKeeps(self):
+        """
+        A read that does not fill the buffer leaves its size alone.
+        """
+        self.source.socket.short = 10
+        self.reader.doRead()
+        self.assertEqual(self.source.bufferSize, relayModule.RELAY_READ_SIZE)
+
+    def test_pauseShrinks(self):
+        """
+        When the other side falls behind (it pauses this one), reads go back to
+        L{RELAY_READ_SIZE}, and the source is paused.
+        """
+        self.reader.doRead()
+        self.reader.doRead()
+        self.reader.pauseProducing()
+        self.assertEqual(self.source.bufferSize, relayModule.RELAY_READ_SIZE)
+        self.assertEqual(self.source.paused, 1)

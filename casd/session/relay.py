@@ -36,6 +36,9 @@ except ImportError:  # pragma: no cover - a Twisted without it: the bypass is sk
 
 #: Largest read from a socket in one call once relaying; bigger chunks, fewer Python calls.
 RELAY_READ_SIZE = 256 * 1024
+#: While every read fills the buffer and the other side keeps up, a relayed plain TCP side's
+#: reads double, up to this (L{_DirectRead}); a pause brings them back to L{RELAY_READ_SIZE}.
+RELAY_MAX_READ = 2 * 1024 * 1024
 
 #: SHA-256 of the sources of Twisted's C{tcp.Connection.doRead} and C{_dataReceived} (Twisted
 #: 26.10.0), which L{_DirectRead} repeats.
@@ -317,6 +320,10 @@ class _DirectRead(_FlowOnly):
 
     It is also the other side's producer for flow control (a L{_FlowOnly} of the transport it
     reads, C{transport}).
+
+    Its reads grow as an HTTP response body's do (L{protocols.http.proxy.growReads}): each read
+    that fills the buffer doubles the next, up to L{RELAY_MAX_READ}, and a pause (the other
+    side fell behind) brings them back to L{RELAY_READ_SIZE}.
     """
 
     __slots__ = ("relay", "sink", "inbound")
@@ -348,12 +355,23 @@ class _DirectRead(_FlowOnly):
             ):
                 return None
             return main.CONNECTION_DONE
+        size = len(data)
         if self.inbound:
-            self.relay.bytesIn += len(data)
+            self.relay.bytesIn += size
         else:
-            self.relay.bytesOut += len(data)
+            self.relay.bytesOut += size
+        if size == source.bufferSize and size < RELAY_MAX_READ:
+            # A full read: more is waiting; the next read takes twice as much.
+            source.bufferSize = size << 1
         self.sink.write(data)
         return None
+
+    def pauseProducing(self) -> None:
+        # The other side fell behind: reads shrink back (what waits in casd for it is its
+        # transport's buffer and at most one read).
+        source = self.transport
+        source.bufferSize = RELAY_READ_SIZE
+        source.pauseProducing()
 
 
 #: The relay's own producers: L{_closeNow} may close a transport that has one registered.
