@@ -136,6 +136,29 @@ class HeldWritesTests(SynchronousTestCase):
         self.assertEqual(secondPeer.recv(10), b"2")
         self.assertEqual(holdList(self.reactor), [])
 
+    def test_startTLSAfterHeld(self):
+        """
+        A write held before C{startTLS()} goes out in clear, first; writes after it go through
+        TLS, never held in clear behind it (STARTTLS's "OK, begin TLS" then the session).
+        """
+        import os
+
+        from twisted.internet import ssl
+
+        from tests.support.certs import selfSigned
+
+        certPath, keyPath = selfSigned(os.path.abspath(self.mktemp()), ["127.0.0.1"], "held")
+        with open(certPath, "rb") as c, open(keyPath, "rb") as k:
+            options = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        transport, peer = self.connect()
+        transport.write(b"a OK begin TLS\r\n")
+        transport.startTLS(options)
+        transport.write(b"secret after TLS")
+        self.reactor.doIteration(0)
+        self.assertEqual(peer.recv(100), b"a OK begin TLS\r\n")
+        self.assertEqual(self.pending(peer), b"")
+        self.assertNotIn(b"secret", b"".join(transport.socket.sends))
+
     def test_largeSentAtOnce(self):
         """
         A write of L{HOLD_LIMIT} bytes or more goes to the socket at once.

@@ -89,8 +89,9 @@ def _writeNow(self, data: bytes) -> None:
     reporting stay Twisted's.
     """
     if self.casdHeldNow:
-        # Bytes held for the end of this turn already (casd.session.heldwrites): these follow.
-        if type(data) is bytes and self.connected:
+        # Bytes held for the end of this turn already (casd.session.heldwrites): these follow,
+        # unless TLS started since (then they go through it, after the held bytes).
+        if type(data) is bytes and self.connected and not self.TLS:
             size = len(data)
             if size < HOLD_LIMIT:
                 self._tempDataBuffer.append(data)
