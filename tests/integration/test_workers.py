@@ -159,8 +159,10 @@ def childrenOf(pid):
         return []
 
 
-class WorkersTests(TestCase):
-    timeout = 120
+class WorkersNode:
+    """
+    A C{twistd cas --workers N} node over a fake IMAP backend, for a L{TestCase}.
+    """
 
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
@@ -288,6 +290,10 @@ tls = "none"
         yield proc.ended
         yield self.waitGone(self.workerPids)
         yield self.quiet()
+
+
+class WorkersTests(WorkersNode, TestCase):
+    timeout = 120
 
     @defer.inlineCallbacks
     def test_bothWorkersServeAndStopWithParent(self):
