@@ -6,6 +6,7 @@ The composition root: C{twistd cas} options and the service tree.
 from __future__ import annotations
 
 import os
+import signal
 import types
 
 import attr
@@ -267,11 +268,30 @@ def _addNodeAdmin(top, options, reactor) -> None:
     own portal, cache and penalty.
     """
     from casd.service.nodeadmin import NodeView
+    from casd.service.reload import ReloadService
 
     context, checkers = _addCore(top, options, reactor)
     pool = top.getServiceNamed("workers")
+    # The parent's own reload, on the SIGHUP the pool forwards to the workers: the drain the
+    # file says, the admin users' passwords, the admin listener's certificate.
+    hooks = [lambda new: _applyDrain(pool.node, new)] + [
+        (lambda new, checker=checker: checker.reload())
+        for checker in checkers
+        if hasattr(checker, "reload") and hasattr(checker, "path")
+    ]
+    _applyDrain(pool.node, context.config)
+    reload = ReloadService(reactor, context, hooks=hooks, signals=_FORWARDED)
+    reload.setServiceParent(top)
+    pool.onReload.append(reload.reload)
     view = NodeView(pool, context.config, _listenersOf(context.config), reactor)
     _addAdminListener(top, context, view, reactor)
+
+
+#: The parent's C{signal} module for its L{ReloadService}: C{SIGHUP} is the worker pool's, which
+#: calls the reload itself.
+_FORWARDED = types.SimpleNamespace(
+    SIGHUP=signal.SIGHUP, signal=lambda number, handler: None, getsignal=lambda number: None
+)
 
 
 def _listenersOf(config) -> list:

@@ -226,6 +226,7 @@ class WorkerPool(service.Service):
         single-process casd.
     @ivar restarts: workers restarted since the start.
     @ivar onWorkerEnded: C{callable(worker)}s called when a worker ends.
+    @ivar onReload: C{callable()}s called on C{SIGHUP}, after the workers were told.
     """
 
     log = Logger()
@@ -260,6 +261,7 @@ class WorkerPool(service.Service):
         self.node = NodeState()
         self.restarts = 0
         self.onWorkerEnded: list = []
+        self.onReload: list = []
         self._asked = 0
 
     def privilegedStartService(self) -> None:
@@ -291,9 +293,9 @@ class WorkerPool(service.Service):
         if signum == signal.SIGUSR1:
             self.reactor.callFromThread(self.drain, "SIGUSR1")
             return
+        self.reactor.callFromThread(self.signalWorkers, signum)
         if signum == signal.SIGHUP:
             self.reactor.callFromThread(self.reloaded)
-        self.reactor.callFromThread(self.signalWorkers, signum)
 
     def drain(self, reason: str) -> None:
         """
@@ -304,9 +306,14 @@ class WorkerPool(service.Service):
             worker.say(DRAIN_LINE)
 
     def reloaded(self) -> None:
+        """
+        C{SIGHUP}: the workers reload; so does the parent's admin listener (C{onReload}).
+        """
         # The configuration file is the source of truth: each worker applies its [server] drain
         # on reload, which ends a SIGUSR1 drain, as in a single-process casd.
         self.node.resume("reload")
+        for hook in self.onReload:
+            hook()
 
     def ask(self, what: str, timeout: float = ASK_WAIT) -> defer.Deferred:
         """

@@ -144,6 +144,20 @@ interval = 0.5
         # A reload (the file says drain = false) ends the drain, as in a single-process casd.
         os.kill(self.parentPid, signal.SIGHUP)
         yield self.until(lambda: self.get("/health", None).addCallback(lambda r: r[0] == 200), "health 200 again")
+        # [server] drain = true in the file, then a reload: the node drains again.
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(text.replace("[server]\n", "[server]\ndrain = true\n", 1))
+        os.kill(self.parentPid, signal.SIGHUP)
+        yield self.until(
+            lambda: self.get("/health", None).addCallback(lambda r: r[0] == 503 and b"(configuration)" in r[1]),
+            "health 503 by the file",
+        )
+        yield self.until(
+            lambda: self.get("/status").addCallback(lambda r: all(w["draining"] for w in json.loads(r[1])["workers"])),
+            "workers draining by the file",
+        )
         yield self.stopParent(proc)
 
     @defer.inlineCallbacks
