@@ -9,13 +9,14 @@ import os
 import signal
 import time
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from twisted.trial.unittest import TestCase
 
 from tests.integration.test_workers import WAIT, WorkersNode
+from tests.support import chromium
 from tests.support.procs import freePort
 
 
@@ -130,6 +131,19 @@ interval = 0.5
         self.assertEqual(sorted(w["pid"] for w in node["workers"]), sorted(self.workerPids))
         self.assertTrue(all(w["answered"] for w in node["workers"]))
         self.assertTrue(node["healthy"])
+        # The dashboard shows each worker's part.
+        self.assertTrue(chromium.available(), "Debian's chromium is required")
+        result = yield threads.deferToThread(
+            chromium.snapshot,
+            f"http://127.0.0.1:{self.admin}/",
+            os.path.join(self.dir, "dashboard.png"),
+            waitFor="body[data-loaded=yes]",
+            read=["#workers", "#health"],
+            credentials={"username": "alice", "password": "alice-pw"},
+        )
+        self.assertEqual(result["texts"]["#health"], "OK")
+        for pid in self.workerPids:
+            self.assertIn(str(pid), result["texts"]["#workers"])
 
         # SIGUSR1 to the parent drains the node: /health 503, the workers drain too, and the
         # parent keeps running.
