@@ -20,6 +20,17 @@ from tests.support import chromium
 from tests.support.procs import freePort
 
 
+def imapSessions(exposition: bytes) -> float:
+    """
+    @return: C{casd_sessions_total} for IMAP in C{exposition}, summed over results.
+    """
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in exposition.decode().splitlines()
+        if line.startswith('casd_sessions_total{protocol="imap"')
+    )
+
+
 class AdminWorkersTests(WorkersNode, TestCase):
     """
     C{[admin]} with C{users}: the parent serves it; the workers start (none fails to bind it).
@@ -78,11 +89,7 @@ interval = 0.5
         """
         status, body = yield self.get("/metrics")
         self.assertEqual(status, 200, body)
-        total = 0.0
-        for line in body.decode().splitlines():
-            if line.startswith('casd_sessions_total{protocol="imap"'):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return imapSessions(body)
 
     @defer.inlineCallbacks
     def test_oneAdminListenerForTheNode(self):
@@ -188,6 +195,19 @@ interval = 0.5
             lambda: self.sessionsCounted().addCallback(lambda n: n if n >= 6 else 0), "sessions counted"
         )
         self.assertEqual(counted, 6)
+        # A hung worker (stopped) does not hold a scrape up: the node answers within the bounded
+        # wait, with that worker's last figures, and says it did not answer.
+        indexOf = {w["pid"]: w["worker"] for w in json.loads((yield self.get("/status"))[1])["workers"]}
+        hung = self.workerPids[1]
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            # Answered at all while the worker is stopped: the wait is bounded.
+            status, body = yield self.get("/metrics")
+        finally:
+            os.kill(hung, signal.SIGCONT)
+        self.assertEqual(status, 200)
+        self.assertIn(f'casd_worker_answered{{worker="{indexOf[hung]}"}} 0.0'.encode(), body)
+        self.assertEqual(imapSessions(body), 6)
         victim = self.workerPids[0]
         os.kill(victim, signal.SIGKILL)
         yield self.waitGone([victim])
