@@ -108,16 +108,7 @@ interval = 0.5
 
         # Both workers serve logins; the node's counter counts every one of them.
         before = yield self.sessionsCounted()
-        made, served = 0, set()
-        for _ in range(20):
-            clients = yield defer.gatherResults([self.login() for _ in range(5)])
-            made += len(clients)
-            for c in clients:
-                c.transport.loseConnection()
-            yield task.deferLater(reactor, 0.2, lambda: None)
-            served = {w for w in (1, 2) if f"[worker{w}:casd.session".encode() in proc.output}
-            if served == {1, 2} and made >= 10:
-                break
+        made, served = yield self.loginOnBoth(proc, atLeast=10)
         self.assertEqual(served, {1, 2})
         counted = yield self.until(
             lambda: self.sessionsCounted().addCallback(lambda n: n if n - before >= made else 0), "sessions counted"
