@@ -2,8 +2,9 @@
 """
 The worker process of C{twistd cas --workers N} (its parent is L{casd.service.workers}): it
 adopts the listening sockets the parent bound, builds the same service tree as a
-single-process casd, and sends its log events to the parent as JSON
-(L{casd.service.logs.workerLogObserver}).
+single-process casd but for the admin listener (its parent serves it, for the node), sends its
+log events to the parent as JSON (L{casd.service.logs.workerLogObserver}) and answers the
+parent's questions on its control channel (L{casd.service.control}).
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ The parent:
     the parent nothing per session; the parent rotates C{--logfile} (L{SharedRotation});
   - restarts a worker that dies (after a pause, longer when it dies young);
   - forwards C{SIGHUP} (reload) and C{SIGUSR2} (reopen C{[log] file}, which the workers write)
-    to the workers;
+    to the workers; takes C{SIGUSR1} (drain) itself and tells each worker, one started later
+    too, on its control channel (L{casd.service.control}: a pair of pipes apart from the log);
+  - serves the node's one admin listener (C{[admin] listen}) from the workers' answers on those
+    channels (L{casd.service.nodeadmin}), gathered for at most L{ASK_WAIT} seconds;
   - stops them when it stops: it closes their standard input (they stop gracefully on end of
     file), then C{SIGTERM}, then C{SIGKILL}, each after a bounded wait.
 
