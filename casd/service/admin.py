@@ -19,10 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
+from zope.interface import Interface, implementer
 
 import casd
 from casd.auth.sasl import Credentials
 from casd.failures import AuthenticationFailed, CASFailure, Throttled
+from casd.service.nodemetrics import familiesOf
 from casd.session.clientinfo import ClientInfo, newSessionId
 
 _DASHBOARD = os.path.join(os.path.dirname(__file__), "dashboard.html")
@@ -91,6 +93,65 @@ def statusOf(context, node, metrics, listeners) -> dict:
     }
 
 
+class IAdminView(Interface):
+    """
+    What the admin pages show: this process's figures (L{LocalView}), or the node's, gathered
+    from its worker processes (L{casd.service.nodeadmin.NodeView}).  Each method returns its
+    value or a L{Deferred} that fires with it (and never fails).
+    """
+
+    def health():
+        """
+        @return: C{(healthy, why)}.
+        """
+
+    def metrics():
+        """
+        @return: the Prometheus exposition (bytes).
+        """
+
+    def status():
+        """
+        @return: the status C{/status} serves (a JSON-able dict).
+        """
+
+
+@implementer(IAdminView)
+class LocalView:
+    """
+    The figures of this process: a single-process node, or one worker of C{--workers N} (which
+    sends them to its parent: L{casd.service.control}).
+    """
+
+    def __init__(self, context, node, metrics, listeners) -> None:
+        self.context = context
+        self.node = node
+        self._metrics = metrics
+        self.listeners = listeners
+
+    def health(self) -> tuple[bool, str]:
+        return healthVerdict(self.context, self.node)
+
+    def hasMetrics(self) -> bool:
+        """
+        @return: whether this process keeps metrics (C{[admin] listen} is set).
+        """
+        return self._metrics is not None
+
+    def metrics(self) -> bytes:
+        return generate_latest(self._metrics.registry)
+
+    def families(self) -> list:
+        """
+        @return: this process's metric families, as its parent merges them
+            (L{casd.service.nodemetrics.familiesOf}); none without metrics.
+        """
+        return familiesOf(self._metrics.registry) if self._metrics is not None else []
+
+    def status(self) -> dict:
+        return statusOf(self.context, self.node, self._metrics, self.listeners)
+
+
 class _Page(resource.Resource):
     isLeaf = True
 
@@ -98,30 +159,36 @@ class _Page(resource.Resource):
         super().__init__()
         self.admin = admin
 
+    def render_HEAD(self, request):
+        # Request.write sends no body for a HEAD.
+        return self.render_GET(request)
+
 
 class HealthPage(_Page):
     def render_GET(self, request):
-        healthy, why = healthVerdict(self.admin.context, self.admin.node)
+        d = defer.maybeDeferred(self.admin.view.health)
+        return d.addCallback(self._page, request)
+
+    def _page(self, verdict, request):
+        healthy, why = verdict
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         if not healthy:
             request.setResponseCode(503)
-        return f"{'OK' if healthy else 'UNAVAILABLE'} {self.admin.context.config.hostname}: {why}\n".encode()
-
-    render_HEAD = render_GET
+        return f"{'OK' if healthy else 'UNAVAILABLE'} {self.admin.config.hostname}: {why}\n".encode()
 
 
 class MetricsPage(_Page):
     def render_GET(self, request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.admin.metrics.registry)
+        return defer.maybeDeferred(self.admin.view.metrics)
 
 
 class StatusPage(_Page):
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.admin.status(), indent=1).encode()
+        return defer.maybeDeferred(self.admin.view.status).addCallback(lambda s: json.dumps(s, indent=1).encode())
 
 
 class DashboardPage(_Page):
@@ -139,27 +206,23 @@ class DashboardPage(_Page):
 
 class AdminRoot(resource.Resource):
     """
-    Dispatches the admin pages, asking for credentials where C{[admin] users} says so.
+    Dispatches the admin pages, asking for credentials where C{[admin] users} says so.  A page
+    renders its bytes, or a L{Deferred} of them (the node's figures gathered from its workers).
     """
 
     log = Logger()
 
-    def __init__(self, context, node, metrics, listeners) -> None:
+    def __init__(self, config, authenticator, view: IAdminView) -> None:
         super().__init__()
-        self.context = context
-        self.config = context.config
-        self.node = node
-        self.metrics = metrics
-        self.listeners = listeners
+        self.config = config
+        self.authenticator = authenticator
+        self.view = view
         self.pages = {
             b"": DashboardPage(self),
             b"metrics": MetricsPage(self),
             b"status": StatusPage(self),
             b"health": HealthPage(self),
         }
-
-    def status(self) -> dict:
-        return statusOf(self.context, self.node, self.metrics, self.listeners)
 
     def getChild(self, path, request):
         return self
@@ -176,9 +239,10 @@ class AdminRoot(resource.Resource):
             request.setHeader(b"allow", b"GET, HEAD")
             return b""
         if page is self.pages[b"health"] or not self.config.admin.users:
-            return page.render(request)
-        d = self._authenticate(request)
-        d.addCallback(lambda _: page.render(request))
+            d = defer.maybeDeferred(page.render, request)
+        else:
+            d = self._authenticate(request)
+            d.addCallback(lambda _: page.render(request))
         d.addCallbacks(self._write, self._refuse, callbackArgs=(request,), errbackArgs=(request,))
         return server.NOT_DONE_YET
 
@@ -207,7 +271,7 @@ class AdminRoot(resource.Resource):
             trusted=False,
         )
         # Through the portal even for a name not in the list: guessing costs the same penalty.
-        d = self.context.authenticator.login(Credentials(username, password), client)
+        d = self.authenticator.login(Credentials(username, password), client)
 
         def allowed(avatar):
             if username not in self.config.admin.users and avatar.login not in self.config.admin.users:
@@ -242,7 +306,11 @@ class AdminRoot(resource.Resource):
         request.finish()
 
 
-def buildAdminSite(context, node, metrics, listeners) -> AdminSite:
-    site = AdminSite(AdminRoot(context, node, metrics, listeners))
+def buildAdminSite(config, authenticator, view: IAdminView) -> AdminSite:
+    """
+    @param config: the L{casd.config.CASConfig} (C{[admin]}, the node's host name).
+    @param authenticator: the login path C{[admin] users} log in through.
+    """
+    site = AdminSite(AdminRoot(config, authenticator, view))
     site.timeout = 30
     return site

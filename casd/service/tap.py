@@ -6,6 +6,7 @@ The composition root: C{twistd cas} options and the service tree.
 from __future__ import annotations
 
 import os
+import signal
 import types
 
 import attr
@@ -171,25 +172,17 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
     if adopted is None and options.get("workers", 1) > 1:
         from casd.service.workers import makeParentService
 
-        return makeParentService(options, reactor)
+        top = makeParentService(options, reactor)
+        if options.config.admin.listen:
+            _addNodeAdmin(top, options, reactor)
+        return top
     config = options.config
     # Under twistd, the root hands twistd casd's text observer for its log (casd.service.logs).
     top = MainLogRoot(getattr(options, "parent", None), reactor)
-    pool = ThreadPool(minthreads=1, maxthreads=config.auth.hash_threads, name="casd-auth")
-    _ThreadPoolService(pool).setServiceParent(top)
-
-    def runInThread(f, *args):
-        return deferToThreadPool(reactor, pool, f, *args)
-
-    try:
-        state = _buildState(config, reactor)
-        context, checkers = buildContext(config, options.protocols, reactor, runInThread, state)
-    except ConfigError as e:
-        raise SystemExit(f"casd: configuration error: {e}")
-    state.setServiceParent(top)
-
-    AuthResourcesService(checkers).setServiceParent(top)
-    context, metrics = _addOperations(top, context, checkers, reactor)
+    context, checkers = _addCore(top, options, reactor)
+    # A worker keeps its metrics and answers its parent (casd.service.control); the parent
+    # serves the admin listener for the node.
+    context, metrics = _addOperations(top, context, checkers, reactor, serveAdmin=adopted is None)
     if config.demo.enabled:
         _addDemo(top, config, checkers[0], reactor)
 
@@ -245,6 +238,86 @@ def makeService(options, reactor=None, adopted=None) -> service.MultiService:
     return top
 
 
+def _addCore(top, options, reactor):
+    """
+    The hashing thread pool, the shared state, the login path and its resources, under C{top}.
+
+    @return: C{(context, checkers)} (L{buildContext}).
+    """
+    config = options.config
+    pool = ThreadPool(minthreads=1, maxthreads=config.auth.hash_threads, name="casd-auth")
+    _ThreadPoolService(pool).setServiceParent(top)
+
+    def runInThread(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    try:
+        state = _buildState(config, reactor)
+        context, checkers = buildContext(config, options.protocols, reactor, runInThread, state)
+    except ConfigError as e:
+        raise SystemExit(f"casd: configuration error: {e}")
+    state.setServiceParent(top)
+    AuthResourcesService(checkers).setServiceParent(top)
+    return context, checkers
+
+
+def _addNodeAdmin(top, options, reactor) -> None:
+    """
+    The admin listener of C{--workers N}, in the parent: one per node, answering for the node
+    from its workers' figures (L{casd.service.nodeadmin}); its Basic auth through the parent's
+    own portal, cache and penalty.
+    """
+    from casd.service.nodeadmin import NodeView
+    from casd.service.reload import ReloadService
+
+    context, checkers = _addCore(top, options, reactor)
+    pool = top.getServiceNamed("workers")
+    # The parent's own reload, on the SIGHUP the pool forwards to the workers: the drain the
+    # file says, the admin users' passwords, the admin listener's certificate.
+    hooks = [lambda new: _applyDrain(pool.node, new)] + [
+        (lambda new, checker=checker: checker.reload())
+        for checker in checkers
+        if hasattr(checker, "reload") and hasattr(checker, "path")
+    ]
+    _applyDrain(pool.node, context.config)
+    reload = ReloadService(reactor, context, hooks=hooks, signals=_FORWARDED)
+    reload.setServiceParent(top)
+    pool.onReload.append(reload.reload)
+    view = NodeView(pool, context.config, _listenersOf(context.config), reactor)
+    _addAdminListener(top, context, view, reactor)
+
+
+#: The parent's C{signal} module for its L{ReloadService}: C{SIGHUP} is the worker pool's, which
+#: calls the reload itself.
+_FORWARDED = types.SimpleNamespace(
+    SIGHUP=signal.SIGHUP, signal=lambda number, handler: None, getsignal=lambda number: None
+)
+
+
+def _listenersOf(config) -> list:
+    return [
+        {"name": listener.name, "protocol": name, "endpoint": listener.endpoint, "tls": listener.tls}
+        for name, section in config.protocols.items()
+        if section.enabled
+        for listener in section.listeners
+    ]
+
+
+def _addAdminListener(top, context, view, reactor) -> None:
+    from casd.service.admin import buildAdminSite
+
+    config = context.config
+    site = buildAdminSite(config, context.authenticator, view)
+    factory = site
+    if config.admin.tls == "implicit":
+        factory = TLSFactory(context.serverTLS.optionsFor(_ADMIN_TLS), False, site)
+    svc = StreamServerEndpointService(serverFromString(reactor, config.admin.listen), factory)
+    svc._raiseSynchronously = True
+    svc.setName("admin")
+    svc.setServiceParent(top)
+    log.info("admin listener on {endpoint} (tls={tls})", endpoint=config.admin.listen, tls=config.admin.tls)
+
+
 def _buildState(config, reactor) -> StateService:
     """
     The shared state C{[state]} configures (casd/state/).
@@ -255,14 +328,19 @@ def _buildState(config, reactor) -> StateService:
         raise ConfigError(config.path, "state.secret_file", str(e)) from None
 
 
-def _addOperations(top, context, checkers, reactor):
+def _addOperations(top, context, checkers, reactor, serveAdmin=True):
     """
     The backend health checker, the SIGHUP reload, the node's drain state, casd's own log file
-    and the admin listener (metrics, health, status, dashboard).
+    and the admin listener (metrics, health, status, dashboard); C{top.adminView} is what the
+    admin pages of this process show (L{casd.service.admin.LocalView}).
 
+    @param serveAdmin: whether this process serves the admin listener (not a worker of
+        C{--workers N}: its parent does, from the workers' figures).
     @return: C{(context, metrics)}: the context the listeners use (with the L{Metrics} in it when
         the admin listener is on) and those metrics, or C{None}.
     """
+    from casd.service.admin import LocalView
+
     from casd.pool.health import HealthChecker
     from casd.service.reload import ReloadService
 
@@ -282,8 +360,8 @@ def _addOperations(top, context, checkers, reactor):
     checker.setServiceParent(top)
     ReloadService(reactor, context, checker, hooks=hooks).setServiceParent(top)
     if not config.admin.listen:
+        top.adminView = LocalView(context, context.node, None, [])
         return context, None
-    from casd.service.admin import buildAdminSite
     from casd.service.metrics import Metrics, MetricsService
 
     enabled = [name for name, section in config.protocols.items() if section.enabled]
@@ -293,21 +371,9 @@ def _addOperations(top, context, checkers, reactor):
     metrics.context = context
     context.authenticator.metrics = metrics
     MetricsService(metrics).setServiceParent(top)
-    listeners = [
-        {"name": listener.name, "protocol": name, "endpoint": listener.endpoint, "tls": listener.tls}
-        for name, section in config.protocols.items()
-        if section.enabled
-        for listener in section.listeners
-    ]
-    site = buildAdminSite(context, context.node, metrics, listeners)
-    factory = site
-    if config.admin.tls == "implicit":
-        factory = TLSFactory(context.serverTLS.optionsFor(_ADMIN_TLS), False, site)
-    svc = StreamServerEndpointService(serverFromString(reactor, config.admin.listen), factory)
-    svc._raiseSynchronously = True
-    svc.setName("admin")
-    svc.setServiceParent(top)
-    log.info("admin listener on {endpoint} (tls={tls})", endpoint=config.admin.listen, tls=config.admin.tls)
+    top.adminView = LocalView(context, context.node, metrics, _listenersOf(config))
+    if serveAdmin:
+        _addAdminListener(top, context, top.adminView, reactor)
     return context, metrics
 
 

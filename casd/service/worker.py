@@ -2,8 +2,9 @@
 """
 The worker process of C{twistd cas --workers N} (its parent is L{casd.service.workers}): it
 adopts the listening sockets the parent bound, builds the same service tree as a
-single-process casd, and sends its log events to the parent as JSON
-(L{casd.service.logs.workerLogObserver}).
+single-process casd but for the admin listener (its parent serves it, for the node), sends its
+log events to the parent as JSON (L{casd.service.logs.workerLogObserver}) and answers the
+parent's questions on its control channel (L{casd.service.control}).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import socket
 import sys
 
 from twisted.internet import error
+from twisted.internet.stdio import StandardIO
 from twisted.logger import globalLogBeginner
 
+from casd.service.control import WorkerControl
 from casd.service.leanaccept import adoptStreamPort, leanAccept
 from casd.service.logfile import REOPEN_WORD, AppendFile, StreamFile
 from casd.service.logs import workerLogObserver
@@ -129,6 +132,7 @@ def workerMain(argv=None) -> int:
     parser.add_argument("--listener", action="append", default=[])
     parser.add_argument("--log-fd", type=int, default=None)
     parser.add_argument("--log-file", default=None, help="the file --log-fd is, reopened when the parent says so")
+    parser.add_argument("--control", default=None, help="IN,OUT: the control channel's pipes (casd.service.control)")
     args = parser.parse_args(argv)
     fds = {}
     for item in args.listener:
@@ -168,6 +172,9 @@ def workerMain(argv=None) -> int:
         node.grace = 0
 
     reactor.addReader(_ParentWatch(reactor, orphaned, onReopen=getattr(direct, "reopen", lambda: None)))
+    if args.control:
+        controlIn, controlOut = (int(fd) for fd in args.control.split(","))
+        StandardIO(WorkerControl(top.adminView), stdin=controlIn, stdout=controlOut, reactor=reactor)
 
     def started():
         # Ctrl-C in a terminal reaches the whole process group: the parent decides.

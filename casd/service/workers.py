@@ -21,7 +21,10 @@ The parent:
     the parent nothing per session; the parent rotates C{--logfile} (L{SharedRotation});
   - restarts a worker that dies (after a pause, longer when it dies young);
   - forwards C{SIGHUP} (reload) and C{SIGUSR2} (reopen C{[log] file}, which the workers write)
-    to the workers;
+    to the workers; takes C{SIGUSR1} (drain) itself and tells each worker, one started later
+    too, on its control channel (L{casd.service.control}: a pair of pipes apart from the log);
+  - serves the node's one admin listener (C{[admin] listen}) from the workers' answers on those
+    channels (L{casd.service.nodeadmin}), gathered for at most L{ASK_WAIT} seconds;
   - stops them when it stops: it closes their standard input (they stop gracefully on end of
     file), then C{SIGTERM}, then C{SIGKILL}, each after a bounded wait.
 
@@ -31,6 +34,7 @@ never outlive their parent, even one killed with C{SIGKILL}.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -40,8 +44,10 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON
 
+from casd.service.control import DRAIN_LINE, askLine
 from casd.service.logfile import SharedRotation
 from casd.service.logs import LINE_RECORD, MainLogRoot, eventFromLineRecord, logsToStandardOutput
+from casd.service.node import NodeState
 
 _LINE_RECORD = LINE_RECORD.encode("ascii")
 
@@ -57,6 +63,9 @@ STOP_WORD = b"stop\n"
 RESTART_DELAY = 1.0
 RESTART_DELAY_YOUNG = 10.0
 YOUNG = 5.0
+#: Seconds the parent waits for the workers' answers (L{WorkerPool.ask}) before it answers
+#: with what came.
+ASK_WAIT = 2.0
 
 
 class _Refuse(protocol.Factory):
@@ -117,6 +126,48 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self._buffer = b""
         self.ended = defer.Deferred()
         self.startedAt = pool.reactor.seconds()
+        #: The worker's ends of its control channel (L{casd.service.control}): the parent
+        #: writes on C{controlIn}, reads C{controlOut}; set when it is spawned.
+        self.controlIn = self.controlOut = None
+        self.pid = None
+        self._control = b""
+        #: Request id -> the L{Deferred} of its answer.
+        self.pending: dict[int, defer.Deferred] = {}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != self.controlOut:
+            return super().childDataReceived(childFD, data)
+        self._control += data
+        *lines, self._control = self._control.split(b"\n")
+        for line in lines:
+            try:
+                answer = json.loads(line)
+                waiting = self.pending.pop(answer["id"], None)
+            except (ValueError, TypeError, KeyError):
+                self.log.warn("worker {index}: unreadable control answer ignored", index=self.index)
+                continue
+            if waiting is not None:
+                waiting.callback(answer)
+
+    def ask(self, ident: int, what: str) -> defer.Deferred:
+        """
+        @return: a L{Deferred} of the worker's answer (a dict); it fails when the worker ends
+            first, or is cancelled.
+        """
+        d = defer.Deferred(lambda d: self.pending.pop(ident, None))
+        self.pending[ident] = d
+        try:
+            self.transport.writeToChild(self.controlIn, askLine(ident, what))
+        except (KeyError, OSError):
+            self.pending.pop(ident, None)
+            return defer.fail(error.ProcessExitedAlready())
+        return d
+
+    def say(self, line: bytes) -> None:
+        try:
+            self.transport.writeToChild(self.controlIn, line)
+        except (KeyError, OSError):
+            pass  # ended, or ending: a new worker is told when it starts
 
     def outReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -161,6 +212,9 @@ class _WorkerProcess(protocol.ProcessProtocol):
         if self._buffer:
             self._relay(self._buffer)
             self._buffer = b""
+        pending, self.pending = self.pending, {}
+        for waiting in pending.values():
+            waiting.errback(error.ProcessExitedAlready())
         self.pool.workerEnded(self, reason)
         self.ended.callback(None)
 
@@ -170,6 +224,12 @@ class WorkerPool(service.Service):
     Binds the listeners and keeps N worker processes running over them.
 
     @ivar workers: index -> the running L{_WorkerProcess} (its C{transport.pid} is the PID).
+    @ivar node: the node's L{NodeState}: C{SIGUSR1} to the parent drains it and every worker
+        (a worker started later too), a reload (C{SIGHUP}) ends that drain as in a
+        single-process casd.
+    @ivar restarts: workers restarted since the start.
+    @ivar onWorkerEnded: C{callable(worker)}s called when a worker ends.
+    @ivar onReload: C{callable()}s called on C{SIGHUP}, after the workers were told.
     """
 
     log = Logger()
@@ -201,6 +261,11 @@ class WorkerPool(service.Service):
         self._stopping = False
         self._restarts: dict[int, object] = {}
         self._previousSignals: dict = {}
+        self.node = NodeState()
+        self.restarts = 0
+        self.onWorkerEnded: list = []
+        self.onReload: list = []
+        self._asked = 0
 
     def privilegedStartService(self) -> None:
         # Before twistd drops privileges (--uid/--gid): ports below 1024 bind here.
@@ -219,15 +284,58 @@ class WorkerPool(service.Service):
         for index in range(1, self.count + 1):
             self._spawn(index)
         self._previousSignals = {}
-        for number in (signal.SIGHUP, signal.SIGUSR2):
+        for number in (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR1):
             try:
                 self._previousSignals[number] = signal.signal(number, self._forward)
             except ValueError:  # not the main thread (tests): no forwarding
                 pass
 
     def _forward(self, signum, frame) -> None:
-        # SIGHUP: reload; SIGUSR2: reopen the log file (the workers write [log] file).
+        # SIGHUP: reload; SIGUSR2: reopen the log file (the workers write [log] file); SIGUSR1:
+        # drain, told on the control channel (a worker that is starting has no handler yet).
+        if signum == signal.SIGUSR1:
+            self.reactor.callFromThread(self.drain, "SIGUSR1")
+            return
         self.reactor.callFromThread(self.signalWorkers, signum)
+        if signum == signal.SIGHUP:
+            self.reactor.callFromThread(self.reloaded)
+
+    def drain(self, reason: str) -> None:
+        """
+        Drain the node: the parent's health verdict fails from now on, and every worker drains.
+        """
+        self.node.drain(reason)
+        for worker in self.workers.values():
+            worker.say(DRAIN_LINE)
+
+    def reloaded(self) -> None:
+        """
+        C{SIGHUP}: the workers reload; so does the parent's admin listener (C{onReload}).
+        """
+        # The configuration file is the source of truth: each worker applies its [server] drain
+        # on reload, which ends a SIGUSR1 drain, as in a single-process casd.
+        self.node.resume("reload")
+        for hook in self.onReload:
+            hook()
+
+    def ask(self, what: str, timeout: float = ASK_WAIT) -> defer.Deferred:
+        """
+        Ask every running worker C{what} (L{casd.service.control}); never waits longer than
+        C{timeout} seconds.
+
+        @return: a L{Deferred} that fires with worker index -> its answer (a dict), or L{None}
+            for a worker that did not answer in time or ended first.
+        """
+        self._asked += 1
+        ident = self._asked
+        indexes, answers = [], []
+        for index, worker in sorted(self.workers.items()):
+            d = worker.ask(ident, what)
+            d.addTimeout(timeout, self.reactor)
+            d.addErrback(lambda failure: None)
+            indexes.append(index)
+            answers.append(d)
+        return defer.gatherResults(answers).addCallback(lambda got: dict(zip(indexes, got)))
 
     def tellWorkers(self, word: bytes) -> None:
         """
@@ -256,6 +364,10 @@ class WorkerPool(service.Service):
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         childFDs = {0: "w", 1: "r", 2: "r"}
         childFDs.update(fds)
+        # The control channel (casd.service.control): the parent writes on one, reads the other.
+        controlIn, controlOut = max(childFDs) + 1, max(childFDs) + 2
+        childFDs[controlIn], childFDs[controlOut] = "w", "r"
+        args.append(f"--control={controlIn},{controlOut}")
         if self.sharedLog:
             # The parent's standard output, its log, under a number no listener uses.
             logFD = max(childFDs) + 1
@@ -268,15 +380,22 @@ class WorkerPool(service.Service):
             childFDs[logFD] = self._logFile.fileno()
             args += [f"--log-fd={logFD}", f"--log-file={self._logFile.path}"]
         worker = _WorkerProcess(self, index)
+        worker.controlIn, worker.controlOut = controlIn, controlOut
         self.reactor.spawnProcess(worker, self.executable, args, env=env, childFDs=childFDs)
+        worker.pid = worker.transport.pid  # the transport forgets it once the process ended
         self.workers[index] = worker
+        if self.node.draining and self.node.reason == "SIGUSR1":
+            worker.say(DRAIN_LINE)
         self.log.info("worker {index} started, pid {pid}", index=index, pid=worker.transport.pid)
 
     def workerEnded(self, worker: _WorkerProcess, reason) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        for hook in self.onWorkerEnded:
+            hook(worker)
         if self._stopping:
             return
+        self.restarts += 1
         young = self.reactor.seconds() - worker.startedAt < YOUNG
         delay = RESTART_DELAY_YOUNG if young else RESTART_DELAY
         self.log.error(

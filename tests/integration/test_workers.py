@@ -159,8 +159,10 @@ def childrenOf(pid):
         return []
 
 
-class WorkersTests(TestCase):
-    timeout = 120
+class WorkersNode:
+    """
+    A C{twistd cas --workers N} node over a fake IMAP backend, for a L{TestCase}.
+    """
 
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
@@ -283,19 +285,14 @@ tls = "none"
             yield task.deferLater(reactor, 0.05, lambda: None)
 
     @defer.inlineCallbacks
-    def stopParent(self, proc):
-        os.kill(self.parentPid, signal.SIGTERM)
-        yield proc.ended
-        yield self.waitGone(self.workerPids)
-        yield self.quiet()
+    def loginOnBoth(self, proc, atLeast=0):
+        """
+        Bounded: rounds of 5 concurrent logins, each session closed, until each of the two
+        workers has logged a session and at least C{atLeast} were made.
 
-    @defer.inlineCallbacks
-    def test_bothWorkersServeAndStopWithParent(self):
-        proc = yield self.startParent(2)
-        self.assertEqual(len(self.workerPids), 2)
-        served = set()
-        sessions = 0
-        # Bounded: a few rounds of concurrent logins until each worker has logged a session.
+        @return: C{(sessions made, the workers that logged one)}.
+        """
+        served, sessions = set(), 0
         for _ in range(20):
             clients = yield defer.gatherResults([self.login() for _ in range(5)])
             sessions += len(clients)
@@ -303,8 +300,26 @@ tls = "none"
                 c.transport.loseConnection()
             yield task.deferLater(reactor, 0.2, lambda: None)
             served = {w for w in (1, 2) if f"[worker{w}:casd.session".encode() in proc.output}
-            if served == {1, 2}:
+            if served == {1, 2} and sessions >= atLeast:
                 break
+        return sessions, served
+
+    @defer.inlineCallbacks
+    def stopParent(self, proc):
+        os.kill(self.parentPid, signal.SIGTERM)
+        yield proc.ended
+        yield self.waitGone(self.workerPids)
+        yield self.quiet()
+
+
+class WorkersTests(WorkersNode, TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_bothWorkersServeAndStopWithParent(self):
+        proc = yield self.startParent(2)
+        self.assertEqual(len(self.workerPids), 2)
+        sessions, served = yield self.loginOnBoth(proc)
         self.assertEqual(served, {1, 2}, proc.output.decode(errors="replace")[-3000:])
         self.assertEqual(proc.output.count(b"casd.session"), sessions)
         # The parent logs to its standard output: each worker holds it, and writes its session
