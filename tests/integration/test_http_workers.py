@@ -16,17 +16,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from twisted.internet import defer, protocol, reactor, task, threads
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet import defer, reactor, task, threads
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from casd.nodesecret import FORMS_COOKIE_KEY, ROUTE_COOKIE_KEY
+from casd.service.tap import Options
 from casd.service.workers import WorkerPool
 from tests.integration.httpweb import CASWeb
 from tests.integration.test_workers import childrenOf
-from tests.support.procs import freePort, pidAlive
+from tests.support.procs import pidAlive
 
 #: Bound of every wait (seconds).
 WAIT = 40.0
@@ -225,3 +226,83 @@ class WorkersFormsTests(TestCase):
             self.assertNotIn(value, text)
             self.assertNotIn(value[:24], text)
         self.assertNotIn("Traceback", text)
+
+
+def spellings(secret):
+    """
+    @return: the ways C{secret} could be written in a log or a command line.
+    """
+    return {
+        secret.hex(),
+        secret.hex().upper(),
+        base64.b64encode(secret).decode().rstrip("="),
+        base64.urlsafe_b64encode(secret).decode().rstrip("="),
+        repr(secret)[2:-1],
+    }
+
+
+class SecretNeverLoggedTests(TestCase):
+    """
+    The parent in this process (a L{WorkerPool}, as C{twistd cas --workers 2} builds it, its
+    workers real processes sending it every log event): the test knows the node secret, and
+    finds it nowhere in the log, the workers' command lines or environments.
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_secretAndKeysNeverLogged(self):
+        tmp = os.path.abspath(self.mktemp())
+        backend = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        node = CASWeb(
+            os.path.join(tmp, "node"),
+            {"alice": ("alice-pw", "address=alice@example.com")},
+            {"web": backend.getHost().port},
+            VDIRS,
+        )
+        configPath = os.path.join(tmp, "casd.toml")
+        with open(configPath, "w") as f:
+            f.write(node.config)
+        options = Options()
+        options.parseOptions(["--config", configPath])
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        pool = WorkerPool(reactor, configPath, options.config, 2, executable=sys.executable)
+        pool.startService()
+        stopped = []
+        self.addCleanup(lambda: None if stopped else pool.stopService())
+
+        # The parent bound the port: the first connections wait in its backlog for a worker.
+        browser = Browser(node.url, node.caPath)
+        cookie = yield threads.deferToThread(browser.logOn)
+        statuses = yield threads.deferToThread(browser.visits, cookie, 6)
+        self.assertEqual(set(statuses), {200})
+        self.assertEqual((yield threads.deferToThread(browser.logOff, cookie)), 200)
+        yield threads.deferToThread(browser.refusedOnce, cookie)
+
+        secret = pool.nodeSecret._secret
+        keys = [pool.nodeSecret.derive(FORMS_COOKIE_KEY), pool.nodeSecret.derive(ROUTE_COOKIE_KEY)]
+        for pid in [w.transport.pid for w in pool.workers.values()]:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode("latin-1")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().decode("latin-1")
+            self.assertIn("--node-secret-fd=", cmdline)
+            for value in (secret, *keys):
+                for spelling in spellings(value):
+                    self.assertNotIn(spelling, cmdline)
+                    self.assertNotIn(spelling, environ)
+
+        yield pool.stopService()
+        stopped.append(True)
+
+        text = "\n".join(formatEvent(e) + " " + repr(e) for e in events)
+        self.assertIn("forms logon of 'alice'", text)
+        self.assertIn("forms logoff of 'alice'", text)
+        self.assertNotIn("Traceback", text)
+        for value in (secret, *keys):
+            for spelling in spellings(value):
+                self.assertNotIn(spelling, text)
+        self.assertNotIn(cookie, text)
