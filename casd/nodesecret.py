@@ -96,7 +96,10 @@ def readSecretPipe(fd: int) -> NodeSecret:
     except OSError as e:
         raise NodeSecretError(f"the node secret pipe could not be read ({e.strerror})") from None
     finally:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     return NodeSecret(data)
 
 
