@@ -209,3 +209,29 @@ class TwoWorkersTests(SynchronousTestCase):
             config=CONFIG.replace("forms_public_timeout = 600", f'route_cookie_key_file = "{path}"'),
         )
         self.assertEqual(http.shared(context, context.config.protocols["http"]).cookies.keys, (key,))
+
+    def test_logoffReachesTheOtherWorker(self):
+        """
+        A logoff on one worker is sent to the parent as a record; once the parent's word
+        arrives, the other worker refuses the cookie too.
+        """
+        import io
+
+        from casd.service.nodeshare import REVOKE_RECORD, ParentRevocations, WorkerRevocations
+
+        out = io.StringIO()
+        relay = WorkerRevocations(out)
+        installed(self, NodeSecret.generate(), relay)
+        a, b = self.worker(), self.worker()
+        cookie = self.logon(a)
+        answer = self.send(a, b"GET /owa/_casd/logoff HTTP/1.1\r\nHost: mail.example.com\r\n", cookies=cookie)
+        self.assertEqual(answer.code, 200)
+        record = out.getvalue()
+        self.assertTrue(record.startswith(REVOKE_RECORD), record)
+        self.assertNotIn(cookie.split(b"=", 1)[1].decode()[:20], record)
+        self.assertEqual(self.visit(a, cookie), 302)
+        # Not told yet (in one process the two trees share the relay, which the parent feeds).
+        self.assertEqual(self.visit(b, cookie), "backend")
+        parent = ParentRevocations(self.reactor)
+        relay.wordsReceived(parent.recordReceived(record[1:].encode()))
+        self.assertEqual(self.visit(b, cookie), 302)
