@@ -7,9 +7,9 @@ The parent (L{casd.service.workers}) makes 32 random bytes once, when it is buil
 in its memory for its life, so a worker it restarts gets the same.  Each worker reads them from an
 inherited pipe at its start (L{secretPipe}, L{readSecretPipe}: never its arguments, its
 environment, a file or a log) and derives its keys with HKDF-SHA256, one C{info} label a key
-(L{FORMS_COOKIE_KEY}, L{ROUTE_COOKIE_KEY}): a key learnt from one use says nothing about another,
+(L{FORMS_COOKIE_KEY}, L{ROUTE_COOKIE_KEY}, L{TLS_TICKET_KEY}): a key learnt from one use says nothing about another,
 nor about the secret.  Keys configured in files (C{[http] forms_key_files},
-C{route_cookie_key_file}) win over derived ones; a single process (no workers) installs no
+C{route_cookie_key_file}, C{[tls] ticket_keys}) win over derived ones; a single process (no workers) installs no
 secret and keeps its own random keys.
 
 The worker installs its secret here (L{install}) before it builds its service tree; the protocols
@@ -29,6 +29,8 @@ SECRET_SIZE = 32
 #: HKDF C{info} labels, one per derived key.
 FORMS_COOKIE_KEY = b"casd node: forms cookie key (AES-256-GCM) v1"
 ROUTE_COOKIE_KEY = b"casd node: routing cookie key (HMAC-SHA256) v1"
+#: 80 bytes: a TLS session-ticket key's name, HMAC key and AES key (L{casd.ticketkeys}).
+TLS_TICKET_KEY = b"casd node: TLS session ticket key v1"
 
 
 class NodeSecretError(ValueError):

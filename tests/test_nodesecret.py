@@ -235,3 +235,23 @@ class TwoWorkersTests(SynchronousTestCase):
         parent = ParentRevocations(self.reactor)
         relay.wordsReceived(parent.recordReceived(record[1:].encode()))
         self.assertEqual(self.visit(b, cookie), 302)
+
+
+class TicketKeyTests(SynchronousTestCase):
+    def test_derivedTicketKey(self):
+        """
+        Without C{[tls] ticket_keys}, a worker's ticket key is derived from the node secret; a
+        single process leaves OpenSSL its own.
+        """
+        from casd.nodesecret import TLS_TICKET_KEY
+        from casd.ticketkeys import TicketKey
+        from casd.tls import ServerTLS
+
+        self.assertIsNone(ServerTLS._keyring("", "casd.toml"))
+        secret = NodeSecret.generate()
+        installed(self, secret)
+        raw = secret.derive(TLS_TICKET_KEY, 80)
+        keyring = ServerTLS._keyring("", "casd.toml")
+        self.assertEqual(keyring.keys, (TicketKey(raw[:16], raw[16:48], raw[48:]),))
+        self.assertEqual(ServerTLS._keyring("", "casd.toml").keys, keyring.keys)
+        self.assertNotIn(raw[:32], (secret.derive(FORMS_COOKIE_KEY), secret.derive(ROUTE_COOKIE_KEY)))

@@ -228,6 +228,42 @@ class WorkersFormsTests(TestCase):
         self.assertNotIn("Traceback", text)
 
 
+    def resumed(self, version, count=ROUND):
+        """
+        One full handshake, then C{count} new connections offering its session, each with a
+        request.  Runs in a thread.
+
+        @return: whether each of the C{count} resumed.
+        """
+        import socket
+
+        context = ssl.create_default_context(cafile=self.node.caPath)
+        context.minimum_version = context.maximum_version = version
+
+        def connect(session=None):
+            raw = socket.create_connection(("127.0.0.1", self.node.port), timeout=15)
+            with context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+                tls.sendall(b"GET /owa/hello HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                while tls.recv(4096):
+                    pass
+                return tls.session, tls.session_reused
+
+        session, _ = connect()
+        return [connect(session)[1] for _ in range(count)]
+
+    @defer.inlineCallbacks
+    def test_ticketsResumeOnEveryWorker(self):
+        """
+        Without C{[tls] ticket_keys}, a TLS session made on one worker resumes on the other:
+        their ticket key is derived from the node secret too.
+        """
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            since = len(self.node.logText())
+            resumed = yield threads.deferToThread(self.resumed, version)
+            self.assertEqual(set(resumed), {True}, version)
+            self.assertEqual(servedBy(self.node.logText()[since:]), {1, 2})
+        self.assertEqual(self.node.logText().count("one key derived from the node secret"), 2)
+
 def spellings(secret):
     """
     @return: the ways C{secret} could be written in a log or a command line.
