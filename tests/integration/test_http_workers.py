@@ -9,6 +9,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -235,8 +236,6 @@ class WorkersFormsTests(TestCase):
 
         @return: whether each of the C{count} resumed.
         """
-        import socket
-
         context = ssl.create_default_context(cafile=self.node.caPath)
         context.minimum_version = context.maximum_version = version
 
