@@ -17,7 +17,8 @@ contexts (L{ServerTLS.optionsFor}):
     session id context is the protocol's name, so a session made on an IMAP port never resumes
     on a POP3 port.  With C{[tls] ticket_keys}, tickets are encrypted with the key file's keys
     (L{casd.ticketkeys}), so any worker of any node given the same file resumes them; without
-    it, OpenSSL makes random keys per context and resumption works within one process.
+    it, the workers of one node share a key derived from its node secret (L{casd.nodesecret}),
+    and a single process leaves OpenSSL its random keys per context (resumption within it).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from casd.config import ConfigError, TLSConfig
-from casd.ticketkeys import TicketKeyError, TicketKeyring, readKeyFile
+from casd.nodesecret import TLS_TICKET_KEY, derivedKey
+from casd.ticketkeys import KEY_SIZE, TicketKey, TicketKeyError, TicketKeyring, readKeyFile
 
 log = Logger()
 
@@ -260,7 +262,7 @@ class ServerTLS:
             OpenSSL's ticket callback unreachable: logged).
         """
         if not keyFile:
-            return None
+            return ServerTLS._nodeKeyring()
         try:
             keys = readKeyFile(keyFile)
         except TicketKeyError as e:
@@ -278,6 +280,25 @@ class ServerTLS:
             count=len(keys),
             file=keyFile,
         )
+        return keyring
+
+    @staticmethod
+    def _nodeKeyring():
+        """
+        @return: under C{--workers N}, a L{TicketKeyring} of one key derived from the node secret
+            (L{casd.nodesecret}), so every worker of the node resumes every other's tickets;
+            else (a single process, or OpenSSL's ticket callback unreachable) C{None}: OpenSSL's
+            own random keys.
+        """
+        raw = derivedKey(TLS_TICKET_KEY, KEY_SIZE)
+        if raw is None:
+            return None
+        try:
+            keyring = TicketKeyring((TicketKey(raw[:16], raw[16:48], raw[48:]),))
+        except TicketKeyError as e:
+            log.error("TLS session tickets: {reason}; sessions resume only within each worker", reason=str(e))
+            return None
+        log.info("TLS session tickets: one key derived from the node secret, shared by the node's workers")
         return keyring
 
     def _buildArguments(self, key):

@@ -213,7 +213,8 @@ TLS_SETTINGS = (
         "path",
         "",
         "Session-ticket key file shared by every worker and node, first key encrypting (see"
-        " docs/operations.md); empty: resumption within one process only.",
+        " docs/operations.md); empty: a key per node, shared by its workers (C{--workers N}),"
+        " so resumption within one node only.",
     ),
 )
 

@@ -23,6 +23,7 @@ from casd.service.control import WorkerControl
 from casd.service.leanaccept import adoptStreamPort, leanAccept
 from casd.service.logfile import REOPEN_WORD, AppendFile, StreamFile
 from casd.service.logs import workerLogObserver
+from casd.service.nodeshare import installNodeSecret, nodeWords
 from casd.service.tap import Options, makeService
 from casd.tlslayer import TLSFactory
 
@@ -78,10 +79,13 @@ class _ParentWatch:
     its place, so the orphan stops at once.
     """
 
-    def __init__(self, reactor, onOrphaned=lambda: None, fd: int = 0, onReopen=lambda: None) -> None:
+    def __init__(self, reactor, onOrphaned=lambda: None, fd: int = 0, onReopen=lambda: None, onWords=None) -> None:
         """
         @param onReopen: called when the parent writes L{REOPEN_WORD} (it rotated its log file).
+        @param onWords: called with everything the parent writes; by default, the revocation
+            relay of the node's workers (L{nodeWords}).
         """
+        self.onWords = nodeWords if onWords is None else onWords
         self.reactor = reactor
         self.onOrphaned = onOrphaned
         self.onReopen = onReopen
@@ -103,6 +107,7 @@ class _ParentWatch:
             data = b""
         if not data:
             return error.ConnectionDone()
+        self.onWords(data)
         if b"stop" in data:
             self.stopAsked = True
         if REOPEN_WORD in data:
@@ -130,6 +135,7 @@ def workerMain(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, default=1)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--node-secret-fd", type=int, default=None, help="the pipe of the node secret (casd.nodesecret)")
     parser.add_argument("--log-fd", type=int, default=None)
     parser.add_argument("--log-file", default=None, help="the file --log-fd is, reopened when the parent says so")
     parser.add_argument("--control", default=None, help="IN,OUT: the control channel's pipes (casd.service.control)")
@@ -163,6 +169,8 @@ def workerMain(argv=None) -> int:
     globalLogBeginner.beginLoggingTo(
         [workerLogObserver(sys.stdout, direct=direct, index=args.index)], redirectStandardIO=False
     )
+    if args.node_secret_fd is not None:
+        installNodeSecret(args.node_secret_fd, sys.stdout)
     options = Options()
     options.parseOptions(["--config", args.config])
     top = makeService(options, reactor, adopted=adoptingReactors(reactor, fds))

@@ -44,12 +44,15 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, eventFromJSON
 
+from casd.nodesecret import NodeSecret, secretPipe
 from casd.service.control import DRAIN_LINE, askLine
 from casd.service.logfile import SharedRotation
 from casd.service.logs import LINE_RECORD, MainLogRoot, eventFromLineRecord, logsToStandardOutput
 from casd.service.node import NodeState
+from casd.service.nodeshare import REVOKE_RECORD, ParentRevocations
 
 _LINE_RECORD = LINE_RECORD.encode("ascii")
+_REVOKE_RECORD = REVOKE_RECORD.encode("ascii")
 
 #: Seconds the workers get to stop after their standard input closed, before C{SIGTERM}.
 STOP_GRACE = 10.0
@@ -182,6 +185,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 self.log.warn("worker {index}: {line}", index=self.index, line=line)
 
     def _relay(self, line: bytes) -> None:
+        if line[:1] == _REVOKE_RECORD:
+            # A forms logoff (casd.service.nodeshare), never a log event.
+            self.pool.revocationFrom(self, line[1:])
+            return
         if line[:1] == _LINE_RECORD:
             # A session (or other per-request) line: its compact record, decoded in one call.
             try:
@@ -247,6 +254,7 @@ class WorkerPool(service.Service):
             themselves, and the parent rotates it (L{SharedRotation}).
         """
         self.reactor = reactor
+        self._initNodeShare()
         self.sharedLog = sharedLog
         self.logFile = logFile
         self._logFile = None
@@ -379,6 +387,7 @@ class WorkerPool(service.Service):
             logFD = max(childFDs) + 1
             childFDs[logFD] = self._logFile.fileno()
             args += [f"--log-fd={logFD}", f"--log-file={self._logFile.path}"]
+        secretFD = self._passNodeSecret(childFDs, args)
         worker = _WorkerProcess(self, index)
         worker.controlIn, worker.controlOut = controlIn, controlOut
         self.reactor.spawnProcess(worker, self.executable, args, env=env, childFDs=childFDs)
@@ -387,6 +396,7 @@ class WorkerPool(service.Service):
         if self.node.draining and self.node.reason == "SIGUSR1":
             worker.say(DRAIN_LINE)
         self.log.info("worker {index} started, pid {pid}", index=index, pid=worker.transport.pid)
+        self._workerStarted(worker, secretFD)
 
     def workerEnded(self, worker: _WorkerProcess, reason) -> None:
         if self.workers.get(worker.index) is worker:
@@ -439,6 +449,44 @@ class WorkerPool(service.Service):
             self.ports = {}
 
         return defer.gatherResults([w.ended for w in workers]).addBoth(stopped)
+
+    def _initNodeShare(self) -> None:
+        # What the workers of the node share (casd.nodesecret): one secret for the parent's
+        # life, so a restarted worker derives the same keys; the forms logoffs.
+        self.nodeSecret = NodeSecret.generate()
+        self.revocations = ParentRevocations(self.reactor)
+
+    def _passNodeSecret(self, childFDs: dict, args: list) -> int:
+        """
+        Give the worker about to start the node secret on an inherited pipe.
+
+        @return: the parent's reading end, to close once the worker started.
+        """
+        secretFD = secretPipe(self.nodeSecret)
+        childFD = max(childFDs) + 1
+        childFDs[childFD] = secretFD
+        args.append(f"--node-secret-fd={childFD}")
+        return secretFD
+
+    def _workerStarted(self, worker, secretFD: int) -> None:
+        os.close(secretFD)
+        # The logoffs it missed (casd.service.nodeshare).
+        live = self.revocations.live()
+        if live:
+            worker.transport.write(live)
+
+    def revocationFrom(self, sender, payload: bytes) -> None:
+        """
+        A worker recorded a forms logoff: every other worker refuses that token too.
+
+        @param payload: its record (L{casd.service.nodeshare}); bad input is ignored.
+        """
+        line = self.revocations.recordReceived(payload)
+        if line is None or self._stopping:
+            return
+        for worker in self.workers.values():
+            if worker is not sender:
+                worker.transport.write(line)
 
 
 def makeParentService(options, reactor) -> service.MultiService:

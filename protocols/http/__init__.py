@@ -18,6 +18,7 @@ from zope.interface import implementer
 from twisted.plugin import IPlugin
 
 from casd.keyfiles import keyLines
+from casd.nodesecret import ROUTE_COOKIE_KEY, derivedKey
 from casd.config import ConfigError, Setting
 from casd.interfaces import ICASProtocol
 from casd.pool.health import HealthProbe
@@ -60,6 +61,10 @@ class _Shared:
             keys = _readKeys(section.route_cookie_key_file)
         except (OSError, ValueError) as e:
             raise ConfigError(config.path, "http.route_cookie_key_file", str(e)) from None
+        if not keys:
+            # Under --workers N, the node's key (casd.nodesecret); alone, RouteCookies' random one.
+            nodeKey = derivedKey(ROUTE_COOKIE_KEY)
+            keys = () if nodeKey is None else (nodeKey,)
         self.cookies = RouteCookies(keys, clock=context.reactor.seconds)
         self.authenticator = HTTPAuthenticator([BasicCredentials(context.authenticator)])
         self.upstream = UpstreamPool(
@@ -165,7 +170,7 @@ class HTTPProtocol:
             "path",
             "",
             "File of hex HMAC keys (one a line, first signs, all verify) for the routing cookie,"
-            " shared by the array; empty: a random key per process.",
+            " shared by the array; empty: a random key per node, shared by its workers (C{--workers N}).",
         ),
     ) + FORMS_SETTINGS + CERT_SETTINGS
 

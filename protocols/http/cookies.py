@@ -39,9 +39,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.internet import defer
 
+from casd import nodesecret
 from casd.keyfiles import keyLines
 from casd.auth import UserRecord
 from casd.interfaces import IRevocationSet
+from casd.service.nodeshare import RelayedRevocationSet
 
 #: The format byte at the start of every sealed value.
 _VERSION = b"\x01"
@@ -140,6 +142,16 @@ class CookieKeys:
         One fresh random key: for a single node without key files (cookies die with the process).
         """
         return cls([AESGCM.generate_key(bit_length=256)])
+
+    @classmethod
+    def forNode(cls) -> "CookieKeys":
+        """
+        The node's key when no key file is configured: under C{--workers N}, derived from the
+        node secret (L{casd.nodesecret}), so every worker of the node opens every other's
+        cookies; in a single process, L{generate}'s.
+        """
+        key = nodesecret.derivedKey(nodesecret.FORMS_COOKIE_KEY)
+        return cls.generate() if key is None else cls([key])
 
     def seal(self, plaintext: bytes, aad: bytes) -> str:
         """
@@ -271,6 +283,19 @@ class MemoryRevocationSet:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def nodeRevocations(revocations: IRevocationSet, shared: bool) -> IRevocationSet:
+    """
+    @param revocations: the process's revocation set.
+    @param shared: whether it is the array's already (C{[state]} in Redis).
+    @return: C{revocations}, or under C{--workers N} with a set of its own, one whose logoffs
+        reach every worker of the node (L{casd.service.nodeshare}).
+    """
+    relay = nodesecret.revocationRelay()
+    if shared or relay is None:
+        return revocations
+    return RelayedRevocationSet(revocations, relay)
 
 
 def cookieValues(headerValues: Iterable[bytes], name: str) -> list[str]:

@@ -486,7 +486,8 @@ FORMS_SETTINGS = (
         (),
         "Files of forms-cookie keys (base64 of 32 random bytes, one a line, e.g. C{openssl rand"
         " -base64 32}), shared by the array: the first key seals, every key opens (rotation"
-        " without logging users out).  Empty: a random key per process (cookies die with it).",
+        " without logging users out).  Empty: a random key per node, shared by its workers"
+        " (C{--workers N}); cookies die with the node.",
     ),
     Setting(
         "forms_public_timeout",
@@ -608,16 +609,20 @@ def sessionCookies(context, section) -> _cookies.SessionCookies:
         keys = (
             _cookies.CookieKeys.fromFiles(section.forms_key_files)
             if section.forms_key_files
-            else _cookies.CookieKeys.generate()
+            else _cookies.CookieKeys.forNode()
         )
     except _cookies.CookieKeyError as e:
         raise ConfigError(context.config.path, "http.forms_key_files", str(e)) from None
-    # The array's revocation set ([state]: in Redis, shared by every node), else this node's.
-    revocations = getattr(getattr(context, "state", None), "revocations", None)
+    # The array's revocation set ([state]: in Redis, shared by every node), else this node's
+    # (relayed to every worker under --workers N).
+    state = getattr(context, "state", None)
+    revocations = getattr(state, "revocations", None)
+    if revocations is None:
+        revocations = _cookies.MemoryRevocationSet(context.reactor)
     return _cookies.SessionCookies(
         keys,
         context.reactor,
-        revocations if revocations is not None else _cookies.MemoryRevocationSet(context.reactor),
+        _cookies.nodeRevocations(revocations, shared=bool(getattr(state, "isShared", False))),
         publicTimeout=section.forms_public_timeout,
         privateTimeout=section.forms_private_timeout,
     )

@@ -103,9 +103,11 @@ tls = "implicit"
             factory.buildProtocol = buildProtocol
         return self
 
-    def startProcess(self, timeout=30.0):
+    def startProcess(self, timeout=30.0, workers=None):
         """
         Run the node as operators do, C{twistd -n cas --config ...}, in its own process.
+
+        @param workers: C{--workers N}, or L{None} for a single process.
         """
         os.makedirs(os.path.join(self.directory, "node"), exist_ok=True)
         self.configPath = os.path.join(self.directory, "node", "casd.toml")
@@ -116,7 +118,7 @@ tls = "implicit"
         env = dict(os.environ, PYTHONPATH=ROOT)
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "cas",
-             "--config", self.configPath],
+             "--config", self.configPath, *(("--workers", str(workers)) if workers else ())],
             cwd=os.path.join(self.directory, "node"), env=env, stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

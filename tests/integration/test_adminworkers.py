@@ -202,8 +202,12 @@ interval = 0.5
         victim = self.workerPids[0]
         os.kill(victim, signal.SIGKILL)
         yield self.waitGone([victim])
-        status, body = yield self.get("/metrics")
-        self.assertIn(b"casd_worker_restarts_total 1.0", body)
+        # The parent learns of the end from its child's exit, a moment after the process is gone:
+        # scrape until it counted the restart (its part of the counters is kept from then on).
+        yield self.until(
+            lambda: self.get("/metrics").addCallback(lambda r: b"casd_worker_restarts_total 1.0" in r[1]),
+            "the restart counted",
+        )
         self.assertEqual((yield self.sessionsCounted()), 6)
         # The restarted worker answers again.
         yield self.until(
