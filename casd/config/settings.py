@@ -469,7 +469,8 @@ PROTOCOL_COMMON_SETTINGS = (
         "int",
         0,
         "Sessions of this protocol one user may have open at once, across the array when"
-        " C{[state] backend} is \"redis\" (POP3 answers C{-ERR [IN-USE]}); 0: no limit.",
+        " C{[state] backend} is \"redis\" (POP3 answers C{-ERR [IN-USE]}); otherwise per process"
+        " (with C{--workers N}, each worker counts its own: up to N times this); 0: no limit.",
         minimum=0,
     ),
 )
