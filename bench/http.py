@@ -3,8 +3,8 @@ casd's HTTP front end beside nginx as a reverse proxy, in one run, to the same b
 
     python -m bench.http [--size-mb 1024] [--seconds 10] [--connections 16] [--runs 3] [--write]
 
-The backend is a private nginx (static files, a small answer, a sink that reads and drops a
-body).  In front of it, on plain HTTP so that TLS is left out of the comparison:
+The backend is a private nginx (static files, a small answer) and, behind it for C{/sink}, a
+body sink that reads every byte of a request body before it answers (L{SINK}).  In front of it, on plain HTTP so that TLS is left out of the comparison:
 
   - casd (one twistd process) with a vdir C{/b} authenticated with Basic (users file, SSHA256, the
     credential cache) and the user named to the backend in C{X-Remote-User};
@@ -113,15 +113,127 @@ max_body_size = 0
 """
 
 
-def startBackend() -> NginxServer:
+#: With a body sink (L{startSink}): the backend hands C{/sink} on to it, body streamed, so that an
+#: upload's every byte crosses the proxy under test.  (nginx's own C{return 204} answers at once
+#: and discards the body: a proxy then stops forwarding it and only drains the client's, which is
+#: not what the upload figure is for.)
+SINK_LOCATION = """
+        location = /sink {{
+            client_max_body_size 0;
+            proxy_pass http://127.0.0.1:{port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+        }}
+"""
+
+#: The body sink: an HTTP/1.1 server that reads each request's whole body (C{Content-Length} or
+#: chunked) with C{recv_into} a 1 MiB buffer, then answers 204; one thread per connection.
+SINK = r"""
+import socket, sys, threading
+
+def readHead(conn, data):
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None, b""
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+def skip(conn, view, count, data):
+    # Consume count bytes: first from data, then from the socket; returns what is left of data.
+    if len(data) >= count:
+        return data[count:]
+    count -= len(data)
+    while count > 0:
+        n = conn.recv_into(view[: min(count, len(view))])
+        if not n:
+            raise EOFError
+        count -= n
+    return b""
+
+def line(conn, data):
+    while b"\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise EOFError
+        data += chunk
+    first, _, rest = data.partition(b"\r\n")
+    return first, rest
+
+def serve(conn):
+    view = memoryview(bytearray(1 << 20))
+    data = b""
+    try:
+        while True:
+            head, data = readHead(conn, data)
+            if head is None:
+                return
+            length, chunked = 0, False
+            for field in head.split(b"\r\n")[1:]:
+                name, _, value = field.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            if chunked:
+                while True:
+                    size, data = line(conn, data)
+                    size = int(size.split(b";")[0], 16)
+                    if size == 0:
+                        while True:
+                            trailer, data = line(conn, data)
+                            if not trailer:
+                                break
+                        break
+                    data = skip(conn, view, size + 2, data)
+            else:
+                data = skip(conn, view, length, data)
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    except (EOFError, OSError, ValueError):
+        pass
+    finally:
+        conn.close()
+
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(64)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def startSink() -> tuple[subprocess.Popen, int]:
     """
-    The backend nginx: its own locations plus the small answer and the sink, started.
+    Start the body sink (L{SINK}) on a free loopback port.
+
+    @return: its process and port.
+    """
+    port = freePort()
+    process = subprocess.Popen([sys.executable, "-c", SINK, str(port)])
+    waitForPort("127.0.0.1", port, 30, alive=lambda: pidAlive(process.pid))
+    return process, port
+
+
+def startBackend(sinkPort: int | None = None) -> NginxServer:
+    """
+    The backend nginx: its own locations plus the small answer and the sink (handed on to the
+    body sink on C{sinkPort} when given, else nginx's own C{204}), started.
     """
     backend = NginxServer(locations=None)
     with open(backend.configPath) as f:
         conf = f.read()
+    extra = BACKEND_EXTRA
+    if sinkPort is not None:
+        start = extra.index("        location = /sink {")
+        end = extra.index("}", extra.index("return 204;", start)) + 2
+        extra = extra[:start] + SINK_LOCATION.format(port=sinkPort) + extra[end:]
     with open(backend.configPath, "w") as f:
-        f.write(conf.replace("        location /echo/ {", BACKEND_EXTRA + "        location /echo/ {", 1))
+        f.write(conf.replace("        location /echo/ {", extra + "        location /echo/ {", 1))
     return backend.start()
 
 
@@ -229,7 +341,8 @@ def main(argv=None) -> int:
     size = args.size_mb * 1024 * 1024
 
     work = tempfile.mkdtemp(prefix="casd-bench-http-")
-    backend = startBackend()
+    sink, sinkPort = startSink()
+    backend = startBackend(sinkPort)
     source = backend.makeFile("big", size)
     htpasswd = os.path.join(work, "htpasswd")
     with open(htpasswd, "w") as f:
@@ -270,6 +383,8 @@ def main(argv=None) -> int:
         log.close()
         proxyNginx.remove()
         backend.remove()
+        stopPid(sink.pid)
+        sink.wait()
         shutil.rmtree(work, ignore_errors=True)
     text = render(results, args)
     print(text)
@@ -290,7 +405,7 @@ def render(results, args) -> str:
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m bench.http"
         f" --size-mb {args.size_mb} --seconds {args.seconds} --connections {args.connections}"
         f" --runs {args.runs}`; medians of {args.runs} runs.  Backend: nginx (static file, a"
-        " ~100-byte answer, a sink).  casd: Basic against its users file (SSHA256, credential"
+        " ~100-byte answer) and, for uploads, a sink behind it that reads every body byte before it answers.  casd: Basic against its users file (SSHA256, credential"
         " cache), identity in `X-Remote-User`; nginx: `auth_basic` ({SSHA}), `proxy_pass` to an"
         " upstream with `keepalive 32`, `proxy_request_buffering off`.  Load average at the"
         f" end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work shares the"
