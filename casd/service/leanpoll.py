@@ -117,13 +117,8 @@ def passes(self, timeout=None, loop=False, inline=True, turn=_NO_TURN):
                 t2 = None
             timeout = self.running and t2
             if turn.due:
-                # TurnEnd.end(), inline: one attribute test per pass when nothing is due.
-                turn.due = False
-                for hook in turn.hooks:
-                    try:
-                        hook()
-                    except Exception:
-                        log.failure("while ending a turn: {hook!r}", hook=hook)
+                # One attribute test per pass when nothing is due.
+                turn.end()
             if not inline:
                 self.doIteration(timeout)
                 continue

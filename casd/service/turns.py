@@ -54,7 +54,7 @@ class TurnEnd:
     def end(self) -> None:
         """
         End the turn: reset C{due} and call every hook; a hook that fails is logged, the others
-        still run.  (L{casd.service.leanpoll.passes} does the same inline.)
+        still run.  (L{casd.service.leanpoll.passes} calls it when C{due}.)
         """
         self.due = False
         for hook in self.hooks:
