@@ -12,22 +12,34 @@ import tempfile
 import time
 
 
+#: The ports L{freePort} handed out in this process: never handed out twice.
+_handedOut: set = set()
+
+
 def freePort():
     """
     Ask the kernel for an unused TCP port on the loopback interface.
 
     The port is released again before returning, so another process may
     in principle take it first; in practice this is good enough for tests.
+    The kernel may offer a port it just offered again (a test that asks for
+    several ports in a row, for one configuration, then got two listeners on
+    one port): a port this process was given before is never returned again.
 
     @return: A free port number on C{127.0.0.1}.
     @rtype: L{int}
     """
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+    for _ in range(1000):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        finally:
+            s.close()
+        if port not in _handedOut:
+            _handedOut.add(port)
+            return port
+    raise RuntimeError("no loopback port left that was not handed out before")
 
 
 def portAccepts(host, port):
