@@ -65,8 +65,23 @@ class CASNode:
         options.parseOptions(["--config", self.path])
         self.options = options
         self.service = makeService(options, reactor)
-        self.service.startService()
+        try:
+            self.service.startService()
+        except BaseException:
+            # A listener that could not bind (a port taken meanwhile): stop what did start, or
+            # its auth thread pool (not daemon threads) keeps the test process from exiting and
+            # its listeners and timers dirty the next test's reactor.
+            self._stopStarted()
+            raise
         return self
+
+    def _stopStarted(self) -> None:
+        for child in reversed(list(self.service)):
+            if child.running:
+                try:
+                    child.stopService()
+                except Exception:
+                    pass
 
     def factories(self):
         for svc in self.service:
