@@ -20,13 +20,13 @@ import urllib.request
 from twisted.internet import defer, reactor, task, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from casd.nodesecret import FORMS_COOKIE_KEY, ROUTE_COOKIE_KEY
 from casd.service.tap import Options
 from casd.service.workers import WorkerPool
 from tests.integration.httpweb import CASWeb
+from tests.integration.test_http_cookiearray import VDIRS, Echo, NoRedirect
 from tests.integration.test_workers import childrenOf
 from tests.support.procs import pidAlive
 
@@ -34,32 +34,6 @@ from tests.support.procs import pidAlive
 WAIT = 40.0
 #: Requests per round, each on a new connection.
 ROUND = 20
-
-VDIRS = """
-[[http.vdir]]
-path = "/owa"
-backend = "web"
-auth = ["forms"]
-identity = "header"
-identity_header = "X-Remote-User"
-"""
-
-
-class Echo(Resource):
-    """
-    The web backend: says who casd says the user is.
-    """
-
-    isLeaf = True
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/plain")
-        return b"user=" + (request.getHeader(b"x-remote-user") or b"-") + b"\n"
-
-
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kw):
-        return None
 
 
 class Browser:
